@@ -1,0 +1,180 @@
+/*
+ * api.c - parsing gateway answers and classifying submission outcomes.
+ */
+#include "api.h"
+#include "util.h"
+
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* A task id is a non-empty string, or an integer some gateways send bare. */
+static char *id_value(const cJSON *v)
+{
+    char buf[32];
+    if (cJSON_IsString(v) && v->valuestring[0] != '\0')
+        return xstrdup(v->valuestring);
+    if (cJSON_IsNumber(v) && v->valuedouble == floor(v->valuedouble) && fabs(v->valuedouble) < 9.0e15) {
+        snprintf(buf, sizeof buf, "%.0f", v->valuedouble);
+        return xstrdup(buf);
+    }
+    return NULL;
+}
+
+int api_parse_submit(const char *body, size_t len, char **task_id, char **status)
+{
+    *task_id = NULL;
+    *status = NULL;
+    cJSON *root = cJSON_ParseWithLength(body, len);
+    if (root == NULL)
+        return -1;
+    if (cJSON_IsObject(root)) {
+        const cJSON *data = cJSON_GetObjectItemCaseSensitive(root, "data");
+        *task_id = id_value(cJSON_GetObjectItemCaseSensitive(root, "id"));
+        if (*task_id == NULL)
+            *task_id = id_value(cJSON_GetObjectItemCaseSensitive(root, "task_id"));
+        if (*task_id == NULL && cJSON_IsObject(data))
+            *task_id = id_value(cJSON_GetObjectItemCaseSensitive(data, "task_id"));
+        const cJSON *st = cJSON_GetObjectItemCaseSensitive(root, "status");
+        if (!cJSON_IsString(st) && cJSON_IsObject(data))
+            st = cJSON_GetObjectItemCaseSensitive(data, "status");
+        if (cJSON_IsString(st))
+            *status = xstrdup(st->valuestring);
+    }
+    cJSON_Delete(root);
+    if (*task_id == NULL) {
+        free(*status);
+        *status = NULL;
+        return -1;
+    }
+    return 0;
+}
+
+char *api_error_message(const char *body, size_t len)
+{
+    char *msg = NULL;
+    cJSON *root = cJSON_ParseWithLength(body, len);
+    if (root == NULL)
+        return NULL;
+    const cJSON *m = NULL;
+    const cJSON *err = cJSON_GetObjectItemCaseSensitive(root, "error");
+    if (cJSON_IsObject(err))
+        m = cJSON_GetObjectItemCaseSensitive(err, "message");
+    else if (cJSON_IsString(err))
+        m = err;
+    if (!cJSON_IsString(m) || m->valuestring[0] == '\0')
+        m = cJSON_GetObjectItemCaseSensitive(root, "message");
+    if (!cJSON_IsString(m) || m->valuestring[0] == '\0') {
+        const cJSON *code = cJSON_GetObjectItemCaseSensitive(root, "code");
+        m = cJSON_IsString(code) ? code : NULL;
+    }
+    if (cJSON_IsString(m) && m->valuestring[0] != '\0')
+        msg = xstrdup(m->valuestring);
+    cJSON_Delete(root);
+    return msg;
+}
+
+static void set_msg(struct outcome *o, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void set_msg(struct outcome *o, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(o->message, sizeof o->message, fmt, ap);
+    va_end(ap);
+}
+
+/* Statuses after which retrying cannot create a duplicate task. */
+static int status_retryable(long s)
+{
+    return s == 408 || s == 425 || s == 429 || s == 500 || s == 502 || s == 503;
+}
+
+static void classify_http_error(const struct http_result *res, struct outcome *o)
+{
+    long s = res->status;
+    char *apimsg = api_error_message(res->body, res->body_len);
+    if (apimsg)
+        set_msg(o, "HTTP %ld: %s", s, apimsg);
+    else if (res->body_len == 0)
+        set_msg(o, "HTTP %ld with an empty body", s);
+    else
+        set_msg(o, "HTTP %ld", s);
+    free(apimsg);
+    if (status_retryable(s)) {
+        o->kind = OUT_RETRY;
+        o->error = "attempts_exhausted";
+    } else if (s == 401 || s == 402 || s == 403) {
+        o->kind = OUT_ACCOUNT;
+        o->error = "rejected";
+    } else if (s == 504) {
+        /* A proxy gave up waiting; the gateway may still create the task. */
+        o->kind = OUT_AMBIGUOUS;
+        o->error = "ambiguous";
+    } else if (s >= 400 && s < 500) {
+        o->kind = OUT_REJECTED;
+        o->error = "rejected";
+    } else {
+        /* Other 5xx (501, 505, ...) and odd 1xx/3xx: nothing says the task
+         * exists, and a redirect is never followed for a POST. */
+        o->kind = s >= 500 ? OUT_RETRY : OUT_REJECTED;
+        o->error = s >= 500 ? "attempts_exhausted" : "rejected";
+    }
+}
+
+static void classify_transport(const struct http_result *res, struct outcome *o)
+{
+    if (res->too_large) {
+        o->kind = res->status >= 200 && res->status < 300 ? OUT_BAD_RESPONSE : OUT_AMBIGUOUS;
+        o->error = o->kind == OUT_BAD_RESPONSE ? "bad_response" : "ambiguous";
+        set_msg(o, "response body too large (HTTP %ld)", res->status);
+        return;
+    }
+    if (!res->sent || res->connect_failed) {
+        o->kind = OUT_RETRY;
+        o->error = "attempts_exhausted";
+        set_msg(o, "request not sent: %s", res->error ? res->error : "transport error");
+        return;
+    }
+    o->kind = OUT_AMBIGUOUS;
+    o->error = "ambiguous";
+    set_msg(o, "no answer after the request was sent (%s): the API may have created the task",
+            res->error ? res->error : "transport error");
+}
+
+void api_classify_submit(const struct http_result *res, struct outcome *o)
+{
+    memset(o, 0, sizeof *o);
+    o->http_status = res->status;
+    o->retry_after_ms = res->retry_after_ms;
+    if (res->curl_code != 0) {
+        classify_transport(res, o);
+        return;
+    }
+    if (res->status < 200 || res->status >= 300) {
+        classify_http_error(res, o);
+        return;
+    }
+    if (api_parse_submit(res->body, res->body_len, &o->task_id, &o->status) == 0) {
+        o->kind = OUT_SUBMITTED;
+        return;
+    }
+    o->kind = OUT_BAD_RESPONSE;
+    o->error = "bad_response";
+    set_msg(o, "HTTP %ld without a task id in the response", res->status);
+}
+
+void outcome_free(struct outcome *o)
+{
+    free(o->task_id);
+    free(o->status);
+    o->task_id = o->status = NULL;
+}
+
+const char *outcome_kind_name(enum outcome_kind k)
+{
+    static const char *names[] = {"submitted", "retry", "rejected", "account", "ambiguous", "bad_response"};
+    return names[k];
+}

@@ -1,0 +1,480 @@
+/*
+ * config.c - the configuration table, the INI reader and value parsers.
+ *
+ * The file format is plain INI: "[section]" lines, "key = value" lines,
+ * comments on lines of their own starting with '#' or ';', blank lines. A
+ * value may be wrapped in double quotes to keep leading/trailing spaces. A key
+ * given twice in the file is an error (a typo'd copy silently winning is the
+ * kind of surprise operators hate); -o overrides always win over the file.
+ */
+#include "config.h"
+#include "util.h"
+#include "rconn.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+enum key_type { T_STR, T_DURATION, T_RATE, T_LONG, T_BOOL, T_LEVEL, T_FORMAT };
+
+struct key_def {
+    const char *name; /* "section.key" */
+    enum key_type type;
+    size_t offset;
+    const char *def; /* default, as text; NULL = unset */
+    long min, max;   /* for T_LONG */
+};
+
+#define OFF(f) offsetof(struct config, f)
+static const struct key_def keys[] = {
+    {"redis.url", T_STR, OFF(redis_url), "redis://127.0.0.1:6379/0", 0, 0},
+    {"redis.prefix", T_STR, OFF(prefix), "vidq", 0, 0},
+    {"daemon.instance", T_STR, OFF(instance), NULL, 0, 0},
+    {"daemon.shutdown_timeout", T_DURATION, OFF(shutdown_timeout_ms), "30s", 0, 0},
+    {"api.base_url", T_STR, OFF(base_url), "https://api.ezmodel.cloud", 0, 0},
+    {"api.token_file", T_STR, OFF(token_file), NULL, 0, 0},
+    {"api.connect_timeout", T_DURATION, OFF(connect_timeout_ms), "10s", 0, 0},
+    {"api.timeout", T_DURATION, OFF(timeout_ms), "60s", 0, 0},
+    {"api.default_model", T_STR, OFF(default_model), NULL, 0, 0},
+    {"api.ca_file", T_STR, OFF(ca_file), NULL, 0, 0},
+    {"submit.concurrency", T_LONG, OFF(concurrency), "32", 1, 100000},
+    {"submit.rate", T_RATE, OFF(rate), "0", 0, 0},
+    {"submit.global_rate", T_RATE, OFF(global_rate), "0", 0, 0},
+    {"submit.max_attempts", T_LONG, OFF(max_attempts), "5", 1, 1000},
+    {"submit.backoff_base", T_DURATION, OFF(backoff_base_ms), "2s", 0, 0},
+    {"submit.backoff_max", T_DURATION, OFF(backoff_max_ms), "5m", 0, 0},
+    {"submit.retry_ambiguous", T_BOOL, OFF(retry_ambiguous), "no", 0, 0},
+    {"submit.dedup_window", T_DURATION, OFF(dedup_window_ms), "7d", 0, 0},
+    {"track.enabled", T_BOOL, OFF(track_enabled), "no", 0, 0},
+    {"track.poll_interval", T_DURATION, OFF(poll_interval_ms), "15s", 0, 0},
+    {"track.timeout", T_DURATION, OFF(track_timeout_ms), "24h", 0, 0},
+    {"track.download_dir", T_STR, OFF(download_dir), NULL, 0, 0},
+    {"results.maxlen", T_LONG, OFF(results_maxlen), "1000000", 1, LONG_MAX},
+    {"metrics.listen", T_STR, OFF(metrics_listen), NULL, 0, 0},
+    {"log.level", T_LEVEL, OFF(log_level), "info", 0, 0},
+    {"log.format", T_FORMAT, OFF(log_json), "text", 0, 0},
+};
+#define NKEYS (sizeof keys / sizeof keys[0])
+
+static void fmt_err(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void fmt_err(char *err, size_t errlen, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+int parse_duration_ms(const char *s, int64_t *out)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (end == s || errno != 0 || !isfinite(v) || v < 0 || isspace((unsigned char)*s))
+        return -1;
+    double mult;
+    if (*end == '\0' || strcmp(end, "s") == 0)
+        mult = 1000;
+    else if (strcmp(end, "ms") == 0)
+        mult = 1;
+    else if (strcmp(end, "m") == 0)
+        mult = 60e3;
+    else if (strcmp(end, "h") == 0)
+        mult = 3600e3;
+    else if (strcmp(end, "d") == 0)
+        mult = 86400e3;
+    else
+        return -1;
+    double ms = v * mult;
+    if (ms > 9.0e15)
+        return -1;
+    *out = (int64_t)llround(ms);
+    return 0;
+}
+
+int parse_rate(const char *s, double *per_second)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (end == s || errno != 0 || !isfinite(v) || v < 0 || isspace((unsigned char)*s))
+        return -1;
+    if (*end == '\0' || strcmp(end, "/s") == 0)
+        *per_second = v;
+    else if (strcmp(end, "/min") == 0 || strcmp(end, "/m") == 0)
+        *per_second = v / 60.0;
+    else if (strcmp(end, "/h") == 0)
+        *per_second = v / 3600.0;
+    else
+        return -1;
+    return 0;
+}
+
+static int parse_bool(const char *s, int *out)
+{
+    static const char *yes[] = {"yes", "true", "on", "1"};
+    static const char *no[] = {"no", "false", "off", "0"};
+    for (size_t i = 0; i < 4; i++) {
+        if (strcasecmp(s, yes[i]) == 0) {
+            *out = 1;
+            return 0;
+        }
+        if (strcasecmp(s, no[i]) == 0) {
+            *out = 0;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+/* Parse `value` for key `k` into `c`. On error writes why (without location). */
+static int set_value(struct config *c, const struct key_def *k, const char *value, char *why, size_t whylen)
+{
+    void *field = (char *)c + k->offset;
+    switch (k->type) {
+    case T_STR: {
+        char **sp = field;
+        free(*sp);
+        *sp = *value ? xstrdup(value) : NULL;
+        return 0;
+    }
+    case T_DURATION:
+        if (parse_duration_ms(value, field) == 0)
+            return 0;
+        fmt_err(why, whylen, "invalid duration \"%s\" (expected e.g. 500ms, 30s, 5m, 2h, 7d)", value);
+        return -1;
+    case T_RATE:
+        if (parse_rate(value, field) == 0)
+            return 0;
+        fmt_err(why, whylen, "invalid rate \"%s\" (expected e.g. 10/s, 600/min, 3600/h, 0 = unlimited)", value);
+        return -1;
+    case T_LONG: {
+        char *end;
+        errno = 0;
+        long v = strtol(value, &end, 10);
+        if (end == value || *end != '\0' || errno != 0 || v < k->min || v > k->max) {
+            fmt_err(why, whylen, "invalid value \"%s\" (expected an integer from %ld to %ld)", value, k->min, k->max);
+            return -1;
+        }
+        *(long *)field = v;
+        return 0;
+    }
+    case T_BOOL:
+        if (parse_bool(value, field) == 0)
+            return 0;
+        fmt_err(why, whylen, "invalid boolean \"%s\" (expected yes or no)", value);
+        return -1;
+    case T_LEVEL:
+        if (log_level_parse(value, field) == 0)
+            return 0;
+        fmt_err(why, whylen, "invalid level \"%s\" (expected debug, info, notice, warning or error)", value);
+        return -1;
+    case T_FORMAT:
+        if (strcmp(value, "text") == 0 || strcmp(value, "json") == 0) {
+            *(int *)field = strcmp(value, "json") == 0;
+            return 0;
+        }
+        fmt_err(why, whylen, "invalid format \"%s\" (expected text or json)", value);
+        return -1;
+    }
+    return -1;
+}
+
+static const struct key_def *find_key(const char *name, size_t *index)
+{
+    for (size_t i = 0; i < NKEYS; i++) {
+        if (strcmp(keys[i].name, name) == 0) {
+            *index = i;
+            return &keys[i];
+        }
+    }
+    return NULL;
+}
+
+void config_init(struct config *c)
+{
+    char why[256];
+    memset(c, 0, sizeof *c);
+    c->set_line = xcalloc(NKEYS, sizeof(int));
+    for (size_t i = 0; i < NKEYS; i++) {
+        if (keys[i].def && set_value(c, &keys[i], keys[i].def, why, sizeof why) != 0)
+            abort(); /* a bad built-in default is a programming error */
+    }
+}
+
+void config_free(struct config *c)
+{
+    for (size_t i = 0; i < NKEYS; i++) {
+        if (keys[i].type == T_STR)
+            free(*(char **)((char *)c + keys[i].offset));
+    }
+    free(c->token);
+    free(c->path);
+    free(c->set_line);
+    memset(c, 0, sizeof *c);
+}
+
+static char *trim(char *s)
+{
+    while (isspace((unsigned char)*s))
+        s++;
+    char *e = s + strlen(s);
+    while (e > s && isspace((unsigned char)e[-1]))
+        *--e = '\0';
+    return s;
+}
+
+/* One line of the file; `section` is updated by "[x]" lines. */
+static int parse_line(struct config *c, char *line, char *section, size_t seclen, const char *path, int lineno,
+                      char *err, size_t errlen)
+{
+    char why[256];
+    char *s = trim(line);
+    if (*s == '\0' || *s == '#' || *s == ';')
+        return 0;
+    if (*s == '[') {
+        char *e = strchr(s, ']');
+        if (e == NULL || e[1] != '\0') {
+            fmt_err(err, errlen, "%s:%d: malformed section header \"%s\"", path, lineno, s);
+            return -1;
+        }
+        *e = '\0';
+        snprintf(section, seclen, "%s", trim(s + 1));
+        return 0;
+    }
+    char *eq = strchr(s, '=');
+    if (eq == NULL) {
+        fmt_err(err, errlen, "%s:%d: expected \"key = value\", got \"%s\"", path, lineno, s);
+        return -1;
+    }
+    *eq = '\0';
+    char *key = trim(s);
+    char *value = trim(eq + 1);
+    size_t vlen = strlen(value);
+    if (vlen >= 2 && value[0] == '"' && value[vlen - 1] == '"') {
+        value[vlen - 1] = '\0';
+        value++;
+    }
+    if (*section == '\0') {
+        fmt_err(err, errlen, "%s:%d: key \"%s\" outside of any [section]", path, lineno, key);
+        return -1;
+    }
+    char full[256];
+    snprintf(full, sizeof full, "%s.%s", section, key);
+    size_t idx;
+    const struct key_def *k = find_key(full, &idx);
+    if (k == NULL) {
+        fmt_err(err, errlen, "%s:%d: unknown key \"%s\"", path, lineno, full);
+        return -1;
+    }
+    if (c->set_line[idx] > 0) {
+        fmt_err(err, errlen, "%s:%d: key \"%s\" is already set on line %d", path, lineno, full, c->set_line[idx]);
+        return -1;
+    }
+    if (set_value(c, k, value, why, sizeof why) != 0) {
+        fmt_err(err, errlen, "%s:%d: key \"%s\": %s", path, lineno, full, why);
+        return -1;
+    }
+    c->set_line[idx] = lineno;
+    return 0;
+}
+
+int config_load_file(struct config *c, const char *path, int must_exist, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "r");
+    if (f == NULL) {
+        if (!must_exist && errno == ENOENT)
+            return 0;
+        fmt_err(err, errlen, "%s: cannot open: %s", path, strerror(errno));
+        return -1;
+    }
+    free(c->path);
+    c->path = xstrdup(path);
+    char section[128] = "";
+    char *line = NULL;
+    size_t cap = 0;
+    int lineno = 0;
+    int rc = 0;
+    while (getline(&line, &cap, f) >= 0) {
+        lineno++;
+        if (strlen(line) > 4096) {
+            fmt_err(err, errlen, "%s:%d: line too long", path, lineno);
+            rc = -1;
+            break;
+        }
+        if (parse_line(c, line, section, sizeof section, path, lineno, err, errlen) != 0) {
+            rc = -1;
+            break;
+        }
+    }
+    if (rc == 0 && ferror(f)) {
+        fmt_err(err, errlen, "%s: read error: %s", path, strerror(errno));
+        rc = -1;
+    }
+    free(line);
+    fclose(f);
+    return rc;
+}
+
+int config_override(struct config *c, const char *assignment, char *err, size_t errlen)
+{
+    char why[256];
+    const char *eq = strchr(assignment, '=');
+    if (eq == NULL) {
+        fmt_err(err, errlen, "-o %s: expected section.key=value", assignment);
+        return -1;
+    }
+    char name[256];
+    snprintf(name, sizeof name, "%.*s", (int)(eq - assignment), assignment);
+    size_t idx;
+    const struct key_def *k = find_key(name, &idx);
+    if (k == NULL) {
+        fmt_err(err, errlen, "-o %s: unknown key \"%s\"", assignment, name);
+        return -1;
+    }
+    if (set_value(c, k, eq + 1, why, sizeof why) != 0) {
+        fmt_err(err, errlen, "-o %s: key \"%s\": %s", assignment, name, why);
+        return -1;
+    }
+    return 0;
+}
+
+/* Error about a key, located at its line when it came from the file. */
+static int key_error(const struct config *c, const char *name, char *err, size_t errlen, const char *why)
+{
+    size_t idx = 0;
+    find_key(name, &idx);
+    if (c->path && c->set_line[idx] > 0)
+        fmt_err(err, errlen, "%s:%d: key \"%s\": %s", c->path, c->set_line[idx], name, why);
+    else
+        fmt_err(err, errlen, "key \"%s\": %s", name, why);
+    return -1;
+}
+
+int config_finish(struct config *c, char *err, size_t errlen)
+{
+    char why[256];
+    struct rconn_target t;
+    if (rconn_parse_url(c->redis_url, &t, why, sizeof why) != 0)
+        return key_error(c, "redis.url", err, errlen, why);
+    rconn_target_free(&t);
+    if (c->prefix == NULL || !id_is_valid(c->prefix, strlen(c->prefix)))
+        return key_error(c, "redis.prefix", err, errlen, "must be 1-128 characters of [A-Za-z0-9._:-]");
+    if (c->instance == NULL) {
+        char host[256] = "";
+        if (gethostname(host, sizeof host - 1) != 0 || host[0] == '\0')
+            snprintf(host, sizeof host, "vidqd");
+        c->instance = xstrdup(host);
+    }
+    if (!id_is_valid(c->instance, strlen(c->instance)))
+        return key_error(c, "daemon.instance", err, errlen, "must be 1-128 characters of [A-Za-z0-9._:-]");
+    if (c->base_url == NULL || (strncmp(c->base_url, "http://", 7) != 0 && strncmp(c->base_url, "https://", 8) != 0))
+        return key_error(c, "api.base_url", err, errlen, "must start with http:// or https://");
+    if (c->timeout_ms < 100)
+        return key_error(c, "api.timeout", err, errlen, "must be at least 100ms");
+    if (c->connect_timeout_ms < 100)
+        return key_error(c, "api.connect_timeout", err, errlen, "must be at least 100ms");
+    if (c->backoff_max_ms < c->backoff_base_ms)
+        return key_error(c, "submit.backoff_max", err, errlen, "must not be smaller than submit.backoff_base");
+    if (c->poll_interval_ms < 1000)
+        return key_error(c, "track.poll_interval", err, errlen, "must be at least 1s");
+    if (c->ca_file && access(c->ca_file, R_OK) != 0) {
+        snprintf(why, sizeof why, "cannot read %s: %s", c->ca_file, strerror(errno));
+        return key_error(c, "api.ca_file", err, errlen, why);
+    }
+    return 0;
+}
+
+/* Read a token file: the first line, surrounding whitespace removed. */
+static int read_token(const char *path, char **out, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "r");
+    if (f == NULL) {
+        fmt_err(err, errlen, "cannot read API token file %s: %s", path, strerror(errno));
+        return -1;
+    }
+    char *line = NULL;
+    size_t cap = 0;
+    ssize_t n = getline(&line, &cap, f);
+    fclose(f);
+    if (n <= 0) {
+        free(line);
+        fmt_err(err, errlen, "API token file %s is empty", path);
+        return -1;
+    }
+    char *t = trim(line);
+    if (*t == '\0') {
+        free(line);
+        fmt_err(err, errlen, "API token file %s is empty", path);
+        return -1;
+    }
+    *out = xstrdup(t);
+    free(line);
+    return 0;
+}
+
+int config_load_token(struct config *c, char *err, size_t errlen)
+{
+    char *tok = NULL;
+    const char *cred = getenv("CREDENTIALS_DIRECTORY");
+    const char *env = getenv("VIDQ_API_TOKEN");
+    if (c->token_file) {
+        if (read_token(c->token_file, &tok, err, errlen) != 0)
+            return -1;
+    } else if (cred && *cred) {
+        char path[4096];
+        snprintf(path, sizeof path, "%s/api-token", cred);
+        if (read_token(path, &tok, err, errlen) != 0)
+            return -1;
+    } else if (env && *env) {
+        tok = xstrdup(env);
+    } else {
+        fmt_err(err, errlen,
+                "no API token: set api.token_file, the systemd credential api-token, or VIDQ_API_TOKEN");
+        return -1;
+    }
+    /* A token is one header value: control characters would split the header. */
+    for (const char *p = tok; *p; p++) {
+        if ((unsigned char)*p < 0x20 || *p == 0x7f) {
+            free(tok);
+            fmt_err(err, errlen, "the API token contains control characters");
+            return -1;
+        }
+    }
+    free(c->token);
+    c->token = tok;
+    return 0;
+}
+
+void config_dump(const struct config *c, FILE *out)
+{
+    char section[64] = "";
+    for (size_t i = 0; i < NKEYS; i++) {
+        const struct key_def *k = &keys[i];
+        const char *dot = strchr(k->name, '.');
+        if (strncmp(section, k->name, (size_t)(dot - k->name)) != 0 || section[dot - k->name] != '\0') {
+            snprintf(section, sizeof section, "%.*s", (int)(dot - k->name), k->name);
+            fprintf(out, "%s[%s]\n", i ? "\n" : "", section);
+        }
+        const void *field = (const char *)c + k->offset;
+        fprintf(out, "%s = ", dot + 1);
+        switch (k->type) {
+        case T_STR: fprintf(out, "%s\n", *(char *const *)field ? *(char *const *)field : ""); break;
+        case T_DURATION: fprintf(out, "%lldms\n", (long long)*(const int64_t *)field); break;
+        case T_RATE: fprintf(out, "%g/s\n", *(const double *)field); break;
+        case T_LONG: fprintf(out, "%ld\n", *(const long *)field); break;
+        case T_BOOL: fprintf(out, "%s\n", *(const int *)field ? "yes" : "no"); break;
+        case T_LEVEL: {
+            static const char *n[] = {"debug", "info", "notice", "warning", "error"};
+            fprintf(out, "%s\n", n[*(const enum log_level *)field]);
+            break;
+        }
+        case T_FORMAT: fprintf(out, "%s\n", *(const int *)field ? "json" : "text"); break;
+        }
+    }
+}

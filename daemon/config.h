@@ -1,0 +1,96 @@
+/*
+ * config.h - vidq's configuration: one INI file plus -o section.key=value.
+ *
+ * Every key of CONTRACT §7 lives in one table in config.c (name, type,
+ * default, where it is stored), so parsing, defaults, `-o` overrides, error
+ * messages and the documentation list cannot drift apart. Errors name the
+ * file, the line and the key; unknown keys are errors.
+ */
+#ifndef VIDQ_CONFIG_H
+#define VIDQ_CONFIG_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "log.h"
+
+#define CONFIG_DEFAULT_PATH "/etc/vidq/vidqd.conf"
+
+struct config {
+    /* [redis] */
+    char *redis_url;
+    char *prefix;
+    /* [daemon] */
+    char *instance;
+    int64_t shutdown_timeout_ms;
+    /* [api] */
+    char *base_url;
+    char *token_file;
+    int64_t connect_timeout_ms;
+    int64_t timeout_ms;
+    char *default_model;
+    char *ca_file;
+    /* [submit] */
+    long concurrency;
+    double rate;        /* per second, 0 = unlimited */
+    double global_rate; /* per second, 0 = unlimited */
+    long max_attempts;
+    int64_t backoff_base_ms;
+    int64_t backoff_max_ms;
+    int retry_ambiguous;
+    int64_t dedup_window_ms;
+    /* [track] */
+    int track_enabled;
+    int64_t poll_interval_ms;
+    int64_t track_timeout_ms;
+    char *download_dir;
+    /* [results] */
+    long results_maxlen;
+    /* [metrics] */
+    char *metrics_listen;
+    /* [log] */
+    enum log_level log_level;
+    int log_json;
+
+    /* Not a key: the bearer token, loaded by config_load_token(). */
+    char *token;
+    /* Not a key: the file the config came from (for messages), or NULL. */
+    char *path;
+    /* Bookkeeping for "set twice" errors, one line number per table key. */
+    int *set_line;
+};
+
+/* Fill `c` with the defaults of CONTRACT §7. */
+void config_init(struct config *c);
+void config_free(struct config *c);
+
+/*
+ * Read an INI file into `c`. When `must_exist` is 0 a missing file is not an
+ * error (the built-in defaults apply). Returns 0, or -1 with a message
+ * "FILE:LINE: ..." in err.
+ */
+int config_load_file(struct config *c, const char *path, int must_exist, char *err, size_t errlen);
+
+/* Apply one "section.key=value" override (from -o). Returns 0 or -1 + err. */
+int config_override(struct config *c, const char *assignment, char *err, size_t errlen);
+
+/* Cross-key checks and derived defaults (instance = host name). */
+int config_finish(struct config *c, char *err, size_t errlen);
+
+/*
+ * Find the API token: api.token_file, else the systemd credential
+ * $CREDENTIALS_DIRECTORY/api-token, else $VIDQ_API_TOKEN. Returns 0, or -1
+ * with a message when none is set or the file cannot be read.
+ */
+int config_load_token(struct config *c, char *err, size_t errlen);
+
+/* "30s", "250ms", "5m", "1.5h", "7d"; a bare number is seconds. */
+int parse_duration_ms(const char *s, int64_t *out);
+/* "10/s", "600/min", "3600/h", a bare number is per second; 0 = unlimited. */
+int parse_rate(const char *s, double *per_second);
+
+/* Write every key with its current value as an INI file (for docs/tests). */
+void config_dump(const struct config *c, FILE *out);
+
+#endif

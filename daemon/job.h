@@ -1,0 +1,38 @@
+/*
+ * job.h - what a producer pushed, checked and turned into an API request.
+ *
+ * A job is validated against CONTRACT §2 with cJSON, then the request body
+ * is built by copying the producer's own bytes for every non-reserved member
+ * (so numbers, unicode escapes and nested values reach the API exactly as
+ * written: re-printing through cJSON would round big integers through a
+ * double). Pure functions: no I/O, easy to unit-test and to fuzz.
+ */
+#ifndef VIDQ_JOB_H
+#define VIDQ_JOB_H
+
+#include <stddef.h>
+
+struct job {
+    char *raw;        /* the exact text taken from Redis (owned) */
+    size_t raw_len;
+    char *job_id;     /* producer's id, or NULL (the worker assigns one) */
+    int id_given;     /* job_id came from the producer (dedup applies) */
+    int is_json;      /* raw parsed as JSON (any type): the dead entry embeds it */
+    char *batch;      /* or NULL */
+    char *meta;       /* JSON text of `meta`, or NULL */
+    char *model;      /* the model the request uses, or NULL */
+    char *body;       /* request body, when valid */
+    size_t body_len;
+    char *error;      /* why the job is invalid, or NULL when valid */
+};
+
+/*
+ * Parse and validate `raw` (copied). Always fills `j`: when the job is
+ * invalid, `error` says exactly why and job_id/batch/meta are still taken
+ * when they are themselves valid, so the failure event can carry them.
+ * `default_model` (api.default_model) may be NULL.
+ */
+void job_parse(struct job *j, const char *raw, size_t len, const char *default_model);
+void job_free(struct job *j);
+
+#endif

@@ -1,0 +1,394 @@
+/*
+ * main.c - vidqd: command line, configuration, signals, systemd, wiring.
+ *
+ * Start-up: parse the command line, load and check the configuration, then
+ * build the three parts on one libuv loop: the queue (Redis), the HTTP client
+ * and the worker that moves jobs between them. READY=1 goes to systemd once
+ * Redis answers. SIGTERM/SIGINT drain the worker and exit 0; SIGHUP reloads
+ * the configuration file and the token, keeping the old ones when the new
+ * file is invalid.
+ */
+#include "config.h"
+#include "http.h"
+#include "log.h"
+#include "queue.h"
+#include "util.h"
+#include "worker.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#define EXIT_USAGE 64
+#define EXIT_CONFIG 78
+#define EXIT_SOFTWARE 70
+#define STATUS_INTERVAL_MS 5000
+#define MAX_RESPONSE (1024 * 1024)
+
+struct daemon {
+    uv_loop_t loop;
+    struct config cfg;
+    const char *config_path;
+    int config_explicit;
+    char **overrides;
+    int noverrides;
+    struct rconn_target target;
+    queue *q;
+    http_client *http;
+    worker *w;
+    uv_signal_t sig_term, sig_int, sig_hup;
+    uv_timer_t status_timer;
+    int ready_sent;
+    int redis_down_logged;
+    int stopping;
+    int exit_code;
+};
+
+/* ---- systemd notification (no libsystemd needed for one datagram) ------- */
+
+static void sd_notify_msg(const char *msg)
+{
+    const char *path = getenv("NOTIFY_SOCKET");
+    struct sockaddr_un sa;
+    if (path == NULL || (path[0] != '/' && path[0] != '@') || strlen(path) >= sizeof sa.sun_path)
+        return;
+    memset(&sa, 0, sizeof sa);
+    sa.sun_family = AF_UNIX;
+    memcpy(sa.sun_path, path, strlen(path));
+    if (sa.sun_path[0] == '@')
+        sa.sun_path[0] = '\0'; /* abstract namespace */
+    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return;
+    socklen_t len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + strlen(path));
+    (void)sendto(fd, msg, strlen(msg), MSG_NOSIGNAL, (struct sockaddr *)&sa, len);
+    close(fd);
+}
+
+static void update_status(struct daemon *d)
+{
+    struct worker_stats st;
+    char msg[256];
+    worker_get_stats(d->w, &st);
+    snprintf(msg, sizeof msg, "STATUS=%s; held %u, in flight %u; submitted %llu, failed %llu, duplicates %llu",
+             !queue_is_up(d->q) ? "Redis unreachable" : d->stopping ? "stopping" : "running", st.held,
+             st.in_flight, (unsigned long long)st.submitted, (unsigned long long)st.failed,
+             (unsigned long long)st.duplicates);
+    sd_notify_msg(msg);
+}
+
+static void on_status_timer(uv_timer_t *t)
+{
+    update_status(t->data);
+}
+
+/* ---- command line ----------------------------------------------------------- */
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "Usage: vidqd [-c FILE] [-o section.key=value]... [options]\n"
+            "\n"
+            "Takes video-generation jobs from a Redis list, submits them to the API\n"
+            "and records every outcome on a Redis stream.\n"
+            "\n"
+            "  -c, --config FILE      configuration file (default " CONFIG_DEFAULT_PATH ")\n"
+            "  -o section.key=value   override one configuration key (repeatable)\n"
+            "      --redis URL        same as -o redis.url=URL\n"
+            "      --instance NAME    same as -o daemon.instance=NAME\n"
+            "      --concurrency N    same as -o submit.concurrency=N\n"
+            "      --base-url URL     same as -o api.base_url=URL\n"
+            "      --log-level LEVEL  same as -o log.level=LEVEL\n"
+            "      --check-config     validate the configuration and exit\n"
+            "      --print-config     print the effective configuration and exit\n"
+            "  -h, --help             show this help\n"
+            "  -V, --version          show the version\n"
+            "\n"
+            "The API token comes from api.token_file, the systemd credential\n"
+            "api-token, or $VIDQ_API_TOKEN; never from the command line.\n"
+            "Exit status: 0 ok, 64 usage error, 78 configuration error.\n");
+}
+
+enum { OPT_REDIS = 256, OPT_INSTANCE, OPT_CONCURRENCY, OPT_BASE_URL, OPT_LOG_LEVEL, OPT_CHECK, OPT_PRINT };
+
+static void add_override(struct daemon *d, const char *key, const char *value)
+{
+    sbuf b;
+    sbuf_init(&b);
+    if (value)
+        sbuf_printf(&b, "%s=%s", key, value);
+    else
+        sbuf_puts(&b, key);
+    d->overrides = xrealloc(d->overrides, (size_t)(d->noverrides + 1) * sizeof *d->overrides);
+    d->overrides[d->noverrides++] = sbuf_steal(&b, NULL);
+}
+
+/* Returns -1 to go on, or an exit status. */
+static int parse_args(struct daemon *d, int argc, char **argv, int *check, int *print)
+{
+    static const struct option opts[] = {
+        {"config", required_argument, NULL, 'c'},       {"help", no_argument, NULL, 'h'},
+        {"version", no_argument, NULL, 'V'},            {"redis", required_argument, NULL, OPT_REDIS},
+        {"instance", required_argument, NULL, OPT_INSTANCE},
+        {"concurrency", required_argument, NULL, OPT_CONCURRENCY},
+        {"base-url", required_argument, NULL, OPT_BASE_URL},
+        {"log-level", required_argument, NULL, OPT_LOG_LEVEL},
+        {"check-config", no_argument, NULL, OPT_CHECK}, {"print-config", no_argument, NULL, OPT_PRINT},
+        {NULL, 0, NULL, 0},
+    };
+    int c;
+    while ((c = getopt_long(argc, argv, "c:o:hV", opts, NULL)) != -1) {
+        switch (c) {
+        case 'c': d->config_path = optarg; d->config_explicit = 1; break;
+        case 'o': add_override(d, optarg, NULL); break;
+        case OPT_REDIS: add_override(d, "redis.url", optarg); break;
+        case OPT_INSTANCE: add_override(d, "daemon.instance", optarg); break;
+        case OPT_CONCURRENCY: add_override(d, "submit.concurrency", optarg); break;
+        case OPT_BASE_URL: add_override(d, "api.base_url", optarg); break;
+        case OPT_LOG_LEVEL: add_override(d, "log.level", optarg); break;
+        case OPT_CHECK: *check = 1; break;
+        case OPT_PRINT: *print = 1; break;
+        case 'h': usage(stdout); return 0;
+        case 'V': printf("vidqd %s\n", PACKAGE_VERSION); return 0;
+        default: usage(stderr); return EXIT_USAGE;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "vidqd: unexpected argument \"%s\"\n", argv[optind]);
+        usage(stderr);
+        return EXIT_USAGE;
+    }
+    for (int i = 0; i < d->noverrides; i++) {
+        if (strchr(d->overrides[i], '=') == NULL) {
+            fprintf(stderr, "vidqd: -o %s: expected section.key=value\n", d->overrides[i]);
+            return EXIT_USAGE;
+        }
+    }
+    return -1;
+}
+
+/* Load file + overrides + checks + token into `c`. 0, or -1 with err. */
+static int load_config(struct daemon *d, struct config *c, char *err, size_t errlen)
+{
+    config_init(c);
+    if (config_load_file(c, d->config_path, d->config_explicit, err, errlen) != 0)
+        return -1;
+    for (int i = 0; i < d->noverrides; i++) {
+        if (config_override(c, d->overrides[i], err, errlen) != 0)
+            return -1;
+    }
+    if (config_finish(c, err, errlen) != 0)
+        return -1;
+    return config_load_token(c, err, errlen);
+}
+
+static void http_opts_from(const struct config *c, struct http_opts *o, const char *ua)
+{
+    o->connect_timeout_ms = c->connect_timeout_ms;
+    o->timeout_ms = c->timeout_ms;
+    o->ca_file = c->ca_file;
+    o->max_response = MAX_RESPONSE;
+    o->user_agent = ua;
+}
+
+/* ---- runtime ------------------------------------------------------------------ */
+
+static void on_queue_state(int up, const char *why, void *ud)
+{
+    struct daemon *d = ud;
+    if (up) {
+        char where[300];
+        rconn_target_describe(&d->target, where, sizeof where);
+        log_kv(LOG_NOTICE, d->redis_down_logged ? "Redis is back" : "connected to Redis", "redis", where, NULL);
+        d->redis_down_logged = 0;
+        if (!d->ready_sent) {
+            d->ready_sent = 1;
+            sd_notify_msg("READY=1");
+        }
+        update_status(d);
+    } else if (!d->redis_down_logged && !d->stopping) {
+        log_kv(LOG_WARNING, "Redis unavailable; intake stopped, retrying", "reason", why ? why : "", NULL);
+        d->redis_down_logged = 1;
+        update_status(d);
+    }
+    if (d->w && !d->stopping)
+        worker_queue_state(d->w, up);
+}
+
+static void close_walk(uv_handle_t *h, void *arg)
+{
+    (void)arg;
+    if (!uv_is_closing(h))
+        uv_close(h, NULL);
+}
+
+static void on_drained(void *ud)
+{
+    struct daemon *d = ud;
+    log_kv(LOG_NOTICE, "drained; exiting", NULL);
+    /* Order matters: callbacks of the HTTP client and the queue still reach
+     * live slots; the worker goes last. */
+    http_client_close(d->http);
+    queue_close(d->q);
+    worker_free(d->w);
+    d->w = NULL;
+    uv_timer_stop(&d->status_timer);
+    uv_close((uv_handle_t *)&d->status_timer, NULL);
+    uv_close((uv_handle_t *)&d->sig_term, NULL);
+    uv_close((uv_handle_t *)&d->sig_int, NULL);
+    uv_close((uv_handle_t *)&d->sig_hup, NULL);
+}
+
+static void on_stop_signal(uv_signal_t *h, int signum)
+{
+    struct daemon *d = h->data;
+    if (d->stopping) {
+        log_kv(LOG_NOTICE, "already stopping", NULL);
+        return;
+    }
+    d->stopping = 1;
+    log_kv(LOG_NOTICE, signum == SIGTERM ? "SIGTERM: draining" : "SIGINT: draining", NULL);
+    sd_notify_msg("STOPPING=1");
+    worker_drain(d->w, on_drained, d);
+}
+
+static void on_hup(uv_signal_t *h, int signum)
+{
+    struct daemon *d = h->data;
+    struct config fresh;
+    char err[512];
+    struct http_opts ho;
+    char ua[64];
+    (void)signum;
+    if (load_config(d, &fresh, err, sizeof err) != 0) {
+        log_kv(LOG_ERROR, "SIGHUP: new configuration rejected; keeping the old one", "error", err, NULL);
+        config_free(&fresh);
+        return;
+    }
+    /* Where the queue lives cannot change under a running instance. */
+    if (strcmp(fresh.redis_url, d->cfg.redis_url) != 0 || strcmp(fresh.prefix, d->cfg.prefix) != 0 ||
+        strcmp(fresh.instance, d->cfg.instance) != 0 || fresh.results_maxlen != d->cfg.results_maxlen)
+        log_kv(LOG_WARNING, "SIGHUP: redis.*, daemon.instance and results.maxlen need a restart; kept", NULL);
+    free(fresh.redis_url);
+    fresh.redis_url = xstrdup(d->cfg.redis_url);
+    free(fresh.prefix);
+    fresh.prefix = xstrdup(d->cfg.prefix);
+    free(fresh.instance);
+    fresh.instance = xstrdup(d->cfg.instance);
+    fresh.results_maxlen = d->cfg.results_maxlen;
+    snprintf(ua, sizeof ua, "vidqd/%s", PACKAGE_VERSION);
+    http_opts_from(&fresh, &ho, ua);
+    if (http_client_set_opts(d->http, &ho, err, sizeof err) != 0) {
+        log_kv(LOG_ERROR, "SIGHUP: new configuration rejected; keeping the old one", "error", err, NULL);
+        config_free(&fresh);
+        return;
+    }
+    /* Requests in flight keep their own copies of headers and bodies. */
+    struct config old = d->cfg;
+    d->cfg = fresh;
+    worker_set_config(d->w, &d->cfg);
+    log_setup(d->cfg.log_level, d->cfg.log_json);
+    config_free(&old);
+    log_kv(LOG_NOTICE, "SIGHUP: configuration and token reloaded", NULL);
+}
+
+static int run(struct daemon *d)
+{
+    char err[512], ua[64];
+    struct http_opts ho;
+    uv_loop_init(&d->loop);
+    if (rconn_parse_url(d->cfg.redis_url, &d->target, err, sizeof err) != 0)
+        return EXIT_CONFIG; /* checked by config_finish already */
+    snprintf(ua, sizeof ua, "vidqd/%s", PACKAGE_VERSION);
+    http_opts_from(&d->cfg, &ho, ua);
+    d->http = http_client_new(&d->loop, &ho, err, sizeof err);
+    if (d->http == NULL) {
+        log_kv(LOG_ERROR, "cannot start the HTTP client", "error", err, NULL);
+        return EXIT_CONFIG;
+    }
+    struct queue_opts qo = {
+        .target = &d->target,
+        .prefix = d->cfg.prefix,
+        .instance = d->cfg.instance,
+        .results_maxlen = d->cfg.results_maxlen,
+        .connect_timeout_ms = 5000,
+        .cmd_timeout_ms = 10000,
+    };
+    d->q = queue_new(&d->loop, &qo, on_queue_state, d);
+    d->w = worker_new(&d->loop, &d->cfg, d->q, d->http);
+    uv_signal_init(&d->loop, &d->sig_term);
+    uv_signal_init(&d->loop, &d->sig_int);
+    uv_signal_init(&d->loop, &d->sig_hup);
+    d->sig_term.data = d->sig_int.data = d->sig_hup.data = d;
+    uv_signal_start(&d->sig_term, on_stop_signal, SIGTERM);
+    uv_signal_start(&d->sig_int, on_stop_signal, SIGINT);
+    uv_signal_start(&d->sig_hup, on_hup, SIGHUP);
+    uv_timer_init(&d->loop, &d->status_timer);
+    d->status_timer.data = d;
+    uv_timer_start(&d->status_timer, on_status_timer, STATUS_INTERVAL_MS, STATUS_INTERVAL_MS);
+    log_kv(LOG_NOTICE, "vidqd starting", "version", PACKAGE_VERSION, "instance", d->cfg.instance, "api",
+           d->cfg.base_url, NULL);
+    queue_start(d->q);
+    uv_run(&d->loop, UV_RUN_DEFAULT);
+    rconn_target_free(&d->target);
+    if (uv_loop_close(&d->loop) != 0) {
+        /* Should not happen; close stragglers so the process exits cleanly. */
+        log_kv(LOG_ERROR, "event loop had live handles at exit", NULL);
+        uv_walk(&d->loop, close_walk, NULL);
+        uv_run(&d->loop, UV_RUN_DEFAULT);
+        uv_loop_close(&d->loop);
+        return EXIT_SOFTWARE;
+    }
+    return 0;
+}
+
+static void seed_random(void)
+{
+    unsigned seed = (unsigned)(now_ms() ^ (getpid() << 16));
+    int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        if (read(fd, &seed, sizeof seed) != (ssize_t)sizeof seed)
+            seed ^= (unsigned)mono_ms();
+        close(fd);
+    }
+    srand(seed);
+}
+
+int main(int argc, char **argv)
+{
+    struct daemon d;
+    int check = 0, print = 0;
+    char err[512];
+    memset(&d, 0, sizeof d);
+    d.config_path = CONFIG_DEFAULT_PATH;
+    signal(SIGPIPE, SIG_IGN); /* CURLOPT_NOSIGNAL: broken pipes are ours to ignore */
+    int rc = parse_args(&d, argc, argv, &check, &print);
+    if (rc < 0) {
+        if (load_config(&d, &d.cfg, err, sizeof err) != 0) {
+            fprintf(stderr, "vidqd: %s\n", err);
+            rc = EXIT_CONFIG;
+        } else if (print) {
+            config_dump(&d.cfg, stdout);
+            rc = 0;
+        } else if (check) {
+            printf("vidqd: configuration OK (%s)\n", d.cfg.path ? d.cfg.path : "built-in defaults");
+            rc = 0;
+        } else {
+            seed_random();
+            log_setup(d.cfg.log_level, d.cfg.log_json);
+            rc = run(&d);
+        }
+        config_free(&d.cfg);
+    }
+    for (int i = 0; i < d.noverrides; i++)
+        free(d.overrides[i]);
+    free(d.overrides);
+    return rc;
+}

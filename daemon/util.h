@@ -1,0 +1,53 @@
+/*
+ * util.h - small helpers shared by every module of vidq.
+ *
+ * Allocation wrappers abort on out-of-memory (as tmux and OpenBSD do), so no
+ * caller ever handles NULL from malloc. `sbuf` is a growable byte buffer used
+ * to build request bodies, Redis arguments and JSON text without sprintf
+ * arithmetic scattered around the code.
+ */
+#ifndef VIDQ_UTIL_H
+#define VIDQ_UTIL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdarg.h>
+
+void *xmalloc(size_t n);
+void *xcalloc(size_t nmemb, size_t n);
+void *xrealloc(void *p, size_t n);
+char *xstrdup(const char *s);
+char *xstrndup(const char *s, size_t n);
+
+/* Wall clock in unix milliseconds (for event timestamps, due times). */
+int64_t now_ms(void);
+/* Monotonic milliseconds (for latencies and deadlines). */
+int64_t mono_ms(void);
+
+typedef struct sbuf {
+    char *buf;   /* always NUL-terminated when non-NULL */
+    size_t len;
+    size_t cap;
+} sbuf;
+
+void sbuf_init(sbuf *b);
+void sbuf_free(sbuf *b);
+void sbuf_reset(sbuf *b);
+void sbuf_reserve(sbuf *b, size_t extra);
+void sbuf_append(sbuf *b, const void *data, size_t n);
+void sbuf_puts(sbuf *b, const char *s);
+void sbuf_putc(sbuf *b, char c);
+void sbuf_printf(sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void sbuf_vprintf(sbuf *b, const char *fmt, va_list ap);
+/* Append `s` as a quoted JSON string. Invalid UTF-8 becomes U+FFFD and
+ * control characters (NUL included) are escaped, so the result is always
+ * valid JSON whatever bytes a producer pushed. */
+void sbuf_json_str(sbuf *b, const char *s, size_t n);
+/* Take ownership of the buffer (caller frees); `b` is reset. */
+char *sbuf_steal(sbuf *b, size_t *len);
+
+/* True when s[0..n) contains only [A-Za-z0-9._:-] and 1 <= n <= 128
+ * (the charset of job ids and batch names, CONTRACT §2). */
+int id_is_valid(const char *s, size_t n);
+
+#endif

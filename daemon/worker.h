@@ -1,0 +1,44 @@
+/*
+ * worker.h - what happens to a job: take it, check it, submit it, record it.
+ *
+ * The worker owns the policy of CONTRACT §2/§4/§6 on top of the queue/ and
+ * http/ layers: how many jobs are held, what each outcome of a submission
+ * becomes, and how a shutdown drains.
+ */
+#ifndef VIDQ_WORKER_H
+#define VIDQ_WORKER_H
+
+#include <stdint.h>
+#include <uv.h>
+
+#include "config.h"
+#include "http.h"
+#include "queue.h"
+
+typedef struct worker worker;
+
+struct worker_stats {
+    uint64_t taken;
+    uint64_t submitted;
+    uint64_t failed;
+    uint64_t duplicates;
+    uint64_t retries;
+    unsigned held;       /* jobs held right now */
+    unsigned in_flight;  /* HTTP requests in flight */
+};
+
+worker *worker_new(uv_loop_t *loop, const struct config *cfg, queue *q, http_client *http);
+/* Called by main when the queue comes up or goes down. */
+void worker_queue_state(worker *w, int up);
+/* New configuration after SIGHUP (the worker keeps a pointer to it). */
+void worker_set_config(worker *w, const struct config *cfg);
+/*
+ * Stop taking jobs and finish: wait for in-flight requests up to
+ * daemon.shutdown_timeout, then cancel the rest, record every outcome that
+ * can be recorded, put back jobs never sent, and call `done`.
+ */
+void worker_drain(worker *w, void (*done)(void *), void *ud);
+void worker_get_stats(const worker *w, struct worker_stats *st);
+void worker_free(worker *w);
+
+#endif

@@ -1,0 +1,508 @@
+/*
+ * http.c - libcurl's multi_socket interface driven by libuv.
+ *
+ * curl tells us which sockets to watch (socket callback) and when to call it
+ * back (timer callback); libuv tells curl when a socket is ready. After every
+ * curl_multi_socket_action, from the poll path and the timer path alike, we
+ * drain curl_multi_info_read: curl's own multi-uv example only does that
+ * while transfers are running and so loses the completion of the last
+ * transfer when it ends by timeout (FIELD-NOTES).
+ *
+ * Easy handles are recycled through a free list: curl_easy_reset keeps the
+ * handle's caches, and allocation churn stays off the hot path.
+ */
+#include "http.h"
+#include "util.h"
+
+#include <curl/curl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#define SYSTEM_CA_BUNDLE "/etc/ssl/certs/ca-certificates.crt"
+
+struct http_client {
+    uv_loop_t *loop;
+    CURLM *multi;
+    uv_timer_t timer;
+    int64_t connect_timeout_ms;
+    int64_t timeout_ms;
+    size_t max_response;
+    char *user_agent;
+    sbuf ca_blob;          /* system bundle + api.ca_file, or empty */
+    sbuf retired_blobs;    /* older blobs still referenced by requests (NOCOPY) */
+    http_req *free_list;
+    http_req *active_list; /* doubly linked, for cancel-all at close */
+    unsigned active;
+    int closing;
+};
+
+struct http_req {
+    http_client *c;
+    CURL *easy;
+    struct curl_slist *headers;
+    const char *body;
+    size_t body_len;
+    size_t body_off;
+    sbuf resp;
+    int too_large;
+    int64_t retry_after_ms;
+    int64_t started;
+    http_done_fn *fn;
+    void *ud;
+    char errbuf[CURL_ERROR_SIZE];
+    http_req *next_free;
+    http_req *prev, *next; /* in c->active_list */
+};
+
+/* One per socket curl asks us to watch. */
+struct sock_ctx {
+    uv_poll_t poll;
+    curl_socket_t fd;
+    http_client *c;
+};
+
+static void check_multi_info(http_client *c);
+
+/* ---- libuv <-> curl glue ------------------------------------------------ */
+
+static void on_poll(uv_poll_t *h, int status, int events)
+{
+    struct sock_ctx *s = h->data;
+    http_client *c = s->c;
+    int flags = 0;
+    int running;
+    if (status < 0)
+        flags = CURL_CSELECT_ERR;
+    if (events & UV_READABLE)
+        flags |= CURL_CSELECT_IN;
+    if (events & UV_WRITABLE)
+        flags |= CURL_CSELECT_OUT;
+    curl_multi_socket_action(c->multi, s->fd, flags, &running);
+    check_multi_info(c);
+}
+
+static void on_timer(uv_timer_t *t)
+{
+    http_client *c = t->data;
+    int running;
+    curl_multi_socket_action(c->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+    check_multi_info(c);
+}
+
+static int timer_cb(CURLM *multi, long timeout_ms, void *userp)
+{
+    http_client *c = userp;
+    (void)multi;
+    if (timeout_ms < 0)
+        uv_timer_stop(&c->timer);
+    else
+        uv_timer_start(&c->timer, on_timer, timeout_ms == 0 ? 1 : (uint64_t)timeout_ms, 0);
+    return 0;
+}
+
+static void sock_closed(uv_handle_t *h)
+{
+    free(h->data);
+}
+
+static int socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, void *socketp)
+{
+    http_client *c = userp;
+    struct sock_ctx *s = socketp;
+    (void)easy;
+    if (what == CURL_POLL_REMOVE) {
+        if (s) {
+            uv_poll_stop(&s->poll);
+            uv_close((uv_handle_t *)&s->poll, sock_closed);
+            curl_multi_assign(c->multi, fd, NULL);
+        }
+        return 0;
+    }
+    if (s == NULL) {
+        s = xcalloc(1, sizeof *s);
+        s->fd = fd;
+        s->c = c;
+        if (uv_poll_init_socket(c->loop, &s->poll, fd) != 0) {
+            free(s);
+            return -1; /* curl fails the transfer */
+        }
+        s->poll.data = s;
+        curl_multi_assign(c->multi, fd, s);
+    }
+    int events = 0;
+    if (what & CURL_POLL_IN)
+        events |= UV_READABLE;
+    if (what & CURL_POLL_OUT)
+        events |= UV_WRITABLE;
+    uv_poll_start(&s->poll, events, on_poll);
+    return 0;
+}
+
+/* ---- per-request callbacks ------------------------------------------ */
+
+/* The body goes out through here; with no seek callback curl cannot rewind
+ * it, which is what stops a silent re-send. */
+static size_t read_cb(char *buf, size_t size, size_t nitems, void *userp)
+{
+    http_req *r = userp;
+    size_t n = size * nitems;
+    size_t left = r->body_len - r->body_off;
+    if (n > left)
+        n = left;
+    memcpy(buf, r->body + r->body_off, n);
+    r->body_off += n;
+    return n;
+}
+
+static size_t write_cb(char *data, size_t size, size_t nmemb, void *userp)
+{
+    http_req *r = userp;
+    size_t n = size * nmemb;
+    if (r->resp.len + n > r->c->max_response) {
+        r->too_large = 1;
+        return 0; /* aborts the transfer with CURLE_WRITE_ERROR */
+    }
+    sbuf_append(&r->resp, data, n);
+    return n;
+}
+
+/* Retry-After is seconds or an HTTP date; retry-after-ms wins when present. */
+static size_t header_cb(char *data, size_t size, size_t nitems, void *userp)
+{
+    http_req *r = userp;
+    size_t n = size * nitems;
+    char line[256];
+    if (n >= sizeof line || n < 4)
+        return n;
+    memcpy(line, data, n);
+    line[n] = '\0';
+    line[strcspn(line, "\r\n")] = '\0';
+    if (strncasecmp(line, "HTTP/", 5) == 0) {
+        r->retry_after_ms = -1; /* a new response (after 100-continue, say) */
+        return n;
+    }
+    char *colon = strchr(line, ':');
+    if (colon == NULL)
+        return n;
+    *colon = '\0';
+    char *v = colon + 1;
+    while (*v == ' ' || *v == '\t')
+        v++;
+    if (strcasecmp(line, "retry-after-ms") == 0) {
+        char *end;
+        double ms = strtod(v, &end);
+        if (end != v && ms >= 0 && ms < 1e12)
+            r->retry_after_ms = (int64_t)ms;
+    } else if (strcasecmp(line, "retry-after") == 0 && r->retry_after_ms < 0) {
+        char *end;
+        double secs = strtod(v, &end);
+        if (end != v && *end == '\0' && secs >= 0 && secs < 1e9) {
+            r->retry_after_ms = (int64_t)(secs * 1000);
+        } else {
+            time_t when = curl_getdate(v, NULL);
+            if (when > 0) {
+                int64_t d = (int64_t)when * 1000 - now_ms();
+                r->retry_after_ms = d > 0 ? d : 0;
+            }
+        }
+    }
+    return n;
+}
+
+/* ---- request lifecycle ---------------------------------------------- */
+
+static http_req *req_get(http_client *c)
+{
+    http_req *r = c->free_list;
+    if (r) {
+        c->free_list = r->next_free;
+        curl_easy_reset(r->easy);
+    } else {
+        r = xcalloc(1, sizeof *r);
+        r->c = c;
+        r->easy = curl_easy_init();
+        if (r->easy == NULL) {
+            fputs("vidq: curl_easy_init failed\n", stderr);
+            abort();
+        }
+        sbuf_init(&r->resp);
+    }
+    sbuf_reset(&r->resp);
+    r->headers = NULL;
+    r->body = NULL;
+    r->body_len = r->body_off = 0;
+    r->too_large = 0;
+    r->retry_after_ms = -1;
+    r->errbuf[0] = '\0';
+    r->started = mono_ms();
+    return r;
+}
+
+static void req_put(http_req *r)
+{
+    http_client *c = r->c;
+    curl_slist_free_all(r->headers);
+    r->headers = NULL;
+    if (r->resp.cap > 65536)
+        sbuf_free(&r->resp); /* do not keep a huge buffer around */
+    r->next_free = c->free_list;
+    c->free_list = r;
+}
+
+static void req_free(http_req *r)
+{
+    curl_easy_cleanup(r->easy);
+    sbuf_free(&r->resp);
+    free(r);
+}
+
+static int is_timeout(CURLcode rc)
+{
+    return rc == CURLE_OPERATION_TIMEDOUT;
+}
+
+static int is_connect_failure(CURLcode rc)
+{
+    return rc == CURLE_COULDNT_CONNECT || rc == CURLE_COULDNT_RESOLVE_HOST || rc == CURLE_COULDNT_RESOLVE_PROXY;
+}
+
+/* Finish `r`: build the result, recycle the handle, then tell the caller. */
+static void complete(http_req *r, CURLcode rc, const char *why)
+{
+    http_client *c = r->c;
+    struct http_result res;
+    long status = 0;
+    curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
+    curl_multi_remove_handle(c->multi, r->easy);
+    c->active--;
+    if (r->prev)
+        r->prev->next = r->next;
+    else
+        c->active_list = r->next;
+    if (r->next)
+        r->next->prev = r->prev;
+    memset(&res, 0, sizeof res);
+    res.curl_code = (int)rc;
+    res.status = status;
+    res.too_large = r->too_large;
+    if (rc != CURLE_OK)
+        res.error = why ? why : (r->errbuf[0] ? r->errbuf : curl_easy_strerror(rc));
+    if (r->too_large)
+        res.error = "response body too large";
+    res.body = r->resp.buf ? r->resp.buf : "";
+    res.body_len = r->resp.len;
+    /* GETs have no body; for them `sent` means only that a connection existed. */
+    res.sent = r->body ? r->body_off == r->body_len : !is_connect_failure(rc);
+    res.timed_out = is_timeout(rc);
+    res.connect_failed = is_connect_failure(rc) && (r->body == NULL || r->body_off == 0);
+    res.retry_after_ms = r->retry_after_ms;
+    res.elapsed_ms = mono_ms() - r->started;
+    http_done_fn *fn = r->fn;
+    void *ud = r->ud;
+    /* The result points into r->resp, so recycle only after the callback. */
+    fn(r, &res, ud);
+    req_put(r);
+}
+
+static void check_multi_info(http_client *c)
+{
+    CURLMsg *msg;
+    int left;
+    while ((msg = curl_multi_info_read(c->multi, &left)) != NULL) {
+        if (msg->msg != CURLMSG_DONE)
+            continue;
+        http_req *r = NULL;
+        curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&r);
+        complete(r, msg->data.result, NULL);
+    }
+}
+
+static http_req *start(http_client *c, const char *url, const char *const *headers, http_done_fn *fn, void *ud)
+{
+    http_req *r = req_get(c);
+    CURL *e = r->easy;
+    r->fn = fn;
+    r->ud = ud;
+    for (size_t i = 0; headers && headers[i]; i++)
+        r->headers = curl_slist_append(r->headers, headers[i]);
+    /* curl would wait for "100 Continue" on large bodies; gateways do not send it. */
+    r->headers = curl_slist_append(r->headers, "Expect:");
+    curl_easy_setopt(e, CURLOPT_URL, url);
+    curl_easy_setopt(e, CURLOPT_PRIVATE, r);
+    curl_easy_setopt(e, CURLOPT_HTTPHEADER, r->headers);
+    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)c->connect_timeout_ms);
+    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)c->timeout_ms);
+    curl_easy_setopt(e, CURLOPT_PIPEWAIT, 1L);
+    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 0L);
+    curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 1L);
+    curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 2L);
+    /* Retire idle connections before typical server keep-alive limits, so a
+     * request rarely lands on a connection the server is closing. */
+    curl_easy_setopt(e, CURLOPT_MAXAGE_CONN, 30L);
+    curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
+    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, r->errbuf);
+    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, write_cb);
+    curl_easy_setopt(e, CURLOPT_WRITEDATA, r);
+    curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, header_cb);
+    curl_easy_setopt(e, CURLOPT_HEADERDATA, r);
+    curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)c->max_response);
+    if (c->user_agent)
+        curl_easy_setopt(e, CURLOPT_USERAGENT, c->user_agent);
+    if (c->ca_blob.len) {
+        struct curl_blob blob = {c->ca_blob.buf, c->ca_blob.len, CURL_BLOB_NOCOPY};
+        curl_easy_setopt(e, CURLOPT_CAINFO_BLOB, &blob);
+    }
+    return r;
+}
+
+static http_req *submit(http_client *c, http_req *r)
+{
+    if (c->closing || curl_multi_add_handle(c->multi, r->easy) != CURLM_OK) {
+        req_put(r);
+        return NULL;
+    }
+    c->active++;
+    r->prev = NULL;
+    r->next = c->active_list;
+    if (r->next)
+        r->next->prev = r;
+    c->active_list = r;
+    return r;
+}
+
+http_req *http_post(http_client *c, const char *url, const char *const *headers, const char *body, size_t len,
+                    http_done_fn *fn, void *ud)
+{
+    http_req *r = start(c, url, headers, fn, ud);
+    r->body = body;
+    r->body_len = len;
+    curl_easy_setopt(r->easy, CURLOPT_POST, 1L);
+    curl_easy_setopt(r->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)len);
+    curl_easy_setopt(r->easy, CURLOPT_READFUNCTION, read_cb);
+    curl_easy_setopt(r->easy, CURLOPT_READDATA, r);
+    return submit(c, r);
+}
+
+http_req *http_get(http_client *c, const char *url, const char *const *headers, http_done_fn *fn, void *ud)
+{
+    http_req *r = start(c, url, headers, fn, ud);
+    curl_easy_setopt(r->easy, CURLOPT_HTTPGET, 1L);
+    return submit(c, r);
+}
+
+void http_cancel(http_req *r)
+{
+    complete(r, CURLE_ABORTED_BY_CALLBACK, "cancelled");
+}
+
+unsigned http_active(const http_client *c)
+{
+    return c->active;
+}
+
+/* ---- client --------------------------------------------------------- */
+
+static int load_file(sbuf *b, const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (f == NULL)
+        return -1;
+    char buf[65536];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, f)) > 0)
+        sbuf_append(b, buf, n);
+    int bad = ferror(f);
+    fclose(f);
+    return bad ? -1 : 0;
+}
+
+int http_client_set_opts(http_client *c, const struct http_opts *o, char *err, size_t errlen)
+{
+    sbuf ca;
+    sbuf_init(&ca);
+    if (o->ca_file) {
+        /* CAINFO replaces the default bundle; "extra CA" means system + this one. */
+        if (load_file(&ca, SYSTEM_CA_BUNDLE) == 0)
+            sbuf_putc(&ca, '\n');
+        if (load_file(&ca, o->ca_file) != 0) {
+            snprintf(err, errlen, "cannot read CA file %s", o->ca_file);
+            sbuf_free(&ca);
+            return -1;
+        }
+    }
+    /* Requests in flight may still point at the old blob (CURL_BLOB_NOCOPY
+     * avoids copying a 200 KB bundle per request), so an old blob is kept
+     * until the client closes; that costs memory only per reload. */
+    if (c->ca_blob.len) {
+        char *old = sbuf_steal(&c->ca_blob, NULL);
+        sbuf_append(&c->retired_blobs, &old, sizeof old);
+    }
+    c->ca_blob = ca;
+    c->connect_timeout_ms = o->connect_timeout_ms;
+    c->timeout_ms = o->timeout_ms;
+    c->max_response = o->max_response;
+    free(c->user_agent);
+    c->user_agent = o->user_agent ? xstrdup(o->user_agent) : NULL;
+    return 0;
+}
+
+http_client *http_client_new(uv_loop_t *loop, const struct http_opts *o, char *err, size_t errlen)
+{
+    static int global_done;
+    if (!global_done) {
+        curl_global_init(CURL_GLOBAL_DEFAULT);
+        global_done = 1;
+    }
+    http_client *c = xcalloc(1, sizeof *c);
+    c->loop = loop;
+    sbuf_init(&c->ca_blob);
+    sbuf_init(&c->retired_blobs);
+    if (http_client_set_opts(c, o, err, errlen) != 0) {
+        free(c);
+        return NULL;
+    }
+    c->multi = curl_multi_init();
+    uv_timer_init(loop, &c->timer);
+    c->timer.data = c;
+    curl_multi_setopt(c->multi, CURLMOPT_SOCKETFUNCTION, socket_cb);
+    curl_multi_setopt(c->multi, CURLMOPT_SOCKETDATA, c);
+    curl_multi_setopt(c->multi, CURLMOPT_TIMERFUNCTION, timer_cb);
+    curl_multi_setopt(c->multi, CURLMOPT_TIMERDATA, c);
+    curl_multi_setopt(c->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX);
+    return c;
+}
+
+static void client_timer_closed(uv_handle_t *h)
+{
+    http_client *c = h->data;
+    free(c);
+}
+
+void http_client_close(http_client *c)
+{
+    c->closing = 1;
+    /* Cancel in-flight transfers; their callbacks run now. */
+    while (c->active_list)
+        http_cancel(c->active_list);
+    /* curl_multi_cleanup calls socket_cb(REMOVE): our structs are still alive. */
+    curl_multi_cleanup(c->multi);
+    while (c->free_list) {
+        http_req *r = c->free_list;
+        c->free_list = r->next_free;
+        req_free(r);
+    }
+    sbuf_free(&c->ca_blob);
+    for (size_t i = 0; i + sizeof(char *) <= c->retired_blobs.len; i += sizeof(char *)) {
+        char *old;
+        memcpy(&old, c->retired_blobs.buf + i, sizeof old);
+        free(old);
+    }
+    sbuf_free(&c->retired_blobs);
+    free(c->user_agent);
+    uv_timer_stop(&c->timer);
+    uv_close((uv_handle_t *)&c->timer, client_timer_closed);
+}

@@ -1,0 +1,73 @@
+/*
+ * http.h - HTTP requests on libuv through one libcurl multi handle.
+ *
+ * One http_client per process owns the CURLM (and so the connection pool:
+ * keep-alive reuse, HTTP/2 multiplexing where offered). Requests complete
+ * through a callback that receives an http_result; the client drives curl's
+ * multi_socket API from libuv poll and timer handles.
+ *
+ * Cost safety: a POST body is handed to curl through a read callback with no
+ * way to rewind it, so curl can never silently re-send a request on a reused
+ * connection that died (FIELD-NOTES, libcurl 8). Such a transfer fails
+ * instead, with `sent` set, and the caller decides what it means.
+ */
+#ifndef VIDQ_HTTP_H
+#define VIDQ_HTTP_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+typedef struct http_client http_client;
+typedef struct http_req http_req;
+
+struct http_opts {
+    int64_t connect_timeout_ms;
+    int64_t timeout_ms;      /* whole request */
+    const char *ca_file;     /* extra CA bundle added to the system's, or NULL */
+    size_t max_response;     /* larger bodies abort the transfer */
+    const char *user_agent;
+};
+
+struct http_result {
+    int curl_code;           /* CURLcode; 0 when an HTTP answer arrived whole */
+    const char *error;       /* curl's message when curl_code != 0 */
+    long status;             /* HTTP status, 0 when no answer arrived */
+    const char *body;        /* NUL-terminated, valid during the callback */
+    size_t body_len;
+    int sent;                /* the whole request went to curl: the server may have it */
+    int timed_out;           /* connect or total timeout */
+    int connect_failed;      /* no connection could be made: the server has nothing */
+    int too_large;           /* the body exceeded max_response */
+    int64_t retry_after_ms;  /* Retry-After / retry-after-ms, -1 when absent */
+    int64_t elapsed_ms;
+};
+
+typedef void http_done_fn(http_req *req, const struct http_result *res, void *ud);
+
+http_client *http_client_new(uv_loop_t *loop, const struct http_opts *opts, char *err, size_t errlen);
+/* Replace the options (SIGHUP); applies to requests started from now on. */
+int http_client_set_opts(http_client *c, const struct http_opts *opts, char *err, size_t errlen);
+
+/*
+ * Start a request. `headers` is a NULL-terminated list of "Name: value"
+ * strings (copied). `body` (POST only) must stay valid until `fn` runs.
+ * `fn` is called exactly once, from the event loop (never from inside this
+ * call), or from http_cancel(). Returns NULL, without calling `fn`, when the
+ * request cannot be started (client closing, curl out of memory).
+ */
+http_req *http_post(http_client *c, const char *url, const char *const *headers, const char *body, size_t len,
+                    http_done_fn *fn, void *ud);
+http_req *http_get(http_client *c, const char *url, const char *const *headers, http_done_fn *fn, void *ud);
+
+/* Abort a request: its callback runs now, with curl_code set and `sent` telling
+ * whether the server may have received it. */
+void http_cancel(http_req *req);
+
+/* Requests in flight. */
+unsigned http_active(const http_client *c);
+
+/* Cancel everything, release curl; the struct is freed once libuv closed its handles. */
+void http_client_close(http_client *c);
+
+#endif

@@ -1,0 +1,568 @@
+/*
+ * rconn.c - a self-healing hiredis connection on libuv.
+ *
+ * States: DOWN (waiting for the reconnect timer) -> CONNECTING (TCP/unix
+ * connect in progress, then AUTH/SELECT/PING in flight) -> UP. Any error, a
+ * deadline, or a failed handshake reply goes back to DOWN through teardown(),
+ * the only place that frees a hiredis context we own.
+ *
+ * The adapter part follows FIELD-NOTES: on a poll error we still call
+ * redisAsyncHandleRead/Write for the events we watch, so hiredis notices the
+ * error and runs its callbacks; adapter memory is freed only in the uv_close
+ * callback; hiredis contexts are never freed from inside the connect callback
+ * (a deferred teardown runs from a zero-delay timer instead).
+ */
+#include "rconn.h"
+#include "util.h"
+
+#include <hiredis/async.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum rstate { R_DOWN, R_CONNECTING, R_UP, R_CLOSED };
+
+struct rconn {
+    uv_loop_t *loop;
+    struct rconn_target target;
+    char *name;
+    int64_t connect_timeout_ms;
+    int64_t cmd_timeout_ms;
+    rconn_state_fn *state_fn;
+    void *ud;
+
+    enum rstate state;
+    redisAsyncContext *ac;
+    unsigned pending;          /* commands sent, reply not yet seen */
+    int64_t connect_started;   /* mono ms */
+    int64_t last_progress;     /* mono ms of the last reply (or first pending) */
+    int64_t backoff_ms;
+    int teardown_pending;      /* a deferred teardown is scheduled */
+    char teardown_why[256];
+    uv_timer_t watchdog;       /* deadlines + deferred teardown */
+    uv_timer_t retry;          /* reconnect backoff */
+    int handles_open;
+};
+
+/* Per-command record so we can count pending replies and hide hiredis. */
+struct pending {
+    rconn *c;
+    rconn_reply_fn *fn;
+    void *ud;
+};
+
+/* ---- URL parsing ---------------------------------------------------- */
+
+static int hexval(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+/* Percent-decode s[0..n) (passwords may contain '@' or ':'). */
+static char *pct_decode(const char *s, size_t n)
+{
+    char *out = xmalloc(n + 1);
+    size_t j = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] == '%' && i + 2 < n && hexval(s[i + 1]) >= 0 && hexval(s[i + 2]) >= 0) {
+            out[j++] = (char)(hexval(s[i + 1]) * 16 + hexval(s[i + 2]));
+            i += 2;
+        } else {
+            out[j++] = s[i];
+        }
+    }
+    out[j] = '\0';
+    return out;
+}
+
+static int parse_db(const char *s, int *db)
+{
+    char *end;
+    long v = strtol(s, &end, 10);
+    if (end == s || *end != '\0' || v < 0 || v > 100000)
+        return -1;
+    *db = (int)v;
+    return 0;
+}
+
+static int parse_unix(const char *rest, struct rconn_target *t, char *err, size_t errlen)
+{
+    const char *q = strchr(rest, '?');
+    size_t plen = q ? (size_t)(q - rest) : strlen(rest);
+    if (plen == 0 || rest[0] != '/') {
+        snprintf(err, errlen, "unix socket URL needs an absolute path (unix:///path/to.sock?db=N)");
+        return -1;
+    }
+    t->path = xstrndup(rest, plen);
+    while (q && *q) {
+        q++;
+        const char *amp = strchr(q, '&');
+        size_t n = amp ? (size_t)(amp - q) : strlen(q);
+        char *kv = xstrndup(q, n);
+        if (strncmp(kv, "db=", 3) == 0 && parse_db(kv + 3, &t->db) == 0) {
+            /* ok */
+        } else if (strncmp(kv, "password=", 9) == 0) {
+            free(t->pass);
+            t->pass = pct_decode(kv + 9, strlen(kv + 9));
+        } else if (strncmp(kv, "user=", 5) == 0) {
+            free(t->user);
+            t->user = pct_decode(kv + 5, strlen(kv + 5));
+        } else {
+            snprintf(err, errlen, "unsupported unix socket URL parameter \"%s\" (db, user, password)", kv);
+            free(kv);
+            return -1;
+        }
+        free(kv);
+        q = amp;
+    }
+    return 0;
+}
+
+static int parse_tcp(const char *rest, struct rconn_target *t, char *err, size_t errlen)
+{
+    const char *slash = strchr(rest, '/');
+    size_t authlen = slash ? (size_t)(slash - rest) : strlen(rest);
+    const char *at = memrchr(rest, '@', authlen);
+    const char *hp = rest;
+    if (at) {
+        const char *colon = memchr(rest, ':', (size_t)(at - rest));
+        if (colon) {
+            if (colon > rest)
+                t->user = pct_decode(rest, (size_t)(colon - rest));
+            t->pass = pct_decode(colon + 1, (size_t)(at - colon - 1));
+        } else {
+            t->pass = pct_decode(rest, (size_t)(at - rest));
+        }
+        hp = at + 1;
+    }
+    size_t hplen = (size_t)(rest + authlen - hp);
+    const char *hend = hp + hplen;
+    const char *colon = NULL;
+    if (hplen && hp[0] == '[') {
+        const char *rb = memchr(hp, ']', hplen);
+        if (rb == NULL) {
+            snprintf(err, errlen, "unterminated [IPv6] host");
+            return -1;
+        }
+        t->host = xstrndup(hp + 1, (size_t)(rb - hp - 1));
+        colon = rb + 1 < hend && rb[1] == ':' ? rb + 1 : NULL;
+    } else {
+        colon = memchr(hp, ':', hplen);
+        size_t hlen = colon ? (size_t)(colon - hp) : hplen;
+        t->host = xstrndup(hp, hlen);
+    }
+    if (t->host[0] == '\0') {
+        snprintf(err, errlen, "missing host");
+        return -1;
+    }
+    t->port = 6379;
+    if (colon) {
+        char *ps = xstrndup(colon + 1, (size_t)(hend - colon - 1));
+        char *end;
+        long p = strtol(ps, &end, 10);
+        int bad = end == ps || *end != '\0' || p < 1 || p > 65535;
+        free(ps);
+        if (bad) {
+            snprintf(err, errlen, "invalid port");
+            return -1;
+        }
+        t->port = (int)p;
+    }
+    if (slash && slash[1] != '\0' && parse_db(slash + 1, &t->db) != 0) {
+        snprintf(err, errlen, "invalid database number \"%s\"", slash + 1);
+        return -1;
+    }
+    return 0;
+}
+
+int rconn_parse_url(const char *url, struct rconn_target *t, char *err, size_t errlen)
+{
+    int rc;
+    memset(t, 0, sizeof *t);
+    if (url == NULL) {
+        snprintf(err, errlen, "missing URL");
+        return -1;
+    }
+    if (strncmp(url, "redis://", 8) == 0) {
+        rc = parse_tcp(url + 8, t, err, errlen);
+    } else if (strncmp(url, "unix://", 7) == 0) {
+        rc = parse_unix(url + 7, t, err, errlen);
+    } else {
+        snprintf(err, errlen, "unsupported URL \"%s\" (expected redis://host:port/db or unix:///path?db=N)", url);
+        rc = -1;
+    }
+    if (rc != 0)
+        rconn_target_free(t);
+    return rc;
+}
+
+void rconn_target_free(struct rconn_target *t)
+{
+    free(t->host);
+    free(t->path);
+    free(t->user);
+    free(t->pass);
+    memset(t, 0, sizeof *t);
+}
+
+static void target_copy(struct rconn_target *dst, const struct rconn_target *src)
+{
+    dst->host = src->host ? xstrdup(src->host) : NULL;
+    dst->port = src->port;
+    dst->path = src->path ? xstrdup(src->path) : NULL;
+    dst->db = src->db;
+    dst->user = src->user ? xstrdup(src->user) : NULL;
+    dst->pass = src->pass ? xstrdup(src->pass) : NULL;
+}
+
+void rconn_target_describe(const struct rconn_target *t, char *buf, size_t len)
+{
+    if (t->path)
+        snprintf(buf, len, "unix:%s/%d", t->path, t->db);
+    else
+        snprintf(buf, len, "%s:%d/%d", t->host ? t->host : "?", t->port, t->db);
+}
+
+/* ---- libuv adapter -------------------------------------------------- */
+
+struct adapter {
+    redisAsyncContext *ac;
+    uv_poll_t poll;
+    int events;
+};
+
+static void adapter_on_poll(uv_poll_t *h, int status, int events)
+{
+    struct adapter *a = h->data;
+    if (status < 0) {
+        /* libuv stopped the handle; let hiredis see the error itself. */
+        events = a->events;
+    }
+    if (a->ac && (events & UV_READABLE))
+        redisAsyncHandleRead(a->ac);
+    if (a->ac && (events & UV_WRITABLE))
+        redisAsyncHandleWrite(a->ac);
+}
+
+static void adapter_update(struct adapter *a, int add, int ev)
+{
+    int events = add ? (a->events | ev) : (a->events & ~ev);
+    if (events == a->events)
+        return;
+    a->events = events;
+    if (events)
+        uv_poll_start(&a->poll, events, adapter_on_poll);
+    else
+        uv_poll_stop(&a->poll);
+}
+
+static void adapter_add_read(void *p) { adapter_update(p, 1, UV_READABLE); }
+static void adapter_del_read(void *p) { adapter_update(p, 0, UV_READABLE); }
+static void adapter_add_write(void *p) { adapter_update(p, 1, UV_WRITABLE); }
+static void adapter_del_write(void *p) { adapter_update(p, 0, UV_WRITABLE); }
+
+static void adapter_free_cb(uv_handle_t *h)
+{
+    free(h->data);
+}
+
+static void adapter_cleanup(void *p)
+{
+    struct adapter *a = p;
+    a->ac = NULL;
+    uv_poll_stop(&a->poll);
+    uv_close((uv_handle_t *)&a->poll, adapter_free_cb);
+}
+
+static int adapter_attach(uv_loop_t *loop, redisAsyncContext *ac)
+{
+    struct adapter *a = xcalloc(1, sizeof *a);
+    if (uv_poll_init(loop, &a->poll, ac->c.fd) != 0) {
+        free(a);
+        return -1;
+    }
+    a->ac = ac;
+    a->poll.data = a;
+    ac->ev.data = a;
+    ac->ev.addRead = adapter_add_read;
+    ac->ev.delRead = adapter_del_read;
+    ac->ev.addWrite = adapter_add_write;
+    ac->ev.delWrite = adapter_del_write;
+    ac->ev.cleanup = adapter_cleanup;
+    return 0;
+}
+
+/* ---- connection state machine --------------------------------------- */
+
+static void schedule_reconnect(rconn *c);
+static void do_connect(rconn *c);
+static void on_watchdog(uv_timer_t *t);
+
+static void set_down(rconn *c, const char *why)
+{
+    int was_up = c->state == R_UP;
+    c->state = R_DOWN;
+    c->pending = 0;
+    schedule_reconnect(c);
+    /* Tell the owner about every failed attempt while not yet up, too. */
+    if (c->state_fn && (was_up || why))
+        c->state_fn(c, 0, why, c->ud);
+}
+
+/*
+ * Drop the current context now. redisAsyncFree hands every pending callback
+ * a NULL reply and, for an established connection, calls on_disconnect,
+ * which sees c->ac == NULL and leaves the state to us.
+ */
+static void teardown(rconn *c, const char *why)
+{
+    redisAsyncContext *ac = c->ac;
+    c->ac = NULL;
+    c->teardown_pending = 0;
+    if (ac) {
+        ac->data = NULL;
+        redisAsyncFree(ac);
+    }
+    if (c->state != R_CLOSED)
+        set_down(c, why);
+}
+
+static void defer_teardown(rconn *c, const char *why)
+{
+    if (c->teardown_pending)
+        return;
+    c->teardown_pending = 1;
+    snprintf(c->teardown_why, sizeof c->teardown_why, "%s", why);
+    uv_timer_start(&c->watchdog, on_watchdog, 0, 250);
+}
+
+static void on_watchdog(uv_timer_t *t)
+{
+    rconn *c = t->data;
+    int64_t now = mono_ms();
+    if (c->teardown_pending) {
+        char why[256];
+        snprintf(why, sizeof why, "%s", c->teardown_why);
+        teardown(c, why);
+        return;
+    }
+    if (c->state == R_CONNECTING && now - c->connect_started > c->connect_timeout_ms) {
+        teardown(c, "connect timed out");
+        return;
+    }
+    if (c->pending > 0 && now - c->last_progress > c->cmd_timeout_ms) {
+        teardown(c, "command timed out");
+        return;
+    }
+}
+
+static void watchdog_arm(rconn *c)
+{
+    uv_timer_start(&c->watchdog, on_watchdog, 250, 250);
+}
+
+static void on_reply(redisAsyncContext *ac, void *r, void *privdata)
+{
+    struct pending *p = privdata;
+    rconn *c = p->c;
+    (void)ac;
+    if (c->pending > 0)
+        c->pending--;
+    c->last_progress = mono_ms();
+    p->fn(r, p->ud);
+    free(p);
+}
+
+static void on_handshake(redisReply *r, void *ud)
+{
+    rconn *c = ud;
+    if (c->state != R_CONNECTING)
+        return;
+    if (r == NULL)
+        return; /* teardown already handles state */
+    if (r->type == REDIS_REPLY_ERROR) {
+        char why[256];
+        snprintf(why, sizeof why, "handshake failed: %.*s", (int)r->len, r->str);
+        defer_teardown(c, why);
+        return;
+    }
+    /* Only the last handshake command (PING) marks the connection up. */
+    if (r->type == REDIS_REPLY_STATUS && strcmp(r->str, "PONG") == 0) {
+        c->state = R_UP;
+        c->backoff_ms = 0;
+        if (c->state_fn)
+            c->state_fn(c, 1, NULL, c->ud);
+    }
+}
+
+static void on_connect(const redisAsyncContext *ac, int status)
+{
+    rconn *c = ac->data;
+    if (c == NULL)
+        return;
+    if (status != REDIS_OK) {
+        char why[256];
+        snprintf(why, sizeof why, "connect failed: %s", ac->errstr[0] ? ac->errstr : "error");
+        c->ac = NULL; /* hiredis frees the context after this callback */
+        set_down(c, why);
+        return;
+    }
+    redisEnableKeepAlive((redisContext *)&ac->c);
+}
+
+static void on_disconnect(const redisAsyncContext *ac, int status)
+{
+    rconn *c = ac->data;
+    if (c == NULL)
+        return; /* our own teardown */
+    char why[256];
+    snprintf(why, sizeof why, "connection lost: %s", status == REDIS_OK ? "closed" : ac->errstr);
+    c->ac = NULL; /* hiredis frees the context after this callback */
+    set_down(c, why);
+}
+
+static int send_raw(rconn *c, rconn_reply_fn *fn, void *ud, int argc, const char **argv, const size_t *argvlen)
+{
+    struct pending *p = xmalloc(sizeof *p);
+    p->c = c;
+    p->fn = fn;
+    p->ud = ud;
+    if (redisAsyncCommandArgv(c->ac, on_reply, p, argc, argv, argvlen) != REDIS_OK) {
+        free(p);
+        return -1;
+    }
+    if (c->pending++ == 0)
+        c->last_progress = mono_ms();
+    return 0;
+}
+
+static void do_connect(rconn *c)
+{
+    redisAsyncContext *ac;
+    if (c->target.path)
+        ac = redisAsyncConnectUnix(c->target.path);
+    else
+        ac = redisAsyncConnect(c->target.host, c->target.port);
+    if (ac == NULL || ac->err) {
+        char why[256];
+        snprintf(why, sizeof why, "connect failed: %s", ac ? ac->errstr : "out of memory");
+        if (ac)
+            redisAsyncFree(ac);
+        set_down(c, why);
+        return;
+    }
+    if (adapter_attach(c->loop, ac) != 0) {
+        redisAsyncFree(ac);
+        set_down(c, "cannot watch the socket");
+        return;
+    }
+    ac->data = c;
+    c->ac = ac;
+    c->state = R_CONNECTING;
+    c->connect_started = mono_ms();
+    redisAsyncSetConnectCallback(ac, on_connect);
+    redisAsyncSetDisconnectCallback(ac, on_disconnect);
+    /* Commands may be queued before the connect completes (FIELD-NOTES). */
+    if (c->target.pass) {
+        const char *argv[3] = {"AUTH", c->target.user ? c->target.user : c->target.pass, c->target.pass};
+        send_raw(c, on_handshake, c, c->target.user ? 3 : 2, argv, NULL);
+    }
+    if (c->target.db) {
+        char db[16];
+        snprintf(db, sizeof db, "%d", c->target.db);
+        const char *argv[2] = {"SELECT", db};
+        send_raw(c, on_handshake, c, 2, argv, NULL);
+    }
+    const char *setname[3] = {"CLIENT", "SETNAME", c->name};
+    send_raw(c, on_handshake, c, 3, setname, NULL);
+    const char *ping[1] = {"PING"};
+    send_raw(c, on_handshake, c, 1, ping, NULL);
+}
+
+static void on_retry(uv_timer_t *t)
+{
+    rconn *c = t->data;
+    if (c->state == R_DOWN)
+        do_connect(c);
+}
+
+static void schedule_reconnect(rconn *c)
+{
+    /* 100 ms, doubling to 5 s, with jitter so instances do not stampede. */
+    c->backoff_ms = c->backoff_ms ? c->backoff_ms * 2 : 100;
+    if (c->backoff_ms > 5000)
+        c->backoff_ms = 5000;
+    uint64_t delay = (uint64_t)(c->backoff_ms / 2 + rand() % (c->backoff_ms / 2 + 1));
+    uv_timer_start(&c->retry, on_retry, delay, 0);
+}
+
+rconn *rconn_new(uv_loop_t *loop, const struct rconn_target *t, const char *name, int64_t connect_timeout_ms,
+                 int64_t cmd_timeout_ms, rconn_state_fn *state_fn, void *ud)
+{
+    rconn *c = xcalloc(1, sizeof *c);
+    c->loop = loop;
+    target_copy(&c->target, t);
+    c->name = xstrdup(name);
+    c->connect_timeout_ms = connect_timeout_ms;
+    c->cmd_timeout_ms = cmd_timeout_ms;
+    c->state_fn = state_fn;
+    c->ud = ud;
+    c->state = R_DOWN;
+    uv_timer_init(loop, &c->watchdog);
+    uv_timer_init(loop, &c->retry);
+    c->watchdog.data = c;
+    c->retry.data = c;
+    c->handles_open = 2;
+    return c;
+}
+
+void rconn_start(rconn *c)
+{
+    watchdog_arm(c);
+    do_connect(c);
+}
+
+int rconn_is_up(const rconn *c)
+{
+    return c->state == R_UP;
+}
+
+unsigned rconn_pending(const rconn *c)
+{
+    return c->pending;
+}
+
+int rconn_cmd(rconn *c, rconn_reply_fn *fn, void *ud, int argc, const char **argv, const size_t *argvlen)
+{
+    if (c->state != R_UP || c->ac == NULL || c->teardown_pending)
+        return -1;
+    return send_raw(c, fn, ud, argc, argv, argvlen);
+}
+
+static void on_handle_closed(uv_handle_t *h)
+{
+    rconn *c = h->data;
+    if (--c->handles_open == 0) {
+        rconn_target_free(&c->target);
+        free(c->name);
+        free(c);
+    }
+}
+
+void rconn_close(rconn *c)
+{
+    c->state = R_CLOSED;
+    c->state_fn = NULL;
+    teardown(c, NULL);
+    uv_timer_stop(&c->watchdog);
+    uv_timer_stop(&c->retry);
+    uv_close((uv_handle_t *)&c->watchdog, on_handle_closed);
+    uv_close((uv_handle_t *)&c->retry, on_handle_closed);
+}

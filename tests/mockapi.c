@@ -1,0 +1,2556 @@
+/*
+ * mockapi.c - a mock of the upstream video-generation gateway, for vidq's tests.
+ *
+ * It answers the calls vidqd makes (CONTRACT.md §1) with the shapes real
+ * gateways use (the fixtures in shared/api/), records what it received so a test can
+ * prove "this job reached the API exactly once", and injects the faults that
+ * matter for cost safety: resets before and after the request was read,
+ * hangs, garbage, huge and dripping answers, and dead keep-alive connections.
+ *
+ *   mockapi [--port N] [--port-file FILE] [--token TOKEN]
+ *           [--shape wrapper|wrapper-legacy|flat|openai]
+ *           [--submit-shape full|documented|legacy|nested] [--latency-ms N]
+ *           [--task-seconds S] [--video-bytes N] [--seed N] [--quiet]
+ *
+ * Routes (127.0.0.1 only):
+ *   POST /v1/video/generations        submit; creates a task
+ *   GET  /v1/video/generations/{id}   query; status follows the task's age
+ *   GET  /videos/{id}.mp4             the "video": byte i of task T is
+ *                                       (i * 31 + sum of the bytes of T's id) & 0xff
+ *   GET  /_mock/stats, GET /_mock/tasks, POST /_mock/config, POST /_mock/reset
+ *
+ * How it works: one libuv loop, one struct conn per TCP connection, with the
+ * uv_tcp_t, a uv_timer_t (latency and drip) and an http_parser embedded.
+ * The parser is paused at the end of every request; the request is then
+ * dispatched and answered. An answer that is not written at once (latency,
+ * drip, streamed body, hang) marks the connection busy: reading stops and
+ * the unparsed rest of the input is kept, so pipelined requests are answered
+ * strictly in order. Everything belonging to a connection is freed only in
+ * the close callback of its last handle.
+ *
+ * Semantics the tests rely on (see also the notes at each handler):
+ * - A submit counts as "received" once it was read completely (whatever the
+ *   answer: 401, 400, 413, injected fault); a task is created only for a valid
+ *   request answered normally, or by the modes reset_after_read, drip and
+ *   close_keepalive. The task is created when the request has been read, before
+ *   any latency, so a client that times out still leaves a task behind, as
+ *   a real gateway would.
+ * - latency_ms delays every answer to a submit (GETs are answered at once).
+ * - Task ids are "task_<seq>_<8 hex>"; <seq> indexes the task table directly.
+ */
+#define _GNU_SOURCE
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <getopt.h>
+#include <http_parser.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
+#include <uv.h>
+
+#define BODY_MAX      (16u << 20)   /* larger request bodies get 413 */
+#define URL_MAX       2048
+#define HDR_MAX       1024          /* Authorization / Idempotency-Key values */
+#define READ_BUF_SIZE (64 * 1024)
+#define CHUNK_SIZE    (256 * 1024)  /* streamed bodies go out in these */
+#define HUGE_DEFAULT  (64ull << 20)
+#define BACKLOG       4096
+
+#define container_of(ptr, type, member) \
+    ((type *)((char *)(ptr) - offsetof(type, member)))
+
+/* ------------------------------------------------------------------------ */
+/* Canned bodies, verbatim from shared/api/. */
+
+static const char ERR_INVALID_TOKEN[] =
+    "{\"error\":{\"message\":\"Invalid token (request id: "
+    "20261125083012345678901234567890)\",\"type\":\"new_api_error\",\"code\":\"\"}}";
+static const char ERR_TASK_NOT_EXIST[] =
+    "{\"code\":\"task_not_exist\",\"message\":\"task_not_exist\",\"data\":null}";
+static const char ERR_QUOTA[] =
+    "{\"code\":\"insufficient_user_quota\",\"message\":\"用户额度不足, 剩余额度: "
+    "＄0.012000\",\"data\":null}";
+static const char ERR_SATURATED[] =
+    "{\"code\":\"fail_to_fetch_task\",\"message\":\"当前分组上游负载已饱和，"
+    "请稍后再试\",\"data\":null}";
+static const char ERR_MODEL_NOT_FOUND[] =
+    "{\"error\":{\"message\":\"No available channel for model kling-v9 under group "
+    "default (request id: 20261125083012345678901234567891)\",\"type\":"
+    "\"new_api_error\",\"code\":\"model_not_found\"}}";
+static const char ERR_INVALID_REQUEST[] =
+    "{\"code\":\"invalid_request\",\"message\":\"prompt is required\",\"data\":null}";
+static const char ERR_TOO_LARGE[] =
+    "{\"error\":{\"message\":\"request body too large\",\"type\":\"new_api_error\","
+    "\"code\":\"request_body_too_large\"}}";
+static const char NOT_FOUND[] =
+    "{\"code\":\"not_found\",\"message\":\"not found\",\"data\":null}";
+static const char GARBAGE[] = "<html>not json";
+static const char FAIL_REASON[] = "Failure to pass the risk control system";
+static const char CONTINUE_100[] = "HTTP/1.1 100 Continue\r\n\r\n";
+static const char JSON[] = "application/json";
+
+/* ------------------------------------------------------------------------ */
+/* Types */
+
+enum shape { SHAPE_WRAPPER, SHAPE_WRAPPER_LEGACY, SHAPE_FLAT, SHAPE_OPENAI };
+enum submit_shape { SUBMIT_FULL, SUBMIT_DOCUMENTED, SUBMIT_LEGACY, SUBMIT_NESTED };
+
+enum route {
+    R_NONE, R_SUBMIT, R_GET, R_V1_OTHER, R_VIDEO, R_STATS, R_TASKS,
+    R_CONFIG, R_RESET, R_BAD_METHOD, R_NOT_FOUND, R_URL_TOO_LONG, R_HDR_TOO_LONG
+};
+
+enum hdr { H_OTHER, H_AUTH, H_KEY, H_EXPECT };
+
+enum mode {
+    M_STATUS, M_RESET_BEFORE, M_RESET_AFTER, M_HANG, M_GARBAGE, M_HUGE,
+    M_DRIP, M_CLOSE_KEEPALIVE
+};
+
+enum { PATH_SUBMIT = 1, PATH_GET = 2, PATH_ANY = 3 };
+
+/* How a prepared answer goes out. */
+enum plan { PLAN_WRITE, PLAN_RESET, PLAN_DRIP, PLAN_STREAM };
+
+/* What happens once a write has completed. */
+enum after { AFTER_NONE, AFTER_RESUME, AFTER_CLOSE, AFTER_TRAP, AFTER_DRIP, AFTER_STREAM };
+
+/* Something decided at the end of the headers, acted on before the body. */
+enum early { EARLY_NONE, EARLY_RESET, EARLY_413 };
+
+struct buf {
+    char *p;
+    size_t len;
+    size_t cap;
+};
+
+struct config {
+    uint64_t latency_ms;
+    enum shape shape;
+    enum submit_shape submit_shape;
+    char *token;              /* NULL: any bearer token is accepted */
+    double task_seconds;
+    uint64_t video_bytes;
+    bool quiet;
+};
+
+/*
+ * An injection rule. Rules are reference counted because a request picks
+ * its rule at the end of its headers and uses it when the body is complete;
+ * a POST /_mock/config may replace the list in between.
+ */
+struct rule {
+    int refs;
+    enum mode mode;
+    int path;
+    int64_t count;            /* -1: unlimited */
+    double fraction;
+    int status;
+    char *body;               /* NULL: a default body that fits the status */
+    char *retry_after;
+    char *retry_after_ms;
+    uint64_t bytes;
+    uint64_t interval_ms;
+    bool immediate;
+};
+
+/* A created task; all strings live in data[] after the struct. */
+struct task {
+    uint64_t seq;
+    int64_t created_unix_ms;
+    uint64_t created_mono_ms;
+    uint32_t id_sum;
+    bool fails;
+    size_t id_len, key_len, body_len, prompt_len, model_len;
+    char *id, *key, *body, *prompt, *model;
+    char data[];
+};
+
+struct keyent {
+    char *key;
+    size_t len;
+    uint64_t hash;
+    uint64_t received;
+    uint64_t created;
+};
+
+/* Idempotency-Key -> counters; entries keep insertion order for /_mock/stats. */
+struct keytab {
+    struct keyent *v;
+    size_t n, cap;
+    uint32_t *slots;          /* index + 1 into v, 0 = empty; power of two */
+    size_t nslots;
+};
+
+/* An HTTP answer before it is packaged for the wire. */
+struct answer {
+    int status;
+    const char *ctype;        /* NULL: no Content-Type (empty body) */
+    const char *body;
+    size_t len;
+    char *owned;              /* when set, body == owned and we free it */
+    char extra[192];          /* extra header lines, each ending in CRLF */
+};
+
+struct wreq {
+    uv_write_t req;
+    enum after after;
+    char *owned;
+    uv_buf_t bufs[2];
+    unsigned nbufs;
+    char data[];
+};
+
+struct conn {
+    uv_tcp_t tcp;
+    uv_timer_t timer;
+    http_parser parser;
+    struct conn *prev, *next;
+    int handles;              /* open handles; freed when the last one closed */
+    unsigned writes;          /* writes in flight */
+    bool closing, reading, busy, hung, trap, eof, keepalive, inflight, msg_done;
+    enum early early;
+
+    /* The request being parsed. */
+    enum route route;
+    char url[URL_MAX];
+    size_t url_len;
+    bool url_long;
+    char hname[24];
+    size_t hname_len;
+    bool hname_long, in_value;
+    enum hdr hwhich;
+    char auth[HDR_MAX];
+    size_t auth_len;
+    char key[HDR_MAX];
+    size_t key_len;
+    char expect[24];
+    size_t expect_len;
+    bool hdr_long, auth_ok, want_body, too_large;
+    struct buf body;
+    struct rule *rule;
+
+    /* Input not parsed yet because an answer is pending. */
+    char *pend;
+    size_t pend_len;
+
+    /* The answer being delivered. */
+    enum plan plan;
+    enum after plan_after;
+    struct wreq *plan_w;
+    char *drip;
+    size_t drip_len, drip_off;
+    uint64_t drip_interval;
+    uint64_t stream_off, stream_len;
+    size_t sw_len;
+    bool stream_video;
+    uint32_t stream_seed;
+    char *chunk;
+    bool chunk_is_x;          /* chunk holds 'x' filler, not video bytes */
+    uv_write_t sw;
+};
+
+struct server {
+    uv_loop_t loop;
+    uv_tcp_t listener;
+    uv_signal_t sigterm, sigint;
+    int port;
+    struct config cfg;
+    struct conn *conns;
+    struct rule **rules;
+    size_t nrules;
+    struct task **tasks;
+    size_t ntasks, cap_tasks;
+    uint64_t task_base;       /* seq of tasks[0] */
+    struct keytab keys;
+    uint64_t posts, gets, videos, nconns;
+    uint64_t inflight, max_inflight;
+    uint64_t rng;
+    bool stopping;
+};
+
+static struct server srv;
+static http_parser_settings parser_settings;
+
+static void conn_close(struct conn *c, bool reset);
+static void conn_resume(struct conn *c);
+static void conn_feed(struct conn *c, const char *data, size_t len);
+
+/* ------------------------------------------------------------------------ */
+/* Utilities */
+
+static void oom(void)
+{
+    fputs("mockapi: out of memory\n", stderr);
+    abort();
+}
+
+static void *xmalloc(size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    if (p == NULL)
+        oom();
+    return p;
+}
+
+static void *xcalloc(size_t n, size_t m)
+{
+    void *p = calloc(n ? n : 1, m ? m : 1);
+    if (p == NULL)
+        oom();
+    return p;
+}
+
+static void *xrealloc(void *p, size_t n)
+{
+    void *q = realloc(p, n ? n : 1);
+    if (q == NULL)
+        oom();
+    return q;
+}
+
+static char *xstrndup(const char *s, size_t n)
+{
+    char *p = xmalloc(n + 1);
+    memcpy(p, s, n);
+    p[n] = '\0';
+    return p;
+}
+
+static void logmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void logmsg(const char *fmt, ...)
+{
+    va_list ap;
+
+    if (srv.cfg.quiet)
+        return;
+    va_start(ap, fmt);
+    fputs("mockapi: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+}
+
+static int64_t unix_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* xorshift64*: random task-id suffixes and "fraction" draws, seedable. */
+static uint64_t rnd(void)
+{
+    srv.rng ^= srv.rng >> 12;
+    srv.rng ^= srv.rng << 25;
+    srv.rng ^= srv.rng >> 27;
+    return srv.rng * 2685821657736338717ull;
+}
+
+static double rnd_unit(void)
+{
+    return (double)(rnd() >> 11) * (1.0 / 9007199254740992.0);
+}
+
+static uint64_t fnv1a(const char *s, size_t n)
+{
+    uint64_t h = 14695981039346656037ull;
+    for (size_t i = 0; i < n; i++) {
+        h ^= (unsigned char)s[i];
+        h *= 1099511628211ull;
+    }
+    return h;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Byte buffer and JSON string output */
+
+static void buf_reserve(struct buf *b, size_t extra)
+{
+    size_t cap;
+
+    if (b->len + extra <= b->cap)
+        return;
+    cap = b->cap ? b->cap : 256;
+    while (cap < b->len + extra)
+        cap *= 2;
+    b->p = xrealloc(b->p, cap);
+    b->cap = cap;
+}
+
+static void buf_add(struct buf *b, const void *s, size_t n)
+{
+    if (n == 0)
+        return;
+    buf_reserve(b, n);
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+}
+
+static void buf_adds(struct buf *b, const char *s)
+{
+    buf_add(b, s, strlen(s));
+}
+
+static void buf_addf(struct buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void buf_addf(struct buf *b, const char *fmt, ...)
+{
+    va_list ap;
+    int n;
+
+    buf_reserve(b, 128);
+    va_start(ap, fmt);
+    n = vsnprintf(b->p + b->len, b->cap - b->len, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        return;
+    if ((size_t)n >= b->cap - b->len) {
+        buf_reserve(b, (size_t)n + 1);
+        va_start(ap, fmt);
+        vsnprintf(b->p + b->len, b->cap - b->len, fmt, ap);
+        va_end(ap);
+    }
+    b->len += (size_t)n;
+}
+
+static void buf_free(struct buf *b)
+{
+    free(b->p);
+    b->p = NULL;
+    b->len = b->cap = 0;
+}
+
+/* Length of the valid UTF-8 sequence at s, or 0 when it is not one. */
+static size_t utf8_seq(const unsigned char *s, size_t n)
+{
+    unsigned char c = s[0];
+    size_t len;
+    uint32_t cp;
+
+    if (c < 0xc2 || c > 0xf4)
+        return 0;
+    len = c < 0xe0 ? 2 : c < 0xf0 ? 3 : 4;
+    if (n < len)
+        return 0;
+    cp = c & (0xffu >> (len + 1));
+    for (size_t i = 1; i < len; i++) {
+        if ((s[i] & 0xc0) != 0x80)
+            return 0;
+        cp = (cp << 6) | (s[i] & 0x3f);
+    }
+    if ((len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000) || cp > 0x10ffff)
+        return 0;
+    if (cp >= 0xd800 && cp <= 0xdfff)
+        return 0;
+    return len;
+}
+
+static void json_escape_byte(struct buf *b, unsigned char c)
+{
+    switch (c) {
+    case '"':  buf_add(b, "\\\"", 2); break;
+    case '\\': buf_add(b, "\\\\", 2); break;
+    case '\n': buf_add(b, "\\n", 2); break;
+    case '\r': buf_add(b, "\\r", 2); break;
+    case '\t': buf_add(b, "\\t", 2); break;
+    default:
+        if (c < 0x20)
+            buf_addf(b, "\\u%04x", c);
+        else
+            buf_add(b, "\\ufffd", 6);  /* a byte that is not valid UTF-8 */
+    }
+}
+
+/*
+ * Appends s as a JSON string. Valid UTF-8 passes through unchanged, so the
+ * raw request bodies in /_mock/tasks decode to exactly the bytes received;
+ * only invalid bytes (which JSON cannot carry) become U+FFFD.
+ */
+static void buf_json_str(struct buf *b, const char *s, size_t n)
+{
+    const unsigned char *u = (const unsigned char *)s;
+    size_t start = 0;
+    size_t i = 0;
+
+    buf_reserve(b, n + 2);
+    b->p[b->len++] = '"';
+    while (i < n) {
+        unsigned char c = u[i];
+        size_t l;
+
+        if (c >= 0x20 && c < 0x80 && c != '"' && c != '\\') {
+            i++;
+            continue;
+        }
+        if (c >= 0x80 && (l = utf8_seq(u + i, n - i)) > 0) {
+            i += l;
+            continue;
+        }
+        buf_add(b, s + start, i - start);
+        json_escape_byte(b, c);
+        start = ++i;
+    }
+    buf_add(b, s + start, n - start);
+    buf_add(b, "\"", 1);
+}
+
+static void buf_json_cstr(struct buf *b, const char *s)
+{
+    buf_json_str(b, s, strlen(s));
+}
+
+/* ------------------------------------------------------------------------ */
+/* Idempotency-Key table */
+
+static void keys_rehash(struct keytab *t)
+{
+    size_t n = t->nslots ? t->nslots * 2 : 64;
+
+    free(t->slots);
+    t->slots = xcalloc(n, sizeof *t->slots);
+    t->nslots = n;
+    for (size_t i = 0; i < t->n; i++) {
+        size_t s = t->v[i].hash & (n - 1);
+        while (t->slots[s] != 0)
+            s = (s + 1) & (n - 1);
+        t->slots[s] = (uint32_t)(i + 1);
+    }
+}
+
+/* Finds or adds the entry for key k (the empty string when there was no header). */
+static struct keyent *key_get(const char *k, size_t len)
+{
+    struct keytab *t = &srv.keys;
+    uint64_t h = fnv1a(k, len);
+    size_t s;
+    struct keyent *e;
+
+    if ((t->n + 1) * 2 > t->nslots)
+        keys_rehash(t);
+    s = h & (t->nslots - 1);
+    while (t->slots[s] != 0) {
+        e = &t->v[t->slots[s] - 1];
+        if (e->hash == h && e->len == len && memcmp(e->key, k, len) == 0)
+            return e;
+        s = (s + 1) & (t->nslots - 1);
+    }
+    if (t->n == t->cap) {
+        t->cap = t->cap ? t->cap * 2 : 64;
+        t->v = xrealloc(t->v, t->cap * sizeof *t->v);
+    }
+    e = &t->v[t->n];
+    memset(e, 0, sizeof *e);
+    e->key = xstrndup(k, len);
+    e->len = len;
+    e->hash = h;
+    t->slots[s] = (uint32_t)(++t->n);
+    return e;
+}
+
+static void keys_clear(void)
+{
+    struct keytab *t = &srv.keys;
+
+    for (size_t i = 0; i < t->n; i++)
+        free(t->v[i].key);
+    free(t->v);
+    free(t->slots);
+    memset(t, 0, sizeof *t);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Tasks */
+
+static char *task_put(char **p, const char *s, size_t n)
+{
+    char *dst = *p;
+    memcpy(dst, s, n);
+    dst[n] = '\0';
+    *p += n + 1;
+    return dst;
+}
+
+static struct task *task_create(const char *key, size_t klen, const struct buf *body,
+                                const char *prompt, const char *model)
+{
+    uint64_t seq = srv.task_base + srv.ntasks;
+    size_t plen = strlen(prompt);
+    size_t mlen = strlen(model);
+    char id[48];
+    int idn = snprintf(id, sizeof id, "task_%" PRIu64 "_%08" PRIx32, seq, (uint32_t)rnd());
+    struct task *t = xmalloc(sizeof *t + (size_t)idn + klen + body->len + plen + mlen + 5);
+    char *p = t->data;
+
+    t->seq = seq;
+    t->created_unix_ms = unix_ms();
+    t->created_mono_ms = uv_now(&srv.loop);
+    t->id_len = (size_t)idn;
+    t->key_len = klen;
+    t->body_len = body->len;
+    t->prompt_len = plen;
+    t->model_len = mlen;
+    t->id = task_put(&p, id, (size_t)idn);
+    t->key = task_put(&p, key, klen);
+    t->body = task_put(&p, body->len ? body->p : "", body->len);
+    t->prompt = task_put(&p, prompt, plen);
+    t->model = task_put(&p, model, mlen);
+    t->fails = memmem(prompt, plen, "[fail]", 6) != NULL;
+    t->id_sum = 0;
+    for (int i = 0; i < idn; i++)
+        t->id_sum += (unsigned char)id[i];
+    if (srv.ntasks == srv.cap_tasks) {
+        srv.cap_tasks = srv.cap_tasks ? srv.cap_tasks * 2 : 1024;
+        srv.tasks = xrealloc(srv.tasks, srv.cap_tasks * sizeof *srv.tasks);
+    }
+    srv.tasks[srv.ntasks++] = t;
+    return t;
+}
+
+/* Looks a task up by id: the <seq> part of "task_<seq>_<hex>" is the index. */
+static struct task *task_find(const char *id, size_t len)
+{
+    char tmp[48];
+    char *end;
+    uint64_t seq;
+    struct task *t;
+
+    if (len < 6 || len >= sizeof tmp || memcmp(id, "task_", 5) != 0)
+        return NULL;
+    memcpy(tmp, id, len);
+    tmp[len] = '\0';
+    if (tmp[5] < '0' || tmp[5] > '9')
+        return NULL;
+    errno = 0;
+    seq = strtoull(tmp + 5, &end, 10);
+    if (errno != 0 || *end != '_' || seq < srv.task_base || seq - srv.task_base >= srv.ntasks)
+        return NULL;
+    t = srv.tasks[seq - srv.task_base];
+    if (t->id_len != len || memcmp(t->id, id, len) != 0)
+        return NULL;
+    return t;
+}
+
+static void tasks_clear(void)
+{
+    for (size_t i = 0; i < srv.ntasks; i++)
+        free(srv.tasks[i]);
+    srv.task_base += srv.ntasks;  /* ids stay unique across resets */
+    srv.ntasks = 0;
+}
+
+static void video_url(const struct task *t, char *out, size_t n)
+{
+    snprintf(out, n, "http://127.0.0.1:%d/videos/%s.mp4", srv.port, t->id);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Injection rules */
+
+static void rule_unref(struct rule *r)
+{
+    if (r == NULL || --r->refs > 0)
+        return;
+    free(r->body);
+    free(r->retry_after);
+    free(r->retry_after_ms);
+    free(r);
+}
+
+static void rules_clear(void)
+{
+    for (size_t i = 0; i < srv.nrules; i++)
+        rule_unref(srv.rules[i]);
+    free(srv.rules);
+    srv.rules = NULL;
+    srv.nrules = 0;
+}
+
+static const char *const MODE_NAMES[] = {
+    [M_STATUS] = "status", [M_RESET_BEFORE] = "reset_before_read",
+    [M_RESET_AFTER] = "reset_after_read", [M_HANG] = "hang", [M_GARBAGE] = "garbage",
+    [M_HUGE] = "huge", [M_DRIP] = "drip", [M_CLOSE_KEEPALIVE] = "close_keepalive",
+};
+
+/*
+ * The first rule, in list order, that matches the route and wins its
+ * fraction draw. Its count is spent only when it applies.
+ */
+static struct rule *rule_pick(enum route route)
+{
+    int bit = route == R_SUBMIT ? PATH_SUBMIT : PATH_GET;
+
+    for (size_t i = 0; i < srv.nrules; i++) {
+        struct rule *r = srv.rules[i];
+        if (!(r->path & bit) || r->count == 0)
+            continue;
+        if (r->fraction < 1.0 && rnd_unit() >= r->fraction)
+            continue;
+        if (r->count > 0)
+            r->count--;
+        r->refs++;
+        logmsg("inject %s on %s", MODE_NAMES[r->mode], route == R_SUBMIT ? "submit" : "get");
+        return r;
+    }
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Writing */
+
+static void wreq_free(struct wreq *w)
+{
+    if (w == NULL)
+        return;
+    free(w->owned);
+    free(w);
+}
+
+/*
+ * Builds status line and headers, followed by the body. Content-Length is
+ * content_length, which differs from len when the body is sent separately
+ * (drip, streams). A body we do not own is copied, so static and rule
+ * bodies need no lifetime care.
+ */
+static struct wreq *wreq_new(struct conn *c, const struct answer *a, uint64_t content_length)
+{
+    char head[512];
+    int hn = snprintf(head, sizeof head,
+                      "HTTP/1.1 %d %s\r\n%s%s%sContent-Length: %" PRIu64 "\r\n%s%s\r\n",
+                      a->status, http_status_str((enum http_status)a->status),
+                      a->ctype ? "Content-Type: " : "", a->ctype ? a->ctype : "",
+                      a->ctype ? "\r\n" : "", content_length,
+                      c->keepalive ? "" : "Connection: close\r\n", a->extra);
+    size_t copy = a->owned ? 0 : a->len;
+    struct wreq *w = xmalloc(sizeof *w + (size_t)hn + copy);
+
+    memcpy(w->data, head, (size_t)hn);
+    if (copy)
+        memcpy(w->data + hn, a->body, copy);
+    w->bufs[0] = uv_buf_init(w->data, (unsigned)((size_t)hn + copy));
+    w->nbufs = 1;
+    w->owned = a->owned;
+    if (a->owned && a->len > 0)
+        w->bufs[w->nbufs++] = uv_buf_init(a->owned, (unsigned)a->len);
+    w->after = AFTER_NONE;
+    return w;
+}
+
+static struct wreq *wreq_raw(const char *s, size_t n)
+{
+    struct wreq *w = xmalloc(sizeof *w + n);
+
+    memcpy(w->data, s, n);
+    w->bufs[0] = uv_buf_init(w->data, (unsigned)n);
+    w->nbufs = 1;
+    w->owned = NULL;
+    w->after = AFTER_NONE;
+    return w;
+}
+
+static void do_after(struct conn *c, enum after after);
+
+static void on_write(uv_write_t *req, int status)
+{
+    struct wreq *w = container_of(req, struct wreq, req);
+    struct conn *c = req->handle->data;
+    enum after after = w->after;
+
+    wreq_free(w);
+    c->writes--;
+    if (status < 0 || c->closing) {
+        conn_close(c, false);
+        return;
+    }
+    do_after(c, after);
+    if (c->eof && c->writes == 0 && !c->busy)
+        conn_close(c, false);
+}
+
+static void conn_write(struct conn *c, struct wreq *w, enum after after)
+{
+    int r;
+
+    w->after = after;
+    if (c->closing) {
+        wreq_free(w);
+        return;
+    }
+    c->writes++;
+    r = uv_write(&w->req, (uv_stream_t *)&c->tcp, w->bufs, w->nbufs, on_write);
+    if (r < 0) {
+        c->writes--;
+        wreq_free(w);
+        conn_close(c, false);
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Long answers: drip and streamed bodies, one write in flight at a time */
+
+static void long_done(struct conn *c)
+{
+    free(c->drip);
+    c->drip = NULL;
+    if (!c->keepalive)
+        conn_close(c, false);
+    else
+        conn_resume(c);
+}
+
+static void stream_next(struct conn *c);
+static void on_drip_tick(uv_timer_t *t);
+
+static void on_long_write(uv_write_t *req, int status)
+{
+    struct conn *c = container_of(req, struct conn, sw);
+
+    c->writes--;
+    if (status < 0 || c->closing) {
+        conn_close(c, false);
+        return;
+    }
+    if (c->drip != NULL) {
+        if (++c->drip_off == c->drip_len)
+            long_done(c);
+        else
+            uv_timer_start(&c->timer, on_drip_tick, c->drip_interval, 0);
+        return;
+    }
+    c->stream_off += c->sw_len;
+    stream_next(c);
+}
+
+static void long_write(struct conn *c, char *data, size_t n)
+{
+    uv_buf_t b = uv_buf_init(data, (unsigned)n);
+
+    c->sw_len = n;
+    c->writes++;
+    if (uv_write(&c->sw, (uv_stream_t *)&c->tcp, &b, 1, on_long_write) < 0) {
+        c->writes--;
+        conn_close(c, false);
+    }
+}
+
+static void on_drip_tick(uv_timer_t *t)
+{
+    struct conn *c = t->data;
+
+    long_write(c, c->drip + c->drip_off, 1);
+}
+
+static void drip_start(struct conn *c)
+{
+    if (c->drip_len == 0)
+        long_done(c);
+    else
+        uv_timer_start(&c->timer, on_drip_tick, c->drip_interval, 0);
+}
+
+/*
+ * Writes the next chunk only when the previous one was taken by the kernel:
+ * that is the flow control that keeps a 64 MiB answer at one chunk of memory.
+ */
+static void stream_next(struct conn *c)
+{
+    uint64_t left = c->stream_len - c->stream_off;
+    size_t n = left < CHUNK_SIZE ? (size_t)left : CHUNK_SIZE;
+
+    if (n == 0) {
+        long_done(c);
+        return;
+    }
+    if (c->chunk == NULL)
+        c->chunk = xmalloc(CHUNK_SIZE);
+    if (c->stream_video) {
+        for (size_t i = 0; i < n; i++)
+            c->chunk[i] = (char)(((c->stream_off + i) * 31 + c->stream_seed) & 0xff);
+        c->chunk_is_x = false;
+    } else if (!c->chunk_is_x) {
+        memset(c->chunk, 'x', CHUNK_SIZE);
+        c->chunk_is_x = true;
+    }
+    long_write(c, c->chunk, n);
+}
+
+static void do_after(struct conn *c, enum after after)
+{
+    switch (after) {
+    case AFTER_NONE:
+        break;
+    case AFTER_RESUME:
+        conn_resume(c);
+        break;
+    case AFTER_CLOSE:
+        conn_close(c, false);
+        break;
+    case AFTER_TRAP:
+        c->trap = true;
+        conn_resume(c);
+        break;
+    case AFTER_DRIP:
+        drip_start(c);
+        break;
+    case AFTER_STREAM:
+        stream_next(c);
+        break;
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Planning and delivering answers */
+
+static void inflight_begin(struct conn *c)
+{
+    c->inflight = true;
+    if (++srv.inflight > srv.max_inflight)
+        srv.max_inflight = srv.inflight;
+}
+
+static void inflight_done(struct conn *c)
+{
+    if (!c->inflight)
+        return;
+    c->inflight = false;
+    srv.inflight--;
+}
+
+static void answer_set(struct answer *a, int status, const char *ctype, const char *body,
+                       size_t len, char *owned)
+{
+    a->status = status;
+    a->ctype = ctype;
+    a->body = body;
+    a->len = len;
+    a->owned = owned;
+    a->extra[0] = '\0';
+}
+
+static void answer_static(struct answer *a, int status, const char *body)
+{
+    answer_set(a, status, JSON, body, strlen(body), NULL);
+}
+
+static void answer_buf(struct answer *a, int status, struct buf *b)
+{
+    answer_set(a, status, JSON, b->p, b->len, b->p);
+    b->p = NULL;
+    b->len = b->cap = 0;
+}
+
+static void answer_free(struct answer *a)
+{
+    free(a->owned);
+    a->owned = NULL;
+}
+
+static void plan_write(struct conn *c, struct answer *a, enum after after)
+{
+    c->plan = PLAN_WRITE;
+    c->plan_w = wreq_new(c, a, a->len);
+    c->plan_after = c->keepalive ? after : AFTER_CLOSE;
+}
+
+/* Headers now; the body one byte per interval. */
+static void plan_drip(struct conn *c, struct answer *a, uint64_t interval_ms)
+{
+    struct answer head = *a;
+
+    head.owned = NULL;
+    head.len = 0;
+    c->plan = PLAN_DRIP;
+    c->plan_w = wreq_new(c, &head, a->len);
+    c->drip = xmalloc(a->len ? a->len : 1);
+    memcpy(c->drip, a->body, a->len);
+    c->drip_len = a->len;
+    c->drip_off = 0;
+    c->drip_interval = interval_ms ? interval_ms : 1;
+    answer_free(a);
+}
+
+static void plan_stream(struct conn *c, int status, const char *ctype, uint64_t len,
+                        bool video, uint32_t seed)
+{
+    struct answer head;
+
+    answer_set(&head, status, ctype, "", 0, NULL);
+    c->plan = PLAN_STREAM;
+    c->plan_w = wreq_new(c, &head, len);
+    c->stream_len = len;
+    c->stream_off = 0;
+    c->stream_video = video;
+    c->stream_seed = seed;
+}
+
+/* Executes the plan: called at once, or when the latency timer fires. */
+static void plan_go(struct conn *c)
+{
+    struct wreq *w = c->plan_w;
+    enum after after = c->plan_after;
+
+    c->plan_w = NULL;
+    inflight_done(c);
+    switch (c->plan) {
+    case PLAN_RESET:
+        conn_close(c, true);
+        break;
+    case PLAN_WRITE:
+        if (after == AFTER_NONE && c->busy)
+            after = AFTER_RESUME;
+        conn_write(c, w, after);
+        break;
+    case PLAN_DRIP:
+        conn_write(c, w, AFTER_DRIP);
+        break;
+    case PLAN_STREAM:
+        conn_write(c, w, AFTER_STREAM);
+        break;
+    }
+}
+
+static void on_latency(uv_timer_t *t)
+{
+    plan_go(t->data);
+}
+
+/*
+ * Anything but a plain write without delay makes the connection busy, which
+ * stops parsing (and reading) until the answer is out: that keeps pipelined
+ * answers in order.
+ */
+static void deliver(struct conn *c, uint64_t delay_ms)
+{
+    if (delay_ms > 0 || c->plan != PLAN_WRITE || c->plan_after != AFTER_NONE)
+        c->busy = true;
+    if (delay_ms > 0)
+        uv_timer_start(&c->timer, on_latency, delay_ms, 0);
+    else
+        plan_go(c);
+}
+
+static void reply(struct conn *c, struct answer *a, uint64_t delay_ms)
+{
+    plan_write(c, a, AFTER_NONE);
+    deliver(c, delay_ms);
+}
+
+static void reply_static(struct conn *c, int status, const char *body, uint64_t delay_ms)
+{
+    struct answer a;
+
+    answer_static(&a, status, body);
+    reply(c, &a, delay_ms);
+}
+
+static void reply_buf(struct conn *c, int status, struct buf *b)
+{
+    struct answer a;
+
+    answer_buf(&a, status, b);
+    reply(c, &a, 0);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Submit: POST /v1/video/generations */
+
+static void answer_invalid(struct answer *a, const char *msg)
+{
+    struct buf b = {0};
+
+    buf_addf(&b, "{\"code\":\"invalid_request\",\"message\":\"%s\",\"data\":null}", msg);
+    answer_buf(a, 400, &b);
+}
+
+static const char *json_nonempty(const cJSON *obj, const char *name)
+{
+    const cJSON *it = cJSON_GetObjectItemCaseSensitive(obj, name);
+
+    if (!cJSON_IsString(it) || it->valuestring[0] == '\0')
+        return NULL;
+    return it->valuestring;
+}
+
+static void submit_body(struct buf *b, const struct task *t)
+{
+    int64_t created = t->created_unix_ms / 1000;
+
+    switch (srv.cfg.submit_shape) {
+    case SUBMIT_FULL:
+        buf_addf(b, "{\"id\":\"%s\",\"task_id\":\"%s\",\"object\":\"video\",\"model\":",
+                 t->id, t->id);
+        buf_json_str(b, t->model, t->model_len);
+        buf_addf(b, ",\"status\":\"queued\",\"progress\":0,\"created_at\":%" PRId64 "}", created);
+        break;
+    case SUBMIT_DOCUMENTED:
+        buf_addf(b, "{\"id\":\"%s\",\"object\":\"video.generation\",\"created\":%" PRId64
+                 ",\"status\":\"pending\"}", t->id, created);
+        break;
+    case SUBMIT_LEGACY:
+        buf_addf(b, "{\"task_id\":\"%s\"}", t->id);
+        break;
+    case SUBMIT_NESTED:
+        buf_addf(b, "{\"code\":\"success\",\"message\":\"\",\"data\":{\"task_id\":\"%s\"}}", t->id);
+        break;
+    }
+}
+
+/* The normal answer to a submit: validate, create the task, describe it. */
+static void submit_answer(struct conn *c, struct keyent *k, struct answer *a)
+{
+    cJSON *j = cJSON_ParseWithLength(c->body.p, c->body.len);
+    const char *prompt = NULL;
+    const char *model = NULL;
+    struct buf b = {0};
+    struct task *t;
+
+    if (j == NULL || !cJSON_IsObject(j)) {
+        answer_invalid(a, "invalid JSON body");
+        goto out;
+    }
+    prompt = json_nonempty(j, "prompt");
+    model = json_nonempty(j, "model");
+    if (prompt == NULL || model == NULL) {
+        answer_invalid(a, prompt == NULL ? "prompt is required" : "model is required");
+        goto out;
+    }
+    t = task_create(c->key, c->key_len, &c->body, prompt, model);
+    k->created++;
+    submit_body(&b, t);
+    answer_buf(a, 200, &b);
+out:
+    cJSON_Delete(j);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Query: GET /v1/video/generations/{id} */
+
+enum phase { PH_QUEUED, PH_RUNNING, PH_DONE };
+
+struct state {
+    enum phase phase;
+    bool failed;
+    int progress;
+    int64_t created_s, start_s, finish_s, updated_s;
+};
+
+/* Status is a pure function of age: queued for a third, then running, then done. */
+static void task_state(const struct task *t, struct state *s)
+{
+    double total = srv.cfg.task_seconds * 1000.0;
+    double elapsed = (double)(uv_now(&srv.loop) - t->created_mono_ms);
+
+    s->created_s = t->created_unix_ms / 1000;
+    s->start_s = s->created_s + (int64_t)(total / 3000.0);
+    s->finish_s = s->created_s + (int64_t)(total / 1000.0);
+    s->updated_s = unix_ms() / 1000;
+    s->failed = false;
+    if (elapsed >= total) {
+        s->phase = PH_DONE;
+        s->failed = t->fails;
+        s->progress = 100;
+        s->updated_s = s->finish_s;
+    } else if (elapsed < total / 3.0) {
+        s->phase = PH_QUEUED;
+        s->progress = 0;
+        s->start_s = 0;
+    } else {
+        s->phase = PH_RUNNING;
+        s->progress = (int)(elapsed * 100.0 / total);
+        s->progress = s->progress < 1 ? 1 : s->progress > 99 ? 99 : s->progress;
+    }
+    if (s->phase != PH_DONE)
+        s->finish_s = 0;
+}
+
+/* The provider's raw answer that wrapper-shaped gateways pass along in data.data. */
+static void wrapper_provider(struct buf *b, const struct task *t, const struct state *s,
+                             const char *url)
+{
+    if (s->phase == PH_QUEUED) {
+        buf_adds(b, "null");
+        return;
+    }
+    buf_addf(b, "{\"code\":0,\"message\":\"SUCCEED\",\"data\":{\"task_id\":\"%s\","
+             "\"task_status\":\"%s\"", t->id,
+             s->phase == PH_RUNNING ? "processing" : s->failed ? "failed" : "succeed");
+    if (s->failed)
+        buf_addf(b, ",\"task_status_msg\":\"%s\"", FAIL_REASON);
+    if (s->phase == PH_DONE && !s->failed) {
+        buf_addf(b, ",\"task_result\":{\"videos\":[{\"id\":\"%s\",\"url\":", t->id);
+        buf_json_cstr(b, url);
+        buf_adds(b, "}]}");
+    }
+    buf_adds(b, "}}");
+}
+
+static void get_wrapper(struct buf *b, const struct task *t, const struct state *s,
+                        const char *url, bool legacy)
+{
+    static const char *const names[] = {"NOT_START", "IN_PROGRESS", "SUCCESS"};
+    bool ok = s->phase == PH_DONE && !s->failed;
+    const char *fail = s->failed ? FAIL_REASON : ok && legacy ? url : "";
+
+    buf_addf(b, "{\"code\":\"success\",\"message\":\"\",\"data\":{\"id\":%" PRIu64
+             ",\"created_at\":%" PRId64 ",\"updated_at\":%" PRId64 ",\"task_id\":\"%s\","
+             "\"platform\":\"50\",\"user_id\":12,\"group\":\"default\",\"channel_id\":3,"
+             "\"quota\":140000,\"action\":\"textGenerate\",\"status\":\"%s\",\"fail_reason\":",
+             t->seq, s->created_s, s->updated_s, t->id, s->failed ? "FAILURE" : names[s->phase]);
+    buf_json_cstr(b, fail);
+    if (ok && !legacy) {
+        buf_adds(b, ",\"result_url\":");
+        buf_json_cstr(b, url);
+    }
+    buf_addf(b, ",\"submit_time\":%" PRId64 ",\"start_time\":%" PRId64 ",\"finish_time\":%"
+             PRId64 ",\"progress\":\"%d%%\",\"properties\":", s->created_s, s->start_s,
+             s->finish_s, s->progress);
+    if (legacy) {
+        buf_adds(b, "null");
+    } else {
+        buf_adds(b, "{\"input\":");
+        buf_json_str(b, t->prompt, t->prompt_len);
+        buf_adds(b, ",\"upstream_model_name\":");
+        buf_json_str(b, t->model, t->model_len);
+        buf_adds(b, ",\"origin_model_name\":");
+        buf_json_str(b, t->model, t->model_len);
+        buf_adds(b, "}");
+    }
+    buf_adds(b, ",\"username\":\"demo\",\"data\":");
+    if (legacy)
+        buf_adds(b, "null");
+    else
+        wrapper_provider(b, t, s, url);
+    buf_adds(b, "}}");
+}
+
+static void get_flat(struct buf *b, const struct task *t, const struct state *s, const char *url)
+{
+    static const char *const names[] = {"queued", "in_progress", "succeeded"};
+
+    buf_adds(b, "{\"code\":\"success\",\"message\":\"\",\"data\":{\"error\":");
+    if (s->failed)
+        buf_addf(b, "{\"message\":\"%s\"}", FAIL_REASON);
+    else
+        buf_adds(b, "null");
+    buf_addf(b, ",\"format\":\"mp4\",\"metadata\":null,\"status\":\"%s\",\"task_id\":\"%s\","
+             "\"progress\":%d,\"url\":", s->failed ? "failed" : names[s->phase], t->id,
+             s->progress);
+    if (s->phase == PH_DONE && !s->failed)
+        buf_json_cstr(b, url);
+    else
+        buf_adds(b, "null");
+    buf_adds(b, "}}");
+}
+
+static void get_openai(struct buf *b, const struct task *t, const struct state *s, const char *url)
+{
+    static const char *const names[] = {"queued", "in_progress", "completed"};
+
+    buf_addf(b, "{\"id\":\"%s\",\"object\":\"video\",\"model\":", t->id);
+    buf_json_str(b, t->model, t->model_len);
+    buf_addf(b, ",\"status\":\"%s\",\"progress\":%d,\"created_at\":%" PRId64,
+             s->failed ? "failed" : names[s->phase], s->progress, s->created_s);
+    if (s->phase == PH_DONE)
+        buf_addf(b, ",\"completed_at\":%" PRId64, s->finish_s);
+    buf_adds(b, ",\"seconds\":\"5\",\"size\":\"1280x720\"");
+    if (s->phase == PH_DONE && !s->failed) {
+        buf_adds(b, ",\"metadata\":{\"url\":");
+        buf_json_cstr(b, url);
+        buf_adds(b, "}");
+    }
+    if (s->failed)
+        buf_addf(b, ",\"error\":{\"message\":\"%s\",\"code\":\"risk_control\"}", FAIL_REASON);
+    buf_adds(b, "}");
+}
+
+/* The id in "/v1/video/generations/{id}[?query]". */
+static size_t get_id(const struct conn *c, const char **id)
+{
+    static const char prefix[] = "/v1/video/generations/";
+    const char *s = c->url + sizeof prefix - 1;
+    size_t n = strcspn(s, "?");
+
+    *id = s;
+    return n;
+}
+
+static void get_answer(struct conn *c, struct answer *a)
+{
+    const char *id;
+    size_t n = get_id(c, &id);
+    struct task *t = task_find(id, n);
+    struct state s;
+    struct buf b = {0};
+    char url[160];
+
+    if (t == NULL) {
+        answer_static(a, 400, ERR_TASK_NOT_EXIST);
+        return;
+    }
+    task_state(t, &s);
+    video_url(t, url, sizeof url);
+    buf_reserve(&b, 1024);
+    switch (srv.cfg.shape) {
+    case SHAPE_WRAPPER:
+    case SHAPE_WRAPPER_LEGACY:
+        get_wrapper(&b, t, &s, url, srv.cfg.shape == SHAPE_WRAPPER_LEGACY);
+        break;
+    case SHAPE_FLAT:
+        get_flat(&b, t, &s, url);
+        break;
+    case SHAPE_OPENAI:
+        get_openai(&b, t, &s, url);
+        break;
+    }
+    answer_buf(a, 200, &b);
+}
+
+/* ------------------------------------------------------------------------ */
+/* /v1 dispatch and fault injection */
+
+static const char *default_body(int status)
+{
+    static char generic[128];
+
+    switch (status) {
+    case 400: return ERR_INVALID_REQUEST;
+    case 401: return ERR_INVALID_TOKEN;
+    case 403: return ERR_QUOTA;
+    case 413: return ERR_TOO_LARGE;
+    case 429: return ERR_SATURATED;
+    case 503: return ERR_MODEL_NOT_FOUND;
+    default:
+        snprintf(generic, sizeof generic, "{\"error\":{\"message\":\"injected error (HTTP %d)\","
+                 "\"type\":\"mock_error\",\"code\":\"injected\"}}", status);
+        return generic;
+    }
+}
+
+static void answer_status_rule(struct answer *a, const struct rule *r)
+{
+    const char *body = r->body ? r->body : default_body(r->status);
+    size_t len = strlen(body);
+    const char *ctype = len == 0 ? NULL : body[0] == '<' ? "text/html" : JSON;
+    size_t n = 0;
+
+    answer_set(a, r->status, ctype, body, len, NULL);
+    if (r->retry_after)
+        n += (size_t)snprintf(a->extra + n, sizeof a->extra - n, "Retry-After: %s\r\n",
+                              r->retry_after);
+    if (r->retry_after_ms && n < sizeof a->extra)
+        snprintf(a->extra + n, sizeof a->extra - n, "retry-after-ms: %s\r\n", r->retry_after_ms);
+}
+
+/* The normal answer to the current /v1 request (creates the task for a submit). */
+static void normal_answer(struct conn *c, struct keyent *k, struct answer *a)
+{
+    if (c->route == R_SUBMIT)
+        submit_answer(c, k, a);
+    else
+        get_answer(c, a);
+}
+
+/*
+ * Applies the request's injection rule. Modes that let the request reach
+ * the "gateway" (reset_after_read, drip, close_keepalive) build the normal
+ * answer first, so the task exists; the others never create one.
+ */
+static void apply_rule(struct conn *c, struct keyent *k, uint64_t delay)
+{
+    const struct rule *r = c->rule;
+    struct answer a;
+
+    switch (r->mode) {
+    case M_STATUS:
+        answer_status_rule(&a, r);
+        plan_write(c, &a, AFTER_NONE);
+        break;
+    case M_GARBAGE:
+        answer_set(&a, 200, "text/html", GARBAGE, sizeof GARBAGE - 1, NULL);
+        plan_write(c, &a, AFTER_NONE);
+        break;
+    case M_HUGE:
+        plan_stream(c, 200, JSON, r->bytes, false, 0);
+        break;
+    case M_HANG:
+        /* Reading goes on only to notice when the client gives up. */
+        c->hung = c->busy = true;
+        return;
+    case M_RESET_BEFORE:  /* handled at the end of the headers */
+    case M_RESET_AFTER:
+        normal_answer(c, k, &a);
+        answer_free(&a);
+        c->plan = PLAN_RESET;
+        break;
+    case M_DRIP:
+        normal_answer(c, k, &a);
+        plan_drip(c, &a, r->interval_ms);
+        break;
+    case M_CLOSE_KEEPALIVE:
+        normal_answer(c, k, &a);
+        plan_write(c, &a, r->immediate ? AFTER_CLOSE : AFTER_TRAP);
+        break;
+    }
+    deliver(c, delay);
+}
+
+static void handle_submit(struct conn *c)
+{
+    struct keyent *k = key_get(c->key, c->key_len);
+    uint64_t delay = srv.cfg.latency_ms;
+    struct answer a;
+
+    srv.posts++;
+    k->received++;
+    inflight_begin(c);
+    if (!c->auth_ok) {
+        reply_static(c, 401, ERR_INVALID_TOKEN, delay);
+    } else if (c->too_large) {
+        c->keepalive = false;
+        reply_static(c, 413, ERR_TOO_LARGE, delay);
+    } else if (c->rule != NULL) {
+        apply_rule(c, k, delay);
+    } else {
+        submit_answer(c, k, &a);
+        reply(c, &a, delay);
+    }
+}
+
+static void handle_get(struct conn *c)
+{
+    struct answer a;
+
+    srv.gets++;
+    if (!c->auth_ok) {
+        reply_static(c, 401, ERR_INVALID_TOKEN, 0);
+    } else if (c->rule != NULL) {
+        apply_rule(c, NULL, 0);
+    } else {
+        get_answer(c, &a);
+        reply(c, &a, 0);
+    }
+}
+
+static void handle_video(struct conn *c)
+{
+    static const char prefix[] = "/videos/";
+    const char *id = c->url + sizeof prefix - 1;
+    size_t n = strcspn(id, "?");
+    struct task *t = n > 4 ? task_find(id, n - 4) : NULL;
+
+    srv.videos++;
+    if (t == NULL) {
+        reply_static(c, 404, "{\"code\":\"not_found\",\"message\":\"no such video\",\"data\":null}", 0);
+        return;
+    }
+    plan_stream(c, 200, "video/mp4", srv.cfg.video_bytes, true, t->id_sum);
+    deliver(c, 0);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Admin: /_mock/... */
+
+static void key_counts(struct buf *b, bool created)
+{
+    bool first = true;
+
+    buf_adds(b, "{");
+    for (size_t i = 0; i < srv.keys.n; i++) {
+        const struct keyent *e = &srv.keys.v[i];
+        uint64_t n = created ? e->created : e->received;
+        if (n == 0)
+            continue;
+        if (!first)
+            buf_adds(b, ",");
+        first = false;
+        buf_json_str(b, e->key, e->len);
+        buf_addf(b, ":%" PRIu64, n);
+    }
+    buf_adds(b, "}");
+}
+
+static void handle_stats(struct conn *c)
+{
+    struct buf b = {0};
+
+    buf_addf(&b, "{\"posts\":%" PRIu64 ",\"gets\":%" PRIu64 ",\"tasks_created\":%zu,"
+             "\"received_by_key\":", srv.posts, srv.gets, srv.ntasks);
+    key_counts(&b, false);
+    buf_adds(&b, ",\"created_by_key\":");
+    key_counts(&b, true);
+    buf_addf(&b, ",\"max_concurrent\":%" PRIu64 ",\"in_flight\":%" PRIu64 ",\"videos\":%"
+             PRIu64 ",\"connections\":%" PRIu64 "}", srv.max_inflight, srv.inflight,
+             srv.videos, srv.nconns);
+    reply_buf(c, 200, &b);
+}
+
+static void handle_tasks(struct conn *c)
+{
+    struct buf b = {0};
+    size_t need = 2;
+
+    /* One reservation up front: ~10,000 tasks must not mean ~20 reallocs of MBs. */
+    for (size_t i = 0; i < srv.ntasks; i++)
+        need += srv.tasks[i]->body_len + srv.tasks[i]->key_len + 96;
+    buf_reserve(&b, need + need / 8);
+    buf_adds(&b, "[");
+    for (size_t i = 0; i < srv.ntasks; i++) {
+        const struct task *t = srv.tasks[i];
+        buf_adds(&b, i ? ",{\"key\":" : "{\"key\":");
+        buf_json_str(&b, t->key, t->key_len);
+        buf_addf(&b, ",\"task_id\":\"%s\",\"body\":", t->id);
+        buf_json_str(&b, t->body, t->body_len);
+        buf_addf(&b, ",\"created\":%" PRId64 "}", t->created_unix_ms);
+    }
+    buf_adds(&b, "]");
+    reply_buf(c, 200, &b);
+}
+
+static void handle_reset(struct conn *c)
+{
+    rules_clear();
+    tasks_clear();
+    keys_clear();
+    srv.posts = srv.gets = srv.videos = 0;
+    srv.max_inflight = srv.inflight;
+    logmsg("reset");
+    reply_static(c, 200, "{\"ok\":true}", 0);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Configuration: shared by the command line and POST /_mock/config */
+
+static int parse_shape(const char *s, enum shape *out)
+{
+    static const char *const names[] = {"wrapper", "wrapper-legacy", "flat", "openai"};
+
+    for (int i = 0; i < 4; i++) {
+        if (strcmp(s, names[i]) == 0) {
+            *out = (enum shape)i;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+static int parse_submit_shape(const char *s, enum submit_shape *out)
+{
+    static const char *const names[] = {"full", "documented", "legacy", "nested"};
+
+    for (int i = 0; i < 4; i++) {
+        if (strcmp(s, names[i]) == 0) {
+            *out = (enum submit_shape)i;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+static int parse_mode(const char *s, enum mode *out)
+{
+    for (size_t i = 0; i < sizeof MODE_NAMES / sizeof MODE_NAMES[0]; i++) {
+        if (strcmp(s, MODE_NAMES[i]) == 0) {
+            *out = (enum mode)i;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+static int json_number(const cJSON *it, double min, double max, double *out)
+{
+    if (!cJSON_IsNumber(it) || it->valuedouble < min || it->valuedouble > max)
+        return -1;
+    *out = it->valuedouble;
+    return 0;
+}
+
+static int json_u64(const cJSON *it, uint64_t *out)
+{
+    double d;
+
+    if (json_number(it, 0, 1e15, &d) < 0)
+        return -1;
+    *out = (uint64_t)d;
+    return 0;
+}
+
+/* A header value given as a string or a number; no CR/LF may sneak into the answer. */
+static int json_header_value(const cJSON *it, char **out)
+{
+    char tmp[64];
+
+    if (cJSON_IsNumber(it)) {
+        snprintf(tmp, sizeof tmp, "%.15g", it->valuedouble);
+    } else if (cJSON_IsString(it) && strlen(it->valuestring) < sizeof tmp &&
+               strpbrk(it->valuestring, "\r\n") == NULL) {
+        snprintf(tmp, sizeof tmp, "%s", it->valuestring);
+    } else {
+        return -1;
+    }
+    *out = xstrndup(tmp, strlen(tmp));
+    return 0;
+}
+
+static int rule_field(struct rule *r, const cJSON *it)
+{
+    const char *k = it->string;
+    double d;
+
+    if (strcmp(k, "mode") == 0)
+        return cJSON_IsString(it) ? parse_mode(it->valuestring, &r->mode) : -1;
+    if (strcmp(k, "path") == 0) {
+        if (!cJSON_IsString(it))
+            return -1;
+        r->path = strcmp(it->valuestring, "submit") == 0 ? PATH_SUBMIT
+                : strcmp(it->valuestring, "get") == 0 ? PATH_GET
+                : strcmp(it->valuestring, "any") == 0 ? PATH_ANY : 0;
+        return r->path ? 0 : -1;
+    }
+    if (strcmp(k, "count") == 0) {
+        if (cJSON_IsNull(it))
+            return 0;
+        if (json_number(it, 0, 1e15, &d) < 0)
+            return -1;
+        r->count = (int64_t)d;
+        return 0;
+    }
+    if (strcmp(k, "fraction") == 0)
+        return json_number(it, 0, 1, &r->fraction);
+    if (strcmp(k, "status") == 0) {
+        if (json_number(it, 100, 599, &d) < 0)
+            return -1;
+        r->status = (int)d;
+        return 0;
+    }
+    if (strcmp(k, "body") == 0) {
+        if (cJSON_IsNull(it))
+            return 0;
+        if (!cJSON_IsString(it))
+            return -1;
+        r->body = xstrndup(it->valuestring, strlen(it->valuestring));
+        return 0;
+    }
+    if (strcmp(k, "retry_after") == 0)
+        return json_header_value(it, &r->retry_after);
+    if (strcmp(k, "retry_after_ms") == 0)
+        return json_header_value(it, &r->retry_after_ms);
+    if (strcmp(k, "bytes") == 0)
+        return json_u64(it, &r->bytes);
+    if (strcmp(k, "interval_ms") == 0)
+        return json_u64(it, &r->interval_ms);
+    if (strcmp(k, "immediate") == 0) {
+        if (!cJSON_IsBool(it))
+            return -1;
+        r->immediate = cJSON_IsTrue(it);
+        return 0;
+    }
+    return -2;
+}
+
+/* Parses one rule object; on error writes a message into err. */
+static struct rule *rule_parse(const cJSON *j, char *err, size_t errlen)
+{
+    struct rule *r = xcalloc(1, sizeof *r);
+    const cJSON *it;
+
+    r->refs = 1;
+    r->mode = (enum mode)-1;
+    r->path = PATH_SUBMIT;
+    r->count = -1;
+    r->fraction = 1.0;
+    r->status = 500;
+    r->bytes = HUGE_DEFAULT;
+    r->interval_ms = 1000;
+    if (!cJSON_IsObject(j)) {
+        snprintf(err, errlen, "inject: each rule must be an object");
+        rule_unref(r);
+        return NULL;
+    }
+    cJSON_ArrayForEach(it, j) {
+        int rc = rule_field(r, it);
+        if (rc < 0) {
+            snprintf(err, errlen, rc == -2 ? "inject: unknown key \"%s\""
+                     : "inject: bad value for \"%s\"", it->string);
+            rule_unref(r);
+            return NULL;
+        }
+    }
+    if ((int)r->mode < 0) {
+        snprintf(err, errlen, "inject: rule without \"mode\"");
+        rule_unref(r);
+        return NULL;
+    }
+    return r;
+}
+
+/* A configuration change, validated completely before any of it is applied. */
+struct change {
+    struct config cfg;
+    bool set_token;
+    char *token;
+    bool set_rules;
+    struct rule **rules;
+    size_t nrules;
+};
+
+static int change_rules(struct change *ch, const cJSON *it, char *err, size_t errlen)
+{
+    const cJSON *r;
+
+    if (!cJSON_IsArray(it)) {
+        snprintf(err, errlen, "inject must be an array");
+        return -1;
+    }
+    ch->set_rules = true;
+    ch->rules = xcalloc((size_t)cJSON_GetArraySize(it) + 1, sizeof *ch->rules);
+    cJSON_ArrayForEach(r, it) {
+        struct rule *rule = rule_parse(r, err, errlen);
+        if (rule == NULL)
+            return -1;
+        ch->rules[ch->nrules++] = rule;
+    }
+    return 0;
+}
+
+static int change_token(struct change *ch, const cJSON *it)
+{
+    ch->set_token = true;
+    if (cJSON_IsNull(it))
+        return 0;
+    if (!cJSON_IsString(it))
+        return -1;
+    if (it->valuestring[0] != '\0')
+        ch->token = xstrndup(it->valuestring, strlen(it->valuestring));
+    return 0;
+}
+
+/* Returns 0, -1 for a bad value or -2 for an unknown key. */
+static int change_value(struct change *ch, const cJSON *it)
+{
+    const char *k = it->string;
+
+    if (strcmp(k, "latency_ms") == 0)
+        return json_u64(it, &ch->cfg.latency_ms);
+    if (strcmp(k, "video_bytes") == 0)
+        return json_u64(it, &ch->cfg.video_bytes);
+    if (strcmp(k, "task_seconds") == 0)
+        return json_number(it, 0, 1e9, &ch->cfg.task_seconds);
+    if (strcmp(k, "shape") == 0)
+        return cJSON_IsString(it) ? parse_shape(it->valuestring, &ch->cfg.shape) : -1;
+    if (strcmp(k, "submit_shape") == 0)
+        return cJSON_IsString(it) ? parse_submit_shape(it->valuestring, &ch->cfg.submit_shape) : -1;
+    if (strcmp(k, "token") == 0)
+        return change_token(ch, it);
+    return -2;
+}
+
+static int change_field(struct change *ch, const cJSON *it, char *err, size_t errlen)
+{
+    int rc;
+
+    if (strcmp(it->string, "inject") == 0)
+        return change_rules(ch, it, err, errlen);
+    rc = change_value(ch, it);
+    if (rc == -2)
+        snprintf(err, errlen, "unknown key \"%s\"", it->string);
+    else if (rc < 0)
+        snprintf(err, errlen, "bad value for \"%s\"", it->string);
+    return rc < 0 ? -1 : 0;
+}
+
+static void change_apply(struct change *ch)
+{
+    char *token = srv.cfg.token;
+
+    srv.cfg = ch->cfg;
+    srv.cfg.token = token;
+    if (ch->set_token) {
+        free(srv.cfg.token);
+        srv.cfg.token = ch->token;
+        ch->token = NULL;
+    }
+    if (ch->set_rules) {
+        rules_clear();
+        srv.rules = ch->rules;
+        srv.nrules = ch->nrules;
+        ch->rules = NULL;
+        ch->nrules = 0;
+    }
+}
+
+static void change_free(struct change *ch)
+{
+    for (size_t i = 0; i < ch->nrules; i++)
+        rule_unref(ch->rules[i]);
+    free(ch->rules);
+    free(ch->token);
+}
+
+static void handle_config(struct conn *c)
+{
+    cJSON *j = cJSON_ParseWithLength(c->body.p, c->body.len);
+    struct change ch = {.cfg = srv.cfg};
+    char err[160] = "";
+    const cJSON *it;
+    struct buf b = {0};
+
+    if (j == NULL || !cJSON_IsObject(j)) {
+        snprintf(err, sizeof err, "body must be a JSON object");
+    } else {
+        cJSON_ArrayForEach(it, j) {
+            if (change_field(&ch, it, err, sizeof err) < 0)
+                break;
+        }
+    }
+    if (err[0] == '\0') {
+        change_apply(&ch);
+        logmsg("config: %.*s", (int)(c->body.len < 400 ? c->body.len : 400), c->body.p);
+        buf_adds(&b, "{\"ok\":true}");
+    } else {
+        buf_adds(&b, "{\"ok\":false,\"error\":");
+        buf_json_cstr(&b, err);
+        buf_adds(&b, "}");
+    }
+    change_free(&ch);
+    cJSON_Delete(j);
+    reply_buf(c, err[0] ? 400 : 200, &b);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Request dispatch */
+
+static void dispatch(struct conn *c)
+{
+    c->msg_done = false;
+    c->keepalive = http_should_keep_alive(&c->parser);
+    switch (c->route) {
+    case R_SUBMIT:      handle_submit(c); break;
+    case R_GET:         handle_get(c); break;
+    case R_VIDEO:       handle_video(c); break;
+    case R_STATS:       handle_stats(c); break;
+    case R_TASKS:       handle_tasks(c); break;
+    case R_CONFIG:      handle_config(c); break;
+    case R_RESET:       handle_reset(c); break;
+    case R_V1_OTHER:
+        reply_static(c, c->auth_ok ? 404 : 401, c->auth_ok ? NOT_FOUND : ERR_INVALID_TOKEN, 0);
+        break;
+    case R_BAD_METHOD:
+        reply_static(c, 405, "{\"code\":\"method_not_allowed\",\"message\":\"method not allowed\",\"data\":null}", 0);
+        break;
+    case R_URL_TOO_LONG:
+        c->keepalive = false;
+        reply_static(c, 414, "{\"code\":\"uri_too_long\",\"message\":\"URI too long\",\"data\":null}", 0);
+        break;
+    case R_HDR_TOO_LONG:
+        c->keepalive = false;
+        reply_static(c, 431, "{\"code\":\"header_too_large\",\"message\":\"header too large\",\"data\":null}", 0);
+        break;
+    case R_NONE:
+    case R_NOT_FOUND:
+        reply_static(c, 404, NOT_FOUND, 0);
+        break;
+    }
+    rule_unref(c->rule);
+    c->rule = NULL;
+    if (c->body.cap > (1u << 20))
+        buf_free(&c->body);       /* do not keep a 16 MiB buffer per idle connection */
+}
+
+/* Acts on what on_headers_complete decided before the body. */
+static void handle_early(struct conn *c)
+{
+    enum early e = c->early;
+
+    c->early = EARLY_NONE;
+    if (e == EARLY_RESET) {
+        conn_close(c, true);
+        return;
+    }
+    c->keepalive = false;
+    reply_static(c, 413, ERR_TOO_LARGE, 0);
+}
+
+static void bad_request(struct conn *c, enum http_errno err)
+{
+    struct buf b = {0};
+
+    rule_unref(c->rule);
+    c->rule = NULL;
+    c->keepalive = false;
+    buf_adds(&b, "{\"code\":\"invalid_request\",\"message\":");
+    buf_json_cstr(&b, http_errno_description(err));
+    buf_adds(&b, ",\"data\":null}");
+    reply_buf(c, err == HPE_HEADER_OVERFLOW ? 431 : 400, &b);
+}
+
+/* ------------------------------------------------------------------------ */
+/* http_parser callbacks */
+
+static bool path_is(const char *path, size_t n, const char *lit)
+{
+    return n == strlen(lit) && memcmp(path, lit, n) == 0;
+}
+
+static bool path_starts(const char *path, size_t n, const char *lit)
+{
+    size_t l = strlen(lit);
+    return n >= l && memcmp(path, lit, l) == 0;
+}
+
+static enum route admin_route(const char *p, size_t n, int m)
+{
+    if (path_is(p, n, "/_mock/stats"))
+        return m == HTTP_GET ? R_STATS : R_BAD_METHOD;
+    if (path_is(p, n, "/_mock/tasks"))
+        return m == HTTP_GET ? R_TASKS : R_BAD_METHOD;
+    if (path_is(p, n, "/_mock/config"))
+        return m == HTTP_POST ? R_CONFIG : R_BAD_METHOD;
+    if (path_is(p, n, "/_mock/reset"))
+        return m == HTTP_POST ? R_RESET : R_BAD_METHOD;
+    return R_NOT_FOUND;
+}
+
+static enum route route_of(const struct conn *c, int m)
+{
+    static const char gen[] = "/v1/video/generations";
+    const char *p = c->url;
+    size_t n = strcspn(p, "?");
+
+    if (c->url_long)
+        return R_URL_TOO_LONG;
+    if (c->hdr_long)
+        return R_HDR_TOO_LONG;
+    if (path_is(p, n, gen))
+        return m == HTTP_POST ? R_SUBMIT : R_BAD_METHOD;
+    if (path_starts(p, n, gen) && p[sizeof gen - 1] == '/' && n > sizeof gen &&
+        memchr(p + sizeof gen, '/', n - sizeof gen) == NULL)
+        return m == HTTP_GET ? R_GET : R_BAD_METHOD;
+    if (path_starts(p, n, "/v1/"))
+        return R_V1_OTHER;
+    if (path_starts(p, n, "/videos/") && n > 12 && memcmp(p + n - 4, ".mp4", 4) == 0)
+        return m == HTTP_GET ? R_VIDEO : R_BAD_METHOD;
+    return admin_route(p, n, m);
+}
+
+static int on_message_begin(http_parser *p)
+{
+    struct conn *c = p->data;
+
+    c->route = R_NONE;
+    c->url_len = c->hname_len = c->auth_len = c->key_len = c->expect_len = 0;
+    c->url[0] = '\0';
+    c->url_long = c->hname_long = c->in_value = c->hdr_long = false;
+    c->auth_ok = c->want_body = c->too_large = c->msg_done = false;
+    c->hwhich = H_OTHER;
+    c->body.len = 0;
+    return 0;
+}
+
+static int on_url(http_parser *p, const char *at, size_t n)
+{
+    struct conn *c = p->data;
+
+    if (c->url_len + n >= sizeof c->url) {
+        c->url_long = true;
+        return 0;
+    }
+    memcpy(c->url + c->url_len, at, n);
+    c->url_len += n;
+    c->url[c->url_len] = '\0';
+    return 0;
+}
+
+static int on_header_field(http_parser *p, const char *at, size_t n)
+{
+    struct conn *c = p->data;
+
+    if (c->in_value) {
+        c->in_value = false;
+        c->hname_len = 0;
+        c->hname_long = false;
+    }
+    if (c->hname_len + n >= sizeof c->hname) {
+        c->hname_long = true;
+        return 0;
+    }
+    memcpy(c->hname + c->hname_len, at, n);
+    c->hname_len += n;
+    return 0;
+}
+
+static enum hdr header_kind(const struct conn *c)
+{
+    if (c->hname_long)
+        return H_OTHER;
+    if (c->hname_len == 13 && strncasecmp(c->hname, "authorization", 13) == 0)
+        return H_AUTH;
+    if (c->hname_len == 15 && strncasecmp(c->hname, "idempotency-key", 15) == 0)
+        return H_KEY;
+    if (c->hname_len == 6 && strncasecmp(c->hname, "expect", 6) == 0)
+        return H_EXPECT;
+    return H_OTHER;
+}
+
+/* Appends to a fixed header buffer; a value too long to keep is flagged. */
+static void hdr_append(struct conn *c, char *dst, size_t *len, size_t cap, const char *at, size_t n)
+{
+    if (*len + n > cap) {
+        c->hdr_long = true;
+        return;
+    }
+    memcpy(dst + *len, at, n);
+    *len += n;
+}
+
+static int on_header_value(http_parser *p, const char *at, size_t n)
+{
+    struct conn *c = p->data;
+
+    if (!c->in_value) {
+        c->in_value = true;
+        c->hwhich = header_kind(c);
+        /* The last occurrence of a header wins. */
+        if (c->hwhich == H_AUTH)
+            c->auth_len = 0;
+        else if (c->hwhich == H_KEY)
+            c->key_len = 0;
+        else if (c->hwhich == H_EXPECT)
+            c->expect_len = 0;
+    }
+    if (c->hwhich == H_AUTH)
+        hdr_append(c, c->auth, &c->auth_len, sizeof c->auth, at, n);
+    else if (c->hwhich == H_KEY)
+        hdr_append(c, c->key, &c->key_len, sizeof c->key, at, n);
+    else if (c->hwhich == H_EXPECT && c->expect_len + n <= sizeof c->expect)
+        hdr_append(c, c->expect, &c->expect_len, sizeof c->expect, at, n);
+    return 0;
+}
+
+static size_t trim_right(const char *s, size_t n)
+{
+    while (n > 0 && (s[n - 1] == ' ' || s[n - 1] == '\t'))
+        n--;
+    return n;
+}
+
+/* "Bearer <token>": the configured token, or any non-empty one when none is set. */
+static bool auth_check(struct conn *c)
+{
+    size_t n = trim_right(c->auth, c->auth_len);
+    const char *tok = c->auth + 7;
+    size_t tlen = n > 7 ? n - 7 : 0;
+
+    if (n <= 7 || strncasecmp(c->auth, "bearer ", 7) != 0)
+        return false;
+    while (tlen > 0 && *tok == ' ') {
+        tok++;
+        tlen--;
+    }
+    if (tlen == 0)
+        return false;
+    if (srv.cfg.token == NULL)
+        return true;
+    return tlen == strlen(srv.cfg.token) && memcmp(tok, srv.cfg.token, tlen) == 0;
+}
+
+static bool expects_continue(const struct conn *c)
+{
+    return c->expect_len == 12 && strncasecmp(c->expect, "100-continue", 12) == 0;
+}
+
+static void pause_early(struct conn *c, enum early e)
+{
+    c->early = e;
+    http_parser_pause(&c->parser, 1);
+}
+
+/*
+ * Everything that must happen before the body: routing, auth, picking the
+ * injection rule (reset_before_read acts here, the body unread), the size
+ * limit and the answer to "Expect: 100-continue".
+ */
+static int on_headers_complete(http_parser *p)
+{
+    struct conn *c = p->data;
+    bool too_large = (p->flags & F_CONTENTLENGTH) && p->content_length > BODY_MAX;
+
+    c->key_len = trim_right(c->key, c->key_len);
+    c->route = route_of(c, p->method);
+    if (c->route == R_SUBMIT || c->route == R_GET || c->route == R_V1_OTHER)
+        c->auth_ok = auth_check(c);
+    if (c->auth_ok && !too_large && (c->route == R_SUBMIT || c->route == R_GET))
+        c->rule = rule_pick(c->route);
+    if (c->rule != NULL && c->rule->mode == M_RESET_BEFORE) {
+        pause_early(c, EARLY_RESET);
+        return 0;
+    }
+    c->want_body = (c->route == R_SUBMIT && c->auth_ok) || c->route == R_CONFIG;
+    if (too_large && expects_continue(c)) {
+        pause_early(c, EARLY_413);
+        return 0;
+    }
+    if (too_large) {
+        c->too_large = true;
+        c->want_body = false;
+    }
+    if (expects_continue(c))
+        conn_write(c, wreq_raw(CONTINUE_100, sizeof CONTINUE_100 - 1), AFTER_NONE);
+    return 0;
+}
+
+static int on_body(http_parser *p, const char *at, size_t n)
+{
+    struct conn *c = p->data;
+
+    if (!c->want_body)
+        return 0;
+    if (c->body.len + n > BODY_MAX) {
+        /* Chunked bodies can only be judged as they come: drop and answer 413. */
+        c->too_large = true;
+        c->want_body = false;
+        buf_free(&c->body);
+        return 0;
+    }
+    buf_add(&c->body, at, n);
+    return 0;
+}
+
+static int on_message_complete(http_parser *p)
+{
+    struct conn *c = p->data;
+
+    c->msg_done = true;
+    http_parser_pause(p, 1);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Connections */
+
+static void conn_free(struct conn *c)
+{
+    wreq_free(c->plan_w);
+    rule_unref(c->rule);
+    buf_free(&c->body);
+    free(c->pend);
+    free(c->drip);
+    free(c->chunk);
+    free(c);
+}
+
+static void on_conn_closed(uv_handle_t *h)
+{
+    struct conn *c = h->data;
+
+    if (--c->handles == 0)
+        conn_free(c);
+}
+
+static void conn_close(struct conn *c, bool reset)
+{
+    if (c->closing)
+        return;
+    c->closing = true;
+    inflight_done(c);
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        srv.conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    srv.nconns--;
+    uv_close((uv_handle_t *)&c->timer, on_conn_closed);
+    if (!reset || uv_tcp_close_reset(&c->tcp, on_conn_closed) != 0)
+        uv_close((uv_handle_t *)&c->tcp, on_conn_closed);
+}
+
+static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *b)
+{
+    /* One loop thread, and every read is consumed or copied before returning. */
+    static char rbuf[READ_BUF_SIZE];
+
+    (void)h;
+    (void)suggested;
+    *b = uv_buf_init(rbuf, sizeof rbuf);
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b);
+
+static void conn_read_start(struct conn *c)
+{
+    if (c->reading || c->closing)
+        return;
+    if (uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, on_read) == 0)
+        c->reading = true;
+    else
+        conn_close(c, false);
+}
+
+static void conn_read_stop(struct conn *c)
+{
+    if (!c->reading)
+        return;
+    uv_read_stop((uv_stream_t *)&c->tcp);
+    c->reading = false;
+}
+
+static void save_pending(struct conn *c, const char *data, size_t len)
+{
+    char *p = xmalloc(c->pend_len + len);
+
+    if (c->pend_len)
+        memcpy(p, c->pend, c->pend_len);
+    memcpy(p + c->pend_len, data, len);
+    free(c->pend);
+    c->pend = p;
+    c->pend_len += len;
+}
+
+/* Parses input until it runs out or an answer makes the connection wait. */
+static void conn_feed(struct conn *c, const char *data, size_t len)
+{
+    while (len > 0 && !c->closing && !c->busy) {
+        size_t n = http_parser_execute(&c->parser, &parser_settings, data, len);
+        enum http_errno err = HTTP_PARSER_ERRNO(&c->parser);
+
+        data += n;
+        len -= n;
+        if (err == HPE_PAUSED) {
+            http_parser_pause(&c->parser, 0);
+            if (c->early != EARLY_NONE)
+                handle_early(c);
+            else if (c->msg_done)
+                dispatch(c);
+        } else if (err != HPE_OK) {
+            bad_request(c, err);
+            return;
+        } else if (n == 0 || c->parser.upgrade) {
+            conn_close(c, false);  /* protocol upgrades are not for us */
+            return;
+        }
+    }
+    if (len > 0 && !c->closing && !c->hung)
+        save_pending(c, data, len);
+}
+
+/* Called when a delayed answer is out: go on with the input kept meanwhile. */
+static void conn_resume(struct conn *c)
+{
+    char *pend = c->pend;
+    size_t n = c->pend_len;
+
+    c->busy = false;
+    if (c->closing)
+        return;
+    if (c->trap) {
+        if (pend != NULL)
+            conn_close(c, true);
+        else
+            conn_read_start(c);
+        return;
+    }
+    c->pend = NULL;
+    c->pend_len = 0;
+    if (pend != NULL) {
+        conn_feed(c, pend, n);
+        free(pend);
+    }
+    if (c->hung) {
+        conn_read_start(c);  /* to notice when the client gives up */
+        return;
+    }
+    if (c->closing || c->busy)
+        return;
+    if (c->eof) {
+        if (c->writes == 0)
+            conn_close(c, false);
+        return;
+    }
+    conn_read_start(c);
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
+{
+    struct conn *c = s->data;
+
+    if (nread == 0)
+        return;
+    if (nread < 0) {
+        /* Let queued answers reach a client that only half-closed. */
+        if (nread == UV_EOF && c->writes > 0 && !c->hung && !c->trap) {
+            c->eof = true;
+            conn_read_stop(c);
+            return;
+        }
+        conn_close(c, false);
+        return;
+    }
+    if (c->trap) {
+        /* close_keepalive: the next request on this connection dies unread. */
+        conn_close(c, true);
+        return;
+    }
+    if (c->hung)
+        return;
+    conn_feed(c, b->base, (size_t)nread);
+    if (!c->hung && (c->busy || c->closing))
+        conn_read_stop(c);
+}
+
+static void on_connection(uv_stream_t *server, int status)
+{
+    struct conn *c;
+
+    if (status < 0) {
+        logmsg("accept: %s", uv_strerror(status));
+        return;
+    }
+    c = xcalloc(1, sizeof *c);
+    uv_tcp_init(&srv.loop, &c->tcp);
+    uv_timer_init(&srv.loop, &c->timer);
+    c->tcp.data = c;
+    c->timer.data = c;
+    c->handles = 2;
+    c->next = srv.conns;
+    if (srv.conns)
+        srv.conns->prev = c;
+    srv.conns = c;
+    srv.nconns++;
+    if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0) {
+        conn_close(c, false);
+        return;
+    }
+    uv_tcp_nodelay(&c->tcp, 1);
+    http_parser_init(&c->parser, HTTP_REQUEST);
+    c->parser.data = c;
+    conn_read_start(c);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Startup and shutdown */
+
+static void on_signal(uv_signal_t *h, int signum)
+{
+    (void)h;
+    if (srv.stopping)
+        return;
+    srv.stopping = true;
+    logmsg("signal %d: exiting", signum);
+    uv_close((uv_handle_t *)&srv.listener, NULL);
+    uv_close((uv_handle_t *)&srv.sigterm, NULL);
+    uv_close((uv_handle_t *)&srv.sigint, NULL);
+    while (srv.conns != NULL)
+        conn_close(srv.conns, false);
+}
+
+static int write_port_file(const char *path)
+{
+    char tmp[4096];
+    FILE *f;
+
+    snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
+    f = fopen(tmp, "w");
+    if (f == NULL)
+        return -1;
+    fprintf(f, "%d\n", srv.port);
+    if (fclose(f) != 0 || rename(tmp, path) != 0) {
+        unlink(tmp);
+        return -1;
+    }
+    return 0;
+}
+
+/* 1,000+ client connections need more descriptors than the usual soft limit. */
+static void raise_nofile(void)
+{
+    struct rlimit rl;
+
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+}
+
+static int start_listening(int port)
+{
+    struct sockaddr_in addr;
+    struct sockaddr_storage ss;
+    int len = sizeof ss;
+    int r;
+
+    uv_tcp_init(&srv.loop, &srv.listener);
+    uv_ip4_addr("127.0.0.1", port, &addr);
+    r = uv_tcp_bind(&srv.listener, (const struct sockaddr *)&addr, 0);
+    if (r == 0)
+        r = uv_listen((uv_stream_t *)&srv.listener, BACKLOG, on_connection);
+    if (r == 0)
+        r = uv_tcp_getsockname(&srv.listener, (struct sockaddr *)&ss, &len);
+    if (r != 0) {
+        fprintf(stderr, "mockapi: cannot listen on 127.0.0.1:%d: %s\n", port, uv_strerror(r));
+        return -1;
+    }
+    srv.port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+    return 0;
+}
+
+static void usage(FILE *f)
+{
+    fputs("usage: mockapi [--port N] [--port-file FILE] [--token TOKEN]\n"
+          "               [--shape wrapper|wrapper-legacy|flat|openai]\n"
+          "               [--submit-shape full|documented|legacy|nested]\n"
+          "               [--latency-ms N] [--task-seconds S] [--video-bytes N]\n"
+          "               [--seed N] [--quiet]\n", f);
+}
+
+static int parse_u64(const char *s, uint64_t max, uint64_t *out)
+{
+    char *end;
+    unsigned long long v;
+
+    errno = 0;
+    v = strtoull(s, &end, 10);
+    if (errno != 0 || end == s || *end != '\0' || s[0] == '-' || v > max)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+struct options {
+    uint64_t port;
+    const char *port_file;
+    uint64_t seed;
+};
+
+static int parse_option(int opt, const char *arg, struct options *o)
+{
+    char *end;
+
+    switch (opt) {
+    case 'p': return parse_u64(arg, 65535, &o->port);
+    case 'f': o->port_file = arg; return 0;
+    case 't':
+        free(srv.cfg.token);
+        srv.cfg.token = arg[0] ? xstrndup(arg, strlen(arg)) : NULL;
+        return 0;
+    case 's': return parse_shape(arg, &srv.cfg.shape);
+    case 'S': return parse_submit_shape(arg, &srv.cfg.submit_shape);
+    case 'l': return parse_u64(arg, UINT32_MAX, &srv.cfg.latency_ms);
+    case 'b': return parse_u64(arg, UINT64_MAX, &srv.cfg.video_bytes);
+    case 'r': return parse_u64(arg, UINT64_MAX, &o->seed);
+    case 'q': srv.cfg.quiet = true; return 0;
+    case 'T':
+        srv.cfg.task_seconds = strtod(arg, &end);
+        return end == arg || *end != '\0' || !(srv.cfg.task_seconds >= 0) ? -1 : 0;
+    default: return -1;
+    }
+}
+
+static int parse_args(int argc, char **argv, struct options *o)
+{
+    static const struct option longopts[] = {
+        {"port", required_argument, NULL, 'p'},
+        {"port-file", required_argument, NULL, 'f'},
+        {"token", required_argument, NULL, 't'},
+        {"shape", required_argument, NULL, 's'},
+        {"submit-shape", required_argument, NULL, 'S'},
+        {"latency-ms", required_argument, NULL, 'l'},
+        {"task-seconds", required_argument, NULL, 'T'},
+        {"video-bytes", required_argument, NULL, 'b'},
+        {"seed", required_argument, NULL, 'r'},
+        {"quiet", no_argument, NULL, 'q'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    int opt;
+    int idx = -1;
+
+    while ((opt = getopt_long(argc, argv, "", longopts, &idx)) != -1) {
+        if (opt == 'h') {
+            usage(stdout);
+            exit(0);
+        }
+        if (parse_option(opt, optarg, o) < 0) {
+            if (opt != '?' && idx >= 0)
+                fprintf(stderr, "mockapi: bad value for --%s: %s\n", longopts[idx].name, optarg);
+            usage(stderr);
+            return -1;
+        }
+        idx = -1;
+    }
+    if (optind < argc) {
+        usage(stderr);
+        return -1;
+    }
+    return 0;
+}
+
+static void setup_parser_settings(void)
+{
+    parser_settings.on_message_begin = on_message_begin;
+    parser_settings.on_url = on_url;
+    parser_settings.on_header_field = on_header_field;
+    parser_settings.on_header_value = on_header_value;
+    parser_settings.on_headers_complete = on_headers_complete;
+    parser_settings.on_body = on_body;
+    parser_settings.on_message_complete = on_message_complete;
+}
+
+static void cleanup(void)
+{
+    tasks_clear();
+    free(srv.tasks);
+    keys_clear();
+    rules_clear();
+    free(srv.cfg.token);
+}
+
+int main(int argc, char **argv)
+{
+    struct options o = {0};
+    cJSON_Hooks hooks = {xmalloc, free};
+    int r;
+
+    srv.cfg.task_seconds = 3.0;
+    srv.cfg.video_bytes = 4096;
+    if (parse_args(argc, argv, &o) < 0)
+        return 64;
+    signal(SIGPIPE, SIG_IGN);
+    raise_nofile();
+    cJSON_InitHooks(&hooks);
+    setup_parser_settings();
+    srv.rng = o.seed ? o.seed : (uv_hrtime() ^ ((uint64_t)getpid() << 32)) | 1;
+    srv.task_base = 1;
+    uv_loop_init(&srv.loop);
+    if (start_listening((int)o.port) < 0)
+        return 1;
+    if (o.port_file && write_port_file(o.port_file) < 0) {
+        fprintf(stderr, "mockapi: cannot write %s: %s\n", o.port_file, strerror(errno));
+        return 1;
+    }
+    printf("listening 127.0.0.1:%d\n", srv.port);
+    fflush(stdout);
+    uv_signal_init(&srv.loop, &srv.sigterm);
+    uv_signal_init(&srv.loop, &srv.sigint);
+    uv_signal_start(&srv.sigterm, on_signal, SIGTERM);
+    uv_signal_start(&srv.sigint, on_signal, SIGINT);
+    uv_run(&srv.loop, UV_RUN_DEFAULT);
+    cleanup();
+    r = uv_loop_close(&srv.loop);
+    if (r != 0) {
+        fprintf(stderr, "mockapi: uv_loop_close: %s\n", uv_strerror(r));
+        return 1;
+    }
+    return 0;
+}
