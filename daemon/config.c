@@ -50,6 +50,7 @@ static const struct key_def keys[] = {
     {"submit.backoff_max", T_DURATION, OFF(backoff_max_ms), "5m", 0, 0},
     {"submit.retry_ambiguous", T_BOOL, OFF(retry_ambiguous), "no", 0, 0},
     {"submit.dedup_window", T_DURATION, OFF(dedup_window_ms), "7d", 0, 0},
+    {"submit.account_probe_interval", T_DURATION, OFF(account_probe_ms), "30s", 0, 0},
     {"track.enabled", T_BOOL, OFF(track_enabled), "no", 0, 0},
     {"track.poll_interval", T_DURATION, OFF(poll_interval_ms), "15s", 0, 0},
     {"track.timeout", T_DURATION, OFF(track_timeout_ms), "24h", 0, 0},
@@ -381,6 +382,8 @@ int config_finish(struct config *c, char *err, size_t errlen)
         return key_error(c, "api.connect_timeout", err, errlen, "must be at least 100ms");
     if (c->backoff_max_ms < c->backoff_base_ms)
         return key_error(c, "submit.backoff_max", err, errlen, "must not be smaller than submit.backoff_base");
+    if (c->account_probe_ms < 100)
+        return key_error(c, "submit.account_probe_interval", err, errlen, "must be at least 100ms");
     if (c->poll_interval_ms < 1000)
         return key_error(c, "track.poll_interval", err, errlen, "must be at least 1s");
     if (c->ca_file && access(c->ca_file, R_OK) != 0) {

@@ -40,6 +40,7 @@ struct config {
     int64_t backoff_max_ms;
     int retry_ambiguous;
     int64_t dedup_window_ms;
+    int64_t account_probe_ms; /* extension: submit.account_probe_interval */
     /* [track] */
     int track_enabled;
     int64_t poll_interval_ms;

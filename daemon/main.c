@@ -75,10 +75,18 @@ static void sd_notify_msg(const char *msg)
 static void update_status(struct daemon *d)
 {
     struct worker_stats st;
-    char msg[256];
+    char msg[512];
     worker_get_stats(d->w, &st);
-    snprintf(msg, sizeof msg, "STATUS=%s; held %u, in flight %u; submitted %llu, failed %llu, duplicates %llu",
-             !queue_is_up(d->q) ? "Redis unreachable" : d->stopping ? "stopping" : "running", st.held,
+    char state[200];
+    if (!queue_is_up(d->q))
+        snprintf(state, sizeof state, "Redis unreachable");
+    else if (d->stopping)
+        snprintf(state, sizeof state, "stopping");
+    else if (st.blocked)
+        snprintf(state, sizeof state, "API refuses the account (%.150s)", st.block_msg);
+    else
+        snprintf(state, sizeof state, "running");
+    snprintf(msg, sizeof msg, "STATUS=%s; held %u, in flight %u; submitted %llu, failed %llu, duplicates %llu", state, st.held,
              st.in_flight, (unsigned long long)st.submitted, (unsigned long long)st.failed,
              (unsigned long long)st.duplicates);
     sd_notify_msg(msg);

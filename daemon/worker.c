@@ -5,10 +5,18 @@
  *     -> slot: job_parse()            invalid -> failed/invalid_job + dead
  *     -> dedup check (producer job_id) already recorded -> duplicate
  *     -> POST (http_post)
- *     -> api_classify_submit() -> policy: submitted | retry after backoff |
- *                                 failed (rejected, ambiguous, ...)
+ *     -> api_classify_submit() -> policy: submitted | failed (rejected,
+ *                                 ambiguous, ...) | retry | account blocked
  *     -> queue_record(): event + dead entry + dedup marker + removal from the
  *        processing list, in one Lua script; retried until Redis takes it.
+ *        A retry instead moves the job into the retry set (queue_retry),
+ *        wrapped in an envelope that carries its attempts and job id:
+ *        {"vidq_retry":{"attempts":N,"job_id":"ID"},"job":<original job>}
+ *
+ * Account errors (401/402/403) are not the job's fault: the job stays held,
+ * intake stops, and one probe every account_probe_interval tries again (see
+ * "account" below). Upkeep timers publish the heartbeat, give the jobs of
+ * dead instances back, and promote due retries.
  *
  * A slot exists for every job this instance holds, so "held" never exceeds
  * submit.concurrency: intake asks Redis for exactly the free slots. A job
@@ -17,6 +25,7 @@
  */
 #include "worker.h"
 #include "api.h"
+#include "flow.h"
 #include "job.h"
 #include "log.h"
 #include "util.h"
@@ -24,6 +33,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define MAX_FIELDS 32
 #define RESPONSE_IN_FAILED_EVENT 4096 /* bytes of an error body kept in events */
@@ -32,18 +42,29 @@
 #define PAUSED_POLL_MS 1000
 #define WAIT_SECONDS 1
 #define DRAIN_GRACE_MS 5000 /* after the shutdown timeout, to record outcomes */
+#define UPKEEP_MS 1000
+#define HEARTBEAT_EVERY 2   /* upkeep ticks */
+#define HEARTBEAT_TTL_MS 10000
+#define TAKEOVER_EVERY 5    /* upkeep ticks */
+#define POISON_LIMIT 3      /* recoveries before a job is dead as "poison" */
+#define PROBE_MAX_MS 60000
+#define ENVELOPE_PREFIX "{\"vidq_retry\":{\"attempts\":"
 
-enum sstate { S_CHECKING, S_SENDING, S_BACKOFF, S_RECORDING, S_RECORD_WAIT, S_PUTBACK };
+enum sstate { S_CHECKING, S_SENDING, S_ACCOUNT_HOLD, S_RECORDING, S_RECORD_WAIT, S_PUTBACK };
 
 typedef struct slot slot;
 struct slot {
     worker *w;
+    char *held;        /* the text in the processing list (maybe an envelope) */
+    size_t held_len;
     struct job job;
     enum sstate state;
     http_req *req;
     unsigned attempts;
+    unsigned strikes;          /* account errors this job got */
+    int64_t first_strike_ms;
     int64_t taken_ms;
-    uv_timer_t timer; /* backoff, record retry, dedup retry */
+    uv_timer_t timer; /* record retry, dedup retry */
     /* the outcome being recorded */
     const char *outcome;   /* for the log line */
     char *task_id;
@@ -53,6 +74,9 @@ struct slot {
     char *dead;
     size_t dead_len;
     int dedup;             /* set the dedup marker with task_id */
+    char *envelope;        /* a retry: the envelope for the retry set */
+    size_t envelope_len;
+    int64_t due_ms;
     slot *prev, *next;
 };
 
@@ -75,8 +99,22 @@ struct worker {
     size_t backlog_len, backlog_pos, backlog_cap;
     int intake_busy;
     int resync;        /* re-read the processing list before taking more */
+    int recovering;    /* the first re-read, after a start: count recoveries */
     int paused;
     uv_timer_t intake_timer;
+    struct flow flow;
+    /* account errors */
+    int blocked;
+    char block_msg[512];
+    int64_t probe_delay_ms;
+    int probe_take;    /* let one new job in, as a probe */
+    int64_t last_success_ms;
+    uv_timer_t probe_timer;
+    /* upkeep */
+    uv_timer_t upkeep_timer;
+    unsigned ticks;
+    int upkeep_busy[3];
+    int64_t started_ms;
     uint32_t id_rand;
     uint64_t id_counter;
     struct worker_stats st;
@@ -129,6 +167,8 @@ static void clear_outcome(slot *s)
     free(s->task_id);
     s->task_id = NULL;
     s->dedup = 0;
+    free(s->envelope);
+    s->envelope = NULL;
 }
 
 static void slot_release(slot *s)
@@ -143,6 +183,7 @@ static void slot_release(slot *s)
     w->nslots--;
     clear_outcome(s);
     job_free(&s->job);
+    free(s->held);
     uv_timer_stop(&s->timer);
     uv_close((uv_handle_t *)&s->timer, slot_closed);
 }
@@ -253,23 +294,33 @@ static void fail(slot *s, const char *error, const char *message, long http_stat
 static void log_outcome(slot *s, int held)
 {
     char latency[32], attempts[16];
-    snprintf(latency, sizeof latency, "%lld", (long long)(mono_ms() - s->taken_ms));
-    snprintf(attempts, sizeof attempts, "%u", s->attempts);
-    const char *err = NULL, *msg = NULL;
-    for (int i = 0; i + 1 < s->nf; i += 2) {
-        if (strcmp(s->fv[i], "error") == 0)
-            err = s->fv[i + 1];
-        else if (strcmp(s->fv[i], "message") == 0)
-            msg = s->fv[i + 1];
-    }
+    const char *kv[16];
+    int n = 0;
     if (!held) {
         log_kv(LOG_NOTICE, "job no longer held: outcome already recorded or taken over", "job_id", s->job.job_id,
                "outcome", s->outcome, NULL);
         return;
     }
-    log_kv(err ? LOG_WARNING : LOG_INFO, s->outcome, "job_id", s->job.job_id, "task_id",
-           s->task_id ? s->task_id : "", "error", err ? err : "", "message", msg ? msg : "", "attempts", attempts,
-           "latency_ms", latency, NULL);
+    snprintf(latency, sizeof latency, "%lld", (long long)(mono_ms() - s->taken_ms));
+    snprintf(attempts, sizeof attempts, "%u", s->attempts);
+    int failed = 0;
+    for (int i = 0; i + 1 < s->nf && n < 10; i += 2) {
+        const char *k = s->fv[i];
+        if (strcmp(k, "job_id") == 0 || strcmp(k, "task_id") == 0 || strcmp(k, "status") == 0 ||
+            strcmp(k, "error") == 0 || strcmp(k, "message") == 0 || strcmp(k, "http_status") == 0) {
+            kv[n++] = k;
+            kv[n++] = s->fv[i + 1];
+            failed |= strcmp(k, "error") == 0;
+        }
+    }
+    kv[n++] = "attempts";
+    kv[n++] = attempts;
+    kv[n++] = "latency_ms";
+    kv[n++] = latency;
+    while (n < 16)
+        kv[n++] = NULL;
+    log_kv(failed ? LOG_WARNING : LOG_INFO, s->outcome, kv[0], kv[1], kv[2], kv[3], kv[4], kv[5], kv[6], kv[7],
+           kv[8], kv[9], kv[10], kv[11], kv[12], kv[13], kv[14], kv[15], NULL);
 }
 
 static void on_record_retry(uv_timer_t *t)
@@ -286,27 +337,38 @@ static void on_recorded(int err, long long held, void *ud)
         uv_timer_start(&s->timer, on_record_retry, RECORD_RETRY_MS, 0);
         return;
     }
-    log_outcome(s, held == 1);
+    if (s->envelope)
+        log_kv(LOG_NOTICE, held == 1 ? "retry scheduled" : "job no longer held: retry dropped", "job_id",
+               s->job.job_id, "reason", s->fv[1] ? s->fv[1] : "", NULL);
+    else
+        log_outcome(s, held == 1);
     slot_done(s);
 }
 
+/* Write the slot's outcome (an event, or a retry) to Redis. */
 static void record(slot *s)
 {
     worker *w = s->w;
-    struct qrecord r = {
-        .raw = s->job.raw,
-        .raw_len = s->job.raw_len,
-        .fields = (const char *const *)s->fv,
-        .field_lens = s->fl,
-        .nfields = s->nf,
-        .dead = s->dead,
-        .dead_len = s->dead_len,
-        .dedup_job_id = s->dedup ? s->job.job_id : NULL,
-        .dedup_task_id = s->dedup ? s->task_id : NULL,
-        .dedup_ttl_ms = w->cfg->dedup_window_ms,
-    };
+    int rc;
     s->state = S_RECORDING;
-    if (queue_record(w->q, &r, on_recorded, s) != 0)
+    if (s->envelope) {
+        rc = queue_retry(w->q, s->held, s->held_len, s->envelope, s->envelope_len, s->due_ms, on_recorded, s);
+    } else {
+        struct qrecord r = {
+            .raw = s->held,
+            .raw_len = s->held_len,
+            .fields = (const char *const *)s->fv,
+            .field_lens = s->fl,
+            .nfields = s->nf,
+            .dead = s->dead,
+            .dead_len = s->dead_len,
+            .dedup_job_id = s->dedup ? s->job.job_id : NULL,
+            .dedup_task_id = s->dedup ? s->task_id : NULL,
+            .dedup_ttl_ms = w->cfg->dedup_window_ms,
+        };
+        rc = queue_record(w->q, &r, on_recorded, s);
+    }
+    if (rc != 0)
         on_recorded(1, 0, s);
 }
 
@@ -326,19 +388,56 @@ static int64_t backoff_ms(const worker *w, unsigned attempts, int64_t retry_afte
     return d;
 }
 
-static void on_backoff(uv_timer_t *t)
-{
-    send_job(t->data);
-}
-
+/*
+ * Nothing was created (or the operator opted into retrying ambiguous
+ * outcomes): park the job in the retry set, so it waits visibly in Redis
+ * and not in this process, and free the slot.
+ */
 static void retry_later(slot *s, const struct outcome *o)
 {
     worker *w = s->w;
-    int64_t d = backoff_ms(w, s->attempts, o->retry_after_ms);
+    sbuf b;
+    clear_outcome(s);
+    s->outcome = "retry";
+    s->fv[0] = xstrdup("reason");
+    s->fv[1] = xstrdup(o->message);
+    s->nf = 2;
+    s->due_ms = now_ms() + backoff_ms(w, s->attempts, o->retry_after_ms);
+    sbuf_init(&b);
+    sbuf_printf(&b, ENVELOPE_PREFIX "%u,\"job_id\":", s->attempts);
+    sbuf_json_str(&b, s->job.job_id, strlen(s->job.job_id));
+    sbuf_puts(&b, "},\"job\":");
+    sbuf_append(&b, s->job.raw, s->job.raw_len);
+    sbuf_putc(&b, '}');
+    s->envelope = sbuf_steal(&b, &s->envelope_len);
     w->st.retries++;
-    log_kv(LOG_NOTICE, "retrying", "job_id", s->job.job_id, "reason", o->message, NULL);
-    s->state = S_BACKOFF;
-    uv_timer_start(&s->timer, on_backoff, (uint64_t)d, 0);
+    record(s);
+}
+
+/*
+ * A retry envelope we wrote ourselves: take attempts, job id and the
+ * original job out of it. Anything that does not match exactly is treated
+ * as a plain job (and then fails validation with a clear message).
+ */
+static int unwrap(const char *held, size_t len, unsigned *attempts, char **job_id, const char **raw, size_t *raw_len)
+{
+    size_t pl = strlen(ENVELOPE_PREFIX);
+    if (len < pl + 20 || memcmp(held, ENVELOPE_PREFIX, pl) != 0 || held[len - 1] != '}')
+        return -1;
+    const char *p = held + pl, *end = held + len - 1;
+    char *e;
+    unsigned long a = strtoul(p, &e, 10);
+    if (e == p || a > 100000 || strncmp(e, ",\"job_id\":\"", 11) != 0)
+        return -1;
+    p = e + 11;
+    const char *q = memchr(p, '"', (size_t)(end - p));
+    if (q == NULL || !id_is_valid(p, (size_t)(q - p)) || end - q < 9 || strncmp(q, "\"},\"job\":", 9) != 0)
+        return -1;
+    *attempts = (unsigned)a;
+    *job_id = xstrndup(p, (size_t)(q - p));
+    *raw = q + 9;
+    *raw_len = (size_t)(end - *raw);
+    return 0;
 }
 
 static void submitted(slot *s, struct outcome *o, const struct http_result *res)
@@ -351,9 +450,90 @@ static void submitted(slot *s, struct outcome *o, const struct http_result *res)
     ev_str(s, "model", s->job.model ? s->job.model : "");
     ev_num(s, "attempts", s->attempts);
     ev_add(s, "response", res->body, res->body_len);
-    s->dedup = s->job.id_given;
+    s->dedup = s->job.id_given; /* assigned ids are unique: nothing to block */
     s->w->st.submitted++;
     record(s);
+}
+
+/* ---- account errors ------------------------------------------------------ */
+
+static void on_probe(uv_timer_t *t);
+
+static void block(worker *w, const char *msg)
+{
+    if (w->blocked)
+        return;
+    w->blocked = 1;
+    snprintf(w->block_msg, sizeof w->block_msg, "%s", msg);
+    w->probe_delay_ms = w->cfg->account_probe_ms;
+    log_kv(LOG_ERROR, "the API refuses this account or token: intake stopped, jobs kept; probing", "reason", msg,
+           NULL);
+    uv_timer_start(&w->probe_timer, on_probe, (uint64_t)w->probe_delay_ms, 0);
+}
+
+static void unblock(worker *w)
+{
+    if (!w->blocked)
+        return;
+    w->blocked = 0;
+    w->probe_take = 0;
+    uv_timer_stop(&w->probe_timer);
+    log_kv(LOG_NOTICE, "the API accepts requests again: resuming", NULL);
+    /* Collect first: sending may complete synchronously and free slots. */
+    size_t n = 0;
+    slot **v = xmalloc((w->nslots + 1) * sizeof *v);
+    for (slot *s = w->slots; s; s = s->next) {
+        if (s->state == S_ACCOUNT_HOLD)
+            v[n++] = s;
+    }
+    for (size_t i = 0; i < n; i++)
+        send_job(v[i]);
+    free(v);
+    pump(w);
+}
+
+/* One held job goes out as a probe; the least-struck first, so one job that
+ * this token may not use (a per-job 403) cannot keep the queue blocked. */
+static void on_probe(uv_timer_t *t)
+{
+    worker *w = t->data;
+    slot *best = NULL;
+    for (slot *s = w->slots; s; s = s->next) {
+        if (s->state == S_ACCOUNT_HOLD && (best == NULL || s->strikes < best->strikes))
+            best = s;
+    }
+    w->probe_delay_ms = w->probe_delay_ms * 2 < PROBE_MAX_MS ? w->probe_delay_ms * 2 : PROBE_MAX_MS;
+    if (w->probe_delay_ms < w->cfg->account_probe_ms)
+        w->probe_delay_ms = w->cfg->account_probe_ms;
+    uv_timer_start(&w->probe_timer, on_probe, (uint64_t)w->probe_delay_ms, 0);
+    if (best && (best->strikes < 2 || w->nslots >= w->flow.conc)) {
+        send_job(best);
+    } else {
+        w->probe_take = 1; /* every held job looks like its own problem: try a fresh one */
+        pump(w);
+    }
+}
+
+/* 401/402/403: hold the job (attempts do not count) unless it is a 403 that
+ * only this job gets while others go through. */
+static void account_error(slot *s, const struct outcome *o, const struct http_result *res)
+{
+    worker *w = s->w;
+    int64_t now = now_ms();
+    s->attempts--;
+    s->strikes++;
+    if (s->strikes == 1)
+        s->first_strike_ms = now;
+    else if (o->http_status == 403 && w->last_success_ms > s->first_strike_ms) {
+        fail(s, "rejected", o->message, o->http_status, res->body, res->body_len);
+        return;
+    }
+    if (w->draining) {
+        putback(s);
+        return;
+    }
+    s->state = S_ACCOUNT_HOLD;
+    block(w, o->message);
 }
 
 /* The policy of CONTRACT §6 over the classification of api.c. */
@@ -366,15 +546,19 @@ static void on_response(http_req *req, const struct http_result *res, void *ud)
     s->req = NULL;
     w->in_flight--;
     api_classify_submit(res, &o);
-    int can_retry = s->attempts < (unsigned)w->cfg->max_attempts && !w->draining;
+    int can_retry = s->attempts < (unsigned)w->cfg->max_attempts;
+    if (res->status == 429)
+        flow_throttled(&w->flow, mono_ms());
+    if (o.kind != OUT_ACCOUNT && res->status > 0) {
+        w->last_success_ms = o.kind == OUT_SUBMITTED ? now_ms() : w->last_success_ms;
+        unblock(w); /* any answer but 401/402/403: the account works */
+    }
     switch (o.kind) {
     case OUT_SUBMITTED:
         submitted(s, &o, res);
         break;
     case OUT_RETRY:
-        if (w->draining)
-            putback(s); /* nothing was created: the next run takes it */
-        else if (can_retry)
+        if (can_retry)
             retry_later(s, &o);
         else
             fail(s, "attempts_exhausted", o.message, o.http_status, res->body, res->body_len);
@@ -386,6 +570,8 @@ static void on_response(http_req *req, const struct http_result *res, void *ud)
             fail(s, "ambiguous", o.message, o.http_status, res->body, res->body_len);
         break;
     case OUT_ACCOUNT:
+        account_error(s, &o, res);
+        break;
     case OUT_REJECTED:
     case OUT_BAD_RESPONSE:
         fail(s, o.error, o.message, o.http_status, res->body, res->body_len);
@@ -403,15 +589,13 @@ static void send_job(slot *s)
                              NULL};
     s->attempts++;
     s->state = S_SENDING;
+    w->in_flight++;
     s->req = http_post(w->http, w->submit_url, headers, s->job.body, s->job.body_len, on_response, s);
     if (s->req == NULL) {
         struct http_result res = {.curl_code = 7, .error = "could not start the request", .connect_failed = 1,
                                   .retry_after_ms = -1, .body = ""};
-        w->in_flight++;
         on_response(NULL, &res, s);
-        return;
     }
-    w->in_flight++;
 }
 
 static void on_dedup_retry(uv_timer_t *t);
@@ -451,11 +635,16 @@ static void on_dedup_retry(uv_timer_t *t)
 }
 
 /* A job just taken (or found held): parse it and start its path. */
-static void start_job(worker *w, const char *raw, size_t len)
+static slot *slot_new(worker *w, const char *held, size_t len)
 {
     slot *s = xcalloc(1, sizeof *s);
+    const char *raw = held;
+    size_t raw_len = len;
+    char *env_id = NULL;
     s->w = w;
     s->taken_ms = mono_ms();
+    s->held = xstrndup(held, len);
+    s->held_len = len;
     uv_timer_init(w->loop, &s->timer);
     s->timer.data = s;
     s->next = w->slots;
@@ -464,13 +653,28 @@ static void start_job(worker *w, const char *raw, size_t len)
     w->slots = s;
     w->nslots++;
     w->st.taken++;
-    job_parse(&s->job, raw, len, w->cfg->default_model);
+    if (unwrap(held, len, &s->attempts, &env_id, &raw, &raw_len) != 0) {
+        raw = held;
+        raw_len = len;
+    }
+    job_parse(&s->job, raw, raw_len, w->cfg->default_model);
+    if (env_id && s->job.job_id == NULL)
+        s->job.job_id = env_id; /* keep the id a first attempt assigned */
+    else
+        free(env_id);
     if (s->job.job_id == NULL)
         assign_id(w, &s->job);
+    return s;
+}
+
+static void start_job(worker *w, const char *held, size_t len)
+{
+    slot *s = slot_new(w, held, len);
     if (s->job.error) {
         fail(s, "invalid_job", s->job.error, 0, NULL, 0);
         return;
     }
+    /* A producer's job_id may have been submitted before (CONTRACT §4). */
     if (s->job.id_given)
         check_dedup(s);
     else
@@ -489,25 +693,37 @@ static void intake_later(worker *w, uint64_t ms)
     uv_timer_start(&w->intake_timer, on_intake_timer, ms, 0);
 }
 
-static void on_waited(int err, int paused, const struct qitem *items, size_t n, void *ud)
+/* Jobs that arrive while draining are not ours to start: put them back. */
+static void start_or_putback(worker *w, const struct qitem *items, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (w->draining) {
+            putback(slot_new(w, items[i].data, items[i].len));
+            continue;
+        }
+        start_job(w, items[i].data, items[i].len);
+        flow_consume(&w->flow, 1);
+    }
+}
+
+static void on_waited(int err, const struct qinfo *info, const struct qitem *items, size_t n, void *ud)
 {
     worker *w = ud;
-    (void)paused;
+    (void)info;
     w->intake_busy = 0;
     if (err) {
         w->resync = 1; /* a job may have moved without us seeing the reply */
         intake_later(w, INTAKE_RETRY_MS);
         return;
     }
-    for (size_t i = 0; i < n; i++)
-        start_job(w, items[i].data, items[i].len);
+    start_or_putback(w, items, n);
     if (w->draining)
         drain_check(w);
     else
         pump(w);
 }
 
-static void on_taken(int err, int paused, const struct qitem *items, size_t n, void *ud)
+static void on_taken(int err, const struct qinfo *info, const struct qitem *items, size_t n, void *ud)
 {
     worker *w = ud;
     w->intake_busy = 0;
@@ -516,23 +732,27 @@ static void on_taken(int err, int paused, const struct qitem *items, size_t n, v
         intake_later(w, INTAKE_RETRY_MS);
         return;
     }
-    if (paused != w->paused)
-        log_kv(LOG_NOTICE, paused ? "queue paused: not taking jobs" : "queue resumed", NULL);
-    w->paused = paused;
-    for (size_t i = 0; i < n; i++)
-        start_job(w, items[i].data, items[i].len);
+    if (info->paused != w->paused)
+        log_kv(LOG_NOTICE, info->paused ? "queue paused: not taking jobs" : "queue resumed", NULL);
+    w->paused = info->paused;
+    if (n > 0)
+        w->probe_take = 0;
+    start_or_putback(w, items, n);
     if (w->draining) {
         drain_check(w);
         return;
     }
-    if (paused) {
+    if (info->paused) {
         intake_later(w, PAUSED_POLL_MS);
+    } else if (n == 0 && info->rate_wait_ms > 0) {
+        intake_later(w, (uint64_t)info->rate_wait_ms); /* global rate: not yet */
     } else if (n > 0) {
         pump(w);
-    } else if (queue_wait(w->q, WAIT_SECONDS, on_waited, w) == 0) {
-        w->intake_busy = 1;
+    } else if (w->flow.rate_cfg <= 0 && w->cfg->global_rate <= 0 &&
+               queue_wait(w->q, WAIT_SECONDS, on_waited, w) == 0) {
+        w->intake_busy = 1; /* empty: block on the intake connection */
     } else {
-        intake_later(w, 100); /* no blocking connection: poll */
+        intake_later(w, 100); /* rate-limited or no blocking connection: poll */
     }
 }
 
@@ -542,7 +762,7 @@ static int claim_known(worker *w, const struct qitem *it, unsigned char *used_sl
 {
     size_t i = 0;
     for (slot *s = w->slots; s; s = s->next, i++) {
-        if (!used_slots[i] && s->job.raw_len == it->len && memcmp(s->job.raw, it->data, it->len) == 0) {
+        if (!used_slots[i] && s->held_len == it->len && memcmp(s->held, it->data, it->len) == 0) {
             used_slots[i] = 1;
             return 1;
         }
@@ -573,10 +793,10 @@ static void backlog_push(worker *w, const char *raw, size_t len)
  * not hold in memory were left by a previous run (or moved by a command
  * whose reply we lost): adopt them, before taking anything new.
  */
-static void on_held(int err, int paused, const struct qitem *items, size_t n, void *ud)
+static void on_held(int err, const struct qinfo *info, const struct qitem *items, size_t n, void *ud)
 {
     worker *w = ud;
-    (void)paused;
+    (void)info;
     w->intake_busy = 0;
     if (err) {
         intake_later(w, INTAKE_RETRY_MS);
@@ -599,39 +819,145 @@ static void on_held(int err, int paused, const struct qitem *items, size_t n, vo
         log_kv(LOG_NOTICE, "resuming jobs left in the processing list", "count", count, NULL);
     }
     w->resync = 0;
+    w->recovering = 0;
     pump(w);
 }
 
 static void pump(worker *w)
 {
+    int64_t wait_ms;
     if (w->draining || w->intake_busy || !queue_is_up(w->q))
         return;
     if (w->resync) {
         w->intake_busy = 1;
-        if (queue_held(w->q, on_held, w) != 0) {
+        if (queue_held(w->q, w->recovering, POISON_LIMIT, on_held, w) != 0) {
             w->intake_busy = 0;
             intake_later(w, INTAKE_RETRY_MS);
         }
         return;
     }
-    unsigned limit = (unsigned)w->cfg->concurrency;
-    while (w->nslots < limit && w->backlog_pos < w->backlog_len) {
-        struct backlog_item *b = &w->backlog[w->backlog_pos++];
-        start_job(w, b->raw, b->len);
-        free(b->raw);
-        b->raw = NULL;
-        if (w->intake_busy || w->draining)
-            return;
-    }
-    if (w->backlog_pos == w->backlog_len)
-        w->backlog_pos = w->backlog_len = 0;
-    if (w->nslots >= limit || w->backlog_len > 0)
+    if (w->blocked && !w->probe_take)
+        return; /* account errors: only probes go out */
+    unsigned limit = w->flow.conc;
+    unsigned room = w->nslots < limit ? limit - w->nslots : 0;
+    unsigned allowed = flow_allowance(&w->flow, mono_ms(), &wait_ms);
+    if (w->blocked)
+        room = room ? 1 : 0;
+    if (allowed < room)
+        room = allowed;
+    if (room == 0) {
+        if (allowed == 0)
+            intake_later(w, (uint64_t)wait_ms); /* local rate: the next token */
         return;
+    }
+    if (w->backlog_pos < w->backlog_len) {
+        while (room-- > 0 && w->backlog_pos < w->backlog_len) {
+            struct backlog_item *b = &w->backlog[w->backlog_pos++];
+            start_job(w, b->raw, b->len);
+            flow_consume(&w->flow, 1);
+            free(b->raw);
+            b->raw = NULL;
+        }
+        if (w->backlog_pos == w->backlog_len)
+            w->backlog_pos = w->backlog_len = 0;
+        intake_later(w, 0); /* the rest on the next turn of the loop */
+        return;
+    }
     w->intake_busy = 1;
-    if (queue_take(w->q, limit - w->nslots, on_taken, w) != 0) {
+    if (queue_take(w->q, room, w->cfg->global_rate, on_taken, w) != 0) {
         w->intake_busy = 0;
         intake_later(w, INTAKE_RETRY_MS);
     }
+}
+
+/* ---- upkeep: heartbeat, takeover, retries, flow ---------------------------- */
+
+enum { UP_HEARTBEAT, UP_TAKEOVER, UP_PROMOTE };
+
+static void on_upkeep_done(worker *w, int which, int err)
+{
+    w->upkeep_busy[which] = 0;
+    (void)err; /* the next tick tries again */
+}
+
+static void on_heartbeat(int err, long long r, void *ud)
+{
+    (void)r;
+    on_upkeep_done(ud, UP_HEARTBEAT, err);
+}
+
+static void on_takeover(int err, long long moved, void *ud)
+{
+    worker *w = ud;
+    on_upkeep_done(w, UP_TAKEOVER, err);
+    if (!err && moved > 0) {
+        char n[24];
+        snprintf(n, sizeof n, "%lld", moved);
+        log_kv(LOG_NOTICE, "took over jobs held by instances that stopped answering", "count", n, NULL);
+        pump(w);
+    }
+}
+
+static void on_promoted(int err, long long moved, void *ud)
+{
+    worker *w = ud;
+    on_upkeep_done(w, UP_PROMOTE, err);
+    if (!err && moved > 0)
+        pump(w);
+}
+
+static const char *state_name(const worker *w)
+{
+    if (w->draining)
+        return "draining";
+    if (w->blocked)
+        return "account_blocked";
+    if (w->paused)
+        return "paused";
+    return "running";
+}
+
+static void heartbeat(worker *w)
+{
+    char now[24], started[24], pid[16], held[16], inflight[16], sub[24], failed[24], conc[16];
+    snprintf(now, sizeof now, "%lld", (long long)now_ms());
+    snprintf(started, sizeof started, "%lld", (long long)w->started_ms);
+    snprintf(pid, sizeof pid, "%d", (int)getpid());
+    snprintf(held, sizeof held, "%u", w->nslots);
+    snprintf(inflight, sizeof inflight, "%u", w->in_flight);
+    snprintf(sub, sizeof sub, "%llu", (unsigned long long)w->st.submitted);
+    snprintf(failed, sizeof failed, "%llu", (unsigned long long)w->st.failed);
+    snprintf(conc, sizeof conc, "%u", w->flow.conc);
+    const char *f[] = {"heartbeat", now,    "started",  started,   "pid",       pid,    "version",
+                       PACKAGE_VERSION,     "held",     held,      "in_flight", inflight, "submitted",
+                       sub,                 "failed",   failed,    "concurrency", conc, "state",
+                       state_name(w),       "message",  w->blocked ? w->block_msg : ""};
+    w->upkeep_busy[UP_HEARTBEAT] = 1;
+    if (queue_heartbeat(w->q, f, (int)(sizeof f / sizeof f[0]), HEARTBEAT_TTL_MS, on_heartbeat, w) != 0)
+        w->upkeep_busy[UP_HEARTBEAT] = 0;
+}
+
+static void on_upkeep(uv_timer_t *t)
+{
+    worker *w = t->data;
+    w->ticks++;
+    flow_tick(&w->flow, mono_ms());
+    if (!queue_is_up(w->q))
+        return;
+    if (!w->upkeep_busy[UP_HEARTBEAT] && (w->ticks % HEARTBEAT_EVERY == 1 || w->ticks == 1))
+        heartbeat(w);
+    if (!w->upkeep_busy[UP_TAKEOVER] && w->ticks % TAKEOVER_EVERY == 0 && !w->draining) {
+        w->upkeep_busy[UP_TAKEOVER] = 1;
+        if (queue_takeover(w->q, POISON_LIMIT, on_takeover, w) != 0)
+            w->upkeep_busy[UP_TAKEOVER] = 0;
+    }
+    if (!w->upkeep_busy[UP_PROMOTE]) {
+        w->upkeep_busy[UP_PROMOTE] = 1;
+        if (queue_promote(w->q, on_promoted, w) != 0)
+            w->upkeep_busy[UP_PROMOTE] = 0;
+    }
+    if (!w->draining && !w->intake_busy)
+        pump(w); /* concurrency may have grown back */
 }
 
 /* ---- draining ------------------------------------------------------------- */
@@ -646,10 +972,11 @@ static void on_putback(int err, long long result, void *ud)
     slot_done(s);
 }
 
+/* Return a job that was never accepted to the intake list, as it was taken. */
 static void putback(slot *s)
 {
     s->state = S_PUTBACK;
-    if (queue_putback(s->w->q, s->job.raw, s->job.raw_len, on_putback, s) != 0)
+    if (queue_putback(s->w->q, s->held, s->held_len, on_putback, s) != 0)
         on_putback(1, 0, s);
 }
 
@@ -668,9 +995,22 @@ static void drain_check(worker *w)
         drain_finish(w);
 }
 
+/* Slots in `state`, collected first: acting on them changes the list. */
+static slot **collect(worker *w, enum sstate state, size_t *n)
+{
+    slot **v = xmalloc((w->nslots + 1) * sizeof *v);
+    *n = 0;
+    for (slot *s = w->slots; s; s = s->next) {
+        if (s->state == state)
+            v[(*n)++] = s;
+    }
+    return v;
+}
+
 static void on_drain_timer(uv_timer_t *t)
 {
     worker *w = t->data;
+    size_t n;
     if (w->drain_expired) {
         /* Redis would not take the last outcomes: those jobs stay held in
          * the processing list and the next start finishes them. */
@@ -679,43 +1019,31 @@ static void on_drain_timer(uv_timer_t *t)
         return;
     }
     w->drain_expired = 1;
-    /* Collect first: cancelling runs callbacks that change the list. */
-    size_t n = 0;
-    slot **v = xmalloc((w->nslots + 1) * sizeof *v);
-    for (slot *s = w->slots; s; s = s->next)
-        v[n++] = s;
-    for (size_t i = 0; i < n; i++) {
-        if (v[i]->state == S_SENDING && v[i]->req) {
-            http_cancel(v[i]->req);
-        } else if (v[i]->state == S_BACKOFF || v[i]->state == S_CHECKING) {
-            uv_timer_stop(&v[i]->timer);
-            putback(v[i]);
-        }
-    }
-    free(v);
     uv_timer_start(&w->drain_timer, on_drain_timer, DRAIN_GRACE_MS, 0);
+    /* Requests still out: the API may have them, so they end as ambiguous
+     * (or go back, when they were never sent). */
+    slot **v = collect(w, S_SENDING, &n);
+    for (size_t i = 0; i < n; i++)
+        http_cancel(v[i]->req);
+    free(v);
 }
 
 void worker_drain(worker *w, void (*done)(void *), void *ud)
 {
+    size_t n;
     w->draining = 1;
     w->drain_done = done;
     w->drain_ud = ud;
     uv_timer_stop(&w->intake_timer);
-    /* Jobs waiting for a retry were never accepted: put them back now. */
-    size_t n = 0;
-    slot **v = xmalloc((w->nslots + 1) * sizeof *v);
-    for (slot *s = w->slots; s; s = s->next)
-        v[n++] = s;
-    for (size_t i = 0; i < n; i++) {
-        if (v[i]->state == S_BACKOFF) {
-            uv_timer_stop(&v[i]->timer);
-            putback(v[i]);
-        }
-    }
+    uv_timer_stop(&w->probe_timer);
+    /* Jobs held for account errors were never accepted: put them back. */
+    slot **v = collect(w, S_ACCOUNT_HOLD, &n);
+    for (size_t i = 0; i < n; i++)
+        putback(v[i]);
     free(v);
     /* The held backlog stays in the processing list; the next start takes it. */
     uv_timer_start(&w->drain_timer, on_drain_timer, (uint64_t)w->cfg->shutdown_timeout_ms, 0);
+    heartbeat(w);
     drain_check(w);
 }
 
@@ -729,11 +1057,19 @@ worker *worker_new(uv_loop_t *loop, const struct config *cfg, queue *q, http_cli
     w->q = q;
     w->http = http;
     w->resync = 1; /* first thing: the jobs a previous run left held */
+    w->recovering = 1;
     w->id_rand = (uint32_t)rand();
+    w->started_ms = now_ms();
+    flow_init(&w->flow, cfg->rate, (unsigned)cfg->concurrency, mono_ms());
     uv_timer_init(loop, &w->intake_timer);
     uv_timer_init(loop, &w->drain_timer);
+    uv_timer_init(loop, &w->probe_timer);
+    uv_timer_init(loop, &w->upkeep_timer);
     w->intake_timer.data = w;
     w->drain_timer.data = w;
+    w->probe_timer.data = w;
+    w->upkeep_timer.data = w;
+    uv_timer_start(&w->upkeep_timer, on_upkeep, UPKEEP_MS, UPKEEP_MS);
     derive(w);
     return w;
 }
@@ -741,13 +1077,20 @@ worker *worker_new(uv_loop_t *loop, const struct config *cfg, queue *q, http_cli
 void worker_set_config(worker *w, const struct config *cfg)
 {
     w->cfg = cfg;
+    flow_configure(&w->flow, cfg->rate, (unsigned)cfg->concurrency);
     derive(w);
+    if (w->blocked) {
+        /* A new token may fix it: probe now rather than in a minute. */
+        uv_timer_start(&w->probe_timer, on_probe, 0, 0);
+    }
 }
 
 void worker_queue_state(worker *w, int up)
 {
-    if (up && !w->draining)
+    if (up && !w->draining) {
+        heartbeat(w);
         pump(w);
+    }
 }
 
 void worker_get_stats(const worker *w, struct worker_stats *st)
@@ -755,6 +1098,8 @@ void worker_get_stats(const worker *w, struct worker_stats *st)
     *st = w->st;
     st->held = w->nslots;
     st->in_flight = w->in_flight;
+    st->blocked = w->blocked;
+    st->block_msg = w->blocked ? w->block_msg : NULL;
 }
 
 static void worker_closed(uv_handle_t *h)
@@ -777,7 +1122,9 @@ void worker_free(worker *w)
     free(w->backlog);
     free(w->submit_url);
     free(w->auth_header);
-    w->handles_open = 2;
+    w->handles_open = 4;
     uv_close((uv_handle_t *)&w->intake_timer, worker_closed);
     uv_close((uv_handle_t *)&w->drain_timer, worker_closed);
+    uv_close((uv_handle_t *)&w->probe_timer, worker_closed);
+    uv_close((uv_handle_t *)&w->upkeep_timer, worker_closed);
 }

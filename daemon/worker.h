@@ -25,6 +25,8 @@ struct worker_stats {
     uint64_t retries;
     unsigned held;       /* jobs held right now */
     unsigned in_flight;  /* HTTP requests in flight */
+    int blocked;         /* account errors: intake stopped */
+    const char *block_msg;
 };
 
 worker *worker_new(uv_loop_t *loop, const struct config *cfg, queue *q, http_client *http);

@@ -8,6 +8,11 @@
  *   vidq:dead                 list of dead-job records
  *   vidq:paused               string; while it exists nothing is taken
  *   vidq:dedup:<job_id>       string = task id, TTL submit.dedup_window
+ *   vidq:retry                sorted set of retry envelopes by due time (ms)
+ *   vidq:ratelimit            GCRA state of submit.global_rate
+ *   vidq:instances            set of instance names that may hold jobs
+ *   vidq:instance:<inst>      hash, the heartbeat of a live instance (TTL)
+ *   vidq:recovered            hash sha1(job) -> times recovered (poison check)
  *
  * The scripts are loaded (SCRIPT LOAD) each time the command connection
  * comes up, before the queue reports itself up, and run with EVALSHA. A
@@ -21,14 +26,39 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Move up to ARGV[1] jobs; reply {paused, job...}. */
+/*
+ * Move up to ARGV[1] jobs into the processing list; reply {paused, wait_ms,
+ * job...}. With a global rate (ARGV[3] = emission interval in ms, > 0) the
+ * admissions are paced by GCRA on KEYS[4]: the key holds the theoretical
+ * arrival time (TAT, unix ms with decimals); a job may start when
+ * TAT - now <= the burst tolerance ARGV[4]. Admission and taking are one
+ * atomic step, so jobs that may not start yet stay visible in the intake
+ * list. wait_ms tells the caller when the next admission is possible.
+ * (string.format keeps the TAT exact: Lua would print it as %.14g.)
+ */
 static const char TAKE_LUA[] =
-    "if redis.call('EXISTS', KEYS[3]) == 1 then return {1} end\n"
-    "local out = {0}\n"
-    "for i = 1, tonumber(ARGV[1]) do\n"
+    "if redis.call('EXISTS', KEYS[3]) == 1 then return {1, 0} end\n"
+    "local max = tonumber(ARGV[1])\n"
+    "local now = tonumber(ARGV[2])\n"
+    "local interval = tonumber(ARGV[3])\n"
+    "local tat = now\n"
+    "if interval > 0 then\n"
+    "  local burst = tonumber(ARGV[4])\n"
+    "  tat = math.max(tonumber(redis.call('GET', KEYS[4]) or 0), now)\n"
+    "  local room = math.floor((now + burst - tat) / interval) + 1\n"
+    "  if room < max then max = room end\n"
+    "  if max <= 0 then return {0, math.ceil(tat - burst - now)} end\n"
+    "end\n"
+    "local out = {0, 0}\n"
+    "for i = 1, max do\n"
     "  local j = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')\n"
     "  if not j then break end\n"
     "  out[#out + 1] = j\n"
+    "end\n"
+    "local n = #out - 2\n"
+    "if interval > 0 and n > 0 then\n"
+    "  local t = tat + n * interval\n"
+    "  redis.call('SET', KEYS[4], string.format('%.3f', t), 'PX', math.ceil(t - now) + 1000)\n"
     "end\n"
     "return out\n";
 
@@ -40,7 +70,7 @@ static const char PUTBACK_LUA[] =
 /*
  * One finished job: drop it from the processing list, set the dedup marker,
  * add the dead entry, append the event. KEYS: processing, results, dead,
- * dedup key. ARGV: raw job, maxlen, dead entry or "", task id for the dedup
+ * dedup key, recovered-count hash. ARGV: raw job, maxlen, dead entry or "", task id for the dedup
  * marker or "", marker TTL ms, then the event's field/value pairs.
  *
  * A job no longer in the processing list was already recorded (the reply to
@@ -53,12 +83,93 @@ static const char RECORD_LUA[] =
     "local held = redis.call('LREM', KEYS[1], 1, ARGV[1])\n"
     "if ARGV[4] ~= '' then redis.call('SET', KEYS[4], ARGV[4], 'PX', ARGV[5]) end\n"
     "if held == 0 then return 0 end\n"
+    "if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('HDEL', KEYS[5], redis.sha1hex(ARGV[1])) end\n"
     "if ARGV[3] ~= '' then redis.call('LPUSH', KEYS[3], ARGV[3]) end\n"
     "redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 6))\n"
     "return 1\n";
 
-enum { S_TAKE, S_PUTBACK, S_RECORD, S_COUNT };
-static const char *const script_src[S_COUNT] = {TAKE_LUA, PUTBACK_LUA, RECORD_LUA};
+/* A job to retry later: out of the processing list, into the retry set,
+ * in one step. KEYS: processing, retry. ARGV: held text, due ms, envelope. */
+static const char RETRY_LUA[] =
+    "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end\n"
+    "redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])\n"
+    "return 1\n";
+
+/* Due retries go to the taking end of the intake list. KEYS: retry, jobs. */
+static const char PROMOTE_LUA[] =
+    "local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))\n"
+    "for _, m in ipairs(due) do\n"
+    "  redis.call('ZREM', KEYS[1], m)\n"
+    "  redis.call('RPUSH', KEYS[2], m)\n"
+    "end\n"
+    "return #due\n";
+
+/* This instance is alive: its hash (with a TTL) and its name in the set.
+ * KEYS: instance hash, instances set. ARGV: ttl ms, name, field/value... */
+static const char HEARTBEAT_LUA[] =
+    "redis.call('DEL', KEYS[1])\n"
+    "redis.call('HSET', KEYS[1], unpack(ARGV, 3))\n"
+    "redis.call('PEXPIRE', KEYS[1], ARGV[1])\n"
+    "redis.call('SADD', KEYS[2], ARGV[2])\n"
+    "return 1\n";
+
+/*
+ * Jobs held by instances whose heartbeat expired go back to the taking end
+ * of the intake list, oldest first; a job recovered more than ARGV[4] times
+ * (it may be what kills the daemons) goes to the dead list as "poison"
+ * instead. With ARGV[6] = "self" only this instance's own list is
+ * examined and nothing is moved: the jobs it holds are returned (oldest
+ * first) for it to finish, after the same poison check.
+ * KEYS: instances set, jobs, dead, results, recovered hash.
+ * ARGV: self, prefix, maxlen, poison limit, now ms, mode.
+ */
+static const char RECOVER_LUA[] =
+    "local self, prefix, maxlen, limit, now, mode = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6]\n"
+    "local function poison(raw)\n"
+    "  local n = redis.call('HINCRBY', KEYS[5], redis.sha1hex(raw), 1)\n"
+    "  if n <= limit then return false end\n"
+    "  redis.call('HDEL', KEYS[5], redis.sha1hex(raw))\n"
+    "  local inner = string.match(raw, '^{\"vidq_retry\":{[^}]*},\"job\":(.*)}$') or raw\n"
+    "  local ok, j = pcall(cjson.decode, inner)\n"
+    "  local jid = ''\n"
+    "  if ok and type(j) == 'table' and type(j.job_id) == 'string' then jid = j.job_id end\n"
+    "  local body = ok and inner or cjson.encode(inner)\n"
+    "  local msg = 'recovered ' .. n .. ' times from instances that died holding it'\n"
+    "  redis.call('LPUSH', KEYS[3], '{\"job\":' .. body .. ',\"job_id\":' .. cjson.encode(jid) ..\n"
+    "    ',\"error\":\"poison\",\"message\":' .. cjson.encode(msg) .. ',\"http_status\":null,\"attempts\":0,\"failed_at\":' .. now .. '}')\n"
+    "  redis.call('XADD', KEYS[4], 'MAXLEN', '~', maxlen, '*', 'event', 'failed', 'ts', now, 'job_id', jid,\n"
+    "    'error', 'poison', 'message', msg, 'attempts', '0')\n"
+    "  return true\n"
+    "end\n"
+    "if mode == 'self' then\n"
+    "  local pkey = prefix .. ':processing:' .. self\n"
+    "  local held = redis.call('LRANGE', pkey, 0, -1)\n"
+    "  local out = {}\n"
+    "  for i = #held, 1, -1 do\n"
+    "    if poison(held[i]) then redis.call('LREM', pkey, 1, held[i]) else out[#out + 1] = held[i] end\n"
+    "  end\n"
+    "  return out\n"
+    "end\n"
+    "local moved = 0\n"
+    "for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do\n"
+    "  if name ~= self and redis.call('EXISTS', prefix .. ':instance:' .. name) == 0 then\n"
+    "    local pkey = prefix .. ':processing:' .. name\n"
+    "    while true do\n"
+    "      local raw = redis.call('LPOP', pkey)\n"
+    "      if not raw then break end\n"
+    "      if not poison(raw) then\n"
+    "        redis.call('RPUSH', KEYS[2], raw)\n"
+    "        moved = moved + 1\n"
+    "      end\n"
+    "    end\n"
+    "    redis.call('SREM', KEYS[1], name)\n"
+    "  end\n"
+    "end\n"
+    "return moved\n";
+
+enum { S_TAKE, S_PUTBACK, S_RECORD, S_RETRY, S_PROMOTE, S_HEARTBEAT, S_RECOVER, S_COUNT };
+static const char *const script_src[S_COUNT] = {TAKE_LUA,  PUTBACK_LUA,   RECORD_LUA, RETRY_LUA,
+                                                PROMOTE_LUA, HEARTBEAT_LUA, RECOVER_LUA};
 
 struct queue {
     uv_loop_t *loop;
@@ -67,6 +178,7 @@ struct queue {
     char *prefix;
     char *instance;
     char *k_jobs, *k_processing, *k_results, *k_dead, *k_paused;
+    char *k_retry, *k_rate, *k_instances, *k_instance, *k_recovered;
     long maxlen;
     char sha[S_COUNT][41];
     int scripts_loaded;
@@ -172,6 +284,12 @@ queue *queue_new(uv_loop_t *loop, const struct queue_opts *o, queue_state_fn *fn
     q->k_results = mkkey(o->prefix, "results");
     q->k_dead = mkkey(o->prefix, "dead");
     q->k_paused = mkkey(o->prefix, "paused");
+    q->k_retry = mkkey(o->prefix, "retry");
+    q->k_rate = mkkey(o->prefix, "ratelimit");
+    q->k_instances = mkkey(o->prefix, "instances");
+    snprintf(pname, sizeof pname, "instance:%s", o->instance);
+    q->k_instance = mkkey(o->prefix, pname);
+    q->k_recovered = mkkey(o->prefix, "recovered");
     q->maxlen = o->results_maxlen;
     q->state_fn = fn;
     q->ud = ud;
@@ -206,6 +324,11 @@ void queue_close(queue *q)
     free(q->k_results);
     free(q->k_dead);
     free(q->k_paused);
+    free(q->k_retry);
+    free(q->k_rate);
+    free(q->k_instances);
+    free(q->k_instance);
+    free(q->k_recovered);
     free(q);
 }
 
@@ -229,16 +352,18 @@ static int reply_failed(queue *q, redisReply *r)
 static void on_items(redisReply *r, void *ud)
 {
     struct call *c = ud;
-    int paused = 0;
+    struct qinfo info = {0, 0};
     if (reply_failed(c->q, r) || (r->type != REDIS_REPLY_ARRAY && r->type != REDIS_REPLY_NIL)) {
-        c->items_fn(1, 0, NULL, 0, c->ud);
+        c->items_fn(1, &info, NULL, 0, c->ud);
         free(c);
         return;
     }
     size_t n = r->type == REDIS_REPLY_ARRAY ? r->elements : 0;
     size_t skip = (size_t)c->skip < n ? (size_t)c->skip : n;
-    if (skip && r->element[0]->type == REDIS_REPLY_INTEGER)
-        paused = r->element[0]->integer == 1;
+    if (skip >= 1 && r->element[0]->type == REDIS_REPLY_INTEGER)
+        info.paused = r->element[0]->integer == 1;
+    if (skip >= 2 && r->element[1]->type == REDIS_REPLY_INTEGER)
+        info.rate_wait_ms = r->element[1]->integer;
     struct qitem *items = xmalloc((n - skip + 1) * sizeof *items);
     size_t k = 0;
     for (size_t i = skip; i < n; i++) {
@@ -249,7 +374,7 @@ static void on_items(redisReply *r, void *ud)
         items[k].len = e->len;
         k++;
     }
-    c->items_fn(0, paused, items, k, c->ud);
+    c->items_fn(0, &info, items, k, c->ud);
     free(items);
     free(c);
 }
@@ -258,14 +383,15 @@ static void on_single(redisReply *r, void *ud)
 {
     struct call *c = ud;
     struct qitem it;
+    struct qinfo info = {0, 0};
     if (reply_failed(c->q, r)) {
-        c->items_fn(1, 0, NULL, 0, c->ud);
+        c->items_fn(1, &info, NULL, 0, c->ud);
     } else if (r->type == REDIS_REPLY_STRING) {
         it.data = r->str;
         it.len = r->len;
-        c->items_fn(0, 0, &it, 1, c->ud);
+        c->items_fn(0, &info, &it, 1, c->ud);
     } else {
-        c->items_fn(0, 0, NULL, 0, c->ud);
+        c->items_fn(0, &info, NULL, 0, c->ud);
     }
     free(c);
 }
@@ -312,15 +438,23 @@ static int qsend(queue *q, rconn *conn, rconn_reply_fn *rfn, struct call *c, int
 
 /* ---- operations --------------------------------------------------------- */
 
-int queue_take(queue *q, unsigned max, queue_items_fn *fn, void *ud)
+int queue_take(queue *q, unsigned max, double global_rate, queue_items_fn *fn, void *ud)
 {
-    char n[16];
+    char n[16], now[32], interval[48], burst[48];
     snprintf(n, sizeof n, "%u", max);
-    const char *argv[] = {"EVALSHA", q->sha[S_TAKE], "3", q->k_jobs, q->k_processing, q->k_paused, n};
+    snprintf(now, sizeof now, "%lld", (long long)now_ms());
+    /* Burst tolerance: a tenth of a second's worth, at least one job, so
+     * the pace is smooth but one slow round trip does not lose admissions. */
+    double iv = global_rate > 0 ? 1000.0 / global_rate : 0;
+    double b = global_rate > 0 ? (global_rate / 10 > 1 ? global_rate / 10 : 1) * iv : 0;
+    snprintf(interval, sizeof interval, "%.6f", iv);
+    snprintf(burst, sizeof burst, "%.6f", b);
+    const char *argv[] = {"EVALSHA",   q->sha[S_TAKE], "4", q->k_jobs, q->k_processing, q->k_paused,
+                          q->k_rate, n,            now, interval,  burst};
     struct call *c = new_call(q, ud);
     c->items_fn = fn;
-    c->skip = 1;
-    return qsend(q, q->cmd, on_items, c, 7, argv, NULL);
+    c->skip = 2;
+    return qsend(q, q->cmd, on_items, c, 11, argv, NULL);
 }
 
 int queue_wait(queue *q, int timeout_s, queue_items_fn *fn, void *ud)
@@ -337,13 +471,73 @@ int queue_wait(queue *q, int timeout_s, queue_items_fn *fn, void *ud)
     return qsend(q, q->blk, on_single, c, 6, argv, NULL);
 }
 
-int queue_held(queue *q, queue_items_fn *fn, void *ud)
+static int recover(queue *q, const char *mode, int poison_limit, rconn_reply_fn *rfn, struct call *c)
 {
-    const char *argv[] = {"LRANGE", q->k_processing, "0", "-1"};
+    char maxlen[32], limit[16], now[32];
+    snprintf(maxlen, sizeof maxlen, "%ld", q->maxlen);
+    snprintf(limit, sizeof limit, "%d", poison_limit);
+    snprintf(now, sizeof now, "%lld", (long long)now_ms());
+    const char *argv[] = {"EVALSHA",    q->sha[S_RECOVER], "5",        q->k_instances, q->k_jobs, q->k_dead,
+                          q->k_results, q->k_recovered,    q->instance, q->prefix,     maxlen,    limit,
+                          now,          mode};
+    return qsend(q, q->cmd, rfn, c, 14, argv, NULL);
+}
+
+int queue_held(queue *q, int recovering, int poison_limit, queue_items_fn *fn, void *ud)
+{
     struct call *c = new_call(q, ud);
     c->items_fn = fn;
+    if (recovering)
+        return recover(q, "self", poison_limit, on_items, c); /* returns oldest first */
+    const char *argv[] = {"LRANGE", q->k_processing, "0", "-1"};
     c->reverse = 1; /* jobs enter at the head: the tail is the oldest */
     return qsend(q, q->cmd, on_items, c, 4, argv, NULL);
+}
+
+int queue_takeover(queue *q, int poison_limit, queue_done_fn *fn, void *ud)
+{
+    struct call *c = new_call(q, ud);
+    c->done_fn = fn;
+    return recover(q, "others", poison_limit, on_done, c);
+}
+
+int queue_heartbeat(queue *q, const char *const *fields, int nfields, int64_t ttl_ms, queue_done_fn *fn, void *ud)
+{
+    char ttl[32];
+    snprintf(ttl, sizeof ttl, "%lld", (long long)ttl_ms);
+    int argc = 7 + nfields;
+    const char **argv = xmalloc((size_t)argc * sizeof *argv);
+    const char *fixed[] = {"EVALSHA", q->sha[S_HEARTBEAT], "2", q->k_instance, q->k_instances, ttl, q->instance};
+    memcpy(argv, fixed, sizeof fixed);
+    for (int i = 0; i < nfields; i++)
+        argv[7 + i] = fields[i];
+    struct call *c = new_call(q, ud);
+    c->done_fn = fn;
+    int rc = qsend(q, q->cmd, on_done, c, argc, argv, NULL);
+    free(argv);
+    return rc;
+}
+
+int queue_retry(queue *q, const char *held, size_t held_len, const char *envelope, size_t env_len, int64_t due_ms,
+                queue_done_fn *fn, void *ud)
+{
+    char due[32];
+    snprintf(due, sizeof due, "%lld", (long long)due_ms);
+    const char *argv[] = {"EVALSHA", q->sha[S_RETRY], "2", q->k_processing, q->k_retry, held, due, envelope};
+    size_t lens[] = {7, 40, 1, strlen(q->k_processing), strlen(q->k_retry), held_len, strlen(due), env_len};
+    struct call *c = new_call(q, ud);
+    c->done_fn = fn;
+    return qsend(q, q->cmd, on_done, c, 8, argv, lens);
+}
+
+int queue_promote(queue *q, queue_done_fn *fn, void *ud)
+{
+    char now[32];
+    snprintf(now, sizeof now, "%lld", (long long)now_ms());
+    const char *argv[] = {"EVALSHA", q->sha[S_PROMOTE], "2", q->k_retry, q->k_jobs, now, "1000"};
+    struct call *c = new_call(q, ud);
+    c->done_fn = fn;
+    return qsend(q, q->cmd, on_done, c, 7, argv, NULL);
 }
 
 int queue_putback(queue *q, const char *raw, size_t len, queue_done_fn *fn, void *ud)
@@ -367,14 +561,14 @@ int queue_dedup_get(queue *q, const char *job_id, queue_str_fn *fn, void *ud)
 
 int queue_record(queue *q, const struct qrecord *r, queue_done_fn *fn, void *ud)
 {
-    enum { FIXED = 12 };
+    enum { FIXED = 13 };
     char dedup_key[300], maxlen[32], ttl[32];
     snprintf(dedup_key, sizeof dedup_key, "%s:dedup:%s", q->prefix, r->dedup_job_id ? r->dedup_job_id : "");
     snprintf(maxlen, sizeof maxlen, "%ld", q->maxlen);
     snprintf(ttl, sizeof ttl, "%lld", (long long)(r->dedup_ttl_ms > 0 ? r->dedup_ttl_ms : 1));
     const char *dtask = r->dedup_job_id && r->dedup_task_id ? r->dedup_task_id : "";
-    const char *fixed[FIXED] = {"EVALSHA", q->sha[S_RECORD], "4", q->k_processing, q->k_results, q->k_dead,
-                                dedup_key, r->raw, maxlen, r->dead ? r->dead : "", dtask, ttl};
+    const char *fixed[FIXED] = {"EVALSHA", q->sha[S_RECORD], "5", q->k_processing, q->k_results, q->k_dead,
+                                dedup_key, q->k_recovered, r->raw, maxlen, r->dead ? r->dead : "", dtask, ttl};
     int argc = FIXED + r->nfields;
     const char **argv = xmalloc((size_t)argc * sizeof *argv);
     size_t *lens = xmalloc((size_t)argc * sizeof *lens);
@@ -382,8 +576,8 @@ int queue_record(queue *q, const struct qrecord *r, queue_done_fn *fn, void *ud)
         argv[i] = fixed[i];
         lens[i] = strlen(fixed[i]);
     }
-    lens[7] = r->raw_len; /* the raw job and the dead entry may hold NUL bytes */
-    lens[9] = r->dead ? r->dead_len : 0;
+    lens[8] = r->raw_len; /* the raw job and the dead entry may hold NUL bytes */
+    lens[10] = r->dead ? r->dead_len : 0;
     for (int i = 0; i < r->nfields; i++) {
         argv[FIXED + i] = r->fields[i];
         lens[FIXED + i] = r->field_lens[i];

@@ -35,8 +35,14 @@ struct qitem {
     size_t len;
 };
 
+/* What came with a batch of jobs. */
+struct qinfo {
+    int paused;          /* prefix:paused exists: nothing was taken */
+    int64_t rate_wait_ms; /* global rate: the next admission is possible in this many ms */
+};
+
 /* err != 0: Redis failed or is away (nothing was taken). Items valid during the call. */
-typedef void queue_items_fn(int err, int paused, const struct qitem *items, size_t n, void *ud);
+typedef void queue_items_fn(int err, const struct qinfo *info, const struct qitem *items, size_t n, void *ud);
 /* err != 0: not done (the caller retries); else `result` is the integer reply. */
 typedef void queue_done_fn(int err, long long result, void *ud);
 /* value NULL when the key does not exist. */
@@ -50,14 +56,33 @@ void queue_close(queue *q);
 
 /*
  * Move up to `max` jobs from the intake list to this instance's processing
- * list, atomically, in one round trip; nothing when `prefix:paused` exists
- * (then `paused` is 1). Returns -1 when Redis is not up (fn not called).
+ * list, atomically, in one round trip; nothing when `prefix:paused` exists.
+ * `global_rate` > 0 (jobs/s across all instances) paces admissions with
+ * GCRA in the same step. Returns -1 when Redis is not up (fn not called).
  */
-int queue_take(queue *q, unsigned max, queue_items_fn *fn, void *ud);
+int queue_take(queue *q, unsigned max, double global_rate, queue_items_fn *fn, void *ud);
 /* Block up to `timeout_s` on the blocking connection for one job (BLMOVE). */
 int queue_wait(queue *q, int timeout_s, queue_items_fn *fn, void *ud);
-/* The jobs already in this instance's processing list, oldest first. */
-int queue_held(queue *q, queue_items_fn *fn, void *ud);
+/*
+ * The jobs already in this instance's processing list, oldest first. With
+ * `recovering` (at start-up, after a crash) each counts as recovered once
+ * and a job recovered more than `poison_limit` times goes to the dead list
+ * with error "poison" instead of being returned.
+ */
+int queue_held(queue *q, int recovering, int poison_limit, queue_items_fn *fn, void *ud);
+/*
+ * Give the jobs of instances whose heartbeat expired back to the intake
+ * list (oldest first, to be taken next), with the same poison check.
+ * result = number of jobs moved.
+ */
+int queue_takeover(queue *q, int poison_limit, queue_done_fn *fn, void *ud);
+/* Publish this instance's heartbeat: field/value pairs, kept for ttl_ms. */
+int queue_heartbeat(queue *q, const char *const *fields, int nfields, int64_t ttl_ms, queue_done_fn *fn, void *ud);
+/* Move a held job to the retry set, due at `due_ms`, as `envelope`. */
+int queue_retry(queue *q, const char *held, size_t held_len, const char *envelope, size_t env_len, int64_t due_ms,
+                queue_done_fn *fn, void *ud);
+/* Move due retries to the intake list. result = number moved. */
+int queue_promote(queue *q, queue_done_fn *fn, void *ud);
 /* Move a held job back to the intake list, to be taken next. */
 int queue_putback(queue *q, const char *raw, size_t len, queue_done_fn *fn, void *ud);
 
@@ -66,7 +91,7 @@ int queue_dedup_get(queue *q, const char *job_id, queue_str_fn *fn, void *ud);
 
 /* One finished job, recorded atomically (see queue.c: RECORD_LUA). */
 struct qrecord {
-    const char *raw;            /* the held job, removed from the processing list */
+    const char *raw;            /* the held text, removed from the processing list */
     size_t raw_len;
     const char *const *fields;  /* event field/value pairs (XADD) */
     const size_t *field_lens;

@@ -2,43 +2,83 @@
  * mockapi.c - a mock of the upstream video-generation gateway, for vidq's tests.
  *
  * It answers the calls vidqd makes (CONTRACT.md §1) with the shapes real
- * gateways use (the fixtures in shared/api/), records what it received so a test can
- * prove "this job reached the API exactly once", and injects the faults that
- * matter for cost safety: resets before and after the request was read,
- * hangs, garbage, huge and dripping answers, and dead keep-alive connections.
+ * gateways use (the fixtures in shared/api/), records what it received so a
+ * test can prove "this job reached the API exactly once", and injects the
+ * faults that matter for cost safety: resets before and after the request
+ * was read, hangs, garbage, huge and dripping answers, dead keep-alives.
  *
  *   mockapi [--port N] [--port-file FILE] [--token TOKEN]
  *           [--shape wrapper|wrapper-legacy|flat|openai]
  *           [--submit-shape full|documented|legacy|nested] [--latency-ms N]
  *           [--task-seconds S] [--video-bytes N] [--seed N] [--quiet]
  *
- * Routes (127.0.0.1 only):
- *   POST /v1/video/generations        submit; creates a task
- *   GET  /v1/video/generations/{id}   query; status follows the task's age
- *   GET  /videos/{id}.mp4             the "video": byte i of task T is
+ * It listens on 127.0.0.1 only (port 0 = any free port), writes the port to
+ * --port-file atomically and prints "listening 127.0.0.1:PORT". --quiet
+ * silences the stderr log (config changes, injected faults), not that line.
+ * SIGTERM/SIGINT: exit 0 after closing everything. Usage errors exit 64.
+ *
+ * Routes:
+ *   POST /v1/video/generations        submit. Bearer auth (--token, or any
+ *                                       token when none is set), then the
+ *                                       injection rules, then validation.
+ *   GET  /v1/video/generations/{id}   status by age: NOT_START for the first
+ *                                       third of --task-seconds, IN_PROGRESS,
+ *                                       then SUCCESS, or FAILURE when the prompt
+ *                                       contains "[fail]". Unknown id: 400.
+ *   GET  /videos/{id}.mp4             --video-bytes bytes; byte i of task T is
  *                                       (i * 31 + sum of the bytes of T's id) & 0xff
- *   GET  /_mock/stats, GET /_mock/tasks, POST /_mock/config, POST /_mock/reset
+ *   GET  /_mock/stats                 {"posts","gets","tasks_created",
+ *                                       "received_by_key","created_by_key",
+ *                                       "max_concurrent", plus "in_flight",
+ *                                       "videos","connections"}
+ *   GET  /_mock/tasks                 [{"key","task_id","body","created"}, ...]
+ *   POST /_mock/config                any of latency_ms, shape, submit_shape,
+ *                                       token (null: any), task_seconds,
+ *                                       video_bytes, inject; all-or-nothing,
+ *                                       unknown keys are a 400
+ *   POST /_mock/reset                 clears counters, tasks and rules
  *
- * How it works: one libuv loop, one struct conn per TCP connection, with the
- * uv_tcp_t, a uv_timer_t (latency and drip) and an http_parser embedded.
- * The parser is paused at the end of every request; the request is then
- * dispatched and answered. An answer that is not written at once (latency,
- * drip, streamed body, hang) marks the connection busy: reading stops and
- * the unparsed rest of the input is kept, so pipelined requests are answered
- * strictly in order. Everything belonging to a connection is freed only in
- * the close callback of its last handle.
+ * An injection rule is {"mode", "path": submit|get|any, "count", "fraction",
+ * "status", "body", "retry_after", "retry_after_ms", "bytes"} plus two of our
+ * own: "interval_ms" (drip pace, default 1000) and "immediate" (see
+ * close_keepalive). Rules are tried in order; the first that matches the
+ * route and wins its fraction draw applies, and only then is its count spent.
  *
- * Semantics the tests rely on (see also the notes at each handler):
- * - A submit counts as "received" once it was read completely (whatever the
- *   answer: 401, 400, 413, injected fault); a task is created only for a valid
- *   request answered normally, or by the modes reset_after_read, drip and
- *   close_keepalive. The task is created when the request has been read, before
- *   any latency, so a client that times out still leaves a task behind, as
- *   a real gateway would.
- * - latency_ms delays every answer to a submit (GETs are answered at once).
+ * Semantics the tests rely on:
+ * - A submit counts as received once it was read completely, whatever the
+ *   answer (401, 400, 413, injected fault). A task is created for a valid
+ *   request answered normally and by the modes that let the request reach
+ *   the "gateway": reset_after_read, drip (the normal answer, dripped) and
+ *   close_keepalive. status, garbage, huge and hang create none.
+ * - The task is created as soon as the request has been read, before any
+ *   latency: a client that times out still leaves a task behind, as a real
+ *   gateway would.
+ * - latency_ms delays every answer to a submit (not GETs), and the reset of
+ *   reset_after_read. max_concurrent counts submits read but not yet answered.
+ * - reset_before_read acts at the end of the headers (the rule needs path and
+ *   auth); the body is never read.
+ * - close_keepalive answers normally, without "Connection: close", then
+ *   resets the connection as soon as the next request on it starts to arrive,
+ *   unread. Closing right after the answer would let the client see the FIN
+ *   and quietly open a new connection (curl does), so the reused connection
+ *   would rarely die; "immediate": true closes right after the answer anyway.
+ * - Request bodies in /_mock/tasks are the exact bytes received as a JSON
+ *   string (bytes that are not valid UTF-8 become U+FFFD).
  * - Task ids are "task_<seq>_<8 hex>"; <seq> indexes the task table directly.
+ *
+ * How it works: one libuv loop, one struct conn per TCP connection with the
+ * uv_tcp_t, a uv_timer_t (latency, drip) and an http_parser embedded. The
+ * parser is paused at the end of every request, which is then dispatched.
+ * An answer that is not written at once (latency, drip, streamed body, hang)
+ * marks the connection busy: reading stops and the unparsed rest of the
+ * input is kept, so pipelined requests are answered strictly in order.
+ * Streamed bodies keep one chunk in flight (flow control without buffering
+ * 64 MiB). A connection's memory is freed only in the close callback of its
+ * last handle.
  */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -96,6 +136,14 @@ static const char ERR_TOO_LARGE[] =
     "\"code\":\"request_body_too_large\"}}";
 static const char NOT_FOUND[] =
     "{\"code\":\"not_found\",\"message\":\"not found\",\"data\":null}";
+static const char NO_VIDEO[] =
+    "{\"code\":\"not_found\",\"message\":\"no such video\",\"data\":null}";
+static const char BAD_METHOD[] =
+    "{\"code\":\"method_not_allowed\",\"message\":\"method not allowed\",\"data\":null}";
+static const char URI_TOO_LONG[] =
+    "{\"code\":\"uri_too_long\",\"message\":\"URI too long\",\"data\":null}";
+static const char HDR_TOO_LARGE[] =
+    "{\"code\":\"header_too_large\",\"message\":\"header too large\",\"data\":null}";
 static const char GARBAGE[] = "<html>not json";
 static const char FAIL_REASON[] = "Failure to pass the risk control system";
 static const char CONTINUE_100[] = "HTTP/1.1 100 Continue\r\n\r\n";
@@ -1451,7 +1499,7 @@ static void handle_video(struct conn *c)
 
     srv.videos++;
     if (t == NULL) {
-        reply_static(c, 404, "{\"code\":\"not_found\",\"message\":\"no such video\",\"data\":null}", 0);
+        reply_static(c, 404, NO_VIDEO, 0);
         return;
     }
     plan_stream(c, 200, "video/mp4", srv.cfg.video_bytes, true, t->id_sum);
@@ -1847,15 +1895,15 @@ static void dispatch(struct conn *c)
         reply_static(c, c->auth_ok ? 404 : 401, c->auth_ok ? NOT_FOUND : ERR_INVALID_TOKEN, 0);
         break;
     case R_BAD_METHOD:
-        reply_static(c, 405, "{\"code\":\"method_not_allowed\",\"message\":\"method not allowed\",\"data\":null}", 0);
+        reply_static(c, 405, BAD_METHOD, 0);
         break;
     case R_URL_TOO_LONG:
         c->keepalive = false;
-        reply_static(c, 414, "{\"code\":\"uri_too_long\",\"message\":\"URI too long\",\"data\":null}", 0);
+        reply_static(c, 414, URI_TOO_LONG, 0);
         break;
     case R_HDR_TOO_LONG:
         c->keepalive = false;
-        reply_static(c, 431, "{\"code\":\"header_too_large\",\"message\":\"header too large\",\"data\":null}", 0);
+        reply_static(c, 431, HDR_TOO_LARGE, 0);
         break;
     case R_NONE:
     case R_NOT_FOUND:

@@ -1,0 +1,835 @@
+"""vidqtest - the harness of vidq's integration tests (Python 3 standard library only).
+
+What it gives a test script:
+
+- TAP output (`TAP`: ok/eq/diag/skip, the plan printed at the end, `1..0 # SKIP`),
+  with the tail of the vidqd logs as diagnostics when a check fails;
+- a private redis-server on a free port of 127.0.0.1 (`Env.redis()`), no
+  persistence by default, or AOF with `appendfsync always`;
+- the project's mock of the upstream API (`Env.mock()`, tests/mockapi) and a
+  JSON client for its admin endpoints (/_mock/stats, /tasks, /config, /reset);
+- vidqd (`Env.vidqd()`), run with a config file written in the temp dir and
+  its stderr in a log file;
+- a minimal RESP2 client (`Redis`): commands, pipelines, all reply types;
+- helpers: compact JSON jobs, bulk LPUSH, reading the whole results stream,
+  the dead list, `wait_until`.
+
+Everything started is stopped by pid at exit (atexit, SIGTERM, SIGINT),
+with SIGKILL when it does not go; temp dirs are removed (set VIDQ_KEEP_TMP=1
+to keep them). Servers listen on 127.0.0.1 only.
+
+Environment: VIDQ_BUILDDIR (default /tmp/b), VIDQ_SRCDIR, REDIS_SERVER
+(default redis-server), VIDQ_KEEP_TMP.
+
+Usage in a test script:
+
+    import vidqtest as vt
+
+    def main(t, env):
+        rs = env.redis()
+        mock = env.mock()
+        vd = env.vidqd(conf={"submit.concurrency": 4})
+        vd.start()
+        ...
+        t.ok(cond, "description")
+
+    vt.run(main, "name")
+"""
+
+import atexit
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import urllib.error
+import urllib.request
+
+HOST = "127.0.0.1"
+BUILDDIR = os.environ.get("VIDQ_BUILDDIR") or "/tmp/b"
+SRCDIR = os.environ.get("VIDQ_SRCDIR") or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VIDQD = os.path.join(BUILDDIR, "vidqd")
+MOCKAPI = os.path.join(BUILDDIR, "tests", "mockapi")
+TOKEN = "it-token-5f1e2d3c"
+PREFIX = "vidq"
+TERMINAL = ("submitted", "failed", "duplicate")
+ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def redis_server_binary():
+    """The redis-server to use, or None when there is none."""
+    cand = os.environ.get("REDIS_SERVER") or "redis-server"
+    if os.sep in cand:
+        return cand if os.access(cand, os.X_OK) else None
+    return shutil.which(cand)
+
+
+# ---------------------------------------------------------------------------
+# Processes and temp dirs: everything is stopped / removed at exit.
+
+_procs = []
+_tmpdirs = []
+_cleaned = False
+
+
+def stop_process(p, sig=signal.SIGTERM, timeout=10.0):
+    """Signal p (by pid) and wait; SIGKILL when it does not exit in time. Returns the exit status."""
+    if p.poll() is not None:
+        return p.returncode
+    try:
+        os.kill(p.pid, sig)
+    except ProcessLookupError:
+        pass
+    try:
+        return p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.kill(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            return p.wait(10)
+        except subprocess.TimeoutExpired:
+            return None
+
+
+def cleanup():
+    global _cleaned
+    if _cleaned:
+        return
+    _cleaned = True
+    for p in reversed(_procs):
+        try:
+            stop_process(p, timeout=5)
+        except Exception:  # noqa: BLE001 - cleanup must go on
+            pass
+    if not os.environ.get("VIDQ_KEEP_TMP"):
+        for d in _tmpdirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _on_signal(signum, frame):  # noqa: ARG001
+    cleanup()
+    try:
+        print("Bail out! interrupted by signal %d" % signum, flush=True)
+    except Exception:  # noqa: BLE001
+        pass
+    os._exit(128 + signum)
+
+
+atexit.register(cleanup)
+signal.signal(signal.SIGTERM, _on_signal)
+signal.signal(signal.SIGINT, _on_signal)
+
+
+def spawn(argv, log_path, env=None, cwd=None):
+    """Start a tracked process with stdout+stderr appended to log_path."""
+    log = open(log_path, "ab")
+    try:
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                             env=env, cwd=cwd, start_new_session=True)
+    finally:
+        log.close()
+    _procs.append(p)
+    return p
+
+
+def free_port():
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def tail(path, n=20):
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            data = f.read()
+    except OSError as e:
+        return ["(cannot read %s: %s)" % (path, e)]
+    lines = data.decode("utf-8", "replace").splitlines()
+    return lines[-n:]
+
+
+def wait_until(pred, timeout=60.0, interval=0.1, unless=None):
+    """Poll pred() until it is truthy or timeout seconds passed; returns its last value.
+    unless(): polled too; when it returns something truthy the wait stops early."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() >= deadline:
+            return v
+        if unless is not None and unless():
+            return pred()
+        time.sleep(interval)
+
+
+class TestError(Exception):
+    """A failure that ends the script (reported as one failed TAP line)."""
+
+
+def wait_for(pred, what, timeout=60.0, interval=0.1, unless=None):
+    v = wait_until(pred, timeout, interval, unless)
+    if not v:
+        raise TestError("timed out after %gs waiting for %s" % (timeout, what))
+    return v
+
+
+# ---------------------------------------------------------------------------
+# TAP
+
+
+class TAP:
+    MAX_LOG_DUMPS = 4
+
+    def __init__(self):
+        self.n = 0
+        self.failed = 0
+        self.logs = []  # (label, path) shown on failures
+        self.dumps = 0
+        self.started = time.monotonic()
+
+    def _out(self, s):
+        print(s, flush=True)
+
+    def diag(self, *lines):
+        for line in lines:
+            for part in str(line).splitlines() or [""]:
+                self._out("# " + part)
+
+    def ok(self, cond, desc, *diag):
+        self.n += 1
+        desc = desc.replace("#", "\\#").replace("\n", " ")
+        if cond:
+            self._out("ok %d - %s" % (self.n, desc))
+            return True
+        self.failed += 1
+        self._out("not ok %d - %s" % (self.n, desc))
+        for d in diag:
+            self.diag(d)
+        self.dump_logs()
+        return False
+
+    def eq(self, got, expected, desc):
+        return self.ok(got == expected, desc, "expected: %s" % _short(expected), "     got: %s" % _short(got))
+
+    def skip(self, desc, reason):
+        self.n += 1
+        self._out("ok %d - %s # SKIP %s" % (self.n, desc, reason))
+
+    def dump_logs(self, n=15, force=False):
+        if not force and self.dumps >= self.MAX_LOG_DUMPS:
+            return
+        self.dumps += 1
+        for label, path in self.logs[-2:]:
+            self.diag("--- last lines of %s (%s) ---" % (label, path))
+            self.diag(*tail(path, n))
+
+    def skip_all(self, reason):
+        self._out("1..0 # SKIP %s" % reason)
+        sys.exit(0)
+
+    def done(self):
+        self._out("1..%d" % self.n)
+        self.diag("%d of %d checks failed; %.1fs" % (self.failed, self.n, time.monotonic() - self.started)
+                  if self.failed else "all %d checks passed; %.1fs" % (self.n, time.monotonic() - self.started))
+        return 1 if self.failed else 0
+
+
+def _short(v, limit=600):
+    s = repr(v)
+    return s if len(s) <= limit else s[:limit] + "... (%d chars)" % len(s)
+
+
+# ---------------------------------------------------------------------------
+# RESP2 client
+
+
+class RedisError(Exception):
+    pass
+
+
+class Redis:
+    """A blocking RESP2 client. Bulk strings come back as bytes, simple strings as str."""
+
+    def __init__(self, port, host=HOST, timeout=30.0):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.rf = self.sock.makefile("rb", buffering=1 << 16)
+
+    def close(self):
+        try:
+            self.rf.close()
+            self.sock.close()
+        except OSError:
+            pass
+
+    @staticmethod
+    def encode(args):
+        out = [b"*%d\r\n" % len(args)]
+        for a in args:
+            if isinstance(a, (bytes, bytearray, memoryview)):
+                a = bytes(a)
+            elif isinstance(a, str):
+                a = a.encode("utf-8", "surrogateescape")
+            elif isinstance(a, bool):
+                a = b"1" if a else b"0"
+            elif isinstance(a, (int, float)):
+                a = repr(a).encode()
+            else:
+                raise TypeError("cannot send %r to Redis" % (a,))
+            out.append(b"$%d\r\n" % len(a))
+            out.append(a)
+            out.append(b"\r\n")
+        return b"".join(out)
+
+    def _line(self):
+        line = self.rf.readline()
+        if not line.endswith(b"\r\n"):
+            raise ConnectionError("Redis closed the connection")
+        return line[:-2]
+
+    def read_reply(self):
+        line = self._line()
+        t, rest = line[:1], line[1:]
+        if t == b"+":
+            return rest.decode("utf-8", "replace")
+        if t == b"-":
+            return RedisError(rest.decode("utf-8", "replace"))
+        if t == b":":
+            return int(rest)
+        if t == b"$":
+            n = int(rest)
+            if n < 0:
+                return None
+            data = self.rf.read(n + 2)
+            if len(data) != n + 2:
+                raise ConnectionError("Redis closed the connection")
+            return data[:-2]
+        if t == b"*":
+            n = int(rest)
+            if n < 0:
+                return None
+            return [self.read_reply() for _ in range(n)]
+        raise ConnectionError("bad RESP reply line %r" % line[:80])
+
+    def execute(self, *args):
+        self.sock.sendall(self.encode(args))
+        r = self.read_reply()
+        if isinstance(r, RedisError):
+            raise r
+        return r
+
+    __call__ = execute
+
+    def pipeline(self, cmds, raise_errors=True):
+        """Send many commands in one write, read all replies."""
+        cmds = list(cmds)
+        if not cmds:
+            return []
+        self.sock.sendall(b"".join(self.encode(c) for c in cmds))
+        replies = [self.read_reply() for _ in cmds]
+        if raise_errors:
+            for r in replies:
+                if isinstance(r, RedisError):
+                    raise r
+        return replies
+
+
+# ---------------------------------------------------------------------------
+# Keys, jobs, events
+
+
+def k_jobs(prefix=PREFIX):
+    return prefix + ":jobs"
+
+
+def k_processing(instance, prefix=PREFIX):
+    return "%s:processing:%s" % (prefix, instance)
+
+
+def k_results(prefix=PREFIX):
+    return prefix + ":results"
+
+
+def k_dead(prefix=PREFIX):
+    return prefix + ":dead"
+
+
+def k_dedup(job_id, prefix=PREFIX):
+    return "%s:dedup:%s" % (prefix, job_id)
+
+
+def jdump(v):
+    """Compact JSON text (no whitespace, UTF-8 as is)."""
+    return json.dumps(v, separators=(",", ":"), ensure_ascii=False)
+
+
+def job(**fields):
+    """A job as compact JSON bytes, members in the given order."""
+    return jdump(fields).encode("utf-8")
+
+
+def raw_object(members):
+    """Build an object's bytes from (key, raw value bytes/str) pairs, exactly as given."""
+    parts = []
+    for k, v in members:
+        if isinstance(v, str):
+            v = v.encode("utf-8")
+        parts.append(jdump(k).encode("utf-8") + b":" + v)
+    return b"{" + b",".join(parts) + b"}"
+
+
+def push_jobs(r, jobs, key=None, chunk=1000):
+    """LPUSH every job (bytes/str), in order, pipelined in chunks: vidqd takes them in this order."""
+    key = key or k_jobs()
+    jobs = list(jobs)
+    for i in range(0, len(jobs), chunk):
+        r.pipeline([("LPUSH", key, j) for j in jobs[i:i + chunk]])
+    return len(jobs)
+
+
+def _dec(b):
+    return b.decode("utf-8", "surrogateescape") if isinstance(b, bytes) else b
+
+
+def read_stream(r, key=None, chunk=1000):
+    """Every entry of a stream, oldest first, as dicts of str (undecodable bytes kept as surrogates;
+    get the bytes back with .encode('utf-8', 'surrogateescape')); the entry id is under '_id'."""
+    key = key or k_results()
+    out = []
+    start = "-"
+    while True:
+        rep = r.execute("XRANGE", key, start, "+", "COUNT", chunk)
+        if not rep:
+            break
+        for eid, fields in rep:
+            d = {"_id": _dec(eid)}
+            for i in range(0, len(fields) - 1, 2):
+                d[_dec(fields[i])] = _dec(fields[i + 1])
+            out.append(d)
+        if len(rep) < chunk:
+            break
+        start = "(" + _dec(rep[-1][0])
+    return out
+
+
+def read_dead(r, key=None):
+    """The dead list, oldest first, each entry parsed (or {'_unparsable': text})."""
+    out = []
+    for raw in reversed(r.execute("LRANGE", key or k_dead(), 0, -1) or []):
+        text = _dec(raw)
+        try:
+            out.append(json.loads(text))
+        except ValueError:
+            out.append({"_unparsable": text})
+    return out
+
+
+def by_job(events):
+    """job_id -> list of events about it."""
+    m = {}
+    for e in events:
+        if "job_id" in e:
+            m.setdefault(e["job_id"], []).append(e)
+    return m
+
+
+def terminal_by_job(events):
+    m = {}
+    for e in events:
+        if e.get("event") in TERMINAL and "job_id" in e:
+            m.setdefault(e["job_id"], []).append(e)
+    return m
+
+
+def count_terminal(r, key=None):
+    """Number of terminal events on the stream (reads it all)."""
+    return sum(1 for e in read_stream(r, key) if e.get("event") in TERMINAL)
+
+
+# ---------------------------------------------------------------------------
+# redis-server
+
+
+class RedisServer:
+    def __init__(self, env, aof=False):
+        self.env = env
+        self.aof = aof
+        self.dir = os.path.join(env.dir, "redis")
+        os.makedirs(self.dir, exist_ok=True)
+        self.log = os.path.join(env.dir, "redis.log")
+        self.port = None
+        self.proc = None
+        self._client = None
+
+    def argv(self):
+        a = [redis_server_binary(), "--port", str(self.port), "--bind", HOST, "--dir", self.dir,
+             "--save", "", "--daemonize", "no", "--protected-mode", "yes", "--logfile", ""]
+        if self.aof:
+            a += ["--appendonly", "yes", "--appendfsync", "always"]
+        else:
+            a += ["--appendonly", "no"]
+        return a
+
+    def start(self):
+        last = None
+        for _ in range(5):
+            if self.port is None:
+                self.port = free_port()
+            self.proc = spawn(self.argv(), self.log)
+            ok = wait_until(self._pingable, timeout=30, interval=0.05, unless=lambda: self.proc.poll() is not None)
+            if ok:
+                return self
+            last = "redis-server exited with %s" % self.proc.poll()
+            stop_process(self.proc, signal.SIGKILL)
+            self.port = None  # maybe the port was taken meanwhile: try another
+        raise TestError("cannot start redis-server: %s; log: %s" % (last, " | ".join(tail(self.log, 5))))
+
+    def _pingable(self):
+        try:
+            c = Redis(self.port, timeout=2)
+            try:
+                return c.execute("PING") == "PONG"
+            finally:
+                c.close()
+        except (OSError, ConnectionError, RedisError):
+            return False
+
+    def client(self):
+        return Redis(self.port)
+
+    @property
+    def r(self):
+        """A shared client connection (reconnects when the server restarted)."""
+        if self._client is None:
+            self._client = self.client()
+        return self._client
+
+    def stop(self, sig=signal.SIGTERM):
+        if self._client:
+            self._client.close()
+            self._client = None
+        if self.proc:
+            return stop_process(self.proc, sig)
+        return None
+
+    def restart(self, sig=signal.SIGTERM):
+        """Stop (SIGTERM, or SIGKILL to simulate a crash) and start again on the same port and dir."""
+        self.stop(sig)
+        self.proc = spawn(self.argv(), self.log)
+        wait_for(self._pingable, "redis-server to restart", timeout=30, interval=0.05)
+        return self
+
+    @property
+    def url(self):
+        return "redis://%s:%d/0" % (HOST, self.port)
+
+
+# ---------------------------------------------------------------------------
+# The mock API
+
+
+class Mock:
+    def __init__(self, env, latency_ms=0, args=(), token=TOKEN, name="mockapi"):
+        self.env = env
+        self.latency_ms = latency_ms
+        self.args = list(args)
+        self.token = token
+        self.port_file = os.path.join(env.dir, name + ".port")
+        self.log = os.path.join(env.dir, name + ".log")
+        self.port = None
+        self.proc = None
+
+    def start(self):
+        if not os.access(MOCKAPI, os.X_OK):
+            raise TestError("%s not built (make tests/mockapi)" % MOCKAPI)
+        argv = [MOCKAPI, "--port", "0", "--port-file", self.port_file, "--token", self.token, "--quiet",
+                "--seed", "7"]
+        if self.latency_ms:
+            argv += ["--latency-ms", str(self.latency_ms)]
+        argv += self.args
+        self.proc = spawn(argv, self.log)
+
+        def port():
+            try:
+                with open(self.port_file) as f:
+                    s = f.read().strip()
+                return int(s) if s else None
+            except (OSError, ValueError):
+                return None
+
+        self.port = wait_for(port, "the mock's port file", timeout=30, interval=0.05,
+                             unless=lambda: self.proc.poll() is not None)
+        return self
+
+    @property
+    def url(self):
+        return "http://%s:%d" % (HOST, self.port)
+
+    def request(self, method, path, body=None, timeout=60):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return json.loads(resp.read().decode("utf-8"))
+        except urllib.error.HTTPError as e:
+            raise TestError("mock %s %s: HTTP %d %s" % (method, path, e.code, e.read()[:300])) from None
+
+    def stats(self):
+        return self.request("GET", "/_mock/stats")
+
+    def tasks(self):
+        return self.request("GET", "/_mock/tasks")
+
+    def config(self, **kw):
+        """POST /_mock/config, e.g. config(inject=[{"mode": "status", "status": 503, "count": 2}])."""
+        return self.request("POST", "/_mock/config", kw)
+
+    def inject(self, *rules):
+        return self.config(inject=list(rules))
+
+    def reset(self):
+        return self.request("POST", "/_mock/reset", {})
+
+    def tasks_by_key(self):
+        m = {}
+        for t in self.tasks():
+            m.setdefault(t["key"], []).append(t)
+        return m
+
+    def stop(self):
+        if self.proc:
+            return stop_process(self.proc)
+        return None
+
+
+# ---------------------------------------------------------------------------
+# vidqd
+
+
+DEFAULT_CONF = {
+    "daemon.shutdown_timeout": "10s",
+    "api.timeout": "30s",
+    "api.connect_timeout": "5s",
+    "submit.concurrency": "8",
+    "submit.backoff_base": "100ms",
+    "submit.backoff_max": "1s",
+    "log.level": "info",
+}
+
+
+def write_conf(path, conf):
+    """Write an INI file from {"section.key": value}."""
+    sections = {}
+    for k, v in conf.items():
+        sec, key = k.split(".", 1)
+        sections.setdefault(sec, []).append((key, v))
+    with open(path, "w") as f:
+        for sec, items in sections.items():
+            f.write("[%s]\n" % sec)
+            for key, v in items:
+                f.write("%s = %s\n" % (key, v))
+            f.write("\n")
+
+
+def daemon_env(token=TOKEN, extra=None):
+    env = dict(os.environ)
+    for k in ("VIDQ_API_TOKEN", "CREDENTIALS_DIRECTORY", "NOTIFY_SOCKET"):
+        env.pop(k, None)
+    if token is not None:
+        env["VIDQ_API_TOKEN"] = token
+    if extra:
+        env.update(extra)
+    return env
+
+
+class Vidqd:
+    def __init__(self, env, instance="it", conf=None, args=(), token=TOKEN, name=None):
+        self.env = env
+        self.instance = instance
+        self.name = name or "vidqd-" + instance
+        self.conf = dict(DEFAULT_CONF)
+        if env.redis_server:
+            self.conf["redis.url"] = env.redis_server.url
+        if env.mock_server:
+            self.conf["api.base_url"] = env.mock_server.url
+        self.conf["daemon.instance"] = instance
+        self.conf.update(conf or {})
+        self.args = list(args)
+        self.token = token
+        self.conf_path = os.path.join(env.dir, self.name + ".conf")
+        self.log = os.path.join(env.dir, self.name + ".log")
+        self.proc = None
+        self.starts = 0
+
+    def start(self, wait_ready=True):
+        if not os.access(VIDQD, os.X_OK):
+            raise TestError("%s not built" % VIDQD)
+        write_conf(self.conf_path, self.conf)
+        self.starts += 1
+        with open(self.log, "ab") as f:
+            f.write(("=== harness: start #%d of %s ===\n" % (self.starts, self.name)).encode())
+        self.proc = spawn([VIDQD, "-c", self.conf_path] + self.args, self.log, env=daemon_env(self.token))
+        if (self.name, self.log) not in self.env.tap.logs:
+            self.env.tap.logs.append((self.name, self.log))
+        if wait_ready:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout=30):
+        """Until vidqd has its Redis connections (named after the instance) or logged that it is connected."""
+        def ready():
+            if self.proc.poll() is not None:
+                raise TestError("%s exited with status %s at start-up; log: %s" % (
+                    self.name, self.proc.returncode, " | ".join(tail(self.log, 8))))
+            if any("connected to Redis" in line for line in tail(self.log, 50)):
+                return True
+            try:
+                cl = self.env.redis_server.r.execute("CLIENT", "LIST")
+            except (OSError, ConnectionError, RedisError):
+                return False
+            return (":%s:" % self.instance).encode() in cl
+        wait_for(ready, "%s to connect to Redis" % self.name, timeout=timeout, interval=0.05)
+
+    @property
+    def pid(self):
+        return self.proc.pid if self.proc else None
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def dead(self):
+        """For wait_until(unless=...): a message when vidqd died."""
+        if self.proc is not None and self.proc.poll() is not None:
+            return "%s exited with status %s" % (self.name, self.proc.returncode)
+        return None
+
+    def signal(self, sig):
+        if self.alive():
+            os.kill(self.proc.pid, sig)
+
+    def kill(self):
+        """SIGKILL and reap."""
+        self.signal(signal.SIGKILL)
+        return self.proc.wait(30)
+
+    def wait(self, timeout):
+        """Exit status, or None when still running after timeout seconds."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, timeout=60):
+        if self.proc is None:
+            return None
+        return stop_process(self.proc, signal.SIGTERM, timeout)
+
+    def memory_kb(self):
+        """(VmRSS, VmHWM) in kB from /proc, or (None, None)."""
+        rss = hwm = None
+        try:
+            with open("/proc/%d/status" % self.proc.pid) as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        rss = int(line.split()[1])
+                    elif line.startswith("VmHWM:"):
+                        hwm = int(line.split()[1])
+        except OSError:
+            pass
+        return rss, hwm
+
+    def log_lines(self):
+        try:
+            with open(self.log, "rb") as f:
+                return f.read().decode("utf-8", "replace").splitlines()
+        except OSError:
+            return []
+
+    def log_grep(self, needle, n=10):
+        return [line for line in self.log_lines() if needle in line][-n:]
+
+
+def run_vidqd(args, token=TOKEN, timeout=30, env_extra=None, cwd=None):
+    """Run vidqd to completion (for --check-config, --help, ...): (status, stdout, stderr)."""
+    p = subprocess.run([VIDQD] + list(args), stdin=subprocess.DEVNULL, capture_output=True,
+                       env=daemon_env(token, env_extra), timeout=timeout, cwd=cwd)
+    return p.returncode, p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace")
+
+
+# ---------------------------------------------------------------------------
+# The environment of one test script
+
+
+class Env:
+    def __init__(self, tap, name):
+        self.tap = tap
+        self.dir = tempfile.mkdtemp(prefix="vidq-it-%s-" % name)
+        _tmpdirs.append(self.dir)
+        self.redis_server = None
+        self.mock_server = None
+        if os.environ.get("VIDQ_KEEP_TMP"):
+            tap.diag("temp dir: %s" % self.dir)
+
+    def redis(self, aof=False):
+        self.redis_server = RedisServer(self, aof=aof).start()
+        return self.redis_server
+
+    def mock(self, **kw):
+        self.mock_server = Mock(self, **kw).start()
+        self.tap.logs.insert(0, ("mockapi", self.mock_server.log))
+        return self.mock_server
+
+    def vidqd(self, **kw):
+        return Vidqd(self, **kw)
+
+    @property
+    def r(self):
+        return self.redis_server.r
+
+
+def prerequisites():
+    """A reason to skip, or None."""
+    if redis_server_binary() is None:
+        return "no redis-server (set REDIS_SERVER)"
+    if not os.access(VIDQD, os.X_OK):
+        return "vidqd not built at %s (set VIDQ_BUILDDIR)" % VIDQD
+    if not os.access(MOCKAPI, os.X_OK):
+        return "tests/mockapi not built at %s" % MOCKAPI
+    return None
+
+
+def run(main, name, needs_servers=True):
+    """Run main(tap, env) as a TAP producer and exit with its status."""
+    t = TAP()
+    if needs_servers:
+        why = prerequisites()
+        if why:
+            t.skip_all(why)
+    elif not os.access(VIDQD, os.X_OK):
+        t.skip_all("vidqd not built at %s (set VIDQ_BUILDDIR)" % VIDQD)
+    env = Env(t, name)
+    try:
+        main(t, env)
+    except TestError as e:
+        t.ok(False, "harness: %s" % e)
+    except Exception:  # noqa: BLE001 - report anything as a failed check
+        t.ok(False, "unexpected exception", traceback.format_exc())
+    cleanup()
+    sys.exit(t.done())
