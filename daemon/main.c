@@ -204,6 +204,7 @@ static void http_opts_from(const struct config *c, struct http_opts *o, const ch
     o->ca_file = c->ca_file;
     o->max_response = MAX_RESPONSE;
     o->user_agent = ua;
+    o->max_connections = c->concurrency + 16;
 }
 
 /* ---- runtime ------------------------------------------------------------------ */

@@ -26,6 +26,7 @@ struct http_client {
     uv_loop_t *loop;
     CURLM *multi;
     uv_timer_t timer;
+    uv_prepare_t kick;     /* starts new transfers before the loop polls */
     int64_t connect_timeout_ms;
     int64_t timeout_ms;
     size_t max_response;
@@ -36,6 +37,7 @@ struct http_client {
     http_req *active_list; /* doubly linked, for cancel-all at close */
     unsigned active;
     int closing;
+    int open_handles;
 };
 
 struct http_req {
@@ -91,14 +93,34 @@ static void on_timer(uv_timer_t *t)
     check_multi_info(c);
 }
 
+/*
+ * curl asks for a 0 ms timeout right after a transfer is added. A 0 ms libuv
+ * timer started from a timer callback would run again in the same pass (and
+ * curl may keep asking), so such a request becomes a prepare callback, which
+ * runs once, at the end of this turn of the loop, before it polls. Requests
+ * added in one turn start together, without the 1 ms a timer would cost.
+ */
+static void on_kick(uv_prepare_t *h)
+{
+    http_client *c = h->data;
+    int running;
+    uv_prepare_stop(h);
+    curl_multi_socket_action(c->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+    check_multi_info(c);
+}
+
 static int timer_cb(CURLM *multi, long timeout_ms, void *userp)
 {
     http_client *c = userp;
     (void)multi;
-    if (timeout_ms < 0)
+    if (timeout_ms < 0) {
         uv_timer_stop(&c->timer);
-    else
-        uv_timer_start(&c->timer, on_timer, timeout_ms == 0 ? 1 : (uint64_t)timeout_ms, 0);
+    } else if (timeout_ms == 0) {
+        uv_timer_stop(&c->timer);
+        uv_prepare_start(&c->kick, on_kick);
+    } else {
+        uv_timer_start(&c->timer, on_timer, (uint64_t)timeout_ms, 0);
+    }
     return 0;
 }
 
@@ -467,19 +489,26 @@ http_client *http_client_new(uv_loop_t *loop, const struct http_opts *o, char *e
     }
     c->multi = curl_multi_init();
     uv_timer_init(loop, &c->timer);
+    uv_prepare_init(loop, &c->kick);
     c->timer.data = c;
+    c->kick.data = c;
     curl_multi_setopt(c->multi, CURLMOPT_SOCKETFUNCTION, socket_cb);
     curl_multi_setopt(c->multi, CURLMOPT_SOCKETDATA, c);
     curl_multi_setopt(c->multi, CURLMOPT_TIMERFUNCTION, timer_cb);
     curl_multi_setopt(c->multi, CURLMOPT_TIMERDATA, c);
     curl_multi_setopt(c->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX);
+    /* Keep an idle connection for every request that may be in flight:
+     * curl's default cache is smaller, and under load it would close and
+     * reopen connections for a good part of the requests. */
+    curl_multi_setopt(c->multi, CURLMOPT_MAXCONNECTS, o->max_connections > 0 ? o->max_connections : 64L);
     return c;
 }
 
-static void client_timer_closed(uv_handle_t *h)
+static void client_handle_closed(uv_handle_t *h)
 {
     http_client *c = h->data;
-    free(c);
+    if (--c->open_handles == 0)
+        free(c);
 }
 
 void http_client_close(http_client *c)
@@ -504,5 +533,8 @@ void http_client_close(http_client *c)
     sbuf_free(&c->retired_blobs);
     free(c->user_agent);
     uv_timer_stop(&c->timer);
-    uv_close((uv_handle_t *)&c->timer, client_timer_closed);
+    uv_prepare_stop(&c->kick);
+    c->open_handles = 2;
+    uv_close((uv_handle_t *)&c->timer, client_handle_closed);
+    uv_close((uv_handle_t *)&c->kick, client_handle_closed);
 }

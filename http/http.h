@@ -27,6 +27,7 @@ struct http_opts {
     const char *ca_file;     /* extra CA bundle added to the system's, or NULL */
     size_t max_response;     /* larger bodies abort the transfer */
     const char *user_agent;
+    long max_connections;    /* idle connections kept for reuse (>= requests in flight) */
 };
 
 struct http_result {

@@ -235,8 +235,25 @@ void rconn_target_describe(const struct rconn_target *t, char *buf, size_t len)
 struct adapter {
     redisAsyncContext *ac;
     uv_poll_t poll;
-    int events;
+    uv_prepare_t flush;
+    int events;       /* what the poll handle watches */
+    int want_write;   /* hiredis has output queued */
+    int flushing;
+    int open_handles;
 };
+
+static void adapter_on_poll(uv_poll_t *h, int status, int events);
+
+static void adapter_poll(struct adapter *a, int events)
+{
+    if (events == a->events)
+        return;
+    a->events = events;
+    if (events)
+        uv_poll_start(&a->poll, events, adapter_on_poll);
+    else
+        uv_poll_stop(&a->poll);
+}
 
 static void adapter_on_poll(uv_poll_t *h, int status, int events)
 {
@@ -251,26 +268,64 @@ static void adapter_on_poll(uv_poll_t *h, int status, int events)
         redisAsyncHandleWrite(a->ac);
 }
 
-static void adapter_update(struct adapter *a, int add, int ev)
+/*
+ * Commands issued during one turn of the loop are written together, right
+ * before the loop polls: one write(2) for a whole batch, and no epoll
+ * changes while the socket takes everything (it nearly always does). Only
+ * a write that would block falls back to waiting for POLLOUT. Connecting
+ * sockets always wait for POLLOUT: that is how hiredis learns the connect
+ * finished.
+ */
+static void adapter_on_flush(uv_prepare_t *h)
 {
-    int events = add ? (a->events | ev) : (a->events & ~ev);
-    if (events == a->events)
+    struct adapter *a = h->data;
+    uv_prepare_stop(h);
+    if (a->ac == NULL || !a->want_write)
         return;
-    a->events = events;
-    if (events)
-        uv_poll_start(&a->poll, events, adapter_on_poll);
-    else
-        uv_poll_stop(&a->poll);
+    a->flushing = 1;
+    a->want_write = 0;
+    redisAsyncHandleWrite(a->ac); /* may free the context (a->ac = NULL) */
+    a->flushing = 0;
+    if (a->ac && a->want_write)
+        adapter_poll(a, a->events | UV_WRITABLE);
 }
 
-static void adapter_add_read(void *p) { adapter_update(p, 1, UV_READABLE); }
-static void adapter_del_read(void *p) { adapter_update(p, 0, UV_READABLE); }
-static void adapter_add_write(void *p) { adapter_update(p, 1, UV_WRITABLE); }
-static void adapter_del_write(void *p) { adapter_update(p, 0, UV_WRITABLE); }
+static void adapter_add_read(void *p)
+{
+    struct adapter *a = p;
+    adapter_poll(a, a->events | UV_READABLE);
+}
+
+static void adapter_del_read(void *p)
+{
+    struct adapter *a = p;
+    adapter_poll(a, a->events & ~UV_READABLE);
+}
+
+static void adapter_add_write(void *p)
+{
+    struct adapter *a = p;
+    a->want_write = 1;
+    if (a->flushing || !(a->ac->c.flags & REDIS_CONNECTED) || (a->events & UV_WRITABLE)) {
+        if (!a->flushing)
+            adapter_poll(a, a->events | UV_WRITABLE);
+        return;
+    }
+    uv_prepare_start(&a->flush, adapter_on_flush);
+}
+
+static void adapter_del_write(void *p)
+{
+    struct adapter *a = p;
+    a->want_write = 0;
+    adapter_poll(a, a->events & ~UV_WRITABLE);
+}
 
 static void adapter_free_cb(uv_handle_t *h)
 {
-    free(h->data);
+    struct adapter *a = h->data;
+    if (--a->open_handles == 0)
+        free(a);
 }
 
 static void adapter_cleanup(void *p)
@@ -278,7 +333,9 @@ static void adapter_cleanup(void *p)
     struct adapter *a = p;
     a->ac = NULL;
     uv_poll_stop(&a->poll);
+    uv_prepare_stop(&a->flush);
     uv_close((uv_handle_t *)&a->poll, adapter_free_cb);
+    uv_close((uv_handle_t *)&a->flush, adapter_free_cb);
 }
 
 static int adapter_attach(uv_loop_t *loop, redisAsyncContext *ac)
@@ -288,8 +345,11 @@ static int adapter_attach(uv_loop_t *loop, redisAsyncContext *ac)
         free(a);
         return -1;
     }
+    uv_prepare_init(loop, &a->flush);
+    a->open_handles = 2;
     a->ac = ac;
     a->poll.data = a;
+    a->flush.data = a;
     ac->ev.data = a;
     ac->ev.addRead = adapter_add_read;
     ac->ev.delRead = adapter_del_read;
