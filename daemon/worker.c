@@ -365,7 +365,15 @@ static void record(slot *s)
             .dedup_job_id = s->dedup ? s->job.job_id : NULL,
             .dedup_task_id = s->dedup ? s->task_id : NULL,
             .dedup_ttl_ms = w->cfg->dedup_window_ms,
+            .batch = s->job.batch,
+            .batch_field = s->outcome, /* submitted, failed or duplicate */
         };
+        /* With tracking, a submitted job is not done: its task is followed
+         * (the record seeds the schedule) and the tracker writes its end. */
+        int track = w->cfg->track_enabled && strcmp(s->outcome, "submitted") == 0;
+        r.final = !track;
+        r.track_job_id = track ? s->job.job_id : NULL;
+        r.first_poll_ms = now_ms() + w->cfg->poll_interval_ms;
         rc = queue_record(w->q, &r, on_recorded, s);
     }
     if (rc != 0)

@@ -13,6 +13,9 @@
  *   vidq:instances            set of instance names that may hold jobs
  *   vidq:instance:<inst>      hash, the heartbeat of a live instance (TTL)
  *   vidq:recovered            hash sha1(job) -> times recovered (poison check)
+ *   vidq:batch:<name>         hash of batch counters
+ *   vidq:track                sorted set: job ids of tracked tasks by next poll (ms)
+ *   vidq:task:<job_id>        hash: a tracked task (task id, batch, meta, status)
  *
  * The scripts are loaded (SCRIPT LOAD) each time the command connection
  * comes up, before the queue reports itself up, and run with EVALSHA. A
@@ -70,8 +73,12 @@ static const char PUTBACK_LUA[] =
 /*
  * One finished job: drop it from the processing list, set the dedup marker,
  * add the dead entry, append the event. KEYS: processing, results, dead,
- * dedup key, recovered-count hash. ARGV: raw job, maxlen, dead entry or "", task id for the dedup
- * marker or "", marker TTL ms, then the event's field/value pairs.
+ * dedup key, recovered-count hash, batch hash, task hash, tracking set.
+ * ARGV: raw job, maxlen, dead entry or "", task id for the dedup marker or
+ * "", marker TTL ms, batch counter, final flag, now, batch name, first poll
+ * time, job id to track or "", then the event's field/value pairs. With
+ * tracking, the event's fields also seed the task hash (vidq:task:<job_id>)
+ * and the job id enters the poll schedule (vidq:track).
  *
  * A job no longer in the processing list was already recorded (the reply to
  * an earlier attempt was lost) or taken over by another instance: then no
@@ -79,13 +86,42 @@ static const char PUTBACK_LUA[] =
  * dedup marker still is, so whoever holds the job now will not submit it
  * again. Returns 1 when recorded, 0 when it was not held.
  */
+/*
+ * Batch counters (CONTRACT §5), shared by the scripts that write a job's
+ * events: KEYS[6] the batch hash, ARGV[6] the counter to raise ('' = no
+ * batch), ARGV[7] '1' when this event is the job's last, ARGV[8] now (ms),
+ * ARGV[9] the batch name, ARGV[2] the stream's maxlen. When the jobs with a
+ * final event reach `total`, `done` is set and one batch_done event written.
+ */
+#define BATCH_LUA                                                                                    \
+    "if ARGV[6] ~= '' then\n"                                                                        \
+    "  redis.call('HINCRBY', KEYS[6], ARGV[6], 1)\n"                                                 \
+    "  if ARGV[7] == '1' then\n"                                                                     \
+    "    local fin = redis.call('HINCRBY', KEYS[6], 'final', 1)\n"                                   \
+    "    local total = tonumber(redis.call('HGET', KEYS[6], 'total') or '0')\n"                      \
+    "    if total and total > 0 and fin >= total and redis.call('HSETNX', KEYS[6], 'done', '1') == 1 then\n" \
+    "      local ev = {'event', 'batch_done', 'ts', ARGV[8], 'batch', ARGV[9]}\n"                     \
+    "      for _, f in ipairs({'total', 'submitted', 'failed', 'duplicate', 'succeeded', 'task_failed'}) do\n" \
+    "        ev[#ev + 1] = f\n"                                                                       \
+    "        ev[#ev + 1] = redis.call('HGET', KEYS[6], f) or '0'\n"                                   \
+    "      end\n"                                                                                     \
+    "      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ev))\n"                    \
+    "    end\n"                                                                                       \
+    "  end\n"                                                                                         \
+    "end\n"
+
 static const char RECORD_LUA[] =
     "local held = redis.call('LREM', KEYS[1], 1, ARGV[1])\n"
     "if ARGV[4] ~= '' then redis.call('SET', KEYS[4], ARGV[4], 'PX', ARGV[5]) end\n"
     "if held == 0 then return 0 end\n"
     "if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('HDEL', KEYS[5], redis.sha1hex(ARGV[1])) end\n"
     "if ARGV[3] ~= '' then redis.call('LPUSH', KEYS[3], ARGV[3]) end\n"
-    "redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 6))\n"
+    "redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 12))\n"
+    "if ARGV[11] ~= '' then\n"
+    "  redis.call('HSET', KEYS[7], 'job_id', ARGV[11], unpack(ARGV, 12))\n"
+    "  redis.call('ZADD', KEYS[8], ARGV[10], ARGV[11])\n"
+    "end\n"
+    BATCH_LUA
     "return 1\n";
 
 /* A job to retry later: out of the processing list, into the retry set,
@@ -178,7 +214,7 @@ struct queue {
     char *prefix;
     char *instance;
     char *k_jobs, *k_processing, *k_results, *k_dead, *k_paused;
-    char *k_retry, *k_rate, *k_instances, *k_instance, *k_recovered;
+    char *k_retry, *k_rate, *k_instances, *k_instance, *k_recovered, *k_track;
     long maxlen;
     char sha[S_COUNT][41];
     int scripts_loaded;
@@ -290,6 +326,7 @@ queue *queue_new(uv_loop_t *loop, const struct queue_opts *o, queue_state_fn *fn
     snprintf(pname, sizeof pname, "instance:%s", o->instance);
     q->k_instance = mkkey(o->prefix, pname);
     q->k_recovered = mkkey(o->prefix, "recovered");
+    q->k_track = mkkey(o->prefix, "track");
     q->maxlen = o->results_maxlen;
     q->state_fn = fn;
     q->ud = ud;
@@ -329,6 +366,7 @@ void queue_close(queue *q)
     free(q->k_instances);
     free(q->k_instance);
     free(q->k_recovered);
+    free(q->k_track);
     free(q);
 }
 
@@ -561,14 +599,22 @@ int queue_dedup_get(queue *q, const char *job_id, queue_str_fn *fn, void *ud)
 
 int queue_record(queue *q, const struct qrecord *r, queue_done_fn *fn, void *ud)
 {
-    enum { FIXED = 13 };
-    char dedup_key[300], maxlen[32], ttl[32];
+    enum { FIXED = 22 };
+    char dedup_key[300], batch_key[300], task_key[300], maxlen[32], ttl[32], now[32], first[32];
     snprintf(dedup_key, sizeof dedup_key, "%s:dedup:%s", q->prefix, r->dedup_job_id ? r->dedup_job_id : "");
+    snprintf(batch_key, sizeof batch_key, "%s:batch:%s", q->prefix, r->batch ? r->batch : "");
+    snprintf(task_key, sizeof task_key, "%s:task:%s", q->prefix, r->track_job_id ? r->track_job_id : "");
     snprintf(maxlen, sizeof maxlen, "%ld", q->maxlen);
     snprintf(ttl, sizeof ttl, "%lld", (long long)(r->dedup_ttl_ms > 0 ? r->dedup_ttl_ms : 1));
+    snprintf(now, sizeof now, "%lld", (long long)now_ms());
+    snprintf(first, sizeof first, "%lld", (long long)r->first_poll_ms);
     const char *dtask = r->dedup_job_id && r->dedup_task_id ? r->dedup_task_id : "";
-    const char *fixed[FIXED] = {"EVALSHA", q->sha[S_RECORD], "5", q->k_processing, q->k_results, q->k_dead,
-                                dedup_key, q->k_recovered, r->raw, maxlen, r->dead ? r->dead : "", dtask, ttl};
+    const char *fixed[FIXED] = {
+        "EVALSHA", q->sha[S_RECORD], "8", q->k_processing, q->k_results, q->k_dead, dedup_key, q->k_recovered,
+        batch_key, task_key, q->k_track,
+        /* ARGV */
+        r->raw, maxlen, r->dead ? r->dead : "", dtask, ttl, r->batch && r->batch_field ? r->batch_field : "",
+        r->final ? "1" : "0", now, r->batch ? r->batch : "", first, r->track_job_id ? r->track_job_id : ""};
     int argc = FIXED + r->nfields;
     const char **argv = xmalloc((size_t)argc * sizeof *argv);
     size_t *lens = xmalloc((size_t)argc * sizeof *lens);
@@ -576,8 +622,8 @@ int queue_record(queue *q, const struct qrecord *r, queue_done_fn *fn, void *ud)
         argv[i] = fixed[i];
         lens[i] = strlen(fixed[i]);
     }
-    lens[8] = r->raw_len; /* the raw job and the dead entry may hold NUL bytes */
-    lens[10] = r->dead ? r->dead_len : 0;
+    lens[11] = r->raw_len; /* the raw job and the dead entry may hold NUL bytes */
+    lens[13] = r->dead ? r->dead_len : 0;
     for (int i = 0; i < r->nfields; i++) {
         argv[FIXED + i] = r->fields[i];
         lens[FIXED + i] = r->field_lens[i];

@@ -101,6 +101,11 @@ struct qrecord {
     const char *dedup_job_id;   /* with dedup_task_id: set the dedup marker */
     const char *dedup_task_id;
     int64_t dedup_ttl_ms;
+    const char *batch;          /* batch name, or NULL */
+    const char *batch_field;    /* counter to raise: submitted, failed, ... */
+    int final;                  /* this is the job's last event (batch_done check) */
+    const char *track_job_id;   /* start tracking this job's task, or NULL */
+    int64_t first_poll_ms;
 };
 /* result 1: recorded; 0: the job was not held any more (no event written). */
 int queue_record(queue *q, const struct qrecord *r, queue_done_fn *fn, void *ud);
