@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 /* A task id is a non-empty string, or an integer some gateways send bare. */
 static char *id_value(const cJSON *v)
@@ -177,4 +178,125 @@ const char *outcome_kind_name(enum outcome_kind k)
 {
     static const char *names[] = {"submitted", "retry", "rejected", "account", "ambiguous", "bad_response"};
     return names[k];
+}
+
+/* ---- task status (GET) ---------------------------------------------------- */
+
+static char *str_or_null(const cJSON *v)
+{
+    return cJSON_IsString(v) && v->valuestring[0] != '\0' ? xstrdup(v->valuestring) : NULL;
+}
+
+static int is_http_url(const char *s)
+{
+    return s && (strncmp(s, "http://", 7) == 0 || strncmp(s, "https://", 8) == 0);
+}
+
+/* Terminal statuses of CONTRACT §1, in every spelling seen. */
+static enum task_state classify_status(const char *st)
+{
+    static const char *ok[] = {"SUCCESS", "completed", "succeeded", "succeed", "success"};
+    static const char *bad[] = {"FAILURE", "failed", "cancelled", "canceled", "failure"};
+    for (size_t i = 0; st && i < sizeof ok / sizeof ok[0]; i++) {
+        if (strcasecmp(st, ok[i]) == 0)
+            return TASK_SUCCEEDED;
+    }
+    for (size_t i = 0; st && i < sizeof bad / sizeof bad[0]; i++) {
+        if (strcasecmp(st, bad[i]) == 0)
+            return TASK_FAILED;
+    }
+    return TASK_RUNNING; /* unknown, NOT_START, empty: poll again */
+}
+
+/* The video URL in the places the shapes put it. */
+static char *find_url(const cJSON *o)
+{
+    static const char *keys[] = {"result_url", "url", "video_url"};
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
+        const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, keys[i]);
+        if (cJSON_IsString(v) && is_http_url(v->valuestring))
+            return xstrdup(v->valuestring);
+    }
+    const cJSON *md = cJSON_GetObjectItemCaseSensitive(o, "metadata");
+    const cJSON *u = cJSON_IsObject(md) ? cJSON_GetObjectItemCaseSensitive(md, "url") : NULL;
+    if (cJSON_IsString(u) && is_http_url(u->valuestring))
+        return xstrdup(u->valuestring);
+    const cJSON *data = cJSON_GetObjectItemCaseSensitive(o, "data");
+    if (cJSON_IsArray(data) && cJSON_GetArraySize(data) > 0) {
+        u = cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(data, 0), "url");
+        if (cJSON_IsString(u) && is_http_url(u->valuestring))
+            return xstrdup(u->valuestring);
+    }
+    /* Older gateways put the URL of a finished task in fail_reason. */
+    const cJSON *fr = cJSON_GetObjectItemCaseSensitive(o, "fail_reason");
+    if (cJSON_IsString(fr) && is_http_url(fr->valuestring))
+        return xstrdup(fr->valuestring);
+    return NULL;
+}
+
+static char *find_failure(const cJSON *o)
+{
+    const cJSON *err = cJSON_GetObjectItemCaseSensitive(o, "error");
+    char *m = NULL;
+    if (cJSON_IsObject(err))
+        m = str_or_null(cJSON_GetObjectItemCaseSensitive(err, "message"));
+    else if (cJSON_IsString(err))
+        m = str_or_null(err);
+    if (m == NULL) {
+        const cJSON *fr = cJSON_GetObjectItemCaseSensitive(o, "fail_reason");
+        if (cJSON_IsString(fr) && !is_http_url(fr->valuestring))
+            m = str_or_null(fr);
+    }
+    return m ? m : xstrdup("the task failed upstream (no reason given)");
+}
+
+static char *progress_text(const cJSON *p)
+{
+    char buf[32];
+    if (cJSON_IsString(p))
+        return xstrdup(p->valuestring);
+    if (cJSON_IsNumber(p)) {
+        snprintf(buf, sizeof buf, "%g", p->valuedouble);
+        return xstrdup(buf);
+    }
+    return xstrdup("");
+}
+
+int api_parse_task(const char *body, size_t len, struct task_status *t)
+{
+    memset(t, 0, sizeof *t);
+    cJSON *root = cJSON_ParseWithLength(body, len);
+    if (!cJSON_IsObject(root)) {
+        cJSON_Delete(root);
+        return -1;
+    }
+    /* The wrapper (and the flat shape some channels wrap the same way) keeps
+     * the task under "data"; the flat shape has it at the top. */
+    const cJSON *o = root;
+    const cJSON *data = cJSON_GetObjectItemCaseSensitive(root, "data");
+    if (!cJSON_IsString(cJSON_GetObjectItemCaseSensitive(root, "status")) && cJSON_IsObject(data))
+        o = data;
+    const cJSON *st = cJSON_GetObjectItemCaseSensitive(o, "status");
+    if (!cJSON_IsString(st)) {
+        cJSON_Delete(root);
+        return -1;
+    }
+    t->status = xstrdup(st->valuestring);
+    t->progress = progress_text(cJSON_GetObjectItemCaseSensitive(o, "progress"));
+    t->state = classify_status(t->status);
+    if (t->state == TASK_SUCCEEDED)
+        t->video_url = find_url(o);
+    else if (t->state == TASK_FAILED)
+        t->message = find_failure(o);
+    cJSON_Delete(root);
+    return 0;
+}
+
+void task_status_free(struct task_status *t)
+{
+    free(t->status);
+    free(t->progress);
+    free(t->video_url);
+    free(t->message);
+    memset(t, 0, sizeof *t);
 }

@@ -48,4 +48,23 @@ int api_parse_submit(const char *body, size_t len, char **task_id, char **status
 /* The API's own error message from either error envelope, or NULL. Owned. */
 char *api_error_message(const char *body, size_t len);
 
+enum task_state { TASK_RUNNING, TASK_SUCCEEDED, TASK_FAILED };
+
+struct task_status {
+    enum task_state state;
+    char *status;     /* as the API spelled it ("IN_PROGRESS", "queued", ...) */
+    char *progress;   /* "30%", "30" or "" */
+    char *video_url;  /* TASK_SUCCEEDED: the video, or NULL when none was given */
+    char *message;    /* TASK_FAILED: why, from the API */
+};
+
+/*
+ * Parse the answer to GET /v1/video/generations/{id} in either shape the
+ * gateways use (CONTRACT §1): the {"code","message","data":{...}} wrapper
+ * with upper-case statuses, or a flat object. Returns 0, or -1 when the
+ * body is not a task status at all.
+ */
+int api_parse_task(const char *body, size_t len, struct task_status *t);
+void task_status_free(struct task_status *t);
+
 #endif

@@ -13,6 +13,7 @@
 #include "log.h"
 #include "queue.h"
 #include "util.h"
+#include "tracker.h"
 #include "worker.h"
 
 #include <errno.h>
@@ -43,6 +44,7 @@ struct daemon {
     queue *q;
     http_client *http;
     worker *w;
+    tracker *tr;           /* NULL unless track.enabled */
     uv_signal_t sig_term, sig_int, sig_hup;
     uv_timer_t status_timer;
     int ready_sent;
@@ -248,6 +250,9 @@ static void on_drained(void *ud)
     queue_close(d->q);
     worker_free(d->w);
     d->w = NULL;
+    if (d->tr)
+        tracker_free(d->tr);
+    d->tr = NULL;
     uv_timer_stop(&d->status_timer);
     uv_close((uv_handle_t *)&d->status_timer, NULL);
     uv_close((uv_handle_t *)&d->sig_term, NULL);
@@ -265,6 +270,8 @@ static void on_stop_signal(uv_signal_t *h, int signum)
     d->stopping = 1;
     log_kv(LOG_NOTICE, signum == SIGTERM ? "SIGTERM: draining" : "SIGINT: draining", NULL);
     sd_notify_msg("STOPPING=1");
+    if (d->tr)
+        tracker_stop(d->tr);
     worker_drain(d->w, on_drained, d);
 }
 
@@ -283,8 +290,11 @@ static void on_hup(uv_signal_t *h, int signum)
     }
     /* Where the queue lives cannot change under a running instance. */
     if (strcmp(fresh.redis_url, d->cfg.redis_url) != 0 || strcmp(fresh.prefix, d->cfg.prefix) != 0 ||
-        strcmp(fresh.instance, d->cfg.instance) != 0 || fresh.results_maxlen != d->cfg.results_maxlen)
-        log_kv(LOG_WARNING, "SIGHUP: redis.*, daemon.instance and results.maxlen need a restart; kept", NULL);
+        strcmp(fresh.instance, d->cfg.instance) != 0 || fresh.results_maxlen != d->cfg.results_maxlen ||
+        fresh.track_enabled != d->cfg.track_enabled)
+        log_kv(LOG_WARNING,
+               "SIGHUP: redis.*, daemon.instance, results.maxlen and track.enabled need a restart; kept", NULL);
+    fresh.track_enabled = d->cfg.track_enabled;
     free(fresh.redis_url);
     fresh.redis_url = xstrdup(d->cfg.redis_url);
     free(fresh.prefix);
@@ -303,6 +313,8 @@ static void on_hup(uv_signal_t *h, int signum)
     struct config old = d->cfg;
     d->cfg = fresh;
     worker_set_config(d->w, &d->cfg);
+    if (d->tr)
+        tracker_set_config(d->tr, &d->cfg);
     log_setup(d->cfg.log_level, d->cfg.log_json);
     config_free(&old);
     log_kv(LOG_NOTICE, "SIGHUP: configuration and token reloaded", NULL);
@@ -332,6 +344,8 @@ static int run(struct daemon *d)
     };
     d->q = queue_new(&d->loop, &qo, on_queue_state, d);
     d->w = worker_new(&d->loop, &d->cfg, d->q, d->http);
+    if (d->cfg.track_enabled)
+        d->tr = tracker_new(&d->loop, &d->cfg, d->q, d->http);
     uv_signal_init(&d->loop, &d->sig_term);
     uv_signal_init(&d->loop, &d->sig_int);
     uv_signal_init(&d->loop, &d->sig_hup);

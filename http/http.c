@@ -15,6 +15,8 @@
 #include "util.h"
 
 #include <curl/curl.h>
+#include <errno.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -48,6 +50,10 @@ struct http_req {
     size_t body_len;
     size_t body_off;
     sbuf resp;
+    int fd;               /* download target, or -1 */
+    int64_t max_bytes;
+    int64_t written;
+    int write_errno;
     int too_large;
     int64_t retry_after_ms;
     int64_t started;
@@ -178,10 +184,38 @@ static size_t read_cb(char *buf, size_t size, size_t nitems, void *userp)
     return n;
 }
 
+static size_t write_file(http_req *r, const char *data, size_t n)
+{
+    if (r->written + (int64_t)n > r->max_bytes) {
+        r->too_large = 1;
+        return 0;
+    }
+    size_t off = 0;
+    while (off < n) {
+        ssize_t w = write(r->fd, data + off, n - off);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0) {
+            r->write_errno = w < 0 ? errno : EIO;
+            return 0; /* aborts the transfer */
+        }
+        off += (size_t)w;
+    }
+    r->written += (int64_t)n;
+    return n;
+}
+
 static size_t write_cb(char *data, size_t size, size_t nmemb, void *userp)
 {
     http_req *r = userp;
     size_t n = size * nmemb;
+    if (r->fd >= 0) {
+        /* Only a 2xx body is the video; keep an error body for the message. */
+        long status = 0;
+        curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
+        if (status >= 200 && status < 300)
+            return write_file(r, data, n);
+    }
     if (r->resp.len + n > r->c->max_response) {
         r->too_large = 1;
         return 0; /* aborts the transfer with CURLE_WRITE_ERROR */
@@ -256,6 +290,10 @@ static http_req *req_get(http_client *c)
     r->body = NULL;
     r->body_len = r->body_off = 0;
     r->too_large = 0;
+    r->fd = -1;
+    r->written = 0;
+    r->write_errno = 0;
+    r->max_bytes = 0;
     r->retry_after_ms = -1;
     r->errbuf[0] = '\0';
     r->started = mono_ms();
@@ -297,7 +335,7 @@ static void complete(http_req *r, CURLcode rc, const char *why)
     struct http_result res;
     long status = 0;
     curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
-    curl_multi_remove_handle(c->multi, r->easy);
+    curl_multi_remove_handle(c->multi, r->easy); /* getinfo stays valid until reuse */
     c->active--;
     if (r->prev)
         r->prev->next = r->next;
@@ -321,6 +359,16 @@ static void complete(http_req *r, CURLcode rc, const char *why)
     res.connect_failed = is_connect_failure(rc) && (r->body == NULL || r->body_off == 0);
     res.retry_after_ms = r->retry_after_ms;
     res.elapsed_ms = mono_ms() - r->started;
+    res.bytes = r->written;
+    res.write_errno = r->write_errno;
+    if (r->write_errno)
+        res.error = "cannot write the file";
+    char *ct = NULL;
+    curl_off_t cl = -1;
+    curl_easy_getinfo(r->easy, CURLINFO_CONTENT_TYPE, &ct);
+    curl_easy_getinfo(r->easy, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &cl);
+    res.content_type = ct;
+    res.content_length = cl;
     http_done_fn *fn = r->fn;
     void *ud = r->ud;
     /* The result points into r->resp, so recycle only after the callback. */
@@ -413,6 +461,22 @@ http_req *http_get(http_client *c, const char *url, const char *const *headers, 
 {
     http_req *r = start(c, url, headers, fn, ud);
     curl_easy_setopt(r->easy, CURLOPT_HTTPGET, 1L);
+    return submit(c, r);
+}
+
+http_req *http_download(http_client *c, const char *url, int fd, int64_t max_bytes, int64_t timeout_ms,
+                        http_done_fn *fn, void *ud)
+{
+    http_req *r = start(c, url, NULL, fn, ud);
+    r->fd = fd;
+    r->max_bytes = max_bytes;
+    curl_easy_setopt(r->easy, CURLOPT_HTTPGET, 1L);
+    curl_easy_setopt(r->easy, CURLOPT_TIMEOUT_MS, (long)timeout_ms);
+    curl_easy_setopt(r->easy, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)max_bytes);
+    /* Result URLs often redirect to a CDN; following is safe for a GET. */
+    curl_easy_setopt(r->easy, CURLOPT_FOLLOWLOCATION, 1L);
+    curl_easy_setopt(r->easy, CURLOPT_MAXREDIRS, 5L);
+    curl_easy_setopt(r->easy, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
     return submit(c, r);
 }
 

@@ -42,6 +42,11 @@ struct http_result {
     int too_large;           /* the body exceeded max_response */
     int64_t retry_after_ms;  /* Retry-After / retry-after-ms, -1 when absent */
     int64_t elapsed_ms;
+    /* downloads (http_download) */
+    const char *content_type;   /* or NULL */
+    int64_t content_length;     /* -1 when the server sent none */
+    int64_t bytes;              /* bytes written to the file */
+    int write_errno;            /* the file could not be written */
 };
 
 typedef void http_done_fn(http_req *req, const struct http_result *res, void *ud);
@@ -60,6 +65,13 @@ int http_client_set_opts(http_client *c, const struct http_opts *opts, char *err
 http_req *http_post(http_client *c, const char *url, const char *const *headers, const char *body, size_t len,
                     http_done_fn *fn, void *ud);
 http_req *http_get(http_client *c, const char *url, const char *const *headers, http_done_fn *fn, void *ud);
+
+/*
+ * GET `url` into the open file `fd` (not closed here), at most `max_bytes`,
+ * with its own total timeout (videos take longer than API calls).
+ */
+http_req *http_download(http_client *c, const char *url, int fd, int64_t max_bytes, int64_t timeout_ms,
+                        http_done_fn *fn, void *ud);
 
 /* Abort a request: its callback runs now, with curl_code set and `sent` telling
  * whether the server may have received it. */

@@ -203,9 +203,51 @@ static const char RECOVER_LUA[] =
     "end\n"
     "return moved\n";
 
-enum { S_TAKE, S_PUTBACK, S_RECORD, S_RETRY, S_PROMOTE, S_HEARTBEAT, S_RECOVER, S_COUNT };
-static const char *const script_src[S_COUNT] = {TAKE_LUA,  PUTBACK_LUA,   RECORD_LUA, RETRY_LUA,
-                                                PROMOTE_LUA, HEARTBEAT_LUA, RECOVER_LUA};
+/*
+ * Tracked tasks due for a poll: each is leased (its score pushed ARGV[3] ms
+ * ahead) so no other instance polls it at the same time, and returned with
+ * its hash. A crash leaves the lease to run out: the task is polled again.
+ * KEYS: track set. ARGV: now, max, lease ms, prefix. Reply {id, {hash}, ...}.
+ */
+static const char CLAIM_LUA[] =
+    "local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))\n"
+    "local out = {}\n"
+    "for _, id in ipairs(due) do\n"
+    "  local h = redis.call('HGETALL', ARGV[4] .. ':task:' .. id)\n"
+    "  if #h == 0 then\n"
+    "    redis.call('ZREM', KEYS[1], id)\n"
+    "  else\n"
+    "    redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[3]), id)\n"
+    "    out[#out + 1] = id\n"
+    "    out[#out + 1] = h\n"
+    "  end\n"
+    "end\n"
+    "return out\n";
+
+/*
+ * The result of one poll. KEYS: track set, results, task hash, -, -, batch
+ * hash. ARGV: job id, maxlen, mode ("again" or "final"), next poll ms, number
+ * of task-hash strings that follow ARGV[9], batch counter, final flag, now,
+ * batch name, hash field/value pairs, then the event's fields (none: no
+ * event). A task already finished (by another instance) is left alone.
+ */
+static const char TRACK_LUA[] =
+    "if redis.call('EXISTS', KEYS[3]) == 0 then redis.call('ZREM', KEYS[1], ARGV[1]) return 0 end\n"
+    "local nh = tonumber(ARGV[5])\n"
+    "if nh > 0 then redis.call('HSET', KEYS[3], unpack(ARGV, 10, 9 + nh)) end\n"
+    "if ARGV[3] == 'final' then\n"
+    "  redis.call('ZREM', KEYS[1], ARGV[1])\n"
+    "  redis.call('DEL', KEYS[3])\n"
+    "else\n"
+    "  redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])\n"
+    "end\n"
+    "if #ARGV >= 10 + nh then redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 10 + nh)) end\n"
+    BATCH_LUA
+    "return 1\n";
+
+enum { S_TAKE, S_PUTBACK, S_RECORD, S_RETRY, S_PROMOTE, S_HEARTBEAT, S_RECOVER, S_CLAIM, S_TRACK, S_COUNT };
+static const char *const script_src[S_COUNT] = {TAKE_LUA,    PUTBACK_LUA,   RECORD_LUA,  RETRY_LUA, PROMOTE_LUA,
+                                                HEARTBEAT_LUA, RECOVER_LUA, CLAIM_LUA,  TRACK_LUA};
 
 struct queue {
     uv_loop_t *loop;
@@ -633,5 +675,90 @@ int queue_record(queue *q, const struct qrecord *r, queue_done_fn *fn, void *ud)
     int rc = qsend(q, q->cmd, on_done, c, argc, argv, lens);
     free(argv);
     free(lens);
+    return rc;
+}
+
+/* ---- tracking ------------------------------------------------------------ */
+
+struct claim_call {
+    queue *q;
+    queue_tasks_fn *fn;
+    void *ud;
+};
+
+static void on_claimed(redisReply *r, void *ud)
+{
+    struct claim_call *c = ud;
+    if (reply_failed(c->q, r) || r->type != REDIS_REPLY_ARRAY) {
+        c->fn(1, NULL, 0, c->ud);
+        free(c);
+        return;
+    }
+    size_t n = r->elements / 2;
+    struct qtask *tasks = xcalloc(n + 1, sizeof *tasks);
+    size_t k = 0;
+    for (size_t i = 0; i + 1 < r->elements; i += 2) {
+        redisReply *id = r->element[i], *h = r->element[i + 1];
+        if (id->type != REDIS_REPLY_STRING || h->type != REDIS_REPLY_ARRAY)
+            continue;
+        tasks[k].job_id = id->str;
+        tasks[k].nfields = h->elements;
+        tasks[k].fields = xmalloc((h->elements + 1) * sizeof(char *));
+        for (size_t j = 0; j < h->elements; j++)
+            tasks[k].fields[j] = h->element[j]->type == REDIS_REPLY_STRING ? h->element[j]->str : "";
+        k++;
+    }
+    c->fn(0, tasks, k, c->ud);
+    for (size_t i = 0; i < k; i++)
+        free(tasks[i].fields);
+    free(tasks);
+    free(c);
+}
+
+int queue_track_claim(queue *q, unsigned max, int64_t lease_ms, queue_tasks_fn *fn, void *ud)
+{
+    char now[32], n[16], lease[32];
+    snprintf(now, sizeof now, "%lld", (long long)now_ms());
+    snprintf(n, sizeof n, "%u", max);
+    snprintf(lease, sizeof lease, "%lld", (long long)lease_ms);
+    const char *argv[] = {"EVALSHA", q->sha[S_CLAIM], "1", q->k_track, now, n, lease, q->prefix};
+    struct claim_call *c = xcalloc(1, sizeof *c);
+    c->q = q;
+    c->fn = fn;
+    c->ud = ud;
+    if (!q->up || rconn_cmd(q->cmd, on_claimed, c, 8, argv, NULL) != 0) {
+        free(c);
+        return -1;
+    }
+    return 0;
+}
+
+int queue_track_update(queue *q, const struct qtrack *t, queue_done_fn *fn, void *ud)
+{
+    enum { FIXED = 18 };
+    char task_key[300], batch_key[300], maxlen[32], next[32], nh[16], now[32];
+    snprintf(task_key, sizeof task_key, "%s:task:%s", q->prefix, t->job_id);
+    snprintf(batch_key, sizeof batch_key, "%s:batch:%s", q->prefix, t->batch ? t->batch : "");
+    snprintf(maxlen, sizeof maxlen, "%ld", q->maxlen);
+    snprintf(next, sizeof next, "%lld", (long long)t->next_poll_ms);
+    snprintf(nh, sizeof nh, "%d", t->nhash);
+    snprintf(now, sizeof now, "%lld", (long long)now_ms());
+    const char *fixed[FIXED] = {"EVALSHA", q->sha[S_TRACK], "6", q->k_track, q->k_results, task_key, task_key,
+                                task_key, batch_key,
+                                /* ARGV */
+                                t->job_id, maxlen, t->final ? "final" : "again", next, nh,
+                                t->batch && t->batch_field ? t->batch_field : "", t->final ? "1" : "0", now,
+                                t->batch ? t->batch : ""};
+    int argc = FIXED + t->nhash + t->nfields;
+    const char **argv = xmalloc((size_t)argc * sizeof *argv);
+    memcpy(argv, fixed, sizeof fixed);
+    for (int i = 0; i < t->nhash; i++)
+        argv[FIXED + i] = t->hash[i];
+    for (int i = 0; i < t->nfields; i++)
+        argv[FIXED + t->nhash + i] = t->fields[i];
+    struct call *c = new_call(q, ud);
+    c->done_fn = fn;
+    int rc = qsend(q, q->cmd, on_done, c, argc, argv, NULL);
+    free(argv);
     return rc;
 }

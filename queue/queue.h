@@ -110,6 +110,31 @@ struct qrecord {
 /* result 1: recorded; 0: the job was not held any more (no event written). */
 int queue_record(queue *q, const struct qrecord *r, queue_done_fn *fn, void *ud);
 
+/* A tracked task as claimed: its job id and its hash (valid during the callback). */
+struct qtask {
+    const char *job_id;
+    const char **fields; /* field, value, field, value, ... */
+    size_t nfields;
+};
+typedef void queue_tasks_fn(int err, const struct qtask *tasks, size_t n, void *ud);
+
+/* Lease up to `max` tasks due for a poll (see queue.c: CLAIM_LUA). */
+int queue_track_claim(queue *q, unsigned max, int64_t lease_ms, queue_tasks_fn *fn, void *ud);
+
+/* The outcome of one poll (see queue.c: TRACK_LUA). */
+struct qtrack {
+    const char *job_id;
+    int final;                  /* the task ended: unschedule, drop its hash */
+    int64_t next_poll_ms;       /* when not final */
+    const char *const *hash;    /* task-hash field/value pairs to set */
+    int nhash;
+    const char *const *fields;  /* event field/value pairs, or none */
+    int nfields;
+    const char *batch;
+    const char *batch_field;    /* succeeded / task_failed */
+};
+int queue_track_update(queue *q, const struct qtrack *t, queue_done_fn *fn, void *ud);
+
 /* Key name helpers (prefix applied), for the CLI and tests. */
 void queue_key(const queue *q, char *buf, size_t len, const char *suffix);
 

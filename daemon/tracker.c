@@ -1,0 +1,525 @@
+/*
+ * tracker.c - polling tasks and downloading videos (see tracker.h).
+ *
+ * Each tick (and whenever a poll finishes) the tracker leases as many due
+ * tasks as it has free poll slots (queue_track_claim), GETs each task's
+ * status, and writes what it learned in one atomic step (queue_track_update):
+ *   still running      -> reschedule (+ a progress event if status/progress changed)
+ *   succeeded          -> download when asked, then one succeeded event
+ *   failed upstream    -> one task_failed event
+ *   unknown task       -> retried a few times (a fresh task can be missing
+ *                         for a moment), then task_failed
+ *   transport errors, 5xx, 429, 401/403 -> reschedule, nothing else
+ * A task older than track.timeout ends as task_failed "timed out".
+ */
+#include "tracker.h"
+#include "api.h"
+#include "log.h"
+#include "util.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define TICK_MS 1000
+#define NOT_FOUND_LIMIT 5        /* task_not_exist answers before it counts */
+#define NOT_FOUND_RETRY_MS 3000
+#define DOWNLOAD_ATTEMPTS 5
+#define DOWNLOAD_SLOTS 4
+#define DOWNLOAD_TIMEOUT_MS (30 * 60 * 1000)
+#define DOWNLOAD_MAX_BYTES ((int64_t)4 << 30)
+#define LEASE_SLACK_MS 30000
+
+struct tracker {
+    uv_loop_t *loop;
+    const struct config *cfg;
+    queue *q;
+    http_client *http;
+    char *auth_header;
+    char *base;          /* .../v1/video/generations/ */
+    uv_timer_t tick;
+    unsigned in_flight;  /* polls and downloads */
+    unsigned downloads;
+    int claiming;
+    int stopped;
+};
+
+/* One poll (then maybe one download) of one task. */
+struct poll {
+    tracker *t;
+    char *job_id, *task_id, *batch, *meta, *status, *progress;
+    int64_t submitted_at;
+    int not_found;
+    int dl_attempts;
+    struct task_status ts;
+    /* download */
+    int fd;
+    char *tmp_path, *final_path;
+};
+
+static void claim(tracker *t);
+
+static void derive(tracker *t)
+{
+    sbuf b;
+    const char *base = t->cfg->base_url;
+    size_t n = strlen(base);
+    while (n > 0 && base[n - 1] == '/')
+        n--;
+    sbuf_init(&b);
+    sbuf_printf(&b, "%.*s/v1/video/generations/", (int)n, base);
+    free(t->base);
+    t->base = sbuf_steal(&b, NULL);
+    sbuf_printf(&b, "Authorization: Bearer %s", t->cfg->token ? t->cfg->token : "");
+    free(t->auth_header);
+    t->auth_header = sbuf_steal(&b, NULL);
+}
+
+static void poll_free(struct poll *p)
+{
+    free(p->job_id);
+    free(p->task_id);
+    free(p->batch);
+    free(p->meta);
+    free(p->status);
+    free(p->progress);
+    task_status_free(&p->ts);
+    if (p->fd >= 0)
+        close(p->fd);
+    if (p->tmp_path)
+        unlink(p->tmp_path);
+    free(p->tmp_path);
+    free(p->final_path);
+    free(p);
+}
+
+/* ---- writing what a poll learned -------------------------------------------- */
+
+struct update {
+    const char *hash[16];
+    int nhash;
+    const char *ev[32];
+    int nev;
+    char bufs[8][32];
+    int nbuf;
+};
+
+static const char *num(struct update *u, long long v)
+{
+    char *b = u->bufs[u->nbuf++];
+    snprintf(b, 32, "%lld", v);
+    return b;
+}
+
+static void ev(struct update *u, const char *k, const char *v)
+{
+    u->ev[u->nev++] = k;
+    u->ev[u->nev++] = v ? v : "";
+}
+
+static void ev_begin(struct update *u, struct poll *p, const char *event)
+{
+    ev(u, "event", event);
+    ev(u, "ts", num(u, now_ms()));
+    ev(u, "job_id", p->job_id);
+    if (p->batch)
+        ev(u, "batch", p->batch);
+    if (p->meta)
+        ev(u, "meta", p->meta);
+    ev(u, "task_id", p->task_id);
+}
+
+static void on_updated(int err, long long result, void *ud)
+{
+    struct poll *p = ud;
+    tracker *t = p->t;
+    (void)result;
+    if (err)
+        log_kv(LOG_WARNING, "could not record a poll; the task will be polled again", "job_id", p->job_id, NULL);
+    t->in_flight--;
+    poll_free(p);
+    if (!t->stopped)
+        claim(t);
+}
+
+static int64_t next_poll(int64_t delay)
+{
+    /* ±10 % jitter so tasks submitted together do not stay in lockstep. */
+    int64_t j = delay / 10;
+    return now_ms() + delay - j + (j > 0 ? rand() % (2 * j + 1) : 0);
+}
+
+static void send_update(struct poll *p, struct update *u, int final, int64_t delay, const char *batch_field)
+{
+    tracker *t = p->t;
+    struct qtrack q = {
+        .job_id = p->job_id,
+        .final = final,
+        .next_poll_ms = next_poll(delay),
+        .hash = u->hash,
+        .nhash = u->nhash,
+        .fields = u->ev,
+        .nfields = u->nev,
+        .batch = p->batch,
+        .batch_field = batch_field,
+    };
+    if (queue_track_update(t->q, &q, on_updated, p) != 0)
+        on_updated(1, 0, p);
+}
+
+static void finish(struct poll *p, const char *event, const char *k1, const char *v1, const char *k2,
+                   const char *v2, const char *k3, const char *v3)
+{
+    struct update u = {.nhash = 0};
+    ev_begin(&u, p, event);
+    if (k1)
+        ev(&u, k1, v1);
+    if (k2)
+        ev(&u, k2, v2);
+    if (k3)
+        ev(&u, k3, v3);
+    log_kv(strcmp(event, "succeeded") == 0 ? LOG_INFO : LOG_WARNING, event, "job_id", p->job_id, "task_id",
+           p->task_id, k1, v1, k2, v2, k3, v3, NULL);
+    send_update(p, &u, 1, 0, event);
+}
+
+static void again(struct poll *p, int64_t delay, struct update *u)
+{
+    struct update none = {.nhash = 0};
+    send_update(p, u ? u : &none, 0, delay, NULL);
+}
+
+/* ---- downloads ------------------------------------------------------------------ */
+
+static const char *extension(const char *content_type, const char *url)
+{
+    static const struct {
+        const char *type, *ext;
+    } types[] = {{"video/mp4", "mp4"},       {"video/webm", "webm"}, {"video/quicktime", "mov"},
+                 {"video/x-matroska", "mkv"}, {"image/gif", "gif"},   {"video/mpeg", "mpg"}};
+    for (size_t i = 0; content_type && i < sizeof types / sizeof types[0]; i++) {
+        if (strncasecmp(content_type, types[i].type, strlen(types[i].type)) == 0)
+            return types[i].ext;
+    }
+    /* The URL's own suffix, when it looks like one (before any query). */
+    const char *end = url + strcspn(url, "?#");
+    const char *dot = end;
+    while (dot > url && dot[-1] != '.' && dot[-1] != '/')
+        dot--;
+    static char ext[8];
+    size_t n = (size_t)(end - dot);
+    if (dot > url && dot[-1] == '.' && n >= 2 && n <= 4) {
+        for (size_t i = 0; i < n; i++) {
+            char c = dot[i];
+            if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || (c >= 'A' && c <= 'Z')))
+                return "mp4";
+        }
+        memcpy(ext, dot, n);
+        ext[n] = '\0';
+        return ext;
+    }
+    return "mp4";
+}
+
+static void download_failed(struct poll *p, const char *why)
+{
+    tracker *t = p->t;
+    p->dl_attempts++;
+    t->downloads--;
+    if (p->dl_attempts >= DOWNLOAD_ATTEMPTS) {
+        /* The video exists; only our copy failed. */
+        finish(p, "succeeded", "video_url", p->ts.video_url, "download_error", why, NULL, NULL);
+        return;
+    }
+    log_kv(LOG_NOTICE, "download failed; will retry", "job_id", p->job_id, "error", why, NULL);
+    struct update u = {.nhash = 0};
+    u.hash[u.nhash++] = "dl";
+    u.hash[u.nhash++] = num(&u, p->dl_attempts);
+    again(p, (int64_t)2000 << p->dl_attempts, &u); /* 4 s, 8 s, 16 s, ... */
+}
+
+/* Cancelled at shutdown: write nothing; the lease runs out and another
+ * poll (after the restart, or by another instance) takes the task up. */
+static int cancelled(struct poll *p, const struct http_result *res)
+{
+    if (res->curl_code != 42) /* CURLE_ABORTED_BY_CALLBACK: http_cancel() */
+        return 0;
+    p->t->in_flight--;
+    poll_free(p);
+    return 1;
+}
+
+static void on_downloaded(http_req *req, const struct http_result *res, void *ud)
+{
+    struct poll *p = ud;
+    char why[300];
+    (void)req;
+    if (res->curl_code == 42)
+        p->t->downloads--;
+    if (cancelled(p, res))
+        return;
+    if (res->curl_code != 0 || res->status < 200 || res->status >= 300) {
+        snprintf(why, sizeof why, "%s", res->curl_code ? res->error : "HTTP error");
+        if (res->curl_code == 0)
+            snprintf(why, sizeof why, "HTTP %ld", res->status);
+        download_failed(p, why);
+        return;
+    }
+    if (res->content_length >= 0 && res->content_length != res->bytes) {
+        snprintf(why, sizeof why, "got %lld bytes of %lld", (long long)res->bytes, (long long)res->content_length);
+        download_failed(p, why);
+        return;
+    }
+    const char *ext = extension(res->content_type, p->ts.video_url);
+    sbuf b;
+    sbuf_init(&b);
+    sbuf_printf(&b, "%s/%s.%s", p->t->cfg->download_dir, p->job_id, ext);
+    p->final_path = sbuf_steal(&b, NULL);
+    if (fsync(p->fd) != 0 || rename(p->tmp_path, p->final_path) != 0) {
+        snprintf(why, sizeof why, "cannot store %s: %s", p->final_path, strerror(errno));
+        download_failed(p, why);
+        return;
+    }
+    free(p->tmp_path);
+    p->tmp_path = NULL;
+    p->t->downloads--;
+    finish(p, "succeeded", "video_url", p->ts.video_url, "file", p->final_path, NULL, NULL);
+}
+
+static void download(struct poll *p)
+{
+    tracker *t = p->t;
+    sbuf b;
+    if (t->downloads >= DOWNLOAD_SLOTS) {
+        again(p, 2000, NULL); /* the task stays succeeded upstream: poll again soon */
+        return;
+    }
+    t->downloads++;
+    sbuf_init(&b);
+    sbuf_printf(&b, "%s/.%s.part-XXXXXX", t->cfg->download_dir, p->job_id);
+    p->tmp_path = sbuf_steal(&b, NULL);
+    p->fd = mkstemp(p->tmp_path);
+    if (p->fd < 0) {
+        char why[300];
+        snprintf(why, sizeof why, "cannot create a file in %s: %s", t->cfg->download_dir, strerror(errno));
+        free(p->tmp_path);
+        p->tmp_path = NULL;
+        download_failed(p, why);
+        return;
+    }
+    fchmod(p->fd, 0644);
+    if (http_download(t->http, p->ts.video_url, p->fd, DOWNLOAD_MAX_BYTES, DOWNLOAD_TIMEOUT_MS, on_downloaded, p) ==
+        NULL)
+        download_failed(p, "could not start the download");
+}
+
+/* ---- polls ------------------------------------------------------------------------ */
+
+static int is_not_found(const struct http_result *res)
+{
+    if (res->status == 404)
+        return 1;
+    return res->status == 400 && res->body_len && strstr(res->body, "task_not_exist") != NULL;
+}
+
+static void on_polled(http_req *req, const struct http_result *res, void *ud)
+{
+    struct poll *p = ud;
+    tracker *t = p->t;
+    (void)req;
+    if (cancelled(p, res))
+        return;
+    if (res->curl_code == 0 && is_not_found(res)) {
+        if (++p->not_found >= NOT_FOUND_LIMIT) {
+            finish(p, "task_failed", "message", "the API does not know this task (task_not_exist)", NULL, NULL, NULL,
+                   NULL);
+            return;
+        }
+        struct update u = {.nhash = 0};
+        u.hash[u.nhash++] = "nf";
+        u.hash[u.nhash++] = num(&u, p->not_found);
+        again(p, NOT_FOUND_RETRY_MS, &u);
+        return;
+    }
+    if (res->curl_code != 0 || res->status < 200 || res->status >= 300 ||
+        api_parse_task(res->body, res->body_len, &p->ts) != 0) {
+        /* Nothing learned: ask again at the next interval. */
+        log_kv(LOG_DEBUG, "poll without an answer", "job_id", p->job_id, "error",
+               res->curl_code ? res->error : "bad status or body", NULL);
+        again(p, t->cfg->poll_interval_ms, NULL);
+        return;
+    }
+    if (p->ts.state == TASK_FAILED) {
+        finish(p, "task_failed", "message", p->ts.message, "status", p->ts.status, NULL, NULL);
+    } else if (p->ts.state == TASK_SUCCEEDED && p->ts.video_url == NULL) {
+        finish(p, "task_failed", "message", "the task finished without a video URL", "status", p->ts.status, NULL,
+               NULL);
+    } else if (p->ts.state == TASK_SUCCEEDED && t->cfg->download_dir) {
+        download(p);
+    } else if (p->ts.state == TASK_SUCCEEDED) {
+        finish(p, "succeeded", "video_url", p->ts.video_url, NULL, NULL, NULL, NULL);
+    } else {
+        struct update u = {.nhash = 0};
+        if (strcmp(p->ts.status, p->status ? p->status : "") != 0 ||
+            strcmp(p->ts.progress, p->progress ? p->progress : "") != 0) {
+            u.hash[u.nhash++] = "status";
+            u.hash[u.nhash++] = p->ts.status;
+            u.hash[u.nhash++] = "progress";
+            u.hash[u.nhash++] = p->ts.progress;
+            ev_begin(&u, p, "progress");
+            ev(&u, "status", p->ts.status);
+            ev(&u, "progress", p->ts.progress);
+        }
+        if (p->not_found) {
+            u.hash[u.nhash++] = "nf";
+            u.hash[u.nhash++] = "0";
+        }
+        again(p, t->cfg->poll_interval_ms, &u);
+    }
+}
+
+static const char *field(const struct qtask *q, const char *name)
+{
+    for (size_t i = 0; i + 1 < q->nfields; i += 2) {
+        if (strcmp(q->fields[i], name) == 0)
+            return q->fields[i + 1];
+    }
+    return NULL;
+}
+
+static char *dup_or_null(const char *s)
+{
+    return s && *s ? xstrdup(s) : NULL;
+}
+
+static void start_poll(tracker *t, const struct qtask *q)
+{
+    struct poll *p = xcalloc(1, sizeof *p);
+    p->t = t;
+    p->fd = -1;
+    p->job_id = xstrdup(q->job_id);
+    p->task_id = dup_or_null(field(q, "task_id"));
+    p->batch = dup_or_null(field(q, "batch"));
+    p->meta = dup_or_null(field(q, "meta"));
+    /* The submitted event's status seeds the hash; tracking compares against it. */
+    p->status = dup_or_null(field(q, "status"));
+    p->progress = dup_or_null(field(q, "progress"));
+    const char *v = field(q, "ts");
+    p->submitted_at = v ? strtoll(v, NULL, 10) : now_ms();
+    v = field(q, "nf");
+    p->not_found = v ? atoi(v) : 0;
+    v = field(q, "dl");
+    p->dl_attempts = v ? atoi(v) : 0;
+    t->in_flight++;
+    if (p->task_id == NULL) {
+        finish(p, "task_failed", "message", "no task id recorded for this job", NULL, NULL, NULL, NULL);
+        return;
+    }
+    if (now_ms() - p->submitted_at > t->cfg->track_timeout_ms) {
+        char msg[96];
+        snprintf(msg, sizeof msg, "timed out: not finished after %lld s",
+                 (long long)(t->cfg->track_timeout_ms / 1000));
+        finish(p, "task_failed", "message", msg, NULL, NULL, NULL, NULL);
+        return;
+    }
+    sbuf url;
+    sbuf_init(&url);
+    sbuf_puts(&url, t->base);
+    /* Task ids are opaque: escape anything that is not URL-safe. */
+    for (const char *c = p->task_id; *c; c++) {
+        if ((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') || (*c >= '0' && *c <= '9') ||
+            strchr("-._~", *c))
+            sbuf_putc(&url, *c);
+        else
+            sbuf_printf(&url, "%%%02X", (unsigned char)*c);
+    }
+    const char *headers[] = {t->auth_header, "Accept: application/json", NULL};
+    if (http_get(t->http, url.buf, headers, on_polled, p) == NULL) {
+        struct http_result res = {.curl_code = 7, .error = "could not start the request", .body = ""};
+        on_polled(NULL, &res, p);
+    }
+    sbuf_free(&url);
+}
+
+static void on_claimed(int err, const struct qtask *tasks, size_t n, void *ud)
+{
+    tracker *t = ud;
+    t->claiming = 0;
+    if (err || t->stopped)
+        return; /* the leases run out; the next tick claims again */
+    for (size_t i = 0; i < n; i++)
+        start_poll(t, &tasks[i]);
+}
+
+static unsigned budget(const tracker *t)
+{
+    /* As many polls at once as submissions: its own slots, never theirs. */
+    return (unsigned)t->cfg->concurrency;
+}
+
+static void claim(tracker *t)
+{
+    if (t->claiming || t->stopped || !queue_is_up(t->q) || t->in_flight >= budget(t))
+        return;
+    t->claiming = 1;
+    int64_t lease = t->cfg->timeout_ms + LEASE_SLACK_MS;
+    if (queue_track_claim(t->q, budget(t) - t->in_flight, lease, on_claimed, t) != 0)
+        t->claiming = 0;
+}
+
+static void on_tick(uv_timer_t *h)
+{
+    claim(h->data);
+}
+
+tracker *tracker_new(uv_loop_t *loop, const struct config *cfg, queue *q, http_client *http)
+{
+    tracker *t = xcalloc(1, sizeof *t);
+    t->loop = loop;
+    t->cfg = cfg;
+    t->q = q;
+    t->http = http;
+    derive(t);
+    uv_timer_init(loop, &t->tick);
+    t->tick.data = t;
+    if (cfg->download_dir)
+        mkdir(cfg->download_dir, 0755);
+    uv_timer_start(&t->tick, on_tick, TICK_MS, TICK_MS);
+    return t;
+}
+
+void tracker_set_config(tracker *t, const struct config *cfg)
+{
+    t->cfg = cfg;
+    derive(t);
+    if (cfg->download_dir)
+        mkdir(cfg->download_dir, 0755);
+}
+
+void tracker_stop(tracker *t)
+{
+    t->stopped = 1;
+    uv_timer_stop(&t->tick);
+}
+
+unsigned tracker_in_flight(const tracker *t)
+{
+    return t->in_flight;
+}
+
+static void tracker_closed(uv_handle_t *h)
+{
+    free(h->data);
+}
+
+void tracker_free(tracker *t)
+{
+    free(t->base);
+    free(t->auth_header);
+    uv_close((uv_handle_t *)&t->tick, tracker_closed);
+}
