@@ -285,15 +285,8 @@ static int parse_line(struct config *c, char *line, char *section, size_t seclen
     return 0;
 }
 
-int config_load_file(struct config *c, const char *path, int must_exist, char *err, size_t errlen)
+static int load_stream(struct config *c, FILE *f, const char *path, char *err, size_t errlen)
 {
-    FILE *f = fopen(path, "r");
-    if (f == NULL) {
-        if (!must_exist && errno == ENOENT)
-            return 0;
-        fmt_err(err, errlen, "%s: cannot open: %s", path, strerror(errno));
-        return -1;
-    }
     free(c->path);
     c->path = xstrdup(path);
     char section[128] = "";
@@ -301,10 +294,16 @@ int config_load_file(struct config *c, const char *path, int must_exist, char *e
     size_t cap = 0;
     int lineno = 0;
     int rc = 0;
-    while (getline(&line, &cap, f) >= 0) {
+    ssize_t n;
+    while ((n = getline(&line, &cap, f)) >= 0) {
         lineno++;
-        if (strlen(line) > 4096) {
+        if (n > 4096) {
             fmt_err(err, errlen, "%s:%d: line too long", path, lineno);
+            rc = -1;
+            break;
+        }
+        if (memchr(line, '\0', (size_t)n) != NULL) {
+            fmt_err(err, errlen, "%s:%d: NUL byte in the file", path, lineno);
             rc = -1;
             break;
         }
@@ -318,6 +317,36 @@ int config_load_file(struct config *c, const char *path, int must_exist, char *e
         rc = -1;
     }
     free(line);
+    return rc;
+}
+
+int config_load_file(struct config *c, const char *path, int must_exist, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "r");
+    if (f == NULL) {
+        if (!must_exist && errno == ENOENT)
+            return 0;
+        fmt_err(err, errlen, "%s: cannot open: %s", path, strerror(errno));
+        return -1;
+    }
+    int rc = load_stream(c, f, path, err, errlen);
+    fclose(f);
+    return rc;
+}
+
+int config_load_buffer(struct config *c, const char *name, const char *data, size_t len, char *err, size_t errlen)
+{
+    if (len == 0) {
+        free(c->path);
+        c->path = xstrdup(name);
+        return 0;
+    }
+    FILE *f = fmemopen((void *)data, len, "r");
+    if (f == NULL) {
+        fmt_err(err, errlen, "%s: %s", name, strerror(errno));
+        return -1;
+    }
+    int rc = load_stream(c, f, name, err, errlen);
     fclose(f);
     return rc;
 }

@@ -73,6 +73,9 @@ void config_free(struct config *c);
  */
 int config_load_file(struct config *c, const char *path, int must_exist, char *err, size_t errlen);
 
+/* The same for text in memory (`name` stands for the file in messages). */
+int config_load_buffer(struct config *c, const char *name, const char *data, size_t len, char *err, size_t errlen);
+
 /* Apply one "section.key=value" override (from -o). Returns 0 or -1 + err. */
 int config_override(struct config *c, const char *assignment, char *err, size_t errlen);
 

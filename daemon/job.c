@@ -242,6 +242,34 @@ static void validate(struct job *j, const cJSON *obj, const char *default_model)
         set_error(j, "field \"image\" must be a string (URL, base64 or data URI), got %s", type_name(img));
 }
 
+/*
+ * cJSON is lenient where RFC 8259 is not: it takes any byte below 0x20 as
+ * whitespace and keeps raw control characters inside strings. The body is
+ * built from the producer's own bytes, so such input would reach the API as
+ * invalid JSON: reject it here, with its position. Returns the offset of
+ * the first offending byte, or -1.
+ */
+static long strict_controls(const char *s, size_t len)
+{
+    int in_string = 0;
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (in_string) {
+            if (c == '\\')
+                i++;
+            else if (c == '"')
+                in_string = 0;
+            else if (c < 0x20)
+                return (long)i;
+        } else if (c == '"') {
+            in_string = 1;
+        } else if (c < 0x20 && c != ' ' && c != '\t' && c != '\n' && c != '\r') {
+            return (long)i;
+        }
+    }
+    return -1;
+}
+
 void job_parse(struct job *j, const char *raw, size_t len, const char *default_model)
 {
     memset(j, 0, sizeof *j);
@@ -258,6 +286,12 @@ void job_parse(struct job *j, const char *raw, size_t len, const char *default_m
     }
     const char *end = NULL;
     cJSON *obj = cJSON_ParseWithLengthOpts(j->raw, len, &end, 0);
+    long ctl = obj ? strict_controls(j->raw, len) : -1;
+    if (ctl >= 0) {
+        set_error(j, "invalid JSON at byte %ld: control character 0x%02x", ctl, (unsigned char)j->raw[ctl]);
+        cJSON_Delete(obj);
+        return;
+    }
     if (obj == NULL) {
         const char *at = cJSON_GetErrorPtr();
         size_t off = at && at >= j->raw && at <= j->raw + len ? (size_t)(at - j->raw) : 0;
