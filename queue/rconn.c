@@ -39,10 +39,18 @@ struct rconn {
     int64_t last_progress;     /* mono ms of the last reply (or first pending) */
     int64_t backoff_ms;
     int teardown_pending;      /* a deferred teardown is scheduled */
-    char teardown_why[256];
+    char teardown_why[512];
     uv_timer_t watchdog;       /* deadlines + deferred teardown */
     uv_timer_t retry;          /* reconnect backoff */
     int handles_open;
+    /* Sentinel: the master's address, asked for before each connect */
+    char *master_host;
+    int master_port;
+    int sentinel_idx;
+    int resolving;             /* the current context talks to a sentinel */
+    int resolved;              /* drop the sentinel connection, connect to the master */
+    redisAsyncContext *probe;  /* asks a sentinel now and then whether the master moved */
+    int64_t last_probe;
 };
 
 /* Per-command record so we can count pending replies and hide hiredis. */
@@ -182,6 +190,67 @@ static int parse_tcp(const char *rest, struct rconn_target *t, char *err, size_t
     return 0;
 }
 
+/* host:port[,host:port...]/master[/db]; credentials were taken by parse_tcp. */
+static int parse_sentinel(const char *rest, struct rconn_target *t, char *err, size_t errlen)
+{
+    const char *at = strchr(rest, '@');
+    const char *slash = strchr(at ? at : rest, '/');
+    if (slash == NULL || slash[1] == '\0') {
+        snprintf(err, errlen, "a Sentinel URL needs the master name: redis-sentinel://host:port[,host:port]/mymaster");
+        return -1;
+    }
+    /* Credentials: reuse the redis:// parser on "creds@x:1". */
+    if (at) {
+        char *tmp = xstrndup(rest, (size_t)(at - rest) + 1);
+        sbuf b;
+        sbuf_init(&b);
+        sbuf_printf(&b, "%sx:1", tmp);
+        struct rconn_target cred;
+        memset(&cred, 0, sizeof cred);
+        parse_tcp(b.buf, &cred, err, errlen);
+        t->user = cred.user;
+        t->pass = cred.pass;
+        cred.user = cred.pass = NULL;
+        rconn_target_free(&cred);
+        sbuf_free(&b);
+        free(tmp);
+        rest = at + 1;
+    }
+    const char *p = rest;
+    while (p < slash) {
+        const char *comma = memchr(p, ',', (size_t)(slash - p));
+        const char *end = comma ? comma : slash;
+        char *hp = xstrndup(p, (size_t)(end - p));
+        struct rconn_target one;
+        memset(&one, 0, sizeof one);
+        int rc = parse_tcp(hp, &one, err, errlen);
+        free(hp);
+        if (rc != 0) {
+            rconn_target_free(&one);
+            return -1;
+        }
+        t->sentinels = xrealloc(t->sentinels, (size_t)(t->nsentinels + 1) * sizeof *t->sentinels);
+        t->sentinels[t->nsentinels].host = one.host;
+        t->sentinels[t->nsentinels].port = one.port;
+        t->nsentinels++;
+        one.host = NULL;
+        rconn_target_free(&one);
+        p = comma ? comma + 1 : slash;
+    }
+    const char *name = slash + 1;
+    const char *dbs = strchr(name, '/');
+    t->master_name = dbs ? xstrndup(name, (size_t)(dbs - name)) : xstrdup(name);
+    if (dbs && dbs[1] && parse_db(dbs + 1, &t->db) != 0) {
+        snprintf(err, errlen, "invalid database number \"%s\"", dbs + 1);
+        return -1;
+    }
+    if (t->nsentinels == 0 || t->master_name[0] == '\0') {
+        snprintf(err, errlen, "a Sentinel URL needs at least one host:port and the master name");
+        return -1;
+    }
+    return 0;
+}
+
 int rconn_parse_url(const char *url, struct rconn_target *t, char *err, size_t errlen)
 {
     int rc;
@@ -190,12 +259,17 @@ int rconn_parse_url(const char *url, struct rconn_target *t, char *err, size_t e
         snprintf(err, errlen, "missing URL");
         return -1;
     }
-    if (strncmp(url, "redis://", 8) == 0) {
+    if (strncmp(url, "redis-sentinel://", 17) == 0) {
+        rc = parse_sentinel(url + 17, t, err, errlen);
+    } else if (strncmp(url, "redis://", 8) == 0) {
         rc = parse_tcp(url + 8, t, err, errlen);
     } else if (strncmp(url, "unix://", 7) == 0) {
         rc = parse_unix(url + 7, t, err, errlen);
     } else {
-        snprintf(err, errlen, "unsupported URL \"%s\" (expected redis://host:port/db or unix:///path?db=N)", url);
+        snprintf(err, errlen,
+                 "unsupported URL \"%s\" (expected redis://host:port/db, unix:///path?db=N or "
+                 "redis-sentinel://host:port,.../master)",
+                 url);
         rc = -1;
     }
     if (rc != 0)
@@ -205,6 +279,10 @@ int rconn_parse_url(const char *url, struct rconn_target *t, char *err, size_t e
 
 void rconn_target_free(struct rconn_target *t)
 {
+    for (int i = 0; i < t->nsentinels; i++)
+        free(t->sentinels[i].host);
+    free(t->sentinels);
+    free(t->master_name);
     free(t->host);
     free(t->path);
     free(t->user);
@@ -220,11 +298,21 @@ static void target_copy(struct rconn_target *dst, const struct rconn_target *src
     dst->db = src->db;
     dst->user = src->user ? xstrdup(src->user) : NULL;
     dst->pass = src->pass ? xstrdup(src->pass) : NULL;
+    dst->master_name = src->master_name ? xstrdup(src->master_name) : NULL;
+    dst->nsentinels = src->nsentinels;
+    dst->sentinels = src->nsentinels ? xcalloc((size_t)src->nsentinels, sizeof *dst->sentinels) : NULL;
+    for (int i = 0; i < src->nsentinels; i++) {
+        dst->sentinels[i].host = xstrdup(src->sentinels[i].host);
+        dst->sentinels[i].port = src->sentinels[i].port;
+    }
 }
 
 void rconn_target_describe(const struct rconn_target *t, char *buf, size_t len)
 {
-    if (t->path)
+    if (t->master_name)
+        snprintf(buf, len, "sentinel:%s (via %s:%d)/%d", t->master_name, t->sentinels[0].host,
+                 t->sentinels[0].port, t->db);
+    else if (t->path)
         snprintf(buf, len, "unix:%s/%d", t->path, t->db);
     else
         snprintf(buf, len, "%s:%d/%d", t->host ? t->host : "?", t->port, t->db);
@@ -368,6 +456,14 @@ static void on_watchdog(uv_timer_t *t);
 static void set_down(rconn *c, const char *why)
 {
     int was_up = c->state == R_UP;
+    if (c->target.master_name) {
+        /* Ask the sentinels again next time: a failover may be why. */
+        free(c->master_host);
+        c->master_host = NULL;
+        if (!was_up)
+            c->sentinel_idx++;
+    }
+    c->resolving = 0;
     c->state = R_DOWN;
     c->pending = 0;
     schedule_reconnect(c);
@@ -390,8 +486,18 @@ static void teardown(rconn *c, const char *why)
         ac->data = NULL;
         redisAsyncFree(ac);
     }
-    if (c->state != R_CLOSED)
-        set_down(c, why);
+    if (c->state == R_CLOSED)
+        return;
+    if (c->resolved) {
+        /* The sentinel told us where the master is: go there now. */
+        c->resolved = 0;
+        c->resolving = 0;
+        c->state = R_DOWN;
+        c->pending = 0;
+        do_connect(c);
+        return;
+    }
+    set_down(c, why);
 }
 
 static void defer_teardown(rconn *c, const char *why)
@@ -403,12 +509,68 @@ static void defer_teardown(rconn *c, const char *why)
     uv_timer_start(&c->watchdog, on_watchdog, 0, 250);
 }
 
+/*
+ * After a failover the old master may keep serving (and accepting writes)
+ * until Sentinel demotes it; meanwhile the data goes to the wrong server.
+ * So, while up, ask a sentinel every few seconds where the master is, on a
+ * separate short-lived connection, and reconnect when it moved.
+ */
+#define SENTINEL_PROBE_MS 2000
+
+static void on_probe_reply(redisAsyncContext *ac, void *r, void *privdata)
+{
+    rconn *c = privdata;
+    redisReply *reply = r;
+    if (c == NULL || c->probe != ac)
+        return;
+    if (reply && reply->type == REDIS_REPLY_ARRAY && reply->elements == 2 && c->state == R_UP &&
+        c->master_host && reply->element[0]->type == REDIS_REPLY_STRING &&
+        reply->element[1]->type == REDIS_REPLY_STRING &&
+        (strcmp(reply->element[0]->str, c->master_host) != 0 || atoi(reply->element[1]->str) != c->master_port))
+        defer_teardown(c, "Sentinel reports a new master (failover)");
+    redisAsyncDisconnect(ac); /* frees it once this callback returns */
+}
+
+static void on_probe_gone(const redisAsyncContext *ac, int status)
+{
+    rconn *c = ac->data;
+    (void)status;
+    if (c && c->probe == ac)
+        c->probe = NULL;
+}
+
+static void on_probe_connect(const redisAsyncContext *ac, int status)
+{
+    if (status != REDIS_OK)
+        on_probe_gone(ac, status); /* hiredis frees it after this callback */
+}
+
+static void sentinel_probe(rconn *c)
+{
+    const struct rconn_sentinel *sn = &c->target.sentinels[c->sentinel_idx % c->target.nsentinels];
+    redisAsyncContext *ac = redisAsyncConnect(sn->host, sn->port);
+    if (ac == NULL || ac->err || adapter_attach(c->loop, ac) != 0) {
+        if (ac)
+            redisAsyncFree(ac);
+        return;
+    }
+    ac->data = c;
+    c->probe = ac;
+    redisAsyncSetConnectCallback(ac, on_probe_connect);
+    redisAsyncSetDisconnectCallback(ac, on_probe_gone);
+    redisAsyncCommand(ac, on_probe_reply, c, "SENTINEL get-master-addr-by-name %s", c->target.master_name);
+}
+
 static void on_watchdog(uv_timer_t *t)
 {
     rconn *c = t->data;
     int64_t now = mono_ms();
+    if (c->target.master_name && c->state == R_UP && c->probe == NULL && now - c->last_probe >= SENTINEL_PROBE_MS) {
+        c->last_probe = now;
+        sentinel_probe(c);
+    }
     if (c->teardown_pending) {
-        char why[256];
+        char why[512];
         snprintf(why, sizeof why, "%s", c->teardown_why);
         teardown(c, why);
         return;
@@ -432,10 +594,14 @@ static void on_reply(redisAsyncContext *ac, void *r, void *privdata)
 {
     struct pending *p = privdata;
     rconn *c = p->c;
+    redisReply *reply = r;
     (void)ac;
     if (c->pending > 0)
         c->pending--;
     c->last_progress = mono_ms();
+    /* After a failover the old master takes connections but refuses writes. */
+    if (reply && reply->type == REDIS_REPLY_ERROR && strncmp(reply->str, "READONLY", 8) == 0 && c->ac)
+        defer_teardown(c, "the server is a read-only replica (failover?)");
     p->fn(r, p->ud);
     free(p);
 }
@@ -451,6 +617,12 @@ static void on_handshake(redisReply *r, void *ud)
         char why[256];
         snprintf(why, sizeof why, "handshake failed: %.*s", (int)r->len, r->str);
         defer_teardown(c, why);
+        return;
+    }
+    /* ROLE (Sentinel mode): only a master will do. */
+    if (r->type == REDIS_REPLY_ARRAY && r->elements > 0 && r->element[0]->type == REDIS_REPLY_STRING &&
+        strcmp(r->element[0]->str, "master") != 0) {
+        defer_teardown(c, "the address the sentinels gave is not a master (yet)");
         return;
     }
     /* Only the last handshake command (PING) marks the connection up. */
@@ -503,13 +675,43 @@ static int send_raw(rconn *c, rconn_reply_fn *fn, void *ud, int argc, const char
     return 0;
 }
 
+static void on_sentinel(redisReply *r, void *ud)
+{
+    rconn *c = ud;
+    char why[300];
+    if (r == NULL || c->state != R_CONNECTING)
+        return;
+    if (r->type == REDIS_REPLY_ARRAY && r->elements == 2 && r->element[0]->type == REDIS_REPLY_STRING &&
+        r->element[1]->type == REDIS_REPLY_STRING) {
+        free(c->master_host);
+        c->master_host = xstrdup(r->element[0]->str);
+        c->master_port = atoi(r->element[1]->str);
+        c->resolved = 1;
+        defer_teardown(c, "resolved");
+        return;
+    }
+    snprintf(why, sizeof why, "sentinel %s:%d does not know master %s%s%.*s",
+             c->target.sentinels[c->sentinel_idx % c->target.nsentinels].host,
+             c->target.sentinels[c->sentinel_idx % c->target.nsentinels].port, c->target.master_name,
+             r->type == REDIS_REPLY_ERROR ? ": " : "", r->type == REDIS_REPLY_ERROR ? (int)r->len : 0,
+             r->type == REDIS_REPLY_ERROR ? r->str : "");
+    defer_teardown(c, why);
+}
+
 static void do_connect(rconn *c)
 {
     redisAsyncContext *ac;
-    if (c->target.path)
+    const struct rconn_sentinel *sn = NULL;
+    if (c->target.master_name && c->master_host == NULL) {
+        sn = &c->target.sentinels[c->sentinel_idx % c->target.nsentinels];
+        ac = redisAsyncConnect(sn->host, sn->port);
+    } else if (c->target.master_name) {
+        ac = redisAsyncConnect(c->master_host, c->master_port);
+    } else if (c->target.path) {
         ac = redisAsyncConnectUnix(c->target.path);
-    else
+    } else {
         ac = redisAsyncConnect(c->target.host, c->target.port);
+    }
     if (ac == NULL || ac->err) {
         char why[256];
         snprintf(why, sizeof why, "connect failed: %s", ac ? ac->errstr : "out of memory");
@@ -529,6 +731,12 @@ static void do_connect(rconn *c)
     c->connect_started = mono_ms();
     redisAsyncSetConnectCallback(ac, on_connect);
     redisAsyncSetDisconnectCallback(ac, on_disconnect);
+    if (sn) {
+        const char *argv[3] = {"SENTINEL", "get-master-addr-by-name", c->target.master_name};
+        c->resolving = 1;
+        send_raw(c, on_sentinel, c, 3, argv, NULL);
+        return;
+    }
     /* Commands may be queued before the connect completes (FIELD-NOTES). */
     if (c->target.pass) {
         const char *argv[3] = {"AUTH", c->target.user ? c->target.user : c->target.pass, c->target.pass};
@@ -542,6 +750,10 @@ static void do_connect(rconn *c)
     }
     const char *setname[3] = {"CLIENT", "SETNAME", c->name};
     send_raw(c, on_handshake, c, 3, setname, NULL);
+    if (c->target.master_name) {
+        const char *role[1] = {"ROLE"};
+        send_raw(c, on_handshake, c, 1, role, NULL);
+    }
     const char *ping[1] = {"PING"};
     send_raw(c, on_handshake, c, 1, ping, NULL);
 }
@@ -610,6 +822,7 @@ static void on_handle_closed(uv_handle_t *h)
 {
     rconn *c = h->data;
     if (--c->handles_open == 0) {
+        free(c->master_host);
         rconn_target_free(&c->target);
         free(c->name);
         free(c);
@@ -618,6 +831,12 @@ static void on_handle_closed(uv_handle_t *h)
 
 void rconn_close(rconn *c)
 {
+    if (c->probe) {
+        redisAsyncContext *p = c->probe;
+        c->probe = NULL;
+        p->data = NULL;
+        redisAsyncFree(p);
+    }
     c->state = R_CLOSED;
     c->state_fn = NULL;
     teardown(c, NULL);

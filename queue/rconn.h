@@ -21,16 +21,29 @@
 #include <uv.h>
 #include <hiredis/hiredis.h>
 
+struct rconn_sentinel {
+    char *host;
+    int port;
+};
+
 struct rconn_target {
-    char *host;  /* TCP host, or NULL for a unix socket */
+    char *host;  /* TCP host, or NULL for a unix socket (or Sentinel) */
     int port;
     char *path;  /* unix socket path, or NULL */
     int db;
     char *user;  /* ACL user, or NULL */
     char *pass;  /* password, or NULL */
+    /* redis-sentinel://: ask these for the master's address on each connect */
+    char *master_name;
+    struct rconn_sentinel *sentinels;
+    int nsentinels;
 };
 
-/* Parse redis://[user:pass@]host:port/db or unix:///path?db=N. 0 or -1 + err. */
+/*
+ * Parse redis://[user:pass@]host:port/db, unix:///path?db=N or
+ * redis-sentinel://[user:pass@]host:port[,host:port...]/master[/db].
+ * 0 or -1 + err.
+ */
 int rconn_parse_url(const char *url, struct rconn_target *t, char *err, size_t errlen);
 void rconn_target_free(struct rconn_target *t);
 /* "host:port/db" or "unix:/path" without credentials, for messages. */
