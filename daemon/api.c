@@ -127,10 +127,18 @@ static void classify_http_error(const struct http_result *res, struct outcome *o
 
 static void classify_transport(const struct http_result *res, struct outcome *o)
 {
-    if (res->too_large) {
-        o->kind = res->status >= 200 && res->status < 300 ? OUT_BAD_RESPONSE : OUT_AMBIGUOUS;
-        o->error = o->kind == OUT_BAD_RESPONSE ? "bad_response" : "ambiguous";
-        set_msg(o, "response body too large (HTTP %ld)", res->status);
+    if (res->too_large && res->status > 0) {
+        /* The status line arrived: it says what happened, the body is moot. */
+        struct http_result head = *res;
+        head.body = "";
+        head.body_len = 0;
+        if (res->status >= 200 && res->status < 300) {
+            o->kind = OUT_BAD_RESPONSE;
+            o->error = "bad_response";
+        } else {
+            classify_http_error(&head, o);
+        }
+        set_msg(o, "HTTP %ld with a response body over the size limit", res->status);
         return;
     }
     if (!res->sent || res->connect_failed) {

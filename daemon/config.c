@@ -371,6 +371,7 @@ int config_override(struct config *c, const char *assignment, char *err, size_t 
         fmt_err(err, errlen, "-o %s: key \"%s\": %s", assignment, name, why);
         return -1;
     }
+    c->set_line[idx] = -1; /* later errors about this key point at -o, not the file */
     return 0;
 }
 
@@ -381,6 +382,8 @@ static int key_error(const struct config *c, const char *name, char *err, size_t
     find_key(name, &idx);
     if (c->path && c->set_line[idx] > 0)
         fmt_err(err, errlen, "%s:%d: key \"%s\": %s", c->path, c->set_line[idx], name, why);
+    else if (c->set_line[idx] < 0)
+        fmt_err(err, errlen, "key \"%s\": %s (set with -o)", name, why);
     else
         fmt_err(err, errlen, "key \"%s\": %s", name, why);
     return -1;

@@ -104,7 +104,7 @@ static const char *skip_value(const char *p, const char *end)
  * Walk the raw top-level object and the parsed one side by side (cJSON keeps
  * member order) and copy every non-reserved member's raw bytes into the body.
  */
-static void build_body(struct job *j, const cJSON *obj, const char *default_model)
+static void build_body(struct job *j, const cJSON *obj, const char *default_model, int want_body)
 {
     const char *p = j->raw, *end = j->raw + j->raw_len;
     const cJSON *m = obj->child;
@@ -131,7 +131,7 @@ static void build_body(struct job *j, const cJSON *obj, const char *default_mode
             memcpy(j->meta, vstart, (size_t)(p - vstart));
             j->meta[p - vstart] = '\0';
         }
-        if (!is_reserved(m->string)) {
+        if (want_body && !is_reserved(m->string)) {
             if (!first)
                 sbuf_putc(&b, ',');
             first = 0;
@@ -142,6 +142,10 @@ static void build_body(struct job *j, const cJSON *obj, const char *default_mode
         p = skip_ws(p, end);
         if (p < end && *p == ',')
             p++;
+    }
+    if (!want_body) {
+        sbuf_free(&b);
+        return;
     }
     if (j->model && default_model && cJSON_GetObjectItemCaseSensitive(obj, "model") == NULL) {
         if (!first)
@@ -226,9 +230,6 @@ static void validate(struct job *j, const cJSON *obj, const char *default_model)
     take_id(j, obj, "job_id", &j->job_id);
     j->id_given = j->job_id != NULL;
     take_id(j, obj, "batch", &j->batch);
-    const cJSON *meta = cJSON_GetObjectItemCaseSensitive(obj, "meta");
-    if (meta)
-        j->meta = cJSON_PrintUnformatted(meta);
     check_duplicates(j, obj);
     check_string(j, obj, "prompt", 1);
     const char *model = check_string(j, obj, "model", default_model == NULL);
@@ -242,28 +243,81 @@ static void validate(struct job *j, const cJSON *obj, const char *default_model)
         set_error(j, "field \"image\" must be a string (URL, base64 or data URI), got %s", type_name(img));
 }
 
+/* Length of an RFC 8259 number at s, or 0 when the token is not one. */
+static size_t rfc_number(const char *s, size_t len)
+{
+    size_t i = 0;
+    if (i < len && s[i] == '-')
+        i++;
+    if (i < len && s[i] == '0')
+        i++;
+    else if (i < len && s[i] >= '1' && s[i] <= '9')
+        while (i < len && s[i] >= '0' && s[i] <= '9')
+            i++;
+    else
+        return 0;
+    if (i < len && s[i] == '.') {
+        size_t d = ++i;
+        while (i < len && s[i] >= '0' && s[i] <= '9')
+            i++;
+        if (i == d)
+            return 0;
+    }
+    if (i < len && (s[i] == 'e' || s[i] == 'E')) {
+        i++;
+        if (i < len && (s[i] == '+' || s[i] == '-'))
+            i++;
+        size_t d = i;
+        while (i < len && s[i] >= '0' && s[i] <= '9')
+            i++;
+        if (i == d)
+            return 0;
+    }
+    /* The token must end here: "01" or "1." leave digits or a dot behind. */
+    if (i < len && ((s[i] >= '0' && s[i] <= '9') || s[i] == '.' || s[i] == 'e' || s[i] == 'E' || s[i] == '+' ||
+                    s[i] == '-'))
+        return 0;
+    return i;
+}
+
 /*
  * cJSON is lenient where RFC 8259 is not: it takes any byte below 0x20 as
- * whitespace and keeps raw control characters inside strings. The body is
- * built from the producer's own bytes, so such input would reach the API as
- * invalid JSON: reject it here, with its position. Returns the offset of
- * the first offending byte, or -1.
+ * whitespace, keeps raw control characters inside strings, and reads numbers
+ * such as 01, 1. or -01. The body is built from the producer's own bytes, so
+ * such input would reach the API as invalid JSON: reject it here, with its
+ * position. A \u0000 escape is refused too: C strings end there, so the
+ * daemon would read a different job id or prompt than the API. Returns the
+ * offset of the first offending byte (and why), or -1.
  */
-static long strict_controls(const char *s, size_t len)
+static long strict_json(const char *s, size_t len, const char **why)
 {
     int in_string = 0;
     for (size_t i = 0; i < len; i++) {
         unsigned char c = (unsigned char)s[i];
         if (in_string) {
-            if (c == '\\')
+            if (c == '\\') {
+                if (i + 5 < len && memcmp(s + i + 1, "u0000", 5) == 0) {
+                    *why = "\\u0000 (NUL) is not accepted";
+                    return (long)i;
+                }
                 i++;
-            else if (c == '"')
+            } else if (c == '"') {
                 in_string = 0;
-            else if (c < 0x20)
+            } else if (c < 0x20) {
+                *why = "control character";
                 return (long)i;
+            }
         } else if (c == '"') {
             in_string = 1;
+        } else if (c == '-' || (c >= '0' && c <= '9')) {
+            size_t n = rfc_number(s + i, len - i);
+            if (n == 0) {
+                *why = "malformed number";
+                return (long)i;
+            }
+            i += n - 1;
         } else if (c < 0x20 && c != ' ' && c != '\t' && c != '\n' && c != '\r') {
+            *why = "control character";
             return (long)i;
         }
     }
@@ -286,9 +340,13 @@ void job_parse(struct job *j, const char *raw, size_t len, const char *default_m
     }
     const char *end = NULL;
     cJSON *obj = cJSON_ParseWithLengthOpts(j->raw, len, &end, 0);
-    long ctl = obj ? strict_controls(j->raw, len) : -1;
-    if (ctl >= 0) {
-        set_error(j, "invalid JSON at byte %ld: control character 0x%02x", ctl, (unsigned char)j->raw[ctl]);
+    const char *why = NULL;
+    long bad = obj ? strict_json(j->raw, len, &why) : -1;
+    if (bad >= 0) {
+        if (strcmp(why, "control character") == 0)
+            set_error(j, "invalid JSON at byte %ld: control character 0x%02x", bad, (unsigned char)j->raw[bad]);
+        else
+            set_error(j, "invalid JSON at byte %ld: %s", bad, why);
         cJSON_Delete(obj);
         return;
     }
@@ -306,8 +364,8 @@ void job_parse(struct job *j, const char *raw, size_t len, const char *default_m
         set_error(j, "job must be a JSON object, got %s", type_name(obj));
     } else {
         validate(j, obj, default_model);
-        if (j->error == NULL)
-            build_body(j, obj, default_model);
+        /* Also for an invalid job: its meta is echoed, byte for byte. */
+        build_body(j, obj, default_model, j->error == NULL);
     }
     cJSON_Delete(obj);
 }

@@ -346,10 +346,10 @@ static void complete(http_req *r, CURLcode rc, const char *why)
     memset(&res, 0, sizeof res);
     res.curl_code = (int)rc;
     res.status = status;
-    res.too_large = r->too_large;
+    res.too_large = r->too_large || rc == CURLE_FILESIZE_EXCEEDED;
     if (rc != CURLE_OK)
         res.error = why ? why : (r->errbuf[0] ? r->errbuf : curl_easy_strerror(rc));
-    if (r->too_large)
+    if (res.too_large)
         res.error = "response body too large";
     res.body = r->resp.buf ? r->resp.buf : "";
     res.body_len = r->resp.len;

@@ -1,0 +1,1010 @@
+/*
+ * unit_config.c - the INI config, -o overrides, value parsers, the API token
+ * (CONTRACT §7) and Redis URL parsing (rconn_parse_url).
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "rconn.h"
+
+/* ---- helpers ------------------------------------------------------------ */
+
+/* Write `text` to a new temporary file; returns its path (caller frees and unlinks). */
+static char *temp_file(const char *text)
+{
+    const char *dir = getenv("TMPDIR");
+    char tmpl[4096];
+    snprintf(tmpl, sizeof tmpl, "%s/vidq-unit-XXXXXX", dir && *dir ? dir : "/tmp");
+    int fd = mkstemp(tmpl);
+    assert_true(fd >= 0);
+    size_t n = strlen(text);
+    assert_int_equal(write(fd, text, n), (ssize_t)n);
+    close(fd);
+    return strdup(tmpl);
+}
+
+static void drop_file(char *path)
+{
+    unlink(path);
+    free(path);
+}
+
+/* Load `text` as a config file: returns the rc, `msg` gets the error with
+ * the temporary path replaced by "FILE". */
+static int load_text(struct config *c, const char *text, char *msg, size_t msglen)
+{
+    char err[1024] = "";
+    char *path = temp_file(text);
+    int rc = config_load_file(c, path, 1, err, sizeof err);
+    msg[0] = '\0';
+    if (rc != 0) {
+        size_t pl = strlen(path);
+        if (strncmp(err, path, pl) == 0)
+            snprintf(msg, msglen, "FILE%s", err + pl);
+        else
+            snprintf(msg, msglen, "%s", err);
+    }
+    drop_file(path);
+    return rc;
+}
+
+/* The file must be rejected with exactly `want` ("FILE" stands for the path). */
+static void expect_file_error(const char *text, const char *want)
+{
+    struct config c;
+    char msg[1024];
+    config_init(&c);
+    int rc = load_text(&c, text, msg, sizeof msg);
+    if (rc == 0)
+        print_error("accepted:\n%s\n", text);
+    assert_int_equal(rc, -1);
+    assert_string_equal(msg, want);
+    config_free(&c);
+}
+
+#define MS(n) ((int64_t)(n))
+#define SEC(n) ((int64_t)(n) * 1000)
+
+/* ---- defaults ------------------------------------------------------------- */
+
+static void test_defaults(void **state)
+{
+    (void)state;
+    struct config c;
+    config_init(&c);
+    assert_string_equal(c.redis_url, "redis://127.0.0.1:6379/0");
+    assert_string_equal(c.prefix, "vidq");
+    assert_null(c.instance);
+    assert_int_equal(c.shutdown_timeout_ms, SEC(30));
+    assert_string_equal(c.base_url, "https://api.ezmodel.cloud");
+    assert_null(c.token_file);
+    assert_int_equal(c.connect_timeout_ms, SEC(10));
+    assert_int_equal(c.timeout_ms, SEC(60));
+    assert_null(c.default_model);
+    assert_null(c.ca_file);
+    assert_int_equal(c.concurrency, 32);
+    assert_true(c.rate == 0.0);
+    assert_true(c.global_rate == 0.0);
+    assert_int_equal(c.max_attempts, 5);
+    assert_int_equal(c.backoff_base_ms, SEC(2));
+    assert_int_equal(c.backoff_max_ms, SEC(300));
+    assert_int_equal(c.retry_ambiguous, 0);
+    assert_int_equal(c.dedup_window_ms, SEC(7 * 86400));
+    assert_int_equal(c.track_enabled, 0);
+    assert_int_equal(c.poll_interval_ms, SEC(15));
+    assert_int_equal(c.track_timeout_ms, SEC(24 * 3600));
+    assert_null(c.download_dir);
+    assert_int_equal(c.results_maxlen, 1000000);
+    assert_null(c.metrics_listen);
+    assert_int_equal(c.log_level, LOG_INFO);
+    assert_int_equal(c.log_json, 0);
+    assert_null(c.token);
+    assert_null(c.path);
+    config_free(&c);
+}
+
+static void test_defaults_finish(void **state)
+{
+    (void)state;
+    struct config c;
+    char err[512] = "";
+    config_init(&c);
+    int rc = config_finish(&c, err, sizeof err);
+    if (rc != 0)
+        print_error("%s\n", err);
+    assert_int_equal(rc, 0);
+    /* instance defaults to the host name */
+    char host[256] = "";
+    assert_int_equal(gethostname(host, sizeof host - 1), 0);
+    assert_non_null(c.instance);
+    assert_string_equal(c.instance, host[0] ? host : "vidqd");
+    config_free(&c);
+}
+
+/* ---- value parsers --------------------------------------------------------- */
+
+static void test_parse_duration(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *in;
+        int64_t ms;
+    } ok[] = {
+        {"250ms", 250},   {"30s", 30000},       {"30", 30000},    {"5m", 300000},          {"2h", 7200000},
+        {"7d", 604800000}, {"1.5s", 1500},     {"0", 0},         {"0ms", 0},              {"1.5h", 5400000},
+        {"24h", 86400000}, {"0.5", 500},       {"100ms", 100},   {"1d", 86400000},        {"90m", 5400000},
+    };
+    for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
+        int64_t v = -12345;
+        int rc = parse_duration_ms(ok[i].in, &v);
+        if (rc != 0 || v != ok[i].ms)
+            print_error("\"%s\": rc %d, %lld ms\n", ok[i].in, rc, (long long)v);
+        assert_int_equal(rc, 0);
+        assert_int_equal(v, ok[i].ms);
+    }
+    static const char *const bad[] = {"", "abc", "5x", "-1s", " 5s", "5s ", "5 s", "s", "ms", "5ss", "5msx",
+                                      "-1", "inf", "nan", "5sec", "1e400s", "5S", "5min"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        int64_t v = -12345;
+        int rc = parse_duration_ms(bad[i], &v);
+        if (rc != -1)
+            print_error("\"%s\" accepted as %lld ms\n", bad[i], (long long)v);
+        assert_int_equal(rc, -1);
+        assert_int_equal(v, -12345); /* untouched */
+    }
+}
+
+static void test_parse_rate(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *in;
+        double per_s;
+    } ok[] = {
+        {"10/s", 10}, {"600/min", 10}, {"3600/h", 1}, {"0", 0}, {"5", 5}, {"0/s", 0}, {"1/min", 1.0 / 60}, {"2.5/s", 2.5},
+    };
+    for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
+        double v = -1;
+        int rc = parse_rate(ok[i].in, &v);
+        if (rc != 0 || fabs(v - ok[i].per_s) > 1e-12)
+            print_error("\"%s\": rc %d, %g/s\n", ok[i].in, rc, v);
+        assert_int_equal(rc, 0);
+        assert_true(fabs(v - ok[i].per_s) < 1e-12);
+    }
+    static const char *const bad[] = {"10/day", "x/s", "-1/s", "", "/s", " 10/s", "10/ s", "10 /s", "10/", "inf/s"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        double v = -7;
+        int rc = parse_rate(bad[i], &v);
+        if (rc != -1)
+            print_error("\"%s\" accepted as %g/s\n", bad[i], v);
+        assert_int_equal(rc, -1);
+        assert_true(v == -7);
+    }
+}
+
+/* ---- config files ---------------------------------------------------------- */
+
+static const char full_file[] = "[redis]\n"
+                                "url = redis://:secret@10.0.0.5:6380/2\n"
+                                "prefix = vq-test\n"
+                                "[daemon]\n"
+                                "instance = node-1\n"
+                                "shutdown_timeout = 45s\n"
+                                "[api]\n"
+                                "base_url = http://127.0.0.1:8080\n"
+                                "token_file = /run/vidq/token\n"
+                                "connect_timeout = 500ms\n"
+                                "timeout = 2m\n"
+                                "default_model = kling-v1\n"
+                                "ca_file =\n"
+                                "[submit]\n"
+                                "concurrency = 64\n"
+                                "rate = 600/min\n"
+                                "global_rate = 3600/h\n"
+                                "max_attempts = 9\n"
+                                "backoff_base = 250ms\n"
+                                "backoff_max = 1h\n"
+                                "retry_ambiguous = yes\n"
+                                "dedup_window = 30d\n"
+                                "[track]\n"
+                                "enabled = true\n"
+                                "poll_interval = 5s\n"
+                                "timeout = 12h\n"
+                                "download_dir = /var/lib/vidq/videos\n"
+                                "[results]\n"
+                                "maxlen = 5000\n"
+                                "[metrics]\n"
+                                "listen = 127.0.0.1:9109\n"
+                                "[log]\n"
+                                "level = debug\n"
+                                "format = json\n";
+
+static void check_full(const struct config *c)
+{
+    assert_string_equal(c->redis_url, "redis://:secret@10.0.0.5:6380/2");
+    assert_string_equal(c->prefix, "vq-test");
+    assert_string_equal(c->instance, "node-1");
+    assert_int_equal(c->shutdown_timeout_ms, SEC(45));
+    assert_string_equal(c->base_url, "http://127.0.0.1:8080");
+    assert_string_equal(c->token_file, "/run/vidq/token");
+    assert_int_equal(c->connect_timeout_ms, MS(500));
+    assert_int_equal(c->timeout_ms, SEC(120));
+    assert_string_equal(c->default_model, "kling-v1");
+    assert_null(c->ca_file);
+    assert_int_equal(c->concurrency, 64);
+    assert_true(fabs(c->rate - 10.0) < 1e-12);
+    assert_true(fabs(c->global_rate - 1.0) < 1e-12);
+    assert_int_equal(c->max_attempts, 9);
+    assert_int_equal(c->backoff_base_ms, MS(250));
+    assert_int_equal(c->backoff_max_ms, SEC(3600));
+    assert_int_equal(c->retry_ambiguous, 1);
+    assert_int_equal(c->dedup_window_ms, SEC(30 * 86400));
+    assert_int_equal(c->track_enabled, 1);
+    assert_int_equal(c->poll_interval_ms, SEC(5));
+    assert_int_equal(c->track_timeout_ms, SEC(12 * 3600));
+    assert_string_equal(c->download_dir, "/var/lib/vidq/videos");
+    assert_int_equal(c->results_maxlen, 5000);
+    assert_string_equal(c->metrics_listen, "127.0.0.1:9109");
+    assert_int_equal(c->log_level, LOG_DEBUG);
+    assert_int_equal(c->log_json, 1);
+}
+
+static void test_full_file(void **state)
+{
+    (void)state;
+    struct config c;
+    char err[1024] = "";
+    config_init(&c);
+    char *path = temp_file(full_file);
+    int rc = config_load_file(&c, path, 1, err, sizeof err);
+    if (rc != 0)
+        print_error("%s\n", err);
+    assert_int_equal(rc, 0);
+    check_full(&c);
+    assert_string_equal(c.path, path);
+    rc = config_finish(&c, err, sizeof err);
+    if (rc != 0)
+        print_error("%s\n", err);
+    assert_int_equal(rc, 0);
+    assert_string_equal(c.instance, "node-1");
+    config_free(&c);
+    drop_file(path);
+}
+
+/* config_dump writes a file that loads back to the same configuration. */
+static void test_dump_roundtrip(void **state)
+{
+    (void)state;
+    struct config a, b;
+    char err[1024] = "";
+    config_init(&a);
+    char *path = temp_file(full_file);
+    assert_int_equal(config_load_file(&a, path, 1, err, sizeof err), 0);
+    drop_file(path);
+
+    char *dump = NULL;
+    size_t dumplen = 0;
+    FILE *mem = open_memstream(&dump, &dumplen);
+    assert_non_null(mem);
+    config_dump(&a, mem);
+    fclose(mem);
+
+    config_init(&b);
+    path = temp_file(dump);
+    int rc = config_load_file(&b, path, 1, err, sizeof err);
+    if (rc != 0)
+        print_error("%s\n--- dump:\n%s\n", err, dump);
+    assert_int_equal(rc, 0);
+    check_full(&b);
+    drop_file(path);
+    free(dump);
+    config_free(&a);
+    config_free(&b);
+}
+
+static void test_comments_blank_quotes(void **state)
+{
+    (void)state;
+    struct config c;
+    char msg[1024];
+    config_init(&c);
+    int rc = load_text(&c,
+                       "# vidqd configuration\n"
+                       "; another comment style\n"
+                       "\n"
+                       "   \n"
+                       "  [ api ]  \n"
+                       "   # indented comment\n"
+                       "default_model = \"  spaced model  \"\n"
+                       "base_url=https://gw.example.com/?a=b=c\n"
+                       "\t timeout\t=\t90s \t\n"
+                       "\n"
+                       "[submit]\r\n"
+                       "concurrency = 8\r\n"
+                       "retry_ambiguous = \"on\"\n"
+                       "; concurrency = 9\n"
+                       "# max_attempts = 0\n"
+                       "[log]\n"
+                       "level = warning\n"
+                       "[track]\n"
+                       "download_dir = \"\"\n",
+                       msg, sizeof msg);
+    if (rc != 0)
+        print_error("%s\n", msg);
+    assert_int_equal(rc, 0);
+    assert_string_equal(c.default_model, "  spaced model  ");
+    assert_string_equal(c.base_url, "https://gw.example.com/?a=b=c");
+    assert_int_equal(c.timeout_ms, SEC(90));
+    assert_int_equal(c.concurrency, 8);
+    assert_int_equal(c.retry_ambiguous, 1);
+    assert_int_equal(c.max_attempts, 5); /* the commented-out line did nothing */
+    assert_null(c.download_dir);
+    assert_int_equal(c.log_level, LOG_WARNING);
+    config_free(&c);
+
+    /* an empty file changes nothing */
+    config_init(&c);
+    rc = load_text(&c, "", msg, sizeof msg);
+    assert_int_equal(rc, 0);
+    assert_int_equal(c.concurrency, 32);
+    assert_string_equal(c.base_url, "https://api.ezmodel.cloud");
+    config_free(&c);
+}
+
+static void test_bool_values(void **state)
+{
+    (void)state;
+    static const char *const yes[] = {"yes", "true", "on", "1", "YES", "True"};
+    static const char *const no[] = {"no", "false", "off", "0", "No", "OFF"};
+    char text[128], msg[1024];
+    for (size_t i = 0; i < 6; i++) {
+        struct config c;
+        config_init(&c);
+        snprintf(text, sizeof text, "[track]\nenabled = %s\n", yes[i]);
+        assert_int_equal(load_text(&c, text, msg, sizeof msg), 0);
+        assert_int_equal(c.track_enabled, 1);
+        config_free(&c);
+        config_init(&c);
+        c.track_enabled = 1;
+        snprintf(text, sizeof text, "[track]\nenabled = %s\n", no[i]);
+        assert_int_equal(load_text(&c, text, msg, sizeof msg), 0);
+        assert_int_equal(c.track_enabled, 0);
+        config_free(&c);
+    }
+}
+
+static void test_file_errors(void **state)
+{
+    (void)state;
+    expect_file_error("[submit]\nconcurrency = 4\nbogus = 1\n", "FILE:3: unknown key \"submit.bogus\"");
+    expect_file_error("[nosuch]\nkey = 1\n", "FILE:2: unknown key \"nosuch.key\"");
+    expect_file_error("[api]\nTimeout = 5s\n", "FILE:2: unknown key \"api.Timeout\"");
+    expect_file_error("[submit]\n\n# c\nbackoff_base = soon\n",
+                      "FILE:4: key \"submit.backoff_base\": invalid duration \"soon\" (expected e.g. 500ms, 30s, 5m, 2h, 7d)");
+    expect_file_error("[submit]\nconcurrency = 0\n",
+                      "FILE:2: key \"submit.concurrency\": invalid value \"0\" (expected an integer from 1 to 100000)");
+    expect_file_error("[submit]\nconcurrency = 100001\n",
+                      "FILE:2: key \"submit.concurrency\": invalid value \"100001\" (expected an integer from 1 to 100000)");
+    expect_file_error("[submit]\nmax_attempts = 12abc\n",
+                      "FILE:2: key \"submit.max_attempts\": invalid value \"12abc\" (expected an integer from 1 to 1000)");
+    expect_file_error("[submit]\nmax_attempts = -1\n",
+                      "FILE:2: key \"submit.max_attempts\": invalid value \"-1\" (expected an integer from 1 to 1000)");
+    expect_file_error("[results]\nmaxlen = 99999999999999999999999\n",
+                      "FILE:2: key \"results.maxlen\": invalid value \"99999999999999999999999\" (expected an integer "
+                      "from 1 to 9223372036854775807)");
+    expect_file_error("[submit]\nrate = 10/day\n",
+                      "FILE:2: key \"submit.rate\": invalid rate \"10/day\" (expected e.g. 10/s, 600/min, 3600/h, 0 = "
+                      "unlimited)");
+    expect_file_error("[submit]\nretry_ambiguous = maybe\n",
+                      "FILE:2: key \"submit.retry_ambiguous\": invalid boolean \"maybe\" (expected yes or no)");
+    expect_file_error("[log]\nlevel = verbose\n",
+                      "FILE:2: key \"log.level\": invalid level \"verbose\" (expected debug, info, notice, warning or "
+                      "error)");
+    expect_file_error("[log]\nformat = xml\n", "FILE:2: key \"log.format\": invalid format \"xml\" (expected text or json)");
+    expect_file_error("[api]\ntimeout =\n",
+                      "FILE:2: key \"api.timeout\": invalid duration \"\" (expected e.g. 500ms, 30s, 5m, 2h, 7d)");
+    expect_file_error("# top\nconcurrency = 4\n[submit]\n", "FILE:2: key \"concurrency\" outside of any [section]");
+    expect_file_error("[submit\nconcurrency = 4\n", "FILE:1: malformed section header \"[submit\"");
+    expect_file_error("[submit] # comment\n", "FILE:1: malformed section header \"[submit] # comment\"");
+    expect_file_error("[submit]\nconcurrency 4\n", "FILE:2: expected \"key = value\", got \"concurrency 4\"");
+    expect_file_error("[api]\ntimeout = 5s\n\n[submit]\nrate = 1\n[api]\ntimeout = 6s\n",
+                      "FILE:7: key \"api.timeout\" is already set on line 2");
+    expect_file_error("[api]\ntimeout = 5s\ntimeout = 5s\n", "FILE:3: key \"api.timeout\" is already set on line 2");
+}
+
+static void test_file_error_line_too_long(void **state)
+{
+    (void)state;
+    size_t n = 5000;
+    char *text = malloc(n + 64);
+    assert_non_null(text);
+    strcpy(text, "[api]\ndefault_model = ");
+    size_t l = strlen(text);
+    memset(text + l, 'm', n);
+    strcpy(text + l + n, "\n");
+    expect_file_error(text, "FILE:2: line too long");
+    free(text);
+}
+
+static void test_missing_file(void **state)
+{
+    (void)state;
+    struct config c;
+    char err[1024] = "";
+    const char *path = "/nonexistent-vidq-dir/vidqd.conf";
+    config_init(&c);
+    assert_int_equal(config_load_file(&c, path, 1, err, sizeof err), -1);
+    assert_string_equal(err, "/nonexistent-vidq-dir/vidqd.conf: cannot open: No such file or directory");
+    config_free(&c);
+
+    config_init(&c);
+    err[0] = '\0';
+    assert_int_equal(config_load_file(&c, path, 0, err, sizeof err), 0);
+    assert_string_equal(err, "");
+    assert_int_equal(c.concurrency, 32);
+    assert_string_equal(c.redis_url, "redis://127.0.0.1:6379/0");
+    assert_null(c.path);
+    assert_int_equal(config_finish(&c, err, sizeof err), 0);
+    config_free(&c);
+}
+
+/* ---- -o overrides ---------------------------------------------------------- */
+
+static void test_override(void **state)
+{
+    (void)state;
+    struct config c;
+    char err[1024] = "";
+    config_init(&c);
+    assert_int_equal(config_override(&c, "submit.concurrency=8", err, sizeof err), 0);
+    assert_int_equal(c.concurrency, 8);
+    assert_int_equal(config_override(&c, "api.base_url=http://127.0.0.1:9/x?a=b", err, sizeof err), 0);
+    assert_string_equal(c.base_url, "http://127.0.0.1:9/x?a=b");
+    assert_int_equal(config_override(&c, "submit.rate=600/min", err, sizeof err), 0);
+    assert_true(fabs(c.rate - 10) < 1e-12);
+    assert_int_equal(config_override(&c, "track.enabled=yes", err, sizeof err), 0);
+    assert_int_equal(c.track_enabled, 1);
+    assert_int_equal(config_override(&c, "log.format=json", err, sizeof err), 0);
+    assert_int_equal(c.log_json, 1);
+    assert_int_equal(config_override(&c, "api.default_model=", err, sizeof err), 0);
+    assert_null(c.default_model);
+    /* overrides may be repeated: the last one wins */
+    assert_int_equal(config_override(&c, "submit.concurrency=9", err, sizeof err), 0);
+    assert_int_equal(c.concurrency, 9);
+
+    assert_int_equal(config_override(&c, "submit.bogus=1", err, sizeof err), -1);
+    assert_string_equal(err, "-o submit.bogus=1: unknown key \"submit.bogus\"");
+    assert_int_equal(config_override(&c, "concurrency=1", err, sizeof err), -1);
+    assert_string_equal(err, "-o concurrency=1: unknown key \"concurrency\"");
+    assert_int_equal(config_override(&c, "submit.backoff_base=xyz", err, sizeof err), -1);
+    assert_string_equal(err, "-o submit.backoff_base=xyz: key \"submit.backoff_base\": invalid duration \"xyz\" "
+                             "(expected e.g. 500ms, 30s, 5m, 2h, 7d)");
+    assert_int_equal(config_override(&c, "submit.concurrency=0", err, sizeof err), -1);
+    assert_string_equal(err, "-o submit.concurrency=0: key \"submit.concurrency\": invalid value \"0\" "
+                             "(expected an integer from 1 to 100000)");
+    assert_int_equal(config_override(&c, "submit.concurrency", err, sizeof err), -1);
+    assert_string_equal(err, "-o submit.concurrency: expected section.key=value");
+    /* failures leave the value alone */
+    assert_int_equal(c.concurrency, 9);
+    assert_int_equal(c.backoff_base_ms, SEC(2));
+    config_free(&c);
+}
+
+/* -o wins over the file, and is not a "set twice" error. */
+static void test_override_beats_file(void **state)
+{
+    (void)state;
+    struct config c;
+    char err[1024] = "", msg[1024];
+    config_init(&c);
+    assert_int_equal(load_text(&c, "[submit]\nconcurrency = 4\n", msg, sizeof msg), 0);
+    assert_int_equal(config_override(&c, "submit.concurrency=12", err, sizeof err), 0);
+    assert_int_equal(c.concurrency, 12);
+    assert_int_equal(config_finish(&c, err, sizeof err), 0);
+    config_free(&c);
+}
+
+/* ---- config_finish --------------------------------------------------------- */
+
+static void expect_finish_error(const char *override, const char *want_prefix)
+{
+    struct config c;
+    char err[1024] = "";
+    config_init(&c);
+    assert_int_equal(config_override(&c, "daemon.instance=test-1", err, sizeof err), 0);
+    if (override)
+        assert_int_equal(config_override(&c, override, err, sizeof err), 0);
+    int rc = config_finish(&c, err, sizeof err);
+    if (rc == 0)
+        print_error("-o %s: config_finish accepted it\n", override);
+    assert_int_equal(rc, -1);
+    if (strncmp(err, want_prefix, strlen(want_prefix)) != 0)
+        print_error("got \"%s\"\nwant \"%s...\"\n", err, want_prefix);
+    assert_memory_equal(err, want_prefix, strlen(want_prefix));
+    config_free(&c);
+}
+
+static void test_finish_errors(void **state)
+{
+    (void)state;
+    expect_finish_error("redis.url=http://x", "key \"redis.url\": unsupported URL \"http://x\"");
+    expect_finish_error("redis.url=redis://h:0", "key \"redis.url\": invalid port");
+    expect_finish_error("redis.url=", "key \"redis.url\": ");
+    expect_finish_error("redis.prefix=a b", "key \"redis.prefix\": must be 1-128 characters of [A-Za-z0-9._:-]");
+    expect_finish_error("redis.prefix=vidq/x", "key \"redis.prefix\": must be 1-128 characters of [A-Za-z0-9._:-]");
+    expect_finish_error("redis.prefix=", "key \"redis.prefix\": must be 1-128 characters of [A-Za-z0-9._:-]");
+    expect_finish_error("daemon.instance=a b", "key \"daemon.instance\": must be 1-128 characters of [A-Za-z0-9._:-]");
+    expect_finish_error("api.base_url=ftp://x", "key \"api.base_url\": must start with http:// or https://");
+    expect_finish_error("api.base_url=api.ezmodel.cloud", "key \"api.base_url\": must start with http:// or https://");
+    expect_finish_error("api.base_url=", "key \"api.base_url\": must start with http:// or https://");
+    expect_finish_error("submit.backoff_max=1s", "key \"submit.backoff_max\": must not be smaller than submit.backoff_base");
+    expect_finish_error("api.ca_file=/nonexistent-vidq/ca.pem",
+                        "key \"api.ca_file\": cannot read /nonexistent-vidq/ca.pem: No such file or directory");
+}
+
+static void test_finish_error_names_file_line(void **state)
+{
+    (void)state;
+    struct config c;
+    char err[1024] = "";
+    config_init(&c);
+    char *path = temp_file("[daemon]\ninstance = t1\n[redis]\n# the queue\nurl = http://x\n");
+    assert_int_equal(config_load_file(&c, path, 1, err, sizeof err), 0);
+    assert_int_equal(config_finish(&c, err, sizeof err), -1);
+    char want[4096];
+    snprintf(want, sizeof want, "%s:5: key \"redis.url\": unsupported URL \"http://x\"", path);
+    if (strncmp(err, want, strlen(want)) != 0)
+        print_error("got \"%s\"\n", err);
+    assert_memory_equal(err, want, strlen(want));
+    config_free(&c);
+    drop_file(path);
+
+    config_init(&c);
+    path = temp_file("[submit]\nbackoff_base = 10s\nbackoff_max = 5s\n");
+    assert_int_equal(config_load_file(&c, path, 1, err, sizeof err), 0);
+    assert_int_equal(config_finish(&c, err, sizeof err), -1);
+    snprintf(want, sizeof want, "%s:3: key \"submit.backoff_max\": must not be smaller than submit.backoff_base", path);
+    assert_string_equal(err, want);
+    config_free(&c);
+    drop_file(path);
+
+    config_init(&c);
+    path = temp_file("[redis]\n\nprefix = \"bad prefix\"\n");
+    assert_int_equal(config_load_file(&c, path, 1, err, sizeof err), 0);
+    assert_int_equal(config_finish(&c, err, sizeof err), -1);
+    snprintf(want, sizeof want, "%s:3: key \"redis.prefix\": must be 1-128 characters of [A-Za-z0-9._:-]", path);
+    assert_string_equal(err, want);
+    config_free(&c);
+    drop_file(path);
+
+    config_init(&c);
+    path = temp_file("[api]\nbase_url = ftp://gw\n");
+    assert_int_equal(config_load_file(&c, path, 1, err, sizeof err), 0);
+    assert_int_equal(config_finish(&c, err, sizeof err), -1);
+    snprintf(want, sizeof want, "%s:2: key \"api.base_url\": must start with http:// or https://", path);
+    assert_string_equal(err, want);
+    config_free(&c);
+    drop_file(path);
+}
+
+/* A bad value given with -o must not be blamed on the file line that -o
+ * replaced: the operator would look for the mistake in the wrong place. */
+static void test_finish_error_after_override_not_blamed_on_file(void **state)
+{
+    (void)state;
+    struct config c;
+    char err[1024] = "";
+    config_init(&c);
+    char *path = temp_file("[api]\nbase_url = https://gw.example.com\n");
+    assert_int_equal(config_load_file(&c, path, 1, err, sizeof err), 0);
+    assert_int_equal(config_override(&c, "api.base_url=ftp://x", err, sizeof err), 0);
+    int rc = config_finish(&c, err, sizeof err);
+    char blamed[4096];
+    snprintf(blamed, sizeof blamed, "%s:2:", path);
+    unlink(path);
+    assert_int_equal(rc, -1);
+    if (strstr(err, blamed) != NULL)
+        print_error("-o value blamed on the file: %s\n", err);
+    assert_null(strstr(err, blamed));
+    assert_non_null(strstr(err, "api.base_url"));
+    assert_non_null(strstr(err, "must start with http:// or https://"));
+    config_free(&c);
+    free(path);
+}
+
+/* ---- the API token -------------------------------------------------------------- */
+
+static char cred_dir[4096];
+
+static int token_setup(void **state)
+{
+    (void)state;
+    unsetenv("CREDENTIALS_DIRECTORY");
+    unsetenv("VIDQ_API_TOKEN");
+    const char *dir = getenv("TMPDIR");
+    snprintf(cred_dir, sizeof cred_dir, "%s/vidq-cred-XXXXXX", dir && *dir ? dir : "/tmp");
+    if (mkdtemp(cred_dir) == NULL)
+        return -1;
+    return 0;
+}
+
+static int token_teardown(void **state)
+{
+    (void)state;
+    char p[4200];
+    snprintf(p, sizeof p, "%s/api-token", cred_dir);
+    unlink(p);
+    rmdir(cred_dir);
+    unsetenv("CREDENTIALS_DIRECTORY");
+    unsetenv("VIDQ_API_TOKEN");
+    return 0;
+}
+
+static void write_credential(const char *text)
+{
+    char p[4200];
+    snprintf(p, sizeof p, "%s/api-token", cred_dir);
+    FILE *f = fopen(p, "w");
+    assert_non_null(f);
+    fputs(text, f);
+    fclose(f);
+}
+
+static void test_token_from_file(void **state)
+{
+    (void)state;
+    struct config c;
+    char err[1024] = "";
+    config_init(&c);
+    char *path = temp_file("  \tsk-abc123XYZ \r\nsecond line ignored\n");
+    c.token_file = strdup(path);
+    int rc = config_load_token(&c, err, sizeof err);
+    if (rc != 0)
+        print_error("%s\n", err);
+    assert_int_equal(rc, 0);
+    assert_string_equal(c.token, "sk-abc123XYZ");
+    /* reloading replaces it */
+    drop_file(path);
+    path = temp_file("sk-new");
+    free(c.token_file);
+    c.token_file = strdup(path);
+    assert_int_equal(config_load_token(&c, err, sizeof err), 0);
+    assert_string_equal(c.token, "sk-new");
+    config_free(&c);
+    drop_file(path);
+}
+
+static void test_token_from_credential(void **state)
+{
+    (void)state;
+    struct config c;
+    char err[1024] = "";
+    write_credential("cred-token-1\n");
+    setenv("CREDENTIALS_DIRECTORY", cred_dir, 1);
+    config_init(&c);
+    int rc = config_load_token(&c, err, sizeof err);
+    if (rc != 0)
+        print_error("%s\n", err);
+    assert_int_equal(rc, 0);
+    assert_string_equal(c.token, "cred-token-1");
+    config_free(&c);
+}
+
+static void test_token_from_env(void **state)
+{
+    (void)state;
+    struct config c;
+    char err[1024] = "";
+    setenv("VIDQ_API_TOKEN", "env-token-1", 1);
+    config_init(&c);
+    assert_int_equal(config_load_token(&c, err, sizeof err), 0);
+    assert_string_equal(c.token, "env-token-1");
+    config_free(&c);
+
+    /* an empty CREDENTIALS_DIRECTORY is as good as none */
+    setenv("CREDENTIALS_DIRECTORY", "", 1);
+    config_init(&c);
+    assert_int_equal(config_load_token(&c, err, sizeof err), 0);
+    assert_string_equal(c.token, "env-token-1");
+    config_free(&c);
+}
+
+static void test_token_precedence(void **state)
+{
+    (void)state;
+    struct config c;
+    char err[1024] = "";
+    write_credential("from-credential\n");
+    setenv("CREDENTIALS_DIRECTORY", cred_dir, 1);
+    setenv("VIDQ_API_TOKEN", "from-env", 1);
+    char *path = temp_file("from-file\n");
+
+    config_init(&c);
+    c.token_file = strdup(path);
+    assert_int_equal(config_load_token(&c, err, sizeof err), 0);
+    assert_string_equal(c.token, "from-file");
+    config_free(&c);
+
+    config_init(&c);
+    assert_int_equal(config_load_token(&c, err, sizeof err), 0);
+    assert_string_equal(c.token, "from-credential");
+    config_free(&c);
+
+    unsetenv("CREDENTIALS_DIRECTORY");
+    config_init(&c);
+    assert_int_equal(config_load_token(&c, err, sizeof err), 0);
+    assert_string_equal(c.token, "from-env");
+    config_free(&c);
+    drop_file(path);
+}
+
+static void test_token_errors(void **state)
+{
+    (void)state;
+    struct config c;
+    char err[1024] = "";
+
+    config_init(&c);
+    assert_int_equal(config_load_token(&c, err, sizeof err), -1);
+    assert_non_null(strstr(err, "VIDQ_API_TOKEN"));
+    assert_string_equal(err, "no API token: set api.token_file, the systemd credential api-token, or VIDQ_API_TOKEN");
+    assert_null(c.token);
+    config_free(&c);
+
+    /* an empty env var is no token */
+    setenv("VIDQ_API_TOKEN", "", 1);
+    config_init(&c);
+    assert_int_equal(config_load_token(&c, err, sizeof err), -1);
+    assert_non_null(strstr(err, "VIDQ_API_TOKEN"));
+    config_free(&c);
+    unsetenv("VIDQ_API_TOKEN");
+
+    static const char *const empty[] = {"", "\n", "   \t \n", " \r\n\nreal-token-on-line-3\n"};
+    for (size_t i = 0; i < sizeof empty / sizeof empty[0]; i++) {
+        char *path = temp_file(empty[i]);
+        config_init(&c);
+        c.token_file = strdup(path);
+        assert_int_equal(config_load_token(&c, err, sizeof err), -1);
+        char want[4200];
+        snprintf(want, sizeof want, "API token file %s is empty", path);
+        assert_string_equal(err, want);
+        assert_null(c.token);
+        config_free(&c);
+        drop_file(path);
+    }
+
+    config_init(&c);
+    c.token_file = strdup("/nonexistent-vidq/token");
+    assert_int_equal(config_load_token(&c, err, sizeof err), -1);
+    assert_string_equal(err, "cannot read API token file /nonexistent-vidq/token: No such file or directory");
+    config_free(&c);
+
+    /* control characters would split the Authorization header */
+    static const char *const ctl[] = {"ab\x01" "cd\n", "ab\tcd\n", "ab\x7f" "cd\n", "a\x1b[0mb\n"};
+    for (size_t i = 0; i < sizeof ctl / sizeof ctl[0]; i++) {
+        char *path = temp_file(ctl[i]);
+        config_init(&c);
+        c.token_file = strdup(path);
+        assert_int_equal(config_load_token(&c, err, sizeof err), -1);
+        assert_string_equal(err, "the API token contains control characters");
+        assert_null(c.token);
+        config_free(&c);
+        drop_file(path);
+    }
+    setenv("VIDQ_API_TOKEN", "tok\r\nX-Injected: 1", 1);
+    config_init(&c);
+    assert_int_equal(config_load_token(&c, err, sizeof err), -1);
+    assert_string_equal(err, "the API token contains control characters");
+    config_free(&c);
+    unsetenv("VIDQ_API_TOKEN");
+
+    /* a credential directory without api-token is an error that names the file */
+    setenv("CREDENTIALS_DIRECTORY", cred_dir, 1);
+    config_init(&c);
+    assert_int_equal(config_load_token(&c, err, sizeof err), -1);
+    assert_non_null(strstr(err, cred_dir));
+    assert_non_null(strstr(err, "api-token"));
+    config_free(&c);
+
+    /* a failed reload keeps the token that was loaded before */
+    unsetenv("CREDENTIALS_DIRECTORY");
+    setenv("VIDQ_API_TOKEN", "good", 1);
+    config_init(&c);
+    assert_int_equal(config_load_token(&c, err, sizeof err), 0);
+    c.token_file = strdup("/nonexistent-vidq/token");
+    assert_int_equal(config_load_token(&c, err, sizeof err), -1);
+    assert_string_equal(c.token, "good");
+    config_free(&c);
+}
+
+/* ---- rconn_parse_url ------------------------------------------------------------ */
+
+static void expect_tcp(const char *url, const char *host, int port, int db, const char *user, const char *pass)
+{
+    struct rconn_target t;
+    char err[512] = "";
+    int rc = rconn_parse_url(url, &t, err, sizeof err);
+    if (rc != 0)
+        print_error("%s: %s\n", url, err);
+    assert_int_equal(rc, 0);
+    assert_non_null(t.host);
+    assert_string_equal(t.host, host);
+    assert_null(t.path);
+    assert_int_equal(t.port, port);
+    assert_int_equal(t.db, db);
+    if (user)
+        assert_string_equal(t.user, user);
+    else
+        assert_null(t.user);
+    if (pass)
+        assert_string_equal(t.pass, pass);
+    else
+        assert_null(t.pass);
+    rconn_target_free(&t);
+    assert_null(t.host);
+}
+
+static void expect_unix(const char *url, const char *path, int db, const char *user, const char *pass)
+{
+    struct rconn_target t;
+    char err[512] = "";
+    int rc = rconn_parse_url(url, &t, err, sizeof err);
+    if (rc != 0)
+        print_error("%s: %s\n", url, err);
+    assert_int_equal(rc, 0);
+    assert_null(t.host);
+    assert_non_null(t.path);
+    assert_string_equal(t.path, path);
+    assert_int_equal(t.db, db);
+    if (user)
+        assert_string_equal(t.user, user);
+    else
+        assert_null(t.user);
+    if (pass)
+        assert_string_equal(t.pass, pass);
+    else
+        assert_null(t.pass);
+    rconn_target_free(&t);
+}
+
+static void expect_url_error(const char *url, const char *want_prefix)
+{
+    struct rconn_target t;
+    char err[512] = "";
+    int rc = rconn_parse_url(url, &t, err, sizeof err);
+    if (rc == 0)
+        print_error("%s accepted: host %s port %d db %d\n", url, t.host ? t.host : "(null)", t.port, t.db);
+    assert_int_equal(rc, -1);
+    if (strncmp(err, want_prefix, strlen(want_prefix)) != 0)
+        print_error("%s: got \"%s\", want \"%s...\"\n", url, err, want_prefix);
+    assert_memory_equal(err, want_prefix, strlen(want_prefix));
+    /* nothing is left allocated */
+    assert_null(t.host);
+    assert_null(t.path);
+    assert_null(t.user);
+    assert_null(t.pass);
+}
+
+static void test_redis_url_tcp(void **state)
+{
+    (void)state;
+    expect_tcp("redis://127.0.0.1:6379/0", "127.0.0.1", 6379, 0, NULL, NULL);
+    expect_tcp("redis://host", "host", 6379, 0, NULL, NULL);
+    expect_tcp("redis://host/", "host", 6379, 0, NULL, NULL);
+    expect_tcp("redis://host/15", "host", 6379, 15, NULL, NULL);
+    expect_tcp("redis://:pass@h:1/2", "h", 1, 2, NULL, "pass");
+    expect_tcp("redis://user:p%40ss@h:1/3", "h", 1, 3, "user", "p@ss");
+    expect_tcp("redis://user:pa:ss@h:65535/0", "h", 65535, 0, "user", "pa:ss");
+    expect_tcp("redis://:p%3a%2F%25@h", "h", 6379, 0, NULL, "p:/%");
+    expect_tcp("redis://:p@ss@h:7", "h", 7, 0, NULL, "p@ss"); /* the last '@' ends the credentials */
+    expect_tcp("redis://[::1]:7000/1", "::1", 7000, 1, NULL, NULL);
+    expect_tcp("redis://[::1]/2", "::1", 6379, 2, NULL, NULL);
+    expect_tcp("redis://:pw@[fe80::1]:6380/3", "fe80::1", 6380, 3, NULL, "pw");
+    expect_tcp("redis://redis.internal.example.com:6380", "redis.internal.example.com", 6380, 0, NULL, NULL);
+}
+
+static void test_redis_url_unix(void **state)
+{
+    (void)state;
+    expect_unix("unix:///tmp/r.sock?db=4", "/tmp/r.sock", 4, NULL, NULL);
+    expect_unix("unix:///tmp/r.sock", "/tmp/r.sock", 0, NULL, NULL);
+    expect_unix("unix:///tmp/r.sock?password=x", "/tmp/r.sock", 0, NULL, "x");
+    expect_unix("unix:///run/redis/redis.sock?db=2&password=p%26w&user=app", "/run/redis/redis.sock", 2, "app", "p&w");
+}
+
+static void test_redis_url_errors(void **state)
+{
+    (void)state;
+    expect_url_error("http://x", "unsupported URL \"http://x\"");
+    expect_url_error("rediss://h:6379", "unsupported URL \"rediss://h:6379\"");
+    expect_url_error("", "unsupported URL \"\"");
+    expect_url_error("redis://h:0", "invalid port");
+    expect_url_error("redis://h:99999", "invalid port");
+    expect_url_error("redis://h:65536", "invalid port");
+    expect_url_error("redis://h:", "invalid port");
+    expect_url_error("redis://h:-1", "invalid port");
+    expect_url_error("redis://h:63a9", "invalid port");
+    expect_url_error("redis://h/abc", "invalid database number \"abc\"");
+    expect_url_error("redis://h/-1", "invalid database number \"-1\"");
+    expect_url_error("redis://h:6379/0/1", "invalid database number \"0/1\"");
+    expect_url_error("unix://relative", "unix socket URL needs an absolute path");
+    expect_url_error("unix://", "unix socket URL needs an absolute path");
+    expect_url_error("unix:///tmp/r.sock?db=x", "unsupported unix socket URL parameter \"db=x\"");
+    expect_url_error("unix:///tmp/r.sock?timeout=5", "unsupported unix socket URL parameter \"timeout=5\"");
+    expect_url_error("redis://:pw@", "missing host");
+    expect_url_error("redis://", "missing host");
+    expect_url_error("redis://:6379/0", "missing host");
+    expect_url_error("redis://[::1:7000", "unterminated [IPv6] host");
+    expect_url_error("redis://[]:7000", "missing host");
+
+    struct rconn_target t;
+    char err[64];
+    assert_int_equal(rconn_parse_url(NULL, &t, err, sizeof err), -1);
+    assert_string_equal(err, "missing URL");
+}
+
+/* Text after "[v6]" that is not ":port" must not be silently dropped (the
+ * port the operator meant would be replaced by 6379). */
+static void test_redis_url_ipv6_garbage(void **state)
+{
+    (void)state;
+    expect_url_error("redis://[::1]7000/1", ""); /* any message */
+    expect_url_error("redis://[::1]x:7000/1", "");
+}
+
+static void test_redis_url_describe(void **state)
+{
+    (void)state;
+    struct rconn_target t;
+    char err[256], buf[256];
+    assert_int_equal(rconn_parse_url("redis://user:secret@h:6380/2", &t, err, sizeof err), 0);
+    rconn_target_describe(&t, buf, sizeof buf);
+    assert_string_equal(buf, "h:6380/2");
+    assert_null(strstr(buf, "secret"));
+    rconn_target_free(&t);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_defaults),
+        cmocka_unit_test(test_defaults_finish),
+        cmocka_unit_test(test_parse_duration),
+        cmocka_unit_test(test_parse_rate),
+        cmocka_unit_test(test_full_file),
+        cmocka_unit_test(test_dump_roundtrip),
+        cmocka_unit_test(test_comments_blank_quotes),
+        cmocka_unit_test(test_bool_values),
+        cmocka_unit_test(test_file_errors),
+        cmocka_unit_test(test_file_error_line_too_long),
+        cmocka_unit_test(test_missing_file),
+        cmocka_unit_test(test_override),
+        cmocka_unit_test(test_override_beats_file),
+        cmocka_unit_test(test_finish_errors),
+        cmocka_unit_test(test_finish_error_names_file_line),
+        cmocka_unit_test(test_finish_error_after_override_not_blamed_on_file),
+        cmocka_unit_test_setup_teardown(test_token_from_file, token_setup, token_teardown),
+        cmocka_unit_test_setup_teardown(test_token_from_credential, token_setup, token_teardown),
+        cmocka_unit_test_setup_teardown(test_token_from_env, token_setup, token_teardown),
+        cmocka_unit_test_setup_teardown(test_token_precedence, token_setup, token_teardown),
+        cmocka_unit_test_setup_teardown(test_token_errors, token_setup, token_teardown),
+        cmocka_unit_test(test_redis_url_tcp),
+        cmocka_unit_test(test_redis_url_unix),
+        cmocka_unit_test(test_redis_url_errors),
+        cmocka_unit_test(test_redis_url_ipv6_garbage),
+        cmocka_unit_test(test_redis_url_describe),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
