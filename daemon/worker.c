@@ -68,7 +68,9 @@ struct slot {
     /* the outcome being recorded */
     const char *outcome;   /* for the log line */
     char *task_id;
-    char *fv[MAX_FIELDS];
+    sbuf fbuf;                  /* the event's field strings, NUL-separated */
+    size_t foff[MAX_FIELDS];    /* where each starts in fbuf */
+    const char *fv[MAX_FIELDS]; /* pointers into fbuf, set by fields_ready() */
     size_t fl[MAX_FIELDS];
     int nf;
     char *dead;
@@ -159,8 +161,7 @@ static void slot_closed(uv_handle_t *h)
 
 static void clear_outcome(slot *s)
 {
-    for (int i = 0; i < s->nf; i++)
-        free(s->fv[i]);
+    sbuf_reset(&s->fbuf);
     s->nf = 0;
     free(s->dead);
     s->dead = NULL;
@@ -182,6 +183,7 @@ static void slot_release(slot *s)
         s->next->prev = s->prev;
     w->nslots--;
     clear_outcome(s);
+    sbuf_free(&s->fbuf);
     job_free(&s->job);
     free(s->held);
     uv_timer_stop(&s->timer);
@@ -213,14 +215,25 @@ static void slot_done(slot *s)
 
 static void ev_add(slot *s, const char *k, const char *v, size_t len)
 {
+    /* One buffer for all of an event's strings: an event has ~10 fields
+     * and this runs for every job. */
     if (s->nf + 2 > MAX_FIELDS)
         return;
-    s->fv[s->nf] = xstrdup(k);
-    s->fl[s->nf] = strlen(k);
-    s->nf++;
-    s->fv[s->nf] = xstrndup(v, len);
-    s->fl[s->nf] = len;
-    s->nf++;
+    size_t klen = strlen(k);
+    s->foff[s->nf] = s->fbuf.len;
+    s->fl[s->nf++] = klen;
+    sbuf_append(&s->fbuf, k, klen + 1);
+    s->foff[s->nf] = s->fbuf.len;
+    s->fl[s->nf++] = len;
+    sbuf_append(&s->fbuf, v, len);
+    sbuf_putc(&s->fbuf, '\0');
+}
+
+/* Point fv[] into the field buffer (it may have moved while growing). */
+static void fields_ready(slot *s)
+{
+    for (int i = 0; i < s->nf; i++)
+        s->fv[i] = s->fbuf.buf + s->foff[i];
 }
 
 static void ev_str(slot *s, const char *k, const char *v)
@@ -303,6 +316,7 @@ static void log_outcome(slot *s, int held)
     }
     snprintf(latency, sizeof latency, "%lld", (long long)(mono_ms() - s->taken_ms));
     snprintf(attempts, sizeof attempts, "%u", s->attempts);
+    fields_ready(s);
     int failed = 0;
     for (int i = 0; i + 1 < s->nf && n < 10; i += 2) {
         const char *k = s->fv[i];
@@ -337,11 +351,13 @@ static void on_recorded(int err, long long held, void *ud)
         uv_timer_start(&s->timer, on_record_retry, RECORD_RETRY_MS, 0);
         return;
     }
-    if (s->envelope)
+    if (s->envelope) {
+        fields_ready(s);
         log_kv(LOG_NOTICE, held == 1 ? "retry scheduled" : "job no longer held: retry dropped", "job_id",
-               s->job.job_id, "reason", s->fv[1] ? s->fv[1] : "", NULL);
-    else
+               s->job.job_id, "reason", s->nf > 1 ? s->fv[1] : "", NULL);
+    } else if (log_enabled(LOG_INFO) || strcmp(s->outcome, "submitted") != 0 || held != 1) {
         log_outcome(s, held == 1);
+    }
     slot_done(s);
 }
 
@@ -351,6 +367,7 @@ static void record(slot *s)
     worker *w = s->w;
     int rc;
     s->state = S_RECORDING;
+    fields_ready(s);
     if (s->envelope) {
         rc = queue_retry(w->q, s->held, s->held_len, s->envelope, s->envelope_len, s->due_ms, on_recorded, s);
     } else {
@@ -407,9 +424,7 @@ static void retry_later(slot *s, const struct outcome *o)
     sbuf b;
     clear_outcome(s);
     s->outcome = "retry";
-    s->fv[0] = xstrdup("reason");
-    s->fv[1] = xstrdup(o->message);
-    s->nf = 2;
+    ev_str(s, "reason", o->message);
     s->due_ms = now_ms() + backoff_ms(w, s->attempts, o->retry_after_ms);
     sbuf_init(&b);
     sbuf_printf(&b, ENVELOPE_PREFIX "%u,\"job_id\":", s->attempts);

@@ -106,7 +106,7 @@
 #define READ_BUF_SIZE (64 * 1024)
 #define CHUNK_SIZE    (256 * 1024)  /* streamed bodies go out in these */
 #define HUGE_DEFAULT  (64ull << 20)
-#define BACKLOG       4096
+#define BACKLOG 4096 /* 1,000 clients connecting at once must not wait for a SYN retry */
 
 #define container_of(ptr, type, member) \
     ((type *)((char *)(ptr) - offsetof(type, member)))
