@@ -243,85 +243,211 @@ static void validate(struct job *j, const cJSON *obj, const char *default_model)
         set_error(j, "field \"image\" must be a string (URL, base64 or data URI), got %s", type_name(img));
 }
 
-/* Length of an RFC 8259 number at s, or 0 when the token is not one. */
-static size_t rfc_number(const char *s, size_t len)
+/*
+ * A strict RFC 8259 validator that reports where and why input is not
+ * JSON. cJSON is lenient where the RFC is not (control bytes taken as
+ * whitespace or kept raw in strings, numbers such as 01 or 1.), and its
+ * error position is off by one for some errors. The request body is built
+ * from the producer's own bytes, so only strictly valid JSON may pass; and
+ * a producer deserves "invalid JSON at byte 14: expected a member name".
+ * A \u0000 escape is refused too: C strings end there, so the daemon would
+ * read a different job id or prompt than the API.
+ */
+struct scan {
+    const char *s;
+    size_t len, i;
+    const char *why;
+    int depth;
+};
+
+#define MAX_DEPTH 512
+
+static int scan_fail(struct scan *c, const char *why)
 {
-    size_t i = 0;
-    if (i < len && s[i] == '-')
-        i++;
-    if (i < len && s[i] == '0')
-        i++;
-    else if (i < len && s[i] >= '1' && s[i] <= '9')
-        while (i < len && s[i] >= '0' && s[i] <= '9')
-            i++;
-    else
-        return 0;
-    if (i < len && s[i] == '.') {
-        size_t d = ++i;
-        while (i < len && s[i] >= '0' && s[i] <= '9')
-            i++;
-        if (i == d)
-            return 0;
-    }
-    if (i < len && (s[i] == 'e' || s[i] == 'E')) {
-        i++;
-        if (i < len && (s[i] == '+' || s[i] == '-'))
-            i++;
-        size_t d = i;
-        while (i < len && s[i] >= '0' && s[i] <= '9')
-            i++;
-        if (i == d)
-            return 0;
-    }
-    /* The token must end here: "01" or "1." leave digits or a dot behind. */
-    if (i < len && ((s[i] >= '0' && s[i] <= '9') || s[i] == '.' || s[i] == 'e' || s[i] == 'E' || s[i] == '+' ||
-                    s[i] == '-'))
-        return 0;
-    return i;
+    if (c->why == NULL)
+        c->why = why;
+    return -1;
 }
 
-/*
- * cJSON is lenient where RFC 8259 is not: it takes any byte below 0x20 as
- * whitespace, keeps raw control characters inside strings, and reads numbers
- * such as 01, 1. or -01. The body is built from the producer's own bytes, so
- * such input would reach the API as invalid JSON: reject it here, with its
- * position. A \u0000 escape is refused too: C strings end there, so the
- * daemon would read a different job id or prompt than the API. Returns the
- * offset of the first offending byte (and why), or -1.
- */
-static long strict_json(const char *s, size_t len, const char **why)
+static void scan_ws(struct scan *c)
 {
-    int in_string = 0;
-    for (size_t i = 0; i < len; i++) {
-        unsigned char c = (unsigned char)s[i];
-        if (in_string) {
-            if (c == '\\') {
-                if (i + 5 < len && memcmp(s + i + 1, "u0000", 5) == 0) {
-                    *why = "\\u0000 (NUL) is not accepted";
-                    return (long)i;
+    while (c->i < c->len && (c->s[c->i] == ' ' || c->s[c->i] == '\t' || c->s[c->i] == '\n' || c->s[c->i] == '\r'))
+        c->i++;
+}
+
+static int is_hex(char ch)
+{
+    return (ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f') || (ch >= 'A' && ch <= 'F');
+}
+
+static int scan_string(struct scan *c)
+{
+    c->i++; /* opening quote */
+    while (c->i < c->len) {
+        unsigned char ch = (unsigned char)c->s[c->i];
+        if (ch == '"') {
+            c->i++;
+            return 0;
+        }
+        if (ch < 0x20)
+            return scan_fail(c, "control character in a string");
+        if (ch == '\\') {
+            c->i++;
+            if (c->i >= c->len)
+                break;
+            char e = c->s[c->i];
+            if (e == 'u') {
+                if (c->i + 4 >= c->len || !is_hex(c->s[c->i + 1]) || !is_hex(c->s[c->i + 2]) ||
+                    !is_hex(c->s[c->i + 3]) || !is_hex(c->s[c->i + 4])) {
+                    c->i--; /* point at the backslash */
+                    return scan_fail(c, "bad \\u escape");
                 }
-                i++;
-            } else if (c == '"') {
-                in_string = 0;
-            } else if (c < 0x20) {
-                *why = "control character";
-                return (long)i;
+                if (memcmp(c->s + c->i + 1, "0000", 4) == 0) {
+                    c->i--;
+                    return scan_fail(c, "\\u0000 (NUL) is not accepted");
+                }
+                c->i += 4;
+            } else if (strchr("\"\\/bfnrt", e) == NULL || e == '\0') {
+                c->i--;
+                return scan_fail(c, "bad escape in a string");
             }
-        } else if (c == '"') {
-            in_string = 1;
-        } else if (c == '-' || (c >= '0' && c <= '9')) {
-            size_t n = rfc_number(s + i, len - i);
-            if (n == 0) {
-                *why = "malformed number";
-                return (long)i;
-            }
-            i += n - 1;
-        } else if (c < 0x20 && c != ' ' && c != '\t' && c != '\n' && c != '\r') {
-            *why = "control character";
-            return (long)i;
+        }
+        c->i++;
+    }
+    return scan_fail(c, "unterminated string");
+}
+
+static int scan_number_at(struct scan *c);
+
+/* A bad number is reported where the number starts. */
+static int scan_number(struct scan *c)
+{
+    size_t start = c->i;
+    if (scan_number_at(c) == 0)
+        return 0;
+    c->i = start;
+    return -1;
+}
+
+static int scan_number_at(struct scan *c)
+{
+    const char *s = c->s;
+    size_t n = c->len;
+    if (c->i < n && s[c->i] == '-')
+        c->i++;
+    if (c->i < n && s[c->i] == '0') {
+        c->i++;
+    } else if (c->i < n && s[c->i] >= '1' && s[c->i] <= '9') {
+        while (c->i < n && s[c->i] >= '0' && s[c->i] <= '9')
+            c->i++;
+    } else {
+        return scan_fail(c, "malformed number");
+    }
+    if (c->i < n && s[c->i] == '.') {
+        c->i++;
+        if (c->i >= n || s[c->i] < '0' || s[c->i] > '9')
+            return scan_fail(c, "malformed number");
+        while (c->i < n && s[c->i] >= '0' && s[c->i] <= '9')
+            c->i++;
+    }
+    if (c->i < n && (s[c->i] == 'e' || s[c->i] == 'E')) {
+        c->i++;
+        if (c->i < n && (s[c->i] == '+' || s[c->i] == '-'))
+            c->i++;
+        if (c->i >= n || s[c->i] < '0' || s[c->i] > '9')
+            return scan_fail(c, "malformed number");
+        while (c->i < n && s[c->i] >= '0' && s[c->i] <= '9')
+            c->i++;
+    }
+    if (c->i < n && (s[c->i] >= '0' && s[c->i] <= '9'))
+        return scan_fail(c, "malformed number");
+    return 0;
+}
+
+static int scan_value(struct scan *c);
+
+static int scan_container(struct scan *c, char close)
+{
+    if (++c->depth > MAX_DEPTH)
+        return scan_fail(c, "nesting too deep");
+    c->i++; /* '{' or '[' */
+    scan_ws(c);
+    if (c->i < c->len && c->s[c->i] == close) {
+        c->i++;
+        c->depth--;
+        return 0;
+    }
+    for (;;) {
+        if (close == '}') {
+            if (c->i >= c->len || c->s[c->i] != '"')
+                return scan_fail(c, c->i >= c->len ? "unexpected end of input" : "expected a member name");
+            if (scan_string(c) != 0)
+                return -1;
+            scan_ws(c);
+            if (c->i >= c->len || c->s[c->i] != ':')
+                return scan_fail(c, c->i >= c->len ? "unexpected end of input" : "expected ':'");
+            c->i++;
+        }
+        if (scan_value(c) != 0)
+            return -1;
+        scan_ws(c);
+        if (c->i >= c->len)
+            return scan_fail(c, "unexpected end of input");
+        if (c->s[c->i] == close) {
+            c->i++;
+            c->depth--;
+            return 0;
+        }
+        if (c->s[c->i] != ',')
+            return scan_fail(c, close == '}' ? "expected ',' or '}'" : "expected ',' or ']'");
+        c->i++;
+        scan_ws(c);
+    }
+}
+
+static int scan_value(struct scan *c)
+{
+    scan_ws(c);
+    if (c->i >= c->len)
+        return scan_fail(c, "unexpected end of input");
+    char ch = c->s[c->i];
+    if (ch == '{')
+        return scan_container(c, '}');
+    if (ch == '[')
+        return scan_container(c, ']');
+    if (ch == '"')
+        return scan_string(c);
+    if (ch == '-' || (ch >= '0' && ch <= '9'))
+        return scan_number(c);
+    static const char *const lits[] = {"true", "false", "null"};
+    for (size_t k = 0; k < 3; k++) {
+        size_t n = strlen(lits[k]);
+        if (c->len - c->i >= n && memcmp(c->s + c->i, lits[k], n) == 0) {
+            c->i += n;
+            return 0;
         }
     }
-    return -1;
+    if ((unsigned char)ch < 0x20)
+        return scan_fail(c, "control character");
+    return scan_fail(c, "unexpected character");
+}
+
+/* -1 when `s` is one strict JSON value; else the offset of the error. */
+static long strict_json(const char *s, size_t len, const char **why)
+{
+    struct scan c = {s, len, 0, NULL, 0};
+    if (scan_value(&c) == 0) {
+        scan_ws(&c);
+        if (c.i == len)
+            return -1;
+        c.why = "trailing characters after the value";
+    }
+    /* Whatever was expected there, a control byte is the clearer news. */
+    if (c.i < len && (unsigned char)s[c.i] < 0x20 && s[c.i] != ' ' && s[c.i] != '\t' && s[c.i] != '\n' &&
+        s[c.i] != '\r')
+        c.why = "control character";
+    *why = c.why;
+    return (long)c.i;
 }
 
 void job_parse(struct job *j, const char *raw, size_t len, const char *default_model)
@@ -338,29 +464,23 @@ void job_parse(struct job *j, const char *raw, size_t len, const char *default_m
         set_error(j, "empty job");
         return;
     }
-    const char *end = NULL;
-    cJSON *obj = cJSON_ParseWithLengthOpts(j->raw, len, &end, 0);
     const char *why = NULL;
-    long bad = obj ? strict_json(j->raw, len, &why) : -1;
+    long bad = strict_json(j->raw, len, &why);
     if (bad >= 0) {
-        if (strcmp(why, "control character") == 0)
+        if (strcmp(why, "control character") == 0 || strcmp(why, "control character in a string") == 0)
             set_error(j, "invalid JSON at byte %ld: control character 0x%02x", bad, (unsigned char)j->raw[bad]);
         else
             set_error(j, "invalid JSON at byte %ld: %s", bad, why);
-        cJSON_Delete(obj);
         return;
     }
+    cJSON *obj = cJSON_ParseWithLength(j->raw, len);
     if (obj == NULL) {
-        const char *at = cJSON_GetErrorPtr();
-        size_t off = at && at >= j->raw && at <= j->raw + len ? (size_t)(at - j->raw) : 0;
-        set_error(j, "invalid JSON at byte %zu", off);
+        /* Strict JSON that cJSON cannot hold (it nests at most 1000 deep). */
+        set_error(j, "invalid JSON: cannot be parsed");
         return;
     }
     j->is_json = 1;
-    if (end && skip_ws(end, j->raw + len) != j->raw + len) {
-        j->is_json = 0;
-        set_error(j, "invalid JSON at byte %zu: trailing characters after the object", (size_t)(end - j->raw));
-    } else if (!cJSON_IsObject(obj)) {
+    if (!cJSON_IsObject(obj)) {
         set_error(j, "job must be a JSON object, got %s", type_name(obj));
     } else {
         validate(j, obj, default_model);

@@ -290,11 +290,17 @@ static void test_default_model(void **state)
 static void test_invalid_json(void **state)
 {
     (void)state;
-    expect_error("{\"a\":}", NULL, "invalid JSON at byte 5", 0);
-    expect_error("{\"a\" 1}", NULL, "invalid JSON at byte 5", 0);
-    expect_error("{\"model\":\"m\",\"prompt\":\"p\",}", NULL, "invalid JSON at byte 26", 0);
-    expect_error("{\"model\":\"m\",\"prompt\":\"p\",\"y\":[1,]}", NULL, "invalid JSON at byte 33", 0);
-    expect_error("{\"model\":\"m\",\"prompt\":\"p\",\"y\":Infinity}", NULL, "invalid JSON at byte 30", 0);
+    /* The exact byte and what was wrong there. */
+    expect_error("{\"a\":}", NULL, "invalid JSON at byte 5: unexpected character", 0);
+    expect_error("{\"a\" 1}", NULL, "invalid JSON at byte 5: expected ':'", 0);
+    expect_error("{\"model\":\"m\",\"prompt\":\"p\",}", NULL, "invalid JSON at byte 26: expected a member name", 0);
+    expect_error("{\"prompt\":\"a\",,\"model\":\"m\"}", NULL, "invalid JSON at byte 14: expected a member name", 0);
+    expect_error("{\"model\":\"m\",\"prompt\":\"p\",\"y\":[1,]}", NULL, "invalid JSON at byte 33: unexpected character",
+                 0);
+    expect_error("{\"model\":\"m\",\"prompt\":\"p\",\"y\":Infinity}", NULL,
+                 "invalid JSON at byte 30: unexpected character", 0);
+    expect_error("{\"model\":\"m\",\"prompt\":\"p\" \"y\":1}", NULL, "invalid JSON at byte 26: expected ',' or '}'", 0);
+    expect_error("{\"model\":\"m\",\"prompt\":\"a\\qb\"}", NULL, "invalid JSON at byte 24: bad escape in a string", 0);
     struct job q;
     parse_str(&q, "{'a':1}", NULL);
     assert_in_range(json_error_offset(q.error), 1, 2);
@@ -344,13 +350,13 @@ static void test_trailing_garbage(void **state)
     assert_non_null(j.error);
     long off = json_error_offset(j.error);
     assert_in_range(off, 26, 27);
-    assert_non_null(strstr(j.error, ": trailing characters after the object"));
+    assert_non_null(strstr(j.error, ": trailing characters after the value"));
     assert_null(j.body);
     assert_int_equal(j.is_json, 0); /* the dead entry must keep it as text */
     job_free(&j);
 
-    expect_error("{\"a\":1} x", NULL, "invalid JSON at byte 7: trailing characters after the object", 0);
-    expect_error("{\"a\":1}{\"b\":2}", NULL, "invalid JSON at byte 7: trailing characters after the object", 0);
+    expect_error("{\"a\":1} x", NULL, "invalid JSON at byte 8: trailing characters after the value", 0);
+    expect_error("{\"a\":1}{\"b\":2}", NULL, "invalid JSON at byte 7: trailing characters after the value", 0);
     /* trailing JSON whitespace is fine */
     expect_body("{\"model\":\"m\",\"prompt\":\"p\"} \r\n\t", NULL, "{\"model\":\"m\",\"prompt\":\"p\"}");
 }
