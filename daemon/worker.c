@@ -117,6 +117,7 @@ struct worker {
     unsigned ticks;
     int upkeep_busy[3];
     int64_t started_ms;
+    int64_t up_since;  /* mono ms when Redis last came up, 0 while it is down */
     uint32_t id_rand;
     uint64_t id_counter;
     struct worker_stats st;
@@ -969,7 +970,11 @@ static void on_upkeep(uv_timer_t *t)
         return;
     if (!w->upkeep_busy[UP_HEARTBEAT] && (w->ticks % HEARTBEAT_EVERY == 1 || w->ticks == 1))
         heartbeat(w);
-    if (!w->upkeep_busy[UP_TAKEOVER] && w->ticks % TAKEOVER_EVERY == 0 && !w->draining) {
+    /* Take over only after being connected for a whole heartbeat TTL: after
+     * a Redis outage every live instance first gets the time to beat again,
+     * so none has its jobs taken from under it. */
+    if (!w->upkeep_busy[UP_TAKEOVER] && w->ticks % TAKEOVER_EVERY == 0 && !w->draining && w->up_since &&
+        mono_ms() - w->up_since > HEARTBEAT_TTL_MS) {
         w->upkeep_busy[UP_TAKEOVER] = 1;
         if (queue_takeover(w->q, POISON_LIMIT, on_takeover, w) != 0)
             w->upkeep_busy[UP_TAKEOVER] = 0;
@@ -1110,6 +1115,7 @@ void worker_set_config(worker *w, const struct config *cfg)
 
 void worker_queue_state(worker *w, int up)
 {
+    w->up_since = up ? mono_ms() : 0;
     if (up && !w->draining) {
         heartbeat(w);
         pump(w);
