@@ -358,6 +358,9 @@ static int run(struct daemon *d)
     uv_timer_start(&d->status_timer, on_status_timer, STATUS_INTERVAL_MS, STATUS_INTERVAL_MS);
     log_kv(LOG_NOTICE, "vidqd starting", "version", PACKAGE_VERSION, "instance", d->cfg.instance, "api",
            d->cfg.base_url, NULL);
+    if (d->cfg.metrics_listen)
+        log_kv(LOG_WARNING, "metrics.listen is not implemented in this version; ignored", "listen",
+               d->cfg.metrics_listen, NULL);
     queue_start(d->q);
     uv_run(&d->loop, UV_RUN_DEFAULT);
     rconn_target_free(&d->target);
