@@ -782,7 +782,8 @@ static void on_taken(int err, const struct qinfo *info, const struct qitem *item
 
 /* Is this held job already ours in memory (a slot or the backlog)? Each
  * in-memory copy matches one held copy, so identical jobs are counted right. */
-static int claim_known(worker *w, const struct qitem *it, unsigned char *used_slots, unsigned char *used_backlog)
+static int claim_known(worker *w, const struct qitem *it, unsigned char *used_slots, unsigned char *used_backlog,
+                       size_t backlog_end)
 {
     size_t i = 0;
     for (slot *s = w->slots; s; s = s->next, i++) {
@@ -791,7 +792,7 @@ static int claim_known(worker *w, const struct qitem *it, unsigned char *used_sl
             return 1;
         }
     }
-    for (size_t k = w->backlog_pos; k < w->backlog_len; k++) {
+    for (size_t k = w->backlog_pos; k < backlog_end; k++) {
         struct backlog_item *b = &w->backlog[k];
         if (!used_backlog[k] && b->len == it->len && memcmp(b->raw, it->data, it->len) == 0) {
             used_backlog[k] = 1;
@@ -826,11 +827,14 @@ static void on_held(int err, const struct qinfo *info, const struct qitem *items
         intake_later(w, INTAKE_RETRY_MS);
         return;
     }
+    /* Match against what we held before this reply only: the jobs adopted
+     * below grow the backlog (and are distinct copies anyway). */
+    size_t backlog_end = w->backlog_len;
     unsigned char *used_slots = xcalloc(w->nslots + 1, 1);
-    unsigned char *used_backlog = xcalloc(w->backlog_len + 1, 1);
+    unsigned char *used_backlog = xcalloc(backlog_end + 1, 1);
     size_t adopted = 0;
     for (size_t i = 0; i < n; i++) {
-        if (!claim_known(w, &items[i], used_slots, used_backlog)) {
+        if (!claim_known(w, &items[i], used_slots, used_backlog, backlog_end)) {
             backlog_push(w, items[i].data, items[i].len);
             adopted++;
         }

@@ -99,16 +99,21 @@ def stop_process(p, sig=signal.SIGTERM, timeout=10.0):
             return None
 
 
-def cleanup():
-    global _cleaned
-    if _cleaned:
-        return
-    _cleaned = True
+def stop_all():
+    """Stop every process started (SIGTERM, then SIGKILL)."""
     for p in reversed(_procs):
         try:
             stop_process(p, timeout=5)
         except Exception:  # noqa: BLE001 - cleanup must go on
             pass
+
+
+def cleanup():
+    global _cleaned
+    if _cleaned:
+        return
+    _cleaned = True
+    stop_all()
     if not os.environ.get("VIDQ_KEEP_TMP"):
         for d in _tmpdirs:
             shutil.rmtree(d, ignore_errors=True)
@@ -160,6 +165,31 @@ def tail(path, n=20):
         return ["(cannot read %s: %s)" % (path, e)]
     lines = data.decode("utf-8", "replace").splitlines()
     return lines[-n:]
+
+
+SANITIZER_MARKS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:", "WARNING: ThreadSanitizer",
+                   "ERROR: UndefinedBehaviorSanitizer")
+
+
+def sanitizer_report(path, frames=12):
+    """The first sanitizer report in a log (its first line and stack frames), or []."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return []
+    for i, line in enumerate(lines):
+        if any(m in line for m in SANITIZER_MARKS):
+            out = [line]
+            for more in lines[i + 1:i + 60]:
+                if more.strip().startswith(("#", "READ", "WRITE", "SUMMARY", "0x", "allocated", "freed",
+                                            "previously")):
+                    out.append(more)
+                if len(out) > frames:
+                    break
+            summary = [x for x in lines[i:] if x.startswith("SUMMARY:")]
+            return out + summary[:1]
+    return []
 
 
 def wait_until(pred, timeout=60.0, interval=0.1, unless=None):
@@ -235,8 +265,19 @@ class TAP:
             return
         self.dumps += 1
         for label, path in self.logs[-2:]:
+            report = sanitizer_report(path)
+            if report:
+                self.diag("--- sanitizer report in %s (%s) ---" % (label, path))
+                self.diag(*report)
             self.diag("--- last lines of %s (%s) ---" % (label, path))
             self.diag(*tail(path, n))
+
+    def check_sanitizers(self):
+        """One check over every daemon log: no ASan/UBSan/LSan report."""
+        found = [(label, path) for label, path in self.logs if label != "mockapi" and sanitizer_report(path)]
+        if self.logs:
+            self.ok(not found, "no sanitizer reports in the daemon logs",
+                    *["%s (%s):\n%s" % (label, path, "\n".join(sanitizer_report(path))) for label, path in found])
 
     def skip_all(self, reason):
         self._out("1..0 # SKIP %s" % reason)
@@ -371,6 +412,54 @@ def k_dead(prefix=PREFIX):
 
 def k_dedup(job_id, prefix=PREFIX):
     return "%s:dedup:%s" % (prefix, job_id)
+
+
+def k_retry(prefix=PREFIX):
+    return prefix + ":retry"
+
+
+def unwrap(raw):
+    """A held/queued item as the job the producer pushed: vidqd parks retries as envelopes
+    {"vidq_retry":{...},"job":<job>}; returns (job object or None, envelope dict or None)."""
+    try:
+        v = json.loads(_dec(raw))
+    except ValueError:
+        return None, None
+    if isinstance(v, dict) and isinstance(v.get("vidq_retry"), dict) and "job" in v:
+        return v["job"], v["vidq_retry"]
+    return v, None
+
+
+def job_id_of(raw):
+    """The job_id of a queued/held/retry item (envelopes included), or None."""
+    j, envl = unwrap(raw)
+    if isinstance(j, dict) and isinstance(j.get("job_id"), str):
+        return j["job_id"]
+    if envl and isinstance(envl.get("job_id"), str):
+        return envl["job_id"]
+    return None
+
+
+def locate(r, instances=(), prefix=PREFIX):
+    """job_id -> {"jobs": n, "processing": n, "retry": n}: where jobs still are in Redis."""
+    where = {}
+    places = [("jobs", r.execute("LRANGE", k_jobs(prefix), 0, -1) or []),
+              ("retry", r.execute("ZRANGE", k_retry(prefix), 0, -1) or [])]
+    for inst in instances:
+        places.append(("processing", r.execute("LRANGE", k_processing(inst, prefix), 0, -1) or []))
+    for name, items in places:
+        for raw in items:
+            d = where.setdefault(job_id_of(raw), {"jobs": 0, "processing": 0, "retry": 0})
+            d[name] += 1
+    return where
+
+
+def pending_count(r, instances=(), prefix=PREFIX):
+    """Jobs still in Redis: vidq:jobs + vidq:retry + the processing lists."""
+    n = r.execute("LLEN", k_jobs(prefix)) + r.execute("ZCARD", k_retry(prefix))
+    for inst in instances:
+        n += r.execute("LLEN", k_processing(inst, prefix))
+    return n
 
 
 def jdump(v):
@@ -831,5 +920,9 @@ def run(main, name, needs_servers=True):
         t.ok(False, "harness: %s" % e)
     except Exception:  # noqa: BLE001 - report anything as a failed check
         t.ok(False, "unexpected exception", traceback.format_exc())
-    cleanup()
+    stop_all()  # daemons write their leak reports when they exit
+    try:
+        t.check_sanitizers()
+    finally:
+        cleanup()
     sys.exit(t.done())
