@@ -62,6 +62,8 @@ struct slot {
     http_req *req;
     unsigned attempts;
     unsigned strikes;          /* account errors this job got */
+    int marked;                /* Redis has its sending mark (queue_mark_sending) */
+    int maybe_sent;            /* found marked after a crash: it may have been billed */
     int64_t first_strike_ms;
     int64_t taken_ms;
     uv_timer_t timer; /* record retry, dedup retry */
@@ -85,6 +87,7 @@ struct slot {
 struct backlog_item {
     char *raw;
     size_t len;
+    int maybe_sent;
 };
 
 struct worker {
@@ -370,7 +373,8 @@ static void record(slot *s)
     s->state = S_RECORDING;
     fields_ready(s);
     if (s->envelope) {
-        rc = queue_retry(w->q, s->held, s->held_len, s->envelope, s->envelope_len, s->due_ms, on_recorded, s);
+        rc = queue_retry(w->q, s->held, s->held_len, s->envelope, s->envelope_len, s->due_ms, s->marked, on_recorded,
+                         s);
     } else {
         struct qrecord r = {
             .raw = s->held,
@@ -385,6 +389,7 @@ static void record(slot *s)
             .dedup_ttl_ms = w->cfg->dedup_window_ms,
             .batch = s->job.batch,
             .batch_field = s->outcome, /* submitted, failed or duplicate */
+            .marked = s->marked,
         };
         /* With tracking, a submitted job is not done: its task is followed
          * (the record seeds the schedule) and the tracker writes its end. */
@@ -604,7 +609,44 @@ static void on_response(http_req *req, const struct http_result *res, void *ud)
     outcome_free(&o);
 }
 
+static void post(slot *s);
+
+static void on_mark_retry(uv_timer_t *t)
+{
+    send_job(t->data);
+}
+
+static void on_marked(int err, long long result, void *ud)
+{
+    slot *s = ud;
+    (void)result;
+    if (s->w->draining) {
+        s->marked = !err;
+        putback(s); /* not sent: it goes back as it came */
+        return;
+    }
+    if (err) {
+        /* No mark, no request: a crash now must not leave a silent sender. */
+        uv_timer_start(&s->timer, on_mark_retry, RECORD_RETRY_MS, 0);
+        return;
+    }
+    s->marked = 1;
+    post(s);
+}
+
+/* Mark the job as "request may be out" in Redis, then send it. */
 static void send_job(slot *s)
+{
+    if (s->marked) {
+        post(s);
+        return;
+    }
+    s->state = S_CHECKING;
+    if (queue_mark_sending(s->w->q, s->held, s->held_len, on_marked, s) != 0)
+        on_marked(1, 0, s);
+}
+
+static void post(slot *s)
 {
     worker *w = s->w;
     char idem[200];
@@ -622,6 +664,25 @@ static void send_job(slot *s)
     }
 }
 
+/*
+ * Send the job, unless a previous run may already have: it was found held
+ * with its sending mark after a crash, so its request may have reached the
+ * API and been billed. That is an ambiguous outcome like a timeout after
+ * sending (CONTRACT §6): no silent second submission.
+ */
+static void go(slot *s)
+{
+    if (s->maybe_sent && !s->w->cfg->retry_ambiguous) {
+        s->attempts++;
+        fail(s, "ambiguous",
+             "vidqd stopped (crash or kill) while this request may have been in flight; the API may have created "
+             "the task",
+             0, NULL, 0);
+        return;
+    }
+    send_job(s);
+}
+
 static void on_dedup_retry(uv_timer_t *t);
 
 static void on_dedup(int err, const char *value, size_t len, void *ud)
@@ -636,7 +697,7 @@ static void on_dedup(int err, const char *value, size_t len, void *ud)
         return;
     }
     if (value == NULL) {
-        send_job(s);
+        go(s);
         return;
     }
     ev_begin(s, "duplicate");
@@ -659,7 +720,7 @@ static void on_dedup_retry(uv_timer_t *t)
 }
 
 /* A job just taken (or found held): parse it and start its path. */
-static slot *slot_new(worker *w, const char *held, size_t len)
+static slot *slot_new(worker *w, const char *held, size_t len, int maybe_sent)
 {
     slot *s = xcalloc(1, sizeof *s);
     const char *raw = held;
@@ -669,6 +730,7 @@ static slot *slot_new(worker *w, const char *held, size_t len)
     s->taken_ms = mono_ms();
     s->held = xstrndup(held, len);
     s->held_len = len;
+    s->maybe_sent = maybe_sent;
     uv_timer_init(w->loop, &s->timer);
     s->timer.data = s;
     s->next = w->slots;
@@ -691,9 +753,9 @@ static slot *slot_new(worker *w, const char *held, size_t len)
     return s;
 }
 
-static void start_job(worker *w, const char *held, size_t len)
+static void start_job(worker *w, const char *held, size_t len, int maybe_sent)
 {
-    slot *s = slot_new(w, held, len);
+    slot *s = slot_new(w, held, len, maybe_sent);
     if (s->job.error) {
         fail(s, "invalid_job", s->job.error, 0, NULL, 0);
         return;
@@ -702,7 +764,7 @@ static void start_job(worker *w, const char *held, size_t len)
     if (s->job.id_given)
         check_dedup(s);
     else
-        send_job(s);
+        go(s);
 }
 
 /* ---- intake -------------------------------------------------------------- */
@@ -722,10 +784,10 @@ static void start_or_putback(worker *w, const struct qitem *items, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
         if (w->draining) {
-            putback(slot_new(w, items[i].data, items[i].len));
+            putback(slot_new(w, items[i].data, items[i].len, 0));
             continue;
         }
-        start_job(w, items[i].data, items[i].len);
+        start_job(w, items[i].data, items[i].len, 0);
         flow_consume(&w->flow, 1);
     }
 }
@@ -802,7 +864,7 @@ static int claim_known(worker *w, const struct qitem *it, unsigned char *used_sl
     return 0;
 }
 
-static void backlog_push(worker *w, const char *raw, size_t len)
+static void backlog_push(worker *w, const char *raw, size_t len, int maybe_sent)
 {
     if (w->backlog_len == w->backlog_cap) {
         w->backlog_cap = w->backlog_cap ? w->backlog_cap * 2 : 64;
@@ -810,6 +872,7 @@ static void backlog_push(worker *w, const char *raw, size_t len)
     }
     w->backlog[w->backlog_len].raw = xstrndup(raw, len);
     w->backlog[w->backlog_len].len = len;
+    w->backlog[w->backlog_len].maybe_sent = maybe_sent;
     w->backlog_len++;
 }
 
@@ -835,7 +898,7 @@ static void on_held(int err, const struct qinfo *info, const struct qitem *items
     size_t adopted = 0;
     for (size_t i = 0; i < n; i++) {
         if (!claim_known(w, &items[i], used_slots, used_backlog, backlog_end)) {
-            backlog_push(w, items[i].data, items[i].len);
+            backlog_push(w, items[i].data, items[i].len, items[i].flag);
             adopted++;
         }
     }
@@ -881,7 +944,7 @@ static void pump(worker *w)
     if (w->backlog_pos < w->backlog_len) {
         while (room-- > 0 && w->backlog_pos < w->backlog_len) {
             struct backlog_item *b = &w->backlog[w->backlog_pos++];
-            start_job(w, b->raw, b->len);
+            start_job(w, b->raw, b->len, b->maybe_sent);
             flow_consume(&w->flow, 1);
             free(b->raw);
             b->raw = NULL;
@@ -914,14 +977,16 @@ static void on_heartbeat(int err, long long r, void *ud)
     on_upkeep_done(ud, UP_HEARTBEAT, err);
 }
 
-static void on_takeover(int err, long long moved, void *ud)
+static void on_takeover(int err, long long moved, long long ambiguous, void *ud)
 {
     worker *w = ud;
     on_upkeep_done(w, UP_TAKEOVER, err);
-    if (!err && moved > 0) {
-        char n[24];
+    if (!err && moved + ambiguous > 0) {
+        char n[24], a[24];
         snprintf(n, sizeof n, "%lld", moved);
-        log_kv(LOG_NOTICE, "took over jobs held by instances that stopped answering", "count", n, NULL);
+        snprintf(a, sizeof a, "%lld", ambiguous);
+        log_kv(LOG_NOTICE, "took over jobs held by instances that stopped answering", "requeued", n,
+               "ended_ambiguous", a, NULL);
         pump(w);
     }
 }
@@ -980,7 +1045,7 @@ static void on_upkeep(uv_timer_t *t)
     if (!w->upkeep_busy[UP_TAKEOVER] && w->ticks % TAKEOVER_EVERY == 0 && !w->draining && w->up_since &&
         mono_ms() - w->up_since > HEARTBEAT_TTL_MS) {
         w->upkeep_busy[UP_TAKEOVER] = 1;
-        if (queue_takeover(w->q, POISON_LIMIT, on_takeover, w) != 0)
+        if (queue_takeover(w->q, POISON_LIMIT, w->cfg->retry_ambiguous, on_takeover, w) != 0)
             w->upkeep_busy[UP_TAKEOVER] = 0;
     }
     if (!w->upkeep_busy[UP_PROMOTE]) {
@@ -1008,7 +1073,7 @@ static void on_putback(int err, long long result, void *ud)
 static void putback(slot *s)
 {
     s->state = S_PUTBACK;
-    if (queue_putback(s->w->q, s->held, s->held_len, on_putback, s) != 0)
+    if (queue_putback(s->w->q, s->held, s->held_len, s->marked, on_putback, s) != 0)
         on_putback(1, 0, s);
 }
 

@@ -13,6 +13,7 @@
  *   vidq:instances            set of instance names that may hold jobs
  *   vidq:instance:<inst>      hash, the heartbeat of a live instance (TTL)
  *   vidq:recovered            hash sha1(job) -> times recovered (poison check)
+ *   vidq:sending:<inst>       hash sha1(held job) -> requests that may be out
  *   vidq:batch:<name>         hash of batch counters
  *   vidq:track                sorted set: job ids of tracked tasks by next poll (ms)
  *   vidq:task:<job_id>        hash: a tracked task (task id, batch, meta, status)
@@ -65,9 +66,26 @@ static const char TAKE_LUA[] =
     "end\n"
     "return out\n";
 
-/* Return a held job to the intake list, where it is taken next. */
+/*
+ * The "sending" marks (vidq:sending:<instance>, a hash sha1(held job) ->
+ * count) say which held jobs may have reached the API: a job is marked
+ * right before its request goes out and unmarked in the same step that
+ * records its outcome, retries it or puts it back. A job found held and
+ * marked after a crash may have been billed: it is treated as ambiguous,
+ * never silently submitted again. UNMARK_LUA(k, raw) is shared text.
+ */
+#define UNMARK_LUA(k, raw)                                                                 \
+    "do local f = redis.sha1hex(" raw ")\n"                                                 \
+    "  if redis.call('HINCRBY', " k ", f, -1) <= 0 then redis.call('HDEL', " k ", f) end end\n"
+
+/* KEYS: sending hash. ARGV: held job. */
+static const char MARK_LUA[] = "return redis.call('HINCRBY', KEYS[1], redis.sha1hex(ARGV[1]), 1)\n";
+
+/* Return a held job to the intake list, where it is taken next.
+ * KEYS: processing, jobs, sending. ARGV: held job, marked flag. */
 static const char PUTBACK_LUA[] =
     "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then redis.call('RPUSH', KEYS[2], ARGV[1]) end\n"
+    "if ARGV[2] == '1' then " UNMARK_LUA("KEYS[3]", "ARGV[1]") " end\n"
     "return 1\n";
 
 /*
@@ -113,20 +131,23 @@ static const char PUTBACK_LUA[] =
 static const char RECORD_LUA[] =
     "local held = redis.call('LREM', KEYS[1], 1, ARGV[1])\n"
     "if ARGV[4] ~= '' then redis.call('SET', KEYS[4], ARGV[4], 'PX', ARGV[5]) end\n"
+    "if ARGV[12] == '1' then " UNMARK_LUA("KEYS[9]", "ARGV[1]") " end\n"
     "if held == 0 then return 0 end\n"
     "if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('HDEL', KEYS[5], redis.sha1hex(ARGV[1])) end\n"
     "if ARGV[3] ~= '' then redis.call('LPUSH', KEYS[3], ARGV[3]) end\n"
-    "redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 12))\n"
+    "redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 13))\n"
     "if ARGV[11] ~= '' then\n"
-    "  redis.call('HSET', KEYS[7], 'job_id', ARGV[11], unpack(ARGV, 12))\n"
+    "  redis.call('HSET', KEYS[7], 'job_id', ARGV[11], unpack(ARGV, 13))\n"
     "  redis.call('ZADD', KEYS[8], ARGV[10], ARGV[11])\n"
     "end\n"
     BATCH_LUA
     "return 1\n";
 
 /* A job to retry later: out of the processing list, into the retry set,
- * in one step. KEYS: processing, retry. ARGV: held text, due ms, envelope. */
+ * in one step. KEYS: processing, retry, sending. ARGV: held text, due ms,
+ * envelope, marked flag. */
 static const char RETRY_LUA[] =
+    "if ARGV[4] == '1' then " UNMARK_LUA("KEYS[3]", "ARGV[1]") " end\n"
     "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end\n"
     "redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])\n"
     "return 1\n";
@@ -153,55 +174,99 @@ static const char HEARTBEAT_LUA[] =
  * Jobs held by instances whose heartbeat expired go back to the taking end
  * of the intake list, oldest first; a job recovered more than ARGV[4] times
  * (it may be what kills the daemons) goes to the dead list as "poison"
- * instead. With ARGV[6] = "self" only this instance's own list is
- * examined and nothing is moved: the jobs it holds are returned (oldest
- * first) for it to finish, after the same poison check.
- * KEYS: instances set, jobs, dead, results, recovered hash.
- * ARGV: self, prefix, maxlen, poison limit, now ms, mode.
+ * instead, and a job that carried a sending mark (its request may have
+ * reached the API) ends as "ambiguous" unless ARGV[7] = '1'
+ * (submit.retry_ambiguous). With ARGV[6] = "self" only this instance's own
+ * list is examined and nothing is moved: its jobs are returned, oldest
+ * first, as pairs {'1' when it was marked sending, job}, after the same
+ * poison check. KEYS: instances set, jobs, dead, results, recovered hash.
+ * ARGV: self, prefix, maxlen, poison limit, now ms, mode, retry_ambiguous.
  */
 static const char RECOVER_LUA[] =
     "local self, prefix, maxlen, limit, now, mode = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6]\n"
+    "local retry_ambiguous = ARGV[7] == '1'\n"
+    "local function fail(raw, err, msg)\n"
+    "  local inner = string.match(raw, '^{\"vidq_retry\":{[^}]*},\"job\":(.*)}$') or raw\n"
+    "  local ok, j = pcall(cjson.decode, inner)\n"
+    "  if not ok or type(j) ~= 'table' then j = {} end\n"
+    "  local jid = type(j.job_id) == 'string' and j.job_id or ''\n"
+    "  local body = ok and inner or cjson.encode(inner)\n"
+    "  redis.call('LPUSH', KEYS[3], '{\"job\":' .. body .. ',\"job_id\":' .. cjson.encode(jid) ..\n"
+    "    ',\"error\":' .. cjson.encode(err) .. ',\"message\":' .. cjson.encode(msg) ..\n"
+    "    ',\"http_status\":null,\"attempts\":0,\"failed_at\":' .. now .. '}')\n"
+    "  local ev = {'event', 'failed', 'ts', now, 'job_id', jid}\n"
+    "  if type(j.batch) == 'string' then ev[#ev + 1] = 'batch'; ev[#ev + 1] = j.batch end\n"
+    "  if j.meta ~= nil then ev[#ev + 1] = 'meta'; ev[#ev + 1] = cjson.encode(j.meta) end\n"
+    "  for _, x in ipairs({'error', err, 'message', msg, 'attempts', '0'}) do ev[#ev + 1] = x end\n"
+    "  redis.call('XADD', KEYS[4], 'MAXLEN', '~', maxlen, '*', unpack(ev))\n"
+    "  if type(j.batch) == 'string' then\n"
+    "    local bk = prefix .. ':batch:' .. j.batch\n"
+    "    redis.call('HINCRBY', bk, 'failed', 1)\n"
+    "    local fin = redis.call('HINCRBY', bk, 'final', 1)\n"
+    "    local total = tonumber(redis.call('HGET', bk, 'total') or '0')\n"
+    "    if total and total > 0 and fin >= total and redis.call('HSETNX', bk, 'done', '1') == 1 then\n"
+    "      local be = {'event', 'batch_done', 'ts', now, 'batch', j.batch}\n"
+    "      for _, f in ipairs({'total', 'submitted', 'failed', 'duplicate', 'succeeded', 'task_failed'}) do\n"
+    "        be[#be + 1] = f\n"
+    "        be[#be + 1] = redis.call('HGET', bk, f) or '0'\n"
+    "      end\n"
+    "      redis.call('XADD', KEYS[4], 'MAXLEN', '~', maxlen, '*', unpack(be))\n"
+    "    end\n"
+    "  end\n"
+    "end\n"
     "local function poison(raw)\n"
     "  local n = redis.call('HINCRBY', KEYS[5], redis.sha1hex(raw), 1)\n"
     "  if n <= limit then return false end\n"
     "  redis.call('HDEL', KEYS[5], redis.sha1hex(raw))\n"
-    "  local inner = string.match(raw, '^{\"vidq_retry\":{[^}]*},\"job\":(.*)}$') or raw\n"
-    "  local ok, j = pcall(cjson.decode, inner)\n"
-    "  local jid = ''\n"
-    "  if ok and type(j) == 'table' and type(j.job_id) == 'string' then jid = j.job_id end\n"
-    "  local body = ok and inner or cjson.encode(inner)\n"
-    "  local msg = 'recovered ' .. n .. ' times from instances that died holding it'\n"
-    "  redis.call('LPUSH', KEYS[3], '{\"job\":' .. body .. ',\"job_id\":' .. cjson.encode(jid) ..\n"
-    "    ',\"error\":\"poison\",\"message\":' .. cjson.encode(msg) .. ',\"http_status\":null,\"attempts\":0,\"failed_at\":' .. now .. '}')\n"
-    "  redis.call('XADD', KEYS[4], 'MAXLEN', '~', maxlen, '*', 'event', 'failed', 'ts', now, 'job_id', jid,\n"
-    "    'error', 'poison', 'message', msg, 'attempts', '0')\n"
+    "  fail(raw, 'poison', 'recovered ' .. n .. ' times from instances that died holding it')\n"
+    "  return true\n"
+    "end\n"
+    "local function was_sending(skey, raw)\n"
+    "  local f = redis.sha1hex(raw)\n"
+    "  local n = tonumber(redis.call('HGET', skey, f) or '0')\n"
+    "  if n <= 0 then return false end\n"
+    "  if n == 1 then redis.call('HDEL', skey, f) else redis.call('HINCRBY', skey, f, -1) end\n"
     "  return true\n"
     "end\n"
     "if mode == 'self' then\n"
     "  local pkey = prefix .. ':processing:' .. self\n"
+    "  local skey = prefix .. ':sending:' .. self\n"
     "  local held = redis.call('LRANGE', pkey, 0, -1)\n"
     "  local out = {}\n"
     "  for i = #held, 1, -1 do\n"
-    "    if poison(held[i]) then redis.call('LREM', pkey, 1, held[i]) else out[#out + 1] = held[i] end\n"
+    "    if poison(held[i]) then\n"
+    "      redis.call('LREM', pkey, 1, held[i])\n"
+    "    else\n"
+    "      out[#out + 1] = was_sending(skey, held[i]) and '1' or '0'\n"
+    "      out[#out + 1] = held[i]\n"
+    "    end\n"
     "  end\n"
     "  return out\n"
     "end\n"
-    "local moved = 0\n"
+    "local moved, ambiguous = 0, 0\n"
     "for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do\n"
     "  if name ~= self and redis.call('EXISTS', prefix .. ':instance:' .. name) == 0 then\n"
     "    local pkey = prefix .. ':processing:' .. name\n"
+    "    local skey = prefix .. ':sending:' .. name\n"
     "    while true do\n"
     "      local raw = redis.call('LPOP', pkey)\n"
     "      if not raw then break end\n"
     "      if not poison(raw) then\n"
-    "        redis.call('RPUSH', KEYS[2], raw)\n"
-    "        moved = moved + 1\n"
+    "        if was_sending(skey, raw) and not retry_ambiguous then\n"
+    "          fail(raw, 'ambiguous', 'the instance ' .. name .. ' died while the request may have been in flight;' ..\n"
+    "            ' the API may have created the task')\n"
+    "          ambiguous = ambiguous + 1\n"
+    "        else\n"
+    "          redis.call('RPUSH', KEYS[2], raw)\n"
+    "          moved = moved + 1\n"
+    "        end\n"
     "      end\n"
     "    end\n"
+    "    redis.call('DEL', skey)\n"
     "    redis.call('SREM', KEYS[1], name)\n"
     "  end\n"
     "end\n"
-    "return moved\n";
+    "return {moved, ambiguous}\n";
 
 /*
  * Tracked tasks due for a poll: each is leased (its score pushed ARGV[3] ms
@@ -245,9 +310,9 @@ static const char TRACK_LUA[] =
     BATCH_LUA
     "return 1\n";
 
-enum { S_TAKE, S_PUTBACK, S_RECORD, S_RETRY, S_PROMOTE, S_HEARTBEAT, S_RECOVER, S_CLAIM, S_TRACK, S_COUNT };
-static const char *const script_src[S_COUNT] = {TAKE_LUA,    PUTBACK_LUA,   RECORD_LUA,  RETRY_LUA, PROMOTE_LUA,
-                                                HEARTBEAT_LUA, RECOVER_LUA, CLAIM_LUA,  TRACK_LUA};
+enum { S_TAKE, S_PUTBACK, S_RECORD, S_RETRY, S_PROMOTE, S_HEARTBEAT, S_RECOVER, S_CLAIM, S_TRACK, S_MARK, S_COUNT };
+static const char *const script_src[S_COUNT] = {TAKE_LUA,      PUTBACK_LUA, RECORD_LUA, RETRY_LUA, PROMOTE_LUA,
+                                                HEARTBEAT_LUA, RECOVER_LUA, CLAIM_LUA,  TRACK_LUA, MARK_LUA};
 
 struct queue {
     uv_loop_t *loop;
@@ -256,7 +321,7 @@ struct queue {
     char *prefix;
     char *instance;
     char *k_jobs, *k_processing, *k_results, *k_dead, *k_paused;
-    char *k_retry, *k_rate, *k_instances, *k_instance, *k_recovered, *k_track;
+    char *k_retry, *k_rate, *k_instances, *k_instance, *k_recovered, *k_track, *k_sending;
     long maxlen;
     char sha[S_COUNT][41];
     int scripts_loaded;
@@ -274,6 +339,7 @@ struct call {
     void *ud;
     int reverse; /* items_fn: deliver array in reverse order */
     int skip;    /* items_fn: leading elements that are not items */
+    int pairs;   /* items_fn: elements come as {flag, item} pairs */
 };
 
 static char *mkkey(const char *prefix, const char *suffix)
@@ -369,6 +435,8 @@ queue *queue_new(uv_loop_t *loop, const struct queue_opts *o, queue_state_fn *fn
     q->k_instance = mkkey(o->prefix, pname);
     q->k_recovered = mkkey(o->prefix, "recovered");
     q->k_track = mkkey(o->prefix, "track");
+    snprintf(pname, sizeof pname, "sending:%s", o->instance);
+    q->k_sending = mkkey(o->prefix, pname);
     q->maxlen = o->results_maxlen;
     q->state_fn = fn;
     q->ud = ud;
@@ -409,6 +477,7 @@ void queue_close(queue *q)
     free(q->k_instance);
     free(q->k_recovered);
     free(q->k_track);
+    free(q->k_sending);
     free(q);
 }
 
@@ -444,14 +513,22 @@ static void on_items(redisReply *r, void *ud)
         info.paused = r->element[0]->integer == 1;
     if (skip >= 2 && r->element[1]->type == REDIS_REPLY_INTEGER)
         info.rate_wait_ms = r->element[1]->integer;
-    struct qitem *items = xmalloc((n - skip + 1) * sizeof *items);
+    struct qitem *items = xcalloc(n - skip + 1, sizeof *items);
     size_t k = 0;
     for (size_t i = skip; i < n; i++) {
+        int flag = 0;
+        if (c->pairs) {
+            redisReply *f = r->element[i++];
+            flag = f->type == REDIS_REPLY_STRING && f->len == 1 && f->str[0] == '1';
+            if (i >= n)
+                break;
+        }
         redisReply *e = r->element[c->reverse ? n - 1 - (i - skip) : i];
         if (e->type != REDIS_REPLY_STRING)
             continue;
         items[k].data = e->str;
         items[k].len = e->len;
+        items[k].flag = flag;
         k++;
     }
     c->items_fn(0, &info, items, k, c->ud);
@@ -506,8 +583,9 @@ static struct call *new_call(queue *q, void *ud)
     return c;
 }
 
-static int qsend(queue *q, rconn *conn, rconn_reply_fn *rfn, struct call *c, int argc, const char **argv,
-                const size_t *lens)
+/* Send a command whose callback owns `c` (freed here when it cannot be sent). */
+static int qsend(queue *q, rconn *conn, rconn_reply_fn *rfn, void *c, int argc, const char **argv,
+                 const size_t *lens)
 {
     if (!q->up || rconn_cmd(conn, rfn, c, argc, argv, lens) != 0) {
         free(c);
@@ -551,7 +629,7 @@ int queue_wait(queue *q, int timeout_s, queue_items_fn *fn, void *ud)
     return qsend(q, q->blk, on_single, c, 6, argv, NULL);
 }
 
-static int recover(queue *q, const char *mode, int poison_limit, rconn_reply_fn *rfn, struct call *c)
+static int recover(queue *q, const char *mode, int poison_limit, int retry_ambiguous, rconn_reply_fn *rfn, void *c)
 {
     char maxlen[32], limit[16], now[32];
     snprintf(maxlen, sizeof maxlen, "%ld", q->maxlen);
@@ -559,26 +637,55 @@ static int recover(queue *q, const char *mode, int poison_limit, rconn_reply_fn 
     snprintf(now, sizeof now, "%lld", (long long)now_ms());
     const char *argv[] = {"EVALSHA",    q->sha[S_RECOVER], "5",        q->k_instances, q->k_jobs, q->k_dead,
                           q->k_results, q->k_recovered,    q->instance, q->prefix,     maxlen,    limit,
-                          now,          mode};
-    return qsend(q, q->cmd, rfn, c, 14, argv, NULL);
+                          now,          mode,              retry_ambiguous ? "1" : "0"};
+    return qsend(q, q->cmd, rfn, c, 15, argv, NULL);
 }
 
 int queue_held(queue *q, int recovering, int poison_limit, queue_items_fn *fn, void *ud)
 {
     struct call *c = new_call(q, ud);
     c->items_fn = fn;
-    if (recovering)
-        return recover(q, "self", poison_limit, on_items, c); /* returns oldest first */
+    if (recovering) {
+        c->pairs = 1; /* {sending flag, job}, oldest first */
+        return recover(q, "self", poison_limit, 0, on_items, c);
+    }
     const char *argv[] = {"LRANGE", q->k_processing, "0", "-1"};
     c->reverse = 1; /* jobs enter at the head: the tail is the oldest */
     return qsend(q, q->cmd, on_items, c, 4, argv, NULL);
 }
 
-int queue_takeover(queue *q, int poison_limit, queue_done_fn *fn, void *ud)
+struct takeover_call {
+    queue *q;
+    queue_takeover_fn *fn;
+    void *ud;
+};
+
+static void on_takeover(redisReply *r, void *ud)
 {
+    struct takeover_call *c = ud;
+    if (reply_failed(c->q, r) || r->type != REDIS_REPLY_ARRAY || r->elements != 2)
+        c->fn(1, 0, 0, c->ud);
+    else
+        c->fn(0, r->element[0]->integer, r->element[1]->integer, c->ud);
+    free(c);
+}
+
+int queue_takeover(queue *q, int poison_limit, int retry_ambiguous, queue_takeover_fn *fn, void *ud)
+{
+    struct takeover_call *c = xcalloc(1, sizeof *c);
+    c->q = q;
+    c->fn = fn;
+    c->ud = ud;
+    return recover(q, "others", poison_limit, retry_ambiguous, on_takeover, c);
+}
+
+int queue_mark_sending(queue *q, const char *held, size_t len, queue_done_fn *fn, void *ud)
+{
+    const char *argv[] = {"EVALSHA", q->sha[S_MARK], "1", q->k_sending, held};
+    size_t lens[] = {7, 40, 1, strlen(q->k_sending), len};
     struct call *c = new_call(q, ud);
     c->done_fn = fn;
-    return recover(q, "others", poison_limit, on_done, c);
+    return qsend(q, q->cmd, on_done, c, 5, argv, lens);
 }
 
 int queue_heartbeat(queue *q, const char *const *fields, int nfields, int64_t ttl_ms, queue_done_fn *fn, void *ud)
@@ -599,15 +706,17 @@ int queue_heartbeat(queue *q, const char *const *fields, int nfields, int64_t tt
 }
 
 int queue_retry(queue *q, const char *held, size_t held_len, const char *envelope, size_t env_len, int64_t due_ms,
-                queue_done_fn *fn, void *ud)
+                int marked, queue_done_fn *fn, void *ud)
 {
     char due[32];
     snprintf(due, sizeof due, "%lld", (long long)due_ms);
-    const char *argv[] = {"EVALSHA", q->sha[S_RETRY], "2", q->k_processing, q->k_retry, held, due, envelope};
-    size_t lens[] = {7, 40, 1, strlen(q->k_processing), strlen(q->k_retry), held_len, strlen(due), env_len};
+    const char *argv[] = {"EVALSHA", q->sha[S_RETRY], "3",      q->k_processing,   q->k_retry,
+                          q->k_sending, held,        due,       envelope,          marked ? "1" : "0"};
+    size_t lens[] = {7, 40, 1, strlen(q->k_processing), strlen(q->k_retry), strlen(q->k_sending), held_len,
+                     strlen(due), env_len, 1};
     struct call *c = new_call(q, ud);
     c->done_fn = fn;
-    return qsend(q, q->cmd, on_done, c, 8, argv, lens);
+    return qsend(q, q->cmd, on_done, c, 10, argv, lens);
 }
 
 int queue_promote(queue *q, queue_done_fn *fn, void *ud)
@@ -620,13 +729,14 @@ int queue_promote(queue *q, queue_done_fn *fn, void *ud)
     return qsend(q, q->cmd, on_done, c, 7, argv, NULL);
 }
 
-int queue_putback(queue *q, const char *raw, size_t len, queue_done_fn *fn, void *ud)
+int queue_putback(queue *q, const char *raw, size_t len, int marked, queue_done_fn *fn, void *ud)
 {
-    const char *argv[] = {"EVALSHA", q->sha[S_PUTBACK], "2", q->k_processing, q->k_jobs, raw};
-    size_t lens[] = {7, 40, 1, strlen(q->k_processing), strlen(q->k_jobs), len};
+    const char *argv[] = {"EVALSHA", q->sha[S_PUTBACK], "3", q->k_processing, q->k_jobs, q->k_sending,
+                          raw,       marked ? "1" : "0"};
+    size_t lens[] = {7, 40, 1, strlen(q->k_processing), strlen(q->k_jobs), strlen(q->k_sending), len, 1};
     struct call *c = new_call(q, ud);
     c->done_fn = fn;
-    return qsend(q, q->cmd, on_done, c, 6, argv, lens);
+    return qsend(q, q->cmd, on_done, c, 8, argv, lens);
 }
 
 int queue_dedup_get(queue *q, const char *job_id, queue_str_fn *fn, void *ud)
@@ -641,7 +751,7 @@ int queue_dedup_get(queue *q, const char *job_id, queue_str_fn *fn, void *ud)
 
 int queue_record(queue *q, const struct qrecord *r, queue_done_fn *fn, void *ud)
 {
-    enum { FIXED = 22 };
+    enum { FIXED = 24 };
     char dedup_key[300], batch_key[300], task_key[300], maxlen[32], ttl[32], now[32], first[32];
     snprintf(dedup_key, sizeof dedup_key, "%s:dedup:%s", q->prefix, r->dedup_job_id ? r->dedup_job_id : "");
     snprintf(batch_key, sizeof batch_key, "%s:batch:%s", q->prefix, r->batch ? r->batch : "");
@@ -652,11 +762,12 @@ int queue_record(queue *q, const struct qrecord *r, queue_done_fn *fn, void *ud)
     snprintf(first, sizeof first, "%lld", (long long)r->first_poll_ms);
     const char *dtask = r->dedup_job_id && r->dedup_task_id ? r->dedup_task_id : "";
     const char *fixed[FIXED] = {
-        "EVALSHA", q->sha[S_RECORD], "8", q->k_processing, q->k_results, q->k_dead, dedup_key, q->k_recovered,
-        batch_key, task_key, q->k_track,
+        "EVALSHA", q->sha[S_RECORD], "9", q->k_processing, q->k_results, q->k_dead, dedup_key, q->k_recovered,
+        batch_key, task_key, q->k_track, q->k_sending,
         /* ARGV */
         r->raw, maxlen, r->dead ? r->dead : "", dtask, ttl, r->batch && r->batch_field ? r->batch_field : "",
-        r->final ? "1" : "0", now, r->batch ? r->batch : "", first, r->track_job_id ? r->track_job_id : ""};
+        r->final ? "1" : "0", now, r->batch ? r->batch : "", first, r->track_job_id ? r->track_job_id : "",
+        r->marked ? "1" : "0"};
     int argc = FIXED + r->nfields;
     const char **argv = xmalloc((size_t)argc * sizeof *argv);
     size_t *lens = xmalloc((size_t)argc * sizeof *lens);
@@ -664,8 +775,8 @@ int queue_record(queue *q, const struct qrecord *r, queue_done_fn *fn, void *ud)
         argv[i] = fixed[i];
         lens[i] = strlen(fixed[i]);
     }
-    lens[11] = r->raw_len; /* the raw job and the dead entry may hold NUL bytes */
-    lens[13] = r->dead ? r->dead_len : 0;
+    lens[12] = r->raw_len; /* the raw job and the dead entry may hold NUL bytes */
+    lens[14] = r->dead ? r->dead_len : 0;
     for (int i = 0; i < r->nfields; i++) {
         argv[FIXED + i] = r->fields[i];
         lens[FIXED + i] = r->field_lens[i];

@@ -33,6 +33,7 @@ typedef void queue_state_fn(int up, const char *why, void *ud);
 struct qitem {
     const char *data;
     size_t len;
+    int flag; /* queue_held(recovering): the job carried a sending mark */
 };
 
 /* What came with a batch of jobs. */
@@ -72,19 +73,29 @@ int queue_wait(queue *q, int timeout_s, queue_items_fn *fn, void *ud);
 int queue_held(queue *q, int recovering, int poison_limit, queue_items_fn *fn, void *ud);
 /*
  * Give the jobs of instances whose heartbeat expired back to the intake
- * list (oldest first, to be taken next), with the same poison check.
+ * list (oldest first, to be taken next), with the same poison check; a
+ * job whose request may have been out ends as ambiguous (unless
+ * retry_ambiguous). The callback gets both counts.
  * result = number of jobs moved.
  */
-int queue_takeover(queue *q, int poison_limit, queue_done_fn *fn, void *ud);
+typedef void queue_takeover_fn(int err, long long moved, long long ambiguous, void *ud);
+int queue_takeover(queue *q, int poison_limit, int retry_ambiguous, queue_takeover_fn *fn, void *ud);
 /* Publish this instance's heartbeat: field/value pairs, kept for ttl_ms. */
 int queue_heartbeat(queue *q, const char *const *fields, int nfields, int64_t ttl_ms, queue_done_fn *fn, void *ud);
 /* Move a held job to the retry set, due at `due_ms`, as `envelope`. */
 int queue_retry(queue *q, const char *held, size_t held_len, const char *envelope, size_t env_len, int64_t due_ms,
-                queue_done_fn *fn, void *ud);
+                int marked, queue_done_fn *fn, void *ud);
 /* Move due retries to the intake list. result = number moved. */
 int queue_promote(queue *q, queue_done_fn *fn, void *ud);
-/* Move a held job back to the intake list, to be taken next. */
-int queue_putback(queue *q, const char *raw, size_t len, queue_done_fn *fn, void *ud);
+/* Move a held job back to the intake list, to be taken next (and drop its
+ * sending mark when `marked`). */
+int queue_putback(queue *q, const char *raw, size_t len, int marked, queue_done_fn *fn, void *ud);
+/*
+ * Mark a held job as "its request may be out" before sending it. A job
+ * found held and marked after a crash (queue_held's flag, or a takeover)
+ * may have been billed, so it is never silently submitted again.
+ */
+int queue_mark_sending(queue *q, const char *held, size_t len, queue_done_fn *fn, void *ud);
 
 /* The task id recorded for a producer job_id, if any (dedup, CONTRACT §4). */
 int queue_dedup_get(queue *q, const char *job_id, queue_str_fn *fn, void *ud);
@@ -106,6 +117,7 @@ struct qrecord {
     int final;                  /* this is the job's last event (batch_done check) */
     const char *track_job_id;   /* start tracking this job's task, or NULL */
     int64_t first_poll_ms;
+    int marked;                 /* drop the job's sending mark */
 };
 /* result 1: recorded; 0: the job was not held any more (no event written). */
 int queue_record(queue *q, const struct qrecord *r, queue_done_fn *fn, void *ud);

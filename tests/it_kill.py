@@ -7,10 +7,10 @@ when ~half the jobs have events, restarted with the same instance name, killed a
 
 Checks: every job has exactly one terminal event (submitted, failed or duplicate); nothing
 is left in vidq:jobs, vidq:retry or the processing list; the processing list never held more than the
-concurrency; a submitted event's task_id is a task the mock created for that job. Jobs the
-mock created twice (a request in flight at the kill, sent again after the restart: the
-price of at-least-once) are reported in a diag line; each must have been held at one of
-the kills, and their number per kill is at most the concurrency.
+concurrency; a submitted event's task_id is a task the mock created for that job. A job
+held at a kill whose request may have been out ends as failed/ambiguous rather than being
+sent again; jobs the mock created twice are reported in a diag line (expected: none), and
+each must have been held at one of the kills.
 """
 import signal
 import sys
@@ -74,8 +74,13 @@ def main(t, env):
     for es in term.values():
         kinds[es[0]["event"]] = kinds.get(es[0]["event"], 0) + 1
     t.diag("terminal events: %s" % kinds)
+    # The mock never fails a job. What can fail is a job held at a kill whose
+    # request may have been out (its sending mark was set): vidqd ends it as
+    # ambiguous instead of submitting it a second time (CONTRACT §6).
     fails = [es[0] for es in term.values() if es[0]["event"] == "failed"]
-    t.ok(not fails, "no job failed (the mock never fails)", repr(fails[:3]))
+    bad_fails = [e for e in fails if e.get("error") != "ambiguous" or not any(e["job_id"] in h for h in held_at_kill)]
+    t.ok(not bad_fails, "the only failures are ambiguous jobs held at a kill", repr(bad_fails[:3]))
+    t.diag("ended ambiguous after the kills (may have been billed; requeue by hand): %d" % len(fails))
 
     stats = mock.stats()
     tasks = mock.tasks_by_key()
@@ -101,8 +106,9 @@ def main(t, env):
                 wrong_task.append((jid, e.get("task_id")))
     t.ok(not wrong_task, "every submitted/duplicate event names a task the mock created for that job",
          repr(wrong_task[:5]))
-    never_sent = [jid for jid in ids if stats["created_by_key"].get(jid, 0) == 0]
-    t.ok(not never_sent, "every job reached the API", repr(never_sent[:10]))
+    ambiguous = {e["job_id"] for e in fails}
+    never_sent = [jid for jid in ids if stats["created_by_key"].get(jid, 0) == 0 and jid not in ambiguous]
+    t.ok(not never_sent, "every job but the ambiguous ones reached the API", repr(never_sent[:10]))
 
     t.eq(r.execute("LLEN", vt.k_jobs()), 0, "vidq:jobs is empty")
     t.eq(r.execute("ZCARD", vt.k_retry()), 0, "vidq:retry is empty")
