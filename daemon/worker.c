@@ -65,6 +65,7 @@ struct slot {
     int marked;                /* Redis has its sending mark (queue_mark_sending) */
     int maybe_sent;            /* found marked after a crash: it may have been billed */
     int64_t first_strike_ms;
+    int64_t sent_ms;           /* mono ms the current request went out */
     int64_t taken_ms;
     uv_timer_t timer; /* record retry, dedup retry */
     /* the outcome being recorded */
@@ -113,7 +114,7 @@ struct worker {
     char block_msg[512];
     int64_t probe_delay_ms;
     int probe_take;    /* let one new job in, as a probe */
-    int64_t last_success_ms;
+    int64_t last_success_sent_ms; /* mono ms a request that was then accepted went out */
     uv_timer_t probe_timer;
     /* upkeep */
     uv_timer_t upkeep_timer;
@@ -548,12 +549,15 @@ static void on_probe(uv_timer_t *t)
 static void account_error(slot *s, const struct outcome *o, const struct http_result *res)
 {
     worker *w = s->w;
-    int64_t now = now_ms();
+    int64_t now = mono_ms();
     s->attempts--;
     s->strikes++;
+    /* "Others go through" must mean requests sent after this job's first
+     * 403: answers to requests already out when a quota ran out say
+     * nothing about this job. */
     if (s->strikes == 1)
         s->first_strike_ms = now;
-    else if (o->http_status == 403 && w->last_success_ms > s->first_strike_ms) {
+    else if (o->http_status == 403 && w->last_success_sent_ms > s->first_strike_ms) {
         fail(s, "rejected", o->message, o->http_status, res->body, res->body_len);
         return;
     }
@@ -579,7 +583,8 @@ static void on_response(http_req *req, const struct http_result *res, void *ud)
     if (res->status == 429)
         flow_throttled(&w->flow, mono_ms());
     if (o.kind != OUT_ACCOUNT && res->status > 0) {
-        w->last_success_ms = o.kind == OUT_SUBMITTED ? now_ms() : w->last_success_ms;
+        if (o.kind == OUT_SUBMITTED && s->sent_ms > w->last_success_sent_ms)
+            w->last_success_sent_ms = s->sent_ms;
         unblock(w); /* any answer but 401/402/403: the account works */
     }
     switch (o.kind) {
@@ -655,6 +660,7 @@ static void post(slot *s)
                              NULL};
     s->attempts++;
     s->state = S_SENDING;
+    s->sent_ms = mono_ms();
     w->in_flight++;
     s->req = http_post(w->http, w->submit_url, headers, s->job.body, s->job.body_len, on_response, s);
     if (s->req == NULL) {

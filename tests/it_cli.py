@@ -367,7 +367,9 @@ def test_stats(t, cli, r):
     t.ok(gh.get("alive") is False and gh.get("state") == "dead" and gh.get("processing") == 1,
          "an instance whose heartbeat expired shows as dead, with its processing list", gh)
     rc, out, err = cli.run("stats")
-    t.ok(rc == 0 and "jobs waiting" in out and "ghost" in out and "dead" in out, "stats text", out)
+    # The running vidqd may take the ghost's jobs over at any moment (it then leaves the set).
+    ghost_listed = "ghost" in out or not r.execute("SISMEMBER", "vidq:instances", "ghost")
+    t.ok(rc == 0 and "jobs waiting" in out and ghost_listed and "dead" in out, "stats text", out)
     r.execute("SREM", "vidq:instances", "ghost")
     r.execute("DEL", "vidq:processing:ghost")
 
