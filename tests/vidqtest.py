@@ -168,7 +168,14 @@ def tail(path, n=20):
 
 
 SANITIZER_MARKS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:", "WARNING: ThreadSanitizer",
-                   "ERROR: UndefinedBehaviorSanitizer")
+                   "ERROR: UndefinedBehaviorSanitizer",
+                   # valgrind (VIDQ_VALGRIND=1, make check-valgrind)
+                   "Invalid read of", "Invalid write of", "Invalid free", "definitely lost in",
+                   "uninitialised value", "Conditional jump or move depends", "Mismatched free")
+
+# VIDQ_VALGRIND=1 runs every vidqd of the tests under valgrind (make check-valgrind).
+VALGRIND = ["valgrind", "--quiet", "--error-exitcode=99", "--leak-check=full", "--show-leak-kinds=definite",
+            "--errors-for-leak-kinds=definite", "--track-origins=yes"] if os.environ.get("VIDQ_VALGRIND") else []
 
 
 def sanitizer_report(path, frames=12):
@@ -774,7 +781,7 @@ class Vidqd:
         self.starts += 1
         with open(self.log, "ab") as f:
             f.write(("=== harness: start #%d of %s ===\n" % (self.starts, self.name)).encode())
-        self.proc = spawn([VIDQD, "-c", self.conf_path] + self.args, self.log, env=daemon_env(self.token))
+        self.proc = spawn(VALGRIND + [VIDQD, "-c", self.conf_path] + self.args, self.log, env=daemon_env(self.token))
         if (self.name, self.log) not in self.env.tap.logs:
             self.env.tap.logs.append((self.name, self.log))
         if wait_ready:
