@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""it_sentinel - redis-sentinel:// URLs and a failover in the middle of a batch.
+
+A master, a replica and one sentinel (all private redis-server processes on free
+ports); vidqd connects through redis-sentinel://127.0.0.1:PORT/vidqmaster. Half the
+jobs are pushed to the master; SENTINEL FAILOVER promotes the replica; the other half
+are pushed to the new master. vidqd must notice (it asks the sentinel every 2 s and
+on READONLY), reconnect to the new master and finish: every job exactly one terminal
+event on the new master, nothing left queued.
+"""
+import os
+import sys
+
+sys.dont_write_bytecode = True
+import vidqtest as vt  # noqa: E402
+
+N = 300
+
+
+def start_redis(env, name, extra):
+    port = vt.free_port()
+    d = os.path.join(env.dir, name)
+    os.makedirs(d, exist_ok=True)
+    argv = [vt.redis_server_binary(), "--port", str(port), "--bind", vt.HOST, "--dir", d, "--save", "",
+            "--appendonly", "no", "--repl-diskless-sync-delay", "0", "--protected-mode", "no"] + extra
+    vt.spawn(argv, os.path.join(env.dir, name + ".log"))
+    return port, connect(port, name)
+
+
+def connect(port, name):
+    """A client once the server answers PING."""
+    got = []
+
+    def up():
+        try:
+            c = vt.Redis(port)
+            if c.execute("PING") == "PONG":
+                got.append(c)
+                return True
+            c.close()
+        except (OSError, ConnectionError, vt.RedisError):
+            pass
+        return False
+    vt.wait_for(up, "%s to start" % name, timeout=30, interval=0.05)
+    return got[0]
+
+
+class Fresh:
+    """A client that reconnects for every command: Sentinel kills the normal
+    clients of the servers it reconfigures during a failover."""
+
+    def __init__(self, port):
+        self.port = port
+
+    def execute(self, *args):
+        for _ in range(50):
+            try:
+                c = vt.Redis(self.port)
+                try:
+                    return c.execute(*args)
+                finally:
+                    c.close()
+            except (OSError, ConnectionError):
+                import time
+                time.sleep(0.1)
+        raise vt.TestError("redis on port %d unreachable" % self.port)
+
+    def pipeline(self, cmds, raise_errors=True):
+        c = vt.Redis(self.port)
+        try:
+            return c.pipeline(cmds, raise_errors)
+        finally:
+            c.close()
+
+
+def main(t, env):
+    mport, _ = start_redis(env, "master", [])
+    rport, _ = start_redis(env, "replica", ["--replicaof", vt.HOST, str(mport)])
+    master, replica = Fresh(mport), Fresh(rport)
+    vt.wait_for(lambda: b"master_link_status:up" in replica.execute("INFO", "replication"),
+                "the replica to sync", timeout=30)
+    sport = vt.free_port()
+    conf = os.path.join(env.dir, "sentinel.conf")
+    with open(conf, "w") as f:
+        f.write("port %d\nbind %s\nsentinel monitor vidqmaster %s %d 1\n"
+                "sentinel down-after-milliseconds vidqmaster 2000\nsentinel failover-timeout vidqmaster 10000\n"
+                % (sport, vt.HOST, vt.HOST, mport))
+    vt.spawn([vt.redis_server_binary(), conf, "--sentinel"], os.path.join(env.dir, "sentinel.log"))
+    connect(sport, "sentinel")
+    sentinel = Fresh(sport)
+
+    def sentinel_up():
+        try:
+            return sentinel.execute("SENTINEL", "get-master-addr-by-name", "vidqmaster") is not None
+        except (OSError, ConnectionError, vt.RedisError):
+            return False
+    vt.wait_for(sentinel_up, "the sentinel", timeout=30)
+
+    mock = env.mock(latency_ms=20)
+    vd = env.vidqd(instance="sent", conf={"redis.url": "redis-sentinel://%s:%d/vidqmaster" % (vt.HOST, sport),
+                                          "api.base_url": mock.url, "submit.concurrency": "16"})
+    vd.start(wait_ready=False)
+    vt.wait_for(lambda: vd.log_grep("connected to Redis"), "vidqd to connect through the sentinel", timeout=30,
+                unless=vd.dead)
+    t.ok(any("sentinel:vidqmaster" in line for line in vd.log_grep("connected to Redis")),
+         "vidqd found the master through the sentinel")
+    first = [vt.job(job_id="s-%03d" % i, model="m", prompt="p") for i in range(N // 2)]
+    vt.push_jobs(master, first)
+    vt.wait_for(lambda: master.execute("XLEN", vt.k_results()) >= N // 2, "the first half", timeout=60,
+                unless=vd.dead)
+    t.ok(True, "first half recorded on the first master")
+    vt.wait_for(lambda: replica.execute("XLEN", vt.k_results()) >= N // 2, "replication of the first half",
+                timeout=30)
+    sentinel.execute("SENTINEL", "FAILOVER", "vidqmaster")
+    vt.wait_for(lambda: replica.execute("ROLE")[0] == b"master", "the replica to be promoted", timeout=30)
+    second = [vt.job(job_id="s-%03d" % i, model="m", prompt="p") for i in range(N // 2, N)]
+    vt.push_jobs(replica, second)
+    ok = vt.wait_until(lambda: replica.execute("XLEN", vt.k_results()) >= N, timeout=60, unless=vd.dead)
+    t.ok(ok, "after the failover vidqd works on the new master", "XLEN=%s" % replica.execute("XLEN", vt.k_results()))
+    term = vt.terminal_by_job(vt.read_stream(replica))
+    t.eq(sorted(term), sorted("s-%03d" % i for i in range(N)), "every job has a terminal event on the new master")
+    t.eq([j for j, es in term.items() if len(es) != 1], [], "exactly one terminal event per job")
+    t.eq(replica.execute("LLEN", vt.k_jobs()), 0, "nothing left queued")
+    t.ok(vd.log_grep("new master") or vd.log_grep("read-only"), "vidqd logged why it reconnected",
+         *vd.log_lines()[-5:])
+    t.eq(vd.stop(), 0, "vidqd exits 0")
+
+
+vt.run(main, "sentinel")
