@@ -50,6 +50,7 @@ struct daemon {
     int ready_sent;
     int redis_down_logged;
     int stopping;
+    int64_t stop_deadline; /* mono ms */
     int exit_code;
 };
 
@@ -240,9 +241,31 @@ static void close_walk(uv_handle_t *h, void *arg)
         uv_close(h, NULL);
 }
 
+static void close_all(struct daemon *d);
+
+/* Polls still out when the worker is done get the rest of the shutdown
+ * timeout to come back, so their leases are not left to run out. */
+static void on_polls_wait(uv_timer_t *t)
+{
+    struct daemon *d = t->data;
+    if (d->tr && tracker_in_flight(d->tr) > 0 && mono_ms() < d->stop_deadline)
+        return;
+    uv_timer_stop(t);
+    close_all(d);
+}
+
 static void on_drained(void *ud)
 {
     struct daemon *d = ud;
+    if (d->tr && tracker_in_flight(d->tr) > 0) {
+        uv_timer_start(&d->status_timer, on_polls_wait, 50, 50);
+        return;
+    }
+    close_all(d);
+}
+
+static void close_all(struct daemon *d)
+{
     log_kv(LOG_NOTICE, "drained; exiting", NULL);
     /* Order matters: callbacks of the HTTP client and the queue still reach
      * live slots; the worker goes last. */
@@ -268,6 +291,7 @@ static void on_stop_signal(uv_signal_t *h, int signum)
         return;
     }
     d->stopping = 1;
+    d->stop_deadline = mono_ms() + d->cfg.shutdown_timeout_ms;
     log_kv(LOG_NOTICE, signum == SIGTERM ? "SIGTERM: draining" : "SIGINT: draining", NULL);
     sd_notify_msg("STOPPING=1");
     if (d->tr)

@@ -111,6 +111,7 @@ struct worker {
     struct flow flow;
     /* account errors */
     int blocked;
+    int64_t blocked_at;   /* mono ms: only requests sent after it can lift the block */
     char block_msg[512];
     int64_t probe_delay_ms;
     int probe_take;    /* let one new job in, as a probe */
@@ -494,6 +495,7 @@ static void block(worker *w, const char *msg)
     if (w->blocked)
         return;
     w->blocked = 1;
+    w->blocked_at = mono_ms();
     snprintf(w->block_msg, sizeof w->block_msg, "%s", msg);
     w->probe_delay_ms = w->cfg->account_probe_ms;
     log_kv(LOG_ERROR, "the API refuses this account or token: intake stopped, jobs kept; probing", "reason", msg,
@@ -558,6 +560,7 @@ static void account_error(slot *s, const struct outcome *o, const struct http_re
     if (s->strikes == 1)
         s->first_strike_ms = now;
     else if (o->http_status == 403 && w->last_success_sent_ms > s->first_strike_ms) {
+        s->attempts += s->strikes; /* here the 403s were about the job: count them */
         fail(s, "rejected", o->message, o->http_status, res->body, res->body_len);
         return;
     }
@@ -585,7 +588,11 @@ static void on_response(http_req *req, const struct http_result *res, void *ud)
     if (o.kind != OUT_ACCOUNT && res->status > 0) {
         if (o.kind == OUT_SUBMITTED && s->sent_ms > w->last_success_sent_ms)
             w->last_success_sent_ms = s->sent_ms;
-        unblock(w); /* any answer but 401/402/403: the account works */
+        /* Any answer but 401/402/403 to a request sent after the block
+         * began: the account works again. Answers to requests that were
+         * already out say nothing about that. */
+        if (w->blocked && s->sent_ms >= w->blocked_at)
+            unblock(w);
     }
     switch (o.kind) {
     case OUT_SUBMITTED:
