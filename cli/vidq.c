@@ -600,99 +600,6 @@ static void jw_print(struct jw *w)
 
 /* ---- raw JSON: spans, strings, strictness ----------------------------------- */
 
-/* cJSON takes any byte <= 0x20 as whitespace; walk the same way. */
-static const char *skip_ws(const char *p, const char *end)
-{
-    while (p < end && (unsigned char)*p <= 0x20)
-        p++;
-    return p;
-}
-
-static const char *skip_string(const char *p, const char *end)
-{
-    p++; /* the opening quote */
-    while (p < end && *p != '"') {
-        if (*p == '\\')
-            p++;
-        p++;
-    }
-    return p < end ? p + 1 : end;
-}
-
-/* Skip one JSON value that cJSON accepted. */
-static const char *skip_value(const char *p, const char *end)
-{
-    if (p >= end)
-        return end;
-    if (*p == '"')
-        return skip_string(p, end);
-    if (*p == '{' || *p == '[') {
-        int depth = 0;
-        while (p < end) {
-            if (*p == '"') {
-                p = skip_string(p, end);
-                continue;
-            }
-            if (*p == '{' || *p == '[') {
-                depth++;
-            } else if (*p == '}' || *p == ']') {
-                if (--depth == 0)
-                    return p + 1;
-            }
-            p++;
-        }
-        return end;
-    }
-    while (p < end && *p != ',' && *p != '}' && *p != ']' && (unsigned char)*p > 0x20)
-        p++;
-    return p;
-}
-
-/*
- * Where the value of the top-level member `name` is in s[0..n), an object
- * that cJSON parsed as `obj`: the raw text and the parse are walked side by
- * side (cJSON keeps member order), so the key is compared decoded. Returns
- * 1 and the span, or 0.
- */
-static int member_span(const char *s, size_t n, const cJSON *obj, const char *name, size_t *vstart, size_t *vend)
-{
-    const char *p = s, *end = s + n;
-    p = skip_ws(p, end);
-    if (p >= end || *p != '{')
-        return 0;
-    p++;
-    for (const cJSON *m = obj->child; m; m = m->next) {
-        p = skip_ws(p, end);
-        p = skip_string(p, end);
-        p = skip_ws(p, end);
-        if (p < end && *p == ':')
-            p++;
-        p = skip_ws(p, end);
-        const char *vs = p;
-        p = skip_value(p, end);
-        if (m->string && strcmp(m->string, name) == 0) {
-            *vstart = (size_t)(vs - s);
-            *vend = (size_t)(p - s);
-            return 1;
-        }
-        p = skip_ws(p, end);
-        if (p < end && *p == ',')
-            p++;
-    }
-    return 0;
-}
-
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 static long hex4(const char *p, const char *end)
 {
     long v = 0;
@@ -838,43 +745,6 @@ static int json_is_strict(const char *s, size_t n)
     return 1;
 }
 
-/* Offset of the first byte that is not valid UTF-8, or -1. */
-static long utf8_invalid_at(const unsigned char *s, size_t n)
-{
-    size_t i = 0;
-    while (i < n) {
-        unsigned char c = s[i];
-        size_t len;
-        unsigned long cp;
-        if (c < 0x80) {
-            i++;
-            continue;
-        } else if (c >= 0xc2 && c <= 0xdf) {
-            len = 2;
-            cp = c & 0x1f;
-        } else if (c >= 0xe0 && c <= 0xef) {
-            len = 3;
-            cp = c & 0x0f;
-        } else if (c >= 0xf0 && c <= 0xf4) {
-            len = 4;
-            cp = c & 0x07;
-        } else {
-            return (long)i;
-        }
-        if (i + len > n)
-            return (long)i;
-        for (size_t j = 1; j < len; j++) {
-            if ((s[i + j] & 0xc0) != 0x80)
-                return (long)i;
-            cp = (cp << 6) | (s[i + j] & 0x3f);
-        }
-        int overlong = (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000);
-        if (overlong || (cp >= 0xd800 && cp <= 0xdfff) || cp > 0x10ffff)
-            return (long)i;
-        i += len;
-    }
-    return -1;
-}
 
 /* ======================================================================== */
 /* submit                                                                    */
@@ -938,7 +808,7 @@ static char *job_from_text(const struct submit *s, const char *line, size_t len,
         snprintf(err, sizeof err, "NUL byte at byte %zu of the line", (size_t)(nul - line));
         return xstrdup(err);
     }
-    long bad = utf8_invalid_at((const unsigned char *)line, len);
+    long bad = utf8_invalid_at(line, len);
     if (bad >= 0) {
         snprintf(err, sizeof err, "not valid UTF-8 text (byte %ld of the line)", bad);
         return xstrdup(err);
@@ -959,7 +829,7 @@ static char *job_from_json(const struct submit *s, const char *line, size_t len,
 {
     const char *end = NULL;
     cJSON *obj = cJSON_ParseWithLengthOpts(line, len, &end, 0);
-    if (obj == NULL || !cJSON_IsObject(obj) || skip_ws(end, line + len) != line + len) {
+    if (obj == NULL || !cJSON_IsObject(obj) || json_skip_ws(end, line + len) != line + len) {
         struct job j;
         job_parse(&j, line, len, NULL); /* the daemon's words for what is wrong */
         char *err = xstrdup(j.error ? j.error : "not a JSON object");
@@ -971,7 +841,7 @@ static char *job_from_json(const struct submit *s, const char *line, size_t len,
     size_t close = (size_t)(end - line) - 1; /* the closing brace */
     size_t bs = 0, be = 0;
     int replace = batch && !(cJSON_IsString(batch) && strcmp(batch->valuestring, s->batch) == 0) &&
-                  member_span(line, len, obj, "batch", &bs, &be);
+                  json_member_span(line, len, obj, "batch", &bs, &be);
     if (replace) {
         sbuf_append(out, line, bs);
         sbuf_json_str(out, s->batch, strlen(s->batch));
@@ -991,7 +861,7 @@ static void submit_line(struct submit *s, const char *line, size_t len, size_t l
 {
     while (len > 0 && (line[len - 1] == '\r' || line[len - 1] == '\n'))
         len--;
-    const char *p = skip_ws(line, line + len);
+    const char *p = json_skip_ws(line, line + len);
     if (p == line + len)
         return; /* blank */
     sbuf job;
@@ -2028,7 +1898,7 @@ static int visit_list(const struct dead *d, void *ud)
 static int dead_job(const struct dead *d, sbuf *out)
 {
     size_t vs, ve;
-    if (!member_span(d->raw, d->len, d->obj, "job", &vs, &ve) || ve <= vs)
+    if (!json_member_span(d->raw, d->len, d->obj, "job", &vs, &ve) || ve <= vs)
         return -1;
     if (d->raw[vs] == '"')
         return json_unquote(d->raw + vs, ve - vs, out);

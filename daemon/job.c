@@ -53,7 +53,7 @@ static const char *type_name(const cJSON *v)
 
 /* ---- raw member spans ------------------------------------------------ */
 
-static const char *skip_ws(const char *p, const char *end)
+const char *json_skip_ws(const char *p, const char *end)
 {
     while (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r'))
         p++;
@@ -113,14 +113,14 @@ static void build_body(struct job *j, const cJSON *obj, const char *default_mode
     sbuf_init(&b);
     sbuf_reserve(&b, j->raw_len + 32);
     sbuf_putc(&b, '{');
-    p = skip_ws(p, end) + 1; /* '{' */
+    p = json_skip_ws(p, end) + 1; /* '{' */
     for (; m; m = m->next) {
-        p = skip_ws(p, end);
+        p = json_skip_ws(p, end);
         const char *kstart = p;
         p = skip_string(p, end);
         const char *kend = p;
-        p = skip_ws(p, end) + 1; /* ':' */
-        p = skip_ws(p, end);
+        p = json_skip_ws(p, end) + 1; /* ':' */
+        p = json_skip_ws(p, end);
         const char *vstart = p;
         p = skip_value(p, end);
         if (strcmp(m->string, "meta") == 0) {
@@ -139,7 +139,7 @@ static void build_body(struct job *j, const cJSON *obj, const char *default_mode
             sbuf_putc(&b, ':');
             sbuf_append(&b, vstart, (size_t)(p - vstart));
         }
-        p = skip_ws(p, end);
+        p = json_skip_ws(p, end);
         if (p < end && *p == ',')
             p++;
     }
@@ -155,6 +155,33 @@ static void build_body(struct job *j, const cJSON *obj, const char *default_mode
     }
     sbuf_putc(&b, '}');
     j->body = sbuf_steal(&b, &j->body_len);
+}
+
+int json_member_span(const char *s, size_t n, const cJSON *obj, const char *name, size_t *vstart, size_t *vend)
+{
+    const char *p = json_skip_ws(s, s + n), *end = s + n;
+    if (p >= end || *p != '{')
+        return 0;
+    p++;
+    for (const cJSON *m = obj->child; m; m = m->next) {
+        p = json_skip_ws(p, end);
+        p = skip_string(p, end);
+        p = json_skip_ws(p, end);
+        if (p < end && *p == ':')
+            p++;
+        p = json_skip_ws(p, end);
+        const char *vs = p;
+        p = skip_value(p, end);
+        if (m->string && strcmp(m->string, name) == 0) {
+            *vstart = (size_t)(vs - s);
+            *vend = (size_t)(p - s);
+            return 1;
+        }
+        p = json_skip_ws(p, end);
+        if (p < end && *p == ',')
+            p++;
+    }
+    return 0;
 }
 
 /* ---- validation ------------------------------------------------------ */
@@ -460,7 +487,7 @@ void job_parse(struct job *j, const char *raw, size_t len, const char *default_m
         set_error(j, "invalid JSON at byte %zu: NUL byte", (size_t)(nul - raw));
         return;
     }
-    if (len == 0 || skip_ws(raw, raw + len) == raw + len) {
+    if (len == 0 || json_skip_ws(raw, raw + len) == raw + len) {
         set_error(j, "empty job");
         return;
     }

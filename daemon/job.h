@@ -10,6 +10,7 @@
 #ifndef VIDQ_JOB_H
 #define VIDQ_JOB_H
 
+#include <cjson/cJSON.h>
 #include <stddef.h>
 
 struct job {
@@ -34,5 +35,16 @@ struct job {
  */
 void job_parse(struct job *j, const char *raw, size_t len, const char *default_model);
 void job_free(struct job *j);
+
+/* Skip JSON whitespace (space, tab, CR, LF) in [p, end). */
+const char *json_skip_ws(const char *p, const char *end);
+/*
+ * Where the value of the top-level member `name` lies in s[0..n), a JSON
+ * object that cJSON parsed as `obj` (the raw text and the parse are walked
+ * side by side, so the key is compared decoded). Returns 1 and the byte
+ * span [*vstart, *vend), or 0. Used to edit a producer's job without
+ * re-printing it (re-printing would round big numbers).
+ */
+int json_member_span(const char *s, size_t n, const cJSON *obj, const char *name, size_t *vstart, size_t *vend);
 
 #endif

@@ -172,6 +172,30 @@ static size_t utf8_seq(const unsigned char *s, size_t n)
     return len;
 }
 
+long utf8_invalid_at(const char *s, size_t n)
+{
+    const unsigned char *p = (const unsigned char *)s;
+    size_t i = 0;
+    while (i < n) {
+        size_t len = utf8_seq(p + i, n - i);
+        if (len == 0)
+            return (long)i;
+        i += len;
+    }
+    return -1;
+}
+
+int hexval(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
 void sbuf_json_str(sbuf *b, const char *s, size_t n)
 {
     const unsigned char *p = (const unsigned char *)s;

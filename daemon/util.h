@@ -46,6 +46,11 @@ void sbuf_json_str(sbuf *b, const char *s, size_t n);
 /* Take ownership of the buffer (caller frees); `b` is reset. */
 char *sbuf_steal(sbuf *b, size_t *len);
 
+/* The value of a hex digit, or -1. */
+int hexval(char c);
+/* Offset of the first byte of s[0..n) that is not valid UTF-8, or -1. */
+long utf8_invalid_at(const char *s, size_t n);
+
 /* True when s[0..n) contains only [A-Za-z0-9._:-] and 1 <= n <= 128
  * (the charset of job ids and batch names, CONTRACT §2). */
 int id_is_valid(const char *s, size_t n);

@@ -63,17 +63,6 @@ struct pending {
 
 /* ---- URL parsing ---------------------------------------------------- */
 
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 /* Percent-decode s[0..n) (passwords may contain '@' or ':'). */
 static char *pct_decode(const char *s, size_t n)
 {
