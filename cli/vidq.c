@@ -1734,7 +1734,9 @@ static void stats_text(const struct stats *st)
         instance_text(st->names[i], st->inst[2 * i], st->inst[2 * i + 1]->integer, st->now);
 }
 
-static int cmd_stats(int argc, char **argv)
+/* The options of a command that takes only the common ones and --json;
+ * then connect. Returns whether --json was given. */
+static int json_only_command(int argc, char **argv, const char *help)
 {
     static const struct option opts[] = {COMMON_OPTIONS, {NULL, 0, NULL, 0}};
     int json = 0, c;
@@ -1742,10 +1744,16 @@ static int cmd_stats(int argc, char **argv)
         if (c == OPT_JSON)
             json = 1;
         else
-            common_option(c, HELP_STATS);
+            common_option(c, help);
     }
     no_more_args(argc, argv);
     setup();
+    return json;
+}
+
+static int cmd_stats(int argc, char **argv)
+{
+    int json = json_only_command(argc, argv, HELP_STATS);
     struct stats st;
     memset(&st, 0, sizeof st);
     stats_gather(&st);
@@ -2121,16 +2129,7 @@ static void print_state(int json, const char *paused)
 
 static int pause_resume(int argc, char **argv, int pause)
 {
-    static const struct option opts[] = {COMMON_OPTIONS, {NULL, 0, NULL, 0}};
-    int json = 0, c;
-    while ((c = getopt_long(argc, argv, "c:o:h", opts, NULL)) != -1) {
-        if (c == OPT_JSON)
-            json = 1;
-        else
-            common_option(c, HELP_PAUSE);
-    }
-    no_more_args(argc, argv);
-    setup();
+    int json = json_only_command(argc, argv, HELP_PAUSE);
     if (pause) {
         char host[256] = "?", when[64];
         const struct passwd *pw = getpwuid(getuid());
