@@ -10,6 +10,7 @@
 #include "config.h"
 #include "util.h"
 #include "rconn.h"
+#include "metrics.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -418,6 +419,11 @@ int config_finish(struct config *c, char *err, size_t errlen)
         return key_error(c, "submit.account_probe_interval", err, errlen, "must be at least 100ms");
     if (c->poll_interval_ms < 1000)
         return key_error(c, "track.poll_interval", err, errlen, "must be at least 1s");
+    if (c->metrics_listen) {
+        struct sockaddr_storage sa;
+        if (metrics_parse_listen(c->metrics_listen, &sa, why, sizeof why) != 0)
+            return key_error(c, "metrics.listen", err, errlen, why);
+    }
     if (c->ca_file && access(c->ca_file, R_OK) != 0) {
         snprintf(why, sizeof why, "cannot read %s: %s", c->ca_file, strerror(errno));
         return key_error(c, "api.ca_file", err, errlen, why);

@@ -11,6 +11,7 @@
 #include "config.h"
 #include "http.h"
 #include "log.h"
+#include "metrics.h"
 #include "queue.h"
 #include "util.h"
 #include "tracker.h"
@@ -45,6 +46,7 @@ struct daemon {
     http_client *http;
     worker *w;
     tracker *tr;           /* NULL unless track.enabled */
+    metrics *metrics;      /* NULL unless metrics.listen */
     uv_signal_t sig_term, sig_int, sig_hup;
     uv_timer_t status_timer;
     int ready_sent;
@@ -212,6 +214,36 @@ static void http_opts_from(const struct config *c, struct http_opts *o, const ch
 
 /* ---- runtime ------------------------------------------------------------------ */
 
+static void metric(sbuf *out, const char *name, const char *type, const char *help, const char *instance,
+                   unsigned long long v)
+{
+    sbuf_printf(out, "# HELP %s %s\n# TYPE %s %s\n%s{instance=\"%s\"} %llu\n", name, help, name, type, name,
+                instance, v);
+}
+
+/* /metrics and /healthz (metrics.listen), from the worker's counters. */
+static void fill_metrics(sbuf *out, int *healthy, const char **why, void *ud)
+{
+    struct daemon *d = ud;
+    struct worker_stats st;
+    const char *in = d->cfg.instance;
+    worker_get_stats(d->w, &st);
+    metric(out, "vidq_jobs_taken_total", "counter", "Jobs taken from the queue.", in, st.taken);
+    metric(out, "vidq_jobs_submitted_total", "counter", "Jobs the API accepted.", in, st.submitted);
+    metric(out, "vidq_jobs_failed_total", "counter", "Jobs that ended failed (dead list).", in, st.failed);
+    metric(out, "vidq_jobs_duplicate_total", "counter", "Jobs already submitted (dedup).", in, st.duplicates);
+    metric(out, "vidq_retries_total", "counter", "Submissions put in the retry set.", in, st.retries);
+    metric(out, "vidq_jobs_held", "gauge", "Jobs this instance holds.", in, st.held);
+    metric(out, "vidq_requests_in_flight", "gauge", "Submissions in flight.", in, st.in_flight);
+    metric(out, "vidq_polls_in_flight", "gauge", "Task polls and downloads in flight.", in,
+           d->tr ? tracker_in_flight(d->tr) : 0);
+    metric(out, "vidq_redis_up", "gauge", "1 when Redis answers.", in, queue_is_up(d->q) ? 1 : 0);
+    metric(out, "vidq_account_blocked", "gauge", "1 while the API refuses the account (401/402/403).", in,
+           st.blocked ? 1 : 0);
+    *healthy = queue_is_up(d->q) && !st.blocked && !d->stopping;
+    *why = !queue_is_up(d->q) ? "Redis unreachable" : st.blocked ? "the API refuses the account" : "stopping";
+}
+
 static void on_queue_state(int up, const char *why, void *ud)
 {
     struct daemon *d = ud;
@@ -276,6 +308,9 @@ static void close_all(struct daemon *d)
     if (d->tr)
         tracker_free(d->tr);
     d->tr = NULL;
+    if (d->metrics)
+        metrics_close(d->metrics);
+    d->metrics = NULL;
     uv_timer_stop(&d->status_timer);
     uv_close((uv_handle_t *)&d->status_timer, NULL);
     uv_close((uv_handle_t *)&d->sig_term, NULL);
@@ -283,20 +318,25 @@ static void close_all(struct daemon *d)
     uv_close((uv_handle_t *)&d->sig_hup, NULL);
 }
 
-static void on_stop_signal(uv_signal_t *h, int signum)
+/* Stop taking work, drain, then close everything (on_drained). */
+static void stop(struct daemon *d, const char *why)
 {
-    struct daemon *d = h->data;
     if (d->stopping) {
         log_kv(LOG_NOTICE, "already stopping", NULL);
         return;
     }
     d->stopping = 1;
     d->stop_deadline = mono_ms() + d->cfg.shutdown_timeout_ms;
-    log_kv(LOG_NOTICE, signum == SIGTERM ? "SIGTERM: draining" : "SIGINT: draining", NULL);
+    log_kv(LOG_NOTICE, why, NULL);
     sd_notify_msg("STOPPING=1");
     if (d->tr)
         tracker_stop(d->tr);
     worker_drain(d->w, on_drained, d);
+}
+
+static void on_stop_signal(uv_signal_t *h, int signum)
+{
+    stop(h->data, signum == SIGTERM ? "SIGTERM: draining" : "SIGINT: draining");
 }
 
 static void on_hup(uv_signal_t *h, int signum)
@@ -382,10 +422,16 @@ static int run(struct daemon *d)
     uv_timer_start(&d->status_timer, on_status_timer, STATUS_INTERVAL_MS, STATUS_INTERVAL_MS);
     log_kv(LOG_NOTICE, "vidqd starting", "version", PACKAGE_VERSION, "instance", d->cfg.instance, "api",
            d->cfg.base_url, NULL);
-    if (d->cfg.metrics_listen)
-        log_kv(LOG_WARNING, "metrics.listen is not implemented in this version; ignored", "listen",
-               d->cfg.metrics_listen, NULL);
-    queue_start(d->q);
+    if (d->cfg.metrics_listen) {
+        d->metrics = metrics_new(&d->loop, d->cfg.metrics_listen, fill_metrics, d, err, sizeof err);
+        if (d->metrics == NULL) {
+            log_kv(LOG_ERROR, "key \"metrics.listen\"", "error", err, NULL);
+            d->exit_code = EXIT_CONFIG;
+            stop(d, "cannot serve metrics: exiting"); /* nothing was taken yet */
+        }
+    }
+    if (!d->stopping)
+        queue_start(d->q);
     uv_run(&d->loop, UV_RUN_DEFAULT);
     rconn_target_free(&d->target);
     if (uv_loop_close(&d->loop) != 0) {
@@ -396,7 +442,7 @@ static int run(struct daemon *d)
         uv_loop_close(&d->loop);
         return EXIT_SOFTWARE;
     }
-    return 0;
+    return d->exit_code;
 }
 
 static void seed_random(void)
