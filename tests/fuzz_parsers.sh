@@ -29,7 +29,7 @@ printf '[redis]\nurl = redis://127.0.0.1:6379/0\n[submit]\nconcurrency = 8\nrate
 echo "1..6"
 n=0
 for t in job:"daemon/job.c daemon/util.c" response:"daemon/api.c daemon/util.c" \
-         config:"daemon/config.c daemon/util.c daemon/log.c queue/rconn.c"; do
+         config:"daemon/config.c daemon/util.c daemon/log.c daemon/metrics.c queue/rconn.c"; do
     name=${t%%:*}
     files=""
     for f in ${t#*:}; do files="$files $src/$f"; done
