@@ -109,7 +109,10 @@ def main(t, env):
     t.ok(took, "b logs that it took over jobs", *b.log_lines()[-5:])
     st = mock.stats()
     created = {k: v for k, v in st["created_by_key"].items() if k in idset}
-    t.eq(len(created), N, "the mock created a task for every job")
+    # A job marked as sending whose POST had not left yet when a died ends
+    # ambiguous without a task upstream: every other job must have one.
+    t.eq(sorted(j for j in idset if j not in created and j not in amb), [],
+         "the mock created a task for every job that did not end ambiguous")
     dups = {k: v for k, v in created.items() if v > 1}
     t.ok(len(dups) <= CONC, "jobs created twice upstream are at most a's concurrency (%d)" % CONC,
          "created more than once: %d" % len(dups))
