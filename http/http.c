@@ -502,11 +502,6 @@ void http_cancel(http_req *r)
     complete(r, CURLE_ABORTED_BY_CALLBACK, "cancelled");
 }
 
-unsigned http_active(const http_client *c)
-{
-    return c->active;
-}
-
 /* ---- client --------------------------------------------------------- */
 
 static int load_file(sbuf *b, const char *path)

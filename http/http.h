@@ -77,9 +77,6 @@ http_req *http_download(http_client *c, const char *url, int fd, int64_t max_byt
  * whether the server may have received it. */
 void http_cancel(http_req *req);
 
-/* Requests in flight. */
-unsigned http_active(const http_client *c);
-
 /* Cancel everything, release curl; the struct is freed once libuv closed its handles. */
 void http_client_close(http_client *c);
 

@@ -350,11 +350,6 @@ static char *mkkey(const char *prefix, const char *suffix)
     return sbuf_steal(&b, NULL);
 }
 
-void queue_key(const queue *q, char *buf, size_t len, const char *suffix)
-{
-    snprintf(buf, len, "%s:%s", q->prefix, suffix);
-}
-
 static void set_up(queue *q, int up, const char *why)
 {
     if (q->up == up && up)

@@ -147,7 +147,5 @@ struct qtrack {
 };
 int queue_track_update(queue *q, const struct qtrack *t, queue_done_fn *fn, void *ud);
 
-/* Key name helpers (prefix applied), for the CLI and tests. */
-void queue_key(const queue *q, char *buf, size_t len, const char *suffix);
 
 #endif

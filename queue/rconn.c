@@ -843,11 +843,6 @@ int rconn_is_up(const rconn *c)
     return c->state == R_UP;
 }
 
-unsigned rconn_pending(const rconn *c)
-{
-    return c->pending;
-}
-
 int rconn_cmd(rconn *c, rconn_reply_fn *fn, void *ud, int argc, const char **argv, const size_t *argvlen)
 {
     if (c->state != R_UP || c->ac == NULL || c->teardown_pending)

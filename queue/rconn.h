@@ -70,8 +70,6 @@ int rconn_is_up(const rconn *c);
  * NULL), or -1 when the connection is not up (fn is not called).
  */
 int rconn_cmd(rconn *c, rconn_reply_fn *fn, void *ud, int argc, const char **argv, const size_t *argvlen);
-/* Number of commands waiting for a reply. */
-unsigned rconn_pending(const rconn *c);
 /*
  * Drop the connection now (pending callbacks get NULL), stop reconnecting and
  * free everything once libuv has closed the handles.
