@@ -12,6 +12,25 @@
 #include <string.h>
 #include <strings.h>
 
+char *api_url(const char *base_url, const char *path)
+{
+    sbuf b;
+    size_t n = strlen(base_url);
+    while (n > 0 && base_url[n - 1] == '/')
+        n--;
+    sbuf_init(&b);
+    sbuf_printf(&b, "%.*s%s", (int)n, base_url, path);
+    return sbuf_steal(&b, NULL);
+}
+
+char *api_auth_header(const char *token)
+{
+    sbuf b;
+    sbuf_init(&b);
+    sbuf_printf(&b, "Authorization: Bearer %s", token ? token : "");
+    return sbuf_steal(&b, NULL);
+}
+
 /* A task id is a non-empty string, or an integer some gateways send bare. */
 static char *id_value(const cJSON *v)
 {

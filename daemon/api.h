@@ -33,6 +33,12 @@ struct outcome {
     int64_t retry_after_ms;
 };
 
+/* The gateway URL of `path` ("/v1/video/generations"): base_url without
+ * its trailing slashes, then path. Owned. */
+char *api_url(const char *base_url, const char *path);
+/* "Authorization: Bearer <token>" (token may be NULL). Owned. */
+char *api_auth_header(const char *token);
+
 /* Classify the answer to a submission POST. */
 void api_classify_submit(const struct http_result *res, struct outcome *o);
 void outcome_free(struct outcome *o);

@@ -66,18 +66,10 @@ static void claim(tracker *t);
 
 static void derive(tracker *t)
 {
-    sbuf b;
-    const char *base = t->cfg->base_url;
-    size_t n = strlen(base);
-    while (n > 0 && base[n - 1] == '/')
-        n--;
-    sbuf_init(&b);
-    sbuf_printf(&b, "%.*s/v1/video/generations/", (int)n, base);
     free(t->base);
-    t->base = sbuf_steal(&b, NULL);
-    sbuf_printf(&b, "Authorization: Bearer %s", t->cfg->token ? t->cfg->token : "");
+    t->base = api_url(t->cfg->base_url, "/v1/video/generations/");
     free(t->auth_header);
-    t->auth_header = sbuf_steal(&b, NULL);
+    t->auth_header = api_auth_header(t->cfg->token);
 }
 
 static void poll_free(struct poll *p)

@@ -144,18 +144,10 @@ static void putback(slot *s);
 
 static void derive(worker *w)
 {
-    sbuf b;
-    const char *base = w->cfg->base_url;
-    size_t n = strlen(base);
-    while (n > 0 && base[n - 1] == '/')
-        n--;
-    sbuf_init(&b);
-    sbuf_printf(&b, "%.*s/v1/video/generations", (int)n, base);
     free(w->submit_url);
-    w->submit_url = sbuf_steal(&b, NULL);
-    sbuf_printf(&b, "Authorization: Bearer %s", w->cfg->token ? w->cfg->token : "");
+    w->submit_url = api_url(w->cfg->base_url, "/v1/video/generations");
     free(w->auth_header);
-    w->auth_header = sbuf_steal(&b, NULL);
+    w->auth_header = api_auth_header(w->cfg->token);
 }
 
 /* ---- slots ------------------------------------------------------------ */
