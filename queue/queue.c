@@ -336,6 +336,8 @@ struct call {
     queue_items_fn *items_fn;
     queue_done_fn *done_fn;
     queue_str_fn *str_fn;
+    queue_takeover_fn *takeover_fn;
+    queue_tasks_fn *tasks_fn;
     void *ud;
     int reverse; /* items_fn: deliver array in reverse order */
     int skip;    /* items_fn: leading elements that are not items */
@@ -579,7 +581,7 @@ static struct call *new_call(queue *q, void *ud)
 }
 
 /* Send a command whose callback owns `c` (freed here when it cannot be sent). */
-static int qsend(queue *q, rconn *conn, rconn_reply_fn *rfn, void *c, int argc, const char **argv,
+static int qsend(queue *q, rconn *conn, rconn_reply_fn *rfn, struct call *c, int argc, const char **argv,
                  const size_t *lens)
 {
     if (!q->up || rconn_cmd(conn, rfn, c, argc, argv, lens) != 0) {
@@ -624,7 +626,8 @@ int queue_wait(queue *q, int timeout_s, queue_items_fn *fn, void *ud)
     return qsend(q, q->blk, on_single, c, 6, argv, NULL);
 }
 
-static int recover(queue *q, const char *mode, int poison_limit, int retry_ambiguous, rconn_reply_fn *rfn, void *c)
+static int recover(queue *q, const char *mode, int poison_limit, int retry_ambiguous, rconn_reply_fn *rfn,
+                   struct call *c)
 {
     char maxlen[32], limit[16], now[32];
     snprintf(maxlen, sizeof maxlen, "%ld", q->maxlen);
@@ -649,28 +652,20 @@ int queue_held(queue *q, int recovering, int poison_limit, queue_items_fn *fn, v
     return qsend(q, q->cmd, on_items, c, 4, argv, NULL);
 }
 
-struct takeover_call {
-    queue *q;
-    queue_takeover_fn *fn;
-    void *ud;
-};
-
 static void on_takeover(redisReply *r, void *ud)
 {
-    struct takeover_call *c = ud;
+    struct call *c = ud;
     if (reply_failed(c->q, r) || r->type != REDIS_REPLY_ARRAY || r->elements != 2)
-        c->fn(1, 0, 0, c->ud);
+        c->takeover_fn(1, 0, 0, c->ud);
     else
-        c->fn(0, r->element[0]->integer, r->element[1]->integer, c->ud);
+        c->takeover_fn(0, r->element[0]->integer, r->element[1]->integer, c->ud);
     free(c);
 }
 
 int queue_takeover(queue *q, int poison_limit, int retry_ambiguous, queue_takeover_fn *fn, void *ud)
 {
-    struct takeover_call *c = xcalloc(1, sizeof *c);
-    c->q = q;
-    c->fn = fn;
-    c->ud = ud;
+    struct call *c = new_call(q, ud);
+    c->takeover_fn = fn;
     return recover(q, "others", poison_limit, retry_ambiguous, on_takeover, c);
 }
 
@@ -786,17 +781,11 @@ int queue_record(queue *q, const struct qrecord *r, queue_done_fn *fn, void *ud)
 
 /* ---- tracking ------------------------------------------------------------ */
 
-struct claim_call {
-    queue *q;
-    queue_tasks_fn *fn;
-    void *ud;
-};
-
 static void on_claimed(redisReply *r, void *ud)
 {
-    struct claim_call *c = ud;
+    struct call *c = ud;
     if (reply_failed(c->q, r) || r->type != REDIS_REPLY_ARRAY) {
-        c->fn(1, NULL, 0, c->ud);
+        c->tasks_fn(1, NULL, 0, c->ud);
         free(c);
         return;
     }
@@ -814,7 +803,7 @@ static void on_claimed(redisReply *r, void *ud)
             tasks[k].fields[j] = h->element[j]->type == REDIS_REPLY_STRING ? h->element[j]->str : "";
         k++;
     }
-    c->fn(0, tasks, k, c->ud);
+    c->tasks_fn(0, tasks, k, c->ud);
     for (size_t i = 0; i < k; i++)
         free(tasks[i].fields);
     free(tasks);
@@ -828,15 +817,9 @@ int queue_track_claim(queue *q, unsigned max, int64_t lease_ms, queue_tasks_fn *
     snprintf(n, sizeof n, "%u", max);
     snprintf(lease, sizeof lease, "%lld", (long long)lease_ms);
     const char *argv[] = {"EVALSHA", q->sha[S_CLAIM], "1", q->k_track, now, n, lease, q->prefix};
-    struct claim_call *c = xcalloc(1, sizeof *c);
-    c->q = q;
-    c->fn = fn;
-    c->ud = ud;
-    if (!q->up || rconn_cmd(q->cmd, on_claimed, c, 8, argv, NULL) != 0) {
-        free(c);
-        return -1;
-    }
-    return 0;
+    struct call *c = new_call(q, ud);
+    c->tasks_fn = fn;
+    return qsend(q, q->cmd, on_claimed, c, 8, argv, NULL);
 }
 
 int queue_track_update(queue *q, const struct qtrack *t, queue_done_fn *fn, void *ud)
