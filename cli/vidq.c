@@ -80,29 +80,31 @@ static volatile sig_atomic_t interrupted;
 
 /* ---- messages ------------------------------------------------------------ */
 
-static void die(int status, const char *fmt, ...) __attribute__((noreturn, format(printf, 2, 3)));
-static void die(int status, const char *fmt, ...)
+static void vwarn(const char *fmt, va_list ap)
 {
-    va_list ap;
     fflush(stdout);
     fputs("vidq: ", stderr);
-    va_start(ap, fmt);
     vfprintf(stderr, fmt, ap);
-    va_end(ap);
     fputc('\n', stderr);
-    exit(status);
 }
 
 static void warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void warn(const char *fmt, ...)
 {
     va_list ap;
-    fflush(stdout);
-    fputs("vidq: ", stderr);
     va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
+    vwarn(fmt, ap);
     va_end(ap);
-    fputc('\n', stderr);
+}
+
+static void die(int status, const char *fmt, ...) __attribute__((noreturn, format(printf, 2, 3)));
+static void die(int status, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vwarn(fmt, ap);
+    va_end(ap);
+    exit(status);
 }
 
 /* Append s[0..n) with control characters shown as spaces: text that came
