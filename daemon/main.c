@@ -209,7 +209,10 @@ static void http_opts_from(const struct config *c, struct http_opts *o, const ch
     o->ca_file = c->ca_file;
     o->max_response = MAX_RESPONSE;
     o->user_agent = ua;
-    o->max_connections = c->concurrency + 16;
+    /* Idle connections to keep: one per request that can be out at once,
+     * i.e. submissions, plus as many polls when tracking (tracker.c gives
+     * polls their own budget of submit.concurrency), plus downloads. */
+    o->max_connections = c->concurrency * (c->track_enabled ? 2 : 1) + 16;
 }
 
 /* ---- runtime ------------------------------------------------------------------ */
