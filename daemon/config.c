@@ -21,7 +21,7 @@
 #include <string.h>
 #include <unistd.h>
 
-enum key_type { T_STR, T_DURATION, T_RATE, T_LONG, T_BOOL, T_LEVEL, T_FORMAT };
+enum key_type { T_STR, T_DURATION, T_RATE, T_LONG, T_BOOL, T_LEVEL, T_FORMAT, T_SIZE };
 
 struct key_def {
     const char *name; /* "section.key" */
@@ -37,6 +37,7 @@ static const struct key_def keys[] = {
     {"redis.prefix", T_STR, OFF(prefix), "vidq", 0, 0},
     {"daemon.instance", T_STR, OFF(instance), NULL, 0, 0},
     {"daemon.shutdown_timeout", T_DURATION, OFF(shutdown_timeout_ms), "30s", 0, 0},
+    {"daemon.state_dir", T_STR, OFF(state_dir), "/var/lib/vidq", 0, 0},
     {"api.base_url", T_STR, OFF(base_url), "https://api.ezmodel.cloud", 0, 0},
     {"api.token_file", T_STR, OFF(token_file), NULL, 0, 0},
     {"api.connect_timeout", T_DURATION, OFF(connect_timeout_ms), "10s", 0, 0},
@@ -52,11 +53,15 @@ static const struct key_def keys[] = {
     {"submit.retry_ambiguous", T_BOOL, OFF(retry_ambiguous), "no", 0, 0},
     {"submit.dedup_window", T_DURATION, OFF(dedup_window_ms), "7d", 0, 0},
     {"submit.account_probe_interval", T_DURATION, OFF(account_probe_ms), "30s", 0, 0},
+    {"submit.max_job_bytes", T_SIZE, OFF(max_job_bytes), "16MiB", 0, 0},
     {"track.enabled", T_BOOL, OFF(track_enabled), "no", 0, 0},
     {"track.poll_interval", T_DURATION, OFF(poll_interval_ms), "15s", 0, 0},
     {"track.timeout", T_DURATION, OFF(track_timeout_ms), "24h", 0, 0},
     {"track.download_dir", T_STR, OFF(download_dir), NULL, 0, 0},
+    {"track.download_concurrency", T_LONG, OFF(download_concurrency), "4", 1, 1000},
+    {"track.download_private", T_BOOL, OFF(download_private), "no", 0, 0},
     {"results.maxlen", T_LONG, OFF(results_maxlen), "1000000", 1, LONG_MAX},
+    {"results.batch_ttl", T_DURATION, OFF(batch_ttl_ms), "7d", 0, 0},
     {"metrics.listen", T_STR, OFF(metrics_listen), NULL, 0, 0},
     {"log.level", T_LEVEL, OFF(log_level), "info", 0, 0},
     {"log.format", T_FORMAT, OFF(log_json), "text", 0, 0},
@@ -117,6 +122,30 @@ int parse_rate(const char *s, double *per_second)
     return 0;
 }
 
+int parse_size(const char *s, int64_t *out)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (end == s || errno != 0 || !isfinite(v) || v < 0 || isspace((unsigned char)*s))
+        return -1;
+    static const struct {
+        const char *suffix;
+        double mult;
+    } units[] = {{"", 1}, {"B", 1}, {"k", 1e3}, {"K", 1e3}, {"KB", 1e3}, {"KiB", 1024}, {"M", 1e6}, {"MB", 1e6},
+                 {"MiB", 1048576}, {"G", 1e9}, {"GB", 1e9}, {"GiB", 1073741824}};
+    for (size_t i = 0; i < sizeof units / sizeof units[0]; i++) {
+        if (strcmp(end, units[i].suffix) == 0) {
+            double b = v * units[i].mult;
+            if (b > 9.0e15)
+                return -1;
+            *out = (int64_t)llround(b);
+            return 0;
+        }
+    }
+    return -1;
+}
+
 static int parse_bool(const char *s, int *out)
 {
     static const char *yes[] = {"yes", "true", "on", "1"};
@@ -175,6 +204,11 @@ static int set_value(struct config *c, const struct key_def *k, const char *valu
         if (log_level_parse(value, field) == 0)
             return 0;
         fmt_err(why, whylen, "invalid level \"%s\" (expected debug, info, notice, warning or error)", value);
+        return -1;
+    case T_SIZE:
+        if (parse_size(value, field) == 0)
+            return 0;
+        fmt_err(why, whylen, "invalid size \"%s\" (expected e.g. 512KiB, 16MiB, 1GB, or bytes)", value);
         return -1;
     case T_FORMAT:
         if (strcmp(value, "text") == 0 || strcmp(value, "json") == 0) {
@@ -390,6 +424,27 @@ static int key_error(const struct config *c, const char *name, char *err, size_t
     return -1;
 }
 
+/*
+ * CONTRACT §7: no ':' in a prefix, so "vidq:batch" + ":jobs" can never be the
+ * prefix "vidq" + batch "jobs"; "{...}" around it for a Redis Cluster hash tag.
+ */
+static int prefix_is_valid(const char *p)
+{
+    size_t n = strlen(p);
+    if (n >= 2 && p[0] == '{' && p[n - 1] == '}') {
+        p++;
+        n -= 2;
+    }
+    if (n < 1 || n > 64)
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)p[i];
+        if (!isalnum(ch) && ch != '.' && ch != '_' && ch != '-')
+            return 0;
+    }
+    return 1;
+}
+
 int config_finish(struct config *c, char *err, size_t errlen)
 {
     char why[256];
@@ -397,8 +452,10 @@ int config_finish(struct config *c, char *err, size_t errlen)
     if (rconn_parse_url(c->redis_url, &t, why, sizeof why) != 0)
         return key_error(c, "redis.url", err, errlen, why);
     rconn_target_free(&t);
-    if (c->prefix == NULL || !id_is_valid(c->prefix, strlen(c->prefix)))
-        return key_error(c, "redis.prefix", err, errlen, "must be 1-128 characters of [A-Za-z0-9._:-]");
+    if (c->prefix == NULL || !prefix_is_valid(c->prefix))
+        return key_error(c, "redis.prefix", err, errlen,
+                         "must be 1-64 characters of [A-Za-z0-9._-], optionally inside one {...} (a Redis Cluster "
+                         "hash tag)");
     if (c->instance == NULL) {
         char host[256] = "";
         if (gethostname(host, sizeof host - 1) != 0 || host[0] == '\0')
@@ -417,6 +474,10 @@ int config_finish(struct config *c, char *err, size_t errlen)
         return key_error(c, "submit.backoff_max", err, errlen, "must not be smaller than submit.backoff_base");
     if (c->account_probe_ms < 100)
         return key_error(c, "submit.account_probe_interval", err, errlen, "must be at least 100ms");
+    if (c->max_job_bytes < 1024)
+        return key_error(c, "submit.max_job_bytes", err, errlen, "must be at least 1KiB");
+    if (c->state_dir == NULL || c->state_dir[0] != '/')
+        return key_error(c, "daemon.state_dir", err, errlen, "must be an absolute path");
     if (c->poll_interval_ms < 1000)
         return key_error(c, "track.poll_interval", err, errlen, "must be at least 1s");
     if (c->metrics_listen) {
@@ -516,6 +577,7 @@ void config_dump(const struct config *c, FILE *out)
             break;
         }
         case T_FORMAT: fprintf(out, "%s\n", *(const int *)field ? "json" : "text"); break;
+        case T_SIZE: fprintf(out, "%lld\n", (long long)*(const int64_t *)field); break;
         }
     }
 }

@@ -24,6 +24,7 @@ struct config {
     /* [daemon] */
     char *instance;
     int64_t shutdown_timeout_ms;
+    char *state_dir; /* spool of outcomes Redis would not take at exit */
     /* [api] */
     char *base_url;
     char *token_file;
@@ -41,13 +42,17 @@ struct config {
     int retry_ambiguous;
     int64_t dedup_window_ms;
     int64_t account_probe_ms; /* extension: submit.account_probe_interval */
+    int64_t max_job_bytes;
     /* [track] */
     int track_enabled;
     int64_t poll_interval_ms;
     int64_t track_timeout_ms;
     char *download_dir;
+    long download_concurrency;
+    int download_private; /* allow video URLs on loopback/private addresses */
     /* [results] */
     long results_maxlen;
+    int64_t batch_ttl_ms;
     /* [metrics] */
     char *metrics_listen;
     /* [log] */
@@ -93,6 +98,8 @@ int config_load_token(struct config *c, char *err, size_t errlen);
 int parse_duration_ms(const char *s, int64_t *out);
 /* "10/s", "600/min", "3600/h", a bare number is per second; 0 = unlimited. */
 int parse_rate(const char *s, double *per_second);
+/* "16MiB", "512KiB", "1GB", bare bytes. */
+int parse_size(const char *s, int64_t *out);
 
 /* Write every key with its current value as an INI file (for docs/tests). */
 void config_dump(const struct config *c, FILE *out);

@@ -542,9 +542,17 @@ static void test_finish_errors(void **state)
     expect_finish_error("redis.url=http://x", "key \"redis.url\": unsupported URL \"http://x\"");
     expect_finish_error("redis.url=redis://h:0", "key \"redis.url\": invalid port");
     expect_finish_error("redis.url=", "key \"redis.url\": ");
-    expect_finish_error("redis.prefix=a b", "key \"redis.prefix\": must be 1-128 characters of [A-Za-z0-9._:-]");
-    expect_finish_error("redis.prefix=vidq/x", "key \"redis.prefix\": must be 1-128 characters of [A-Za-z0-9._:-]");
-    expect_finish_error("redis.prefix=", "key \"redis.prefix\": must be 1-128 characters of [A-Za-z0-9._:-]");
+    expect_finish_error("redis.prefix=a b", "key \"redis.prefix\": must be 1-64 characters of [A-Za-z0-9._-]");
+    expect_finish_error("redis.prefix=vidq/x", "key \"redis.prefix\": must be 1-64 characters of [A-Za-z0-9._-]");
+    expect_finish_error("redis.prefix=", "key \"redis.prefix\": must be 1-64 characters of [A-Za-z0-9._-]");
+    /* "vidq:batch" + ":jobs" would be prefix "vidq" + batch "jobs" (CONTRACT §7) */
+    expect_finish_error("redis.prefix=vidq:batch", "key \"redis.prefix\": must be 1-64 characters of [A-Za-z0-9._-]");
+    expect_finish_error("redis.prefix=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+                        "key \"redis.prefix\": must be 1-64 characters");
+    expect_finish_error("redis.prefix={}", "key \"redis.prefix\": must be 1-64 characters");
+    expect_finish_error("redis.prefix={a}b}", "key \"redis.prefix\": must be 1-64 characters");
+    expect_finish_error("submit.max_job_bytes=10", "key \"submit.max_job_bytes\": must be at least 1KiB");
+    expect_finish_error("daemon.state_dir=relative/dir", "key \"daemon.state_dir\": must be an absolute path");
     expect_finish_error("daemon.instance=a b", "key \"daemon.instance\": must be 1-128 characters of [A-Za-z0-9._:-]");
     expect_finish_error("api.base_url=ftp://x", "key \"api.base_url\": must start with http:// or https://");
     expect_finish_error("api.base_url=api.ezmodel.cloud", "key \"api.base_url\": must start with http:// or https://");
@@ -584,7 +592,7 @@ static void test_finish_error_names_file_line(void **state)
     path = temp_file("[redis]\n\nprefix = \"bad prefix\"\n");
     assert_int_equal(config_load_file(&c, path, 1, err, sizeof err), 0);
     assert_int_equal(config_finish(&c, err, sizeof err), -1);
-    snprintf(want, sizeof want, "%s:3: key \"redis.prefix\": must be 1-128 characters of [A-Za-z0-9._:-]", path);
+    snprintf(want, sizeof want, "%s:3: key \"redis.prefix\": must be 1-64 characters of [A-Za-z0-9._-], optionally inside one {...} (a Redis Cluster hash tag)", path);
     assert_string_equal(err, want);
     config_free(&c);
     drop_file(path);
@@ -897,6 +905,41 @@ static void expect_url_error(const char *url, const char *want_prefix)
     assert_null(t.pass);
 }
 
+static void test_parse_size(void **state)
+{
+    int64_t v = 0;
+    (void)state;
+    assert_int_equal(parse_size("16MiB", &v), 0);
+    assert_int_equal(v, 16 * 1048576);
+    assert_int_equal(parse_size("512KiB", &v), 0);
+    assert_int_equal(v, 512 * 1024);
+    assert_int_equal(parse_size("1GB", &v), 0);
+    assert_int_equal(v, 1000000000);
+    assert_int_equal(parse_size("4096", &v), 0);
+    assert_int_equal(v, 4096);
+    assert_int_equal(parse_size("16 MiB", &v), -1);
+    assert_int_equal(parse_size("-1", &v), -1);
+    assert_int_equal(parse_size("1e300", &v), -1);
+    assert_int_equal(parse_size("inf", &v), -1);
+    assert_int_equal(parse_size("12XB", &v), -1);
+}
+
+static void test_prefix_hash_tag(void **state)
+{
+    struct config c;
+    char err[512];
+    (void)state;
+    config_init(&c);
+    assert_int_equal(config_override(&c, "redis.prefix={vidq}", err, sizeof err), 0);
+    assert_int_equal(config_finish(&c, err, sizeof err), 0);
+    assert_int_equal(config_override(&c, "redis.prefix=vidq.prod_2-x", err, sizeof err), 0);
+    assert_int_equal(config_finish(&c, err, sizeof err), 0);
+    assert_int_equal(c.max_job_bytes, 16 * 1048576);
+    assert_int_equal(c.download_concurrency, 4);
+    assert_string_equal(c.state_dir, "/var/lib/vidq");
+    config_free(&c);
+}
+
 static void test_redis_url_tcp(void **state)
 {
     (void)state;
@@ -1000,6 +1043,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_token_from_env, token_setup, token_teardown),
         cmocka_unit_test_setup_teardown(test_token_precedence, token_setup, token_teardown),
         cmocka_unit_test_setup_teardown(test_token_errors, token_setup, token_teardown),
+        cmocka_unit_test(test_parse_size),
+        cmocka_unit_test(test_prefix_hash_tag),
         cmocka_unit_test(test_redis_url_tcp),
         cmocka_unit_test(test_redis_url_unix),
         cmocka_unit_test(test_redis_url_errors),
