@@ -7,6 +7,7 @@
 #include <cjson/cJSON.h>
 #include <math.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -239,17 +240,96 @@ static void check_duration(struct job *j, const cJSON *obj)
     }
 }
 
-/* Duplicate keys would let the API and vidqd read different values. */
+/*
+ * Duplicate keys would let the API and vidqd read different values.
+ *
+ * Linear-ish, never quadratic: the top-level keys (decoded, as cJSON holds
+ * them) are put in an array with a 64-bit hash each and merge-sorted by
+ * (hash, key); equal keys end up adjacent. Merge sort is O(n log n)
+ * comparisons whatever the input, and the hash only speeds comparisons up:
+ * colliding hashes (even all of them, if someone crafts them) fall back to
+ * strcmp, so no input is pathological and no secret seed is needed.
+ * The sort is stable, so within a run of equal keys the first entry is the
+ * key's first occurrence; the reported key is the one whose first occurrence
+ * comes first, as the old pairwise scan reported it.
+ */
+struct keyref {
+    uint64_t hash;
+    const char *key;
+    size_t idx; /* member position in the object */
+};
+
+static uint64_t key_hash(const char *s)
+{
+    uint64_t h = 0xcbf29ce484222325ULL; /* FNV-1a */
+    for (; *s; s++)
+        h = (h ^ (unsigned char)*s) * 0x100000001b3ULL;
+    return h;
+}
+
+static int keyref_cmp(const struct keyref *a, const struct keyref *b)
+{
+    if (a->hash != b->hash)
+        return a->hash < b->hash ? -1 : 1;
+    return strcmp(a->key, b->key);
+}
+
+/* Stable bottom-up merge sort of a[0..n) using tmp[0..n). */
+static void keyref_sort(struct keyref *a, struct keyref *tmp, size_t n)
+{
+    struct keyref *src = a, *dst = tmp;
+    for (size_t width = 1; width < n; width *= 2) {
+        for (size_t lo = 0; lo < n; lo += 2 * width) {
+            size_t mid = lo + width < n ? lo + width : n;
+            size_t hi = mid + width < n ? mid + width : n;
+            size_t i = lo, k = mid, o = lo;
+            while (i < mid && k < hi)
+                dst[o++] = keyref_cmp(&src[k], &src[i]) < 0 ? src[k++] : src[i++];
+            while (i < mid)
+                dst[o++] = src[i++];
+            while (k < hi)
+                dst[o++] = src[k++];
+        }
+        struct keyref *t = src;
+        src = dst;
+        dst = t;
+    }
+    if (src != a)
+        memcpy(a, src, n * sizeof *a);
+}
+
 static void check_duplicates(struct job *j, const cJSON *obj)
 {
-    for (const cJSON *a = obj->child; a; a = a->next) {
-        for (const cJSON *b = a->next; b; b = b->next) {
-            if (strcmp(a->string, b->string) == 0) {
-                set_error(j, "duplicate key \"%s\"", a->string);
-                return;
+    size_t n = 0;
+    for (const cJSON *m = obj->child; m; m = m->next)
+        n++;
+    if (n < 2)
+        return;
+    struct keyref *a = xmalloc(2 * n * sizeof *a);
+    size_t i = 0;
+    for (const cJSON *m = obj->child; m; m = m->next, i++) {
+        a[i].hash = key_hash(m->string);
+        a[i].key = m->string;
+        a[i].idx = i;
+    }
+    keyref_sort(a, a + n, n);
+    const char *dup = NULL;
+    size_t dup_idx = SIZE_MAX;
+    for (i = 1; i < n; i++) {
+        /* a[i] repeats a[i - 1]: the run's first entry is the first occurrence */
+        if (a[i].hash == a[i - 1].hash && strcmp(a[i].key, a[i - 1].key) == 0) {
+            size_t first = i - 1;
+            while (i + 1 < n && a[i + 1].hash == a[first].hash && strcmp(a[i + 1].key, a[first].key) == 0)
+                i++;
+            if (a[first].idx < dup_idx) {
+                dup_idx = a[first].idx;
+                dup = a[first].key;
             }
         }
     }
+    if (dup)
+        set_error(j, "duplicate key \"%s\"", dup);
+    free(a);
 }
 
 static void validate(struct job *j, const cJSON *obj, const char *default_model)
