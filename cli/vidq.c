@@ -833,7 +833,7 @@ static char *job_from_json(const struct submit *s, const char *line, size_t len,
     cJSON *obj = cJSON_ParseWithLengthOpts(line, len, &end, 0);
     if (obj == NULL || !cJSON_IsObject(obj) || json_skip_ws(end, line + len) != line + len) {
         struct job j;
-        job_parse(&j, line, len, NULL); /* the daemon's words for what is wrong */
+        job_parse(&j, line, len, NULL, (size_t)g.cfg.max_job_bytes); /* the daemon's words for what is wrong */
         char *err = xstrdup(j.error ? j.error : "not a JSON object");
         job_free(&j);
         cJSON_Delete(obj);
@@ -879,11 +879,11 @@ static void submit_line(struct submit *s, const char *line, size_t len, size_t l
     }
     if (err == NULL) {
         struct job j;
-        job_parse(&j, job.buf, job.len, g.cfg.default_model);
+        job_parse(&j, job.buf, job.len, g.cfg.default_model, (size_t)g.cfg.max_job_bytes);
         if (j.error && strncmp(j.error, "invalid JSON", 12) == 0 && *p == '{') {
             /* A byte offset must point into the line as written. */
             job_free(&j);
-            job_parse(&j, line, len, g.cfg.default_model);
+            job_parse(&j, line, len, g.cfg.default_model, (size_t)g.cfg.max_job_bytes);
         }
         if (j.error)
             err = xstrdup(j.error);

@@ -367,7 +367,15 @@ struct scan {
     int depth;
 };
 
-#define MAX_DEPTH 512
+/*
+ * The scanner recurses once per container level, so the depth is capped
+ * (JOB_MAX_DEPTH, job.h): 512 levels is far more than any real job needs,
+ * costs well under 100 KB of stack, and stays below cJSON's own limit
+ * (CJSON_NESTING_LIMIT, 1000), so whatever passes the scan cJSON can hold.
+ */
+#define STR_(x) #x
+#define STR(x) STR_(x)
+_Static_assert(JOB_MAX_DEPTH < CJSON_NESTING_LIMIT, "the scanner must refuse what cJSON cannot parse");
 
 static int scan_fail(struct scan *c, const char *why)
 {
@@ -475,8 +483,8 @@ static int scan_value(struct scan *c);
 
 static int scan_container(struct scan *c, char close)
 {
-    if (++c->depth > MAX_DEPTH)
-        return scan_fail(c, "nesting too deep");
+    if (++c->depth > JOB_MAX_DEPTH)
+        return scan_fail(c, "nesting deeper than " STR(JOB_MAX_DEPTH) " levels");
     c->i++; /* '{' or '[' */
     scan_ws(c);
     if (c->i < c->len && c->s[c->i] == close) {
@@ -557,11 +565,16 @@ static long strict_json(const char *s, size_t len, const char **why)
     return (long)c.i;
 }
 
-void job_parse(struct job *j, const char *raw, size_t len, const char *default_model)
+void job_parse(struct job *j, const char *raw, size_t len, const char *default_model, size_t max_bytes)
 {
     memset(j, 0, sizeof *j);
     j->raw = xstrndup(raw, len);
     j->raw_len = len;
+    if (max_bytes > 0 && len > max_bytes) {
+        /* Before any parsing: a huge job costs no scan, no cJSON tree. */
+        set_error(j, "job is %zu bytes, larger than submit.max_job_bytes (%zu)", len, max_bytes);
+        return;
+    }
     const char *nul = memchr(raw, '\0', len);
     if (nul) {
         set_error(j, "invalid JSON at byte %zu: NUL byte", (size_t)(nul - raw));

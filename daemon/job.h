@@ -32,8 +32,15 @@ struct job {
  * invalid, `error` says exactly why and job_id/batch/meta are still taken
  * when they are themselves valid, so the failure event can carry them.
  * `default_model` (api.default_model) may be NULL.
+ *
+ * `max_bytes` is submit.max_job_bytes (CONTRACT §2): a longer job is
+ * invalid ("job is N bytes, larger than submit.max_job_bytes (M)") without
+ * being parsed; 0 means no cap. Validation is linear in `len` otherwise
+ * (duplicate keys are found by sorting, O(n log n)); containers may nest
+ * JOB_MAX_DEPTH levels deep at most.
  */
-void job_parse(struct job *j, const char *raw, size_t len, const char *default_model);
+#define JOB_MAX_DEPTH 512
+void job_parse(struct job *j, const char *raw, size_t len, const char *default_model, size_t max_bytes);
 void job_free(struct job *j);
 
 /* Skip JSON whitespace (space, tab, CR, LF) in [p, end). */

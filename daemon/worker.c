@@ -748,7 +748,7 @@ static slot *slot_new(worker *w, const char *held, size_t len, int maybe_sent)
         raw = held;
         raw_len = len;
     }
-    job_parse(&s->job, raw, raw_len, w->cfg->default_model);
+    job_parse(&s->job, raw, raw_len, w->cfg->default_model, (size_t)w->cfg->max_job_bytes);
     if (env_id && s->job.job_id == NULL)
         s->job.job_id = env_id; /* keep the id a first attempt assigned */
     else

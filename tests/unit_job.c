@@ -19,11 +19,14 @@
 
 /* ---- helpers ------------------------------------------------------------ */
 
-#define PARSE_LIT(j, lit, dm) job_parse((j), (lit), sizeof(lit) - 1, (dm))
+/* submit.max_job_bytes' default (CONTRACT §2) */
+#define MAX_JOB ((size_t)16 << 20)
+
+#define PARSE_LIT(j, lit, dm) job_parse((j), (lit), sizeof(lit) - 1, (dm), MAX_JOB)
 
 static void parse_str(struct job *j, const char *s, const char *dm)
 {
-    job_parse(j, s, strlen(s), dm);
+    job_parse(j, s, strlen(s), dm, MAX_JOB);
 }
 
 /* A valid job: no error, the exact body, is_json set. */
@@ -48,7 +51,7 @@ static void expect_body(const char *in, const char *dm, const char *body)
 static void expect_error_n(const char *in, size_t n, const char *dm, const char *msg, int is_json)
 {
     struct job j;
-    job_parse(&j, in, n, dm);
+    job_parse(&j, in, n, dm, MAX_JOB);
     if (j.error == NULL)
         print_error("expected an error for %.*s, got body %s\n", (int)n, in, j.body ? j.body : "(null)");
     assert_non_null(j.error);
@@ -152,7 +155,7 @@ static void test_image_base64(void **state)
     sbuf_puts(&in, "==\",\"model\":\"m\"}");
     sbuf_puts(&want, "==\",\"model\":\"m\"}");
     struct job j;
-    job_parse(&j, in.buf, in.len, NULL);
+    job_parse(&j, in.buf, in.len, NULL, MAX_JOB);
     assert_null(j.error);
     assert_int_equal(j.body_len, want.len);
     assert_memory_equal(j.body, want.buf, want.len);
@@ -528,6 +531,41 @@ static void test_duplicate_keys(void **state)
     job_free(&j);
 }
 
+/* submit.max_job_bytes: a longer job is refused before it is parsed, with
+ * both sizes; exactly the cap is fine; 0 means no cap. */
+static void test_size_cap(void **state)
+{
+    (void)state;
+    static const char in[] = "{\"model\":\"m\",\"prompt\":\"p\"}"; /* 26 bytes */
+    struct job j;
+    job_parse(&j, in, sizeof in - 1, NULL, sizeof in - 2);
+    assert_string_equal(j.error, "job is 26 bytes, larger than submit.max_job_bytes (25)");
+    assert_null(j.body);
+    assert_int_equal(j.is_json, 0);
+    assert_int_equal(j.raw_len, sizeof in - 1); /* the dead entry still gets the bytes */
+    assert_memory_equal(j.raw, in, sizeof in - 1);
+    job_free(&j);
+    job_parse(&j, in, sizeof in - 1, NULL, sizeof in - 1);
+    assert_null(j.error);
+    job_free(&j);
+    job_parse(&j, in, sizeof in - 1, NULL, 0);
+    assert_null(j.error);
+    job_free(&j);
+    /* checked before anything else: not even the NUL byte is looked at */
+    job_parse(&j, "{\"a\":\0}", 7, NULL, 6);
+    assert_string_equal(j.error, "job is 7 bytes, larger than submit.max_job_bytes (6)");
+    job_free(&j);
+
+    /* the contract's example: 17 MiB against the 16 MiB default */
+    size_t n = (size_t)17 << 20;
+    char *big = xmalloc(n);
+    memset(big, ' ', n);
+    job_parse(&j, big, n, NULL, MAX_JOB);
+    assert_string_equal(j.error, "job is 17825792 bytes, larger than submit.max_job_bytes (16777216)");
+    job_free(&j);
+    free(big);
+}
+
 static void test_invalid_keeps_ids(void **state)
 {
     (void)state;
@@ -652,7 +690,7 @@ static const char interesting[] = "{}[]\",:\\ \t\n0123456789-+.eE\"tfnu\x01\x7f\
 /* The invariant every input must keep: a verdict, never both or neither. */
 static void check_verdict(const char *buf, size_t n, const char *dm, struct job *j)
 {
-    job_parse(j, buf, n, dm);
+    job_parse(j, buf, n, dm, MAX_JOB);
     if ((j->error == NULL) == (j->body == NULL))
         print_error("input %.*s: error=%s body=%s\n", (int)n, buf, j->error ? j->error : "(null)",
                     j->body ? j->body : "(null)");
@@ -770,7 +808,7 @@ static void test_fuzz_body_is_the_job(void **state)
         mutate(buf, &n, cap);
         const char *dm = (it % 4 == 1) ? "dflt" : NULL;
         struct job j;
-        job_parse(&j, buf, n, dm);
+        job_parse(&j, buf, n, dm, MAX_JOB);
         if (j.body) {
             cJSON *job = cJSON_ParseWithLength(buf, n);
             const char *bend = NULL;
@@ -964,6 +1002,7 @@ int main(void)
         cmocka_unit_test(test_job_id_escaped_nul),
         cmocka_unit_test(test_batch_rules),
         cmocka_unit_test(test_duplicate_keys),
+        cmocka_unit_test(test_size_cap),
         cmocka_unit_test(test_invalid_keeps_ids),
         cmocka_unit_test(test_invalid_keeps_meta_exact),
         cmocka_unit_test(test_control_characters),

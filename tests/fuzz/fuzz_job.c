@@ -15,7 +15,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     struct job j;
-    job_parse(&j, (const char *)data, size, size % 2 ? "default-model" : NULL);
+    job_parse(&j, (const char *)data, size, size % 2 ? "default-model" : NULL, size % 3 ? 0 : 4096);
     if (j.error == NULL) {
         for (size_t i = 0; i < j.body_len; i++) {
             unsigned char c = (unsigned char)j.body[i];
