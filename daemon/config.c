@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/stat.h>
 
 enum key_type { T_STR, T_DURATION, T_RATE, T_LONG, T_BOOL, T_LEVEL, T_FORMAT, T_SIZE };
 
@@ -493,13 +494,33 @@ int config_finish(struct config *c, char *err, size_t errlen)
 }
 
 /* Read a token file: the first line, surrounding whitespace removed. */
+/* Set by read_token() when the token file is open to group or others. */
+static char token_warning[512];
+
+const char *config_token_warning(void)
+{
+    return token_warning[0] ? token_warning : NULL;
+}
+
 static int read_token(const char *path, char **out, char *err, size_t errlen)
 {
+    token_warning[0] = '\0';
     FILE *f = fopen(path, "r");
     if (f == NULL) {
         fmt_err(err, errlen, "cannot read API token file %s: %s", path, strerror(errno));
         return -1;
     }
+    /*
+     * A token file others can read leaks a key that spends money. Only a
+     * warning: refusing would stop a running service at its next SIGHUP, and
+     * the operator may share it with a group on purpose. fstat on the open
+     * file, so the mode checked is the mode of the file actually read.
+     */
+    struct stat st;
+    if (fstat(fileno(f), &st) == 0 && (st.st_mode & (S_IRWXG | S_IRWXO)) != 0)
+        snprintf(token_warning, sizeof token_warning,
+                 "API token file %s is accessible to %s (mode %04o); chmod 600 it", path,
+                 (st.st_mode & S_IRWXO) ? "other users" : "its group", (unsigned)(st.st_mode & 07777));
     char *line = NULL;
     size_t cap = 0;
     ssize_t n = getline(&line, &cap, f);

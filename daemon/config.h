@@ -93,6 +93,11 @@ int config_finish(struct config *c, char *err, size_t errlen);
  * with a message when none is set or the file cannot be read.
  */
 int config_load_token(struct config *c, char *err, size_t errlen);
+/*
+ * After config_load_token(): a warning to log when the token file it read is
+ * accessible to group or others, else NULL. Refers to the last file read.
+ */
+const char *config_token_warning(void);
 
 /* "30s", "250ms", "5m", "1.5h", "7d"; a bare number is seconds. */
 int parse_duration_ms(const char *s, int64_t *out);
