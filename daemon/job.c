@@ -61,13 +61,44 @@ const char *json_skip_ws(const char *p, const char *end)
     return p;
 }
 
+/*
+ * How many bytes of p[0..n) hold no '"', no '\\' and no control byte: the
+ * run a string scan may jump over. Eight bytes at a time (the classic
+ * "has a zero byte" / "has a byte less than" tests, exact as to whether
+ * some byte matches), so a 16 MiB base64 image is not walked byte by byte.
+ */
+static size_t plain_run(const char *p, size_t n)
+{
+    const uint64_t ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;
+    size_t i = 0;
+    while (n - i >= 8) {
+        uint64_t x, q, b;
+        memcpy(&x, p + i, 8);
+        q = x ^ (ones * '"');
+        b = x ^ (ones * '\\');
+        if ((((q - ones) & ~q) | ((b - ones) & ~b) | ((x - ones * 0x20) & ~x)) & highs)
+            break;
+        i += 8;
+    }
+    while (i < n) {
+        unsigned char ch = (unsigned char)p[i];
+        if (ch == '"' || ch == '\\' || ch < 0x20)
+            break;
+        i++;
+    }
+    return i;
+}
+
 static const char *skip_string(const char *p, const char *end)
 {
     p++; /* opening quote */
-    while (p < end && *p != '"') {
+    while (p < end) {
+        p += plain_run(p, (size_t)(end - p));
+        if (p >= end || *p == '"')
+            break;
         if (*p == '\\')
             p++;
-        p++;
+        p++; /* an escape's second byte, or a control byte cJSON let through */
     }
     return p < end ? p + 1 : end;
 }
@@ -399,6 +430,9 @@ static int scan_string(struct scan *c)
 {
     c->i++; /* opening quote */
     while (c->i < c->len) {
+        c->i += plain_run(c->s + c->i, c->len - c->i);
+        if (c->i >= c->len)
+            break;
         unsigned char ch = (unsigned char)c->s[c->i];
         if (ch == '"') {
             c->i++;
