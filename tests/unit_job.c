@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "job.h"
 #include "util.h"
@@ -665,6 +666,277 @@ static void test_non_rfc_numbers(void **state)
     }
 }
 
+/* ---- hostile sizes (CONTRACT §2: validation is linear in the job's size) --
+ * Each case checks the verdict exactly; the time is only printed, as a TAP
+ * diagnostic, never asserted (shared machines are noisy). */
+
+static double clock_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+static void timed_parse(const char *label, struct job *j, const sbuf *in)
+{
+    double t0 = clock_ms();
+    job_parse(j, in->buf, in->len, NULL, MAX_JOB);
+    double ms = clock_ms() - t0;
+    printf("# %-40s %9zu bytes %9.2f ms %8.2f ms/MiB  %s\n", label, in->len, ms, ms / ((double)in->len / 1048576.0),
+           j->error ? j->error : "valid");
+    fflush(stdout);
+}
+
+/* {"model":"m","prompt":"p","k000000":0,...} with n keys; `inner` puts them
+ * in a nested "metadata" object instead of at the top level. */
+static void many_keys(sbuf *b, size_t n, int inner)
+{
+    sbuf_init(b);
+    sbuf_puts(b, inner ? "{\"model\":\"m\",\"prompt\":\"p\",\"metadata\":{\"first\":0" : "{\"model\":\"m\",\"prompt\":\"p\"");
+    for (size_t i = 0; i < n; i++)
+        sbuf_printf(b, ",\"k%06zu\":%zu", i, i);
+}
+
+static void expect_valid_passthrough(struct job *j, const sbuf *in)
+{
+    if (j->error)
+        print_error("unexpected error: %s\n", j->error);
+    assert_null(j->error);
+    /* nothing reserved: the body is the job, byte for byte */
+    assert_int_equal(j->body_len, in->len);
+    assert_memory_equal(j->body, in->buf, in->len);
+}
+
+/* The cases of the incident: 40,000 keys (430 KB, 3.6 s before) and the
+ * 1.2 MB job (~30 s before), then 100,000 keys at the top and nested. */
+static void test_hostile_many_keys(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *label;
+        size_t n;
+        int inner;
+    } cases[] = {
+        {"40,000 top-level keys", 40000, 0},
+        {"110,000 top-level keys", 110000, 0},
+        {"100,000 top-level keys", 100000, 0},
+        {"100,000 keys in metadata", 100000, 1},
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        sbuf in;
+        struct job j;
+        many_keys(&in, cases[c].n, cases[c].inner);
+        sbuf_puts(&in, cases[c].inner ? "}}" : "}");
+        timed_parse(cases[c].label, &j, &in);
+        expect_valid_passthrough(&j, &in);
+        job_free(&j);
+        sbuf_free(&in);
+    }
+}
+
+/* A duplicate at the very end of a 1 MiB+ job is still found, and named;
+ * the first key that repeats is the one reported, wherever its repeat is. */
+static void test_hostile_duplicate_at_end(void **state)
+{
+    (void)state;
+    sbuf in;
+    struct job j;
+    many_keys(&in, 100000, 0);
+    sbuf_puts(&in, ",\"k099999\":1}"); /* repeats the key just before it */
+    assert_true(in.len > 1048576);
+    timed_parse("1 MiB+, last key repeats the one before", &j, &in);
+    assert_string_equal(j.error, "duplicate key \"k099999\"");
+    assert_null(j.body);
+    job_free(&j);
+    sbuf_free(&in);
+
+    many_keys(&in, 100000, 0);
+    sbuf_puts(&in, ",\"k099999\":1,\"k000007\":1}"); /* k000007 occurs first */
+    timed_parse("1 MiB+, two keys repeat at the end", &j, &in);
+    assert_string_equal(j.error, "duplicate key \"k000007\"");
+    job_free(&j);
+    sbuf_free(&in);
+
+    /* keys are compared decoded: "\u006b000042" is "k000042" */
+    many_keys(&in, 100000, 0);
+    sbuf_puts(&in, ",\"\\u006b000042\":1}");
+    timed_parse("1 MiB+, escaped repeat at the end", &j, &in);
+    assert_string_equal(j.error, "duplicate key \"k000042\"");
+    job_free(&j);
+    sbuf_free(&in);
+
+    /* a nested object is the producer's business: passed through untouched */
+    many_keys(&in, 100000, 1);
+    sbuf_puts(&in, ",\"k000000\":1}}");
+    timed_parse("1 MiB+, repeat inside metadata", &j, &in);
+    expect_valid_passthrough(&j, &in);
+    job_free(&j);
+    sbuf_free(&in);
+}
+
+/* The largest job the default cap allows: a base64 image just under it. */
+static void test_hostile_16mib_image(void **state)
+{
+    (void)state;
+    static const char b64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    static const char head[] = "{\"model\":\"m\",\"prompt\":\"p\",\"image\":\"data:image/png;base64,";
+    sbuf in;
+    struct job j;
+    sbuf_init(&in);
+    sbuf_reserve(&in, MAX_JOB);
+    sbuf_puts(&in, head);
+    while (in.len < MAX_JOB - 3)
+        sbuf_putc(&in, b64[(in.len * 7) % 64]);
+    sbuf_puts(&in, "=\"}");
+    assert_int_equal(in.len, MAX_JOB);
+    timed_parse("16 MiB base64 image (at the cap)", &j, &in);
+    expect_valid_passthrough(&j, &in);
+    job_free(&j);
+
+    /* one byte more is over the cap, and refused unparsed */
+    sbuf_putc(&in, ' ');
+    timed_parse("16 MiB + 1 byte", &j, &in);
+    assert_string_equal(j.error, "job is 16777217 bytes, larger than submit.max_job_bytes (16777216)");
+    job_free(&j);
+    sbuf_free(&in);
+}
+
+/* 10,000 levels of arrays or objects: refused at the first level too many,
+ * by a scanner whose recursion is bounded (no stack overflow). */
+static void test_hostile_deep_nesting(void **state)
+{
+    (void)state;
+    char want[128];
+    for (int objects = 0; objects < 2; objects++) {
+        static const char head[] = "{\"model\":\"m\",\"prompt\":\"p\",\"x\":";
+        const char *open = objects ? "{\"a\":" : "[";
+        sbuf in;
+        struct job j;
+        size_t at = 0;
+        sbuf_init(&in);
+        sbuf_puts(&in, head);
+        for (int d = 1; d <= 10000; d++) {
+            if (d == JOB_MAX_DEPTH) /* the top-level object is level 1 */
+                at = in.len;
+            sbuf_puts(&in, open);
+        }
+        sbuf_puts(&in, "0");
+        for (int d = 0; d < 10000; d++)
+            sbuf_putc(&in, objects ? '}' : ']');
+        sbuf_putc(&in, '}');
+        timed_parse(objects ? "10,000 nested objects" : "10,000 nested arrays", &j, &in);
+        snprintf(want, sizeof want, "invalid JSON at byte %zu: nesting deeper than %d levels", at, JOB_MAX_DEPTH);
+        assert_string_equal(j.error, want);
+        assert_null(j.body);
+        job_free(&j);
+        sbuf_free(&in);
+    }
+
+    /* JOB_MAX_DEPTH levels exactly are fine, and meta keeps them as written */
+    sbuf in, meta;
+    struct job j;
+    sbuf_init(&in);
+    sbuf_init(&meta);
+    for (int d = 1; d < JOB_MAX_DEPTH; d++)
+        sbuf_puts(&meta, d % 2 ? "[" : "{\"a\":");
+    sbuf_puts(&meta, "-1e999");
+    for (int d = JOB_MAX_DEPTH - 1; d >= 1; d--)
+        sbuf_putc(&meta, d % 2 ? ']' : '}');
+    sbuf_printf(&in, "{\"model\":\"m\",\"prompt\":\"p\",\"meta\":%s}", meta.buf);
+    timed_parse("meta 512 levels deep", &j, &in);
+    assert_null(j.error);
+    assert_string_equal(j.meta, meta.buf);
+    assert_string_equal(j.body, "{\"model\":\"m\",\"prompt\":\"p\"}");
+    job_free(&j);
+    sbuf_free(&in);
+    sbuf_free(&meta);
+}
+
+/* 1 MiB strings made of escapes: \uXXXX (surrogate pairs included), the
+ * short escapes, and a key that long. */
+static void test_hostile_escapes(void **state)
+{
+    (void)state;
+    static const char unit[] = "\\u00e9\\ud83d\\udc15\\n\\\"\\\\\\/\\t\\u4e2d ";
+    sbuf in;
+    struct job j;
+    sbuf_init(&in);
+    sbuf_puts(&in, "{\"model\":\"m\",\"prompt\":\"");
+    while (in.len < 1048576)
+        sbuf_puts(&in, unit);
+    sbuf_puts(&in, "\",\"negative_prompt\":\"");
+    while (in.len < 2 * 1048576)
+        sbuf_puts(&in, "\\u0041\\u00DF");
+    sbuf_puts(&in, "\",\"");
+    while (in.len < 3 * 1048576)
+        sbuf_puts(&in, "\\u006b");
+    sbuf_puts(&in, "\":1}");
+    timed_parse("3 MiB of escapes (2 values, 1 key)", &j, &in);
+    expect_valid_passthrough(&j, &in);
+    job_free(&j);
+
+    /* a lone surrogate 1 MiB in is refused (cJSON cannot decode it) */
+    in.len -= 4;
+    sbuf_puts(&in, "\\ud800\":1}");
+    timed_parse("3 MiB, lone surrogate at the end", &j, &in);
+    assert_string_equal(j.error, "invalid JSON: cannot be parsed");
+    job_free(&j);
+    sbuf_free(&in);
+
+    /* and a bad escape at the very end is found and placed */
+    sbuf_init(&in);
+    sbuf_puts(&in, "{\"model\":\"m\",\"prompt\":\"");
+    while (in.len < 1048576)
+        sbuf_puts(&in, unit);
+    size_t at = in.len;
+    sbuf_puts(&in, "\\x\"}");
+    timed_parse("1 MiB of escapes, bad one at the end", &j, &in);
+    char want[80];
+    snprintf(want, sizeof want, "invalid JSON at byte %zu: bad escape in a string", at);
+    assert_string_equal(j.error, want);
+    job_free(&j);
+    sbuf_free(&in);
+}
+
+/* meta is echoed raw: what a double cannot hold stays as the producer wrote
+ * it (never re-encoded through cJSON). */
+static void test_meta_raw_text(void **state)
+{
+    (void)state;
+    static const char *const metas[] = {
+        "1e999",
+        "-1e999",
+        "123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890",
+        "-0.000000000000000000000000000000000000000000000000000000000000000000000000000000001e-400",
+        "[1e999,-1e999,18446744073709551617,-9223372036854775809,1E+2,-0,0.10]",
+        "{\"a\":{\"b\":[\"\\u00e9\\ud83d\\udc15\",\"\\/\"],\"c\":{}},\"d\":[]}",
+        "\"\\u0041 \xc3\xa9 \\\"x\\\"\"",
+        "  {\"spaced\" : [ 1 , 2 ] }  ",
+    };
+    for (size_t i = 0; i < sizeof metas / sizeof metas[0]; i++) {
+        sbuf in;
+        struct job j;
+        sbuf_init(&in);
+        sbuf_printf(&in, "{\"model\":\"m\",\"prompt\":\"p\",\"meta\":%s,\"x\":%s}", metas[i], metas[i]);
+        job_parse(&j, in.buf, in.len, NULL, MAX_JOB);
+        if (j.error)
+            print_error("meta %s: %s\n", metas[i], j.error);
+        assert_null(j.error);
+        /* the span of the value: what lies between ':' and ',' minus JSON whitespace */
+        const char *s = metas[i], *e = s + strlen(s);
+        while (*s == ' ')
+            s++;
+        while (e > s && e[-1] == ' ')
+            e--;
+        assert_int_equal(strlen(j.meta), (size_t)(e - s));
+        assert_memory_equal(j.meta, s, (size_t)(e - s));
+        /* and the same value reaches the API as written */
+        assert_non_null(memmem(j.body, j.body_len, s, (size_t)(e - s)));
+        job_free(&j);
+        sbuf_free(&in);
+    }
+}
+
 /* ---- robustness ----------------------------------------------------------- */
 
 static uint64_t rng;
@@ -1005,6 +1277,12 @@ int main(void)
         cmocka_unit_test(test_size_cap),
         cmocka_unit_test(test_invalid_keeps_ids),
         cmocka_unit_test(test_invalid_keeps_meta_exact),
+        cmocka_unit_test(test_hostile_many_keys),
+        cmocka_unit_test(test_hostile_duplicate_at_end),
+        cmocka_unit_test(test_hostile_16mib_image),
+        cmocka_unit_test(test_hostile_deep_nesting),
+        cmocka_unit_test(test_hostile_escapes),
+        cmocka_unit_test(test_meta_raw_text),
         cmocka_unit_test(test_control_characters),
         cmocka_unit_test(test_non_rfc_numbers),
         cmocka_unit_test(test_fuzz_random_bytes),
