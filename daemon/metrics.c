@@ -2,11 +2,22 @@
  * metrics.c - /metrics and /healthz over a minimal HTTP/1.1 server.
  *
  * Each connection reads at most 8 KiB until the end of the request head,
- * answers, and closes (Connection: close); a connection that does not send
- * a request head within 5 s is closed. Scrapers and health checks need no
- * more, and the daemon's loop never waits on a slow client.
+ * answers, and closes (Connection: close); a connection that is not done
+ * (request read and answer written) within 5 s of its accept is closed.
+ * Scrapers and health checks need no more, and the daemon's loop never waits
+ * on a slow client.
+ *
+ * At most MAX_CLIENTS connections are open at once. The listener shares the
+ * process's file descriptors with the Redis and API connections: without a
+ * cap, a thousand idle clients exhaust RLIMIT_NOFILE and submissions fail.
+ * When the cap is reached the oldest open connection is closed to make room
+ * for the new one, rather than refusing the newcomer: a client that keeps 64
+ * idle connections open could otherwise lock real scrapers and health checks
+ * out for good, while evicting the oldest means an attacker must open
+ * connections faster than a health check can send its request line.
  */
 #include "metrics.h"
+#include "log.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,6 +25,11 @@
 
 #define MAX_REQUEST 8192
 #define CLIENT_TIMEOUT_MS 5000
+#define MAX_CLIENTS 64
+/* At most one log line per this interval about evicted connections. */
+#define EVICT_LOG_MS 60000
+
+struct client;
 
 struct metrics {
     uv_loop_t *loop;
@@ -21,6 +37,11 @@ struct metrics {
     metrics_fill_fn *fill;
     void *ud;
     unsigned clients;  /* connections still open: the struct outlives them */
+    unsigned live;     /* connections not yet closing, the ones on the list */
+    struct client *oldest, *newest; /* live connections in accept order */
+    uint64_t evicted;  /* connections closed early to respect MAX_CLIENTS */
+    uint64_t evicted_logged;
+    int64_t evict_log_at; /* mono ms of the last log line about evictions */
     int closed;        /* metrics_close() was called */
     int listener_open;
 };
@@ -41,6 +62,7 @@ struct client {
     sbuf resp;
     int closing;
     int open_handles;
+    struct client *prev, *next; /* metrics.oldest/newest list while live */
 };
 
 int metrics_parse_listen(const char *listen, struct sockaddr_storage *sa, char *err, size_t errlen)
@@ -88,11 +110,38 @@ static void client_closed(uv_handle_t *h)
     }
 }
 
+static void list_remove(metrics *m, struct client *c)
+{
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        m->oldest = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    else
+        m->newest = c->prev;
+    c->prev = c->next = NULL;
+    m->live--;
+}
+
+static void list_append(metrics *m, struct client *c)
+{
+    c->prev = m->newest;
+    c->next = NULL;
+    if (m->newest)
+        m->newest->next = c;
+    else
+        m->oldest = c;
+    m->newest = c;
+    m->live++;
+}
+
 static void client_close(struct client *c)
 {
     if (c->closing)
         return;
     c->closing = 1;
+    list_remove(c->m, c);
     uv_timer_stop(&c->timer);
     uv_close((uv_handle_t *)&c->tcp, client_closed);
     uv_close((uv_handle_t *)&c->timer, client_closed);
@@ -184,14 +233,34 @@ static void on_timeout(uv_timer_t *t)
     client_close(t->data);
 }
 
+/* Make room for one more connection: close the oldest (see the top). */
+static void evict_oldest(metrics *m)
+{
+    client_close(m->oldest);
+    m->evicted++;
+    int64_t now = mono_ms();
+    if (m->evict_log_at == 0 || now - m->evict_log_at >= EVICT_LOG_MS) {
+        char max[16], closed[24];
+        snprintf(max, sizeof max, "%d", MAX_CLIENTS);
+        snprintf(closed, sizeof closed, "%llu", (unsigned long long)(m->evicted - m->evicted_logged));
+        log_kv(LOG_WARNING, "metrics.listen: too many open connections, closing the oldest", "max", max,
+               "closed", closed, NULL);
+        m->evicted_logged = m->evicted;
+        m->evict_log_at = now;
+    }
+}
+
 static void on_connection(uv_stream_t *server, int status)
 {
     metrics *m = server->data;
     if (status < 0)
         return;
+    if (m->live >= MAX_CLIENTS)
+        evict_oldest(m);
     struct client *c = xcalloc(1, sizeof *c);
     c->m = m;
     m->clients++;
+    list_append(m, c);
     sbuf_init(&c->resp);
     uv_tcp_init(m->loop, &c->tcp);
     uv_timer_init(m->loop, &c->timer);
