@@ -1,5 +1,6 @@
 #!/bin/sh
-# The systemd unit: it parses, its commands exist, and its sandbox is tight.
+# The systemd unit: it parses, its commands exist, its sandbox is tight, no
+# core files (they would hold the API token) and enough file descriptors.
 # TAP; skipped when systemd-analyze is not installed.
 set -u
 src=${VIDQ_SRCDIR:-$(cd "$(dirname "$0")/.." && pwd)}
@@ -13,7 +14,7 @@ trap 'rm -rf "$work"' EXIT
 # The unit as installed, pointing at the binary just built.
 sed -e "s|@bindir@|$build|g" -e "s|@sysconfdir@|$work|g" -e '/^Documentation=/d' \
     "$src/systemd/vidqd.service.in" > "$work/vidqd.service"
-echo "1..3"
+echo "1..5"
 if systemd-analyze verify "$work/vidqd.service" > "$work/verify.log" 2>&1; then
     echo "ok 1 - systemd-analyze verify"
 else
@@ -28,4 +29,17 @@ if [ -n "$level" ] && awk "BEGIN { exit !($level <= 2.0) }"; then
     echo "ok 3 - sandbox exposure $level (<= 2.0)"
 else
     echo "not ok 3 - sandbox exposure ${level:-unknown} (want <= 2.0)"
+fi
+# The last assignment wins in systemd; accept both "N" and "soft:hard".
+core=$(sed -n 's/^LimitCORE=//p' "$work/vidqd.service" | tail -n 1)
+if [ "$core" = 0 ] || [ "$core" = 0:0 ]; then
+    echo "ok 4 - LimitCORE=0 (a core file would hold the API token)"
+else
+    echo "not ok 4 - LimitCORE=${core:-unset} (want 0)"
+fi
+nofile=$(sed -n 's/^LimitNOFILE=\([0-9]*\).*/\1/p' "$work/vidqd.service" | tail -n 1)
+if [ -n "$nofile" ] && [ "$nofile" -ge 4096 ]; then
+    echo "ok 5 - LimitNOFILE=$nofile (>= 4096)"
+else
+    echo "not ok 5 - LimitNOFILE=${nofile:-unset} (want >= 4096)"
 fi
