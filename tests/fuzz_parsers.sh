@@ -23,6 +23,11 @@ while IFS= read -r line; do
     i=$((i + 1))
     printf '%s' "$line" > "$work/c_job/$i"
 done < "$src/examples/prompts.jsonl"
+# ...and the shapes job.c must stay linear on: repeated keys (also escaped),
+# nesting past JOB_MAX_DEPTH (512), values a double cannot hold.
+printf '{"model":"m","prompt":"p","a":1,"b":2,"\\u0061":3,"b":4}' > "$work/c_job/dup"
+printf '{"prompt":"p","meta":[1e999,-1e999,123456789012345678901234567890],"x":"\\ud83d\\udc15"}' > "$work/c_job/meta"
+{ printf '{"prompt":"p","x":'; i=0; while [ $i -lt 520 ]; do printf '[{"a":'; i=$((i + 1)); done; } > "$work/c_job/deep"
 printf '[redis]\nurl = redis://127.0.0.1:6379/0\n[submit]\nconcurrency = 8\nrate = 10/s\nbackoff_base = 250ms\n' \
     > "$work/c_config/1"
 
