@@ -50,6 +50,7 @@ struct rconn {
     int resolving;             /* the current context talks to a sentinel */
     int resolved;              /* drop the sentinel connection, connect to the master */
     redisAsyncContext *probe;  /* asks a sentinel now and then whether the master moved */
+    int64_t probe_started;     /* mono ms: the probe's deadline runs from here */
     sbuf fmt;                  /* scratch buffer for RESP encoding */
     int64_t last_probe;
 };
@@ -508,8 +509,23 @@ static void defer_teardown(rconn *c, const char *why)
  * until Sentinel demotes it; meanwhile the data goes to the wrong server.
  * So, while up, ask a sentinel every few seconds where the master is, on a
  * separate short-lived connection, and reconnect when it moved.
+ *
+ * A probe has the same deadline as a connect (connect_timeout_ms covers the
+ * TCP connect and the answer, as it does for the lookup in do_connect): a
+ * sentinel that accepts connections and never answers would otherwise keep
+ * c->probe set forever, and no failover would be noticed again. A probe that
+ * fails in any way (deadline, refused, lost, an error or nil answer) moves
+ * on to the next sentinel for the next probe, like a failed lookup does.
  */
 #define SENTINEL_PROBE_MS 2000
+
+/* The probe is over; after a failure the next one asks another sentinel. */
+static void probe_done(rconn *c, int failed)
+{
+    c->probe = NULL;
+    if (failed)
+        c->sentinel_idx++;
+}
 
 static void on_probe_reply(redisAsyncContext *ac, void *r, void *privdata)
 {
@@ -517,11 +533,19 @@ static void on_probe_reply(redisAsyncContext *ac, void *r, void *privdata)
     redisReply *reply = r;
     if (c == NULL || c->probe != ac)
         return;
-    if (reply && reply->type == REDIS_REPLY_ARRAY && reply->elements == 2 && c->state == R_UP &&
-        c->master_host && reply->element[0]->type == REDIS_REPLY_STRING &&
-        reply->element[1]->type == REDIS_REPLY_STRING &&
-        (strcmp(reply->element[0]->str, c->master_host) != 0 || atoi(reply->element[1]->str) != c->master_port))
-        defer_teardown(c, "Sentinel reports a new master (failover)");
+    if (reply == NULL) {
+        probe_done(c, 1); /* connection lost; hiredis frees the context */
+        return;
+    }
+    if (reply->type == REDIS_REPLY_ARRAY && reply->elements == 2 && reply->element[0]->type == REDIS_REPLY_STRING &&
+        reply->element[1]->type == REDIS_REPLY_STRING) {
+        if (c->state == R_UP && c->master_host &&
+            (strcmp(reply->element[0]->str, c->master_host) != 0 || atoi(reply->element[1]->str) != c->master_port))
+            defer_teardown(c, "Sentinel reports a new master (failover)");
+        probe_done(c, 0);
+    } else {
+        probe_done(c, 1); /* this sentinel does not know the master (or errs) */
+    }
     redisAsyncDisconnect(ac); /* frees it once this callback returns */
 }
 
@@ -530,7 +554,16 @@ static void on_probe_gone(const redisAsyncContext *ac, int status)
     rconn *c = ac->data;
     (void)status;
     if (c && c->probe == ac)
-        c->probe = NULL;
+        probe_done(c, 1);
+}
+
+/* The probe's sentinel did not answer in time: drop it, ask the next one. */
+static void probe_expire(rconn *c)
+{
+    redisAsyncContext *ac = c->probe;
+    probe_done(c, 1);
+    ac->data = NULL;  /* on_probe_gone: not ours any more */
+    redisAsyncFree(ac); /* on_probe_reply gets NULL and sees c->probe != ac */
 }
 
 static void on_probe_connect(const redisAsyncContext *ac, int status)
@@ -546,10 +579,12 @@ static void sentinel_probe(rconn *c)
     if (ac == NULL || ac->err || adapter_attach(c->loop, ac) != 0) {
         if (ac)
             redisAsyncFree(ac);
+        c->sentinel_idx++; /* the next probe asks another sentinel */
         return;
     }
     ac->data = c;
     c->probe = ac;
+    c->probe_started = mono_ms();
     redisAsyncSetConnectCallback(ac, on_probe_connect);
     redisAsyncSetDisconnectCallback(ac, on_probe_gone);
     redisAsyncCommand(ac, on_probe_reply, c, "SENTINEL get-master-addr-by-name %s", c->target.master_name);
@@ -559,6 +594,8 @@ static void on_watchdog(uv_timer_t *t)
 {
     rconn *c = t->data;
     int64_t now = mono_ms();
+    if (c->probe && now - c->probe_started > c->connect_timeout_ms)
+        probe_expire(c);
     if (c->target.master_name && c->state == R_UP && c->probe == NULL && now - c->last_probe >= SENTINEL_PROBE_MS) {
         c->last_probe = now;
         sentinel_probe(c);

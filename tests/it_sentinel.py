@@ -7,9 +7,19 @@ jobs are pushed to the master; SENTINEL FAILOVER promotes the replica; the other
 are pushed to the new master. vidqd must notice (it asks the sentinel every 2 s and
 on READONLY), reconnect to the new master and finish: every job exactly one terminal
 event on the new master, nothing left queued.
+
+Then a sentinel that accepts connections and never answers, listed first,
+followed by two real ones: vidqd must still find the master (the lookup has a
+deadline and moves on to the next sentinel), and must still follow a
+failover when the sentinel its periodic check talks to hangs too: here a
+split brain (the old master keeps serving, the sentinels point elsewhere)
+that only that check can detect.
 """
 import os
+import signal
+import socket
 import sys
+import threading
 
 sys.dont_write_bytecode = True
 import vidqtest as vt  # noqa: E402
@@ -124,6 +134,89 @@ def main(t, env):
     t.ok(vd.log_grep("new master") or vd.log_grep("read-only"), "vidqd logged why it reconnected",
          *vd.log_lines()[-5:])
     t.eq(vd.stop(), 0, "vidqd exits 0")
+
+    hanging_sentinel(t, env, mock)
+
+
+class HangingSentinel:
+    """Accepts TCP connections, reads nothing, answers nothing."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind((vt.HOST, 0))
+        self.sock.listen(128)
+        self.port = self.sock.getsockname()[1]
+        self.held = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(c)
+
+    def close(self):
+        self.sock.close()
+        for c in self.held:
+            c.close()
+
+
+def start_sentinel(env, name, mport):
+    sport = vt.free_port()
+    conf = os.path.join(env.dir, name + ".conf")
+    with open(conf, "w") as f:
+        f.write("port %d\nbind %s\nsentinel monitor vidqm2 %s %d 1\n"
+                "sentinel down-after-milliseconds vidqm2 2000\nsentinel failover-timeout vidqm2 10000\n"
+                % (sport, vt.HOST, vt.HOST, mport))
+    proc = vt.spawn([vt.redis_server_binary(), conf, "--sentinel"], os.path.join(env.dir, name + ".log"))
+    connect(sport, name)
+    s = Fresh(sport)
+    vt.wait_for(lambda: s.execute("SENTINEL", "get-master-addr-by-name", "vidqm2") is not None, name, timeout=30)
+    return proc, s
+
+
+def hanging_sentinel(t, env, mock):
+    mport, _ = start_redis(env, "master2", [])
+    rport, _ = start_redis(env, "replica2", ["--replicaof", vt.HOST, str(mport)])
+    master, replica = Fresh(mport), Fresh(rport)
+    vt.wait_for(lambda: b"master_link_status:up" in replica.execute("INFO", "replication"),
+                "replica2 to sync", timeout=30)
+    hang = HangingSentinel()
+    s1_proc, s1 = start_sentinel(env, "sentinel-a", mport)
+    s2_proc, s2 = start_sentinel(env, "sentinel-b", mport)
+    url = "redis-sentinel://%s:%d,%s:%d,%s:%d/vidqm2" % (vt.HOST, hang.port, vt.HOST, s1.port, vt.HOST, s2.port)
+    vd = env.vidqd(instance="hang", conf={"redis.url": url, "api.base_url": mock.url})
+    try:
+        vd.start(wait_ready=False)
+        # "Redis is back" when the first attempt (the hanging sentinel) failed first.
+        ok = vt.wait_until(lambda: vd.log_grep("connected to Redis") or vd.log_grep("Redis is back"), timeout=30,
+                           unless=vd.dead)
+        t.ok(ok, "hanging sentinel listed first: vidqd still finds the master", *vd.log_lines()[-5:])
+        if not ok:
+            return
+        vt.push_jobs(master, [vt.job(job_id="h-%d" % i, model="m", prompt="p") for i in range(20)])
+        vt.wait_for(lambda: master.execute("XLEN", vt.k_results()) >= 20, "jobs on the first master", timeout=30,
+                    unless=vd.dead)
+        vt.wait_for(lambda: replica.execute("XLEN", vt.k_results()) >= 20, "replication to replica2", timeout=30)
+        # The sentinel vidqd asked last stops answering (SIGSTOP: the kernel still
+        # completes TCP handshakes). Then a split brain: the replica becomes a master
+        # and the other sentinel points at it, while the old master keeps serving
+        # vidqd's connections, so only the periodic check can tell.
+        s1_proc.send_signal(signal.SIGSTOP)
+        replica.execute("REPLICAOF", "NO", "ONE")
+        s2.execute("SENTINEL", "REMOVE", "vidqm2")
+        s2.execute("SENTINEL", "MONITOR", "vidqm2", vt.HOST, str(rport), "1")
+        vt.push_jobs(replica, [vt.job(job_id="h2-%d" % i, model="m", prompt="p") for i in range(20)])
+        ok = vt.wait_until(lambda: replica.execute("XLEN", vt.k_results()) >= 20 + 20, timeout=45, unless=vd.dead)
+        t.ok(ok, "the sentinel it was asking hangs: vidqd still follows the failover",
+             "XLEN on the new master: %s" % replica.execute("XLEN", vt.k_results()), *vd.log_lines()[-5:])
+        t.ok(vd.log_grep("new master"), "vidqd logged why it reconnected")
+    finally:
+        s1_proc.send_signal(signal.SIGCONT)
+        hang.close()
+    t.eq(vd.stop(), 0, "vidqd exits 0 (hanging sentinel)")
 
 
 vt.run(main, "sentinel")
