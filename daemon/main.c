@@ -358,9 +358,12 @@ static void on_hup(uv_signal_t *h, int signum)
     /* Where the queue lives cannot change under a running instance. */
     if (strcmp(fresh.redis_url, d->cfg.redis_url) != 0 || strcmp(fresh.prefix, d->cfg.prefix) != 0 ||
         strcmp(fresh.instance, d->cfg.instance) != 0 || fresh.results_maxlen != d->cfg.results_maxlen ||
-        fresh.track_enabled != d->cfg.track_enabled)
+        fresh.track_enabled != d->cfg.track_enabled || strcmp(fresh.state_dir, d->cfg.state_dir) != 0 ||
+        fresh.batch_ttl_ms != d->cfg.batch_ttl_ms)
         log_kv(LOG_WARNING,
-               "SIGHUP: redis.*, daemon.instance, results.maxlen and track.enabled need a restart; kept", NULL);
+               "SIGHUP: redis.*, daemon.instance, daemon.state_dir, results.maxlen, results.batch_ttl and "
+               "track.enabled need a restart; kept",
+               NULL);
     fresh.track_enabled = d->cfg.track_enabled;
     free(fresh.redis_url);
     fresh.redis_url = xstrdup(d->cfg.redis_url);
@@ -369,6 +372,9 @@ static void on_hup(uv_signal_t *h, int signum)
     free(fresh.instance);
     fresh.instance = xstrdup(d->cfg.instance);
     fresh.results_maxlen = d->cfg.results_maxlen;
+    fresh.batch_ttl_ms = d->cfg.batch_ttl_ms;
+    free(fresh.state_dir);
+    fresh.state_dir = xstrdup(d->cfg.state_dir);
     snprintf(ua, sizeof ua, "vidqd/%s", PACKAGE_VERSION);
     http_opts_from(&fresh, &ho, ua);
     if (http_client_set_opts(d->http, &ho, err, sizeof err) != 0) {
@@ -406,6 +412,7 @@ static int run(struct daemon *d)
         .prefix = d->cfg.prefix,
         .instance = d->cfg.instance,
         .results_maxlen = d->cfg.results_maxlen,
+        .batch_ttl_ms = d->cfg.batch_ttl_ms,
         .connect_timeout_ms = 5000,
         .cmd_timeout_ms = 10000,
     };

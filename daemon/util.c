@@ -262,3 +262,20 @@ int id_is_valid(const char *s, size_t n)
     }
     return 1;
 }
+
+#ifdef VIDQ_CRASH_POINTS
+#include <signal.h>
+void crash_point(const char *name)
+{
+    static long hits;
+    const char *at = getenv("VIDQ_CRASH_AT");
+    size_t n = strlen(name);
+    if (at == NULL || strncmp(at, name, n) != 0 || (at[n] != '\0' && at[n] != ':'))
+        return;
+    long want = at[n] == ':' ? strtol(at + n + 1, NULL, 10) : 1;
+    if (++hits < want)
+        return;
+    fprintf(stderr, "vidqd: crash point %s reached: SIGKILL\n", name);
+    raise(SIGKILL);
+}
+#endif

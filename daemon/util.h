@@ -55,4 +55,16 @@ long utf8_invalid_at(const char *s, size_t n);
  * (the charset of job ids and batch names, CONTRACT §2). */
 int id_is_valid(const char *s, size_t n);
 
+/*
+ * Named crash points, for the crash tests (tests/it_crash.py): in a build
+ * configured with --enable-crash-points, VIDQ_CRASH_AT=name[:n] makes the
+ * process die by SIGKILL the n-th time (default: the first) it reaches the
+ * point `name`. Other builds compile the calls away.
+ */
+#ifdef VIDQ_CRASH_POINTS
+void crash_point(const char *name);
+#else
+#define crash_point(name) ((void)0)
+#endif
+
 #endif

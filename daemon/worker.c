@@ -30,9 +30,13 @@
 #include "log.h"
 #include "util.h"
 
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #define MAX_FIELDS 32
@@ -46,7 +50,8 @@
 #define HEARTBEAT_EVERY 2   /* upkeep ticks */
 #define HEARTBEAT_TTL_MS 10000
 #define TAKEOVER_EVERY 5    /* upkeep ticks */
-#define POISON_LIMIT 3      /* recoveries before a job is dead as "poison" */
+#define POISON_LIMIT 3      /* deaths of holders before a job is dead as "poison" */
+#define WAIT_CLAIM_MS 1000  /* another copy of the job_id may be in flight: look again */
 #define PROBE_MAX_MS 60000
 #define ENVELOPE_PREFIX "{\"vidq_retry\":{\"attempts\":"
 
@@ -64,12 +69,15 @@ struct slot {
     unsigned strikes;          /* account errors this job got */
     int marked;                /* Redis has its sending mark (queue_mark_sending) */
     int maybe_sent;            /* found marked after a crash: it may have been billed */
+    int probing;               /* the SEND step only looks (maybe_sent) */
+    long long deaths;          /* instances that died holding it */
     int64_t first_strike_ms;
     int64_t sent_ms;           /* mono ms the current request went out */
     int64_t taken_ms;
     uv_timer_t timer; /* record retry, dedup retry */
     /* the outcome being recorded */
     const char *outcome;   /* for the log line */
+    const char *error;     /* a failed outcome's error (a static string) */
     char *task_id;
     sbuf fbuf;                  /* the event's field strings, NUL-separated */
     size_t foff[MAX_FIELDS];    /* where each starts in fbuf */
@@ -89,6 +97,7 @@ struct backlog_item {
     char *raw;
     size_t len;
     int maybe_sent;
+    long long deaths;
 };
 
 struct worker {
@@ -129,13 +138,22 @@ struct worker {
     /* draining */
     int draining;
     int drain_expired;
+    int clean_writing, clean_written;
     uv_timer_t drain_timer;
+    /* start-up: the instance-name guard, then the spool, then the held jobs */
+    int name_claimed;
+    char run_id[40];
+    char *spool;       /* outcomes the previous run could not write, to replay first */
+    size_t spool_len;
     void (*drain_done)(void *);
     void *drain_ud;
     int handles_open;
 };
 
 static void pump(worker *w);
+static void claim_name(worker *w, int force);
+static void on_spool_replayed(int err, long long r, void *ud);
+static void heartbeat(worker *w);
 static void send_job(slot *s);
 static void record(slot *s);
 static void putback(slot *s);
@@ -159,6 +177,7 @@ static void slot_closed(uv_handle_t *h)
 
 static void clear_outcome(slot *s)
 {
+    s->error = NULL;
     sbuf_reset(&s->fbuf);
     s->nf = 0;
     free(s->dead);
@@ -288,6 +307,7 @@ static void fail(slot *s, const char *error, const char *message, long http_stat
                  size_t resp_len)
 {
     ev_begin(s, "failed");
+    s->error = error;
     ev_str(s, "error", error);
     ev_str(s, "message", message);
     if (http_status > 0)
@@ -349,6 +369,7 @@ static void on_recorded(int err, long long held, void *ud)
         uv_timer_start(&s->timer, on_record_retry, RECORD_RETRY_MS, 0);
         return;
     }
+    crash_point(s->envelope ? "after_retry" : "after_record");
     if (s->envelope) {
         fields_ready(s);
         log_kv(LOG_NOTICE, held == 1 ? "retry scheduled" : "job no longer held: retry dropped", "job_id",
@@ -367,8 +388,8 @@ static void record(slot *s)
     s->state = S_RECORDING;
     fields_ready(s);
     if (s->envelope) {
-        rc = queue_retry(w->q, s->held, s->held_len, s->envelope, s->envelope_len, s->due_ms, s->marked, on_recorded,
-                         s);
+        rc = queue_retry(w->q, s->held, s->held_len, s->envelope, s->envelope_len, s->due_ms, s->marked,
+                         s->job.id_given ? s->job.job_id : NULL, on_recorded, s);
     } else {
         struct qrecord r = {
             .raw = s->held,
@@ -385,6 +406,12 @@ static void record(slot *s)
             .batch_field = s->outcome, /* submitted, failed or duplicate */
             .marked = s->marked,
         };
+        /* The copy that held the job_id's claim ends it: an ambiguous end
+         * keeps later copies from being billed again (queue.c, SEND_LUA). */
+        if (s->marked && s->job.id_given) {
+            r.claim = s->error && strcmp(s->error, "ambiguous") == 0 ? "ambiguous" : "del";
+            r.claim_job_id = s->job.job_id;
+        }
         /* With tracking, a submitted job is not done: its task is followed
          * (the record seeds the schedule) and the tracker writes its end. */
         int track = w->cfg->track_enabled && strcmp(s->outcome, "submitted") == 0;
@@ -427,7 +454,10 @@ static void retry_later(slot *s, const struct outcome *o)
     ev_str(s, "reason", o->message);
     s->due_ms = now_ms() + backoff_ms(w, s->attempts, o->retry_after_ms);
     sbuf_init(&b);
-    sbuf_printf(&b, ENVELOPE_PREFIX "%u,\"job_id\":", s->attempts);
+    /* The nonce keeps two identical copies retried at the same attempt two
+     * members of the retry set (ZADD would merge them: one job lost). */
+    sbuf_printf(&b, ENVELOPE_PREFIX "%u,\"n\":\"%08x%08x\",\"job_id\":", s->attempts, (unsigned)rand(),
+                (unsigned)++w->id_counter);
     sbuf_json_str(&b, s->job.job_id, strlen(s->job.job_id));
     sbuf_puts(&b, "},\"job\":");
     sbuf_append(&b, s->job.raw, s->job.raw_len);
@@ -450,7 +480,15 @@ static int unwrap(const char *held, size_t len, unsigned *attempts, char **job_i
     const char *p = held + pl, *end = held + len - 1;
     char *e;
     unsigned long a = strtoul(p, &e, 10);
-    if (e == p || a > 100000 || strncmp(e, ",\"job_id\":\"", 11) != 0)
+    if (e == p || a > 100000)
+        return -1;
+    if (end - e > 7 && strncmp(e, ",\"n\":\"", 6) == 0) {
+        const char *q = memchr(e + 6, '"', (size_t)(end - e - 6));
+        if (q == NULL)
+            return -1;
+        e = (char *)q + 1;
+    }
+    if (end - e < 11 || strncmp(e, ",\"job_id\":\"", 11) != 0)
         return -1;
     p = e + 11;
     const char *q = memchr(p, '"', (size_t)(end - p));
@@ -571,6 +609,7 @@ static void on_response(http_req *req, const struct http_result *res, void *ud)
     worker *w = s->w;
     struct outcome o;
     (void)req;
+    crash_point("after_answer");
     s->req = NULL;
     w->in_flight--;
     api_classify_submit(res, &o);
@@ -614,40 +653,121 @@ static void on_response(http_req *req, const struct http_result *res, void *ud)
 }
 
 static void post(slot *s);
+static void go(slot *s);
 
-static void on_mark_retry(uv_timer_t *t)
+static void on_send_retry(uv_timer_t *t)
 {
-    send_job(t->data);
+    go(t->data);
 }
 
-static void on_marked(int err, long long result, void *ud)
+/* The job's copy is not ours any more (taken over while this instance was
+ * stalled or away): whoever holds it now decides; we never send it. */
+static void gone(slot *s)
+{
+    log_kv(LOG_NOTICE, "job no longer held here (taken over); not sending it", "job_id", s->job.job_id, NULL);
+    slot_done(s);
+}
+
+static void duplicate(slot *s, const char *task_id, size_t len)
+{
+    ev_begin(s, "duplicate");
+    s->task_id = xstrndup(task_id, len);
+    ev_str(s, "task_id", s->task_id);
+    s->w->st.duplicates++;
+    record(s);
+}
+
+static void ambiguous_after_crash(slot *s)
+{
+    s->attempts++;
+    fail(s, "ambiguous",
+         "vidqd stopped (crash or kill) while this request may have been in flight; the API may have created "
+         "the task",
+         0, NULL, 0);
+}
+
+/* The answer of the SEND step (queue_send): go, wait, or end here. */
+static void on_send(int err, enum queue_verdict v, const char *arg, size_t len, void *ud)
 {
     slot *s = ud;
-    (void)result;
-    if (s->w->draining) {
-        s->marked = !err;
-        putback(s); /* not sent: it goes back as it came */
+    worker *w = s->w;
+    if (err) {
+        /* No answer, no request: a crash now must not leave a silent sender. */
+        if (w->draining) {
+            putback(s);
+            return;
+        }
+        uv_timer_start(&s->timer, on_send_retry, RECORD_RETRY_MS, 0);
         return;
     }
-    if (err) {
-        /* No mark, no request: a crash now must not leave a silent sender. */
-        uv_timer_start(&s->timer, on_mark_retry, RECORD_RETRY_MS, 0);
+    switch (v) {
+    case Q_GONE:
+        gone(s);
+        return;
+    case Q_DUP:
+        duplicate(s, arg, len);
+        return;
+    case Q_AMBIGUOUS:
+        s->attempts++;
+        fail(s, "ambiguous",
+             "an earlier copy of this job_id ended ambiguous (it may have been billed); not sent again", 0, NULL,
+             0);
+        return;
+    case Q_WAIT:
+        /* Another copy of this job_id may be in flight (here or at `arg`):
+         * its outcome decides this one's (CONTRACT §6). */
+        if (w->draining) {
+            putback(s);
+            return;
+        }
+        uv_timer_start(&s->timer, on_send_retry, WAIT_CLAIM_MS, 0);
+        return;
+    case Q_SEND:
+        break;
+    }
+    if (s->probing) {
+        /* Found marked: nothing recorded about it, so it may have been billed. */
+        s->probing = 0;
+        if (!w->cfg->retry_ambiguous) {
+            ambiguous_after_crash(s);
+            return;
+        }
+        go(s); /* opted in: send it again (s->marked: claim, keep the mark) */
         return;
     }
     s->marked = 1;
+    if (w->draining) {
+        putback(s); /* not sent: it goes back as it came, its mark ended */
+        return;
+    }
+    crash_point("after_mark");
     post(s);
 }
 
-/* Mark the job as "request may be out" in Redis, then send it. */
-static void send_job(slot *s)
+/*
+ * Ask Redis whether the job may go out (the SEND step), then send it. A job
+ * found marked after a crash (maybe_sent) is first only looked at: a task
+ * recorded for its job_id makes it a duplicate, else it may have been
+ * billed and ends ambiguous (CONTRACT §6) unless retry_ambiguous.
+ */
+static void go(slot *s)
 {
-    if (s->marked) {
-        post(s);
-        return;
+    worker *w = s->w;
+    enum queue_send_mode mode = s->marked ? QS_MARKED : QS_NEW;
+    if (s->maybe_sent) {
+        s->maybe_sent = 0;
+        s->probing = 1;
+        mode = QS_PROBE;
     }
     s->state = S_CHECKING;
-    if (queue_mark_sending(s->w->q, s->held, s->held_len, on_marked, s) != 0)
-        on_marked(1, 0, s);
+    if (queue_send(w->q, s->held, s->held_len, s->job.id_given ? s->job.job_id : NULL, mode,
+                   w->cfg->retry_ambiguous, on_send, s) != 0)
+        on_send(1, Q_SEND, NULL, 0, s);
+}
+
+static void send_job(slot *s)
+{
+    go(s);
 }
 
 static void post(slot *s)
@@ -666,76 +786,25 @@ static void post(slot *s)
         struct http_result res = {.curl_code = 7, .error = "could not start the request", .connect_failed = 1,
                                   .retry_after_ms = -1, .body = ""};
         on_response(NULL, &res, s);
-    }
-}
-
-/*
- * Send the job, unless a previous run may already have: it was found held
- * with its sending mark after a crash, so its request may have reached the
- * API and been billed. That is an ambiguous outcome like a timeout after
- * sending (CONTRACT §6): no silent second submission.
- */
-static void go(slot *s)
-{
-    if (s->maybe_sent && !s->w->cfg->retry_ambiguous) {
-        s->attempts++;
-        fail(s, "ambiguous",
-             "vidqd stopped (crash or kill) while this request may have been in flight; the API may have created "
-             "the task",
-             0, NULL, 0);
         return;
     }
-    send_job(s);
-}
-
-static void on_dedup_retry(uv_timer_t *t);
-
-static void on_dedup(int err, const char *value, size_t len, void *ud)
-{
-    slot *s = ud;
-    if (s->w->draining) {
-        putback(s);
-        return;
-    }
-    if (err) {
-        uv_timer_start(&s->timer, on_dedup_retry, RECORD_RETRY_MS, 0);
-        return;
-    }
-    if (value == NULL) {
-        go(s);
-        return;
-    }
-    ev_begin(s, "duplicate");
-    s->task_id = xstrndup(value, len);
-    ev_str(s, "task_id", s->task_id);
-    s->w->st.duplicates++;
-    record(s);
-}
-
-static void check_dedup(slot *s)
-{
-    s->state = S_CHECKING;
-    if (queue_dedup_get(s->w->q, s->job.job_id, on_dedup, s) != 0)
-        on_dedup(1, NULL, 0, s);
-}
-
-static void on_dedup_retry(uv_timer_t *t)
-{
-    check_dedup(t->data);
+    crash_point("after_send");
 }
 
 /* A job just taken (or found held): parse it and start its path. */
-static slot *slot_new(worker *w, const char *held, size_t len, int maybe_sent)
+static slot *slot_new(worker *w, const struct qitem *it)
 {
     slot *s = xcalloc(1, sizeof *s);
-    const char *raw = held;
-    size_t raw_len = len;
+    const char *raw = it->data;
+    size_t raw_len = it->len;
     char *env_id = NULL;
     s->w = w;
     s->taken_ms = mono_ms();
-    s->held = xstrndup(held, len);
-    s->held_len = len;
-    s->maybe_sent = maybe_sent;
+    s->held = xstrndup(it->data, it->len);
+    s->held_len = it->len;
+    s->maybe_sent = it->flag;
+    s->marked = it->flag; /* its mark is in Redis: the outcome's step ends it */
+    s->deaths = it->deaths;
     uv_timer_init(w->loop, &s->timer);
     s->timer.data = s;
     s->next = w->slots;
@@ -744,9 +813,9 @@ static slot *slot_new(worker *w, const char *held, size_t len, int maybe_sent)
     w->slots = s;
     w->nslots++;
     w->st.taken++;
-    if (unwrap(held, len, &s->attempts, &env_id, &raw, &raw_len) != 0) {
-        raw = held;
-        raw_len = len;
+    if (unwrap(it->data, it->len, &s->attempts, &env_id, &raw, &raw_len) != 0) {
+        raw = it->data;
+        raw_len = it->len;
     }
     job_parse(&s->job, raw, raw_len, w->cfg->default_model, (size_t)w->cfg->max_job_bytes);
     if (env_id && s->job.job_id == NULL)
@@ -758,18 +827,20 @@ static slot *slot_new(worker *w, const char *held, size_t len, int maybe_sent)
     return s;
 }
 
-static void start_job(worker *w, const char *held, size_t len, int maybe_sent)
+static void start_job(worker *w, const struct qitem *it)
 {
-    slot *s = slot_new(w, held, len, maybe_sent);
+    slot *s = slot_new(w, it);
+    if (s->deaths > POISON_LIMIT) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "held by %lld instances that died holding it", s->deaths);
+        fail(s, "poison", msg, 0, NULL, 0);
+        return;
+    }
     if (s->job.error) {
         fail(s, "invalid_job", s->job.error, 0, NULL, 0);
         return;
     }
-    /* A producer's job_id may have been submitted before (CONTRACT §4). */
-    if (s->job.id_given)
-        check_dedup(s);
-    else
-        go(s);
+    go(s);
 }
 
 /* ---- intake -------------------------------------------------------------- */
@@ -789,10 +860,10 @@ static void start_or_putback(worker *w, const struct qitem *items, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
         if (w->draining) {
-            putback(slot_new(w, items[i].data, items[i].len, 0));
+            putback(slot_new(w, &items[i]));
             continue;
         }
-        start_job(w, items[i].data, items[i].len, 0);
+        start_job(w, &items[i]);
         flow_consume(&w->flow, 1);
     }
 }
@@ -823,6 +894,8 @@ static void on_taken(int err, const struct qinfo *info, const struct qitem *item
         intake_later(w, INTAKE_RETRY_MS);
         return;
     }
+    if (n > 0)
+        crash_point("after_take");
     if (info->paused != w->paused)
         log_kv(LOG_NOTICE, info->paused ? "queue paused: not taking jobs" : "queue resumed", NULL);
     w->paused = info->paused;
@@ -869,15 +942,16 @@ static int claim_known(worker *w, const struct qitem *it, unsigned char *used_sl
     return 0;
 }
 
-static void backlog_push(worker *w, const char *raw, size_t len, int maybe_sent)
+static void backlog_push(worker *w, const struct qitem *it)
 {
     if (w->backlog_len == w->backlog_cap) {
         w->backlog_cap = w->backlog_cap ? w->backlog_cap * 2 : 64;
         w->backlog = xrealloc(w->backlog, w->backlog_cap * sizeof *w->backlog);
     }
-    w->backlog[w->backlog_len].raw = xstrndup(raw, len);
-    w->backlog[w->backlog_len].len = len;
-    w->backlog[w->backlog_len].maybe_sent = maybe_sent;
+    w->backlog[w->backlog_len].raw = xstrndup(it->data, it->len);
+    w->backlog[w->backlog_len].len = it->len;
+    w->backlog[w->backlog_len].maybe_sent = it->flag;
+    w->backlog[w->backlog_len].deaths = it->deaths;
     w->backlog_len++;
 }
 
@@ -903,7 +977,7 @@ static void on_held(int err, const struct qinfo *info, const struct qitem *items
     size_t adopted = 0;
     for (size_t i = 0; i < n; i++) {
         if (!claim_known(w, &items[i], used_slots, used_backlog, backlog_end)) {
-            backlog_push(w, items[i].data, items[i].len, items[i].flag);
+            backlog_push(w, &items[i]);
             adopted++;
         }
     }
@@ -916,6 +990,7 @@ static void on_held(int err, const struct qinfo *info, const struct qitem *items
     }
     w->resync = 0;
     w->recovering = 0;
+    crash_point("in_recovery");
     pump(w);
 }
 
@@ -924,9 +999,21 @@ static void pump(worker *w)
     int64_t wait_ms;
     if (w->draining || w->intake_busy || !queue_is_up(w->q))
         return;
+    if (!w->name_claimed) {
+        claim_name(w, 0);
+        return;
+    }
+    if (w->spool) {
+        w->intake_busy = 1;
+        if (queue_replay(w->q, w->spool, w->spool_len, on_spool_replayed, w) != 0) {
+            w->intake_busy = 0;
+            intake_later(w, INTAKE_RETRY_MS);
+        }
+        return;
+    }
     if (w->resync) {
         w->intake_busy = 1;
-        if (queue_held(w->q, w->recovering, POISON_LIMIT, on_held, w) != 0) {
+        if (queue_held(w->q, w->recovering, on_held, w) != 0) {
             w->intake_busy = 0;
             intake_later(w, INTAKE_RETRY_MS);
         }
@@ -949,7 +1036,8 @@ static void pump(worker *w)
     if (w->backlog_pos < w->backlog_len) {
         while (room-- > 0 && w->backlog_pos < w->backlog_len) {
             struct backlog_item *b = &w->backlog[w->backlog_pos++];
-            start_job(w, b->raw, b->len, b->maybe_sent);
+            struct qitem it = {.data = b->raw, .len = b->len, .flag = b->maybe_sent, .deaths = b->deaths};
+            start_job(w, &it);
             flow_consume(&w->flow, 1);
             free(b->raw);
             b->raw = NULL;
@@ -982,16 +1070,20 @@ static void on_heartbeat(int err, long long r, void *ud)
     on_upkeep_done(ud, UP_HEARTBEAT, err);
 }
 
-static void on_takeover(int err, long long moved, long long ambiguous, void *ud)
+static void on_takeover(int err, long long moved, long long marked, void *ud)
 {
     worker *w = ud;
     on_upkeep_done(w, UP_TAKEOVER, err);
-    if (!err && moved + ambiguous > 0) {
+    if (!err && moved > 0) {
         char n[24], a[24];
         snprintf(n, sizeof n, "%lld", moved);
-        snprintf(a, sizeof a, "%lld", ambiguous);
-        log_kv(LOG_NOTICE, "took over jobs held by instances that stopped answering", "requeued", n,
-               "ended_ambiguous", a, NULL);
+        snprintf(a, sizeof a, "%lld", marked);
+        log_kv(LOG_NOTICE, "took over jobs held by instances that stopped answering", "jobs", n,
+               "maybe_sent", a, NULL);
+        crash_point("in_takeover");
+        /* They are in our processing list now, with their marks: adopt
+         * them like jobs left by a previous run of our own. */
+        w->resync = 1;
         pump(w);
     }
 }
@@ -1017,7 +1109,10 @@ static const char *state_name(const worker *w)
 
 static void heartbeat(worker *w)
 {
-    char now[24], started[24], pid[16], held[16], inflight[16], sub[24], failed[24], conc[16];
+    char now[24], started[24], pid[16], held[16], inflight[16], sub[24], failed[24], conc[16], host[256] = "";
+    if (!w->name_claimed)
+        return; /* the guard writes the first beat */
+    gethostname(host, sizeof host - 1);
     snprintf(now, sizeof now, "%lld", (long long)now_ms());
     snprintf(started, sizeof started, "%lld", (long long)w->started_ms);
     snprintf(pid, sizeof pid, "%d", (int)getpid());
@@ -1029,7 +1124,8 @@ static void heartbeat(worker *w)
     const char *f[] = {"heartbeat", now,    "started",  started,   "pid",       pid,    "version",
                        PACKAGE_VERSION,     "held",     held,      "in_flight", inflight, "submitted",
                        sub,                 "failed",   failed,    "concurrency", conc, "state",
-                       state_name(w),       "message",  w->blocked ? w->block_msg : ""};
+                       state_name(w),       "message",  w->blocked ? w->block_msg : "",
+                       "run",               w->run_id,  "host",    host};
     w->upkeep_busy[UP_HEARTBEAT] = 1;
     if (queue_heartbeat(w->q, f, (int)(sizeof f / sizeof f[0]), HEARTBEAT_TTL_MS, on_heartbeat, w) != 0)
         w->upkeep_busy[UP_HEARTBEAT] = 0;
@@ -1040,7 +1136,7 @@ static void on_upkeep(uv_timer_t *t)
     worker *w = t->data;
     w->ticks++;
     flow_tick(&w->flow, mono_ms());
-    if (!queue_is_up(w->q))
+    if (!queue_is_up(w->q) || !w->name_claimed)
         return;
     if (!w->upkeep_busy[UP_HEARTBEAT] && (w->ticks % HEARTBEAT_EVERY == 1 || w->ticks == 1))
         heartbeat(w);
@@ -1050,7 +1146,7 @@ static void on_upkeep(uv_timer_t *t)
     if (!w->upkeep_busy[UP_TAKEOVER] && w->ticks % TAKEOVER_EVERY == 0 && !w->draining && w->up_since &&
         mono_ms() - w->up_since > HEARTBEAT_TTL_MS) {
         w->upkeep_busy[UP_TAKEOVER] = 1;
-        if (queue_takeover(w->q, POISON_LIMIT, w->cfg->retry_ambiguous, on_takeover, w) != 0)
+        if (queue_takeover(w->q, on_takeover, w) != 0)
             w->upkeep_busy[UP_TAKEOVER] = 0;
     }
     if (!w->upkeep_busy[UP_PROMOTE]) {
@@ -1068,6 +1164,8 @@ static void on_putback(int err, long long result, void *ud)
 {
     slot *s = ud;
     (void)result;
+    if (!err)
+        crash_point("after_putback");
     if (err)
         log_kv(LOG_WARNING, "could not put a job back; it stays in the processing list", "job_id",
                s->job.job_id, NULL);
@@ -1078,12 +1176,17 @@ static void on_putback(int err, long long result, void *ud)
 static void putback(slot *s)
 {
     s->state = S_PUTBACK;
-    if (queue_putback(s->w->q, s->held, s->held_len, s->marked, on_putback, s) != 0)
+    if (queue_putback(s->w->q, s->held, s->held_len, s->marked, s->job.id_given ? s->job.job_id : NULL, on_putback,
+                      s) != 0)
         on_putback(1, 0, s);
 }
 
-static void drain_finish(worker *w)
+/* The drain's end runs from a loop turn of its own (a 0 ms timer), never
+ * from inside the callback of the last slot: the caller tears down the
+ * HTTP client and the queue, which may be the very code up the stack. */
+static void on_drain_finish(uv_timer_t *t)
 {
+    worker *w = t->data;
     void (*done)(void *) = w->drain_done;
     w->drain_done = NULL;
     uv_timer_stop(&w->drain_timer);
@@ -1091,10 +1194,39 @@ static void drain_finish(worker *w)
         done(w->drain_ud);
 }
 
+static void drain_finish(worker *w)
+{
+    if (w->drain_done)
+        uv_timer_start(&w->drain_timer, on_drain_finish, 0, 0);
+}
+
+static void on_clean_exit_cb(int err, long long r, void *ud)
+{
+    worker *w = ud;
+    (void)r;
+    w->clean_writing = 0;
+    w->clean_written = 1;
+    if (err)
+        log_kv(LOG_WARNING, "could not note the clean exit; the next start counts held jobs as recovered", NULL);
+    drain_finish(w);
+}
+
 static void drain_check(worker *w)
 {
-    if (w->nslots == 0 && !w->intake_busy)
+    if (w->nslots != 0 || w->intake_busy || w->clean_writing)
+        return;
+    if (w->clean_written || w->drain_expired) {
         drain_finish(w);
+        return;
+    }
+    /* Every outcome is written: say so, so the next start does not count
+     * the jobs still held (the backlog) as recovered from a death. */
+    w->clean_writing = 1;
+    if (queue_clean_exit(w->q, on_clean_exit_cb, w) != 0) {
+        w->clean_writing = 0;
+        w->clean_written = 1;
+        drain_finish(w);
+    }
 }
 
 /* Slots in `state`, collected first: acting on them changes the list. */
@@ -1109,14 +1241,222 @@ static slot **collect(worker *w, enum sstate state, size_t *n)
     return v;
 }
 
+/* ---- the spool: outcomes Redis would not take at exit (CONTRACT §6) ------- */
+
+static char *spool_path(const worker *w)
+{
+    sbuf b;
+    sbuf_init(&b);
+    sbuf_printf(&b, "%s/spool-%s", w->cfg->state_dir, w->cfg->instance);
+    return sbuf_steal(&b, NULL);
+}
+
+static int read_all(const char *path, sbuf *out)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    char buf[65536];
+    ssize_t n;
+    while ((n = read(fd, buf, sizeof buf)) > 0)
+        sbuf_append(out, buf, (size_t)n);
+    close(fd);
+    return n < 0 ? -1 : 0;
+}
+
+/* Write `data` after what the spool already holds: a new file, synced,
+ * renamed over the old one, so a crash leaves the old or the new spool,
+ * never half of one. */
+static int spool_write(const worker *w, const char *data, size_t len, char *why, size_t whylen)
+{
+    char *path = spool_path(w);
+    sbuf all, tmp;
+    sbuf_init(&all);
+    sbuf_init(&tmp);
+    (void)read_all(path, &all);
+    sbuf_append(&all, data, len);
+    sbuf_printf(&tmp, "%s.tmp", path);
+    mkdir(w->cfg->state_dir, 0700);
+    int rc = -1;
+    int fd = open(tmp.buf, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        snprintf(why, whylen, "%s: %s", tmp.buf, strerror(errno));
+    } else {
+        size_t off = 0;
+        while (off < all.len) {
+            ssize_t n = write(fd, all.buf + off, all.len - off);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n <= 0)
+                break;
+            off += (size_t)n;
+        }
+        if (off != all.len || fsync(fd) != 0 || close(fd) != 0)
+            snprintf(why, whylen, "%s: %s", tmp.buf, strerror(errno));
+        else if (rename(tmp.buf, path) != 0)
+            snprintf(why, whylen, "%s: %s", path, strerror(errno));
+        else
+            rc = 0;
+        if (rc != 0)
+            unlink(tmp.buf);
+    }
+    if (rc == 0) {
+        int dfd = open(w->cfg->state_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dfd >= 0) {
+            fsync(dfd);
+            close(dfd);
+        }
+    }
+    sbuf_free(&all);
+    sbuf_free(&tmp);
+    free(path);
+    return rc;
+}
+
+/*
+ * Redis would not take the last outcomes: write the steps that would have
+ * recorded them (record, retry, a put-back that ends a mark) to the spool,
+ * as the queue would have sent them. The next start replays them before it
+ * looks at its held jobs, so a task id the API gave is never lost and the
+ * job never ends ambiguous for want of Redis.
+ */
+static void spool_outcomes(worker *w)
+{
+    sbuf b;
+    size_t n = 0;
+    char why[512] = "", count[24];
+    sbuf_init(&b);
+    queue_capture(w->q, &b);
+    for (slot *s = w->slots; s; s = s->next) {
+        if (s->state == S_RECORDING || s->state == S_RECORD_WAIT) {
+            uv_timer_stop(&s->timer);
+            record(s);
+            n++;
+        } else if (s->state == S_PUTBACK && s->marked) {
+            putback(s);
+            n++;
+        }
+    }
+    queue_capture(w->q, NULL);
+    snprintf(count, sizeof count, "%zu", n);
+    if (n > 0 && spool_write(w, b.buf, b.len, why, sizeof why) == 0) {
+        char *path = spool_path(w);
+        log_kv(LOG_WARNING, "Redis would not take the last outcomes: spooled, recorded at the next start", "count",
+               count, "spool", path, NULL);
+        free(path);
+        crash_point("after_spool");
+    } else if (n > 0) {
+        log_kv(LOG_ERROR, "could not write the spool: these jobs stay held and marked, and end ambiguous at the "
+               "next start", "count", count, "error", why, NULL);
+    }
+    sbuf_free(&b);
+}
+
+static void on_spool_replayed(int err, long long r, void *ud)
+{
+    worker *w = ud;
+    (void)r;
+    w->intake_busy = 0;
+    if (err) {
+        intake_later(w, INTAKE_RETRY_MS);
+        return;
+    }
+    char *path = spool_path(w);
+    unlink(path);
+    log_kv(LOG_NOTICE, "recorded the outcomes spooled by the last run", "spool", path, NULL);
+    free(path);
+    free(w->spool);
+    w->spool = NULL;
+    crash_point("after_replay");
+    pump(w);
+}
+
+/* At start: the previous run's spool, if any. A file that is not a spool
+ * is set aside (renamed), never half-replayed. */
+static void spool_load(worker *w)
+{
+    char *path = spool_path(w);
+    sbuf b;
+    sbuf_init(&b);
+    if (read_all(path, &b) == 0 && b.len > 0) {
+        if (queue_spool_check(b.buf, b.len) > 0) {
+            w->spool = sbuf_steal(&b, &w->spool_len);
+        } else {
+            sbuf bad;
+            sbuf_init(&bad);
+            sbuf_printf(&bad, "%s.bad-%lld", path, (long long)now_ms());
+            rename(path, bad.buf);
+            log_kv(LOG_ERROR, "the spool is damaged; set aside (its jobs end ambiguous)", "file", bad.buf, NULL);
+            sbuf_free(&bad);
+        }
+    }
+    sbuf_free(&b);
+    free(path);
+}
+
+/* ---- the instance-name guard (CONTRACT §6) --------------------------------- */
+
+static const char *field_of(const char **f, size_t n, const char *name)
+{
+    for (size_t i = 0; i + 1 < n; i += 2) {
+        if (strcmp(f[i], name) == 0)
+            return f[i + 1];
+    }
+    return "";
+}
+
+static void on_name_claimed(int err, const char **f, size_t n, void *ud)
+{
+    worker *w = ud;
+    char host[256] = "";
+    w->intake_busy = 0;
+    if (err) {
+        intake_later(w, INTAKE_RETRY_MS);
+        return;
+    }
+    if (n == 0) {
+        w->name_claimed = 1;
+        heartbeat(w);
+        pump(w);
+        return;
+    }
+    /* Another run beat in the last seconds. On this host with a dead pid it
+     * was ours (a crash, a kill -9): take the name. Else refuse. */
+    gethostname(host, sizeof host - 1);
+    const char *h = field_of(f, n, "host"), *pid = field_of(f, n, "pid");
+    long p = strtol(pid, NULL, 10);
+    if (strcmp(h, host) == 0 && p > 0 && (p == (long)getpid() || (kill((pid_t)p, 0) != 0 && errno == ESRCH))) {
+        claim_name(w, 1);
+        return;
+    }
+    log_kv(LOG_ERROR, "another live vidqd holds this instance name; refusing to start (set daemon.instance)",
+           "instance", w->cfg->instance, "host", h, "pid", pid, NULL);
+    fflush(NULL);
+    _exit(75); /* EX_TEMPFAIL: nothing was taken, nothing is held by this run */
+}
+
+static void claim_name(worker *w, int force)
+{
+    char pid[16], host[256] = "", started[24];
+    snprintf(pid, sizeof pid, "%d", (int)getpid());
+    gethostname(host, sizeof host - 1);
+    snprintf(started, sizeof started, "%lld", (long long)w->started_ms);
+    const char *f[] = {"host", host, "pid", pid, "started", started, "state", "starting"};
+    w->intake_busy = 1;
+    if (queue_claim_name(w->q, w->run_id, HEARTBEAT_TTL_MS, force, f, 8, on_name_claimed, w) != 0) {
+        w->intake_busy = 0;
+        intake_later(w, INTAKE_RETRY_MS);
+    }
+}
+
 static void on_drain_timer(uv_timer_t *t)
 {
     worker *w = t->data;
     size_t n;
     if (w->drain_expired) {
-        /* Redis would not take the last outcomes: those jobs stay held in
-         * the processing list and the next start finishes them. */
-        log_kv(LOG_WARNING, "giving up on recording the last outcomes; the jobs stay held", NULL);
+        /* Redis would not take the last outcomes: they go to the spool,
+         * and the next start records them before anything else. */
+        spool_outcomes(w);
         drain_finish(w);
         return;
     }
@@ -1133,6 +1473,7 @@ static void on_drain_timer(uv_timer_t *t)
 void worker_drain(worker *w, void (*done)(void *), void *ud)
 {
     size_t n;
+    crash_point("in_drain");
     w->draining = 1;
     w->drain_done = done;
     w->drain_ud = ud;
@@ -1162,6 +1503,9 @@ worker *worker_new(uv_loop_t *loop, const struct config *cfg, queue *q, http_cli
     w->recovering = 1;
     w->id_rand = (uint32_t)rand();
     w->started_ms = now_ms();
+    snprintf(w->run_id, sizeof w->run_id, "%d-%llx-%08x", (int)getpid(), (unsigned long long)w->started_ms,
+             w->id_rand);
+    spool_load(w);
     flow_init(&w->flow, cfg->rate, (unsigned)cfg->concurrency, mono_ms());
     uv_timer_init(loop, &w->intake_timer);
     uv_timer_init(loop, &w->drain_timer);
@@ -1223,6 +1567,7 @@ void worker_free(worker *w)
     for (size_t k = w->backlog_pos; k < w->backlog_len; k++)
         free(w->backlog[k].raw);
     free(w->backlog);
+    free(w->spool);
     free(w->submit_url);
     free(w->auth_header);
     w->handles_open = 4;

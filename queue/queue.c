@@ -12,8 +12,11 @@
  *   vidq:ratelimit            GCRA state of submit.global_rate
  *   vidq:instances            set of instance names that may hold jobs
  *   vidq:instance:<inst>      hash, the heartbeat of a live instance (TTL)
- *   vidq:recovered            hash sha1(job) -> times recovered (poison check)
+ *   vidq:recovered            hash sha1(job) -> deaths of instances holding it (poison)
  *   vidq:sending:<inst>       hash sha1(held job) -> requests that may be out
+ *   vidq:claim:<job_id>       string: the instance whose copy of the job_id may be
+ *                             in flight, or "ambiguous" (TTL dedup window)
+ *   vidq:clean:<inst>         string: the last run of <inst> ended with a clean drain
  *   vidq:batch:<name>         hash of batch counters
  *   vidq:track                sorted set: job ids of tracked tasks by next poll (ms)
  *   vidq:task:<job_id>        hash: a tracked task (task id, batch, meta, status)
@@ -30,6 +33,18 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Lua helpers every script may start with: argument checks that run
+ * before the first write, so a bad call fails whole (never half-way). */
+#define CHECK_LUA                                                                          \
+    "local function need_num(v, what)\n"                                                    \
+    "  if tonumber(v) == nil then error('vidq: ' .. what .. ' is not a number: ' .. tostring(v)) end\n" \
+    "  return tonumber(v)\n"                                                                \
+    "end\n"                                                                                 \
+    "local function need_flag(v, what)\n"                                                   \
+    "  if v ~= '0' and v ~= '1' then error('vidq: ' .. what .. ' must be 0 or 1') end\n"    \
+    "  return v == '1'\n"                                                                   \
+    "end\n"
+
 /*
  * Move up to ARGV[1] jobs into the processing list; reply {paused, wait_ms,
  * job...}. With a global rate (ARGV[3] = emission interval in ms, > 0) the
@@ -40,7 +55,8 @@
  * list. wait_ms tells the caller when the next admission is possible.
  * (string.format keeps the TAT exact: Lua would print it as %.14g.)
  */
-static const char TAKE_LUA[] =
+static const char TAKE_LUA[] = CHECK_LUA
+    "need_num(ARGV[1], 'max'); need_num(ARGV[2], 'now'); need_num(ARGV[3], 'interval'); need_num(ARGV[4], 'burst')\n"
     "if redis.call('EXISTS', KEYS[3]) == 1 then return {1, 0} end\n"
     "local max = tonumber(ARGV[1])\n"
     "local now = tonumber(ARGV[2])\n"
@@ -68,93 +84,155 @@ static const char TAKE_LUA[] =
 
 /*
  * The "sending" marks (vidq:sending:<instance>, a hash sha1(held job) ->
- * count) say which held jobs may have reached the API: a job is marked
- * right before its request goes out and unmarked in the same step that
- * records its outcome, retries it or puts it back. A job found held and
- * marked after a crash may have been billed: it is treated as ambiguous,
- * never silently submitted again. UNMARK_LUA(k, raw) is shared text.
+ * count) say which held jobs may have reached the API. A job is marked in
+ * the SEND step, right before its request goes out, and unmarked only in
+ * the step that writes its outcome (record, retry or put-back): never by a
+ * recovery or a takeover, which move marks with their jobs. So "this job may
+ * have been billed" lives in Redis from before the request to after its
+ * outcome, across any number of crashes and restarts (CONTRACT §6).
+ *
+ * A producer's job_id is claimed in the same step (vidq:claim:<job_id> =
+ * the sending instance): while a copy of the id may be in flight, no other
+ * copy is sent; it waits for the first one's outcome. A copy that ended
+ * ambiguous leaves the claim as "ambiguous" for the dedup window, so a
+ * second copy is not billed again behind it (`vidq dead requeue` lifts it).
+ *
+ * UNMARK_LUA(skey, raw, ckey, claim) is the one place that ends a mark:
+ * claim '' leaves the claim key alone, 'del' deletes it, anything else
+ * (with ARGV ttl) is handled by the caller.
  */
 #define UNMARK_LUA(k, raw)                                                                 \
     "do local f = redis.sha1hex(" raw ")\n"                                                 \
     "  if redis.call('HINCRBY', " k ", f, -1) <= 0 then redis.call('HDEL', " k ", f) end end\n"
 
-/* KEYS: sending hash. ARGV: held job. */
-static const char MARK_LUA[] = "return redis.call('HINCRBY', KEYS[1], redis.sha1hex(ARGV[1]), 1)\n";
+/*
+ * SEND: may this held job go out now? One round trip that checks it is
+ * still held here (a job taken over while this instance stalled is never
+ * sent by both), looks up the dedup marker and the claim of its job_id,
+ * and marks it. KEYS: processing, sending, dedup key, claim key. ARGV:
+ * held job, mode, instance, has_id flag, retry_ambiguous flag.
+ * mode "new": claim and mark; "marked": the job already carries a mark
+ * (re-sent after an account error, or found marked after a crash with
+ * retry_ambiguous): claim only; "probe": write nothing, only look.
+ * Reply {"send"} | {"gone"} | {"dup", task_id} | {"wait", holder} |
+ * {"ambiguous"}.
+ */
+static const char SEND_LUA[] = CHECK_LUA
+    "local mode = ARGV[2]\n"
+    "if mode ~= 'new' and mode ~= 'marked' and mode ~= 'probe' then error('vidq: bad mode') end\n"
+    "local has_id = need_flag(ARGV[4], 'has_id')\n"
+    "local retry_ambiguous = need_flag(ARGV[5], 'retry_ambiguous')\n"
+    "if not redis.call('LPOS', KEYS[1], ARGV[1]) then return {'gone'} end\n"
+    "if has_id then\n"
+    "  local t = redis.call('GET', KEYS[3])\n"
+    "  if t then return {'dup', t} end\n"
+    "  local c = redis.call('GET', KEYS[4])\n"
+    "  if c == 'ambiguous' and not retry_ambiguous and mode == 'new' then return {'ambiguous'} end\n"
+    "  if c and c ~= 'ambiguous' and mode == 'new' then return {'wait', c} end\n"
+    "  if mode ~= 'probe' then redis.call('SET', KEYS[4], ARGV[3]) end\n"
+    "end\n"
+    "if mode == 'new' then redis.call('HINCRBY', KEYS[2], redis.sha1hex(ARGV[1]), 1) end\n"
+    "return {'send'}\n";
 
-/* Return a held job to the intake list, where it is taken next.
- * KEYS: processing, jobs, sending. ARGV: held job, marked flag. */
-static const char PUTBACK_LUA[] =
+/* Return a held job to the intake list, where it is taken next: nothing
+ * was sent, or the API said for sure that nothing was created.
+ * KEYS: processing, jobs, sending, claim key. ARGV: held job, marked flag. */
+static const char PUTBACK_LUA[] = CHECK_LUA
+    "local marked = need_flag(ARGV[2], 'marked')\n"
     "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then redis.call('RPUSH', KEYS[2], ARGV[1]) end\n"
-    "if ARGV[2] == '1' then " UNMARK_LUA("KEYS[3]", "ARGV[1]") " end\n"
+    "if marked then " UNMARK_LUA("KEYS[3]", "ARGV[1]") " if KEYS[4] ~= '' then redis.call('DEL', KEYS[4]) end end\n"
     "return 1\n";
+
+/*
+ * Batch counters (CONTRACT §5), shared by the scripts that write a job's
+ * events. When the jobs with a final event reach `total`, `done` is set,
+ * one batch_done event written, and the hash expires after results.batch_ttl.
+ */
+#define BATCH_LUA                                                                                    \
+    "local function batch(bkey, field, final, now, name, results, maxlen, ttl)\n"                    \
+    "  if field == '' then return end\n"                                                            \
+    "  redis.call('HINCRBY', bkey, field, 1)\n"                                                     \
+    "  if not final then return end\n"                                                              \
+    "  local fin = redis.call('HINCRBY', bkey, 'final', 1)\n"                                       \
+    "  local total = tonumber(redis.call('HGET', bkey, 'total') or '0')\n"                          \
+    "  if total and total > 0 and fin >= total and redis.call('HSETNX', bkey, 'done', '1') == 1 then\n" \
+    "    local ev = {'event', 'batch_done', 'ts', now, 'batch', name}\n"                            \
+    "    for _, f in ipairs({'total', 'submitted', 'failed', 'duplicate', 'succeeded', 'task_failed'}) do\n" \
+    "      ev[#ev + 1] = f\n"                                                                        \
+    "      ev[#ev + 1] = redis.call('HGET', bkey, f) or '0'\n"                                       \
+    "    end\n"                                                                                      \
+    "    redis.call('XADD', results, 'MAXLEN', '~', maxlen, '*', unpack(ev))\n"                      \
+    "    redis.call('PEXPIRE', bkey, ttl)\n"                                                        \
+    "  end\n"                                                                                        \
+    "end\n"
 
 /*
  * One finished job: drop it from the processing list, set the dedup marker,
- * add the dead entry, append the event. KEYS: processing, results, dead,
- * dedup key, recovered-count hash, batch hash, task hash, tracking set.
- * ARGV: raw job, maxlen, dead entry or "", task id for the dedup marker or
- * "", marker TTL ms, batch counter, final flag, now, batch name, first poll
- * time, job id to track or "", then the event's field/value pairs. With
- * tracking, the event's fields also seed the task hash (vidq:task:<job_id>)
+ * add the dead entry, append the event, end its mark and claim. KEYS:
+ * processing, results, dead, dedup key, recovered-count hash, batch hash,
+ * task hash, tracking set, sending hash, claim key. ARGV: raw job, maxlen,
+ * dead entry or "", task id for the dedup marker or "", marker TTL ms,
+ * batch counter, final flag, now, batch name, first poll time, job id to
+ * track or "", marked flag, claim action ('' | 'del' | 'ambiguous'), batch
+ * TTL ms, then the event's field/value pairs. With tracking, the event's
+ * fields (but the raw response) seed the task hash (vidq:task:<job_id>)
  * and the job id enters the poll schedule (vidq:track).
  *
  * A job no longer in the processing list was already recorded (the reply to
- * an earlier attempt was lost) or taken over by another instance: then no
- * second event is written (exactly one terminal event per job), but the
- * dedup marker still is, so whoever holds the job now will not submit it
- * again. Returns 1 when recorded, 0 when it was not held.
+ * an earlier attempt was lost, or a spooled outcome replayed twice) or taken
+ * over by another instance: then no second event is written (exactly one
+ * terminal event per job), but the dedup marker still is, so whoever holds
+ * the job now will not submit it again. Returns 1 when recorded, 0 when it
+ * was not held.
  */
-/*
- * Batch counters (CONTRACT §5), shared by the scripts that write a job's
- * events: KEYS[6] the batch hash, ARGV[6] the counter to raise ('' = no
- * batch), ARGV[7] '1' when this event is the job's last, ARGV[8] now (ms),
- * ARGV[9] the batch name, ARGV[2] the stream's maxlen. When the jobs with a
- * final event reach `total`, `done` is set and one batch_done event written.
- */
-#define BATCH_LUA                                                                                    \
-    "if ARGV[6] ~= '' then\n"                                                                        \
-    "  redis.call('HINCRBY', KEYS[6], ARGV[6], 1)\n"                                                 \
-    "  if ARGV[7] == '1' then\n"                                                                     \
-    "    local fin = redis.call('HINCRBY', KEYS[6], 'final', 1)\n"                                   \
-    "    local total = tonumber(redis.call('HGET', KEYS[6], 'total') or '0')\n"                      \
-    "    if total and total > 0 and fin >= total and redis.call('HSETNX', KEYS[6], 'done', '1') == 1 then\n" \
-    "      local ev = {'event', 'batch_done', 'ts', ARGV[8], 'batch', ARGV[9]}\n"                     \
-    "      for _, f in ipairs({'total', 'submitted', 'failed', 'duplicate', 'succeeded', 'task_failed'}) do\n" \
-    "        ev[#ev + 1] = f\n"                                                                       \
-    "        ev[#ev + 1] = redis.call('HGET', KEYS[6], f) or '0'\n"                                   \
-    "      end\n"                                                                                     \
-    "      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ev))\n"                    \
-    "    end\n"                                                                                       \
-    "  end\n"                                                                                         \
-    "end\n"
-
-static const char RECORD_LUA[] =
+static const char RECORD_LUA[] = CHECK_LUA BATCH_LUA
+    "local maxlen = need_num(ARGV[2], 'maxlen')\n"
+    "local ttl = need_num(ARGV[5], 'dedup ttl')\n"
+    "local final = need_flag(ARGV[7], 'final')\n"
+    "need_num(ARGV[8], 'now')\n"
+    "need_num(ARGV[10], 'first poll')\n"
+    "local marked = need_flag(ARGV[12], 'marked')\n"
+    "local claim = ARGV[13]\n"
+    "if claim ~= '' and claim ~= 'del' and claim ~= 'ambiguous' then error('vidq: bad claim action') end\n"
+    "local batch_ttl = need_num(ARGV[14], 'batch ttl')\n"
+    "if #ARGV < 16 or (#ARGV - 14) % 2 ~= 0 then error('vidq: event fields must come in pairs') end\n"
     "local held = redis.call('LREM', KEYS[1], 1, ARGV[1])\n"
-    "if ARGV[4] ~= '' then redis.call('SET', KEYS[4], ARGV[4], 'PX', ARGV[5]) end\n"
-    "if ARGV[12] == '1' then " UNMARK_LUA("KEYS[9]", "ARGV[1]") " end\n"
+    "if ARGV[4] ~= '' then redis.call('SET', KEYS[4], ARGV[4], 'PX', ttl) end\n"
+    "if marked then " UNMARK_LUA("KEYS[9]", "ARGV[1]") " end\n"
+    "if claim == 'del' then redis.call('DEL', KEYS[10])\n"
+    "elseif claim == 'ambiguous' then redis.call('SET', KEYS[10], 'ambiguous', 'PX', ttl) end\n"
     "if held == 0 then return 0 end\n"
-    "if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('HDEL', KEYS[5], redis.sha1hex(ARGV[1])) end\n"
+    "redis.call('HDEL', KEYS[5], redis.sha1hex(ARGV[1]))\n"
     "if ARGV[3] ~= '' then redis.call('LPUSH', KEYS[3], ARGV[3]) end\n"
-    "redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 13))\n"
+    "redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', unpack(ARGV, 15))\n"
     "if ARGV[11] ~= '' then\n"
-    "  redis.call('HSET', KEYS[7], 'job_id', ARGV[11], unpack(ARGV, 13))\n"
+    "  local h = {'job_id', ARGV[11]}\n"
+    "  for i = 15, #ARGV, 2 do\n"
+    "    if ARGV[i] ~= 'response' then h[#h + 1] = ARGV[i]; h[#h + 1] = ARGV[i + 1] end\n"
+    "  end\n"
+    "  redis.call('HSET', KEYS[7], unpack(h))\n"
     "  redis.call('ZADD', KEYS[8], ARGV[10], ARGV[11])\n"
     "end\n"
-    BATCH_LUA
+    "batch(KEYS[6], ARGV[6], final, ARGV[8], ARGV[9], KEYS[2], maxlen, batch_ttl)\n"
     "return 1\n";
 
 /* A job to retry later: out of the processing list, into the retry set,
- * in one step. KEYS: processing, retry, sending. ARGV: held text, due ms,
- * envelope, marked flag. */
-static const char RETRY_LUA[] =
-    "if ARGV[4] == '1' then " UNMARK_LUA("KEYS[3]", "ARGV[1]") " end\n"
+ * in one step; nothing was created, so its mark and claim end here.
+ * KEYS: processing, retry, sending, recovered, claim key. ARGV: held text,
+ * due ms, envelope, marked flag. Envelopes carry a nonce, so two copies of
+ * one job never merge into one member of the set. */
+static const char RETRY_LUA[] = CHECK_LUA
+    "need_num(ARGV[2], 'due')\n"
+    "local marked = need_flag(ARGV[4], 'marked')\n"
+    "if marked then " UNMARK_LUA("KEYS[3]", "ARGV[1]") " if KEYS[5] ~= '' then redis.call('DEL', KEYS[5]) end end\n"
     "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end\n"
+    "redis.call('HDEL', KEYS[4], redis.sha1hex(ARGV[1]))\n"
     "redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])\n"
     "return 1\n";
 
 /* Due retries go to the taking end of the intake list. KEYS: retry, jobs. */
-static const char PROMOTE_LUA[] =
-    "local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))\n"
+static const char PROMOTE_LUA[] = CHECK_LUA
+    "local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', need_num(ARGV[1], 'now'), 'LIMIT', 0, need_num(ARGV[2], 'max'))\n"
     "for _, m in ipairs(due) do\n"
     "  redis.call('ZREM', KEYS[1], m)\n"
     "  redis.call('RPUSH', KEYS[2], m)\n"
@@ -163,7 +241,9 @@ static const char PROMOTE_LUA[] =
 
 /* This instance is alive: its hash (with a TTL) and its name in the set.
  * KEYS: instance hash, instances set. ARGV: ttl ms, name, field/value... */
-static const char HEARTBEAT_LUA[] =
+static const char HEARTBEAT_LUA[] = CHECK_LUA
+    "need_num(ARGV[1], 'ttl')\n"
+    "if #ARGV < 4 or (#ARGV - 2) % 2 ~= 0 then error('vidq: heartbeat fields must come in pairs') end\n"
     "redis.call('DEL', KEYS[1])\n"
     "redis.call('HSET', KEYS[1], unpack(ARGV, 3))\n"
     "redis.call('PEXPIRE', KEYS[1], ARGV[1])\n"
@@ -171,102 +251,88 @@ static const char HEARTBEAT_LUA[] =
     "return 1\n";
 
 /*
- * Jobs held by instances whose heartbeat expired go back to the taking end
- * of the intake list, oldest first; a job recovered more than ARGV[4] times
- * (it may be what kills the daemons) goes to the dead list as "poison"
- * instead, and a job that carried a sending mark (its request may have
- * reached the API) ends as "ambiguous" unless ARGV[7] = '1'
- * (submit.retry_ambiguous). With ARGV[6] = "self" only this instance's own
- * list is examined and nothing is moved: its jobs are returned, oldest
- * first, as pairs {'1' when it was marked sending, job}, after the same
- * poison check. KEYS: instances set, jobs, dead, results, recovered hash.
- * ARGV: self, prefix, maxlen, poison limit, now ms, mode, retry_ambiguous.
+ * The jobs this instance holds, oldest first, as triples {marked, deaths,
+ * job}. With ARGV[1] = '1' (at start-up) each job counts one more death
+ * (vidq:recovered, sha1 -> count), unless the previous run ended with a
+ * clean drain (KEYS[4], which this consumes): graceful restarts never make
+ * a job "poison". Marks are only read, never ended: a job found marked may
+ * have been billed and keeps its mark until its outcome is written. Of
+ * identical copies, as many are reported marked as there are marks.
+ * KEYS: processing, sending, recovered, clean-exit key. ARGV: counting flag.
  */
-static const char RECOVER_LUA[] =
-    "local self, prefix, maxlen, limit, now, mode = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6]\n"
-    "local retry_ambiguous = ARGV[7] == '1'\n"
-    "local function fail(raw, err, msg)\n"
-    "  local inner = string.match(raw, '^{\"vidq_retry\":{[^}]*},\"job\":(.*)}$') or raw\n"
-    "  local ok, j = pcall(cjson.decode, inner)\n"
-    "  if not ok or type(j) ~= 'table' then j = {} end\n"
-    "  local jid = type(j.job_id) == 'string' and j.job_id or ''\n"
-    "  local body = ok and inner or cjson.encode(inner)\n"
-    "  redis.call('LPUSH', KEYS[3], '{\"job\":' .. body .. ',\"job_id\":' .. cjson.encode(jid) ..\n"
-    "    ',\"error\":' .. cjson.encode(err) .. ',\"message\":' .. cjson.encode(msg) ..\n"
-    "    ',\"http_status\":null,\"attempts\":0,\"failed_at\":' .. now .. '}')\n"
-    "  local ev = {'event', 'failed', 'ts', now, 'job_id', jid}\n"
-    "  if type(j.batch) == 'string' then ev[#ev + 1] = 'batch'; ev[#ev + 1] = j.batch end\n"
-    "  if j.meta ~= nil then ev[#ev + 1] = 'meta'; ev[#ev + 1] = cjson.encode(j.meta) end\n"
-    "  for _, x in ipairs({'error', err, 'message', msg, 'attempts', '0'}) do ev[#ev + 1] = x end\n"
-    "  redis.call('XADD', KEYS[4], 'MAXLEN', '~', maxlen, '*', unpack(ev))\n"
-    "  if type(j.batch) == 'string' then\n"
-    "    local bk = prefix .. ':batch:' .. j.batch\n"
-    "    redis.call('HINCRBY', bk, 'failed', 1)\n"
-    "    local fin = redis.call('HINCRBY', bk, 'final', 1)\n"
-    "    local total = tonumber(redis.call('HGET', bk, 'total') or '0')\n"
-    "    if total and total > 0 and fin >= total and redis.call('HSETNX', bk, 'done', '1') == 1 then\n"
-    "      local be = {'event', 'batch_done', 'ts', now, 'batch', j.batch}\n"
-    "      for _, f in ipairs({'total', 'submitted', 'failed', 'duplicate', 'succeeded', 'task_failed'}) do\n"
-    "        be[#be + 1] = f\n"
-    "        be[#be + 1] = redis.call('HGET', bk, f) or '0'\n"
-    "      end\n"
-    "      redis.call('XADD', KEYS[4], 'MAXLEN', '~', maxlen, '*', unpack(be))\n"
-    "    end\n"
-    "  end\n"
+static const char HELD_LUA[] = CHECK_LUA
+    "local counting = need_flag(ARGV[1], 'counting')\n"
+    "if counting and redis.call('DEL', KEYS[4]) == 1 then counting = false end\n"
+    "local held = redis.call('LRANGE', KEYS[1], 0, -1)\n"
+    "local out, seen = {}, {}\n"
+    "for i = #held, 1, -1 do\n"
+    "  local f = redis.sha1hex(held[i])\n"
+    "  local n\n"
+    "  if counting then n = redis.call('HINCRBY', KEYS[3], f, 1)\n"
+    "  else n = tonumber(redis.call('HGET', KEYS[3], f) or '0') end\n"
+    "  seen[f] = (seen[f] or 0) + 1\n"
+    "  local m = tonumber(redis.call('HGET', KEYS[2], f) or '0')\n"
+    "  out[#out + 1] = seen[f] <= m and '1' or '0'\n"
+    "  out[#out + 1] = n\n"
+    "  out[#out + 1] = held[i]\n"
     "end\n"
-    "local function poison(raw)\n"
-    "  local n = redis.call('HINCRBY', KEYS[5], redis.sha1hex(raw), 1)\n"
-    "  if n <= limit then return false end\n"
-    "  redis.call('HDEL', KEYS[5], redis.sha1hex(raw))\n"
-    "  fail(raw, 'poison', 'recovered ' .. n .. ' times from instances that died holding it')\n"
-    "  return true\n"
-    "end\n"
-    "local function was_sending(skey, raw)\n"
-    "  local f = redis.sha1hex(raw)\n"
-    "  local n = tonumber(redis.call('HGET', skey, f) or '0')\n"
-    "  if n <= 0 then return false end\n"
-    "  if n == 1 then redis.call('HDEL', skey, f) else redis.call('HINCRBY', skey, f, -1) end\n"
-    "  return true\n"
-    "end\n"
-    "if mode == 'self' then\n"
-    "  local pkey = prefix .. ':processing:' .. self\n"
-    "  local skey = prefix .. ':sending:' .. self\n"
-    "  local held = redis.call('LRANGE', pkey, 0, -1)\n"
-    "  local out = {}\n"
-    "  for i = #held, 1, -1 do\n"
-    "    if poison(held[i]) then\n"
-    "      redis.call('LREM', pkey, 1, held[i])\n"
-    "    else\n"
-    "      out[#out + 1] = was_sending(skey, held[i]) and '1' or '0'\n"
-    "      out[#out + 1] = held[i]\n"
-    "    end\n"
-    "  end\n"
-    "  return out\n"
-    "end\n"
-    "local moved, ambiguous = 0, 0\n"
+    "return out\n";
+
+/*
+ * Take over the jobs of instances whose heartbeat expired: each moves, in
+ * its order, into this instance's processing list, with its sending mark
+ * (moved into this instance's hash) and one more death counted. Nothing is
+ * decided or written about the jobs here: the taker's worker finds them
+ * held, like jobs left by its own previous run, and treats them with the
+ * same code (a marked one ends ambiguous, a poison one dead). So no script
+ * ever re-encodes a producer's JSON, and batch counters live in one place.
+ * KEYS: instances set, own processing, own sending, recovered.
+ * ARGV: self, prefix. Reply {jobs moved, of which marked}.
+ */
+static const char TAKEOVER_LUA[] =
+    "local self, prefix = ARGV[1], ARGV[2]\n"
+    "if self == nil or prefix == nil then error('vidq: takeover needs self and prefix') end\n"
+    "local moved, marked = 0, 0\n"
     "for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do\n"
     "  if name ~= self and redis.call('EXISTS', prefix .. ':instance:' .. name) == 0 then\n"
     "    local pkey = prefix .. ':processing:' .. name\n"
     "    local skey = prefix .. ':sending:' .. name\n"
-    "    while true do\n"
-    "      local raw = redis.call('LPOP', pkey)\n"
-    "      if not raw then break end\n"
-    "      if not poison(raw) then\n"
-    "        if was_sending(skey, raw) and not retry_ambiguous then\n"
-    "          fail(raw, 'ambiguous', 'the instance ' .. name .. ' died while the request may have been in flight;' ..\n"
-    "            ' the API may have created the task')\n"
-    "          ambiguous = ambiguous + 1\n"
-    "        else\n"
-    "          redis.call('RPUSH', KEYS[2], raw)\n"
-    "          moved = moved + 1\n"
-    "        end\n"
-    "      end\n"
+    "    local marks = redis.call('HGETALL', skey)\n"
+    "    for i = 1, #marks, 2 do\n"
+    "      local n = tonumber(marks[i + 1]) or 0\n"
+    "      if n > 0 then redis.call('HINCRBY', KEYS[3], marks[i], n); marked = marked + n end\n"
     "    end\n"
-    "    redis.call('DEL', skey)\n"
+    "    while true do\n"
+    "      local raw = redis.call('LMOVE', pkey, KEYS[2], 'RIGHT', 'LEFT')\n"
+    "      if not raw then break end\n"
+    "      redis.call('HINCRBY', KEYS[4], redis.sha1hex(raw), 1)\n"
+    "      moved = moved + 1\n"
+    "    end\n"
+    "    redis.call('DEL', skey, prefix .. ':clean:' .. name)\n"
     "    redis.call('SREM', KEYS[1], name)\n"
     "  end\n"
     "end\n"
-    "return {moved, ambiguous}\n";
+    "return {moved, marked}\n";
+
+/*
+ * The instance-name guard (CONTRACT §6): claim this instance's name for
+ * this run. KEYS: instance hash. ARGV: run id, ttl ms, force flag, then
+ * field/value pairs. When the hash exists with another run id (another
+ * process beat in the last seconds) and force is not set, nothing is
+ * written and the hash's fields come back for the caller to judge (the
+ * same host with a dead pid is a previous run of ours: force).
+ * Reply {} when claimed, else the other run's fields.
+ */
+static const char CLAIM_NAME_LUA[] = CHECK_LUA
+    "need_num(ARGV[2], 'ttl')\n"
+    "local force = need_flag(ARGV[3], 'force')\n"
+    "if #ARGV < 5 or (#ARGV - 3) % 2 ~= 0 then error('vidq: fields must come in pairs') end\n"
+    "local run = redis.call('HGET', KEYS[1], 'run')\n"
+    "if run and run ~= ARGV[1] and not force then return redis.call('HGETALL', KEYS[1]) end\n"
+    "redis.call('DEL', KEYS[1])\n"
+    "redis.call('HSET', KEYS[1], 'run', ARGV[1], unpack(ARGV, 4))\n"
+    "redis.call('PEXPIRE', KEYS[1], ARGV[2])\n"
+    "return {}\n";
 
 /*
  * Tracked tasks due for a poll: each is leased (its score pushed ARGV[3] ms
@@ -274,7 +340,9 @@ static const char RECOVER_LUA[] =
  * its hash. A crash leaves the lease to run out: the task is polled again.
  * KEYS: track set. ARGV: now, max, lease ms, prefix. Reply {id, {hash}, ...}.
  */
-static const char CLAIM_LUA[] =
+static const char CLAIM_LUA[] = CHECK_LUA
+    "need_num(ARGV[1], 'now'); need_num(ARGV[2], 'max'); need_num(ARGV[3], 'lease')\n"
+    "if ARGV[4] == nil then error('vidq: claim needs the prefix') end\n"
     "local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))\n"
     "local out = {}\n"
     "for _, id in ipairs(due) do\n"
@@ -292,27 +360,40 @@ static const char CLAIM_LUA[] =
 /*
  * The result of one poll. KEYS: track set, results, task hash, -, -, batch
  * hash. ARGV: job id, maxlen, mode ("again" or "final"), next poll ms, number
- * of task-hash strings that follow ARGV[9], batch counter, final flag, now,
- * batch name, hash field/value pairs, then the event's fields (none: no
- * event). A task already finished (by another instance) is left alone.
+ * of task-hash strings that follow ARGV[10], batch counter, final flag, now,
+ * batch name, batch TTL ms, hash field/value pairs, then the event's fields
+ * (none: no event). A task already finished (by another instance) is left
+ * alone.
  */
-static const char TRACK_LUA[] =
+static const char TRACK_LUA[] = CHECK_LUA BATCH_LUA
+    "local maxlen = need_num(ARGV[2], 'maxlen')\n"
+    "if ARGV[3] ~= 'final' and ARGV[3] ~= 'again' then error('vidq: bad mode') end\n"
+    "need_num(ARGV[4], 'next poll')\n"
+    "local nh = need_num(ARGV[5], 'hash count')\n"
+    "local final = need_flag(ARGV[7], 'final')\n"
+    "local batch_ttl = need_num(ARGV[10], 'batch ttl')\n"
+    "if nh < 0 or nh % 2 ~= 0 or 10 + nh > #ARGV or (#ARGV - 10 - nh) % 2 ~= 0 then\n"
+    "  error('vidq: hash and event fields must come in pairs')\n"
+    "end\n"
     "if redis.call('EXISTS', KEYS[3]) == 0 then redis.call('ZREM', KEYS[1], ARGV[1]) return 0 end\n"
-    "local nh = tonumber(ARGV[5])\n"
-    "if nh > 0 then redis.call('HSET', KEYS[3], unpack(ARGV, 10, 9 + nh)) end\n"
+    "if nh > 0 then redis.call('HSET', KEYS[3], unpack(ARGV, 11, 10 + nh)) end\n"
     "if ARGV[3] == 'final' then\n"
     "  redis.call('ZREM', KEYS[1], ARGV[1])\n"
     "  redis.call('DEL', KEYS[3])\n"
     "else\n"
     "  redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])\n"
     "end\n"
-    "if #ARGV >= 10 + nh then redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 10 + nh)) end\n"
-    BATCH_LUA
+    "if #ARGV >= 11 + nh then redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', unpack(ARGV, 11 + nh)) end\n"
+    "batch(KEYS[6], ARGV[6], final, ARGV[8], ARGV[9], KEYS[2], maxlen, batch_ttl)\n"
     "return 1\n";
 
-enum { S_TAKE, S_PUTBACK, S_RECORD, S_RETRY, S_PROMOTE, S_HEARTBEAT, S_RECOVER, S_CLAIM, S_TRACK, S_MARK, S_COUNT };
-static const char *const script_src[S_COUNT] = {TAKE_LUA,      PUTBACK_LUA, RECORD_LUA, RETRY_LUA, PROMOTE_LUA,
-                                                HEARTBEAT_LUA, RECOVER_LUA, CLAIM_LUA,  TRACK_LUA, MARK_LUA};
+enum {
+    S_TAKE, S_PUTBACK, S_RECORD, S_RETRY, S_PROMOTE, S_HEARTBEAT, S_HELD, S_TAKEOVER, S_CLAIM, S_TRACK, S_SEND,
+    S_CLAIM_NAME, S_COUNT
+};
+static const char *const script_src[S_COUNT] = {TAKE_LUA,      PUTBACK_LUA,  RECORD_LUA, RETRY_LUA, PROMOTE_LUA,
+                                                HEARTBEAT_LUA, HELD_LUA,     TAKEOVER_LUA, CLAIM_LUA, TRACK_LUA,
+                                                SEND_LUA,      CLAIM_NAME_LUA};
 
 struct queue {
     uv_loop_t *loop;
@@ -321,8 +402,10 @@ struct queue {
     char *prefix;
     char *instance;
     char *k_jobs, *k_processing, *k_results, *k_dead, *k_paused;
-    char *k_retry, *k_rate, *k_instances, *k_instance, *k_recovered, *k_track, *k_sending;
+    char *k_retry, *k_rate, *k_instances, *k_instance, *k_recovered, *k_track, *k_sending, *k_clean;
     long maxlen;
+    int64_t batch_ttl_ms;
+    sbuf *capture; /* queue_capture: commands are written here instead of sent */
     char sha[S_COUNT][41];
     int scripts_loaded;
     int up;
@@ -335,13 +418,14 @@ struct call {
     queue *q;
     queue_items_fn *items_fn;
     queue_done_fn *done_fn;
-    queue_str_fn *str_fn;
     queue_takeover_fn *takeover_fn;
+    queue_send_fn *send_fn;
+    queue_fields_fn *fields_fn;
     queue_tasks_fn *tasks_fn;
     void *ud;
     int reverse; /* items_fn: deliver array in reverse order */
     int skip;    /* items_fn: leading elements that are not items */
-    int pairs;   /* items_fn: elements come as {flag, item} pairs */
+    int triples; /* items_fn: elements come as {marked, deaths, item} triples */
 };
 
 static char *mkkey(const char *prefix, const char *suffix)
@@ -434,7 +518,10 @@ queue *queue_new(uv_loop_t *loop, const struct queue_opts *o, queue_state_fn *fn
     q->k_track = mkkey(o->prefix, "track");
     snprintf(pname, sizeof pname, "sending:%s", o->instance);
     q->k_sending = mkkey(o->prefix, pname);
+    snprintf(pname, sizeof pname, "clean:%s", o->instance);
+    q->k_clean = mkkey(o->prefix, pname);
     q->maxlen = o->results_maxlen;
+    q->batch_ttl_ms = o->batch_ttl_ms > 0 ? o->batch_ttl_ms : 7 * 86400000LL;
     q->state_fn = fn;
     q->ud = ud;
     snprintf(name, sizeof name, "vidqd:%s:cmd", o->instance);
@@ -475,6 +562,7 @@ void queue_close(queue *q)
     free(q->k_recovered);
     free(q->k_track);
     free(q->k_sending);
+    free(q->k_clean);
     free(q);
 }
 
@@ -514,11 +602,13 @@ static void on_items(redisReply *r, void *ud)
     size_t k = 0;
     for (size_t i = skip; i < n; i++) {
         int flag = 0;
-        if (c->pairs) {
-            redisReply *f = r->element[i++];
-            flag = f->type == REDIS_REPLY_STRING && f->len == 1 && f->str[0] == '1';
-            if (i >= n)
+        long long deaths = 0;
+        if (c->triples) {
+            if (i + 2 >= n)
                 break;
+            redisReply *f = r->element[i++], *d = r->element[i++];
+            flag = f->type == REDIS_REPLY_STRING && f->len == 1 && f->str[0] == '1';
+            deaths = d->type == REDIS_REPLY_INTEGER ? d->integer : 0;
         }
         redisReply *e = r->element[c->reverse ? n - 1 - (i - skip) : i];
         if (e->type != REDIS_REPLY_STRING)
@@ -526,6 +616,7 @@ static void on_items(redisReply *r, void *ud)
         items[k].data = e->str;
         items[k].len = e->len;
         items[k].flag = flag;
+        items[k].deaths = deaths;
         k++;
     }
     c->items_fn(0, &info, items, k, c->ud);
@@ -536,7 +627,7 @@ static void on_items(redisReply *r, void *ud)
 static void on_single(redisReply *r, void *ud)
 {
     struct call *c = ud;
-    struct qitem it;
+    struct qitem it = {0};
     struct qinfo info = {0, 0};
     if (reply_failed(c->q, r)) {
         c->items_fn(1, &info, NULL, 0, c->ud);
@@ -560,18 +651,6 @@ static void on_done(redisReply *r, void *ud)
     free(c);
 }
 
-static void on_str(redisReply *r, void *ud)
-{
-    struct call *c = ud;
-    if (reply_failed(c->q, r))
-        c->str_fn(1, NULL, 0, c->ud);
-    else if (r->type == REDIS_REPLY_STRING)
-        c->str_fn(0, r->str, r->len, c->ud);
-    else
-        c->str_fn(0, NULL, 0, c->ud);
-    free(c);
-}
-
 static struct call *new_call(queue *q, void *ud)
 {
     struct call *c = xcalloc(1, sizeof *c);
@@ -580,10 +659,92 @@ static struct call *new_call(queue *q, void *ud)
     return c;
 }
 
+/*
+ * The spool format (queue_capture / queue_replay): a command is a line
+ * "<argc>\n" then each argument as "<len>:<bytes>\n"; the script's SHA is
+ * written as "#<index>", so a spool stays valid when the scripts change
+ * SHA after an upgrade... of the same index. Lengths make any byte safe.
+ */
+static void capture(queue *q, int argc, const char **argv, const size_t *lens)
+{
+    sbuf_printf(q->capture, "%d\n", argc);
+    for (int i = 0; i < argc; i++) {
+        size_t n = lens ? lens[i] : strlen(argv[i]);
+        if (i == 1 && strcmp(argv[0], "EVALSHA") == 0) {
+            for (int k = 0; k < S_COUNT; k++) {
+                if (strcmp(argv[1], q->sha[k]) == 0) {
+                    char idx[16];
+                    snprintf(idx, sizeof idx, "#%d", k);
+                    sbuf_printf(q->capture, "%zu:%s\n", strlen(idx), idx);
+                    break;
+                }
+            }
+            continue;
+        }
+        sbuf_printf(q->capture, "%zu:", n);
+        sbuf_append(q->capture, argv[i], n);
+        sbuf_putc(q->capture, '\n');
+    }
+}
+
+void queue_capture(queue *q, sbuf *into)
+{
+    q->capture = into;
+}
+
+/* Parse one spooled command at *pos; argv points into data. -1: malformed. */
+static int parse_spooled(const char *data, size_t len, size_t *pos, int *argc, const char ***argv, size_t **lens)
+{
+    char *e;
+    size_t p = *pos;
+    long n = strtol(data + p, &e, 10);
+    if (e == data + p || n < 2 || n > 100000 || (size_t)(e - data) >= len || *e != '\n')
+        return -1;
+    p = (size_t)(e - data) + 1;
+    *argv = xcalloc((size_t)n, sizeof **argv);
+    *lens = xcalloc((size_t)n, sizeof **lens);
+    for (long i = 0; i < n; i++) {
+        unsigned long long l = strtoull(data + p, &e, 10);
+        if (e == data + p || *e != ':' || l > len || (size_t)(e - data) + 1 + l >= len || e[1 + l] != '\n') {
+            free(*argv);
+            free(*lens);
+            return -1;
+        }
+        (*argv)[i] = e + 1;
+        (*lens)[i] = (size_t)l;
+        p = (size_t)(e - data) + 2 + l;
+    }
+    *argc = (int)n;
+    *pos = p;
+    return 0;
+}
+
+int queue_spool_check(const char *data, size_t len)
+{
+    size_t pos = 0;
+    int n = 0;
+    while (pos < len) {
+        int argc;
+        const char **argv;
+        size_t *lens;
+        if (parse_spooled(data, len, &pos, &argc, &argv, &lens) != 0)
+            return -1;
+        free(argv);
+        free(lens);
+        n++;
+    }
+    return n;
+}
+
 /* Send a command whose callback owns `c` (freed here when it cannot be sent). */
 static int qsend(queue *q, rconn *conn, rconn_reply_fn *rfn, struct call *c, int argc, const char **argv,
                  const size_t *lens)
 {
+    if (q->capture) {
+        capture(q, argc, argv, lens);
+        free(c);
+        return 0;
+    }
     if (!q->up || rconn_cmd(conn, rfn, c, argc, argv, lens) != 0) {
         free(c);
         return -1;
@@ -626,30 +787,16 @@ int queue_wait(queue *q, int timeout_s, queue_items_fn *fn, void *ud)
     return qsend(q, q->blk, on_single, c, 6, argv, NULL);
 }
 
-static int recover(queue *q, const char *mode, int poison_limit, int retry_ambiguous, rconn_reply_fn *rfn,
-                   struct call *c)
-{
-    char maxlen[32], limit[16], now[32];
-    snprintf(maxlen, sizeof maxlen, "%ld", q->maxlen);
-    snprintf(limit, sizeof limit, "%d", poison_limit);
-    snprintf(now, sizeof now, "%lld", (long long)now_ms());
-    const char *argv[] = {"EVALSHA",    q->sha[S_RECOVER], "5",        q->k_instances, q->k_jobs, q->k_dead,
-                          q->k_results, q->k_recovered,    q->instance, q->prefix,     maxlen,    limit,
-                          now,          mode,              retry_ambiguous ? "1" : "0"};
-    return qsend(q, q->cmd, rfn, c, 15, argv, NULL);
-}
+/* ---- the held jobs, takeover, the instance name -------------------------- */
 
-int queue_held(queue *q, int recovering, int poison_limit, queue_items_fn *fn, void *ud)
+int queue_held(queue *q, int recovering, queue_items_fn *fn, void *ud)
 {
     struct call *c = new_call(q, ud);
     c->items_fn = fn;
-    if (recovering) {
-        c->pairs = 1; /* {sending flag, job}, oldest first */
-        return recover(q, "self", poison_limit, 0, on_items, c);
-    }
-    const char *argv[] = {"LRANGE", q->k_processing, "0", "-1"};
-    c->reverse = 1; /* jobs enter at the head: the tail is the oldest */
-    return qsend(q, q->cmd, on_items, c, 4, argv, NULL);
+    c->triples = 1; /* {marked, deaths, job}, oldest first */
+    const char *argv[] = {"EVALSHA", q->sha[S_HELD], "4",          q->k_processing, q->k_sending,
+                          q->k_recovered, q->k_clean, recovering ? "1" : "0"};
+    return qsend(q, q->cmd, on_items, c, 8, argv, NULL);
 }
 
 static void on_takeover(redisReply *r, void *ud)
@@ -662,20 +809,106 @@ static void on_takeover(redisReply *r, void *ud)
     free(c);
 }
 
-int queue_takeover(queue *q, int poison_limit, int retry_ambiguous, queue_takeover_fn *fn, void *ud)
+int queue_takeover(queue *q, queue_takeover_fn *fn, void *ud)
 {
     struct call *c = new_call(q, ud);
     c->takeover_fn = fn;
-    return recover(q, "others", poison_limit, retry_ambiguous, on_takeover, c);
+    const char *argv[] = {"EVALSHA",    q->sha[S_TAKEOVER], "4",        q->k_instances, q->k_processing,
+                          q->k_sending, q->k_recovered,     q->instance, q->prefix};
+    return qsend(q, q->cmd, on_takeover, c, 9, argv, NULL);
 }
 
-int queue_mark_sending(queue *q, const char *held, size_t len, queue_done_fn *fn, void *ud)
+int queue_clean_exit(queue *q, queue_done_fn *fn, void *ud)
 {
-    const char *argv[] = {"EVALSHA", q->sha[S_MARK], "1", q->k_sending, held};
-    size_t lens[] = {7, 40, 1, strlen(q->k_sending), len};
+    const char *argv[] = {"SET", q->k_clean, "1"};
     struct call *c = new_call(q, ud);
     c->done_fn = fn;
-    return qsend(q, q->cmd, on_done, c, 5, argv, lens);
+    return qsend(q, q->cmd, on_done, c, 3, argv, NULL);
+}
+
+static void on_fields(redisReply *r, void *ud)
+{
+    struct call *c = ud;
+    if (reply_failed(c->q, r) || r->type != REDIS_REPLY_ARRAY) {
+        c->fields_fn(1, NULL, 0, c->ud);
+    } else {
+        const char **f = xcalloc(r->elements + 1, sizeof *f);
+        for (size_t i = 0; i < r->elements; i++)
+            f[i] = r->element[i]->type == REDIS_REPLY_STRING ? r->element[i]->str : "";
+        c->fields_fn(0, f, r->elements, c->ud);
+        free(f);
+    }
+    free(c);
+}
+
+int queue_claim_name(queue *q, const char *run, int64_t ttl_ms, int force, const char *const *fields, int nfields,
+                     queue_fields_fn *fn, void *ud)
+{
+    char ttl[32];
+    snprintf(ttl, sizeof ttl, "%lld", (long long)ttl_ms);
+    int argc = 7 + nfields;
+    const char **argv = xmalloc((size_t)argc * sizeof *argv);
+    const char *fixed[] = {"EVALSHA", q->sha[S_CLAIM_NAME], "1", q->k_instance, run, ttl, force ? "1" : "0"};
+    memcpy(argv, fixed, sizeof fixed);
+    for (int i = 0; i < nfields; i++)
+        argv[7 + i] = fields[i];
+    struct call *c = new_call(q, ud);
+    c->fields_fn = fn;
+    int rc = qsend(q, q->cmd, on_fields, c, argc, argv, NULL);
+    free(argv);
+    return rc;
+}
+
+/* ---- the job's path: send, retry, put back, record ------------------------ */
+
+static void key_for(const queue *q, char *buf, size_t size, const char *kind, const char *id)
+{
+    if (id && *id)
+        snprintf(buf, size, "%s:%s:%s", q->prefix, kind, id);
+    else
+        buf[0] = '\0';
+}
+
+static void on_send(redisReply *r, void *ud)
+{
+    struct call *c = ud;
+    static const char *const names[] = {"send", "gone", "dup", "wait", "ambiguous"};
+    if (reply_failed(c->q, r) || r->type != REDIS_REPLY_ARRAY || r->elements < 1 ||
+        r->element[0]->type != REDIS_REPLY_STRING) {
+        c->send_fn(1, Q_SEND, NULL, 0, c->ud);
+        free(c);
+        return;
+    }
+    for (int v = 0; v < 5; v++) {
+        if (strcmp(r->element[0]->str, names[v]) == 0) {
+            redisReply *a = r->elements > 1 ? r->element[1] : NULL;
+            int has = a && a->type == REDIS_REPLY_STRING;
+            c->send_fn(0, (enum queue_verdict)v, has ? a->str : NULL, has ? a->len : 0, c->ud);
+            free(c);
+            return;
+        }
+    }
+    c->send_fn(1, Q_SEND, NULL, 0, c->ud);
+    free(c);
+}
+
+int queue_send(queue *q, const char *held, size_t len, const char *job_id, enum queue_send_mode mode,
+               int retry_ambiguous, queue_send_fn *fn, void *ud)
+{
+    static const char *const modes[] = {"new", "marked", "probe"};
+    char dedup_key[300], claim_key[300];
+    key_for(q, dedup_key, sizeof dedup_key, "dedup", job_id);
+    key_for(q, claim_key, sizeof claim_key, "claim", job_id);
+    const char *argv[] = {"EVALSHA", q->sha[S_SEND], "4",          q->k_processing, q->k_sending, dedup_key,
+                          claim_key, held,           modes[mode], q->instance,     job_id ? "1" : "0",
+                          retry_ambiguous ? "1" : "0"};
+    size_t lens[12];
+    for (int i = 0; i < 12; i++)
+        lens[i] = strlen(argv[i]);
+    lens[7] = len;
+    struct call *c = new_call(q, ud);
+    c->send_fn = fn;
+    return qsend(q, q->cmd, on_send, c, 12, argv, lens);
 }
 
 int queue_heartbeat(queue *q, const char *const *fields, int nfields, int64_t ttl_ms, queue_done_fn *fn, void *ud)
@@ -696,17 +929,21 @@ int queue_heartbeat(queue *q, const char *const *fields, int nfields, int64_t tt
 }
 
 int queue_retry(queue *q, const char *held, size_t held_len, const char *envelope, size_t env_len, int64_t due_ms,
-                int marked, queue_done_fn *fn, void *ud)
+                int marked, const char *job_id, queue_done_fn *fn, void *ud)
 {
-    char due[32];
+    char due[32], claim_key[300];
     snprintf(due, sizeof due, "%lld", (long long)due_ms);
-    const char *argv[] = {"EVALSHA", q->sha[S_RETRY], "3",      q->k_processing,   q->k_retry,
-                          q->k_sending, held,        due,       envelope,          marked ? "1" : "0"};
-    size_t lens[] = {7, 40, 1, strlen(q->k_processing), strlen(q->k_retry), strlen(q->k_sending), held_len,
-                     strlen(due), env_len, 1};
+    key_for(q, claim_key, sizeof claim_key, "claim", job_id);
+    const char *argv[] = {"EVALSHA", q->sha[S_RETRY], "5",  q->k_processing, q->k_retry, q->k_sending,
+                          q->k_recovered, claim_key,     held, due,             envelope,   marked ? "1" : "0"};
+    size_t lens[12];
+    for (int i = 0; i < 12; i++)
+        lens[i] = strlen(argv[i]);
+    lens[8] = held_len;
+    lens[10] = env_len;
     struct call *c = new_call(q, ud);
     c->done_fn = fn;
-    return qsend(q, q->cmd, on_done, c, 10, argv, lens);
+    return qsend(q, q->cmd, on_done, c, 12, argv, lens);
 }
 
 int queue_promote(queue *q, queue_done_fn *fn, void *ud)
@@ -719,45 +956,44 @@ int queue_promote(queue *q, queue_done_fn *fn, void *ud)
     return qsend(q, q->cmd, on_done, c, 7, argv, NULL);
 }
 
-int queue_putback(queue *q, const char *raw, size_t len, int marked, queue_done_fn *fn, void *ud)
+int queue_putback(queue *q, const char *raw, size_t len, int marked, const char *job_id, queue_done_fn *fn,
+                  void *ud)
 {
-    const char *argv[] = {"EVALSHA", q->sha[S_PUTBACK], "3", q->k_processing, q->k_jobs, q->k_sending,
-                          raw,       marked ? "1" : "0"};
-    size_t lens[] = {7, 40, 1, strlen(q->k_processing), strlen(q->k_jobs), strlen(q->k_sending), len, 1};
+    char claim_key[300];
+    key_for(q, claim_key, sizeof claim_key, "claim", job_id);
+    const char *argv[] = {"EVALSHA", q->sha[S_PUTBACK], "4", q->k_processing, q->k_jobs, q->k_sending,
+                          claim_key, raw,                marked ? "1" : "0"};
+    size_t lens[9];
+    for (int i = 0; i < 9; i++)
+        lens[i] = strlen(argv[i]);
+    lens[7] = len;
     struct call *c = new_call(q, ud);
     c->done_fn = fn;
-    return qsend(q, q->cmd, on_done, c, 8, argv, lens);
-}
-
-int queue_dedup_get(queue *q, const char *job_id, queue_str_fn *fn, void *ud)
-{
-    char key[300];
-    snprintf(key, sizeof key, "%s:dedup:%s", q->prefix, job_id);
-    const char *argv[] = {"GET", key};
-    struct call *c = new_call(q, ud);
-    c->str_fn = fn;
-    return qsend(q, q->cmd, on_str, c, 2, argv, NULL);
+    return qsend(q, q->cmd, on_done, c, 9, argv, lens);
 }
 
 int queue_record(queue *q, const struct qrecord *r, queue_done_fn *fn, void *ud)
 {
-    enum { FIXED = 24 };
-    char dedup_key[300], batch_key[300], task_key[300], maxlen[32], ttl[32], now[32], first[32];
-    snprintf(dedup_key, sizeof dedup_key, "%s:dedup:%s", q->prefix, r->dedup_job_id ? r->dedup_job_id : "");
-    snprintf(batch_key, sizeof batch_key, "%s:batch:%s", q->prefix, r->batch ? r->batch : "");
-    snprintf(task_key, sizeof task_key, "%s:task:%s", q->prefix, r->track_job_id ? r->track_job_id : "");
+    enum { FIXED = 27 };
+    char dedup_key[300], batch_key[300], task_key[300], claim_key[300];
+    char maxlen[32], ttl[32], now[32], first[32], bttl[32];
+    key_for(q, dedup_key, sizeof dedup_key, "dedup", r->dedup_job_id);
+    key_for(q, batch_key, sizeof batch_key, "batch", r->batch);
+    key_for(q, task_key, sizeof task_key, "task", r->track_job_id);
+    key_for(q, claim_key, sizeof claim_key, "claim", r->claim ? r->claim_job_id : NULL);
     snprintf(maxlen, sizeof maxlen, "%ld", q->maxlen);
     snprintf(ttl, sizeof ttl, "%lld", (long long)(r->dedup_ttl_ms > 0 ? r->dedup_ttl_ms : 1));
     snprintf(now, sizeof now, "%lld", (long long)now_ms());
     snprintf(first, sizeof first, "%lld", (long long)r->first_poll_ms);
+    snprintf(bttl, sizeof bttl, "%lld", (long long)q->batch_ttl_ms);
     const char *dtask = r->dedup_job_id && r->dedup_task_id ? r->dedup_task_id : "";
     const char *fixed[FIXED] = {
-        "EVALSHA", q->sha[S_RECORD], "9", q->k_processing, q->k_results, q->k_dead, dedup_key, q->k_recovered,
-        batch_key, task_key, q->k_track, q->k_sending,
+        "EVALSHA", q->sha[S_RECORD], "10", q->k_processing, q->k_results, q->k_dead, dedup_key, q->k_recovered,
+        batch_key, task_key, q->k_track, q->k_sending, claim_key,
         /* ARGV */
         r->raw, maxlen, r->dead ? r->dead : "", dtask, ttl, r->batch && r->batch_field ? r->batch_field : "",
         r->final ? "1" : "0", now, r->batch ? r->batch : "", first, r->track_job_id ? r->track_job_id : "",
-        r->marked ? "1" : "0"};
+        r->marked ? "1" : "0", claim_key[0] ? r->claim : "", bttl};
     int argc = FIXED + r->nfields;
     const char **argv = xmalloc((size_t)argc * sizeof *argv);
     size_t *lens = xmalloc((size_t)argc * sizeof *lens);
@@ -765,8 +1001,8 @@ int queue_record(queue *q, const struct qrecord *r, queue_done_fn *fn, void *ud)
         argv[i] = fixed[i];
         lens[i] = strlen(fixed[i]);
     }
-    lens[12] = r->raw_len; /* the raw job and the dead entry may hold NUL bytes */
-    lens[14] = r->dead ? r->dead_len : 0;
+    lens[13] = r->raw_len; /* the raw job and the dead entry may hold NUL bytes */
+    lens[15] = r->dead ? r->dead_len : 0;
     for (int i = 0; i < r->nfields; i++) {
         argv[FIXED + i] = r->fields[i];
         lens[FIXED + i] = r->field_lens[i];
@@ -777,6 +1013,67 @@ int queue_record(queue *q, const struct qrecord *r, queue_done_fn *fn, void *ud)
     free(argv);
     free(lens);
     return rc;
+}
+
+/* ---- the spool: outcomes Redis would not take at exit --------------------- */
+
+struct replay {
+    queue *q;
+    int pending;
+    int failed;
+    queue_done_fn *fn;
+    void *ud;
+};
+
+static void replay_release(struct replay *rp)
+{
+    if (--rp->pending == 0) {
+        rp->fn(rp->failed, 0, rp->ud);
+        free(rp);
+    }
+}
+
+static void on_replayed(redisReply *r, void *ud)
+{
+    struct replay *rp = ud;
+    if (r == NULL || r->type == REDIS_REPLY_ERROR)
+        rp->failed = 1;
+    replay_release(rp);
+}
+
+int queue_replay(queue *q, const char *data, size_t len, queue_done_fn *fn, void *ud)
+{
+    if (!q->up || queue_spool_check(data, len) < 0)
+        return -1;
+    struct replay *rp = xcalloc(1, sizeof *rp);
+    rp->q = q;
+    rp->fn = fn;
+    rp->ud = ud;
+    rp->pending = 1; /* held until every command is out */
+    size_t pos = 0;
+    while (pos < len) {
+        int argc;
+        const char **argv;
+        size_t *lens;
+        if (parse_spooled(data, len, &pos, &argc, &argv, &lens) != 0)
+            break; /* cannot happen: checked above */
+        if (argc >= 2 && lens[1] >= 2 && argv[1][0] == '#') {
+            int k = atoi(argv[1] + 1);
+            if (k >= 0 && k < S_COUNT) {
+                argv[1] = q->sha[k];
+                lens[1] = 40;
+            }
+        }
+        rp->pending++;
+        if (rconn_cmd(q->cmd, on_replayed, rp, argc, argv, lens) != 0) {
+            rp->pending--;
+            rp->failed = 1;
+        }
+        free(argv);
+        free(lens);
+    }
+    replay_release(rp);
+    return 0;
 }
 
 /* ---- tracking ------------------------------------------------------------ */
@@ -824,20 +1121,21 @@ int queue_track_claim(queue *q, unsigned max, int64_t lease_ms, queue_tasks_fn *
 
 int queue_track_update(queue *q, const struct qtrack *t, queue_done_fn *fn, void *ud)
 {
-    enum { FIXED = 18 };
-    char task_key[300], batch_key[300], maxlen[32], next[32], nh[16], now[32];
+    enum { FIXED = 19 };
+    char task_key[300], batch_key[300], maxlen[32], next[32], nh[16], now[32], bttl[32];
     snprintf(task_key, sizeof task_key, "%s:task:%s", q->prefix, t->job_id);
-    snprintf(batch_key, sizeof batch_key, "%s:batch:%s", q->prefix, t->batch ? t->batch : "");
+    key_for(q, batch_key, sizeof batch_key, "batch", t->batch);
     snprintf(maxlen, sizeof maxlen, "%ld", q->maxlen);
     snprintf(next, sizeof next, "%lld", (long long)t->next_poll_ms);
     snprintf(nh, sizeof nh, "%d", t->nhash);
     snprintf(now, sizeof now, "%lld", (long long)now_ms());
+    snprintf(bttl, sizeof bttl, "%lld", (long long)q->batch_ttl_ms);
     const char *fixed[FIXED] = {"EVALSHA", q->sha[S_TRACK], "6", q->k_track, q->k_results, task_key, task_key,
                                 task_key, batch_key,
                                 /* ARGV */
                                 t->job_id, maxlen, t->final ? "final" : "again", next, nh,
                                 t->batch && t->batch_field ? t->batch_field : "", t->final ? "1" : "0", now,
-                                t->batch ? t->batch : ""};
+                                t->batch ? t->batch : "", bttl};
     int argc = FIXED + t->nhash + t->nfields;
     const char **argv = xmalloc((size_t)argc * sizeof *argv);
     memcpy(argv, fixed, sizeof fixed);

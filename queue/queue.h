@@ -15,6 +15,7 @@
 #include <uv.h>
 
 #include "rconn.h"
+#include "util.h"
 
 typedef struct queue queue;
 
@@ -23,6 +24,7 @@ struct queue_opts {
     const char *prefix;
     const char *instance;
     long results_maxlen;
+    int64_t batch_ttl_ms; /* a finished batch's hash expires after this */
     int64_t connect_timeout_ms;
     int64_t cmd_timeout_ms;
 };
@@ -33,7 +35,8 @@ typedef void queue_state_fn(int up, const char *why, void *ud);
 struct qitem {
     const char *data;
     size_t len;
-    int flag; /* queue_held(recovering): the job carried a sending mark */
+    int flag;           /* queue_held: the job carries a sending mark (it may have been billed) */
+    long long deaths;   /* queue_held: instances that died holding it (poison check) */
 };
 
 /* What came with a batch of jobs. */
@@ -46,8 +49,6 @@ struct qinfo {
 typedef void queue_items_fn(int err, const struct qinfo *info, const struct qitem *items, size_t n, void *ud);
 /* err != 0: not done (the caller retries); else `result` is the integer reply. */
 typedef void queue_done_fn(int err, long long result, void *ud);
-/* value NULL when the key does not exist. */
-typedef void queue_str_fn(int err, const char *value, size_t len, void *ud);
 
 queue *queue_new(uv_loop_t *loop, const struct queue_opts *o, queue_state_fn *fn, void *ud);
 void queue_start(queue *q);
@@ -65,40 +66,53 @@ int queue_take(queue *q, unsigned max, double global_rate, queue_items_fn *fn, v
 /* Block up to `timeout_s` on the blocking connection for one job (BLMOVE). */
 int queue_wait(queue *q, int timeout_s, queue_items_fn *fn, void *ud);
 /*
- * The jobs already in this instance's processing list, oldest first. With
- * `recovering` (at start-up, after a crash) each counts as recovered once
- * and a job recovered more than `poison_limit` times goes to the dead list
- * with error "poison" instead of being returned.
+ * The jobs held in this instance's processing list, oldest first, each with
+ * its sending mark and its death count. With `recovering` (at start-up)
+ * each counts one more death, unless the previous run drained cleanly
+ * (queue_clean_exit). Marks are never ended here: a marked job keeps its
+ * mark until its outcome is written.
  */
-int queue_held(queue *q, int recovering, int poison_limit, queue_items_fn *fn, void *ud);
+int queue_held(queue *q, int recovering, queue_items_fn *fn, void *ud);
 /*
- * Give the jobs of instances whose heartbeat expired back to the intake
- * list (oldest first, to be taken next), with the same poison check; a
- * job whose request may have been out ends as ambiguous (unless
- * retry_ambiguous). The callback gets both counts.
- * result = number of jobs moved.
+ * Move the jobs of instances whose heartbeat expired into this instance's
+ * processing list, with their marks, counting one death each; the worker
+ * then finds them held (queue_held) and treats them like its own.
  */
-typedef void queue_takeover_fn(int err, long long moved, long long ambiguous, void *ud);
-int queue_takeover(queue *q, int poison_limit, int retry_ambiguous, queue_takeover_fn *fn, void *ud);
+typedef void queue_takeover_fn(int err, long long moved, long long marked, void *ud);
+int queue_takeover(queue *q, queue_takeover_fn *fn, void *ud);
+/* The drain ended cleanly: the next start counts no deaths. */
+int queue_clean_exit(queue *q, queue_done_fn *fn, void *ud);
+/*
+ * The instance-name guard: claim vidq:instance:<instance> for the run `run`.
+ * fields NULL (n = 0): claimed. Else another run holds it: its hash fields.
+ */
+typedef void queue_fields_fn(int err, const char **fields, size_t n, void *ud);
+int queue_claim_name(queue *q, const char *run, int64_t ttl_ms, int force, const char *const *fields, int nfields,
+                     queue_fields_fn *fn, void *ud);
 /* Publish this instance's heartbeat: field/value pairs, kept for ttl_ms. */
 int queue_heartbeat(queue *q, const char *const *fields, int nfields, int64_t ttl_ms, queue_done_fn *fn, void *ud);
-/* Move a held job to the retry set, due at `due_ms`, as `envelope`. */
+
+/*
+ * May this held job go out now? One round trip: still held here, its
+ * job_id's dedup marker and claim, and its sending mark (see queue.c,
+ * SEND_LUA). job_id is the producer's (NULL when vidqd assigned one).
+ */
+enum queue_send_mode { QS_NEW, QS_MARKED, QS_PROBE };
+enum queue_verdict { Q_SEND, Q_GONE, Q_DUP, Q_WAIT, Q_AMBIGUOUS };
+/* arg: the recorded task id (Q_DUP) or the claiming instance (Q_WAIT). */
+typedef void queue_send_fn(int err, enum queue_verdict v, const char *arg, size_t len, void *ud);
+int queue_send(queue *q, const char *held, size_t len, const char *job_id, enum queue_send_mode mode,
+               int retry_ambiguous, queue_send_fn *fn, void *ud);
+/* Move a held job to the retry set, due at `due_ms`, as `envelope`; ends
+ * its mark and its job_id's claim when `marked`. */
 int queue_retry(queue *q, const char *held, size_t held_len, const char *envelope, size_t env_len, int64_t due_ms,
-                int marked, queue_done_fn *fn, void *ud);
+                int marked, const char *job_id, queue_done_fn *fn, void *ud);
 /* Move due retries to the intake list. result = number moved. */
 int queue_promote(queue *q, queue_done_fn *fn, void *ud);
-/* Move a held job back to the intake list, to be taken next (and drop its
- * sending mark when `marked`). */
-int queue_putback(queue *q, const char *raw, size_t len, int marked, queue_done_fn *fn, void *ud);
-/*
- * Mark a held job as "its request may be out" before sending it. A job
- * found held and marked after a crash (queue_held's flag, or a takeover)
- * may have been billed, so it is never silently submitted again.
- */
-int queue_mark_sending(queue *q, const char *held, size_t len, queue_done_fn *fn, void *ud);
-
-/* The task id recorded for a producer job_id, if any (dedup, CONTRACT §4). */
-int queue_dedup_get(queue *q, const char *job_id, queue_str_fn *fn, void *ud);
+/* Move a held job back to the intake list, to be taken next (nothing was
+ * created: its mark and claim end when `marked`). */
+int queue_putback(queue *q, const char *raw, size_t len, int marked, const char *job_id, queue_done_fn *fn,
+                  void *ud);
 
 /* One finished job, recorded atomically (see queue.c: RECORD_LUA). */
 struct qrecord {
@@ -118,6 +132,8 @@ struct qrecord {
     const char *track_job_id;   /* start tracking this job's task, or NULL */
     int64_t first_poll_ms;
     int marked;                 /* drop the job's sending mark */
+    const char *claim;          /* NULL, "del" or "ambiguous": what becomes of the job_id's claim */
+    const char *claim_job_id;
 };
 /* result 1: recorded; 0: the job was not held any more (no event written). */
 int queue_record(queue *q, const struct qrecord *r, queue_done_fn *fn, void *ud);
@@ -146,6 +162,17 @@ struct qtrack {
     const char *batch_field;    /* succeeded / task_failed */
 };
 int queue_track_update(queue *q, const struct qtrack *t, queue_done_fn *fn, void *ud);
+
+/*
+ * The spool (CONTRACT §6): with `into` set, record/retry/put-back calls
+ * are written to it instead of sent (their callbacks never run); NULL
+ * ends that. queue_replay sends a spool's commands, fn(err) once all are
+ * answered; queue_spool_check returns the number of commands, -1 when the
+ * text is not a spool.
+ */
+void queue_capture(queue *q, sbuf *into);
+int queue_replay(queue *q, const char *data, size_t len, queue_done_fn *fn, void *ud);
+int queue_spool_check(const char *data, size_t len);
 
 
 #endif
