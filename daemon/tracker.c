@@ -11,12 +11,28 @@
  *                         for a moment), then task_failed
  *   transport errors, 5xx, 429, 401/403 -> reschedule, nothing else
  * A task older than track.timeout ends as task_failed "timed out".
+ *
+ * Leases: a claim leases a task for one poll (api.timeout + slack). Before
+ * a download starts, the lease is pushed out to cover the whole download
+ * (its timeout + slack), so no other instance polls the task and fetches
+ * the same video meanwhile. A finished task that finds every download slot
+ * (track.download_concurrency) busy keeps its video URL in its hash (dl_url)
+ * and is taken up again a poll interval later, straight to the download,
+ * without asking the API again.
+ *
+ * Downloads (CONTRACT §9): Authorization only to the gateway's own origin
+ * (curl drops it on a redirect elsewhere), at most 5 redirects, private
+ * addresses refused unless track.download_private (the gateway's origin is
+ * always allowed), files 0640, a body whose completeness cannot be checked
+ * (HTTP/1.x closed-delimited) refused, and temporary files a crash left
+ * behind removed at start.
  */
 #include "tracker.h"
 #include "api.h"
 #include "log.h"
 #include "util.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -30,8 +46,8 @@
 #define NOT_FOUND_LIMIT 5        /* task_not_exist answers before it counts */
 #define NOT_FOUND_RETRY_MS 3000
 #define DOWNLOAD_ATTEMPTS 5
-#define DOWNLOAD_SLOTS 4
 #define DOWNLOAD_TIMEOUT_MS (30 * 60 * 1000)
+#define STALE_PART_MS (60 * 60 * 1000) /* an older .part file is a crash's leftover */
 #define DOWNLOAD_MAX_BYTES ((int64_t)4 << 30)
 #define LEASE_SLACK_MS 30000
 
@@ -60,6 +76,7 @@ struct poll {
     /* download */
     int fd;
     char *tmp_path, *final_path;
+    char *dl_url;        /* recorded when it had to wait for a slot */
 };
 
 static void claim(tracker *t);
@@ -87,6 +104,7 @@ static void poll_free(struct poll *p)
         unlink(p->tmp_path);
     free(p->tmp_path);
     free(p->final_path);
+    free(p->dl_url);
     free(p);
 }
 
@@ -232,6 +250,9 @@ static void download_failed(struct poll *p, const char *why)
     struct update u = {.nhash = 0};
     u.hash[u.nhash++] = "dl";
     u.hash[u.nhash++] = num(&u, p->dl_attempts);
+    /* Ask the API again next time: a signed URL may have expired. */
+    u.hash[u.nhash++] = "dl_url";
+    u.hash[u.nhash++] = "";
     again(p, (int64_t)2000 << p->dl_attempts, &u); /* 4 s, 8 s, 16 s, ... */
 }
 
@@ -239,7 +260,7 @@ static void download_failed(struct poll *p, const char *why)
  * poll (after the restart, or by another instance) takes the task up. */
 static int cancelled(struct poll *p, const struct http_result *res)
 {
-    if (res->curl_code != 42) /* CURLE_ABORTED_BY_CALLBACK: http_cancel() */
+    if (!res->cancelled)
         return 0;
     p->t->in_flight--;
     poll_free(p);
@@ -251,15 +272,27 @@ static void on_downloaded(http_req *req, const struct http_result *res, void *ud
     struct poll *p = ud;
     char why[300];
     (void)req;
-    if (res->curl_code == 42)
+    if (res->cancelled)
         p->t->downloads--;
     if (cancelled(p, res))
         return;
+    if (res->blocked) {
+        /* A policy answer, not a transient failure: no retries. */
+        p->dl_attempts = DOWNLOAD_ATTEMPTS;
+        download_failed(p, res->error);
+        return;
+    }
     if (res->curl_code != 0 || res->status < 200 || res->status >= 300) {
         snprintf(why, sizeof why, "%s", res->curl_code ? res->error : "HTTP error");
         if (res->curl_code == 0)
             snprintf(why, sizeof why, "HTTP %ld", res->status);
         download_failed(p, why);
+        return;
+    }
+    if (res->length_unknown) {
+        p->dl_attempts = DOWNLOAD_ATTEMPTS; /* the server will answer the same way again */
+        download_failed(p, "the server sent neither a length nor chunked encoding: a cut download could not be told "
+                           "from a whole one");
         return;
     }
     if (res->content_length >= 0 && res->content_length != res->bytes) {
@@ -283,15 +316,67 @@ static void on_downloaded(http_req *req, const struct http_result *res, void *ud
     finish(p, "succeeded", "video_url", p->ts.video_url, "file", p->final_path, NULL, NULL);
 }
 
+static unsigned download_slots(const tracker *t)
+{
+    return t->cfg->download_concurrency > 0 ? (unsigned)t->cfg->download_concurrency : 1;
+}
+
+static void start_download(struct poll *p);
+
+/* The download's lease is in place: go (or give the task up if it is gone). */
+static void on_leased(int err, long long result, void *ud)
+{
+    struct poll *p = ud;
+    tracker *t = p->t;
+    if (err || result != 1 || t->stopped) {
+        /* Redis said no, or another instance finished the task: leave it to
+         * the schedule; with no lease of ours, the task is polled again. */
+        if (err)
+            log_kv(LOG_WARNING, "could not lease a download; the task will be polled again", "job_id", p->job_id,
+                   NULL);
+        t->downloads--;
+        t->in_flight--;
+        poll_free(p);
+        if (!t->stopped)
+            claim(t);
+        return;
+    }
+    start_download(p);
+}
+
 static void download(struct poll *p)
 {
     tracker *t = p->t;
-    sbuf b;
-    if (t->downloads >= DOWNLOAD_SLOTS) {
-        again(p, 2000, NULL); /* the task stays succeeded upstream: poll again soon */
+    if (t->downloads >= download_slots(t)) {
+        /* Keep the URL so the next turn goes straight to the download, and
+         * come back a poll interval later rather than asking the API again
+         * every few seconds while the slots are busy. */
+        struct update u = {.nhash = 0};
+        u.hash[u.nhash++] = "dl_url";
+        u.hash[u.nhash++] = p->ts.video_url;
+        again(p, t->cfg->poll_interval_ms, &u);
         return;
     }
     t->downloads++;
+    /* The claim leased the task for one poll; a download takes up to
+     * DOWNLOAD_TIMEOUT_MS. Push the lease past it before starting, without
+     * jitter (a lease must not come out shorter). */
+    const char *hash[] = {"dl_url", p->ts.video_url};
+    struct qtrack q = {
+        .job_id = p->job_id,
+        .next_poll_ms = now_ms() + DOWNLOAD_TIMEOUT_MS + LEASE_SLACK_MS,
+        .hash = hash,
+        .nhash = 2,
+        .batch = p->batch,
+    };
+    if (queue_track_update(t->q, &q, on_leased, p) != 0)
+        on_leased(1, 0, p);
+}
+
+static void start_download(struct poll *p)
+{
+    tracker *t = p->t;
+    sbuf b;
     sbuf_init(&b);
     sbuf_printf(&b, "%s/.%s.part-XXXXXX", t->cfg->download_dir, p->job_id);
     p->tmp_path = sbuf_steal(&b, NULL);
@@ -304,9 +389,19 @@ static void download(struct poll *p)
         download_failed(p, why);
         return;
     }
-    fchmod(p->fd, 0644);
-    if (http_download(t->http, p->ts.video_url, p->fd, DOWNLOAD_MAX_BYTES, DOWNLOAD_TIMEOUT_MS, on_downloaded, p) ==
-        NULL)
+    fchmod(p->fd, 0640);
+    /* The key goes only to the gateway's own origin; curl drops it on a
+     * redirect to any other scheme, host or port. */
+    int own = http_same_origin(p->ts.video_url, t->cfg->base_url);
+    const char *headers[] = {own ? t->auth_header : NULL, NULL};
+    struct http_download_opts o = {
+        .max_bytes = DOWNLOAD_MAX_BYTES,
+        .timeout_ms = DOWNLOAD_TIMEOUT_MS,
+        .headers = headers,
+        .trusted_origin = t->cfg->base_url,
+        .allow_private = t->cfg->download_private,
+    };
+    if (http_download(t->http, p->ts.video_url, p->fd, &o, on_downloaded, p) == NULL)
         download_failed(p, "could not start the download");
 }
 
@@ -407,6 +502,7 @@ static void start_poll(tracker *t, const struct qtask *q)
     p->not_found = v ? atoi(v) : 0;
     v = field(q, "dl");
     p->dl_attempts = v ? atoi(v) : 0;
+    p->dl_url = dup_or_null(field(q, "dl_url"));
     t->in_flight++;
     if (p->task_id == NULL) {
         finish(p, "task_failed", "message", "no task id recorded for this job", NULL, NULL, NULL, NULL);
@@ -417,6 +513,13 @@ static void start_poll(tracker *t, const struct qtask *q)
         snprintf(msg, sizeof msg, "timed out: not finished after %lld s",
                  (long long)(t->cfg->track_timeout_ms / 1000));
         finish(p, "task_failed", "message", msg, NULL, NULL, NULL, NULL);
+        return;
+    }
+    if (p->dl_url && t->cfg->download_dir) {
+        /* Finished already, waiting for a download slot: no need to ask. */
+        p->ts.state = TASK_SUCCEEDED;
+        p->ts.video_url = xstrdup(p->dl_url);
+        download(p);
         return;
     }
     sbuf url;
@@ -469,6 +572,33 @@ static void on_tick(uv_timer_t *h)
     claim(h->data);
 }
 
+/*
+ * A crash leaves ".<job_id>.part-XXXXXX" files behind. Remove the ones not
+ * written to for an hour: a download in progress (here or in another
+ * instance sharing the directory) writes to its file all the time.
+ */
+static void remove_stale_parts(const char *dir)
+{
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    if (d == NULL)
+        return;
+    int64_t now = now_ms();
+    while ((e = readdir(d)) != NULL) {
+        struct stat st;
+        const char *name = e->d_name;
+        if (name[0] != '.' || strstr(name, ".part-") == NULL)
+            continue;
+        if (fstatat(dirfd(d), name, &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISREG(st.st_mode))
+            continue;
+        if (now - (int64_t)st.st_mtime * 1000 < STALE_PART_MS)
+            continue;
+        if (unlinkat(dirfd(d), name, 0) == 0)
+            log_kv(LOG_NOTICE, "removed a stale partial download", "dir", dir, "file", name, NULL);
+    }
+    closedir(d);
+}
+
 tracker *tracker_new(uv_loop_t *loop, const struct config *cfg, queue *q, http_client *http)
 {
     tracker *t = xcalloc(1, sizeof *t);
@@ -479,8 +609,10 @@ tracker *tracker_new(uv_loop_t *loop, const struct config *cfg, queue *q, http_c
     derive(t);
     uv_timer_init(loop, &t->tick);
     t->tick.data = t;
-    if (cfg->download_dir)
-        mkdir(cfg->download_dir, 0755);
+    if (cfg->download_dir) {
+        mkdir(cfg->download_dir, 0750);
+        remove_stale_parts(cfg->download_dir);
+    }
     uv_timer_start(&t->tick, on_tick, TICK_MS, TICK_MS);
     return t;
 }
@@ -490,7 +622,7 @@ void tracker_set_config(tracker *t, const struct config *cfg)
     t->cfg = cfg;
     derive(t);
     if (cfg->download_dir)
-        mkdir(cfg->download_dir, 0755);
+        mkdir(cfg->download_dir, 0750);
 }
 
 void tracker_stop(tracker *t)

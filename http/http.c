@@ -10,10 +10,19 @@
  *
  * Easy handles are recycled through a free list: curl_easy_reset keeps the
  * handle's caches, and allocation churn stays off the hot path.
+ *
+ * Re-entrancy: a completion callback may close the whole client (at
+ * shutdown the last answer can end the drain, and main closes the client
+ * from inside that callback). Every entry point that calls curl or a
+ * callback counts itself in `depth`; http_client_close() cancels what is in
+ * flight at once but leaves curl_multi_cleanup and the frees to whoever
+ * brings `depth` back to 0, so nothing up the stack (check_multi_info's
+ * curl_multi_info_read loop above all) touches freed memory.
  */
 #include "http.h"
 #include "util.h"
 
+#include <arpa/inet.h>
 #include <curl/curl.h>
 #include <errno.h>
 #include <unistd.h>
@@ -21,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <ctype.h>
 
 #define SYSTEM_CA_BUNDLE "/etc/ssl/certs/ca-certificates.crt"
 
@@ -38,7 +48,8 @@ struct http_client {
     http_req *free_list;
     http_req *active_list; /* doubly linked, for cancel-all at close */
     unsigned active;
-    int closing;
+    int closing;           /* http_client_close() was called */
+    int depth;             /* our functions on the stack (see the top comment) */
     int open_handles;
     int proxy_from_env;    /* http_proxy & co. are set: let curl use them */
 };
@@ -58,6 +69,15 @@ struct http_req {
     int too_large;
     int64_t retry_after_ms;
     int64_t started;
+    int sent_h2;          /* the last request went out on an HTTP/2 connection */
+    int refused;          /* curl wanted to rewind after a refused stream */
+    /* downloads */
+    int chunked;          /* the current response is chunked */
+    int has_length;       /* ... has a Content-Length */
+    int blocked;          /* a hop broke the address policy */
+    int allow_private;
+    char *trusted_origin; /* scheme://host:port, or NULL */
+    char blocked_why[200];
     http_done_fn *fn;
     void *ud;
     char errbuf[CURL_ERROR_SIZE];
@@ -73,6 +93,19 @@ struct sock_ctx {
 };
 
 static void check_multi_info(http_client *c);
+static void client_destroy(http_client *c);
+
+/* Around everything that may run curl or a completion callback. */
+static void enter(http_client *c)
+{
+    c->depth++;
+}
+
+static void leave(http_client *c)
+{
+    if (--c->depth == 0 && c->closing)
+        client_destroy(c);
+}
 
 /* ---- libuv <-> curl glue ------------------------------------------------ */
 
@@ -88,16 +121,20 @@ static void on_poll(uv_poll_t *h, int status, int events)
         flags |= CURL_CSELECT_IN;
     if (events & UV_WRITABLE)
         flags |= CURL_CSELECT_OUT;
+    enter(c);
     curl_multi_socket_action(c->multi, s->fd, flags, &running);
     check_multi_info(c);
+    leave(c);
 }
 
 static void on_timer(uv_timer_t *t)
 {
     http_client *c = t->data;
     int running;
+    enter(c);
     curl_multi_socket_action(c->multi, CURL_SOCKET_TIMEOUT, 0, &running);
     check_multi_info(c);
+    leave(c);
 }
 
 /*
@@ -112,8 +149,10 @@ static void on_kick(uv_prepare_t *h)
     http_client *c = h->data;
     int running;
     uv_prepare_stop(h);
+    enter(c);
     curl_multi_socket_action(c->multi, CURL_SOCKET_TIMEOUT, 0, &running);
     check_multi_info(c);
+    leave(c);
 }
 
 static int timer_cb(CURLM *multi, long timeout_ms, void *userp)
@@ -185,6 +224,49 @@ static size_t read_cb(char *buf, size_t size, size_t nitems, void *userp)
     return n;
 }
 
+/*
+ * curl asks to rewind the body only to send it again on a new connection
+ * (lib/multi.c readrewind(), after Curl_retry_request() in lib/transfer.c
+ * decided to retry, in curl 7.88). That happens in two cases:
+ *   - a reused connection gave no response byte: it may have died after
+ *     the server read the request (HTTP/1.1 keep-alive race, or an HTTP/2
+ *     connection reset), so the request may have been processed;
+ *   - an HTTP/2 stream was closed with REFUSED_STREAM (lib/http2.c,
+ *     http2_handle_stream_close()), which nghttp2 also reports for every
+ *     stream above the last stream id of a GOAWAY: the server promises it
+ *     did not process it.
+ * We never rewind, so curl never re-sends a body by itself; the transfer
+ * fails with CURLE_SEND_FAIL_REWIND. What tells the second case apart:
+ * the request went out on HTTP/2 (debug_cb) and nothing called curl's
+ * failf() before the retry; a reset, a receive or send failure or an
+ * nghttp2 protocol error all write the error buffer, the REFUSED_STREAM
+ * path of curl 7.88 does not. When in doubt, the request stays "sent".
+ */
+static int seek_cb(void *userp, curl_off_t offset, int origin)
+{
+    http_req *r = userp;
+    (void)offset;
+    (void)origin;
+    if (r->sent_h2 && r->errbuf[0] == '\0')
+        r->refused = 1;
+    return CURL_SEEKFUNC_CANTSEEK;
+}
+
+/* Only to learn the HTTP version a request went out with: curl shows an
+ * HTTP/2 request as "POST /path HTTP/2" (lib/http.c get_http_string()). */
+static int debug_cb(CURL *easy, curl_infotype type, char *data, size_t size, void *userp)
+{
+    http_req *r = userp;
+    (void)easy;
+    if (type != CURLINFO_HEADER_OUT)
+        return 0;
+    size_t eol = 0;
+    while (eol < size && data[eol] != '\r' && data[eol] != '\n')
+        eol++;
+    r->sent_h2 = eol >= 7 && memcmp(data + eol - 7, " HTTP/2", 7) == 0;
+    return 0;
+}
+
 static size_t write_file(http_req *r, const char *data, size_t n)
 {
     if (r->written + (int64_t)n > r->max_bytes) {
@@ -238,6 +320,8 @@ static size_t header_cb(char *data, size_t size, size_t nitems, void *userp)
     line[strcspn(line, "\r\n")] = '\0';
     if (strncasecmp(line, "HTTP/", 5) == 0) {
         r->retry_after_ms = -1; /* a new response (after 100-continue, say) */
+        r->chunked = 0;
+        r->has_length = 0;
         return n;
     }
     char *colon = strchr(line, ':');
@@ -247,7 +331,11 @@ static size_t header_cb(char *data, size_t size, size_t nitems, void *userp)
     char *v = colon + 1;
     while (*v == ' ' || *v == '\t')
         v++;
-    if (strcasecmp(line, "retry-after-ms") == 0) {
+    if (strcasecmp(line, "content-length") == 0) {
+        r->has_length = 1;
+    } else if (strcasecmp(line, "transfer-encoding") == 0) {
+        r->chunked = strcasestr(v, "chunked") != NULL;
+    } else if (strcasecmp(line, "retry-after-ms") == 0) {
         char *end;
         double ms = strtod(v, &end);
         if (end != v && ms >= 0 && ms < 1e12)
@@ -298,6 +386,9 @@ static http_req *req_get(http_client *c)
     r->retry_after_ms = -1;
     r->errbuf[0] = '\0';
     r->started = mono_ms();
+    r->sent_h2 = r->refused = 0;
+    r->chunked = r->has_length = r->blocked = r->allow_private = 0;
+    r->trusted_origin = NULL;
     return r;
 }
 
@@ -306,6 +397,8 @@ static void req_put(http_req *r)
     http_client *c = r->c;
     curl_slist_free_all(r->headers);
     r->headers = NULL;
+    free(r->trusted_origin);
+    r->trusted_origin = NULL;
     if (r->resp.cap > 65536)
         sbuf_free(&r->resp); /* do not keep a huge buffer around */
     r->next_free = c->free_list;
@@ -314,6 +407,7 @@ static void req_put(http_req *r)
 
 static void req_free(http_req *r)
 {
+    free(r->trusted_origin);
     curl_easy_cleanup(r->easy);
     sbuf_free(&r->resp);
     free(r);
@@ -329,11 +423,27 @@ static int is_connect_failure(CURLcode rc)
     return rc == CURLE_COULDNT_CONNECT || rc == CURLE_COULDNT_RESOLVE_HOST || rc == CURLE_COULDNT_RESOLVE_PROXY;
 }
 
+/* A download's body whose end only the connection closing marked. */
+static int length_unknown(http_req *r, CURLcode rc)
+{
+    long version = 0;
+    long status = 0;
+    if (r->fd < 0 || rc != CURLE_OK)
+        return 0;
+    curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
+    curl_easy_getinfo(r->easy, CURLINFO_HTTP_VERSION, &version);
+    if (status < 200 || status >= 300 || status == 204)
+        return 0;
+    /* HTTP/2 and 3 end every stream explicitly; a cut one is an error. */
+    return version != CURL_HTTP_VERSION_2_0 && version != CURL_HTTP_VERSION_3 && !r->has_length && !r->chunked;
+}
+
 /* Finish `r`: build the result, recycle the handle, then tell the caller. */
 static void complete(http_req *r, CURLcode rc, const char *why)
 {
     http_client *c = r->c;
     struct http_result res;
+    enter(c);
     long status = 0;
     curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
     curl_multi_remove_handle(c->multi, r->easy); /* getinfo stays valid until reuse */
@@ -356,6 +466,17 @@ static void complete(http_req *r, CURLcode rc, const char *why)
     res.body_len = r->resp.len;
     /* GETs have no body; for them `sent` means only that a connection existed. */
     res.sent = r->body ? r->body_off == r->body_len : !is_connect_failure(rc);
+    res.cancelled = rc == CURLE_ABORTED_BY_CALLBACK && why != NULL && !r->blocked;
+    if (r->refused && rc == CURLE_SEND_FAIL_REWIND) {
+        res.refused = 1;
+        res.sent = 0;
+        res.error = "the server refused the request unprocessed (HTTP/2 REFUSED_STREAM or GOAWAY)";
+    }
+    if (r->blocked) {
+        res.blocked = 1;
+        res.error = r->blocked_why;
+    }
+    res.length_unknown = length_unknown(r, rc);
     res.timed_out = is_timeout(rc);
     res.connect_failed = is_connect_failure(rc) && (r->body == NULL || r->body_off == 0);
     res.retry_after_ms = r->retry_after_ms;
@@ -375,13 +496,16 @@ static void complete(http_req *r, CURLcode rc, const char *why)
     /* The result points into r->resp, so recycle only after the callback. */
     fn(r, &res, ud);
     req_put(r);
+    leave(c);
 }
 
 static void check_multi_info(http_client *c)
 {
     CURLMsg *msg;
     int left;
-    while ((msg = curl_multi_info_read(c->multi, &left)) != NULL) {
+    /* A callback may close the client: then everything left was cancelled
+     * and the multi handle lives on only until we return. */
+    while (!c->closing && (msg = curl_multi_info_read(c->multi, &left)) != NULL) {
         if (msg->msg != CURLMSG_DONE)
             continue;
         http_req *r = NULL;
@@ -470,6 +594,16 @@ http_req *http_post(http_client *c, const char *url, const char *const *headers,
     curl_easy_setopt(r->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)len);
     curl_easy_setopt(r->easy, CURLOPT_READFUNCTION, read_cb);
     curl_easy_setopt(r->easy, CURLOPT_READDATA, r);
+    curl_easy_setopt(r->easy, CURLOPT_SEEKFUNCTION, seek_cb);
+    curl_easy_setopt(r->easy, CURLOPT_SEEKDATA, r);
+    /* HTTP/2 is only negotiated over TLS (no prior knowledge, no h2c): only
+     * there can a stream be refused, and only there do we need to see the
+     * version the request went out with (see seek_cb). */
+    if (strncmp(url, "https://", 8) == 0) {
+        curl_easy_setopt(r->easy, CURLOPT_DEBUGFUNCTION, debug_cb);
+        curl_easy_setopt(r->easy, CURLOPT_DEBUGDATA, r);
+        curl_easy_setopt(r->easy, CURLOPT_VERBOSE, 1L);
+    }
     return submit(c, r);
 }
 
@@ -480,20 +614,128 @@ http_req *http_get(http_client *c, const char *url, const char *const *headers, 
     return submit(c, r);
 }
 
-http_req *http_download(http_client *c, const char *url, int fd, int64_t max_bytes, int64_t timeout_ms,
+/* "scheme://host:port" of a URL, lower case, default port filled in; NULL when it has none. */
+static char *origin_of(const char *url)
+{
+    CURLU *u = curl_url();
+    char *scheme = NULL, *host = NULL, *port = NULL, *out = NULL;
+    if (u == NULL)
+        return NULL;
+    if (curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK &&
+        curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) == CURLUE_OK &&
+        curl_url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK &&
+        curl_url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT) == CURLUE_OK) {
+        sbuf b;
+        sbuf_init(&b);
+        sbuf_printf(&b, "%s://%s:%s", scheme, host, port);
+        for (size_t i = 0; i < b.len; i++)
+            b.buf[i] = (char)tolower((unsigned char)b.buf[i]);
+        out = sbuf_steal(&b, NULL);
+    }
+    curl_free(scheme);
+    curl_free(host);
+    curl_free(port);
+    curl_url_cleanup(u);
+    return out;
+}
+
+int http_same_origin(const char *a, const char *b)
+{
+    char *oa = origin_of(a);
+    char *ob = origin_of(b);
+    int same = oa && ob && strcmp(oa, ob) == 0;
+    free(oa);
+    free(ob);
+    return same;
+}
+
+static int v4_is_private(const unsigned char *a)
+{
+    return a[0] == 0                                   /* 0/8, "this network", 0.0.0.0 */
+           || a[0] == 10                               /* 10/8 */
+           || a[0] == 127                              /* loopback */
+           || (a[0] == 100 && (a[1] & 0xc0) == 64)     /* 100.64/10 CGNAT */
+           || (a[0] == 169 && a[1] == 254)             /* link-local */
+           || (a[0] == 172 && (a[1] & 0xf0) == 16)     /* 172.16/12 */
+           || (a[0] == 192 && a[1] == 168)             /* 192.168/16 */
+           || (a[0] == 192 && a[1] == 0 && a[2] == 0)  /* 192.0.0/24 IETF protocol assignments */
+           || (a[0] == 198 && (a[1] & 0xfe) == 18)     /* 198.18/15 benchmarking */
+           || a[0] >= 224;                             /* multicast, reserved, broadcast */
+}
+
+int http_addr_is_private(const char *ip)
+{
+    unsigned char a[16];
+    if (inet_pton(AF_INET, ip, a) == 1)
+        return v4_is_private(a);
+    if (inet_pton(AF_INET6, ip, a) != 1)
+        return 1;
+    static const unsigned char zero[12];
+    static const unsigned char mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    static const unsigned char nat64[12] = {0, 0x64, 0xff, 0x9b};
+    /* ::ffff:a.b.c.d, ::a.b.c.d (deprecated "compatible"), 64:ff9b::a.b.c.d:
+     * the IPv4 address inside decides. :: and ::1 fall in the second form. */
+    if (memcmp(a, mapped, 12) == 0 || memcmp(a, zero, 12) == 0 || memcmp(a, nat64, 12) == 0)
+        return memcmp(a, zero, 12) == 0 && memcmp(a + 12, zero, 3) == 0 ? 1 : v4_is_private(a + 12);
+    return (a[0] & 0xfe) == 0xfc                       /* fc00::/7 unique local */
+           || (a[0] == 0xfe && (a[1] & 0xc0) == 0x80)  /* fe80::/10 link-local */
+           || (a[0] == 0xfe && (a[1] & 0xc0) == 0xc0)  /* fec0::/10 old site-local */
+           || a[0] == 0xff;                            /* multicast */
+}
+
+/*
+ * Called by curl on every hop of a download, with the connection it is
+ * about to send the request on (new or reused), before anything is sent
+ * (lib/multi.c, state MSTATE_DO, curl 7.88). The address is the one the
+ * socket is connected to, so a DNS answer that changed since cannot slip
+ * through.
+ */
+static int prereq_cb(void *userp, char *primary_ip, char *local_ip, int primary_port, int local_port)
+{
+    http_req *r = userp;
+    char *url = NULL;
+    (void)local_ip;
+    (void)local_port;
+    if (r->allow_private || !http_addr_is_private(primary_ip))
+        return CURL_PREREQFUNC_OK;
+    curl_easy_getinfo(r->easy, CURLINFO_EFFECTIVE_URL, &url);
+    if (r->trusted_origin && url) {
+        char *o = origin_of(url);
+        int trusted = o && strcmp(o, r->trusted_origin) == 0;
+        free(o);
+        if (trusted)
+            return CURL_PREREQFUNC_OK;
+    }
+    r->blocked = 1;
+    snprintf(r->blocked_why, sizeof r->blocked_why,
+             "refused to download from a private address (%s port %d); track.download_private = yes allows it",
+             primary_ip, primary_port);
+    return CURL_PREREQFUNC_ABORT;
+}
+
+http_req *http_download(http_client *c, const char *url, int fd, const struct http_download_opts *o,
                         http_done_fn *fn, void *ud)
 {
-    http_req *r = start(c, url, NULL, fn, ud);
+    http_req *r = start(c, url, o->headers, fn, ud);
     r->fd = fd;
-    r->max_bytes = max_bytes;
+    r->max_bytes = o->max_bytes;
+    r->allow_private = o->allow_private;
+    r->trusted_origin = o->trusted_origin ? origin_of(o->trusted_origin) : NULL;
     curl_easy_setopt(r->easy, CURLOPT_HTTPGET, 1L);
     curl_easy_setopt(r->easy, CURLOPT_BUFFERSIZE, 65536L); /* videos: bigger reads */
-    curl_easy_setopt(r->easy, CURLOPT_TIMEOUT_MS, (long)timeout_ms);
-    curl_easy_setopt(r->easy, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)max_bytes);
-    /* Result URLs often redirect to a CDN; following is safe for a GET. */
+    curl_easy_setopt(r->easy, CURLOPT_TIMEOUT_MS, (long)o->timeout_ms);
+    curl_easy_setopt(r->easy, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)o->max_bytes);
+    /* Result URLs often redirect to a CDN; following is safe for a GET.
+     * curl 7.88 sends a custom Authorization header on a redirect only when
+     * host name, port and scheme are those of the first URL (lib/http.c
+     * Curl_add_custom_headers() -> Curl_auth_allowed_to_host()), which is
+     * the gateway's origin whenever we give it one; we never set
+     * CURLOPT_UNRESTRICTED_AUTH. */
     curl_easy_setopt(r->easy, CURLOPT_FOLLOWLOCATION, 1L);
     curl_easy_setopt(r->easy, CURLOPT_MAXREDIRS, 5L);
     curl_easy_setopt(r->easy, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(r->easy, CURLOPT_PREREQFUNCTION, prereq_cb);
+    curl_easy_setopt(r->easy, CURLOPT_PREREQDATA, r);
     return submit(c, r);
 }
 
@@ -592,14 +834,12 @@ static void client_handle_closed(uv_handle_t *h)
         free(c);
 }
 
-void http_client_close(http_client *c)
+/* The real teardown, once no function of this file is on the stack. */
+static void client_destroy(http_client *c)
 {
-    c->closing = 1;
-    /* Cancel in-flight transfers; their callbacks run now. */
-    while (c->active_list)
-        http_cancel(c->active_list);
     /* curl_multi_cleanup calls socket_cb(REMOVE): our structs are still alive. */
     curl_multi_cleanup(c->multi);
+    c->multi = NULL;
     while (c->free_list) {
         http_req *r = c->free_list;
         c->free_list = r->next_free;
@@ -618,4 +858,17 @@ void http_client_close(http_client *c)
     c->open_handles = 2;
     uv_close((uv_handle_t *)&c->timer, client_handle_closed);
     uv_close((uv_handle_t *)&c->kick, client_handle_closed);
+}
+
+void http_client_close(http_client *c)
+{
+    if (c->closing)
+        return; /* called again from a callback of the cancels below */
+    c->closing = 1;
+    /* Cancel in-flight transfers; their callbacks run now. A callback may
+     * start requests (refused: closing) or call this again (ignored). */
+    enter(c);
+    while (c->active_list)
+        http_cancel(c->active_list);
+    leave(c); /* destroys now, unless a caller up the stack is still in here */
 }

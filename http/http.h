@@ -42,11 +42,22 @@ struct http_result {
     int too_large;           /* the body exceeded max_response */
     int64_t retry_after_ms;  /* Retry-After / retry-after-ms, -1 when absent */
     int64_t elapsed_ms;
+    /* The server refused the request unprocessed (HTTP/2 REFUSED_STREAM, or
+     * a stream above the last stream id of a GOAWAY, as a proxy recycling
+     * its connection sends): it was not processed, so it is safe to send
+     * again. `sent` is 0 then. Never set for HTTP/1.x, where a reused
+     * connection that dies after the request went out stays `sent`. */
+    int refused;
+    int cancelled;           /* http_cancel() or http_client_close() ended it */
     /* downloads (http_download) */
     const char *content_type;   /* or NULL */
     int64_t content_length;     /* -1 when the server sent none */
     int64_t bytes;              /* bytes written to the file */
     int write_errno;            /* the file could not be written */
+    int blocked;                /* refused by the address policy (see http_download) */
+    /* An HTTP/1.x body without Content-Length or chunked encoding: its end
+     * is the connection closing, so a cut cannot be told from the end. */
+    int length_unknown;
 };
 
 typedef void http_done_fn(http_req *req, const struct http_result *res, void *ud);
@@ -66,18 +77,42 @@ http_req *http_post(http_client *c, const char *url, const char *const *headers,
                     http_done_fn *fn, void *ud);
 http_req *http_get(http_client *c, const char *url, const char *const *headers, http_done_fn *fn, void *ud);
 
+/* What a download may reach, and with which headers. */
+struct http_download_opts {
+    int64_t max_bytes;
+    int64_t timeout_ms;        /* its own total timeout (videos take longer than API calls) */
+    const char *const *headers;/* as for http_get; curl drops Authorization on a redirect
+                                * to another scheme, host or port */
+    const char *trusted_origin;/* URL whose origin (scheme, host, port) may be on any address */
+    int allow_private;         /* allow loopback, link-local and private addresses anywhere */
+};
+
 /*
- * GET `url` into the open file `fd` (not closed here), at most `max_bytes`,
- * with its own total timeout (videos take longer than API calls).
+ * GET `url` into the open file `fd` (not closed here), following at most 5
+ * redirects (http and https only). Unless `allow_private`, every hop whose
+ * origin is not the trusted one must be connected to a public address: the
+ * address curl actually connected to (or reuses) is checked before each
+ * request is sent, so DNS cannot answer differently between a check and the
+ * connection. A refused hop fails the download with `blocked` set.
  */
-http_req *http_download(http_client *c, const char *url, int fd, int64_t max_bytes, int64_t timeout_ms,
+http_req *http_download(http_client *c, const char *url, int fd, const struct http_download_opts *o,
                         http_done_fn *fn, void *ud);
+
+/* 1 when both URLs have the same scheme, host and port (default ports filled in). */
+int http_same_origin(const char *a, const char *b);
+
+/* 1 when a numeric IPv4 or IPv6 address is loopback, link-local, private,
+ * unspecified, CGNAT, multicast or reserved (IPv4-mapped forms included),
+ * or cannot be parsed. */
+int http_addr_is_private(const char *ip);
 
 /* Abort a request: its callback runs now, with curl_code set and `sent` telling
  * whether the server may have received it. */
 void http_cancel(http_req *req);
 
-/* Cancel everything, release curl; the struct is freed once libuv closed its handles. */
+/* Cancel everything (their callbacks run now, with `cancelled`), release curl;
+ * the struct is freed once libuv closed its handles. Safe from any callback:
+ * the release waits until this file's functions are off the stack. */
 void http_client_close(http_client *c);
 
 #endif
