@@ -11,6 +11,8 @@
  *           [--shape wrapper|wrapper-legacy|flat|openai]
  *           [--submit-shape full|documented|legacy|nested] [--latency-ms N]
  *           [--task-seconds S] [--video-bytes N] [--seed N] [--quiet]
+ *           [--video-base URL] [--video-latency-ms N] [--video-mode normal|close|cut]
+ *           [--video-redirect URL] [--any-video]
  *
  * It listens on 127.0.0.1 only (port 0 = any free port), writes the port to
  * --port-file atomically and prints "listening 127.0.0.1:PORT". --quiet
@@ -27,10 +29,21 @@
  *                                       contains "[fail]". Unknown id: 400.
  *   GET  /videos/{id}.mp4             --video-bytes bytes; byte i of task T is
  *                                       (i * 31 + sum of the bytes of T's id) & 0xff
+ *                                       (the downloads' options:
+ *                                       --video-base URL: the task answers give
+ *                                         URL/videos/{id}.mp4 (another server);
+ *                                       --video-latency-ms N: answer after N ms;
+ *                                       --video-mode close: no Content-Length,
+ *                                         the end is the connection closing;
+ *                                         cut: Content-Length, half the body, close;
+ *                                       --video-redirect URL: 302 to
+ *                                         URL/videos/{id}.mp4;
+ *                                       --any-video: unknown ids are served too)
  *   GET  /_mock/stats                 {"posts","gets","tasks_created",
  *                                       "received_by_key","created_by_key",
  *                                       "max_concurrent", plus "in_flight",
- *                                       "videos","connections"}
+ *                                       "videos","connections","video_auth"
+ *                                       (video requests with Authorization)}
  *   GET  /_mock/tasks                 [{"key","task_id","body","created"}, ...]
  *   POST /_mock/config                any of latency_ms, shape, submit_shape,
  *                                       token (null: any), task_seconds,
@@ -307,6 +320,7 @@ struct conn {
     uint32_t stream_seed;
     char *chunk;
     bool chunk_is_x;          /* chunk holds 'x' filler, not video bytes */
+    bool no_length;           /* answer without Content-Length (close-delimited) */
     uv_write_t sw;
 };
 
@@ -323,8 +337,13 @@ struct server {
     size_t ntasks, cap_tasks;
     uint64_t task_base;       /* seq of tasks[0] */
     struct keytab keys;
-    uint64_t posts, gets, videos, nconns;
+    uint64_t posts, gets, videos, nconns, video_auth;
     uint64_t inflight, max_inflight;
+    const char *video_base;     /* --video-base, or NULL */
+    const char *video_redirect; /* --video-redirect, or NULL */
+    uint64_t video_latency_ms;
+    int video_mode;             /* 0 normal, 1 close-delimited, 2 cut */
+    bool any_video;
     uint64_t rng;
     bool stopping;
 };
@@ -700,7 +719,10 @@ static void tasks_clear(void)
 
 static void video_url(const struct task *t, char *out, size_t n)
 {
-    snprintf(out, n, "http://127.0.0.1:%d/videos/%s.mp4", srv.port, t->id);
+    if (srv.video_base != NULL)
+        snprintf(out, n, "%s/videos/%s.mp4", srv.video_base, t->id);
+    else
+        snprintf(out, n, "http://127.0.0.1:%d/videos/%s.mp4", srv.port, t->id);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -774,11 +796,14 @@ static void wreq_free(struct wreq *w)
 static struct wreq *wreq_new(struct conn *c, const struct answer *a, uint64_t content_length)
 {
     char head[512];
+    char clen[64] = "";
+    if (!c->no_length)
+        snprintf(clen, sizeof clen, "Content-Length: %" PRIu64 "\r\n", content_length);
     int hn = snprintf(head, sizeof head,
-                      "HTTP/1.1 %d %s\r\n%s%s%sContent-Length: %" PRIu64 "\r\n%s%s\r\n",
+                      "HTTP/1.1 %d %s\r\n%s%s%s%s%s%s\r\n",
                       a->status, http_status_str((enum http_status)a->status),
                       a->ctype ? "Content-Type: " : "", a->ctype ? a->ctype : "",
-                      a->ctype ? "\r\n" : "", content_length,
+                      a->ctype ? "\r\n" : "", clen,
                       c->keepalive ? "" : "Connection: close\r\n", a->extra);
     size_t copy = a->owned ? 0 : a->len;
     struct wreq *w = xmalloc(sizeof *w + (size_t)hn + copy);
@@ -1497,13 +1522,33 @@ static void handle_video(struct conn *c)
     size_t n = strcspn(id, "?");
     struct task *t = n > 4 ? task_find(id, n - 4) : NULL;
 
+    uint32_t sum = 0;
+
     srv.videos++;
-    if (t == NULL) {
+    if (c->auth_len > 0)
+        srv.video_auth++;
+    if (srv.video_redirect != NULL) {
+        struct answer a;
+        answer_set(&a, 302, "text/plain", "", 0, NULL);
+        snprintf(a.extra, sizeof a.extra, "Location: %s/videos/%.*s\r\n", srv.video_redirect, (int)n, id);
+        reply(c, &a, srv.video_latency_ms);
+        return;
+    }
+    if (t == NULL && !(srv.any_video && n > 4)) {
         reply_static(c, 404, NO_VIDEO, 0);
         return;
     }
-    plan_stream(c, 200, "video/mp4", srv.cfg.video_bytes, true, t->id_sum);
-    deliver(c, 0);
+    for (size_t i = 0; t == NULL && i + 4 < n; i++)
+        sum += (unsigned char)id[i];
+    uint64_t len = srv.cfg.video_bytes;
+    if (srv.video_mode != 0)
+        c->keepalive = false;
+    c->no_length = srv.video_mode == 1;
+    plan_stream(c, 200, "video/mp4", len, true, t ? t->id_sum : sum);
+    c->no_length = false;
+    if (srv.video_mode == 2)
+        c->stream_len = len / 2; /* announced in full, cut in the middle */
+    deliver(c, srv.video_latency_ms);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1538,8 +1583,8 @@ static void handle_stats(struct conn *c)
     buf_adds(&b, ",\"created_by_key\":");
     key_counts(&b, true);
     buf_addf(&b, ",\"max_concurrent\":%" PRIu64 ",\"in_flight\":%" PRIu64 ",\"videos\":%"
-             PRIu64 ",\"connections\":%" PRIu64 "}", srv.max_inflight, srv.inflight,
-             srv.videos, srv.nconns);
+             PRIu64 ",\"connections\":%" PRIu64 ",\"video_auth\":%" PRIu64 "}", srv.max_inflight, srv.inflight,
+             srv.videos, srv.nconns, srv.video_auth);
     reply_buf(c, 200, &b);
 }
 
@@ -1570,7 +1615,7 @@ static void handle_reset(struct conn *c)
     rules_clear();
     tasks_clear();
     keys_clear();
-    srv.posts = srv.gets = srv.videos = 0;
+    srv.posts = srv.gets = srv.videos = srv.video_auth = 0;
     srv.max_inflight = srv.inflight;
     logmsg("reset");
     reply_static(c, 200, "{\"ok\":true}", 0);
@@ -2459,7 +2504,8 @@ static void usage(FILE *f)
           "               [--shape wrapper|wrapper-legacy|flat|openai]\n"
           "               [--submit-shape full|documented|legacy|nested]\n"
           "               [--latency-ms N] [--task-seconds S] [--video-bytes N]\n"
-          "               [--seed N] [--quiet]\n", f);
+          "               [--seed N] [--quiet] [--video-base URL] [--video-latency-ms N]\n"
+          "               [--video-mode normal|close|cut] [--video-redirect URL] [--any-video]\n", f);
 }
 
 static int parse_u64(const char *s, uint64_t max, uint64_t *out)
@@ -2498,6 +2544,13 @@ static int parse_option(int opt, const char *arg, struct options *o)
     case 'b': return parse_u64(arg, UINT64_MAX, &srv.cfg.video_bytes);
     case 'r': return parse_u64(arg, UINT64_MAX, &o->seed);
     case 'q': srv.cfg.quiet = true; return 0;
+    case 'V': srv.video_base = arg; return 0;
+    case 'R': srv.video_redirect = arg; return 0;
+    case 'L': return parse_u64(arg, UINT32_MAX, &srv.video_latency_ms);
+    case 'A': srv.any_video = true; return 0;
+    case 'M':
+        srv.video_mode = strcmp(arg, "normal") == 0 ? 0 : strcmp(arg, "close") == 0 ? 1 : strcmp(arg, "cut") == 0 ? 2 : -1;
+        return srv.video_mode < 0 ? -1 : 0;
     case 'T':
         srv.cfg.task_seconds = strtod(arg, &end);
         return end == arg || *end != '\0' || !(srv.cfg.task_seconds >= 0) ? -1 : 0;
@@ -2518,6 +2571,11 @@ static int parse_args(int argc, char **argv, struct options *o)
         {"video-bytes", required_argument, NULL, 'b'},
         {"seed", required_argument, NULL, 'r'},
         {"quiet", no_argument, NULL, 'q'},
+        {"video-base", required_argument, NULL, 'V'},
+        {"video-redirect", required_argument, NULL, 'R'},
+        {"video-latency-ms", required_argument, NULL, 'L'},
+        {"video-mode", required_argument, NULL, 'M'},
+        {"any-video", no_argument, NULL, 'A'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
