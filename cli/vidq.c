@@ -1917,10 +1917,14 @@ static int dead_job(const struct dead *d, sbuf *out)
 }
 
 /* Remove this exact entry and push the job back, or do nothing when the
- * entry is gone (someone else requeued or purged it). */
+ * entry is gone (someone else requeued or purged it). Requeueing is the
+ * operator's decision to send again: it lifts the "ambiguous" claim that
+ * otherwise keeps later copies of the job_id from being billed again
+ * (KEYS[3], vidqd's queue.c SEND_LUA; "" when the job has no job_id). */
 static const char REQUEUE_LUA[] =
     "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end\n"
     "redis.call('LPUSH', KEYS[2], ARGV[2])\n"
+    "if KEYS[3] ~= '' and redis.call('GET', KEYS[3]) == 'ambiguous' then redis.call('DEL', KEYS[3]) end\n"
     "return 1\n";
 
 struct requeue_ctx {
@@ -1943,9 +1947,11 @@ static int visit_requeue(const struct dead *d, void *ud)
         sbuf_free(&job);
         return VISIT_SKIP;
     }
-    const char *argv[7] = {"EVAL", REQUEUE_LUA, "2", k.dead, k.jobs, d->raw, job.buf ? job.buf : ""};
-    size_t lens[7] = {4, strlen(REQUEUE_LUA), 1, strlen(k.dead), strlen(k.jobs), d->len, job.len};
-    redisReply *rep = cmdv(7, argv, lens);
+    char *claim = d->job_id && *d->job_id ? key("claim:%s", d->job_id) : xstrdup("");
+    const char *argv[8] = {"EVAL", REQUEUE_LUA, "3", k.dead, k.jobs, claim, d->raw, job.buf ? job.buf : ""};
+    size_t lens[8] = {4, strlen(REQUEUE_LUA), 1, strlen(k.dead), strlen(k.jobs), strlen(claim), d->len, job.len};
+    redisReply *rep = cmdv(8, argv, lens);
+    free(claim);
     int moved = rep->type == REDIS_REPLY_INTEGER && rep->integer == 1;
     freeReplyObject(rep);
     sbuf_free(&job);

@@ -9,6 +9,7 @@
  * file is invalid.
  */
 #include "config.h"
+#include "harden.h"
 #include "http.h"
 #include "log.h"
 #include "metrics.h"
@@ -391,6 +392,8 @@ static void on_hup(uv_signal_t *h, int signum)
     log_setup(d->cfg.log_level, d->cfg.log_json);
     config_free(&old);
     log_kv(LOG_NOTICE, "SIGHUP: configuration and token reloaded", NULL);
+    if (config_token_warning())
+        log_kv(LOG_WARNING, config_token_warning(), NULL);
 }
 
 static int run(struct daemon *d)
@@ -473,6 +476,9 @@ int main(int argc, char **argv)
     int check = 0, print = 0;
     char err[512];
     memset(&d, 0, sizeof d);
+    /* Before any token is read: no core dump may hold it. */
+    if (harden_process() != 0)
+        fprintf(stderr, "vidqd: warning: cannot disable core dumps: %s\n", strerror(errno));
     d.config_path = CONFIG_DEFAULT_PATH;
     signal(SIGPIPE, SIG_IGN); /* CURLOPT_NOSIGNAL: broken pipes are ours to ignore */
     int rc = parse_args(&d, argc, argv, &check, &print);
@@ -485,10 +491,14 @@ int main(int argc, char **argv)
             rc = 0;
         } else if (check) {
             printf("vidqd: configuration OK (%s)\n", d.cfg.path ? d.cfg.path : "built-in defaults");
+            if (config_token_warning())
+                fprintf(stderr, "vidqd: warning: %s\n", config_token_warning());
             rc = 0;
         } else {
             seed_random();
             log_setup(d.cfg.log_level, d.cfg.log_json);
+            if (config_token_warning())
+                log_kv(LOG_WARNING, config_token_warning(), NULL);
             rc = run(&d);
         }
         config_free(&d.cfg);

@@ -257,7 +257,8 @@ static const char HEARTBEAT_LUA[] = CHECK_LUA
  * clean drain (KEYS[4], which this consumes): graceful restarts never make
  * a job "poison". Marks are only read, never ended: a job found marked may
  * have been billed and keeps its mark until its outcome is written. Of
- * identical copies, as many are reported marked as there are marks.
+ * identical copies (one sha1, one counter), as many are reported marked as
+ * there are marks, and a death counts once.
  * KEYS: processing, sending, recovered, clean-exit key. ARGV: counting flag.
  */
 static const char HELD_LUA[] = CHECK_LUA
@@ -268,9 +269,9 @@ static const char HELD_LUA[] = CHECK_LUA
     "for i = #held, 1, -1 do\n"
     "  local f = redis.sha1hex(held[i])\n"
     "  local n\n"
-    "  if counting then n = redis.call('HINCRBY', KEYS[3], f, 1)\n"
-    "  else n = tonumber(redis.call('HGET', KEYS[3], f) or '0') end\n"
     "  seen[f] = (seen[f] or 0) + 1\n"
+    "  if counting and seen[f] == 1 then n = redis.call('HINCRBY', KEYS[3], f, 1)\n"
+    "  else n = tonumber(redis.call('HGET', KEYS[3], f) or '0') end\n"
     "  local m = tonumber(redis.call('HGET', KEYS[2], f) or '0')\n"
     "  out[#out + 1] = seen[f] <= m and '1' or '0'\n"
     "  out[#out + 1] = n\n"
@@ -302,10 +303,12 @@ static const char TAKEOVER_LUA[] =
     "      local n = tonumber(marks[i + 1]) or 0\n"
     "      if n > 0 then redis.call('HINCRBY', KEYS[3], marks[i], n); marked = marked + n end\n"
     "    end\n"
+    "    local seen = {}\n"
     "    while true do\n"
     "      local raw = redis.call('LMOVE', pkey, KEYS[2], 'RIGHT', 'LEFT')\n"
     "      if not raw then break end\n"
-    "      redis.call('HINCRBY', KEYS[4], redis.sha1hex(raw), 1)\n"
+    "      local f = redis.sha1hex(raw)\n"
+    "      if not seen[f] then seen[f] = true; redis.call('HINCRBY', KEYS[4], f, 1) end\n"
     "      moved = moved + 1\n"
     "    end\n"
     "    redis.call('DEL', skey, prefix .. ':clean:' .. name)\n"

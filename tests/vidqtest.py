@@ -746,7 +746,7 @@ def write_conf(path, conf):
 
 def daemon_env(token=TOKEN, extra=None):
     env = dict(os.environ)
-    for k in ("VIDQ_API_TOKEN", "CREDENTIALS_DIRECTORY", "NOTIFY_SOCKET"):
+    for k in ("VIDQ_API_TOKEN", "CREDENTIALS_DIRECTORY", "NOTIFY_SOCKET", "VIDQ_CRASH_AT"):
         env.pop(k, None)
     if token is not None:
         env["VIDQ_API_TOKEN"] = token
@@ -766,7 +766,11 @@ class Vidqd:
         if env.mock_server:
             self.conf["api.base_url"] = env.mock_server.url
         self.conf["daemon.instance"] = instance
+        # One state directory per test, as on one machine: the spool of an
+        # instance is found by its next start.
+        self.conf["daemon.state_dir"] = os.path.join(env.dir, "state")
         self.conf.update(conf or {})
+        self.env_extra = {}  # e.g. {"VIDQ_CRASH_AT": "after_mark:3"} for the next start
         self.args = list(args)
         self.token = token
         self.conf_path = os.path.join(env.dir, self.name + ".conf")
@@ -781,7 +785,8 @@ class Vidqd:
         self.starts += 1
         with open(self.log, "ab") as f:
             f.write(("=== harness: start #%d of %s ===\n" % (self.starts, self.name)).encode())
-        self.proc = spawn(VALGRIND + [VIDQD, "-c", self.conf_path] + self.args, self.log, env=daemon_env(self.token))
+        self.proc = spawn(VALGRIND + [VIDQD, "-c", self.conf_path] + self.args, self.log,
+                          env=daemon_env(self.token, self.env_extra))
         if (self.name, self.log) not in self.env.tap.logs:
             self.env.tap.logs.append((self.name, self.log))
         if wait_ready:
