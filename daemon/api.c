@@ -106,16 +106,17 @@ static void set_msg(struct outcome *o, const char *fmt, ...)
     va_end(ap);
 }
 
-/* Statuses after which retrying cannot create a duplicate task. */
-static int status_retryable(long s)
-{
-    return s == 408 || s == 425 || s == 429 || s == 500 || s == 502 || s == 503;
-}
-
+/*
+ * A status answered by the gateway itself carries its JSON error envelope
+ * (CONTRACT §1); the same status as an HTML or empty page comes from a proxy
+ * in front of it, which may already have handed the request on (verified
+ * with nginx: "upstream prematurely closed connection" after delivering it).
+ */
 static void classify_http_error(const struct http_result *res, struct outcome *o)
 {
     long s = res->status;
     char *apimsg = api_error_message(res->body, res->body_len);
+    int envelope = apimsg != NULL;
     if (apimsg)
         set_msg(o, "HTTP %ld: %s", s, apimsg);
     else if (res->body_len == 0)
@@ -123,16 +124,20 @@ static void classify_http_error(const struct http_result *res, struct outcome *o
     else
         set_msg(o, "HTTP %ld", s);
     free(apimsg);
-    if (status_retryable(s)) {
+    if (s == 408 || s == 425 || s == 429 || s == 503 || ((s == 500 || s == 502) && envelope)) {
+        /* Refused before any work: nothing was created. */
         o->kind = OUT_RETRY;
         o->error = "attempts_exhausted";
+        o->gateway_down = s == 503 && !envelope; /* a proxy: no gateway behind it */
     } else if (s == 401 || s == 402 || s == 403) {
         o->kind = OUT_ACCOUNT;
         o->error = "rejected";
-    } else if (s == 504) {
-        /* A proxy gave up waiting; the gateway may still create the task. */
+    } else if (s == 504 || s == 500 || s == 502) {
+        /* A proxy gave up or lost the gateway after handing the request on:
+         * the task may exist. The gateway is down for now. */
         o->kind = OUT_AMBIGUOUS;
         o->error = "ambiguous";
+        o->gateway_down = !envelope;
     } else if (s >= 400 && s < 500) {
         o->kind = OUT_REJECTED;
         o->error = "rejected";
@@ -156,8 +161,23 @@ static void classify_transport(const struct http_result *res, struct outcome *o)
             o->error = "bad_response";
         } else {
             classify_http_error(&head, o);
+            o->gateway_down = 0;
         }
         set_msg(o, "HTTP %ld with a response body over the size limit", res->status);
+        return;
+    }
+    if (res->refused) {
+        /* HTTP/2 guarantees such a stream was never processed. */
+        o->kind = OUT_RETRY;
+        o->error = "attempts_exhausted";
+        set_msg(o, "request not processed: %s", res->error ? res->error : "refused stream");
+        return;
+    }
+    if (res->unreachable) {
+        o->kind = OUT_RETRY;
+        o->error = "attempts_exhausted";
+        o->gateway_down = 1;
+        set_msg(o, "gateway unreachable: %s", res->error ? res->error : "transport error");
         return;
     }
     if (!res->sent || res->connect_failed) {

@@ -31,6 +31,11 @@ struct outcome {
     char *task_id;         /* OUT_SUBMITTED: owned */
     char *status;          /* OUT_SUBMITTED: initial status or NULL; owned */
     int64_t retry_after_ms;
+    /* The gateway itself is unreachable (CONTRACT §6): no connection, TLS or
+     * certificate errors, or a proxy's 5xx without the gateway's envelope.
+     * The worker stops sending to it and probes; with OUT_RETRY the job was
+     * not sent and is kept, with OUT_AMBIGUOUS it may have been. */
+    int gateway_down;
 };
 
 /* The gateway URL of `path` ("/v1/video/generations"): base_url without

@@ -88,6 +88,8 @@ static void update_status(struct daemon *d)
         snprintf(state, sizeof state, "Redis unreachable");
     else if (d->stopping)
         snprintf(state, sizeof state, "stopping");
+    else if (st.blocked && strcmp(st.block_kind, "gateway_down") == 0)
+        snprintf(state, sizeof state, "gateway unreachable (%.150s)", st.block_msg);
     else if (st.blocked)
         snprintf(state, sizeof state, "API refuses the account (%.150s)", st.block_msg);
     else
@@ -242,10 +244,16 @@ static void fill_metrics(sbuf *out, int *healthy, const char **why, void *ud)
     metric(out, "vidq_polls_in_flight", "gauge", "Task polls and downloads in flight.", in,
            d->tr ? tracker_in_flight(d->tr) : 0);
     metric(out, "vidq_redis_up", "gauge", "1 when Redis answers.", in, queue_is_up(d->q) ? 1 : 0);
+    int gw_down = st.blocked && strcmp(st.block_kind, "gateway_down") == 0;
     metric(out, "vidq_account_blocked", "gauge", "1 while the API refuses the account (401/402/403).", in,
-           st.blocked ? 1 : 0);
+           st.blocked && !gw_down ? 1 : 0);
+    metric(out, "vidq_gateway_down", "gauge", "1 while the gateway is unreachable (connection, TLS, a proxy's 5xx).",
+           in, gw_down ? 1 : 0);
     *healthy = queue_is_up(d->q) && !st.blocked && !d->stopping;
-    *why = !queue_is_up(d->q) ? "Redis unreachable" : st.blocked ? "the API refuses the account" : "stopping";
+    *why = !queue_is_up(d->q) ? "Redis unreachable"
+           : gw_down          ? "the gateway is unreachable"
+           : st.blocked       ? "the API refuses the account"
+                              : "stopping";
 }
 
 static void on_queue_state(int up, const char *why, void *ud)

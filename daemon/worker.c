@@ -53,6 +53,8 @@
 #define POISON_LIMIT 3      /* deaths of holders before a job is dead as "poison" */
 #define WAIT_CLAIM_MS 1000  /* another copy of the job_id may be in flight: look again */
 #define PROBE_MAX_MS 60000
+#define FORBIDDEN_SUSPECTS 3 /* jobs refused with 403, none accepted after: the account */
+enum { BLOCK_NONE, BLOCK_ACCOUNT, BLOCK_GATEWAY };
 #define ENVELOPE_PREFIX "{\"vidq_retry\":{\"attempts\":"
 
 enum sstate { S_CHECKING, S_SENDING, S_ACCOUNT_HOLD, S_RECORDING, S_RECORD_WAIT, S_PUTBACK };
@@ -67,11 +69,15 @@ struct slot {
     http_req *req;
     unsigned attempts;
     unsigned strikes;          /* account errors this job got */
+    int forbidden;             /* held after a 403: the account's or the job's? */
+    int judged;                /* after its 403, a request sent later was accepted */
+    uint64_t strike_seq;       /* requests sent when its 403 came back */
+    uint64_t sent_seq;         /* the order its last request went out in */
+    char strike_msg[512];
     int marked;                /* Redis has its sending mark (queue_mark_sending) */
     int maybe_sent;            /* found marked after a crash: it may have been billed */
     int probing;               /* the SEND step only looks (maybe_sent) */
     long long deaths;          /* instances that died holding it */
-    int64_t first_strike_ms;
     int64_t sent_ms;           /* mono ms the current request went out */
     int64_t taken_ms;
     uv_timer_t timer; /* record retry, dedup retry */
@@ -119,12 +125,15 @@ struct worker {
     uv_timer_t intake_timer;
     struct flow flow;
     /* account errors */
-    int blocked;
-    int64_t blocked_at;   /* mono ms: only requests sent after it can lift the block */
+    int blocked;          /* BLOCK_ACCOUNT or BLOCK_GATEWAY: intake stopped */
+    uint64_t send_seq;    /* requests sent so far: their order */
+    uint64_t blocked_seq; /* only requests sent after it can lift the block */
+    uint64_t last_success_seq; /* the latest-sent request that was accepted */
+    char *probe_url;      /* a GET that cannot create a task */
+    http_req *probe_req;
     char block_msg[512];
     int64_t probe_delay_ms;
     int probe_take;    /* let one new job in, as a probe */
-    int64_t last_success_sent_ms; /* mono ms a request that was then accepted went out */
     uv_timer_t probe_timer;
     /* upkeep */
     uv_timer_t upkeep_timer;
@@ -166,6 +175,8 @@ static void derive(worker *w)
     w->submit_url = api_url(w->cfg->base_url, "/v1/video/generations");
     free(w->auth_header);
     w->auth_header = api_auth_header(w->cfg->token);
+    free(w->probe_url);
+    w->probe_url = api_url(w->cfg->base_url, "/v1/video/generations/vidq-probe-no-such-task");
 }
 
 /* ---- slots ------------------------------------------------------------ */
@@ -435,6 +446,14 @@ static int64_t backoff_ms(const worker *w, unsigned attempts, int64_t retry_afte
     if (cap > w->cfg->backoff_max_ms)
         cap = w->cfg->backoff_max_ms;
     int64_t d = cap > 0 ? (int64_t)(((double)rand() / RAND_MAX) * (double)cap) : 0;
+    if (retry_after_ms > w->cfg->backoff_max_ms) {
+        /* "Retry-After: 999999999" would park a job for 31 years. */
+        char asked[32];
+        snprintf(asked, sizeof asked, "%lld", (long long)retry_after_ms);
+        log_kv(LOG_NOTICE, "the API asked to wait longer than submit.backoff_max; waiting backoff_max", "asked_ms",
+               asked, NULL);
+        retry_after_ms = w->cfg->backoff_max_ms;
+    }
     if (retry_after_ms > d)
         d = retry_after_ms; /* never sooner than the API asked */
     return d;
@@ -516,20 +535,37 @@ static void submitted(slot *s, struct outcome *o, const struct http_result *res)
     record(s);
 }
 
-/* ---- account errors ------------------------------------------------------ */
+/* ---- account errors and an unreachable gateway --------------------------- */
 
+/*
+ * Two things stop intake without being any job's fault (CONTRACT §6): the
+ * API refusing the account (401/402, or 403s that are not about one job)
+ * and the gateway being unreachable (no connection, TLS, a proxy's 5xx).
+ * Either way the job that met it is held (its attempt does not count),
+ * intake stops, and a probe every account_probe_interval (doubling to 60 s)
+ * tries again: for the account a held job is re-sent, for the gateway a GET
+ * that cannot create a task. Any good answer to a request sent after the
+ * block began lifts it, and the held jobs go out first.
+ */
 static void on_probe(uv_timer_t *t);
 
-static void block(worker *w, const char *msg)
+static const char *block_name(int kind)
+{
+    return kind == BLOCK_GATEWAY ? "gateway_down" : "account_blocked";
+}
+
+static void block(worker *w, int kind, const char *msg)
 {
     if (w->blocked)
         return;
-    w->blocked = 1;
-    w->blocked_at = mono_ms();
+    w->blocked = kind;
+    w->blocked_seq = w->send_seq;
     snprintf(w->block_msg, sizeof w->block_msg, "%s", msg);
     w->probe_delay_ms = w->cfg->account_probe_ms;
-    log_kv(LOG_ERROR, "the API refuses this account or token: intake stopped, jobs kept; probing", "reason", msg,
-           NULL);
+    log_kv(LOG_ERROR,
+           kind == BLOCK_GATEWAY ? "the gateway is unreachable: intake stopped, jobs kept; probing"
+                                 : "the API refuses this account or token: intake stopped, jobs kept; probing",
+           "reason", msg, NULL);
     uv_timer_start(&w->probe_timer, on_probe, (uint64_t)w->probe_delay_ms, 0);
 }
 
@@ -537,10 +573,12 @@ static void unblock(worker *w)
 {
     if (!w->blocked)
         return;
+    log_kv(LOG_NOTICE, w->blocked == BLOCK_GATEWAY ? "the gateway answers again: resuming"
+                                                  : "the API accepts requests again: resuming",
+           NULL);
     w->blocked = 0;
     w->probe_take = 0;
     uv_timer_stop(&w->probe_timer);
-    log_kv(LOG_NOTICE, "the API accepts requests again: resuming", NULL);
     /* Collect first: sending may complete synchronously and free slots. */
     size_t n = 0;
     slot **v = xmalloc((w->nslots + 1) * sizeof *v);
@@ -554,44 +592,105 @@ static void unblock(worker *w)
     pump(w);
 }
 
-/* One held job goes out as a probe; the least-struck first, so one job that
- * this token may not use (a per-job 403) cannot keep the queue blocked. */
+static void on_gateway_probe(http_req *req, const struct http_result *res, void *ud)
+{
+    worker *w = ud;
+    struct outcome o;
+    (void)req;
+    w->probe_req = NULL;
+    if (w->draining)
+        return;
+    api_classify_submit(res, &o);
+    /* Any answer of the gateway's own (even "no such task") says it is there. */
+    int up = res->status > 0 && !o.gateway_down;
+    outcome_free(&o);
+    if (up && w->blocked == BLOCK_GATEWAY) {
+        w->blocked_seq = w->send_seq; /* requests from now on may lift it */
+        unblock(w);
+    }
+}
+
+static void probe_gateway(worker *w)
+{
+    const char *headers[] = {w->auth_header, "Accept: application/json", NULL};
+    if (w->probe_req || w->draining)
+        return;
+    w->probe_req = http_get(w->http, w->probe_url, headers, on_gateway_probe, w);
+}
+
+/* A held job goes out as a probe of the account; the least-struck first. */
 static void on_probe(uv_timer_t *t)
 {
     worker *w = t->data;
     slot *best = NULL;
-    for (slot *s = w->slots; s; s = s->next) {
-        if (s->state == S_ACCOUNT_HOLD && (best == NULL || s->strikes < best->strikes))
-            best = s;
-    }
     w->probe_delay_ms = w->probe_delay_ms * 2 < PROBE_MAX_MS ? w->probe_delay_ms * 2 : PROBE_MAX_MS;
     if (w->probe_delay_ms < w->cfg->account_probe_ms)
         w->probe_delay_ms = w->cfg->account_probe_ms;
     uv_timer_start(&w->probe_timer, on_probe, (uint64_t)w->probe_delay_ms, 0);
+    if (w->blocked == BLOCK_GATEWAY) {
+        probe_gateway(w);
+        return;
+    }
+    for (slot *s = w->slots; s; s = s->next) {
+        if (s->state == S_ACCOUNT_HOLD && (best == NULL || s->strikes < best->strikes))
+            best = s;
+    }
     if (best && (best->strikes < 2 || w->nslots >= w->flow.conc)) {
         send_job(best);
-    } else {
+    } else if (w->blocked) {
         w->probe_take = 1; /* every held job looks like its own problem: try a fresh one */
         pump(w);
     }
 }
 
-/* 401/402/403: hold the job (attempts do not count) unless it is a 403 that
- * only this job gets while others go through. */
+/* A 403 this job got while others sent after it went through: it is about
+ * the job (a model the token may not use), and it ends rejected. */
+static void forbidden_job(slot *s)
+{
+    s->attempts += s->strikes; /* the 403s were about the job: count them */
+    fail(s, "rejected", s->strike_msg, 403, NULL, 0);
+}
+
+/*
+ * A request sent as number `seq` was accepted: the account works. A held
+ * 403 job whose refusal came before that request went out is sent once
+ * more; if it is refused again, it is refused for itself (account_error).
+ */
+static void account_works(worker *w, uint64_t seq)
+{
+    size_t n = 0;
+    slot **v = xmalloc((w->nslots + 1) * sizeof *v);
+    for (slot *s = w->slots; s; s = s->next) {
+        if (s->state == S_ACCOUNT_HOLD && s->forbidden && s->strike_seq < seq)
+            v[n++] = s;
+    }
+    for (size_t i = 0; i < n; i++) {
+        v[i]->judged = 1;
+        send_job(v[i]);
+    }
+    free(v);
+}
+
+/*
+ * 401/402: the account; hold the job and stop. 403: maybe the account,
+ * maybe this job (a model the token may not use). The job is held (its
+ * attempt does not count) while intake goes on. When a request sent after
+ * the 403 came back is accepted, the job is sent once more; a 403 then
+ * makes it `rejected`. FORBIDDEN_SUSPECTS jobs held so, with nothing
+ * accepted after their 403s, stop intake as for the account. Judging by
+ * what was sent after the refusal (not by answers that arrive later) keeps
+ * answers to requests already out when a quota ran out from judging a job,
+ * and a transient 403 costs one more request, not the job.
+ */
 static void account_error(slot *s, const struct outcome *o, const struct http_result *res)
 {
     worker *w = s->w;
-    int64_t now = mono_ms();
+    (void)res;
     s->attempts--;
     s->strikes++;
-    /* "Others go through" must mean requests sent after this job's first
-     * 403: answers to requests already out when a quota ran out say
-     * nothing about this job. */
-    if (s->strikes == 1)
-        s->first_strike_ms = now;
-    else if (o->http_status == 403 && w->last_success_sent_ms > s->first_strike_ms) {
-        s->attempts += s->strikes; /* here the 403s were about the job: count them */
-        fail(s, "rejected", o->message, o->http_status, res->body, res->body_len);
+    snprintf(s->strike_msg, sizeof s->strike_msg, "%s", o->message);
+    if (o->http_status == 403 && s->judged) {
+        forbidden_job(s);
         return;
     }
     if (w->draining) {
@@ -599,7 +698,33 @@ static void account_error(slot *s, const struct outcome *o, const struct http_re
         return;
     }
     s->state = S_ACCOUNT_HOLD;
-    block(w, o->message);
+    if (o->http_status != 403) {
+        block(w, BLOCK_ACCOUNT, o->message);
+        return;
+    }
+    s->forbidden = 1;
+    s->strike_seq = w->send_seq;
+    unsigned suspects = 0;
+    for (slot *x = w->slots; x; x = x->next)
+        suspects += x->state == S_ACCOUNT_HOLD && x->forbidden;
+    if (suspects >= FORBIDDEN_SUSPECTS || suspects >= w->flow.conc)
+        block(w, BLOCK_ACCOUNT, o->message);
+    else if (!uv_is_active((uv_handle_t *)&w->probe_timer))
+        uv_timer_start(&w->probe_timer, on_probe, (uint64_t)w->cfg->account_probe_ms, 0);
+    pump(w); /* others go on, and their answers judge this one */
+}
+
+/* Nothing could reach the gateway: keep the job, stop, probe. */
+static void gateway_down(slot *s, const struct outcome *o)
+{
+    worker *w = s->w;
+    s->attempts--;
+    if (w->draining) {
+        putback(s);
+        return;
+    }
+    s->state = S_ACCOUNT_HOLD;
+    block(w, BLOCK_GATEWAY, o->message);
 }
 
 /* The policy of CONTRACT §6 over the classification of api.c. */
@@ -616,15 +741,21 @@ static void on_response(http_req *req, const struct http_result *res, void *ud)
     int can_retry = s->attempts < (unsigned)w->cfg->max_attempts;
     if (res->status == 429)
         flow_throttled(&w->flow, mono_ms());
-    if (o.kind != OUT_ACCOUNT && res->status > 0) {
-        if (o.kind == OUT_SUBMITTED && s->sent_ms > w->last_success_sent_ms)
-            w->last_success_sent_ms = s->sent_ms;
-        /* Any answer but 401/402/403 to a request sent after the block
-         * began: the account works again. Answers to requests that were
-         * already out say nothing about that. */
-        if (w->blocked && s->sent_ms >= w->blocked_at)
-            unblock(w);
+    if (o.kind == OUT_SUBMITTED && s->sent_seq > w->last_success_seq) {
+        w->last_success_seq = s->sent_seq;
+        account_works(w, s->sent_seq);
     }
+    /* A good answer to a request sent after the block began lifts it;
+     * answers to requests that were already out say nothing. */
+    if (o.kind != OUT_ACCOUNT && !o.gateway_down && res->status > 0 && w->blocked && s->sent_seq > w->blocked_seq)
+        unblock(w);
+    if (o.gateway_down && o.kind == OUT_RETRY) {
+        gateway_down(s, &o);
+        outcome_free(&o);
+        return;
+    }
+    if (o.gateway_down)
+        block(w, BLOCK_GATEWAY, o.message); /* and the job ends ambiguous below */
     switch (o.kind) {
     case OUT_SUBMITTED:
         submitted(s, &o, res);
@@ -780,6 +911,7 @@ static void post(slot *s)
     s->attempts++;
     s->state = S_SENDING;
     s->sent_ms = mono_ms();
+    s->sent_seq = ++w->send_seq;
     w->in_flight++;
     s->req = http_post(w->http, w->submit_url, headers, s->job.body, s->job.body_len, on_response, s);
     if (s->req == NULL) {
@@ -1101,7 +1233,7 @@ static const char *state_name(const worker *w)
     if (w->draining)
         return "draining";
     if (w->blocked)
-        return "account_blocked";
+        return block_name(w->blocked);
     if (w->paused)
         return "paused";
     return "running";
@@ -1546,6 +1678,7 @@ void worker_get_stats(const worker *w, struct worker_stats *st)
     st->held = w->nslots;
     st->in_flight = w->in_flight;
     st->blocked = w->blocked;
+    st->block_kind = w->blocked ? block_name(w->blocked) : NULL;
     st->block_msg = w->blocked ? w->block_msg : NULL;
 }
 
@@ -1570,6 +1703,7 @@ void worker_free(worker *w)
     free(w->spool);
     free(w->submit_url);
     free(w->auth_header);
+    free(w->probe_url);
     w->handles_open = 4;
     uv_close((uv_handle_t *)&w->intake_timer, worker_closed);
     uv_close((uv_handle_t *)&w->drain_timer, worker_closed);

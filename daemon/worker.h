@@ -25,7 +25,8 @@ struct worker_stats {
     uint64_t retries;
     unsigned held;       /* jobs held right now */
     unsigned in_flight;  /* HTTP requests in flight */
-    int blocked;         /* account errors: intake stopped */
+    int blocked;         /* account errors or the gateway down: intake stopped */
+    const char *block_kind; /* "account_blocked" or "gateway_down" */
     const char *block_msg;
 };
 

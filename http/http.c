@@ -423,6 +423,29 @@ static int is_connect_failure(CURLcode rc)
     return rc == CURLE_COULDNT_CONNECT || rc == CURLE_COULDNT_RESOLVE_HOST || rc == CURLE_COULDNT_RESOLVE_PROXY;
 }
 
+/* TLS could not be set up: the certificate, the CA, the handshake. */
+static int is_tls_failure(CURLcode rc)
+{
+    return rc == CURLE_SSL_CONNECT_ERROR || rc == CURLE_PEER_FAILED_VERIFICATION || rc == CURLE_SSL_CERTPROBLEM ||
+           rc == CURLE_SSL_CIPHER || rc == CURLE_SSL_CACERT_BADFILE || rc == CURLE_SSL_ISSUER_ERROR ||
+           rc == CURLE_SSL_PINNEDPUBKEYNOTMATCH || rc == CURLE_SSL_INVALIDCERTSTATUS ||
+           rc == CURLE_SSL_CRL_BADFILE || rc == CURLE_SSL_ENGINE_INITFAILED || rc == CURLE_USE_SSL_FAILED;
+}
+
+/* No connection to the server could be made at all (CONTRACT §6, "the
+ * gateway unreachable"): name resolution, refused, TLS or certificate
+ * errors, or a timeout before the TCP connection was up. */
+static int is_unreachable(http_req *r, CURLcode rc)
+{
+    curl_off_t connect_us = 0;
+    if (is_connect_failure(rc) || is_tls_failure(rc))
+        return 1;
+    if (rc != CURLE_OPERATION_TIMEDOUT)
+        return 0;
+    curl_easy_getinfo(r->easy, CURLINFO_CONNECT_TIME_T, &connect_us);
+    return connect_us == 0;
+}
+
 /* A download's body whose end only the connection closing marked. */
 static int length_unknown(http_req *r, CURLcode rc)
 {
@@ -479,6 +502,7 @@ static void complete(http_req *r, CURLcode rc, const char *why)
     res.length_unknown = length_unknown(r, rc);
     res.timed_out = is_timeout(rc);
     res.connect_failed = is_connect_failure(rc) && (r->body == NULL || r->body_off == 0);
+    res.unreachable = is_unreachable(r, rc) && (r->body == NULL || r->body_off == 0);
     res.retry_after_ms = r->retry_after_ms;
     res.elapsed_ms = mono_ms() - r->started;
     res.bytes = r->written;

@@ -39,6 +39,8 @@ struct http_result {
     int sent;                /* the whole request went to curl: the server may have it */
     int timed_out;           /* connect or total timeout */
     int connect_failed;      /* no connection could be made: the server has nothing */
+    int unreachable;         /* the same, or TLS/certificate errors, or a connect timeout:
+                              * the server, not the request, is the problem */
     int too_large;           /* the body exceeded max_response */
     int64_t retry_after_ms;  /* Retry-After / retry-after-ms, -1 when absent */
     int64_t elapsed_ms;

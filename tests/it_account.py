@@ -331,6 +331,47 @@ def case_per_job_403(t, env, mock):
         proxy.stop()
 
 
+def case_per_job_403_default_interval(t, env, mock):
+    """Three bad jobs among 60, at the default probe interval (30 s): the queue must not stall.
+
+    Before: each bad job held the instance for ~3 probe intervals (60 jobs took 45 s with
+    three at a 5 s interval) and /healthz said 503 meanwhile. Now a bad job is held while the
+    others go on, re-sent once after a later request is accepted, and then rejected; the
+    instance never blocks. The bound below (20 s) is far under one probe interval, so only a
+    stall fails it, never a slow machine."""
+    r = env.r
+    mock.reset()
+    mock.config(token=TOKEN_B)
+    proxy = Proxy(mock.port)
+    try:
+        ids = ["pd-%02d" % i for i in range(60)]
+        bad = {ids[5], ids[30], ids[45]}  # not among the last few: those wait for the probe (nothing after them)
+        vt.push_jobs(r, [vt.job(job_id=j, model=FORBIDDEN_MODEL if j in bad else "kling-v1", prompt="pd %s" % j)
+                         for j in ids])
+        vd = env.vidqd(instance="pd", token=TOKEN_B,
+                       conf={"submit.concurrency": "8", "api.base_url": proxy.url,
+                             "metrics.listen": "127.0.0.1:%d" % vt.free_port()})
+        t0 = time.monotonic()
+        vd.start()
+        states = set()
+
+        def done():
+            h = hgetall(r, vt.PREFIX + ":instance:pd")
+            states.add(h.get("state"))
+            return len(vt.terminal_by_job(events_of(r, ids))) >= len(ids)
+        ok = vt.wait_until(done, timeout=20, interval=0.1, unless=vd.dead)
+        t.ok(ok, "per-job 403 at the default probe interval: 60 jobs with 3 bad ones finish in well under one "
+             "interval (%.1fs)" % (time.monotonic() - t0))
+        tb = vt.terminal_by_job(events_of(r, ids))
+        got = sorted(j for j, es in tb.items() if es[0].get("event") == "failed" and es[0].get("error") == "rejected")
+        t.eq(got, sorted(bad), "per-job 403 at the default interval: exactly the bad jobs end rejected")
+        t.ok("account_blocked" not in states, "per-job 403 at the default interval: the instance never blocks",
+             repr(states))
+        t.eq(vd.stop(), 0, "per-job 403 at the default interval: exits 0")
+    finally:
+        proxy.stop()
+
+
 def case_quota_mid_batch(t, env, mock):
     """The quota runs out mid-batch: from then on every submit gets the gateway's 403
     insufficient_user_quota (fast), while requests sent before still come back 200 (slow).
@@ -399,6 +440,7 @@ def main(t, env):
     case_storm(t, env, mock)
     case_transient_403(t, env, mock)
     case_per_job_403(t, env, mock)
+    case_per_job_403_default_interval(t, env, mock)
     case_quota_mid_batch(t, env, mock)
 
 

@@ -3,8 +3,10 @@
 
 An `openssl s_server -www` on a free loopback port with a self-signed certificate for
 127.0.0.1 stands in for an HTTPS gateway (it answers every request with an HTML page).
-1. Without api.ca_file the certificate is refused: the job never reaches a server
-   that could bill it and ends `attempts_exhausted` with curl's certificate message.
+1. Without api.ca_file the certificate is refused: no job reaches a server that could
+   bill it, and none is dead-listed (CONTRACT §6, "the gateway unreachable"): the instance
+   is `gateway_down` with curl's certificate message, /healthz says 503, it probes, and a
+   SIGTERM puts every job back in the queue.
 2. With api.ca_file pointing at that certificate the TLS handshake succeeds and the
    request goes out (s_server does not answer POSTs: the job ends ambiguous, not with a
    certificate error).
@@ -44,16 +46,35 @@ def main(t, env):
     common = {"api.base_url": base, "submit.max_attempts": "2", "submit.backoff_base": "50ms",
               "submit.backoff_max": "100ms"}
 
-    vd = env.vidqd(instance="tls1", conf=common)
+    mport = vt.free_port()
+    vd = env.vidqd(instance="tls1", conf=dict(common, **{"submit.account_probe_interval": "1s",
+                                                          "metrics.listen": "127.0.0.1:%d" % mport}))
     vd.start()
-    vt.push_jobs(rs.r, [vt.job(job_id="tls-1", model="m", prompt="p")])
-    vt.wait_for(lambda: "tls-1" in vt.terminal_by_job(vt.read_stream(rs.r)), "tls-1 to end", timeout=60,
-                unless=vd.dead)
-    e = vt.terminal_by_job(vt.read_stream(rs.r))["tls-1"][0]
-    t.ok(e["event"] == "failed" and e.get("error") == "attempts_exhausted" and
-         ("certificate" in e.get("message", "") or "SSL" in e.get("message", "")),
-         "an unknown CA is refused: the request is never sent", e)
-    vd.stop()
+    ids = ["tls-1-%02d" % i for i in range(20)]
+    vt.push_jobs(rs.r, [vt.job(job_id=j, model="m", prompt="p") for j in ids])
+
+    def state():
+        rep = rs.r.execute("HGETALL", vt.PREFIX + ":instance:tls1") or []
+        return {vt._dec(rep[i]): vt._dec(rep[i + 1]) for i in range(0, len(rep) - 1, 2)}
+    ok = vt.wait_until(lambda: state().get("state") == "gateway_down", 30, 0.1, unless=vd.dead)
+    st = state()
+    t.ok(ok and ("certificate" in st.get("message", "") or "SSL" in st.get("message", "")),
+         "an unknown CA: the instance is gateway_down and says why", st)
+    import time
+    import urllib.error
+    import urllib.request
+    time.sleep(3)  # a few probes
+    try:
+        code = urllib.request.urlopen("http://127.0.0.1:%d/healthz" % mport, timeout=5).status
+    except urllib.error.HTTPError as e:
+        code = e.code
+    t.eq(code, 503, "an unknown CA: /healthz says 503")
+    t.eq(vt.terminal_by_job(vt.read_stream(rs.r)), {}, "an unknown CA: no job has a terminal event")
+    t.eq(rs.r.execute("LLEN", vt.k_dead()), 0, "an unknown CA: nothing is dead-listed")
+    t.eq(vd.stop(), 0, "an unknown CA: SIGTERM exits 0")
+    where = vt.locate(rs.r, ["tls1"])
+    t.eq(sorted(j for j, w in where.items() if w["jobs"] == 1), ids, "an unknown CA: every job is back in the queue")
+    rs.r.execute("DEL", vt.k_jobs())
 
     conf = dict(common, **{"api.ca_file": cert, "api.timeout": "3s"})
     vd2 = env.vidqd(instance="tls2", conf=conf)

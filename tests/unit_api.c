@@ -365,13 +365,37 @@ static void test_classify_retry(void **state)
 {
     (void)state;
     struct outcome o;
-    static const long codes[] = {408, 425, 429, 500, 502, 503};
+    /* Refused before any work, whoever answered: nothing was created. */
+    static const long codes[] = {408, 425, 429, 503};
     for (size_t i = 0; i < sizeof codes / sizeof codes[0]; i++) {
         struct http_result r = ANSWER(codes[i], "");
         classify(&r, &o, OUT_RETRY, "attempts_exhausted");
+        assert_int_equal(o.gateway_down, codes[i] == 503); /* a 503 page: no gateway behind the proxy */
         outcome_free(&o);
         r = ANSWER(codes[i], html_502);
         classify(&r, &o, OUT_RETRY, "attempts_exhausted");
+        outcome_free(&o);
+    }
+    /* 500/502 with the gateway's own envelope: the gateway refused it. */
+    static const long own[] = {500, 502, 503};
+    for (size_t i = 0; i < sizeof own / sizeof own[0]; i++) {
+        struct http_result r = ANSWER(own[i], fx_error_saturated);
+        classify(&r, &o, OUT_RETRY, "attempts_exhausted");
+        assert_int_equal(o.gateway_down, 0);
+        outcome_free(&o);
+    }
+    /* 500/502 as a proxy's page (HTML or empty): the proxy may have handed
+     * the request on (nginx: "upstream prematurely closed"): ambiguous, and
+     * the gateway is down (CONTRACT §6). */
+    static const long proxy[] = {500, 502};
+    for (size_t i = 0; i < sizeof proxy / sizeof proxy[0]; i++) {
+        struct http_result r = ANSWER(proxy[i], "");
+        classify(&r, &o, OUT_AMBIGUOUS, "ambiguous");
+        assert_int_equal(o.gateway_down, 1);
+        outcome_free(&o);
+        r = ANSWER(proxy[i], html_502);
+        classify(&r, &o, OUT_AMBIGUOUS, "ambiguous");
+        assert_int_equal(o.gateway_down, 1);
         outcome_free(&o);
     }
     struct http_result r = ANSWER(429, fx_error_saturated);
@@ -395,7 +419,7 @@ static void test_classify_retry(void **state)
     outcome_free(&o);
 
     r = ANSWER(500, html_502);
-    classify(&r, &o, OUT_RETRY, "attempts_exhausted");
+    classify(&r, &o, OUT_AMBIGUOUS, "ambiguous");
     assert_string_equal(o.message, "HTTP 500");
     outcome_free(&o);
 
@@ -485,6 +509,26 @@ static void test_classify_transport(void **state)
 
     /* empty reply after sending */
     r = transport(52, "Empty reply from server", 1, 0, 0);
+    classify(&r, &o, OUT_AMBIGUOUS, "ambiguous");
+    outcome_free(&o);
+
+    /* the gateway unreachable: the job was not sent, the gateway is down */
+    r = transport(60, "SSL certificate problem: unable to get local issuer certificate", 0, 0, 0);
+    r.unreachable = 1;
+    classify(&r, &o, OUT_RETRY, "attempts_exhausted");
+    assert_int_equal(o.gateway_down, 1);
+    assert_non_null(strstr(o.message, "gateway unreachable: SSL certificate problem"));
+    outcome_free(&o);
+
+    /* an HTTP/2 stream the server refused unprocessed (a GOAWAY): not sent */
+    r = transport(65, "necessary data rewind wasn't possible", 0, 0, 0);
+    r.refused = 1;
+    classify(&r, &o, OUT_RETRY, "attempts_exhausted");
+    assert_int_equal(o.gateway_down, 0);
+    outcome_free(&o);
+
+    /* the same curl code after a reused HTTP/1.1 connection died: sent, ambiguous */
+    r = transport(65, "necessary data rewind wasn't possible", 1, 0, 0);
     classify(&r, &o, OUT_AMBIGUOUS, "ambiguous");
     outcome_free(&o);
 
