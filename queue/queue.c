@@ -40,6 +40,13 @@
     "  if tonumber(v) == nil then error('vidq: ' .. what .. ' is not a number: ' .. tostring(v)) end\n" \
     "  return tonumber(v)\n"                                                                \
     "end\n"                                                                                 \
+    "local function need_int(v, what, min)\n"                                              \
+    "  local n = tonumber(v)\n"                                                            \
+    "  if n == nil or n ~= math.floor(n) or n < min or n > 9e15 then\n"                   \
+    "    error('vidq: ' .. what .. ' must be an integer >= ' .. min .. ': ' .. tostring(v))\n" \
+    "  end\n"                                                                              \
+    "  return n\n"                                                                         \
+    "end\n"                                                                                \
     "local function need_flag(v, what)\n"                                                   \
     "  if v ~= '0' and v ~= '1' then error('vidq: ' .. what .. ' must be 0 or 1') end\n"    \
     "  return v == '1'\n"                                                                   \
@@ -56,7 +63,8 @@
  * (string.format keeps the TAT exact: Lua would print it as %.14g.)
  */
 static const char TAKE_LUA[] = CHECK_LUA
-    "need_num(ARGV[1], 'max'); need_num(ARGV[2], 'now'); need_num(ARGV[3], 'interval'); need_num(ARGV[4], 'burst')\n"
+    "need_int(ARGV[1], 'max', 0); need_num(ARGV[2], 'now')\n"
+    "if need_num(ARGV[3], 'interval') < 0 or need_num(ARGV[4], 'burst') < 0 then error('vidq: negative rate') end\n"
     "if redis.call('EXISTS', KEYS[3]) == 1 then return {1, 0} end\n"
     "local max = tonumber(ARGV[1])\n"
     "local now = tonumber(ARGV[2])\n"
@@ -186,15 +194,15 @@ static const char PUTBACK_LUA[] = CHECK_LUA
  * was not held.
  */
 static const char RECORD_LUA[] = CHECK_LUA BATCH_LUA
-    "local maxlen = need_num(ARGV[2], 'maxlen')\n"
-    "local ttl = need_num(ARGV[5], 'dedup ttl')\n"
+    "local maxlen = need_int(ARGV[2], 'maxlen', 1)\n"
+    "local ttl = need_int(ARGV[5], 'dedup ttl', 1)\n"
     "local final = need_flag(ARGV[7], 'final')\n"
     "need_num(ARGV[8], 'now')\n"
     "need_num(ARGV[10], 'first poll')\n"
     "local marked = need_flag(ARGV[12], 'marked')\n"
     "local claim = ARGV[13]\n"
     "if claim ~= '' and claim ~= 'del' and claim ~= 'ambiguous' then error('vidq: bad claim action') end\n"
-    "local batch_ttl = need_num(ARGV[14], 'batch ttl')\n"
+    "local batch_ttl = need_int(ARGV[14], 'batch ttl', 1)\n"
     "if #ARGV < 16 or (#ARGV - 14) % 2 ~= 0 then error('vidq: event fields must come in pairs') end\n"
     "local held = redis.call('LREM', KEYS[1], 1, ARGV[1])\n"
     "if ARGV[4] ~= '' then redis.call('SET', KEYS[4], ARGV[4], 'PX', ttl) end\n"
@@ -232,7 +240,7 @@ static const char RETRY_LUA[] = CHECK_LUA
 
 /* Due retries go to the taking end of the intake list. KEYS: retry, jobs. */
 static const char PROMOTE_LUA[] = CHECK_LUA
-    "local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', need_num(ARGV[1], 'now'), 'LIMIT', 0, need_num(ARGV[2], 'max'))\n"
+    "local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', need_num(ARGV[1], 'now'), 'LIMIT', 0, need_int(ARGV[2], 'max', 1))\n"
     "for _, m in ipairs(due) do\n"
     "  redis.call('ZREM', KEYS[1], m)\n"
     "  redis.call('RPUSH', KEYS[2], m)\n"
@@ -242,7 +250,7 @@ static const char PROMOTE_LUA[] = CHECK_LUA
 /* This instance is alive: its hash (with a TTL) and its name in the set.
  * KEYS: instance hash, instances set. ARGV: ttl ms, name, field/value... */
 static const char HEARTBEAT_LUA[] = CHECK_LUA
-    "need_num(ARGV[1], 'ttl')\n"
+    "need_int(ARGV[1], 'ttl', 1)\n"
     "if #ARGV < 4 or (#ARGV - 2) % 2 ~= 0 then error('vidq: heartbeat fields must come in pairs') end\n"
     "redis.call('DEL', KEYS[1])\n"
     "redis.call('HSET', KEYS[1], unpack(ARGV, 3))\n"
@@ -293,6 +301,9 @@ static const char HELD_LUA[] = CHECK_LUA
 static const char TAKEOVER_LUA[] =
     "local self, prefix = ARGV[1], ARGV[2]\n"
     "if self == nil or prefix == nil then error('vidq: takeover needs self and prefix') end\n"
+    "if KEYS[2] ~= prefix .. ':processing:' .. self or KEYS[3] ~= prefix .. ':sending:' .. self then\n"
+    "  error('vidq: takeover keys do not match prefix and instance')\n"
+    "end\n"
     "local moved, marked = 0, 0\n"
     "for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do\n"
     "  if name ~= self and redis.call('EXISTS', prefix .. ':instance:' .. name) == 0 then\n"
@@ -327,7 +338,7 @@ static const char TAKEOVER_LUA[] =
  * Reply {} when claimed, else the other run's fields.
  */
 static const char CLAIM_NAME_LUA[] = CHECK_LUA
-    "need_num(ARGV[2], 'ttl')\n"
+    "need_int(ARGV[2], 'ttl', 1)\n"
     "local force = need_flag(ARGV[3], 'force')\n"
     "if #ARGV < 5 or (#ARGV - 3) % 2 ~= 0 then error('vidq: fields must come in pairs') end\n"
     "local run = redis.call('HGET', KEYS[1], 'run')\n"
@@ -344,7 +355,7 @@ static const char CLAIM_NAME_LUA[] = CHECK_LUA
  * KEYS: track set. ARGV: now, max, lease ms, prefix. Reply {id, {hash}, ...}.
  */
 static const char CLAIM_LUA[] = CHECK_LUA
-    "need_num(ARGV[1], 'now'); need_num(ARGV[2], 'max'); need_num(ARGV[3], 'lease')\n"
+    "need_num(ARGV[1], 'now'); need_int(ARGV[2], 'max', 1); need_int(ARGV[3], 'lease', 0)\n"
     "if ARGV[4] == nil then error('vidq: claim needs the prefix') end\n"
     "local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))\n"
     "local out = {}\n"
@@ -369,12 +380,12 @@ static const char CLAIM_LUA[] = CHECK_LUA
  * alone.
  */
 static const char TRACK_LUA[] = CHECK_LUA BATCH_LUA
-    "local maxlen = need_num(ARGV[2], 'maxlen')\n"
+    "local maxlen = need_int(ARGV[2], 'maxlen', 1)\n"
     "if ARGV[3] ~= 'final' and ARGV[3] ~= 'again' then error('vidq: bad mode') end\n"
     "need_num(ARGV[4], 'next poll')\n"
-    "local nh = need_num(ARGV[5], 'hash count')\n"
+    "local nh = need_int(ARGV[5], 'hash count', 0)\n"
     "local final = need_flag(ARGV[7], 'final')\n"
-    "local batch_ttl = need_num(ARGV[10], 'batch ttl')\n"
+    "local batch_ttl = need_int(ARGV[10], 'batch ttl', 1)\n"
     "if nh < 0 or nh % 2 ~= 0 or 10 + nh > #ARGV or (#ARGV - 10 - nh) % 2 ~= 0 then\n"
     "  error('vidq: hash and event fields must come in pairs')\n"
     "end\n"
@@ -397,6 +408,18 @@ enum {
 static const char *const script_src[S_COUNT] = {TAKE_LUA,      PUTBACK_LUA,  RECORD_LUA, RETRY_LUA, PROMOTE_LUA,
                                                 HEARTBEAT_LUA, HELD_LUA,     TAKEOVER_LUA, CLAIM_LUA, TRACK_LUA,
                                                 SEND_LUA,      CLAIM_NAME_LUA};
+
+static const char *const script_name[S_COUNT] = {"take",      "putback", "record", "retry",  "promote",
+                                                 "heartbeat", "held",    "takeover", "claim", "track",
+                                                 "send",      "claim_name"};
+
+const char *queue_script(int i, const char **name)
+{
+    if (i < 0 || i >= S_COUNT)
+        return NULL;
+    *name = script_name[i];
+    return script_src[i];
+}
 
 struct queue {
     uv_loop_t *loop;

@@ -171,6 +171,8 @@ int queue_track_update(queue *q, const struct qtrack *t, queue_done_fn *fn, void
  * text is not a spool.
  */
 void queue_capture(queue *q, sbuf *into);
+/* For the tests: the i-th Lua script and its name, NULL past the last. */
+const char *queue_script(int i, const char **name);
 int queue_replay(queue *q, const char *data, size_t len, queue_done_fn *fn, void *ud);
 int queue_spool_check(const char *data, size_t len);
 

@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""it_lua - every Lua script of queue/queue.c, run directly against a real Redis: no script writes before it has
+validated, so a bad call fails whole and never leaves half an outcome.
+
+tests/lua_scripts prints the scripts exactly as vidqd loads them. For each script this test
+1. runs a valid call on a seeded database and on an empty one (missing keys): it must succeed;
+2. runs every mutation of that call -- each argument replaced by a non-number, by "", by a
+   100,000-byte string; the last argument dropped; an extra one added; no arguments at all --
+   and checks that a call that fails leaves the database exactly as it was (every key's DUMP
+   and whether it expires), and that no call crashes the script engine;
+3. a few semantic failure paths: SEND of a job no longer held answers "gone" and writes
+   nothing; RECORD of a job no longer held writes no event; TAKEOVER with no dead instance
+   moves nothing; the guard refuses another live run of the same instance name.
+"""
+import hashlib
+import os
+import subprocess
+import sys
+
+sys.dont_write_bytecode = True
+import vidqtest as vt  # noqa: E402
+
+P = "lt"
+H1 = '{"job_id":"j1","prompt":"p","model":"m","meta":1e999}'
+
+
+def k(s):
+    return "%s:%s" % (P, s)
+
+
+def load_scripts():
+    out = subprocess.run([os.path.join(vt.BUILDDIR, "tests", "lua_scripts")], capture_output=True, check=True).stdout
+    scripts, pos = {}, 0
+    while pos < len(out):
+        nl = out.index(b"\n", pos)
+        name, n = out[pos:nl].decode().split("\t")
+        scripts[name] = out[nl + 1:nl + 1 + int(n)].decode()
+        pos = nl + 1 + int(n)
+    return scripts
+
+
+def seed(r):
+    r.execute("FLUSHDB")
+    sha = hashlib.sha1(H1.encode()).hexdigest()
+    for cmd in (("RPUSH", k("jobs"), "J1", "J2"), ("LPUSH", k("processing:i1"), H1),
+                ("HSET", k("sending:i1"), sha, "1"), ("HSET", k("recovered"), sha, "1"),
+                ("HSET", k("batch:B"), "total", "1"), ("ZADD", k("retry"), "1", "R1"),
+                ("ZADD", k("track"), "1", "j2"), ("HSET", k("task:j2"), "task_id", "t2"),
+                ("SADD", k("instances"), "i1", "i2"), ("LPUSH", k("processing:i2"), "H2"),
+                ("HSET", k("sending:i2"), hashlib.sha1(b"H2").hexdigest(), "1"),
+                ("XADD", k("results"), "*", "event", "x")):
+        r.execute(*cmd)
+
+
+def snapshot(r):
+    snap = {}
+    for key in sorted(r.execute("KEYS", "*") or []):
+        snap[key] = (r.execute("DUMP", key), r.execute("PTTL", key) >= 0)
+    return snap
+
+
+BIG = "x" * 100000
+
+
+def calls():
+    """name -> (keys, args) of a valid call on the seeded database."""
+    return {
+        "take": ([k("jobs"), k("processing:i1"), k("paused"), k("ratelimit")], ["2", "1000", "0", "0"]),
+        "putback": ([k("processing:i1"), k("jobs"), k("sending:i1"), k("claim:j1")], [H1, "1"]),
+        "record": ([k("processing:i1"), k("results"), k("dead"), k("dedup:j1"), k("recovered"), k("batch:B"),
+                    k("task:j1"), k("track"), k("sending:i1"), k("claim:j1")],
+                   [H1, "1000", "{}", "t1", "60000", "submitted", "1", "1000", "B", "1000", "", "1", "del",
+                    "60000", "event", "submitted", "job_id", "j1"]),
+        "retry": ([k("processing:i1"), k("retry"), k("sending:i1"), k("recovered"), k("claim:j1")],
+                  [H1, "5000", "E1", "1"]),
+        "promote": ([k("retry"), k("jobs")], ["5000", "10"]),
+        "heartbeat": ([k("instance:i1"), k("instances")], ["10000", "i1", "state", "running"]),
+        "held": ([k("processing:i1"), k("sending:i1"), k("recovered"), k("clean:i1")], ["1"]),
+        "takeover": ([k("instances"), k("processing:i1"), k("sending:i1"), k("recovered")], ["i1", P]),
+        "claim": ([k("track")], ["5000", "10", "30000", P]),
+        "track": ([k("track"), k("results"), k("task:j2"), k("task:j2"), k("task:j2"), k("batch:B")],
+                  ["j2", "1000", "again", "9000", "2", "succeeded", "0", "1000", "B", "60000", "status", "RUNNING",
+                   "event", "progress"]),
+        "send": ([k("processing:i1"), k("sending:i1"), k("dedup:j1"), k("claim:j1")], [H1, "new", "i1", "1", "0"]),
+        "claim_name": ([k("instance:i1")], ["run-1", "10000", "0", "host", "h"]),
+    }
+
+
+def evalsha(r, sha, keys, args):
+    return r.execute("EVALSHA", sha, str(len(keys)), *keys, *args)
+
+
+def mutations(args):
+    for i in range(len(args)):
+        for v in ("x", "", BIG, "-1"):
+            yield "ARGV[%d]=%r" % (i + 1, v[:8]), args[:i] + [v] + args[i + 1:]
+    if args:
+        yield "last ARGV dropped", args[:-1]
+    yield "one ARGV added", args + ["extra"]
+    yield "no ARGV", []
+
+
+def main(t, env):
+    env.redis()
+    r = env.r
+    scripts = load_scripts()
+    t.eq(sorted(scripts), sorted(calls()), "every script of queue.c has a test call here")
+    shas = {n: r.execute("SCRIPT", "LOAD", src).decode() for n, src in scripts.items()}
+    for name, (keys, args) in sorted(calls().items()):
+        seed(r)
+        try:
+            evalsha(r, shas[name], keys, args)
+            ok = True
+        except vt.RedisError as e:
+            ok = str(e)
+        t.ok(ok is True, "%s: a valid call succeeds" % name, ok)
+        r.execute("FLUSHDB")
+        try:
+            evalsha(r, shas[name], keys, args)
+            ok = True
+        except vt.RedisError as e:
+            ok = str(e)
+        t.ok(ok is True, "%s: a valid call on missing keys succeeds" % name, ok)
+        half, failed, total = [], 0, 0
+        for what, margs in mutations(args):
+            seed(r)
+            before = snapshot(r)
+            total += 1
+            try:
+                evalsha(r, shas[name], keys, margs)
+            except vt.RedisError:
+                failed += 1
+                if snapshot(r) != before:
+                    half.append(what)
+        t.ok(not half, "%s: every failing call (%d of %d mutations) left the database unchanged" % (
+            name, failed, total), repr(half))
+        t.ok(r.execute("PING") in (b"PONG", "PONG"), "%s: Redis still answers" % name)
+
+    # SEND of a job that is no longer held (taken over while this instance stalled).
+    seed(r)
+    r.execute("DEL", k("processing:i1"))
+    before = snapshot(r)
+    keys, args = calls()["send"]
+    t.eq(evalsha(r, shas["send"], keys, args), [b"gone"], "send: a job no longer held is 'gone'")
+    t.ok(snapshot(r) == before, "send: 'gone' writes nothing (no mark, no claim)")
+    # Two copies of one job_id: the second waits while the first's claim is live.
+    seed(r)
+    r.execute("LPUSH", k("processing:i1"), H1)
+    t.eq(evalsha(r, shas["send"], keys, args), [b"send"], "send: the first copy may go")
+    t.eq(evalsha(r, shas["send"], keys, args), [b"wait", b"i1"], "send: the second copy waits for the first")
+    r.execute("SET", k("dedup:j1"), "t9")
+    t.eq(evalsha(r, shas["send"], keys, args), [b"dup", b"t9"], "send: a recorded task id makes it a duplicate")
+    r.execute("DEL", k("dedup:j1"))
+    r.execute("SET", k("claim:j1"), "ambiguous")
+    t.eq(evalsha(r, shas["send"], keys, args), [b"ambiguous"], "send: behind an ambiguous copy it is not sent")
+    # RECORD of a job no longer held: no event, but the dedup marker.
+    seed(r)
+    r.execute("DEL", k("processing:i1"))
+    keys, args = calls()["record"]
+    n = r.execute("XLEN", k("results"))
+    t.eq(evalsha(r, shas["record"], keys, args), 0, "record: a job no longer held is not recorded")
+    t.eq(r.execute("XLEN", k("results")), n, "record: no event for it")
+    t.eq(r.execute("GET", k("dedup:j1")), b"t1", "record: its dedup marker is still set")
+    # TAKEOVER with every instance alive moves nothing.
+    seed(r)
+    r.execute("HSET", k("instance:i2"), "x", "1")
+    before = snapshot(r)
+    keys, args = calls()["takeover"]
+    t.eq(evalsha(r, shas["takeover"], keys, args), [0, 0], "takeover: nothing while every instance beats")
+    t.ok(snapshot(r) == before, "takeover: and writes nothing")
+    r.execute("DEL", k("instance:i2"))
+    t.eq(evalsha(r, shas["takeover"], keys, args), [1, 1], "takeover: a dead instance's job and mark move")
+    t.eq(r.execute("LLEN", k("processing:i2")), 0, "takeover: the dead instance holds nothing")
+    # The instance-name guard.
+    r.execute("FLUSHDB")
+    keys, args = calls()["claim_name"]
+    t.eq(evalsha(r, shas["claim_name"], keys, args), [], "claim_name: a free name is claimed")
+    other = evalsha(r, shas["claim_name"], keys, ["run-2"] + args[1:])
+    t.ok(b"run-1" in other, "claim_name: another run is refused and told who holds the name", repr(other))
+
+
+vt.run(main, "lua")
