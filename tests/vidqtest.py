@@ -650,10 +650,16 @@ class Mock:
         self.port = None
         self.proc = None
 
-    def start(self):
+    def start(self, port=0):
+        """Start the mock on a free port, or on `port`: after stop(), start(old port) is a restarted
+        gateway at the same address, with fresh counters, tasks and rules."""
         if not os.access(MOCKAPI, os.X_OK):
             raise TestError("%s not built (make tests/mockapi)" % MOCKAPI)
-        argv = [MOCKAPI, "--port", "0", "--port-file", self.port_file, "--token", self.token, "--quiet",
+        try:
+            os.unlink(self.port_file)  # a stale file from an earlier run would be read as this one's
+        except FileNotFoundError:
+            pass
+        argv = [MOCKAPI, "--port", str(port), "--port-file", self.port_file, "--token", self.token, "--quiet",
                 "--seed", "7"]
         if self.latency_ms:
             argv += ["--latency-ms", str(self.latency_ms)]
@@ -709,9 +715,10 @@ class Mock:
             m.setdefault(t["key"], []).append(t)
         return m
 
-    def stop(self):
+    def stop(self, sig=signal.SIGTERM):
+        """Stop the mock (SIGKILL: a crash of the gateway) and reap it; self.port stays as it was."""
         if self.proc:
-            return stop_process(self.proc)
+            return stop_process(self.proc, sig)
         return None
 
 

@@ -1,0 +1,434 @@
+#!/usr/bin/env python3
+"""it_proxy - vidqd behind a real nginx: TLS 1.3, HTTP/2, connection recycling, a gateway restart.
+
+The test starts its own nginx (TLS 1.3 only, with a certificate for 127.0.0.1 signed by a
+test CA it makes with openssl; HTTP/2; the default keepalive_requests, 1000; proxy_pass to
+the mock over HTTP/1.1 with upstream keepalive) on a free loopback port, in its temp dir
+(`nginx -p DIR -c CONF -e LOG`, `daemon off; master_process off;`, pid, logs and temp paths in
+DIR), stopped by pid.
+
+1. No false ambiguous. N_BULK jobs, submit.concurrency 64, api.ca_file = the test CA. nginx
+   sends a GOAWAY after every 1000 streams of a connection; the streams curl had already
+   started above its last stream id were never processed, and vidqd retries them ("request
+   not processed", CONTRACT §6). Every job ends `submitted` exactly once, none `ambiguous`,
+   the mock created each exactly once. The retries and the time taken are printed.
+   N_BULK is 10,000 by default (VIDQ_PROXY_JOBS=N to change it; keep it above 1000 so that
+   GOAWAYs happen; VIDQ_PROXY_LATENCY_MS=N gives the mock a latency there).
+2. A gateway restart behind the proxy creates no job twice. The mock answers after 2 s;
+   128 jobs, 64 in flight at the mock when it is killed (SIGKILL), restarted on the same
+   port 5 s later. nginx answers the delivered requests with its HTML 502: vidqd ends
+   them `ambiguous` (never retried), stops (instance state `gateway_down`), probes and
+   resumes. No job the first mock received is created by the second one, every job has
+   exactly one terminal event, the ambiguous ones are at most the 64 in flight (and all
+   of them reached the first mock), the others are submitted.
+3. A bad certificate dead-lists nothing. vidqd without api.ca_file against nginx: 200 jobs,
+   none terminal, nothing dead, the instance `gateway_down` with a message about the
+   certificate, the mock saw nothing. Then api.ca_file in the configuration file and
+   SIGHUP: every job ends submitted exactly once. Likewise with the right CA but a
+   certificate for another host name (a second nginx): gateway_down, nothing ends, nothing
+   dead, SIGTERM puts every job back.
+
+It takes about 25 s on 2 cores (10,000 jobs through nginx take 3-5 s of it).
+"""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+sys.dont_write_bytecode = True
+import vidqtest as vt  # noqa: E402
+
+CONC = 64
+N_BULK = int(os.environ.get("VIDQ_PROXY_JOBS") or 10000)
+BULK_LATENCY_MS = int(os.environ.get("VIDQ_PROXY_LATENCY_MS") or 0)  # the mock's, in scenario 1
+
+
+def nginx_binary():
+    for cand in (os.environ.get("NGINX"), shutil.which("nginx"), "/usr/sbin/nginx"):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def listening(port):
+    try:
+        socket.create_connection((vt.HOST, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def openssl(*args):
+    p = subprocess.run(["openssl"] + list(args), capture_output=True)
+    if p.returncode != 0:
+        raise vt.TestError("openssl %s: %s" % (" ".join(args[:2]), p.stderr.decode("utf-8", "replace")[-400:]))
+
+
+def make_ca(d):
+    """A test CA: (ca.pem, ca.key)."""
+    ca_key, ca = os.path.join(d, "ca.key"), os.path.join(d, "ca.pem")
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", ca_key,
+            "-out", ca, "-days", "2", "-subj", "/CN=vidq it_proxy test CA",
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    return ca, ca_key
+
+
+def issue(d, ca, ca_key, name, san):
+    """A server certificate signed by the test CA: (cert.pem, key.pem)."""
+    key, csr, cert = (os.path.join(d, name + x) for x in (".key", ".csr", ".pem"))
+    ext = os.path.join(d, name + ".ext")
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", key, "-out", csr,
+            "-subj", "/CN=" + san.split(":", 1)[1])
+    with open(ext, "w") as f:
+        f.write("subjectAltName=%s\nbasicConstraints=CA:FALSE\n"
+                "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n" % san)
+    openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert, "-days", "2",
+            "-extfile", ext)
+    return cert, key
+
+
+class Nginx:
+    """nginx in front of one upstream port, TLS 1.3 + HTTP/2, everything inside its own dir."""
+
+    def __init__(self, env, name, cert, key, upstream_port):
+        self.env = env
+        self.dir = os.path.join(env.dir, name)
+        os.makedirs(os.path.join(self.dir, "logs"), exist_ok=True)
+        os.makedirs(os.path.join(self.dir, "tmp"), exist_ok=True)
+        self.conf = os.path.join(self.dir, "nginx.conf")
+        self.error_log = os.path.join(self.dir, "logs", "error.log")
+        self.access_log = os.path.join(self.dir, "logs", "access.log")
+        self.out = os.path.join(self.dir, "logs", "stderr.log")
+        self.cert, self.key, self.upstream_port = cert, key, upstream_port
+        self.port = None
+        self.proc = None
+
+    def write_conf(self):
+        d = self.dir
+        conf = """
+daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/logs/error.log info;
+events {{ worker_connections 4096; }}
+http {{
+    log_format up '$status $request_method $request_uri $server_protocol up=$upstream_status '
+                  'c=$connection n=$connection_requests';
+    access_log {d}/logs/access.log up;
+    client_body_temp_path {d}/tmp/body;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fastcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+    upstream gateway {{
+        server 127.0.0.1:{up};
+        keepalive 32;
+    }}
+    server {{
+        listen 127.0.0.1:{port} ssl http2;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.3;
+        # keepalive_requests: the default, 1000 (a GOAWAY after 1000 streams)
+        location / {{
+            proxy_pass http://gateway;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_read_timeout 60s;
+        }}
+    }}
+}}
+""".format(d=d, up=self.upstream_port, port=self.port, cert=self.cert, key=self.key)
+        with open(self.conf, "w") as f:
+            f.write(conf)
+
+    def start(self):
+        last = None
+        for _ in range(5):
+            self.port = vt.free_port()
+            self.write_conf()
+            self.proc = vt.spawn([nginx_binary(), "-p", self.dir, "-c", self.conf, "-e", self.error_log], self.out)
+            if vt.wait_until(lambda: listening(self.port), 30, 0.05, unless=lambda: self.proc.poll() is not None):
+                if self.proc.poll() is None:
+                    self.env.tap.logs.insert(0, ("nginx", self.error_log))
+                    return self
+            last = "nginx exited with %s: %s | %s" % (self.proc.poll(), " | ".join(vt.tail(self.out, 5)),
+                                                      " | ".join(vt.tail(self.error_log, 5)))
+            vt.stop_process(self.proc, signal.SIGKILL)
+        raise vt.TestError("cannot start nginx: %s" % last)
+
+    @property
+    def url(self):
+        return "https://%s:%d" % (vt.HOST, self.port)
+
+    def stop(self):
+        return vt.stop_process(self.proc, signal.SIGTERM) if self.proc else None
+
+    def grep(self, needle):
+        try:
+            with open(self.error_log, "rb") as f:
+                return [x for x in f.read().decode("utf-8", "replace").splitlines() if needle in x]
+        except OSError:
+            return []
+
+    def connections(self):
+        """{connection number: requests logged on it} from the access log."""
+        m = {}
+        try:
+            with open(self.access_log) as f:
+                for line in f:
+                    for w in line.split():
+                        if w.startswith("c="):
+                            m[w[2:]] = m.get(w[2:], 0) + 1
+        except OSError:
+            pass
+        return m
+
+    def access_statuses(self):
+        m = {}
+        try:
+            with open(self.access_log) as f:
+                for line in f:
+                    st = line.split(" ", 1)[0]
+                    m[st] = m.get(st, 0) + 1
+        except OSError:
+            pass
+        return m
+
+
+def instance_state(r, name):
+    rep = r.execute("HGETALL", vt.PREFIX + ":instance:" + name) or []
+    return {vt._dec(rep[i]): vt._dec(rep[i + 1]) for i in range(0, len(rep) - 1, 2)}
+
+
+def xlen(r):
+    return r.execute("XLEN", vt.k_results())
+
+
+def common_conf(base_url, **extra):
+    c = {"api.base_url": base_url, "submit.concurrency": str(CONC), "submit.account_probe_interval": "1s",
+         "api.timeout": "30s", "daemon.shutdown_timeout": "10s"}
+    c.update(extra)
+    return c
+
+
+def check_all_submitted_once(t, r, mock, ids, what):
+    events = vt.read_stream(r)
+    term = vt.terminal_by_job(events)
+    bad = {j: [e.get("event") + "/" + e.get("error", "") for e in term.get(j, [])] for j in ids
+           if len(term.get(j, [])) != 1 or term[j][0]["event"] != "submitted"}
+    t.ok(not bad and len(term) == len(ids), "%s: every job ends submitted exactly once" % what,
+         "%d jobs are not (first: %s)" % (len(bad), sorted(bad.items())[:10]),
+         "jobs with a terminal event: %d of %d" % (len(term), len(ids)))
+    amb = [e for e in events if e.get("error") == "ambiguous"]
+    t.eq(len(amb), 0, "%s: no ambiguous outcome" % what)
+    created = mock.stats().get("created_by_key", {})
+    twice = {j: created.get(j) for j in ids if created.get(j) != 1}
+    t.ok(not twice, "%s: the mock created every job exactly once" % what,
+         "%d are not (first: %s)" % (len(twice), sorted(twice.items())[:10]))
+    return term
+
+
+def scenario_bulk(t, env, rs, mock, ngx, ca):
+    """1. N_BULK jobs through nginx: GOAWAYs every 1000 streams, refused streams retried, none ambiguous."""
+    if BULK_LATENCY_MS:
+        mock.config(latency_ms=BULK_LATENCY_MS)
+    ids = ["px1-%05d" % i for i in range(N_BULK)]
+    vt.push_jobs(rs.r, [vt.job(job_id=j, model="kling-v1", prompt="p") for j in ids])
+    vd = env.vidqd(instance="px1", conf=common_conf(ngx.url, **{"api.ca_file": ca, "submit.max_attempts": "5",
+                                                                  "submit.backoff_base": "50ms",
+                                                                  "submit.backoff_max": "500ms"}))
+    t0 = time.monotonic()
+    vd.start()
+    ok = vt.wait_until(lambda: xlen(rs.r) >= N_BULK, timeout=240, interval=0.5, unless=vd.dead)
+    elapsed = time.monotonic() - t0
+    t.ok(ok, "bulk: %d jobs end through nginx within 240 s (%d events)" % (N_BULK, xlen(rs.r)))
+    time.sleep(0.5)  # let a stray second outcome, if any, show up
+    term = check_all_submitted_once(t, rs.r, mock, ids, "bulk")
+    attempts = [int(es[0].get("attempts", "1")) for es in term.values() if es and es[0]["event"] == "submitted"]
+    retries = sum(a - 1 for a in attempts)
+    not_processed = len(vd.log_grep("request not processed", n=10 ** 9))
+    st = ngx.access_statuses()
+    posts = mock.stats().get("posts")
+    t.diag("bulk: %d jobs in %.1fs (%.0f jobs/s), concurrency %d; retries %d (jobs retried: %d, most attempts %d); "
+           "vidqd log lines 'request not processed': %d; mock POSTs %s; nginx access log statuses %s" % (
+               N_BULK, elapsed, N_BULK / elapsed if elapsed else 0, CONC, retries,
+               sum(1 for a in attempts if a > 1), max(attempts or [0]), not_processed, posts, st))
+    conns = ngx.connections()
+    t.diag("bulk: nginx served them on %d connections (most requests on one: %d); streams refused by the "
+           "GOAWAYs and retried by vidqd: %d" % (len(conns), max(conns.values() or [0]), retries))
+    # nginx recycled its connections: one GOAWAY per 1000 streams, the condition of this test
+    t.ok(len(conns) >= N_BULK // 1000 and max(conns.values() or [0]) <= 1000,
+         "bulk: nginx recycled its HTTP/2 connections every 1000 requests (GOAWAY)", conns)
+    t.eq(vd.stop(), 0, "bulk: SIGTERM exits 0")
+
+
+def scenario_badcert(t, env, rs, mock, ngx, ca):
+    """3. No api.ca_file: the gateway is down for vidqd (certificate), no job ends; SIGHUP with the CA: all go."""
+    mock.reset()
+    mock.config(latency_ms=0)
+    ids = ["px3-%03d" % i for i in range(200)]
+    vd = env.vidqd(instance="px3", conf=common_conf(ngx.url, **{"submit.max_attempts": "2",
+                                                                  "submit.backoff_base": "50ms",
+                                                                  "submit.backoff_max": "100ms"}))
+    vd.start()
+    vt.push_jobs(rs.r, [vt.job(job_id=j, model="kling-v1", prompt="p") for j in ids])
+    ok = vt.wait_until(lambda: instance_state(rs.r, "px3").get("state") == "gateway_down", 30, 0.1, unless=vd.dead)
+    st = instance_state(rs.r, "px3")
+    msg = st.get("message", "")
+    t.ok(ok and "certificate" in msg.lower(), "bad certificate: the instance is gateway_down, the message says "
+         "certificate", st)
+    time.sleep(4)  # a few probes (1 s, then 2 s)
+    t.eq(vt.terminal_by_job(vt.read_stream(rs.r)), {}, "bad certificate: no job has a terminal event")
+    t.eq(rs.r.execute("LLEN", vt.k_dead()), 0, "bad certificate: nothing is dead-listed")
+    t.eq(mock.stats().get("posts"), 0, "bad certificate: no request reached the gateway")
+    t.eq(instance_state(rs.r, "px3").get("state"), "gateway_down", "bad certificate: still gateway_down after probes")
+    t.eq(vt.pending_count(rs.r, ["px3"]), len(ids), "bad certificate: every job is still in Redis")
+
+    vd.conf["api.ca_file"] = ca
+    vt.write_conf(vd.conf_path, vd.conf)
+    vd.signal(signal.SIGHUP)
+    ok = vt.wait_until(lambda: xlen(rs.r) >= len(ids), timeout=60, interval=0.2, unless=vd.dead)
+    t.ok(ok, "bad certificate: after SIGHUP with api.ca_file every job ends")
+    time.sleep(0.3)
+    check_all_submitted_once(t, rs.r, mock, ids, "after SIGHUP")
+    # the instance hash is the heartbeat's, written every second
+    vt.wait_until(lambda: instance_state(rs.r, "px3").get("state") not in (None, "gateway_down"), 10, 0.1)
+    t.ok(instance_state(rs.r, "px3").get("state") not in (None, "gateway_down"),
+         "after SIGHUP: no longer gateway_down", instance_state(rs.r, "px3"))
+    t.eq(rs.r.execute("LLEN", vt.k_dead()), 0, "after SIGHUP: nothing is dead-listed")
+    t.eq(vd.stop(), 0, "bad certificate: SIGTERM exits 0")
+
+
+def scenario_wrong_name(t, env, rs, mock, ca, ca_key):
+    """3b. The right CA, but a certificate for another host name: gateway_down too, nothing ends."""
+    mock.reset()
+    cert, key = issue(env.dir, ca, ca_key, "other", "DNS:gateway.invalid")
+    ngx = Nginx(env, "nginx-other", cert, key, mock.port).start()
+    ids = ["px4-%02d" % i for i in range(20)]
+    vd = env.vidqd(instance="px4", conf=common_conf(ngx.url, **{"api.ca_file": ca, "submit.max_attempts": "2"}))
+    vd.start()
+    vt.push_jobs(rs.r, [vt.job(job_id=j, model="kling-v1", prompt="p") for j in ids])
+    ok = vt.wait_until(lambda: instance_state(rs.r, "px4").get("state") == "gateway_down", 30, 0.1, unless=vd.dead)
+    st = instance_state(rs.r, "px4")
+    msg = st.get("message", "").lower()
+    t.ok(ok and "certificate" in msg, "another host name: the instance is gateway_down, the message says why", st)
+    time.sleep(2)
+    t.eq(vt.terminal_by_job(vt.read_stream(rs.r)), {}, "another host name: no job has a terminal event")
+    t.eq(rs.r.execute("LLEN", vt.k_dead()), 0, "another host name: nothing is dead-listed")
+    t.eq(mock.stats().get("posts"), 0, "another host name: no request reached the gateway")
+    t.eq(vd.stop(), 0, "another host name: SIGTERM exits 0")
+    where = vt.locate(rs.r, ["px4"])
+    t.eq(sorted(j for j, w in where.items() if w["jobs"] == 1), ids, "another host name: every job is back in the queue")
+    ngx.stop()
+
+
+def scenario_restart(t, env, rs, ca, cert, key):
+    """2. The gateway killed with 64 requests in flight behind nginx, restarted 5 s later."""
+    mock = vt.Mock(env, latency_ms=2000, name="mockapi-slow").start()
+    env.tap.logs.insert(0, ("mockapi-slow", mock.log))
+    ngx = Nginx(env, "nginx2", cert, key, mock.port).start()
+    n = 2 * CONC
+    ids = ["px2-%03d" % i for i in range(n)]
+    vd = env.vidqd(instance="px2", conf=common_conf(ngx.url, **{"api.ca_file": ca, "submit.max_attempts": "5",
+                                                                  "submit.backoff_base": "100ms",
+                                                                  "submit.backoff_max": "1s"}))
+    vd.start()
+    vt.push_jobs(rs.r, [vt.job(job_id=j, model="kling-v1", prompt="p") for j in ids])
+    vt.wait_for(lambda: mock.stats().get("in_flight", 0) >= CONC, "%d requests in flight at the mock" % CONC,
+                timeout=30, interval=0.02, unless=vd.dead)
+    first = mock.stats()
+    received1 = set(first.get("received_by_key", {}))
+    port = mock.port
+    t0 = time.monotonic()
+    mock.stop(signal.SIGKILL)
+    t.eq(len(received1), CONC, "restart: the first mock had received %d jobs when it was killed" % CONC)
+
+    seen = {}
+
+    def watch():
+        s = instance_state(rs.r, "px2")
+        if s.get("state") == "gateway_down":
+            seen.update(s)
+        return bool(seen)
+    vt.wait_until(watch, timeout=5, interval=0.05, unless=vd.dead)
+    time.sleep(max(0.0, 5.0 - (time.monotonic() - t0)))
+    for _ in range(25):  # a fresh mock on the same port: its counters start at zero
+        try:
+            mock.start(port)
+            break
+        except vt.TestError:
+            time.sleep(0.2)  # the port may linger a moment
+    t.eq(mock.port, port, "restart: the new mock listens on the same port")
+    restarted = time.monotonic() - t0
+    t.ok(seen.get("state") == "gateway_down", "restart: the instance went gateway_down while the gateway was away",
+         seen or instance_state(rs.r, "px2"))
+    t.diag("restart: gateway_down message: %s" % seen.get("message"))
+
+    ok = vt.wait_until(lambda: xlen(rs.r) >= n, timeout=90, interval=0.2, unless=vd.dead)
+    t.ok(ok, "restart: every job ends (%d of %d events)" % (xlen(rs.r), n))
+    time.sleep(0.5)
+    events = vt.read_stream(rs.r)
+    term = vt.terminal_by_job(events)
+    multi = {j: [e["event"] for e in es] for j, es in term.items() if len(es) != 1}
+    t.ok(not multi and sorted(term) == ids, "restart: every job has exactly one terminal event",
+         "more than one: %s" % sorted(multi.items())[:10], "missing: %s" % sorted(set(ids) - set(term))[:10])
+    second = mock.stats()
+    created2 = second.get("created_by_key", {})
+    twice = sorted(j for j in received1 if created2.get(j))
+    t.eq(twice, [], "restart: no job the first mock received was created again by the second one")
+    dup2 = sorted(j for j, c in created2.items() if c != 1)
+    t.eq(dup2, [], "restart: the second mock created each job at most once")
+    amb = sorted(j for j, es in term.items() if es[0].get("error") == "ambiguous")
+    t.ok(len(amb) <= CONC, "restart: at most the %d in flight end ambiguous (%d do)" % (CONC, len(amb)))
+    t.eq(sorted(set(amb) - received1), [], "restart: every ambiguous job had reached the first mock")
+    others = sorted(j for j, es in term.items() if es[0].get("error") != "ambiguous")
+    not_sub = {j: term[j][0]["event"] + "/" + term[j][0].get("error", "") for j in others
+               if term[j][0]["event"] != "submitted"}
+    t.eq(not_sub, {}, "restart: every other job ends submitted")
+    lost_task = sorted(j for j in others if j in term and term[j][0]["event"] == "submitted"
+                       and created2.get(j) != 1 and j not in received1)
+    t.eq(lost_task, [], "restart: every submitted job was created by the second mock, once")
+    t.eq(rs.r.execute("LLEN", vt.k_dead()), len(amb), "restart: the dead list holds the ambiguous ones only")
+    vt.wait_until(lambda: instance_state(rs.r, "px2").get("state") not in (None, "gateway_down"), 10, 0.1)
+    after = instance_state(rs.r, "px2")
+    t.ok(after.get("state") not in (None, "gateway_down"), "restart: the instance resumed", after)
+    prem = ngx.grep("upstream prematurely closed")
+    refused = ngx.grep("Connection refused")
+    t.diag("restart: mock restarted %.1fs after the kill; ambiguous %d, submitted %d; nginx error log: %d "
+           "'upstream prematurely closed', %d 'connection refused'; nginx statuses %s; vidqd: %s" % (
+               restarted, len(amb), len(others) - len(not_sub), len(prem), len(refused), ngx.access_statuses(),
+               " | ".join(vd.log_grep("gateway", n=4))))
+    t.eq(vd.stop(), 0, "restart: SIGTERM exits 0")
+    ngx.stop()
+
+
+def main(t, env):
+    if nginx_binary() is None:
+        t.skip_all("nginx not installed (scripts/install-deps installs nginx-light)")
+    if shutil.which("openssl") is None:
+        t.skip_all("openssl not installed")
+    v = subprocess.run([nginx_binary(), "-V"], capture_output=True).stderr.decode("utf-8", "replace")
+    if "http_v2_module" not in v or "http_ssl_module" not in v:
+        t.skip_all("this nginx has no HTTP/2 or no TLS")
+    ca, ca_key = make_ca(env.dir)
+    cert, key = issue(env.dir, ca, ca_key, "server", "IP:127.0.0.1")
+    rs = env.redis()
+    mock = env.mock()
+    ngx = Nginx(env, "nginx1", cert, key, mock.port).start()
+
+    scenario_bulk(t, env, rs, mock, ngx, ca)
+    rs.r.execute("FLUSHALL")
+    scenario_badcert(t, env, rs, mock, ngx, ca)
+    ngx.stop()
+    rs.r.execute("FLUSHALL")
+    scenario_wrong_name(t, env, rs, mock, ca, ca_key)
+    rs.r.execute("FLUSHALL")
+    scenario_restart(t, env, rs, ca, cert, key)
+
+
+vt.run(main, "proxy")
