@@ -599,6 +599,65 @@ static long strict_json(const char *s, size_t len, const char **why)
     return (long)c.i;
 }
 
+/*
+ * The value of a top-level string member `key` of text that could not be
+ * parsed, if its first PEEK_BYTES show one with a valid id (CONTRACT §2
+ * charset): the failed event and the dead entry then carry the job_id and
+ * batch the producer knows, and the batch still completes. Nothing else is
+ * taken from such a text; it is never sent.
+ */
+#define PEEK_BYTES 65536
+static char *peek_top_string(const char *raw, size_t len, const char *key)
+{
+    const char *p = raw, *end = raw + (len < PEEK_BYTES ? len : PEEK_BYTES);
+    size_t klen = strlen(key);
+    int depth = 0, expect_key = 0;
+    while (p < end) {
+        char c = *p;
+        if (c == '"') {
+            const char *s = ++p;
+            while (p < end && *p != '"')
+                p += *p == '\\' ? 2 : 1;
+            if (p >= end)
+                return NULL;
+            size_t n = (size_t)(p - s);
+            p++;
+            if (depth == 1 && expect_key && n == klen && memcmp(s, key, n) == 0) {
+                const char *q = json_skip_ws(p, end);
+                if (q >= end || *q != ':')
+                    return NULL;
+                q = json_skip_ws(q + 1, end);
+                if (q >= end || *q != '"')
+                    return NULL;
+                const char *v = ++q;
+                while (q < end && *q != '"' && *q != '\\')
+                    q++;
+                if (q >= end || *q != '"' || !id_is_valid(v, (size_t)(q - v)))
+                    return NULL;
+                return xstrndup(v, (size_t)(q - v));
+            }
+            expect_key = 0;
+            continue;
+        }
+        if (c == '{' || c == '[') {
+            depth++;
+            expect_key = depth == 1 && c == '{';
+        } else if (c == '}' || c == ']') {
+            depth--;
+        } else if (c == ',' && depth == 1) {
+            expect_key = 1;
+        }
+        p++;
+    }
+    return NULL;
+}
+
+static void peek_ids(struct job *j)
+{
+    j->job_id = peek_top_string(j->raw, j->raw_len, "job_id");
+    j->batch = peek_top_string(j->raw, j->raw_len, "batch");
+}
+
 void job_parse(struct job *j, const char *raw, size_t len, const char *default_model, size_t max_bytes)
 {
     memset(j, 0, sizeof *j);
@@ -607,11 +666,13 @@ void job_parse(struct job *j, const char *raw, size_t len, const char *default_m
     if (max_bytes > 0 && len > max_bytes) {
         /* Before any parsing: a huge job costs no scan, no cJSON tree. */
         set_error(j, "job is %zu bytes, larger than submit.max_job_bytes (%zu)", len, max_bytes);
+        peek_ids(j);
         return;
     }
     const char *nul = memchr(raw, '\0', len);
     if (nul) {
         set_error(j, "invalid JSON at byte %zu: NUL byte", (size_t)(nul - raw));
+        peek_ids(j);
         return;
     }
     if (len == 0 || json_skip_ws(raw, raw + len) == raw + len) {
@@ -625,6 +686,7 @@ void job_parse(struct job *j, const char *raw, size_t len, const char *default_m
             set_error(j, "invalid JSON at byte %ld: control character 0x%02x", bad, (unsigned char)j->raw[bad]);
         else
             set_error(j, "invalid JSON at byte %ld: %s", bad, why);
+        peek_ids(j);
         return;
     }
     cJSON *obj = cJSON_ParseWithLength(j->raw, len);

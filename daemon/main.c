@@ -50,6 +50,12 @@ struct daemon {
     metrics *metrics;      /* NULL unless metrics.listen */
     uv_signal_t sig_term, sig_int, sig_hup;
     uv_timer_t status_timer;
+    /* The longest stretch the loop spent in callbacks without polling:
+     * what any input costs everything else (a stalled loop misses beats). */
+    uv_prepare_t stall_prepare;
+    uv_check_t stall_check;
+    uint64_t stall_check_ns; /* hrtime at the last check (after I/O callbacks) */
+    uint64_t stall_max_us;
     int ready_sent;
     int redis_down_logged;
     int stopping;
@@ -227,6 +233,35 @@ static void metric(sbuf *out, const char *name, const char *type, const char *he
                 instance, v);
 }
 
+/* ---- loop stalls ------------------------------------------------------------ */
+
+/*
+ * libuv runs, per turn: timers, pending, idle, prepare, poll + I/O callbacks,
+ * check, close callbacks. From a check to the next prepare is all work; from
+ * the moment poll returned (uv_now, updated then) to the check is the I/O
+ * callbacks' work. The larger of the two, over the run, is the longest stall.
+ */
+static void stall_note(struct daemon *d, uint64_t from_ns, uint64_t to_ns)
+{
+    if (to_ns > from_ns && (to_ns - from_ns) / 1000 > d->stall_max_us)
+        d->stall_max_us = (to_ns - from_ns) / 1000;
+}
+
+static void on_stall_check(uv_check_t *h)
+{
+    struct daemon *d = h->data;
+    uint64_t now = uv_hrtime();
+    stall_note(d, uv_now(&d->loop) * 1000000ULL, now);
+    d->stall_check_ns = now;
+}
+
+static void on_stall_prepare(uv_prepare_t *h)
+{
+    struct daemon *d = h->data;
+    if (d->stall_check_ns)
+        stall_note(d, d->stall_check_ns, uv_hrtime());
+}
+
 /* /metrics and /healthz (metrics.listen), from the worker's counters. */
 static void fill_metrics(sbuf *out, int *healthy, const char **why, void *ud)
 {
@@ -244,6 +279,8 @@ static void fill_metrics(sbuf *out, int *healthy, const char **why, void *ud)
     metric(out, "vidq_polls_in_flight", "gauge", "Task polls and downloads in flight.", in,
            d->tr ? tracker_in_flight(d->tr) : 0);
     metric(out, "vidq_redis_up", "gauge", "1 when Redis answers.", in, queue_is_up(d->q) ? 1 : 0);
+    metric(out, "vidq_loop_stall_max_microseconds", "gauge",
+           "The longest time the event loop spent in callbacks without polling, since start.", in, d->stall_max_us);
     int gw_down = st.blocked && strcmp(st.block_kind, "gateway_down") == 0;
     metric(out, "vidq_account_blocked", "gauge", "1 while the API refuses the account (401/402/403).", in,
            st.blocked && !gw_down ? 1 : 0);
@@ -310,7 +347,13 @@ static void on_drained(void *ud)
 
 static void close_all(struct daemon *d)
 {
-    log_kv(LOG_NOTICE, "drained; exiting", NULL);
+    char stall[32];
+    snprintf(stall, sizeof stall, "%.1f", (double)d->stall_max_us / 1000.0);
+    log_kv(LOG_NOTICE, "drained; exiting", "longest_loop_stall_ms", stall, NULL);
+    uv_prepare_stop(&d->stall_prepare);
+    uv_check_stop(&d->stall_check);
+    uv_close((uv_handle_t *)&d->stall_prepare, NULL);
+    uv_close((uv_handle_t *)&d->stall_check, NULL);
     /* Order matters: callbacks of the HTTP client and the queue still reach
      * live slots; the worker goes last. */
     http_client_close(d->http);
@@ -440,6 +483,11 @@ static int run(struct daemon *d)
     uv_signal_start(&d->sig_hup, on_hup, SIGHUP);
     uv_timer_init(&d->loop, &d->status_timer);
     d->status_timer.data = d;
+    uv_prepare_init(&d->loop, &d->stall_prepare);
+    uv_check_init(&d->loop, &d->stall_check);
+    d->stall_prepare.data = d->stall_check.data = d;
+    uv_prepare_start(&d->stall_prepare, on_stall_prepare);
+    uv_check_start(&d->stall_check, on_stall_check);
     uv_timer_start(&d->status_timer, on_status_timer, STATUS_INTERVAL_MS, STATUS_INTERVAL_MS);
     log_kv(LOG_NOTICE, "vidqd starting", "version", PACKAGE_VERSION, "instance", d->cfg.instance, "api",
            d->cfg.base_url, NULL);

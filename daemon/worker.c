@@ -51,7 +51,8 @@
 #define HEARTBEAT_TTL_MS 10000
 #define TAKEOVER_EVERY 5    /* upkeep ticks */
 #define POISON_LIMIT 3      /* deaths of holders before a job is dead as "poison" */
-#define WAIT_CLAIM_MS 1000  /* another copy of the job_id may be in flight: look again */
+#define WAIT_CLAIM_MS 1000
+#define TURN_BUDGET_BYTES (1u << 20) /* job bytes started per turn of the loop, beyond the first job */  /* another copy of the job_id may be in flight: look again */
 #define PROBE_MAX_MS 60000
 #define FORBIDDEN_SUSPECTS 3 /* jobs refused with 403, none accepted after: the account */
 enum { BLOCK_NONE, BLOCK_ACCOUNT, BLOCK_GATEWAY };
@@ -74,7 +75,8 @@ struct slot {
     uint64_t strike_seq;       /* requests sent when its 403 came back */
     uint64_t sent_seq;         /* the order its last request went out in */
     char strike_msg[512];
-    int marked;                /* Redis has its sending mark (queue_mark_sending) */
+    char *token;               /* its sending mark's token: found with it, or new for this run */
+    int marked;                /* Redis holds its mark (the SEND step said so, or found marked) */
     int maybe_sent;            /* found marked after a crash: it may have been billed */
     int probing;               /* the SEND step only looks (maybe_sent) */
     long long deaths;          /* instances that died holding it */
@@ -102,7 +104,7 @@ struct slot {
 struct backlog_item {
     char *raw;
     size_t len;
-    int maybe_sent;
+    char *token; /* found marked with this token, or NULL */
     long long deaths;
 };
 
@@ -143,6 +145,7 @@ struct worker {
     int64_t up_since;  /* mono ms when Redis last came up, 0 while it is down */
     uint32_t id_rand;
     uint64_t id_counter;
+    uint64_t token_seq; /* mark tokens of this run: run_id.N */
     struct worker_stats st;
     /* draining */
     int draining;
@@ -163,6 +166,8 @@ static void pump(worker *w);
 static void claim_name(worker *w, int force);
 static void on_spool_replayed(int err, long long r, void *ud);
 static void heartbeat(worker *w);
+static void backlog_push(worker *w, const struct qitem *it);
+static void intake_later(worker *w, uint64_t ms);
 static void send_job(slot *s);
 static void record(slot *s);
 static void putback(slot *s);
@@ -214,6 +219,7 @@ static void slot_release(slot *s)
     sbuf_free(&s->fbuf);
     job_free(&s->job);
     free(s->held);
+    free(s->token);
     uv_timer_stop(&s->timer);
     uv_close((uv_handle_t *)&s->timer, slot_closed);
 }
@@ -399,7 +405,7 @@ static void record(slot *s)
     s->state = S_RECORDING;
     fields_ready(s);
     if (s->envelope) {
-        rc = queue_retry(w->q, s->held, s->held_len, s->envelope, s->envelope_len, s->due_ms, s->marked,
+        rc = queue_retry(w->q, s->held, s->held_len, s->envelope, s->envelope_len, s->due_ms, s->token,
                          s->job.id_given ? s->job.job_id : NULL, on_recorded, s);
     } else {
         struct qrecord r = {
@@ -415,14 +421,13 @@ static void record(slot *s)
             .dedup_ttl_ms = w->cfg->dedup_window_ms,
             .batch = s->job.batch,
             .batch_field = s->outcome, /* submitted, failed or duplicate */
-            .marked = s->marked,
+            .token = s->token, /* ends the mark, if it was set (an absent one: no-op) */
+            .claim_job_id = s->job.id_given ? s->job.job_id : NULL,
         };
         /* The copy that held the job_id's claim ends it: an ambiguous end
          * keeps later copies from being billed again (queue.c, SEND_LUA). */
-        if (s->marked && s->job.id_given) {
-            r.claim = s->error && strcmp(s->error, "ambiguous") == 0 ? "ambiguous" : "del";
-            r.claim_job_id = s->job.job_id;
-        }
+        if (s->error && strcmp(s->error, "ambiguous") == 0)
+            r.claim = "ambiguous";
         /* With tracking, a submitted job is not done: its task is followed
          * (the record seeds the schedule) and the tracker writes its end. */
         int track = w->cfg->track_enabled && strcmp(s->outcome, "submitted") == 0;
@@ -891,7 +896,7 @@ static void go(slot *s)
         mode = QS_PROBE;
     }
     s->state = S_CHECKING;
-    if (queue_send(w->q, s->held, s->held_len, s->job.id_given ? s->job.job_id : NULL, mode,
+    if (queue_send(w->q, s->held, s->held_len, s->job.id_given ? s->job.job_id : NULL, mode, s->token,
                    w->cfg->retry_ambiguous, on_send, s) != 0)
         on_send(1, Q_SEND, NULL, 0, s);
 }
@@ -934,8 +939,15 @@ static slot *slot_new(worker *w, const struct qitem *it)
     s->taken_ms = mono_ms();
     s->held = xstrndup(it->data, it->len);
     s->held_len = it->len;
-    s->maybe_sent = it->flag;
-    s->marked = it->flag; /* its mark is in Redis: the outcome's step ends it */
+    s->maybe_sent = it->token != NULL;
+    s->marked = it->token != NULL; /* its mark is in Redis: the outcome's step ends it */
+    if (it->token) {
+        s->token = xstrdup(it->token);
+    } else {
+        char tok[96];
+        snprintf(tok, sizeof tok, "%s.%llu", w->run_id, (unsigned long long)++w->token_seq);
+        s->token = xstrdup(tok);
+    }
     s->deaths = it->deaths;
     uv_timer_init(w->loop, &s->timer);
     s->timer.data = s;
@@ -990,11 +1002,21 @@ static void intake_later(worker *w, uint64_t ms)
 /* Jobs that arrive while draining are not ours to start: put them back. */
 static void start_or_putback(worker *w, const struct qitem *items, size_t n)
 {
+    size_t spent = 0;
     for (size_t i = 0; i < n; i++) {
         if (w->draining) {
             putback(slot_new(w, &items[i]));
             continue;
         }
+        if (spent >= TURN_BUDGET_BYTES) {
+            /* Big jobs: the rest waits a turn of the loop each, so no batch
+             * of them holds everything else (heartbeats, answers) up. They
+             * are held in Redis already; nothing more is taken meanwhile. */
+            backlog_push(w, &items[i]);
+            intake_later(w, 0);
+            continue;
+        }
+        spent += items[i].len;
         start_job(w, &items[i]);
         flow_consume(&w->flow, 1);
     }
@@ -1082,7 +1104,7 @@ static void backlog_push(worker *w, const struct qitem *it)
     }
     w->backlog[w->backlog_len].raw = xstrndup(it->data, it->len);
     w->backlog[w->backlog_len].len = it->len;
-    w->backlog[w->backlog_len].maybe_sent = it->flag;
+    w->backlog[w->backlog_len].token = it->token ? xstrdup(it->token) : NULL;
     w->backlog[w->backlog_len].deaths = it->deaths;
     w->backlog_len++;
 }
@@ -1166,10 +1188,14 @@ static void pump(worker *w)
         return;
     }
     if (w->backlog_pos < w->backlog_len) {
-        while (room-- > 0 && w->backlog_pos < w->backlog_len) {
+        size_t spent = 0;
+        while (room-- > 0 && w->backlog_pos < w->backlog_len && spent < TURN_BUDGET_BYTES) {
             struct backlog_item *b = &w->backlog[w->backlog_pos++];
-            struct qitem it = {.data = b->raw, .len = b->len, .flag = b->maybe_sent, .deaths = b->deaths};
+            spent += b->len;
+            struct qitem it = {.data = b->raw, .len = b->len, .token = b->token, .deaths = b->deaths};
             start_job(w, &it);
+            free(b->token);
+            b->token = NULL;
             flow_consume(&w->flow, 1);
             free(b->raw);
             b->raw = NULL;
@@ -1308,7 +1334,7 @@ static void on_putback(int err, long long result, void *ud)
 static void putback(slot *s)
 {
     s->state = S_PUTBACK;
-    if (queue_putback(s->w->q, s->held, s->held_len, s->marked, s->job.id_given ? s->job.job_id : NULL, on_putback,
+    if (queue_putback(s->w->q, s->held, s->held_len, s->token, s->job.id_given ? s->job.job_id : NULL, on_putback,
                       s) != 0)
         on_putback(1, 0, s);
 }
@@ -1464,7 +1490,7 @@ static void spool_outcomes(worker *w)
             uv_timer_stop(&s->timer);
             record(s);
             n++;
-        } else if (s->state == S_PUTBACK && s->marked) {
+        } else if (s->state == S_PUTBACK) {
             putback(s);
             n++;
         }
@@ -1697,8 +1723,10 @@ void worker_free(worker *w)
      * list and the next start finishes it. */
     while (w->slots)
         slot_release(w->slots);
-    for (size_t k = w->backlog_pos; k < w->backlog_len; k++)
+    for (size_t k = w->backlog_pos; k < w->backlog_len; k++) {
         free(w->backlog[k].raw);
+        free(w->backlog[k].token);
+    }
     free(w->backlog);
     free(w->spool);
     free(w->submit_url);

@@ -91,64 +91,69 @@ static const char TAKE_LUA[] = CHECK_LUA
     "return out\n";
 
 /*
- * The "sending" marks (vidq:sending:<instance>, a hash sha1(held job) ->
- * count) say which held jobs may have reached the API. A job is marked in
- * the SEND step, right before its request goes out, and unmarked only in
- * the step that writes its outcome (record, retry or put-back): never by a
- * recovery or a takeover, which move marks with their jobs. So "this job may
- * have been billed" lives in Redis from before the request to after its
- * outcome, across any number of crashes and restarts (CONTRACT §6).
+ * The "sending" marks (vidq:sending:<instance>, a hash mark token -> sha1
+ * of the held job) say which held jobs may have reached the API. A job is
+ * marked in the SEND step, right before its request goes out, under a token
+ * unique to that job in that run, and unmarked only in the step that writes
+ * its outcome (record, retry or put-back): never by a recovery or a
+ * takeover, which move marks with their jobs. So "this job may have been
+ * billed" lives in Redis from before the request to after its outcome,
+ * across any number of crashes and restarts (CONTRACT §6). The token makes
+ * SEND idempotent: when its reply is lost, asking again finds its own mark.
  *
  * A producer's job_id is claimed in the same step (vidq:claim:<job_id> =
- * the sending instance): while a copy of the id may be in flight, no other
- * copy is sent; it waits for the first one's outcome. A copy that ended
+ * the token of the copy that may be in flight): while it exists no other
+ * copy is sent; they wait for that one's outcome. A copy that ended
  * ambiguous leaves the claim as "ambiguous" for the dedup window, so a
  * second copy is not billed again behind it (`vidq dead requeue` lifts it).
  *
- * UNMARK_LUA(skey, raw, ckey, claim) is the one place that ends a mark:
- * claim '' leaves the claim key alone, 'del' deletes it, anything else
- * (with ARGV ttl) is handled by the caller.
+ * UNMARK_LUA(skey, ckey, token) ends the mark of `token` and its claim; it
+ * is the one place that does.
  */
-#define UNMARK_LUA(k, raw)                                                                 \
-    "do local f = redis.sha1hex(" raw ")\n"                                                 \
-    "  if redis.call('HINCRBY', " k ", f, -1) <= 0 then redis.call('HDEL', " k ", f) end end\n"
+#define UNMARK_LUA(skey, ckey, token)                                                                   \
+    "if " token " ~= '' then\n"                                                                         \
+    "  redis.call('HDEL', " skey ", " token ")\n"                                                       \
+    "  if " ckey " ~= '' and redis.call('GET', " ckey ") == " token " then redis.call('DEL', " ckey ") end\n" \
+    "end\n"
 
 /*
  * SEND: may this held job go out now? One round trip that checks it is
  * still held here (a job taken over while this instance stalled is never
  * sent by both), looks up the dedup marker and the claim of its job_id,
- * and marks it. KEYS: processing, sending, dedup key, claim key. ARGV:
- * held job, mode, instance, has_id flag, retry_ambiguous flag.
- * mode "new": claim and mark; "marked": the job already carries a mark
- * (re-sent after an account error, or found marked after a crash with
- * retry_ambiguous): claim only; "probe": write nothing, only look.
+ * and marks it. KEYS: processing, sending, dedup key, claim key (both ""
+ * without a job_id). ARGV: held job, mode, token, retry_ambiguous flag.
+ * mode "new": claim and mark; "marked": the job already carries the mark
+ * `token` (re-sent after an account error, or found marked after a crash
+ * with retry_ambiguous): claim only; "probe": write nothing, only look.
  * Reply {"send"} | {"gone"} | {"dup", task_id} | {"wait", holder} |
  * {"ambiguous"}.
  */
 static const char SEND_LUA[] = CHECK_LUA
-    "local mode = ARGV[2]\n"
+    "local mode, token = ARGV[2], ARGV[3]\n"
     "if mode ~= 'new' and mode ~= 'marked' and mode ~= 'probe' then error('vidq: bad mode') end\n"
-    "local has_id = need_flag(ARGV[4], 'has_id')\n"
-    "local retry_ambiguous = need_flag(ARGV[5], 'retry_ambiguous')\n"
+    "if token == nil or token == '' or #token > 200 then error('vidq: bad token') end\n"
+    "local retry_ambiguous = need_flag(ARGV[4], 'retry_ambiguous')\n"
     "if not redis.call('LPOS', KEYS[1], ARGV[1]) then return {'gone'} end\n"
-    "if has_id then\n"
+    "local f = redis.sha1hex(ARGV[1])\n"
+    "if mode == 'new' and redis.call('HGET', KEYS[2], token) == f then return {'send'} end\n"
+    "if KEYS[3] ~= '' then\n"
     "  local t = redis.call('GET', KEYS[3])\n"
     "  if t then return {'dup', t} end\n"
     "  local c = redis.call('GET', KEYS[4])\n"
     "  if c == 'ambiguous' and not retry_ambiguous and mode == 'new' then return {'ambiguous'} end\n"
-    "  if c and c ~= 'ambiguous' and mode == 'new' then return {'wait', c} end\n"
-    "  if mode ~= 'probe' then redis.call('SET', KEYS[4], ARGV[3]) end\n"
+    "  if c and c ~= 'ambiguous' and c ~= token and mode == 'new' then return {'wait', c} end\n"
+    "  if mode ~= 'probe' then redis.call('SET', KEYS[4], token) end\n"
     "end\n"
-    "if mode == 'new' then redis.call('HINCRBY', KEYS[2], redis.sha1hex(ARGV[1]), 1) end\n"
+    "if mode == 'new' then redis.call('HSET', KEYS[2], token, f) end\n"
     "return {'send'}\n";
 
 /* Return a held job to the intake list, where it is taken next: nothing
  * was sent, or the API said for sure that nothing was created.
- * KEYS: processing, jobs, sending, claim key. ARGV: held job, marked flag. */
+ * KEYS: processing, jobs, sending, claim key. ARGV: held job, mark token or "". */
 static const char PUTBACK_LUA[] = CHECK_LUA
-    "local marked = need_flag(ARGV[2], 'marked')\n"
+    "if ARGV[2] == nil then error('vidq: putback needs a token argument') end\n"
     "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then redis.call('RPUSH', KEYS[2], ARGV[1]) end\n"
-    "if marked then " UNMARK_LUA("KEYS[3]", "ARGV[1]") " if KEYS[4] ~= '' then redis.call('DEL', KEYS[4]) end end\n"
+    UNMARK_LUA("KEYS[3]", "KEYS[4]", "ARGV[2]")
     "return 1\n";
 
 /*
@@ -181,7 +186,7 @@ static const char PUTBACK_LUA[] = CHECK_LUA
  * task hash, tracking set, sending hash, claim key. ARGV: raw job, maxlen,
  * dead entry or "", task id for the dedup marker or "", marker TTL ms,
  * batch counter, final flag, now, batch name, first poll time, job id to
- * track or "", marked flag, claim action ('' | 'del' | 'ambiguous'), batch
+ * track or "", mark token or "", claim action ('' | 'del' | 'ambiguous'), batch
  * TTL ms, then the event's field/value pairs. With tracking, the event's
  * fields (but the raw response) seed the task hash (vidq:task:<job_id>)
  * and the job id enters the poll schedule (vidq:track).
@@ -199,16 +204,17 @@ static const char RECORD_LUA[] = CHECK_LUA BATCH_LUA
     "local final = need_flag(ARGV[7], 'final')\n"
     "need_num(ARGV[8], 'now')\n"
     "need_num(ARGV[10], 'first poll')\n"
-    "local marked = need_flag(ARGV[12], 'marked')\n"
+    "local token = ARGV[12]\n"
     "local claim = ARGV[13]\n"
     "if claim ~= '' and claim ~= 'del' and claim ~= 'ambiguous' then error('vidq: bad claim action') end\n"
     "local batch_ttl = need_int(ARGV[14], 'batch ttl', 1)\n"
     "if #ARGV < 16 or (#ARGV - 14) % 2 ~= 0 then error('vidq: event fields must come in pairs') end\n"
     "local held = redis.call('LREM', KEYS[1], 1, ARGV[1])\n"
     "if ARGV[4] ~= '' then redis.call('SET', KEYS[4], ARGV[4], 'PX', ttl) end\n"
-    "if marked then " UNMARK_LUA("KEYS[9]", "ARGV[1]") " end\n"
-    "if claim == 'del' then redis.call('DEL', KEYS[10])\n"
-    "elseif claim == 'ambiguous' then redis.call('SET', KEYS[10], 'ambiguous', 'PX', ttl) end\n"
+    "if claim == 'ambiguous' and token ~= '' and redis.call('GET', KEYS[10]) == token then\n"
+    "  redis.call('SET', KEYS[10], 'ambiguous', 'PX', ttl)\n"
+    "end\n"
+    UNMARK_LUA("KEYS[9]", "KEYS[10]", "token")
     "if held == 0 then return 0 end\n"
     "redis.call('HDEL', KEYS[5], redis.sha1hex(ARGV[1]))\n"
     "if ARGV[3] ~= '' then redis.call('LPUSH', KEYS[3], ARGV[3]) end\n"
@@ -227,12 +233,12 @@ static const char RECORD_LUA[] = CHECK_LUA BATCH_LUA
 /* A job to retry later: out of the processing list, into the retry set,
  * in one step; nothing was created, so its mark and claim end here.
  * KEYS: processing, retry, sending, recovered, claim key. ARGV: held text,
- * due ms, envelope, marked flag. Envelopes carry a nonce, so two copies of
+ * due ms, envelope, mark token or "". Envelopes carry a nonce, so two copies of
  * one job never merge into one member of the set. */
 static const char RETRY_LUA[] = CHECK_LUA
     "need_num(ARGV[2], 'due')\n"
-    "local marked = need_flag(ARGV[4], 'marked')\n"
-    "if marked then " UNMARK_LUA("KEYS[3]", "ARGV[1]") " if KEYS[5] ~= '' then redis.call('DEL', KEYS[5]) end end\n"
+    "if ARGV[4] == nil then error('vidq: retry needs a token argument') end\n"
+    UNMARK_LUA("KEYS[3]", "KEYS[5]", "ARGV[4]")
     "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end\n"
     "redis.call('HDEL', KEYS[4], redis.sha1hex(ARGV[1]))\n"
     "redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])\n"
@@ -259,19 +265,26 @@ static const char HEARTBEAT_LUA[] = CHECK_LUA
     "return 1\n";
 
 /*
- * The jobs this instance holds, oldest first, as triples {marked, deaths,
- * job}. With ARGV[1] = '1' (at start-up) each job counts one more death
- * (vidq:recovered, sha1 -> count), unless the previous run ended with a
- * clean drain (KEYS[4], which this consumes): graceful restarts never make
+ * The jobs this instance holds, oldest first, as triples {mark token or "",
+ * deaths, job}. With ARGV[1] = '1' (at start-up) each job counts one more
+ * death (vidq:recovered, sha1 -> count), unless the previous run ended with
+ * a clean drain (KEYS[4], which this consumes): graceful restarts never make
  * a job "poison". Marks are only read, never ended: a job found marked may
- * have been billed and keeps its mark until its outcome is written. Of
- * identical copies (one sha1, one counter), as many are reported marked as
- * there are marks, and a death counts once.
+ * have been billed and keeps its mark (its token comes back, for the step
+ * that writes its outcome) until then. Identical copies share one sha1:
+ * each mark goes to one copy, and a death counts once.
  * KEYS: processing, sending, recovered, clean-exit key. ARGV: counting flag.
  */
 static const char HELD_LUA[] = CHECK_LUA
     "local counting = need_flag(ARGV[1], 'counting')\n"
     "if counting and redis.call('DEL', KEYS[4]) == 1 then counting = false end\n"
+    "local marks = {}\n"
+    "local m = redis.call('HGETALL', KEYS[2])\n"
+    "for i = 1, #m, 2 do\n"
+    "  local l = marks[m[i + 1]] or {}\n"
+    "  l[#l + 1] = m[i]\n"
+    "  marks[m[i + 1]] = l\n"
+    "end\n"
     "local held = redis.call('LRANGE', KEYS[1], 0, -1)\n"
     "local out, seen = {}, {}\n"
     "for i = #held, 1, -1 do\n"
@@ -280,8 +293,8 @@ static const char HELD_LUA[] = CHECK_LUA
     "  seen[f] = (seen[f] or 0) + 1\n"
     "  if counting and seen[f] == 1 then n = redis.call('HINCRBY', KEYS[3], f, 1)\n"
     "  else n = tonumber(redis.call('HGET', KEYS[3], f) or '0') end\n"
-    "  local m = tonumber(redis.call('HGET', KEYS[2], f) or '0')\n"
-    "  out[#out + 1] = seen[f] <= m and '1' or '0'\n"
+    "  local l = marks[f]\n"
+    "  out[#out + 1] = (l and #l > 0) and table.remove(l) or ''\n"
     "  out[#out + 1] = n\n"
     "  out[#out + 1] = held[i]\n"
     "end\n"
@@ -311,8 +324,8 @@ static const char TAKEOVER_LUA[] =
     "    local skey = prefix .. ':sending:' .. name\n"
     "    local marks = redis.call('HGETALL', skey)\n"
     "    for i = 1, #marks, 2 do\n"
-    "      local n = tonumber(marks[i + 1]) or 0\n"
-    "      if n > 0 then redis.call('HINCRBY', KEYS[3], marks[i], n); marked = marked + n end\n"
+    "      redis.call('HSET', KEYS[3], marks[i], marks[i + 1])\n"
+    "      marked = marked + 1\n"
     "    end\n"
     "    local seen = {}\n"
     "    while true do\n"
@@ -451,7 +464,7 @@ struct call {
     void *ud;
     int reverse; /* items_fn: deliver array in reverse order */
     int skip;    /* items_fn: leading elements that are not items */
-    int triples; /* items_fn: elements come as {marked, deaths, item} triples */
+    int triples; /* items_fn: elements come as {mark token, deaths, item} triples */
 };
 
 static char *mkkey(const char *prefix, const char *suffix)
@@ -627,13 +640,13 @@ static void on_items(redisReply *r, void *ud)
     struct qitem *items = xcalloc(n - skip + 1, sizeof *items);
     size_t k = 0;
     for (size_t i = skip; i < n; i++) {
-        int flag = 0;
+        const char *token = NULL;
         long long deaths = 0;
         if (c->triples) {
             if (i + 2 >= n)
                 break;
             redisReply *f = r->element[i++], *d = r->element[i++];
-            flag = f->type == REDIS_REPLY_STRING && f->len == 1 && f->str[0] == '1';
+            token = f->type == REDIS_REPLY_STRING && f->len > 0 ? f->str : NULL;
             deaths = d->type == REDIS_REPLY_INTEGER ? d->integer : 0;
         }
         redisReply *e = r->element[c->reverse ? n - 1 - (i - skip) : i];
@@ -641,7 +654,7 @@ static void on_items(redisReply *r, void *ud)
             continue;
         items[k].data = e->str;
         items[k].len = e->len;
-        items[k].flag = flag;
+        items[k].token = token;
         items[k].deaths = deaths;
         k++;
     }
@@ -819,7 +832,7 @@ int queue_held(queue *q, int recovering, queue_items_fn *fn, void *ud)
 {
     struct call *c = new_call(q, ud);
     c->items_fn = fn;
-    c->triples = 1; /* {marked, deaths, job}, oldest first */
+    c->triples = 1; /* {mark token, deaths, job}, oldest first */
     const char *argv[] = {"EVALSHA", q->sha[S_HELD], "4",          q->k_processing, q->k_sending,
                           q->k_recovered, q->k_clean, recovering ? "1" : "0"};
     return qsend(q, q->cmd, on_items, c, 8, argv, NULL);
@@ -919,22 +932,22 @@ static void on_send(redisReply *r, void *ud)
 }
 
 int queue_send(queue *q, const char *held, size_t len, const char *job_id, enum queue_send_mode mode,
-               int retry_ambiguous, queue_send_fn *fn, void *ud)
+               const char *token, int retry_ambiguous, queue_send_fn *fn, void *ud)
 {
     static const char *const modes[] = {"new", "marked", "probe"};
     char dedup_key[300], claim_key[300];
     key_for(q, dedup_key, sizeof dedup_key, "dedup", job_id);
     key_for(q, claim_key, sizeof claim_key, "claim", job_id);
-    const char *argv[] = {"EVALSHA", q->sha[S_SEND], "4",          q->k_processing, q->k_sending, dedup_key,
-                          claim_key, held,           modes[mode], q->instance,     job_id ? "1" : "0",
+    const char *argv[] = {"EVALSHA", q->sha[S_SEND], "4",    q->k_processing, q->k_sending,
+                          dedup_key, claim_key,      held,   modes[mode],     token,
                           retry_ambiguous ? "1" : "0"};
-    size_t lens[12];
-    for (int i = 0; i < 12; i++)
+    size_t lens[11];
+    for (int i = 0; i < 11; i++)
         lens[i] = strlen(argv[i]);
     lens[7] = len;
     struct call *c = new_call(q, ud);
     c->send_fn = fn;
-    return qsend(q, q->cmd, on_send, c, 12, argv, lens);
+    return qsend(q, q->cmd, on_send, c, 11, argv, lens);
 }
 
 int queue_heartbeat(queue *q, const char *const *fields, int nfields, int64_t ttl_ms, queue_done_fn *fn, void *ud)
@@ -955,13 +968,13 @@ int queue_heartbeat(queue *q, const char *const *fields, int nfields, int64_t tt
 }
 
 int queue_retry(queue *q, const char *held, size_t held_len, const char *envelope, size_t env_len, int64_t due_ms,
-                int marked, const char *job_id, queue_done_fn *fn, void *ud)
+                const char *token, const char *job_id, queue_done_fn *fn, void *ud)
 {
     char due[32], claim_key[300];
     snprintf(due, sizeof due, "%lld", (long long)due_ms);
     key_for(q, claim_key, sizeof claim_key, "claim", job_id);
     const char *argv[] = {"EVALSHA", q->sha[S_RETRY], "5",  q->k_processing, q->k_retry, q->k_sending,
-                          q->k_recovered, claim_key,     held, due,             envelope,   marked ? "1" : "0"};
+                          q->k_recovered, claim_key,     held, due,             envelope,   token ? token : ""};
     size_t lens[12];
     for (int i = 0; i < 12; i++)
         lens[i] = strlen(argv[i]);
@@ -982,13 +995,13 @@ int queue_promote(queue *q, queue_done_fn *fn, void *ud)
     return qsend(q, q->cmd, on_done, c, 7, argv, NULL);
 }
 
-int queue_putback(queue *q, const char *raw, size_t len, int marked, const char *job_id, queue_done_fn *fn,
+int queue_putback(queue *q, const char *raw, size_t len, const char *token, const char *job_id, queue_done_fn *fn,
                   void *ud)
 {
     char claim_key[300];
     key_for(q, claim_key, sizeof claim_key, "claim", job_id);
     const char *argv[] = {"EVALSHA", q->sha[S_PUTBACK], "4", q->k_processing, q->k_jobs, q->k_sending,
-                          claim_key, raw,                marked ? "1" : "0"};
+                          claim_key, raw,                token ? token : ""};
     size_t lens[9];
     for (int i = 0; i < 9; i++)
         lens[i] = strlen(argv[i]);
@@ -1006,7 +1019,7 @@ int queue_record(queue *q, const struct qrecord *r, queue_done_fn *fn, void *ud)
     key_for(q, dedup_key, sizeof dedup_key, "dedup", r->dedup_job_id);
     key_for(q, batch_key, sizeof batch_key, "batch", r->batch);
     key_for(q, task_key, sizeof task_key, "task", r->track_job_id);
-    key_for(q, claim_key, sizeof claim_key, "claim", r->claim ? r->claim_job_id : NULL);
+    key_for(q, claim_key, sizeof claim_key, "claim", r->claim_job_id);
     snprintf(maxlen, sizeof maxlen, "%ld", q->maxlen);
     snprintf(ttl, sizeof ttl, "%lld", (long long)(r->dedup_ttl_ms > 0 ? r->dedup_ttl_ms : 1));
     snprintf(now, sizeof now, "%lld", (long long)now_ms());
@@ -1019,7 +1032,7 @@ int queue_record(queue *q, const struct qrecord *r, queue_done_fn *fn, void *ud)
         /* ARGV */
         r->raw, maxlen, r->dead ? r->dead : "", dtask, ttl, r->batch && r->batch_field ? r->batch_field : "",
         r->final ? "1" : "0", now, r->batch ? r->batch : "", first, r->track_job_id ? r->track_job_id : "",
-        r->marked ? "1" : "0", claim_key[0] ? r->claim : "", bttl};
+        r->token ? r->token : "", claim_key[0] && r->claim ? r->claim : "", bttl};
     int argc = FIXED + r->nfields;
     const char **argv = xmalloc((size_t)argc * sizeof *argv);
     size_t *lens = xmalloc((size_t)argc * sizeof *lens);

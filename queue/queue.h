@@ -35,7 +35,7 @@ typedef void queue_state_fn(int up, const char *why, void *ud);
 struct qitem {
     const char *data;
     size_t len;
-    int flag;           /* queue_held: the job carries a sending mark (it may have been billed) */
+    const char *token;  /* queue_held: the job's sending mark (it may have been billed), or NULL */
     long long deaths;   /* queue_held: instances that died holding it (poison check) */
 };
 
@@ -102,16 +102,16 @@ enum queue_verdict { Q_SEND, Q_GONE, Q_DUP, Q_WAIT, Q_AMBIGUOUS };
 /* arg: the recorded task id (Q_DUP) or the claiming instance (Q_WAIT). */
 typedef void queue_send_fn(int err, enum queue_verdict v, const char *arg, size_t len, void *ud);
 int queue_send(queue *q, const char *held, size_t len, const char *job_id, enum queue_send_mode mode,
-               int retry_ambiguous, queue_send_fn *fn, void *ud);
+               const char *token, int retry_ambiguous, queue_send_fn *fn, void *ud);
 /* Move a held job to the retry set, due at `due_ms`, as `envelope`; ends
- * its mark and its job_id's claim when `marked`. */
+ * the mark `token` (NULL: none) and its job_id's claim. */
 int queue_retry(queue *q, const char *held, size_t held_len, const char *envelope, size_t env_len, int64_t due_ms,
-                int marked, const char *job_id, queue_done_fn *fn, void *ud);
+                const char *token, const char *job_id, queue_done_fn *fn, void *ud);
 /* Move due retries to the intake list. result = number moved. */
 int queue_promote(queue *q, queue_done_fn *fn, void *ud);
 /* Move a held job back to the intake list, to be taken next (nothing was
- * created: its mark and claim end when `marked`). */
-int queue_putback(queue *q, const char *raw, size_t len, int marked, const char *job_id, queue_done_fn *fn,
+ * created: the mark `token`, if any, and its claim end). */
+int queue_putback(queue *q, const char *raw, size_t len, const char *token, const char *job_id, queue_done_fn *fn,
                   void *ud);
 
 /* One finished job, recorded atomically (see queue.c: RECORD_LUA). */
@@ -131,9 +131,9 @@ struct qrecord {
     int final;                  /* this is the job's last event (batch_done check) */
     const char *track_job_id;   /* start tracking this job's task, or NULL */
     int64_t first_poll_ms;
-    int marked;                 /* drop the job's sending mark */
-    const char *claim;          /* NULL, "del" or "ambiguous": what becomes of the job_id's claim */
-    const char *claim_job_id;
+    const char *token;          /* end this sending mark (and the job_id's claim it holds), or NULL */
+    const char *claim;          /* "ambiguous": the claim outlives the mark (dedup window) */
+    const char *claim_job_id;   /* the producer's job_id, or NULL */
 };
 /* result 1: recorded; 0: the job was not held any more (no event written). */
 int queue_record(queue *q, const struct qrecord *r, queue_done_fn *fn, void *ud);

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """it_flow - a flaky upstream and 429 bursts.
 
-1. The mock answers 30 % of submits with 502/503/500 (with and without bodies): with
-   retries every job ends submitted, exactly once upstream, attempts >= 1, and the
-   retried ones carry attempts > 1.
+1. The mock answers 30 % of submits with the gateway's own 502/503/500 (its JSON error
+   envelope: refused before any work, CONTRACT §6): with retries every job ends
+   submitted, exactly once upstream, attempts >= 1, and the retried ones carry
+   attempts > 1. (A proxy's bare 5xx pages are ambiguous and pause the gateway: it_proxy,
+   unit_api.)
 2. A burst of 429 (no Retry-After): vidqd halves the concurrency in effect (seen in its
    heartbeat hash), then grows it back to submit.concurrency once the 429s stop; all
    jobs end submitted.
@@ -18,9 +20,11 @@ import vidqtest as vt  # noqa: E402
 def main(t, env):
     rs = env.redis()
     mock = env.mock(latency_ms=20)
-    mock.inject({"mode": "status", "status": 503, "fraction": 0.15},
-                {"mode": "status", "status": 502, "body": "<html>bad gateway</html>", "fraction": 0.1},
-                {"mode": "status", "status": 500, "body": "", "fraction": 0.06})
+    env_body = '{"error":{"message":"upstream busy","type":"new_api_error","code":"bad_response_status_code"}}'
+    mock.inject({"mode": "status", "status": 503, "body": env_body, "fraction": 0.15},
+                {"mode": "status", "status": 502, "body": env_body, "fraction": 0.1},
+                {"mode": "status", "status": 500, "body": '{"code":"error","message":"internal","data":null}',
+                 "fraction": 0.06})
     vd = env.vidqd(instance="flow", conf={"submit.concurrency": "32", "submit.max_attempts": "12",
                                           "submit.backoff_base": "20ms", "submit.backoff_max": "200ms"})
     vd.start()

@@ -43,11 +43,11 @@ def seed(r):
     r.execute("FLUSHDB")
     sha = hashlib.sha1(H1.encode()).hexdigest()
     for cmd in (("RPUSH", k("jobs"), "J1", "J2"), ("LPUSH", k("processing:i1"), H1),
-                ("HSET", k("sending:i1"), sha, "1"), ("HSET", k("recovered"), sha, "1"),
+                ("HSET", k("sending:i1"), "run0.1", sha), ("HSET", k("recovered"), sha, "1"),
                 ("HSET", k("batch:B"), "total", "1"), ("ZADD", k("retry"), "1", "R1"),
                 ("ZADD", k("track"), "1", "j2"), ("HSET", k("task:j2"), "task_id", "t2"),
                 ("SADD", k("instances"), "i1", "i2"), ("LPUSH", k("processing:i2"), "H2"),
-                ("HSET", k("sending:i2"), hashlib.sha1(b"H2").hexdigest(), "1"),
+                ("HSET", k("sending:i2"), "run9.1", hashlib.sha1(b"H2").hexdigest()),
                 ("XADD", k("results"), "*", "event", "x")):
         r.execute(*cmd)
 
@@ -66,13 +66,13 @@ def calls():
     """name -> (keys, args) of a valid call on the seeded database."""
     return {
         "take": ([k("jobs"), k("processing:i1"), k("paused"), k("ratelimit")], ["2", "1000", "0", "0"]),
-        "putback": ([k("processing:i1"), k("jobs"), k("sending:i1"), k("claim:j1")], [H1, "1"]),
+        "putback": ([k("processing:i1"), k("jobs"), k("sending:i1"), k("claim:j1")], [H1, "run0.1"]),
         "record": ([k("processing:i1"), k("results"), k("dead"), k("dedup:j1"), k("recovered"), k("batch:B"),
                     k("task:j1"), k("track"), k("sending:i1"), k("claim:j1")],
-                   [H1, "1000", "{}", "t1", "60000", "submitted", "1", "1000", "B", "1000", "", "1", "del",
+                   [H1, "1000", "{}", "t1", "60000", "submitted", "1", "1000", "B", "1000", "", "run0.1", "",
                     "60000", "event", "submitted", "job_id", "j1"]),
         "retry": ([k("processing:i1"), k("retry"), k("sending:i1"), k("recovered"), k("claim:j1")],
-                  [H1, "5000", "E1", "1"]),
+                  [H1, "5000", "E1", "run0.1"]),
         "promote": ([k("retry"), k("jobs")], ["5000", "10"]),
         "heartbeat": ([k("instance:i1"), k("instances")], ["10000", "i1", "state", "running"]),
         "held": ([k("processing:i1"), k("sending:i1"), k("recovered"), k("clean:i1")], ["1"]),
@@ -81,7 +81,7 @@ def calls():
         "track": ([k("track"), k("results"), k("task:j2"), k("task:j2"), k("task:j2"), k("batch:B")],
                   ["j2", "1000", "again", "9000", "2", "succeeded", "0", "1000", "B", "60000", "status", "RUNNING",
                    "event", "progress"]),
-        "send": ([k("processing:i1"), k("sending:i1"), k("dedup:j1"), k("claim:j1")], [H1, "new", "i1", "1", "0"]),
+        "send": ([k("processing:i1"), k("sending:i1"), k("dedup:j1"), k("claim:j1")], [H1, "new", "run1.1", "0"]),
         "claim_name": ([k("instance:i1")], ["run-1", "10000", "0", "host", "h"]),
     }
 
@@ -147,12 +147,15 @@ def main(t, env):
     seed(r)
     r.execute("LPUSH", k("processing:i1"), H1)
     t.eq(evalsha(r, shas["send"], keys, args), [b"send"], "send: the first copy may go")
-    t.eq(evalsha(r, shas["send"], keys, args), [b"wait", b"i1"], "send: the second copy waits for the first")
+    t.eq(evalsha(r, shas["send"], keys, args), [b"send"], "send: asked again (its reply was lost), the same copy may go")
+    t.eq(r.execute("HLEN", k("sending:i1")), 2, "send: and it is marked once")
+    args2 = [args[0], "new", "run1.2", "0"]
+    t.eq(evalsha(r, shas["send"], keys, args2), [b"wait", b"run1.1"], "send: the second copy waits for the first")
     r.execute("SET", k("dedup:j1"), "t9")
-    t.eq(evalsha(r, shas["send"], keys, args), [b"dup", b"t9"], "send: a recorded task id makes it a duplicate")
+    t.eq(evalsha(r, shas["send"], keys, args2), [b"dup", b"t9"], "send: a recorded task id makes it a duplicate")
     r.execute("DEL", k("dedup:j1"))
     r.execute("SET", k("claim:j1"), "ambiguous")
-    t.eq(evalsha(r, shas["send"], keys, args), [b"ambiguous"], "send: behind an ambiguous copy it is not sent")
+    t.eq(evalsha(r, shas["send"], keys, args2), [b"ambiguous"], "send: behind an ambiguous copy it is not sent")
     # RECORD of a job no longer held: no event, but the dedup marker.
     seed(r)
     r.execute("DEL", k("processing:i1"))

@@ -534,6 +534,37 @@ static void test_duplicate_keys(void **state)
 
 /* submit.max_job_bytes: a longer job is refused before it is parsed, with
  * both sizes; exactly the cap is fine; 0 means no cap. */
+/* An unparsable job still carries the producer's top-level job_id and
+ * batch into its failed event (never anything nested or escaped). */
+static void test_peek_ids(void **state)
+{
+    (void)state;
+    struct job j;
+    static const char big[] = "{\"job_id\":\"big-1\",\"batch\":\"b1\",\"prompt\":\"xxxxxxxxxxxxxxxx\"}";
+    job_parse(&j, big, sizeof big - 1, NULL, 20);
+    assert_non_null(j.error);
+    assert_string_equal(j.job_id, "big-1");
+    assert_string_equal(j.batch, "b1");
+    assert_int_equal(j.id_given, 0); /* never trusted for dedup */
+    job_free(&j);
+    static const char deep[] = "{\"meta\":{\"job_id\":\"nested\"},\"job_id\" : \"top\",\"x\":[[[[1}";
+    job_parse(&j, deep, sizeof deep - 1, NULL, 0);
+    assert_non_null(j.error);
+    assert_string_equal(j.job_id, "top");
+    assert_null(j.batch);
+    job_free(&j);
+    static const char esc[] = "{\"job\\u005fid\":\"no\",\"batch\":\"bad batch\",\"p\":}";
+    job_parse(&j, esc, sizeof esc - 1, NULL, 0);
+    assert_non_null(j.error);
+    assert_null(j.job_id);
+    assert_null(j.batch); /* not a valid batch name */
+    job_free(&j);
+    static const char arr[] = "[\"job_id\",\"x\"";
+    job_parse(&j, arr, sizeof arr - 1, NULL, 0);
+    assert_null(j.job_id);
+    job_free(&j);
+}
+
 static void test_size_cap(void **state)
 {
     (void)state;
@@ -603,10 +634,12 @@ static void test_invalid_keeps_ids(void **state)
     assert_string_equal(j.batch, "b2");
     job_free(&j);
 
-    /* not JSON at all: nothing can be extracted */
+    /* not JSON: only a top-level job_id/batch the text shows is kept (for
+     * the failed event), never trusted for dedup */
     parse_str(&j, "{\"job_id\":\"j-4\",", NULL);
     assert_non_null(j.error);
-    assert_null(j.job_id);
+    assert_string_equal(j.job_id, "j-4");
+    assert_int_equal(j.id_given, 0);
     assert_null(j.batch);
     assert_null(j.meta);
     job_free(&j);
@@ -1275,6 +1308,7 @@ int main(void)
         cmocka_unit_test(test_batch_rules),
         cmocka_unit_test(test_duplicate_keys),
         cmocka_unit_test(test_size_cap),
+        cmocka_unit_test(test_peek_ids),
         cmocka_unit_test(test_invalid_keeps_ids),
         cmocka_unit_test(test_invalid_keeps_meta_exact),
         cmocka_unit_test(test_hostile_many_keys),
