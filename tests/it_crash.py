@@ -206,6 +206,23 @@ def main(t, env):
     c.clean_run()
     c.check()
 
+    # Graceful restarts with a backlog are not deaths: a crash right after taking 8 jobs,
+    # then four starts at concurrency 1 (a backlog of held jobs), each stopped by SIGTERM
+    # at once, then a clean run: no job may end "poison" (only deaths count).
+    c = Case(t, env, mock, "graceful", conf={"submit.concurrency": "8"})
+    c.push()
+    c.crash_run("after_take:1")
+    c.vd["c1"].conf.update({"submit.concurrency": "1", "submit.rate": "1/s"})
+    for _ in range(4):
+        c.vd["c1"].start()
+        time.sleep(1.0)
+        t.eq(c.vd["c1"].stop(), 0, "graceful: a SIGTERM with a backlog exits 0")
+    c.vd["c1"].conf.update({"submit.concurrency": str(CONC), "submit.rate": "0"})
+    c.clean_run()
+    c.check()
+    poison = [e for e in c.events() if e.get("error") == "poison"]
+    t.eq(poison, [], "graceful: graceful restarts never make a job poison")
+
     # SIGTERM, then a crash inside the drain.
     c = Case(t, env, mock, "drain")
     c.push()

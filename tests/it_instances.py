@@ -20,6 +20,13 @@ Cases:
    vidq:recovered[sha1(job)] = 3 beforehand: the next recovery exceeds the limit of 3, so
    the job goes to the dead list with error poison and gets a failed event with error
    poison; it is never submitted.
+4. the instance-name guard (CONTRACT §6): a second vidqd started with the name of a live
+   one exits 75 and names the host and pid that hold it; after a kill -9 the same name
+   starts again at once (same host, dead pid).
+5. a stalled instance: "s" holds jobs whose requests hang at the mock, is SIGSTOPped past
+   its heartbeat TTL, and "t" takes its jobs over (they end ambiguous: their requests may
+   be out). SIGCONT: the answers "s" then gets find the jobs no longer held and write no
+   second event; every job has exactly one terminal event and none is created twice.
 """
 
 import hashlib
@@ -163,6 +170,58 @@ def main(t, env):
     if evp:
         t.diag("poison message: %s" % evp[0].get("message"))
     t.eq(b.stop(), 0, "b exits 0 on SIGTERM")
+    case_name_guard(t, env, mock)
+    case_stalled(t, env, mock)
+
+
+def case_name_guard(t, env, mock):
+    one = env.vidqd(instance="same", name="vidqd-same-1")
+    one.start()
+    vt.wait_until(lambda: env.r.execute("HGET", "vidq:instance:same", "pid") is not None, 15, 0.1)
+    two = env.vidqd(instance="same", name="vidqd-same-2")
+    two.start(wait_ready=False)
+    rc = two.wait(30)
+    t.eq(rc, 75, "name guard: a second vidqd with a live instance's name exits 75")
+    line = " ".join(two.log_grep("holds this instance name", 1))
+    t.ok("pid=%d" % one.pid in line, "name guard: it says which pid holds the name", line)
+    t.ok(one.alive(), "name guard: the first one goes on")
+    one.kill()
+    again = env.vidqd(instance="same", name="vidqd-same-3")
+    again.start(wait_ready=False)
+    ok = vt.wait_until(lambda: (env.r.execute("HGET", "vidq:instance:same", "pid") or b"").decode() ==
+                       str(again.pid), 15, 0.1, unless=again.dead)
+    t.ok(ok, "name guard: after a kill -9 the same name starts again at once (same host, dead pid)")
+    t.eq(again.stop(), 0, "name guard: exits 0")
+
+
+def case_stalled(t, env, mock):
+    import signal
+    r = env.r
+    mock.reset()
+    mock.config(latency_ms=25000)
+    ids = ["stall-%02d" % i for i in range(6)]
+    vt.push_jobs(r, [vt.job(job_id=j, model="m", prompt="stall") for j in ids])
+    s = env.vidqd(instance="s", conf={"submit.concurrency": "6", "api.timeout": "60s"})
+    s.start()
+    vt.wait_until(lambda: sum(mock.stats()["received_by_key"].values()) >= len(ids), 20, 0.1, unless=s.dead)
+    tt = env.vidqd(instance="t", conf={"submit.concurrency": "6"})
+    tt.start()
+    s.signal(signal.SIGSTOP)
+    ok = vt.wait_until(lambda: len(vt.terminal_by_job([e for e in vt.read_stream(r) if e.get("job_id") in ids]))
+                       >= len(ids), 60, 0.2, unless=tt.dead)
+    t.ok(ok, "stalled: the other instance takes the stalled one's jobs over")
+    mock.config(latency_ms=0)
+    s.signal(signal.SIGCONT)
+    time.sleep(1)  # the held-back answers arrive (25 s latency) or not; either way no second event
+    vt.wait_until(lambda: mock.stats().get("in_flight", 0) == 0, 40, 0.2)
+    time.sleep(1)
+    term = vt.terminal_by_job([e for e in vt.read_stream(r) if e.get("job_id") in ids])
+    t.eq({j: len(es) for j, es in term.items() if len(es) != 1}, {}, "stalled: exactly one terminal event per job")
+    t.eq(sorted(term), ids, "stalled: every job has its terminal event")
+    created = mock.stats()["created_by_key"]
+    t.eq({j: created.get(j) for j in ids if created.get(j, 0) > 1}, {}, "stalled: no job created twice")
+    t.eq(s.stop(), 0, "stalled: s exits 0 after SIGCONT and SIGTERM")
+    t.eq(tt.stop(), 0, "stalled: t exits 0")
 
 
 if __name__ == "__main__":
