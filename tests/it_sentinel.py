@@ -209,7 +209,7 @@ def hanging_sentinel(t, env, mock):
         s2.execute("SENTINEL", "REMOVE", "vidqm2")
         s2.execute("SENTINEL", "MONITOR", "vidqm2", vt.HOST, str(rport), "1")
         vt.push_jobs(replica, [vt.job(job_id="h2-%d" % i, model="m", prompt="p") for i in range(20)])
-        ok = vt.wait_until(lambda: replica.execute("XLEN", vt.k_results()) >= 20 + 20, timeout=45, unless=vd.dead)
+        ok = vt.wait_until(lambda: replica.execute("XLEN", vt.k_results()) >= 20 + 20, timeout=90, unless=vd.dead)
         t.ok(ok, "the sentinel it was asking hangs: vidqd still follows the failover",
              "XLEN on the new master: %s" % replica.execute("XLEN", vt.k_results()), *vd.log_lines()[-5:])
         t.ok(vd.log_grep("new master"), "vidqd logged why it reconnected")
