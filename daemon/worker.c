@@ -63,8 +63,10 @@ enum sstate { S_CHECKING, S_SENDING, S_ACCOUNT_HOLD, S_RECORDING, S_RECORD_WAIT,
 typedef struct slot slot;
 struct slot {
     worker *w;
-    char *held;        /* the text in the processing list (maybe an envelope) */
+    char *held;        /* the text in the processing list: the held copy */
     size_t held_len;
+    const char *taken; /* inside held: the job as it was taken (maybe a retry envelope) */
+    size_t taken_len;
     struct job job;
     enum sstate state;
     http_req *req;
@@ -163,7 +165,7 @@ struct worker {
 };
 
 static void pump(worker *w);
-static void claim_name(worker *w, int force);
+static void claim_name(worker *w, const char *dead_run);
 static void on_spool_replayed(int err, long long r, void *ud);
 static void heartbeat(worker *w);
 static void backlog_push(worker *w, const struct qitem *it);
@@ -345,8 +347,10 @@ static void log_outcome(slot *s, int held)
     const char *kv[16];
     int n = 0;
     if (!held) {
+        /* The task id goes to the log at least: the holder now (a taker)
+         * ends the job without it. */
         log_kv(LOG_NOTICE, "job no longer held: outcome already recorded or taken over", "job_id", s->job.job_id,
-               "outcome", s->outcome, NULL);
+               "outcome", s->outcome, s->task_id ? "task_id" : NULL, s->task_id, NULL);
         return;
     }
     snprintf(latency, sizeof latency, "%lld", (long long)(mono_ms() - s->taken_ms));
@@ -523,6 +527,24 @@ static int unwrap(const char *held, size_t len, unsigned *attempts, char **job_i
     *raw = q + 9;
     *raw_len = (size_t)(end - *raw);
     return 0;
+}
+
+/* A held copy {"vidq_held":"<id>","job":<job>} (queue.h): the job as it was
+ * taken. Anything else (a copy from before held copies were wrapped) is the
+ * job itself. */
+#define HELD_PREFIX "{\"vidq_held\":\""
+static void unwrap_held(const char *held, size_t len, const char **job, size_t *job_len)
+{
+    size_t pl = strlen(HELD_PREFIX);
+    *job = held;
+    *job_len = len;
+    if (len < pl + 10 || memcmp(held, HELD_PREFIX, pl) != 0 || held[len - 1] != '}')
+        return;
+    const char *q = memchr(held + pl, '"', len - pl);
+    if (q == NULL || (size_t)(held + len - q) < 9 || memcmp(q, "\",\"job\":", 8) != 0)
+        return;
+    *job = q + 8;
+    *job_len = (size_t)(held + len - 1 - *job);
 }
 
 static void submitted(slot *s, struct outcome *o, const struct http_result *res)
@@ -957,9 +979,10 @@ static slot *slot_new(worker *w, const struct qitem *it)
     w->slots = s;
     w->nslots++;
     w->st.taken++;
-    if (unwrap(it->data, it->len, &s->attempts, &env_id, &raw, &raw_len) != 0) {
-        raw = it->data;
-        raw_len = it->len;
+    unwrap_held(s->held, s->held_len, &s->taken, &s->taken_len);
+    if (unwrap(s->taken, s->taken_len, &s->attempts, &env_id, &raw, &raw_len) != 0) {
+        raw = s->taken;
+        raw_len = s->taken_len;
     }
     job_parse(&s->job, raw, raw_len, w->cfg->default_model, (size_t)w->cfg->max_job_bytes);
     if (env_id && s->job.job_id == NULL)
@@ -1154,7 +1177,7 @@ static void pump(worker *w)
     if (w->draining || w->intake_busy || !queue_is_up(w->q))
         return;
     if (!w->name_claimed) {
-        claim_name(w, 0);
+        claim_name(w, NULL);
         return;
     }
     if (w->spool) {
@@ -1334,8 +1357,8 @@ static void on_putback(int err, long long result, void *ud)
 static void putback(slot *s)
 {
     s->state = S_PUTBACK;
-    if (queue_putback(s->w->q, s->held, s->held_len, s->token, s->job.id_given ? s->job.job_id : NULL, on_putback,
-                      s) != 0)
+    if (queue_putback(s->w->q, s->held, s->held_len, s->taken, s->taken_len, s->token,
+                      s->job.id_given ? s->job.job_id : NULL, on_putback, s) != 0)
         on_putback(1, 0, s);
 }
 
@@ -1510,18 +1533,33 @@ static void spool_outcomes(worker *w)
     sbuf_free(&b);
 }
 
-static void on_spool_replayed(int err, long long r, void *ud)
+static void on_spool_replayed(int err, long long refused, void *ud)
 {
     worker *w = ud;
-    (void)r;
     w->intake_busy = 0;
     if (err) {
+        log_kv(LOG_WARNING, "could not replay the spool yet (Redis away); trying again", NULL);
         intake_later(w, INTAKE_RETRY_MS);
         return;
     }
     char *path = spool_path(w);
-    unlink(path);
-    log_kv(LOG_NOTICE, "recorded the outcomes spooled by the last run", "spool", path, NULL);
+    if (refused > 0) {
+        /* Redis refused part of it: it cannot be applied as it is. Keep
+         * it for a person, and go on: its jobs stay held and marked, and
+         * end ambiguous (never sent again). */
+        sbuf bad;
+        char n[24];
+        sbuf_init(&bad);
+        sbuf_printf(&bad, "%s.bad-%lld", path, (long long)now_ms());
+        rename(path, bad.buf);
+        snprintf(n, sizeof n, "%lld", refused);
+        log_kv(LOG_ERROR, "Redis refused commands of the spool; set aside (its jobs end ambiguous)", "refused", n,
+               "file", bad.buf, NULL);
+        sbuf_free(&bad);
+    } else {
+        unlink(path);
+        log_kv(LOG_NOTICE, "recorded the outcomes spooled by the last run", "spool", path, NULL);
+    }
     free(path);
     free(w->spool);
     w->spool = NULL;
@@ -1583,8 +1621,9 @@ static void on_name_claimed(int err, const char **f, size_t n, void *ud)
     gethostname(host, sizeof host - 1);
     const char *h = field_of(f, n, "host"), *pid = field_of(f, n, "pid");
     long p = strtol(pid, NULL, 10);
-    if (strcmp(h, host) == 0 && p > 0 && (p == (long)getpid() || (kill((pid_t)p, 0) != 0 && errno == ESRCH))) {
-        claim_name(w, 1);
+    const char *run = field_of(f, n, "run");
+    if (strcmp(h, host) == 0 && p > 0 && p != (long)getpid() && kill((pid_t)p, 0) != 0 && errno == ESRCH && *run) {
+        claim_name(w, run); /* only over that very run: a racing twin loses */
         return;
     }
     log_kv(LOG_ERROR, "another live vidqd holds this instance name; refusing to start (set daemon.instance)",
@@ -1593,7 +1632,7 @@ static void on_name_claimed(int err, const char **f, size_t n, void *ud)
     _exit(75); /* EX_TEMPFAIL: nothing was taken, nothing is held by this run */
 }
 
-static void claim_name(worker *w, int force)
+static void claim_name(worker *w, const char *dead_run)
 {
     char pid[16], host[256] = "", started[24];
     snprintf(pid, sizeof pid, "%d", (int)getpid());
@@ -1601,7 +1640,7 @@ static void claim_name(worker *w, int force)
     snprintf(started, sizeof started, "%lld", (long long)w->started_ms);
     const char *f[] = {"host", host, "pid", pid, "started", started, "state", "starting"};
     w->intake_busy = 1;
-    if (queue_claim_name(w->q, w->run_id, HEARTBEAT_TTL_MS, force, f, 8, on_name_claimed, w) != 0) {
+    if (queue_claim_name(w->q, w->run_id, HEARTBEAT_TTL_MS, dead_run, f, 8, on_name_claimed, w) != 0) {
         w->intake_busy = 0;
         intake_later(w, INTAKE_RETRY_MS);
     }

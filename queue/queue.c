@@ -53,7 +53,20 @@
     "end\n"
 
 /*
- * Move up to ARGV[1] jobs into the processing list; reply {paused, wait_ms,
+ * Every held copy of a job is unique: taking a job wraps it as
+ * {"vidq_held":"<id>","job":<the job as taken>} with an id no other copy
+ * has, so the steps that find a held job by its text (LPOS, LREM, the sha1
+ * of the marks) can never confuse two identical copies -- a producer that
+ * pushed the same job twice, a record retried after a lost reply, a takeover
+ * that brings an identical copy. WRAP_LUA(text, id) is the one wrapping.
+ */
+#define WRAP_LUA                                                                                       \
+    "local function wrap(j, id) return '{\"vidq_held\":\"' .. id .. '\",\"job\":' .. j .. '}' end\n"  \
+    "local function wrapped(j) return string.sub(j, 1, 14) == '{\"vidq_held\":\"' end\n"
+
+/*
+ * Move up to ARGV[1] jobs into the processing list, each wrapped with the
+ * id ARGV[5].<n>; reply {paused, wait_ms,
  * job...}. With a global rate (ARGV[3] = emission interval in ms, > 0) the
  * admissions are paced by GCRA on KEYS[4]: the key holds the theoretical
  * arrival time (TAT, unix ms with decimals); a job may start when
@@ -62,8 +75,9 @@
  * list. wait_ms tells the caller when the next admission is possible.
  * (string.format keeps the TAT exact: Lua would print it as %.14g.)
  */
-static const char TAKE_LUA[] = CHECK_LUA
+static const char TAKE_LUA[] = CHECK_LUA WRAP_LUA
     "need_int(ARGV[1], 'max', 0); need_num(ARGV[2], 'now')\n"
+    "if ARGV[5] == nil or ARGV[5] == '' then error('vidq: take needs an id base') end\n"
     "if need_num(ARGV[3], 'interval') < 0 or need_num(ARGV[4], 'burst') < 0 then error('vidq: negative rate') end\n"
     "if redis.call('EXISTS', KEYS[3]) == 1 then return {1, 0} end\n"
     "local max = tonumber(ARGV[1])\n"
@@ -79,9 +93,11 @@ static const char TAKE_LUA[] = CHECK_LUA
     "end\n"
     "local out = {0, 0}\n"
     "for i = 1, max do\n"
-    "  local j = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')\n"
+    "  local j = redis.call('RPOP', KEYS[1])\n"
     "  if not j then break end\n"
-    "  out[#out + 1] = j\n"
+    "  local h = wrap(j, ARGV[5] .. '.' .. i)\n"
+    "  redis.call('LPUSH', KEYS[2], h)\n"
+    "  out[#out + 1] = h\n"
     "end\n"
     "local n = #out - 2\n"
     "if interval > 0 and n > 0 then\n"
@@ -89,6 +105,20 @@ static const char TAKE_LUA[] = CHECK_LUA
     "  redis.call('SET', KEYS[4], string.format('%.3f', t), 'PX', math.ceil(t - now) + 1000)\n"
     "end\n"
     "return out\n";
+
+/*
+ * A job the blocking pop (BLMOVE) moved into the processing list as it
+ * was: wrap it in place. KEYS: processing. ARGV: the job, the id. Reply:
+ * the wrapped text, or nil when it is not there unwrapped any more (the
+ * recovery then finds and wraps whatever is).
+ */
+static const char WRAP1_LUA[] = CHECK_LUA WRAP_LUA
+    "if ARGV[2] == nil or ARGV[2] == '' then error('vidq: wrap needs an id') end\n"
+    "local i = redis.call('LPOS', KEYS[1], ARGV[1])\n"
+    "if not i then return false end\n"
+    "local h = wrap(ARGV[1], ARGV[2])\n"
+    "redis.call('LSET', KEYS[1], i, h)\n"
+    "return h\n";
 
 /*
  * The "sending" marks (vidq:sending:<instance>, a hash mark token -> sha1
@@ -148,11 +178,12 @@ static const char SEND_LUA[] = CHECK_LUA
     "return {'send'}\n";
 
 /* Return a held job to the intake list, where it is taken next: nothing
- * was sent, or the API said for sure that nothing was created.
- * KEYS: processing, jobs, sending, claim key. ARGV: held job, mark token or "". */
+ * was sent, or the API said for sure that nothing was created. KEYS:
+ * processing, jobs, sending, claim key. ARGV: held copy, mark token or "",
+ * the job as it was taken (the held copy without its wrapper). */
 static const char PUTBACK_LUA[] = CHECK_LUA
-    "if ARGV[2] == nil then error('vidq: putback needs a token argument') end\n"
-    "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then redis.call('RPUSH', KEYS[2], ARGV[1]) end\n"
+    "if ARGV[2] == nil or ARGV[3] == nil then error('vidq: putback needs a token and the job') end\n"
+    "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then redis.call('RPUSH', KEYS[2], ARGV[3]) end\n"
     UNMARK_LUA("KEYS[3]", "KEYS[4]", "ARGV[2]")
     "return 1\n";
 
@@ -273,10 +304,14 @@ static const char HEARTBEAT_LUA[] = CHECK_LUA
  * have been billed and keeps its mark (its token comes back, for the step
  * that writes its outcome) until then. Identical copies share one sha1:
  * each mark goes to one copy, and a death counts once.
- * KEYS: processing, sending, recovered, clean-exit key. ARGV: counting flag.
+ * A copy still unwrapped (moved by a blocking pop whose wrap never came) is
+ * wrapped here, with the id ARGV[2].<n>.
+ * KEYS: processing, sending, recovered, clean-exit key. ARGV: counting
+ * flag, id base.
  */
-static const char HELD_LUA[] = CHECK_LUA
+static const char HELD_LUA[] = CHECK_LUA WRAP_LUA
     "local counting = need_flag(ARGV[1], 'counting')\n"
+    "if ARGV[2] == nil or ARGV[2] == '' then error('vidq: held needs an id base') end\n"
     "if counting and redis.call('DEL', KEYS[4]) == 1 then counting = false end\n"
     "local marks = {}\n"
     "local m = redis.call('HGETALL', KEYS[2])\n"
@@ -286,6 +321,18 @@ static const char HELD_LUA[] = CHECK_LUA
     "  marks[m[i + 1]] = l\n"
     "end\n"
     "local held = redis.call('LRANGE', KEYS[1], 0, -1)\n"
+    "for i = 1, #held do\n"
+    "  if not wrapped(held[i]) then\n"
+    "    local h = wrap(held[i], ARGV[2] .. '.' .. i)\n"
+    "    local c = redis.call('HGET', KEYS[3], redis.sha1hex(held[i]))\n"
+    "    if c then\n"
+    "      redis.call('HSET', KEYS[3], redis.sha1hex(h), c)\n"
+    "      redis.call('HDEL', KEYS[3], redis.sha1hex(held[i]))\n"
+    "    end\n"
+    "    redis.call('LSET', KEYS[1], i - 1, h)\n"
+    "    held[i] = h\n"
+    "  end\n"
+    "end\n"
     "local out, seen = {}, {}\n"
     "for i = #held, 1, -1 do\n"
     "  local f = redis.sha1hex(held[i])\n"
@@ -343,19 +390,20 @@ static const char TAKEOVER_LUA[] =
 
 /*
  * The instance-name guard (CONTRACT §6): claim this instance's name for
- * this run. KEYS: instance hash. ARGV: run id, ttl ms, force flag, then
- * field/value pairs. When the hash exists with another run id (another
- * process beat in the last seconds) and force is not set, nothing is
- * written and the hash's fields come back for the caller to judge (the
- * same host with a dead pid is a previous run of ours: force).
+ * this run. KEYS: instance hash. ARGV: run id, ttl ms, the run judged dead
+ * (or ""), then field/value pairs. When the hash holds another run and it
+ * is not the one the caller judged dead (the same host, its pid gone),
+ * nothing is written and that run's fields come back for the caller to
+ * judge. Two processes racing to take over one dead run's name: the first
+ * wins, the second then sees the winner's run, alive, and refuses.
  * Reply {} when claimed, else the other run's fields.
  */
 static const char CLAIM_NAME_LUA[] = CHECK_LUA
     "need_int(ARGV[2], 'ttl', 1)\n"
-    "local force = need_flag(ARGV[3], 'force')\n"
+    "if ARGV[3] == nil then error('vidq: claim_name needs the run judged dead (or empty)') end\n"
     "if #ARGV < 5 or (#ARGV - 3) % 2 ~= 0 then error('vidq: fields must come in pairs') end\n"
     "local run = redis.call('HGET', KEYS[1], 'run')\n"
-    "if run and run ~= ARGV[1] and not force then return redis.call('HGETALL', KEYS[1]) end\n"
+    "if run and run ~= ARGV[1] and run ~= ARGV[3] then return redis.call('HGETALL', KEYS[1]) end\n"
     "redis.call('DEL', KEYS[1])\n"
     "redis.call('HSET', KEYS[1], 'run', ARGV[1], unpack(ARGV, 4))\n"
     "redis.call('PEXPIRE', KEYS[1], ARGV[2])\n"
@@ -416,15 +464,15 @@ static const char TRACK_LUA[] = CHECK_LUA BATCH_LUA
 
 enum {
     S_TAKE, S_PUTBACK, S_RECORD, S_RETRY, S_PROMOTE, S_HEARTBEAT, S_HELD, S_TAKEOVER, S_CLAIM, S_TRACK, S_SEND,
-    S_CLAIM_NAME, S_COUNT
+    S_CLAIM_NAME, S_WRAP1, S_COUNT
 };
 static const char *const script_src[S_COUNT] = {TAKE_LUA,      PUTBACK_LUA,  RECORD_LUA, RETRY_LUA, PROMOTE_LUA,
                                                 HEARTBEAT_LUA, HELD_LUA,     TAKEOVER_LUA, CLAIM_LUA, TRACK_LUA,
-                                                SEND_LUA,      CLAIM_NAME_LUA};
+                                                SEND_LUA,      CLAIM_NAME_LUA, WRAP1_LUA};
 
 static const char *const script_name[S_COUNT] = {"take",      "putback", "record", "retry",  "promote",
                                                  "heartbeat", "held",    "takeover", "claim", "track",
-                                                 "send",      "claim_name"};
+                                                 "send",      "claim_name", "wrap1"};
 
 const char *queue_script(int i, const char **name)
 {
@@ -445,6 +493,8 @@ struct queue {
     long maxlen;
     int64_t batch_ttl_ms;
     sbuf *capture; /* queue_capture: commands are written here instead of sent */
+    char run[64];  /* ids of held copies: <run>.<call>.<n>, unique across runs and instances */
+    unsigned long long id_seq;
     char sha[S_COUNT][41];
     int scripts_loaded;
     int up;
@@ -493,12 +543,12 @@ static void on_script_loaded(redisReply *r, void *ud)
         set_up(q, 0, r->type == REDIS_REPLY_ERROR ? r->str : "SCRIPT LOAD failed");
         return;
     }
-    for (int i = 0; i < S_COUNT; i++) {
-        if (q->sha[i][0] == '\0') {
-            memcpy(q->sha[i], r->str, 40);
-            q->sha[i][40] = '\0';
-            break;
-        }
+    /* Replies come in order: the n-th is the n-th script's. The SHAs are
+     * never cleared (a script's SHA is that of its text: the same after
+     * every load), so a spool written meanwhile still names each script. */
+    if (q->scripts_loaded < S_COUNT) {
+        memcpy(q->sha[q->scripts_loaded], r->str, 40);
+        q->sha[q->scripts_loaded][40] = '\0';
     }
     if (++q->scripts_loaded == S_COUNT)
         set_up(q, 1, NULL);
@@ -507,8 +557,6 @@ static void on_script_loaded(redisReply *r, void *ud)
 static void load_scripts(queue *q)
 {
     q->scripts_loaded = 0;
-    for (int i = 0; i < S_COUNT; i++)
-        q->sha[i][0] = '\0';
     /* Replies come back in order, so the i-th reply is the i-th script. */
     for (int i = 0; i < S_COUNT; i++) {
         const char *argv[3] = {"SCRIPT", "LOAD", script_src[i]};
@@ -559,6 +607,7 @@ queue *queue_new(uv_loop_t *loop, const struct queue_opts *o, queue_state_fn *fn
     q->k_sending = mkkey(o->prefix, pname);
     snprintf(pname, sizeof pname, "clean:%s", o->instance);
     q->k_clean = mkkey(o->prefix, pname);
+    snprintf(q->run, sizeof q->run, "%.32s.%llx.%x", o->instance, (unsigned long long)now_ms(), (unsigned)rand());
     q->maxlen = o->results_maxlen;
     q->batch_ttl_ms = o->batch_ttl_ms > 0 ? o->batch_ttl_ms : 7 * 86400000LL;
     q->state_fn = fn;
@@ -710,8 +759,10 @@ static void capture(queue *q, int argc, const char **argv, const size_t *lens)
     for (int i = 0; i < argc; i++) {
         size_t n = lens ? lens[i] : strlen(argv[i]);
         if (i == 1 && strcmp(argv[0], "EVALSHA") == 0) {
+            /* By identity, not by text: the SHAs are cleared while the
+             * scripts reload, and then all compare equal. */
             for (int k = 0; k < S_COUNT; k++) {
-                if (strcmp(argv[1], q->sha[k]) == 0) {
+                if (argv[1] == q->sha[k]) {
                     char idx[16];
                     snprintf(idx, sizeof idx, "#%d", k);
                     sbuf_printf(q->capture, "%zu:%s\n", strlen(idx), idx);
@@ -793,6 +844,11 @@ static int qsend(queue *q, rconn *conn, rconn_reply_fn *rfn, struct call *c, int
 
 /* ---- operations --------------------------------------------------------- */
 
+static void id_base(queue *q, char *buf, size_t size)
+{
+    snprintf(buf, size, "%s.%llu", q->run, ++q->id_seq);
+}
+
 int queue_take(queue *q, unsigned max, double global_rate, queue_items_fn *fn, void *ud)
 {
     char n[16], now[32], interval[48], burst[48];
@@ -804,12 +860,40 @@ int queue_take(queue *q, unsigned max, double global_rate, queue_items_fn *fn, v
     double b = global_rate > 0 ? (global_rate / 10 > 1 ? global_rate / 10 : 1) * iv : 0;
     snprintf(interval, sizeof interval, "%.6f", iv);
     snprintf(burst, sizeof burst, "%.6f", b);
+    char base[128];
+    id_base(q, base, sizeof base);
     const char *argv[] = {"EVALSHA",   q->sha[S_TAKE], "4", q->k_jobs, q->k_processing, q->k_paused,
-                          q->k_rate, n,            now, interval,  burst};
+                          q->k_rate, n,            now, interval,  burst, base};
     struct call *c = new_call(q, ud);
     c->items_fn = fn;
     c->skip = 2;
-    return qsend(q, q->cmd, on_items, c, 11, argv, NULL);
+    return qsend(q, q->cmd, on_items, c, 12, argv, NULL);
+}
+
+/* The blocking pop moved a job as it was: wrap it (WRAP1_LUA) before
+ * anyone sees it. A lost reply here leaves it unwrapped in the list, and
+ * the recovery (queue_held) wraps it. */
+static void on_blocked_pop(redisReply *r, void *ud)
+{
+    struct call *c = ud;
+    queue *q = c->q;
+    struct qinfo info = {0, 0};
+    if (reply_failed(q, r) || r->type != REDIS_REPLY_STRING) {
+        int err = r == NULL || r->type == REDIS_REPLY_ERROR;
+        c->items_fn(err, &info, NULL, 0, c->ud);
+        free(c);
+        return;
+    }
+    char base[128];
+    id_base(q, base, sizeof base);
+    const char *argv[] = {"EVALSHA", q->sha[S_WRAP1], "1", q->k_processing, r->str, base};
+    size_t lens[] = {7, 40, 1, strlen(q->k_processing), r->len, strlen(base)};
+    /* on_single delivers the wrapped text (nil: nothing to start) */
+    struct call *wc = new_call(q, c->ud);
+    wc->items_fn = c->items_fn;
+    if (qsend(q, q->cmd, on_single, wc, 6, argv, lens) != 0)
+        c->items_fn(1, &info, NULL, 0, c->ud);
+    free(c);
 }
 
 int queue_wait(queue *q, int timeout_s, queue_items_fn *fn, void *ud)
@@ -823,7 +907,7 @@ int queue_wait(queue *q, int timeout_s, queue_items_fn *fn, void *ud)
         free(c);
         return -1;
     }
-    return qsend(q, q->blk, on_single, c, 6, argv, NULL);
+    return qsend(q, q->blk, on_blocked_pop, c, 6, argv, NULL);
 }
 
 /* ---- the held jobs, takeover, the instance name -------------------------- */
@@ -833,9 +917,11 @@ int queue_held(queue *q, int recovering, queue_items_fn *fn, void *ud)
     struct call *c = new_call(q, ud);
     c->items_fn = fn;
     c->triples = 1; /* {mark token, deaths, job}, oldest first */
+    char base[128];
+    id_base(q, base, sizeof base);
     const char *argv[] = {"EVALSHA", q->sha[S_HELD], "4",          q->k_processing, q->k_sending,
-                          q->k_recovered, q->k_clean, recovering ? "1" : "0"};
-    return qsend(q, q->cmd, on_items, c, 8, argv, NULL);
+                          q->k_recovered, q->k_clean, recovering ? "1" : "0", base};
+    return qsend(q, q->cmd, on_items, c, 9, argv, NULL);
 }
 
 static void on_takeover(redisReply *r, void *ud)
@@ -880,14 +966,14 @@ static void on_fields(redisReply *r, void *ud)
     free(c);
 }
 
-int queue_claim_name(queue *q, const char *run, int64_t ttl_ms, int force, const char *const *fields, int nfields,
-                     queue_fields_fn *fn, void *ud)
+int queue_claim_name(queue *q, const char *run, int64_t ttl_ms, const char *dead_run, const char *const *fields,
+                     int nfields, queue_fields_fn *fn, void *ud)
 {
     char ttl[32];
     snprintf(ttl, sizeof ttl, "%lld", (long long)ttl_ms);
     int argc = 7 + nfields;
     const char **argv = xmalloc((size_t)argc * sizeof *argv);
-    const char *fixed[] = {"EVALSHA", q->sha[S_CLAIM_NAME], "1", q->k_instance, run, ttl, force ? "1" : "0"};
+    const char *fixed[] = {"EVALSHA", q->sha[S_CLAIM_NAME], "1", q->k_instance, run, ttl, dead_run ? dead_run : ""};
     memcpy(argv, fixed, sizeof fixed);
     for (int i = 0; i < nfields; i++)
         argv[7 + i] = fields[i];
@@ -995,20 +1081,20 @@ int queue_promote(queue *q, queue_done_fn *fn, void *ud)
     return qsend(q, q->cmd, on_done, c, 7, argv, NULL);
 }
 
-int queue_putback(queue *q, const char *raw, size_t len, const char *token, const char *job_id, queue_done_fn *fn,
-                  void *ud)
+int queue_putback(queue *q, const char *held, size_t len, const char *job, size_t job_len, const char *token,
+                  const char *job_id, queue_done_fn *fn, void *ud)
 {
     char claim_key[300];
     key_for(q, claim_key, sizeof claim_key, "claim", job_id);
     const char *argv[] = {"EVALSHA", q->sha[S_PUTBACK], "4", q->k_processing, q->k_jobs, q->k_sending,
-                          claim_key, raw,                token ? token : ""};
-    size_t lens[9];
-    for (int i = 0; i < 9; i++)
-        lens[i] = strlen(argv[i]);
+                          claim_key, held,               token ? token : "", job};
+    size_t lens[10];
+    for (int i = 0; i < 10; i++)
+        lens[i] = i == 9 ? job_len : strlen(argv[i]);
     lens[7] = len;
     struct call *c = new_call(q, ud);
     c->done_fn = fn;
-    return qsend(q, q->cmd, on_done, c, 9, argv, lens);
+    return qsend(q, q->cmd, on_done, c, 10, argv, lens);
 }
 
 int queue_record(queue *q, const struct qrecord *r, queue_done_fn *fn, void *ud)
@@ -1059,7 +1145,8 @@ int queue_record(queue *q, const struct qrecord *r, queue_done_fn *fn, void *ud)
 struct replay {
     queue *q;
     int pending;
-    int failed;
+    int failed;   /* a command got no answer (Redis away) */
+    long refused; /* commands Redis answered with an error */
     queue_done_fn *fn;
     void *ud;
 };
@@ -1067,7 +1154,7 @@ struct replay {
 static void replay_release(struct replay *rp)
 {
     if (--rp->pending == 0) {
-        rp->fn(rp->failed, 0, rp->ud);
+        rp->fn(rp->failed, rp->refused, rp->ud);
         free(rp);
     }
 }
@@ -1075,8 +1162,10 @@ static void replay_release(struct replay *rp)
 static void on_replayed(redisReply *r, void *ud)
 {
     struct replay *rp = ud;
-    if (r == NULL || r->type == REDIS_REPLY_ERROR)
+    if (r == NULL)
         rp->failed = 1;
+    else if (r->type == REDIS_REPLY_ERROR)
+        rp->refused++;
     replay_release(rp);
 }
 

@@ -57,6 +57,9 @@ int queue_is_up(const queue *q);
 void queue_close(queue *q);
 
 /*
+ * Held copies are unique: each is {"vidq_held":"<id>","job":<the job as
+ * taken>} (see queue.c), so identical jobs are never confused.
+ *
  * Move up to `max` jobs from the intake list to this instance's processing
  * list, atomically, in one round trip; nothing when `prefix:paused` exists.
  * `global_rate` > 0 (jobs/s across all instances) paces admissions with
@@ -83,12 +86,13 @@ int queue_takeover(queue *q, queue_takeover_fn *fn, void *ud);
 /* The drain ended cleanly: the next start counts no deaths. */
 int queue_clean_exit(queue *q, queue_done_fn *fn, void *ud);
 /*
- * The instance-name guard: claim vidq:instance:<instance> for the run `run`.
- * fields NULL (n = 0): claimed. Else another run holds it: its hash fields.
+ * The instance-name guard: claim vidq:instance:<instance> for the run `run`
+ * (over `dead_run`, a run the caller judged dead, or NULL). fields NULL
+ * (n = 0): claimed. Else another run holds it: its hash fields.
  */
 typedef void queue_fields_fn(int err, const char **fields, size_t n, void *ud);
-int queue_claim_name(queue *q, const char *run, int64_t ttl_ms, int force, const char *const *fields, int nfields,
-                     queue_fields_fn *fn, void *ud);
+int queue_claim_name(queue *q, const char *run, int64_t ttl_ms, const char *dead_run, const char *const *fields,
+                     int nfields, queue_fields_fn *fn, void *ud);
 /* Publish this instance's heartbeat: field/value pairs, kept for ttl_ms. */
 int queue_heartbeat(queue *q, const char *const *fields, int nfields, int64_t ttl_ms, queue_done_fn *fn, void *ud);
 
@@ -109,10 +113,11 @@ int queue_retry(queue *q, const char *held, size_t held_len, const char *envelop
                 const char *token, const char *job_id, queue_done_fn *fn, void *ud);
 /* Move due retries to the intake list. result = number moved. */
 int queue_promote(queue *q, queue_done_fn *fn, void *ud);
-/* Move a held job back to the intake list, to be taken next (nothing was
- * created: the mark `token`, if any, and its claim end). */
-int queue_putback(queue *q, const char *raw, size_t len, const char *token, const char *job_id, queue_done_fn *fn,
-                  void *ud);
+/* Move a held copy back to the intake list as `job` (the text as it was
+ * taken, without the held wrapper), to be taken next (nothing was created:
+ * the mark `token`, if any, and its claim end). */
+int queue_putback(queue *q, const char *held, size_t len, const char *job, size_t job_len, const char *token,
+                  const char *job_id, queue_done_fn *fn, void *ud);
 
 /* One finished job, recorded atomically (see queue.c: RECORD_LUA). */
 struct qrecord {
@@ -173,6 +178,8 @@ int queue_track_update(queue *q, const struct qtrack *t, queue_done_fn *fn, void
 void queue_capture(queue *q, sbuf *into);
 /* For the tests: the i-th Lua script and its name, NULL past the last. */
 const char *queue_script(int i, const char **name);
+/* fn: err when Redis went away (try again); else `result` = commands Redis
+ * refused (the spool cannot be applied: set it aside). */
 int queue_replay(queue *q, const char *data, size_t len, queue_done_fn *fn, void *ud);
 int queue_spool_check(const char *data, size_t len);
 

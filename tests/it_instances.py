@@ -76,7 +76,7 @@ def main(t, env):
     t_kill = time.monotonic()
     done_at_kill = xlen(r)
     sub_a = submitted_in_log(a)
-    held_jobs = {json.loads(vt._dec(x)).get("job_id") for x in r.execute("LRANGE", vt.k_processing("a"), 0, -1)}
+    held_jobs = {vt.job_id_of(x) for x in r.execute("LRANGE", vt.k_processing("a"), 0, -1)}
     marked = r.execute("HLEN", "vidq:sending:a")
     held_a = left_a = len(held_jobs)
     t.ok(held_a > 0, "a held jobs when it was killed", "held: %d" % held_a)

@@ -65,8 +65,9 @@ BIG = "x" * 100000
 def calls():
     """name -> (keys, args) of a valid call on the seeded database."""
     return {
-        "take": ([k("jobs"), k("processing:i1"), k("paused"), k("ratelimit")], ["2", "1000", "0", "0"]),
-        "putback": ([k("processing:i1"), k("jobs"), k("sending:i1"), k("claim:j1")], [H1, "run0.1"]),
+        "take": ([k("jobs"), k("processing:i1"), k("paused"), k("ratelimit")], ["2", "1000", "0", "0", "r.1"]),
+        "putback": ([k("processing:i1"), k("jobs"), k("sending:i1"), k("claim:j1")], [H1, "run0.1", H1]),
+        "wrap1": ([k("processing:i1")], [H1, "r.2"]),
         "record": ([k("processing:i1"), k("results"), k("dead"), k("dedup:j1"), k("recovered"), k("batch:B"),
                     k("task:j1"), k("track"), k("sending:i1"), k("claim:j1")],
                    [H1, "1000", "{}", "t1", "60000", "submitted", "1", "1000", "B", "1000", "", "run0.1", "",
@@ -75,14 +76,14 @@ def calls():
                   [H1, "5000", "E1", "run0.1"]),
         "promote": ([k("retry"), k("jobs")], ["5000", "10"]),
         "heartbeat": ([k("instance:i1"), k("instances")], ["10000", "i1", "state", "running"]),
-        "held": ([k("processing:i1"), k("sending:i1"), k("recovered"), k("clean:i1")], ["1"]),
+        "held": ([k("processing:i1"), k("sending:i1"), k("recovered"), k("clean:i1")], ["1", "r.3"]),
         "takeover": ([k("instances"), k("processing:i1"), k("sending:i1"), k("recovered")], ["i1", P]),
         "claim": ([k("track")], ["5000", "10", "30000", P]),
         "track": ([k("track"), k("results"), k("task:j2"), k("task:j2"), k("task:j2"), k("batch:B")],
                   ["j2", "1000", "again", "9000", "2", "succeeded", "0", "1000", "B", "60000", "status", "RUNNING",
                    "event", "progress"]),
         "send": ([k("processing:i1"), k("sending:i1"), k("dedup:j1"), k("claim:j1")], [H1, "new", "run1.1", "0"]),
-        "claim_name": ([k("instance:i1")], ["run-1", "10000", "0", "host", "h"]),
+        "claim_name": ([k("instance:i1")], ["run-1", "10000", "", "host", "h"]),
     }
 
 
@@ -180,6 +181,23 @@ def main(t, env):
     t.eq(evalsha(r, shas["claim_name"], keys, args), [], "claim_name: a free name is claimed")
     other = evalsha(r, shas["claim_name"], keys, ["run-2"] + args[1:])
     t.ok(b"run-1" in other, "claim_name: another run is refused and told who holds the name", repr(other))
+    t.eq(evalsha(r, shas["claim_name"], keys, ["run-2", "10000", "run-1", "host", "h"]), [],
+         "claim_name: over the run judged dead, the name is taken")
+    other = evalsha(r, shas["claim_name"], keys, ["run-3", "10000", "run-1", "host", "h"])
+    t.ok(b"run-2" in other, "claim_name: a twin that judged the same run dead loses to the first", repr(other))
+    # Held copies are unique: a take wraps each job with its own id.
+    r.execute("FLUSHDB")
+    r.execute("LPUSH", k("jobs"), H1, H1)
+    keys, args = calls()["take"]
+    got = evalsha(r, shas["take"], keys, args)
+    t.ok(len(got) == 4 and got[2] != got[3] and all(x.startswith(b'{"vidq_held":"r.1.') for x in got[2:]),
+         "take: two identical jobs become two different held copies", repr(got))
+    r.execute("FLUSHDB")
+    r.execute("LPUSH", k("processing:i1"), H1, "wrapped?")
+    keys, args = calls()["held"]
+    got = evalsha(r, shas["held"], keys, args)
+    t.ok(all(x.startswith(b'{"vidq_held":"r.3.') for x in got[2::3]) and len(got) == 6,
+         "held: copies a blocking pop left unwrapped are wrapped", repr(got))
 
 
 vt.run(main, "lua")

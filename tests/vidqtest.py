@@ -432,6 +432,8 @@ def unwrap(raw):
         v = json.loads(_dec(raw))
     except ValueError:
         return None, None
+    if isinstance(v, dict) and isinstance(v.get("vidq_held"), str) and "job" in v:
+        v = v["job"]  # a held copy: {"vidq_held":"<id>","job":<the job as taken>}
     if isinstance(v, dict) and isinstance(v.get("vidq_retry"), dict) and "job" in v:
         return v["job"], v["vidq_retry"]
     return v, None
