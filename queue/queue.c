@@ -179,11 +179,14 @@ static const char SEND_LUA[] = CHECK_LUA
 
 /* Return a held job to the intake list, where it is taken next: nothing
  * was sent, or the API said for sure that nothing was created. KEYS:
- * processing, jobs, sending, claim key. ARGV: held copy, mark token or "",
+ * processing, jobs, sending, claim key, recovered. ARGV: held copy, mark token or "",
  * the job as it was taken (the held copy without its wrapper). */
 static const char PUTBACK_LUA[] = CHECK_LUA
     "if ARGV[2] == nil or ARGV[3] == nil then error('vidq: putback needs a token and the job') end\n"
-    "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then redis.call('RPUSH', KEYS[2], ARGV[3]) end\n"
+    "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then\n"
+    "  redis.call('RPUSH', KEYS[2], ARGV[3])\n"
+    "  redis.call('HDEL', KEYS[5], redis.sha1hex(ARGV[1]))\n"
+    "end\n"
     UNMARK_LUA("KEYS[3]", "KEYS[4]", "ARGV[2]")
     "return 1\n";
 
@@ -1086,15 +1089,15 @@ int queue_putback(queue *q, const char *held, size_t len, const char *job, size_
 {
     char claim_key[300];
     key_for(q, claim_key, sizeof claim_key, "claim", job_id);
-    const char *argv[] = {"EVALSHA", q->sha[S_PUTBACK], "4", q->k_processing, q->k_jobs, q->k_sending,
-                          claim_key, held,               token ? token : "", job};
-    size_t lens[10];
-    for (int i = 0; i < 10; i++)
-        lens[i] = i == 9 ? job_len : strlen(argv[i]);
-    lens[7] = len;
+    const char *argv[] = {"EVALSHA", q->sha[S_PUTBACK], "5", q->k_processing, q->k_jobs, q->k_sending,
+                          claim_key, q->k_recovered,     held, token ? token : "", job};
+    size_t lens[11];
+    for (int i = 0; i < 11; i++)
+        lens[i] = i == 10 ? job_len : strlen(argv[i]);
+    lens[8] = len;
     struct call *c = new_call(q, ud);
     c->done_fn = fn;
-    return qsend(q, q->cmd, on_done, c, 10, argv, lens);
+    return qsend(q, q->cmd, on_done, c, 11, argv, lens);
 }
 
 int queue_record(queue *q, const struct qrecord *r, queue_done_fn *fn, void *ud)

@@ -66,7 +66,8 @@ def calls():
     """name -> (keys, args) of a valid call on the seeded database."""
     return {
         "take": ([k("jobs"), k("processing:i1"), k("paused"), k("ratelimit")], ["2", "1000", "0", "0", "r.1"]),
-        "putback": ([k("processing:i1"), k("jobs"), k("sending:i1"), k("claim:j1")], [H1, "run0.1", H1]),
+        "putback": ([k("processing:i1"), k("jobs"), k("sending:i1"), k("claim:j1"), k("recovered")],
+                    [H1, "run0.1", H1]),
         "wrap1": ([k("processing:i1")], [H1, "r.2"]),
         "record": ([k("processing:i1"), k("results"), k("dead"), k("dedup:j1"), k("recovered"), k("batch:B"),
                     k("task:j1"), k("track"), k("sending:i1"), k("claim:j1")],
