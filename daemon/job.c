@@ -157,9 +157,8 @@ static void build_body(struct job *j, const cJSON *obj, const char *default_mode
         p = skip_value(p, end);
         if (strcmp(m->string, "meta") == 0) {
             /* Echo meta exactly as the producer wrote it, too. */
-            if (j->meta)
-                cJSON_free(j->meta);
-            j->meta = cJSON_malloc((size_t)(p - vstart) + 1);
+            free(j->meta);
+            j->meta = xmalloc((size_t)(p - vstart) + 1);
             memcpy(j->meta, vstart, (size_t)(p - vstart));
             j->meta[p - vstart] = '\0';
         }
@@ -658,6 +657,62 @@ static void peek_ids(struct job *j)
     j->batch = peek_top_string(j->raw, j->raw_len, "batch");
 }
 
+/*
+ * cJSON allocates a block per member and per string: a job with 100,000
+ * keys costs 300,000 mallocs and frees, most of its parse. While job_parse
+ * builds and walks its tree, cJSON allocates from an arena instead (a bump
+ * pointer in 256 KiB chunks, all freed at once at the end). vidqd is single
+ * threaded and nothing cJSON allocates here outlives the parse.
+ */
+#define ARENA_CHUNK (256u << 10)
+struct arena_chunk {
+    struct arena_chunk *next;
+    size_t used, cap;
+    size_t pad; /* data starts 32 bytes in: 16-byte aligned, like malloc's */
+    char data[];
+};
+_Static_assert(sizeof(struct arena_chunk) % 16 == 0, "arena data must stay 16-byte aligned");
+static struct arena_chunk *arena;
+
+static void *arena_alloc(size_t n)
+{
+    n = (n + 15) & ~(size_t)15;
+    if (arena == NULL || arena->cap - arena->used < n) {
+        size_t cap = n > ARENA_CHUNK ? n : ARENA_CHUNK;
+        struct arena_chunk *c = xmalloc(sizeof *c + cap);
+        c->next = arena;
+        c->used = 0;
+        c->cap = cap;
+        arena = c;
+    }
+    void *p = arena->data + arena->used;
+    arena->used += n;
+    return p;
+}
+
+static void arena_free(void *p)
+{
+    (void)p; /* all of it goes in arena_end */
+}
+
+static void arena_begin(void)
+{
+    cJSON_Hooks h = {arena_alloc, arena_free};
+    cJSON_InitHooks(&h);
+}
+
+static void arena_end(void)
+{
+    cJSON_InitHooks(NULL);
+    while (arena) {
+        struct arena_chunk *next = arena->next;
+        free(arena);
+        arena = next;
+    }
+}
+
+static void parse_tree(struct job *j, size_t len, const char *default_model);
+
 void job_parse(struct job *j, const char *raw, size_t len, const char *default_model, size_t max_bytes)
 {
     memset(j, 0, sizeof *j);
@@ -689,6 +744,14 @@ void job_parse(struct job *j, const char *raw, size_t len, const char *default_m
         peek_ids(j);
         return;
     }
+    arena_begin();
+    parse_tree(j, len, default_model);
+    arena_end();
+}
+
+/* The strict scan passed: the tree, validation and the body (in the arena). */
+static void parse_tree(struct job *j, size_t len, const char *default_model)
+{
     cJSON *obj = cJSON_ParseWithLength(j->raw, len);
     if (obj == NULL) {
         /* Strict JSON that cJSON cannot hold (it nests at most 1000 deep). */
@@ -711,8 +774,7 @@ void job_free(struct job *j)
     free(j->raw);
     free(j->job_id);
     free(j->batch);
-    if (j->meta)
-        cJSON_free(j->meta);
+    free(j->meta);
     free(j->model);
     free(j->body);
     free(j->error);
