@@ -185,7 +185,7 @@ static const char PUTBACK_LUA[] = CHECK_LUA
     "if ARGV[2] == nil or ARGV[3] == nil then error('vidq: putback needs a token and the job') end\n"
     "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then\n"
     "  redis.call('RPUSH', KEYS[2], ARGV[3])\n"
-    "  redis.call('HDEL', KEYS[5], redis.sha1hex(ARGV[1]))\n"
+    "  if redis.call('HLEN', KEYS[5]) > 0 then redis.call('HDEL', KEYS[5], redis.sha1hex(ARGV[1])) end\n"
     "end\n"
     UNMARK_LUA("KEYS[3]", "KEYS[4]", "ARGV[2]")
     "return 1\n";
@@ -250,7 +250,7 @@ static const char RECORD_LUA[] = CHECK_LUA BATCH_LUA
     "end\n"
     UNMARK_LUA("KEYS[9]", "KEYS[10]", "token")
     "if held == 0 then return 0 end\n"
-    "redis.call('HDEL', KEYS[5], redis.sha1hex(ARGV[1]))\n"
+    "if redis.call('HLEN', KEYS[5]) > 0 then redis.call('HDEL', KEYS[5], redis.sha1hex(ARGV[1])) end\n"
     "if ARGV[3] ~= '' then redis.call('LPUSH', KEYS[3], ARGV[3]) end\n"
     "redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', unpack(ARGV, 15))\n"
     "if ARGV[11] ~= '' then\n"
@@ -274,7 +274,7 @@ static const char RETRY_LUA[] = CHECK_LUA
     "if ARGV[4] == nil then error('vidq: retry needs a token argument') end\n"
     UNMARK_LUA("KEYS[3]", "KEYS[5]", "ARGV[4]")
     "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end\n"
-    "redis.call('HDEL', KEYS[4], redis.sha1hex(ARGV[1]))\n"
+    "if redis.call('HLEN', KEYS[4]) > 0 then redis.call('HDEL', KEYS[4], redis.sha1hex(ARGV[1])) end\n"
     "redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])\n"
     "return 1\n";
 
