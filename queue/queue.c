@@ -171,7 +171,7 @@ static const char SEND_LUA[] = CHECK_LUA
     "  if t then return {'dup', t} end\n"
     "  local c = redis.call('GET', KEYS[4])\n"
     "  if c == 'ambiguous' and not retry_ambiguous and mode == 'new' then return {'ambiguous'} end\n"
-    "  if c and c ~= 'ambiguous' and c ~= token and mode == 'new' then return {'wait', c} end\n"
+    "  if c and c ~= 'ambiguous' and c ~= token and mode ~= 'probe' then return {'wait', c} end\n"
     "  if mode ~= 'probe' then redis.call('SET', KEYS[4], token) end\n"
     "end\n"
     "if mode == 'new' then redis.call('HSET', KEYS[2], token, f) end\n"
