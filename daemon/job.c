@@ -425,6 +425,11 @@ static int is_hex(char ch)
     return (ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f') || (ch >= 'A' && ch <= 'F');
 }
 
+static unsigned hex4(const char *p)
+{
+    return (unsigned)(hexval(p[0]) << 12 | hexval(p[1]) << 8 | hexval(p[2]) << 4 | hexval(p[3]));
+}
+
 static int scan_string(struct scan *c)
 {
     c->i++; /* opening quote */
@@ -453,6 +458,23 @@ static int scan_string(struct scan *c)
                 if (memcmp(c->s + c->i + 1, "0000", 4) == 0) {
                     c->i--;
                     return scan_fail(c, "\\u0000 (NUL) is not accepted");
+                }
+                /* UTF-16 surrogates come in pairs: a lone one cannot be decoded
+                 * (cJSON and most gateways refuse it), wherever it is. */
+                unsigned cp = hex4(c->s + c->i + 1);
+                if (cp >= 0xDC00 && cp <= 0xDFFF) {
+                    c->i--;
+                    return scan_fail(c, "unpaired UTF-16 surrogate escape");
+                }
+                if (cp >= 0xD800 && cp <= 0xDBFF) {
+                    size_t k = c->i + 5; /* the next escape's backslash */
+                    if (k + 5 >= c->len || c->s[k] != '\\' || c->s[k + 1] != 'u' || !is_hex(c->s[k + 2]) ||
+                        !is_hex(c->s[k + 3]) || !is_hex(c->s[k + 4]) || !is_hex(c->s[k + 5]) ||
+                        hex4(c->s + k + 2) < 0xDC00 || hex4(c->s + k + 2) > 0xDFFF) {
+                        c->i--;
+                        return scan_fail(c, "unpaired UTF-16 surrogate escape");
+                    }
+                    c->i += 6; /* the low half too */
                 }
                 c->i += 4;
             } else if (strchr("\"\\/bfnrt", e) == NULL || e == '\0') {
@@ -749,10 +771,68 @@ void job_parse(struct job *j, const char *raw, size_t len, const char *default_m
     arena_end();
 }
 
+/*
+ * The top-level object as cJSON, shallow: every member is there, in order,
+ * with its decoded key (duplicates are checked on them, build_body walks
+ * them), but only the members validation reads get their value parsed; the
+ * others hold a null placeholder and go to the body as their raw bytes. So a
+ * metadata object with 100,000 keys costs no tree at all. Only for text the
+ * strict scanner accepted whose root is an object; allocates in the arena.
+ */
+static int member_wanted(const char *key)
+{
+    static const char *const wanted[] = {"job_id", "batch", "prompt", "model", "duration", "image"};
+    for (size_t i = 0; i < sizeof wanted / sizeof wanted[0]; i++) {
+        if (strcmp(key, wanted[i]) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+static char *decode_key(const char *ks, const char *ke)
+{
+    size_t n = (size_t)(ke - ks) - 2;
+    if (memchr(ks + 1, '\\', n) == NULL) {
+        char *k = cJSON_malloc(n + 1);
+        memcpy(k, ks + 1, n);
+        k[n] = '\0';
+        return k;
+    }
+    cJSON *k = cJSON_ParseWithLength(ks, (size_t)(ke - ks));
+    return cJSON_IsString(k) ? k->valuestring : NULL;
+}
+
+static cJSON *shallow_object(const char *s, size_t n)
+{
+    const char *end = s + n, *p = json_skip_ws(s, end) + 1; /* '{' */
+    cJSON *obj = cJSON_CreateObject();
+    for (;;) {
+        p = json_skip_ws(p, end);
+        if (p >= end || *p == '}')
+            break;
+        const char *ks = p;
+        p = skip_string(p, end);
+        const char *ke = p;
+        p = json_skip_ws(json_skip_ws(p, end) + 1, end); /* ':' */
+        const char *vs = p;
+        p = skip_value(p, end);
+        char *key = decode_key(ks, ke);
+        cJSON *v = key && member_wanted(key) ? cJSON_ParseWithLength(vs, (size_t)(p - vs)) : cJSON_CreateNull();
+        if (key == NULL || v == NULL)
+            return NULL; /* cannot happen on scanned text; the arena frees it all */
+        cJSON_AddItemToObjectCS(obj, key, v);
+        p = json_skip_ws(p, end);
+        if (p < end && *p == ',')
+            p++;
+    }
+    return obj;
+}
+
 /* The strict scan passed: the tree, validation and the body (in the arena). */
 static void parse_tree(struct job *j, size_t len, const char *default_model)
 {
-    cJSON *obj = cJSON_ParseWithLength(j->raw, len);
+    const char *first = json_skip_ws(j->raw, j->raw + len);
+    cJSON *obj = *first == '{' ? shallow_object(j->raw, len) : cJSON_ParseWithLength(j->raw, len);
     if (obj == NULL) {
         /* Strict JSON that cJSON cannot hold (it nests at most 1000 deep). */
         set_error(j, "invalid JSON: cannot be parsed");

@@ -565,6 +565,26 @@ static void test_peek_ids(void **state)
     job_free(&j);
 }
 
+/* Surrogate escapes come in pairs, in every member: the shallow parse does
+ * not decode pass-through values, so the scanner checks them. */
+static void test_surrogates(void **state)
+{
+    (void)state;
+    struct job j;
+    parse_str(&j, "{\"prompt\":\"p\",\"model\":\"m\",\"metadata\":{\"x\":\"\\ud83d\\ude00\"}}", NULL);
+    assert_null(j.error);
+    job_free(&j);
+    parse_str(&j, "{\"prompt\":\"p\",\"model\":\"m\",\"metadata\":{\"x\":\"a\\ud83d\"}}", NULL);
+    assert_string_equal(j.error, "invalid JSON at byte 44: unpaired UTF-16 surrogate escape");
+    job_free(&j);
+    parse_str(&j, "{\"prompt\":\"p\",\"model\":\"m\",\"extra\":\"\\ude00x\"}", NULL);
+    assert_string_equal(j.error, "invalid JSON at byte 35: unpaired UTF-16 surrogate escape");
+    job_free(&j);
+    parse_str(&j, "{\"prompt\":\"p\",\"model\":\"m\",\"extra\":\"\\ud800\\u0041\"}", NULL);
+    assert_string_equal(j.error, "invalid JSON at byte 35: unpaired UTF-16 surrogate escape");
+    job_free(&j);
+}
+
 static void test_size_cap(void **state)
 {
     (void)state;
@@ -911,8 +931,11 @@ static void test_hostile_escapes(void **state)
     /* a lone surrogate 1 MiB in is refused (cJSON cannot decode it) */
     in.len -= 4;
     sbuf_puts(&in, "\\ud800\":1}");
+    size_t lone_at = in.len - 10;
     timed_parse("3 MiB, lone surrogate at the end", &j, &in);
-    assert_string_equal(j.error, "invalid JSON: cannot be parsed");
+    char want_lone[96];
+    snprintf(want_lone, sizeof want_lone, "invalid JSON at byte %zu: unpaired UTF-16 surrogate escape", lone_at);
+    assert_string_equal(j.error, want_lone);
     job_free(&j);
     sbuf_free(&in);
 
@@ -1309,6 +1332,7 @@ int main(void)
         cmocka_unit_test(test_duplicate_keys),
         cmocka_unit_test(test_size_cap),
         cmocka_unit_test(test_peek_ids),
+        cmocka_unit_test(test_surrogates),
         cmocka_unit_test(test_invalid_keeps_ids),
         cmocka_unit_test(test_invalid_keeps_meta_exact),
         cmocka_unit_test(test_hostile_many_keys),
