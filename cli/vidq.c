@@ -1087,10 +1087,13 @@ static int cmd_submit(int argc, char **argv)
     setup();
     char *batch_key = key("batch:%s", s.batch);
     redisReply *done = cmd("HGET", batch_key, "done", NULL);
-    if (done->type == REDIS_REPLY_STRING && strcmp(done->str, "1") == 0)
+    int is_done = done->type == REDIS_REPLY_STRING && strcmp(done->str, "1") == 0;
+    freeReplyObject(done); /* before die(): LeakSanitizer checks at exit */
+    if (is_done) {
+        free(batch_key);
         die(EX_USAGE, "batch %s is already done (its batch_done event was written); choose another --batch",
             s.batch);
-    freeReplyObject(done);
+    }
     int64_t t0 = mono_ms();
     enqueue(&s, batch_key);
     int64_t took = mono_ms() - t0;
