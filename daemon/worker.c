@@ -1732,6 +1732,11 @@ void worker_queue_state(worker *w, int up)
 {
     w->up_since = up ? mono_ms() : 0;
     if (up && !w->draining) {
+        /* After any reconnect (a failover above all) the processing list
+         * may hold what memory does not: a blocking pop on the other
+         * connection that reached the new master first, a reply lost.
+         * Read it again before taking more. */
+        w->resync = 1;
         heartbeat(w);
         pump(w);
     }

@@ -518,6 +518,7 @@ struct call {
     int reverse; /* items_fn: deliver array in reverse order */
     int skip;    /* items_fn: leading elements that are not items */
     int triples; /* items_fn: elements come as {mark token, deaths, item} triples */
+    int nil_is_error; /* on_single: a nil reply is an error (the wrap found nothing) */
 };
 
 static char *mkkey(const char *prefix, const char *suffix)
@@ -727,7 +728,7 @@ static void on_single(redisReply *r, void *ud)
         it.len = r->len;
         c->items_fn(0, &info, &it, 1, c->ud);
     } else {
-        c->items_fn(0, &info, NULL, 0, c->ud);
+        c->items_fn(c->nil_is_error, &info, NULL, 0, c->ud);
     }
     free(c);
 }
@@ -891,9 +892,13 @@ static void on_blocked_pop(redisReply *r, void *ud)
     id_base(q, base, sizeof base);
     const char *argv[] = {"EVALSHA", q->sha[S_WRAP1], "1", q->k_processing, r->str, base};
     size_t lens[] = {7, 40, 1, strlen(q->k_processing), r->len, strlen(base)};
-    /* on_single delivers the wrapped text (nil: nothing to start) */
+    /* on_single delivers the wrapped text. Nil: the job is not in the list
+     * the command connection sees (after a failover the two connections
+     * may briefly reach different servers): that is an error, so the
+     * worker reads its processing list again (queue_held wraps it). */
     struct call *wc = new_call(q, c->ud);
     wc->items_fn = c->items_fn;
+    wc->nil_is_error = 1;
     if (qsend(q, q->cmd, on_single, wc, 6, argv, lens) != 0)
         c->items_fn(1, &info, NULL, 0, c->ud);
     free(c);
