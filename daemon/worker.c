@@ -82,7 +82,6 @@ struct slot {
     int maybe_sent;            /* found marked after a crash: it may have been billed */
     int probing;               /* the SEND step only looks (maybe_sent) */
     long long deaths;          /* instances that died holding it */
-    int64_t sent_ms;           /* mono ms the current request went out */
     int64_t taken_ms;
     uv_timer_t timer; /* record retry, dedup retry */
     /* the outcome being recorded */
@@ -170,7 +169,7 @@ static void on_spool_replayed(int err, long long r, void *ud);
 static void heartbeat(worker *w);
 static void backlog_push(worker *w, const struct qitem *it);
 static void intake_later(worker *w, uint64_t ms);
-static void send_job(slot *s);
+static void go(slot *s);
 static void record(slot *s);
 static void putback(slot *s);
 
@@ -614,7 +613,7 @@ static void unblock(worker *w)
             v[n++] = s;
     }
     for (size_t i = 0; i < n; i++)
-        send_job(v[i]);
+        go(v[i]);
     free(v);
     pump(w);
 }
@@ -663,7 +662,7 @@ static void on_probe(uv_timer_t *t)
             best = s;
     }
     if (best && (best->strikes < 2 || w->nslots >= w->flow.conc)) {
-        send_job(best);
+        go(best);
     } else if (w->blocked) {
         w->probe_take = 1; /* every held job looks like its own problem: try a fresh one */
         pump(w);
@@ -693,7 +692,7 @@ static void account_works(worker *w, uint64_t seq)
     }
     for (size_t i = 0; i < n; i++) {
         v[i]->judged = 1;
-        send_job(v[i]);
+        go(v[i]);
     }
     free(v);
 }
@@ -923,11 +922,6 @@ static void go(slot *s)
         on_send(1, Q_SEND, NULL, 0, s);
 }
 
-static void send_job(slot *s)
-{
-    go(s);
-}
-
 static void post(slot *s)
 {
     worker *w = s->w;
@@ -937,7 +931,6 @@ static void post(slot *s)
                              NULL};
     s->attempts++;
     s->state = S_SENDING;
-    s->sent_ms = mono_ms();
     s->sent_seq = ++w->send_seq;
     w->in_flight++;
     s->req = http_post(w->http, w->submit_url, headers, s->job.body, s->job.body_len, on_response, s);

@@ -515,7 +515,6 @@ struct call {
     queue_fields_fn *fields_fn;
     queue_tasks_fn *tasks_fn;
     void *ud;
-    int reverse; /* items_fn: deliver array in reverse order */
     int skip;    /* items_fn: leading elements that are not items */
     int triples; /* items_fn: elements come as {mark token, deaths, item} triples */
     int nil_is_error; /* on_single: a nil reply is an error (the wrap found nothing) */
@@ -702,7 +701,7 @@ static void on_items(redisReply *r, void *ud)
             token = f->type == REDIS_REPLY_STRING && f->len > 0 ? f->str : NULL;
             deaths = d->type == REDIS_REPLY_INTEGER ? d->integer : 0;
         }
-        redisReply *e = r->element[c->reverse ? n - 1 - (i - skip) : i];
+        redisReply *e = r->element[i];
         if (e->type != REDIS_REPLY_STRING)
             continue;
         items[k].data = e->str;
@@ -974,22 +973,30 @@ static void on_fields(redisReply *r, void *ud)
     free(c);
 }
 
+/* A script call of 7 fixed arguments (EVALSHA, sha, numkeys, ...) followed
+ * by field/value pairs: the heartbeat and the name guard. */
+static int qsend_fields(queue *q, rconn_reply_fn *rfn, struct call *c, const char *const fixed[7],
+                        const char *const *fields, int nfields)
+{
+    int argc = 7 + nfields;
+    const char **argv = xmalloc((size_t)argc * sizeof *argv);
+    memcpy(argv, fixed, 7 * sizeof *argv);
+    for (int i = 0; i < nfields; i++)
+        argv[7 + i] = fields[i];
+    int rc = qsend(q, q->cmd, rfn, c, argc, argv, NULL);
+    free(argv);
+    return rc;
+}
+
 int queue_claim_name(queue *q, const char *run, int64_t ttl_ms, const char *dead_run, const char *const *fields,
                      int nfields, queue_fields_fn *fn, void *ud)
 {
     char ttl[32];
     snprintf(ttl, sizeof ttl, "%lld", (long long)ttl_ms);
-    int argc = 7 + nfields;
-    const char **argv = xmalloc((size_t)argc * sizeof *argv);
-    const char *fixed[] = {"EVALSHA", q->sha[S_CLAIM_NAME], "1", q->k_instance, run, ttl, dead_run ? dead_run : ""};
-    memcpy(argv, fixed, sizeof fixed);
-    for (int i = 0; i < nfields; i++)
-        argv[7 + i] = fields[i];
+    const char *fixed[7] = {"EVALSHA", q->sha[S_CLAIM_NAME], "1", q->k_instance, run, ttl, dead_run ? dead_run : ""};
     struct call *c = new_call(q, ud);
     c->fields_fn = fn;
-    int rc = qsend(q, q->cmd, on_fields, c, argc, argv, NULL);
-    free(argv);
-    return rc;
+    return qsend_fields(q, on_fields, c, fixed, fields, nfields);
 }
 
 /* ---- the job's path: send, retry, put back, record ------------------------ */
@@ -1048,17 +1055,10 @@ int queue_heartbeat(queue *q, const char *const *fields, int nfields, int64_t tt
 {
     char ttl[32];
     snprintf(ttl, sizeof ttl, "%lld", (long long)ttl_ms);
-    int argc = 7 + nfields;
-    const char **argv = xmalloc((size_t)argc * sizeof *argv);
-    const char *fixed[] = {"EVALSHA", q->sha[S_HEARTBEAT], "2", q->k_instance, q->k_instances, ttl, q->instance};
-    memcpy(argv, fixed, sizeof fixed);
-    for (int i = 0; i < nfields; i++)
-        argv[7 + i] = fields[i];
+    const char *fixed[7] = {"EVALSHA", q->sha[S_HEARTBEAT], "2", q->k_instance, q->k_instances, ttl, q->instance};
     struct call *c = new_call(q, ud);
     c->done_fn = fn;
-    int rc = qsend(q, q->cmd, on_done, c, argc, argv, NULL);
-    free(argv);
-    return rc;
+    return qsend_fields(q, on_done, c, fixed, fields, nfields);
 }
 
 int queue_retry(queue *q, const char *held, size_t held_len, const char *envelope, size_t env_len, int64_t due_ms,
