@@ -26,6 +26,7 @@
  */
 #include "config.h"
 #include "job.h"
+#include "keys.h"
 #include "redis_sync.h"
 #include "util.h"
 
@@ -300,17 +301,10 @@ static struct {
     char *jobs, *results, *dead, *retry, *paused, *instances, *track;
 } k;
 
-static char *key(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static char *key(const char *fmt, ...)
+/* A key of this configuration's prefix (keys.h names every key). */
+static char *key(enum key_kind kind, const char *id)
 {
-    sbuf b;
-    va_list ap;
-    sbuf_init(&b);
-    sbuf_printf(&b, "%s:", g.cfg.prefix);
-    va_start(ap, fmt);
-    sbuf_vprintf(&b, fmt, ap);
-    va_end(ap);
-    return sbuf_steal(&b, NULL);
+    return key_new(g.cfg.prefix, kind, id);
 }
 
 /* The same loading as vidqd's, minus the token. Exits 78 on errors. */
@@ -332,7 +326,7 @@ static void load_config(void)
         if (config_override(&g.cfg, g.overrides[i], err, sizeof err) != 0)
             die(EX_CONFIG, "%s", err);
     }
-    if (config_finish(&g.cfg, err, sizeof err) != 0)
+    if (config_finish(&g.cfg, config_checks, err, sizeof err) != 0)
         die(EX_CONFIG, "%s", err);
 }
 
@@ -344,13 +338,13 @@ static void setup(void)
     g.r = rsync_connect(g.cfg.redis_url, "vidq-cli", CONNECT_TIMEOUT_MS, COMMAND_TIMEOUT_MS, err, sizeof err);
     if (g.r == NULL)
         die(EX_UNAVAILABLE, "%s", err);
-    k.jobs = key("jobs");
-    k.results = key("results");
-    k.dead = key("dead");
-    k.retry = key("retry");
-    k.paused = key("paused");
-    k.instances = key("instances");
-    k.track = key("track");
+    k.jobs = key(KEY_JOBS, NULL);
+    k.results = key(KEY_RESULTS, NULL);
+    k.dead = key(KEY_DEAD, NULL);
+    k.retry = key(KEY_RETRY, NULL);
+    k.paused = key(KEY_PAUSED, NULL);
+    k.instances = key(KEY_INSTANCES, NULL);
+    k.track = key(KEY_TRACK, NULL);
 }
 
 static void teardown(void)
@@ -1085,7 +1079,7 @@ static int cmd_submit(int argc, char **argv)
         die(EX_DATAERR, "no jobs in %s%s", s.name, s.invalid ? " (every line is invalid)" : "");
 
     setup();
-    char *batch_key = key("batch:%s", s.batch);
+    char *batch_key = key(KEY_BATCH, s.batch);
     redisReply *done = cmd("HGET", batch_key, "done", NULL);
     int is_done = done->type == REDIS_REPLY_STRING && strcmp(done->str, "1") == 0;
     freeReplyObject(done); /* before die(): LeakSanitizer checks at exit */
@@ -1502,7 +1496,7 @@ static int cmd_progress(int argc, char **argv)
     if (!id_is_valid(name, strlen(name)))
         die(EX_USAGE, "\"%s\" is not a batch name (1-128 characters of [A-Za-z0-9._:-])", name);
     setup();
-    char *batch_key = key("batch:%s", name);
+    char *batch_key = key(KEY_BATCH, name);
     int tty = isatty(1) && !json && !once;
     struct rate rate;
     struct batch b;
@@ -1645,8 +1639,8 @@ static void stats_gather(struct stats *st)
     qsort(st->names, st->ninst, sizeof *st->names, cmp_str);
     st->inst = xcalloc(2 * st->ninst + 1, sizeof *st->inst);
     for (size_t i = 0; i < st->ninst; i++) {
-        char *hk = key("instance:%s", st->names[i]);
-        char *pk = key("processing:%s", st->names[i]);
+        char *hk = key(KEY_INSTANCE, st->names[i]);
+        char *pk = key(KEY_PROCESSING, st->names[i]);
         const char *hgetall[2] = {"HGETALL", hk};
         const char *llen[2] = {"LLEN", pk};
         append(2, hgetall, NULL);
@@ -1950,7 +1944,7 @@ static int visit_requeue(const struct dead *d, void *ud)
         sbuf_free(&job);
         return VISIT_SKIP;
     }
-    char *claim = d->job_id && *d->job_id ? key("claim:%s", d->job_id) : xstrdup("");
+    char *claim = key(KEY_CLAIM, d->job_id);
     const char *argv[8] = {"EVAL", REQUEUE_LUA, "3", k.dead, k.jobs, claim, d->raw, job.buf ? job.buf : ""};
     size_t lens[8] = {4, strlen(REQUEUE_LUA), 1, strlen(k.dead), strlen(k.jobs), strlen(claim), d->len, job.len};
     redisReply *rep = cmdv(8, argv, lens);

@@ -9,8 +9,6 @@
  */
 #include "config.h"
 #include "util.h"
-#include "rconn.h"
-#include "metrics.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -30,42 +28,48 @@ struct key_def {
     size_t offset;
     const char *def; /* default, as text; NULL = unset */
     long min, max;   /* for T_LONG */
+    int flags;
 };
+
+/* A running vidqd keeps this key's value until it restarts (SIGHUP does not
+ * change it): where the queue lives, and what running state depends on.
+ * Like pgbouncer's CF_NO_RELOAD and Redis's IMMUTABLE_CONFIG. */
+#define CF_RESTART 1
 
 #define OFF(f) offsetof(struct config, f)
 static const struct key_def keys[] = {
-    {"redis.url", T_STR, OFF(redis_url), "redis://127.0.0.1:6379/0", 0, 0},
-    {"redis.prefix", T_STR, OFF(prefix), "vidq", 0, 0},
-    {"daemon.instance", T_STR, OFF(instance), NULL, 0, 0},
-    {"daemon.shutdown_timeout", T_DURATION, OFF(shutdown_timeout_ms), "30s", 0, 0},
-    {"daemon.state_dir", T_STR, OFF(state_dir), "/var/lib/vidq", 0, 0},
-    {"api.base_url", T_STR, OFF(base_url), "https://api.ezmodel.cloud", 0, 0},
-    {"api.token_file", T_STR, OFF(token_file), NULL, 0, 0},
-    {"api.connect_timeout", T_DURATION, OFF(connect_timeout_ms), "10s", 0, 0},
-    {"api.timeout", T_DURATION, OFF(timeout_ms), "60s", 0, 0},
-    {"api.default_model", T_STR, OFF(default_model), NULL, 0, 0},
-    {"api.ca_file", T_STR, OFF(ca_file), NULL, 0, 0},
-    {"submit.concurrency", T_LONG, OFF(concurrency), "32", 1, 100000},
-    {"submit.rate", T_RATE, OFF(rate), "0", 0, 0},
-    {"submit.global_rate", T_RATE, OFF(global_rate), "0", 0, 0},
-    {"submit.max_attempts", T_LONG, OFF(max_attempts), "5", 1, 1000},
-    {"submit.backoff_base", T_DURATION, OFF(backoff_base_ms), "2s", 0, 0},
-    {"submit.backoff_max", T_DURATION, OFF(backoff_max_ms), "5m", 0, 0},
-    {"submit.retry_ambiguous", T_BOOL, OFF(retry_ambiguous), "no", 0, 0},
-    {"submit.dedup_window", T_DURATION, OFF(dedup_window_ms), "7d", 0, 0},
-    {"submit.account_probe_interval", T_DURATION, OFF(account_probe_ms), "30s", 0, 0},
-    {"submit.max_job_bytes", T_SIZE, OFF(max_job_bytes), "16MiB", 0, 0},
-    {"track.enabled", T_BOOL, OFF(track_enabled), "no", 0, 0},
-    {"track.poll_interval", T_DURATION, OFF(poll_interval_ms), "15s", 0, 0},
-    {"track.timeout", T_DURATION, OFF(track_timeout_ms), "24h", 0, 0},
-    {"track.download_dir", T_STR, OFF(download_dir), NULL, 0, 0},
-    {"track.download_concurrency", T_LONG, OFF(download_concurrency), "4", 1, 1000},
-    {"track.download_private", T_BOOL, OFF(download_private), "no", 0, 0},
-    {"results.maxlen", T_LONG, OFF(results_maxlen), "1000000", 1, LONG_MAX},
-    {"results.batch_ttl", T_DURATION, OFF(batch_ttl_ms), "7d", 0, 0},
-    {"metrics.listen", T_STR, OFF(metrics_listen), NULL, 0, 0},
-    {"log.level", T_LEVEL, OFF(log_level), "info", 0, 0},
-    {"log.format", T_FORMAT, OFF(log_json), "text", 0, 0},
+    {"redis.url", T_STR, OFF(redis_url), "redis://127.0.0.1:6379/0", 0, 0, CF_RESTART},
+    {"redis.prefix", T_STR, OFF(prefix), "vidq", 0, 0, CF_RESTART},
+    {"daemon.instance", T_STR, OFF(instance), NULL, 0, 0, CF_RESTART},
+    {"daemon.shutdown_timeout", T_DURATION, OFF(shutdown_timeout_ms), "30s", 0, 0, 0},
+    {"daemon.state_dir", T_STR, OFF(state_dir), "/var/lib/vidq", 0, 0, CF_RESTART},
+    {"api.base_url", T_STR, OFF(base_url), "https://api.ezmodel.cloud", 0, 0, 0},
+    {"api.token_file", T_STR, OFF(token_file), NULL, 0, 0, 0},
+    {"api.connect_timeout", T_DURATION, OFF(connect_timeout_ms), "10s", 0, 0, 0},
+    {"api.timeout", T_DURATION, OFF(timeout_ms), "60s", 0, 0, 0},
+    {"api.default_model", T_STR, OFF(default_model), NULL, 0, 0, 0},
+    {"api.ca_file", T_STR, OFF(ca_file), NULL, 0, 0, 0},
+    {"submit.concurrency", T_LONG, OFF(concurrency), "32", 1, 100000, 0},
+    {"submit.rate", T_RATE, OFF(rate), "0", 0, 0, 0},
+    {"submit.global_rate", T_RATE, OFF(global_rate), "0", 0, 0, 0},
+    {"submit.max_attempts", T_LONG, OFF(max_attempts), "5", 1, 1000, 0},
+    {"submit.backoff_base", T_DURATION, OFF(backoff_base_ms), "2s", 0, 0, 0},
+    {"submit.backoff_max", T_DURATION, OFF(backoff_max_ms), "5m", 0, 0, 0},
+    {"submit.retry_ambiguous", T_BOOL, OFF(retry_ambiguous), "no", 0, 0, 0},
+    {"submit.dedup_window", T_DURATION, OFF(dedup_window_ms), "7d", 0, 0, 0},
+    {"submit.account_probe_interval", T_DURATION, OFF(account_probe_ms), "30s", 0, 0, 0},
+    {"submit.max_job_bytes", T_SIZE, OFF(max_job_bytes), "16MiB", 0, 0, 0},
+    {"track.enabled", T_BOOL, OFF(track_enabled), "no", 0, 0, CF_RESTART},
+    {"track.poll_interval", T_DURATION, OFF(poll_interval_ms), "15s", 0, 0, 0},
+    {"track.timeout", T_DURATION, OFF(track_timeout_ms), "24h", 0, 0, 0},
+    {"track.download_dir", T_STR, OFF(download_dir), NULL, 0, 0, 0},
+    {"track.download_concurrency", T_LONG, OFF(download_concurrency), "4", 1, 1000, 0},
+    {"track.download_private", T_BOOL, OFF(download_private), "no", 0, 0, 0},
+    {"results.maxlen", T_LONG, OFF(results_maxlen), "1000000", 1, LONG_MAX, CF_RESTART},
+    {"results.batch_ttl", T_DURATION, OFF(batch_ttl_ms), "7d", 0, 0, CF_RESTART},
+    {"metrics.listen", T_STR, OFF(metrics_listen), NULL, 0, 0, 0},
+    {"log.level", T_LEVEL, OFF(log_level), "info", 0, 0, 0},
+    {"log.format", T_FORMAT, OFF(log_json), "text", 0, 0, 0},
 };
 #define NKEYS (sizeof keys / sizeof keys[0])
 
@@ -425,38 +429,26 @@ static int key_error(const struct config *c, const char *name, char *err, size_t
     return -1;
 }
 
-/*
- * CONTRACT §7: no ':' in a prefix, so "vidq:batch" + ":jobs" can never be the
- * prefix "vidq" + batch "jobs"; "{...}" around it for a Redis Cluster hash tag.
- */
-static int prefix_is_valid(const char *p)
+/* The value of a T_STR key, by name: NULL when unset and the key may be
+ * (it has no default), else "" when unset. */
+static const char *str_value(const struct config *c, const char *name)
 {
-    size_t n = strlen(p);
-    if (n >= 2 && p[0] == '{' && p[n - 1] == '}') {
-        p++;
-        n -= 2;
-    }
-    if (n < 1 || n > 64)
-        return 0;
-    for (size_t i = 0; i < n; i++) {
-        unsigned char ch = (unsigned char)p[i];
-        if (!isalnum(ch) && ch != '.' && ch != '_' && ch != '-')
-            return 0;
-    }
-    return 1;
+    size_t i;
+    const struct key_def *k = find_key(name, &i);
+    VQ_ASSERT(k != NULL && k->type == T_STR);
+    const char *v = *(char *const *)((const char *)c + k->offset);
+    return v ? v : k->def ? "" : NULL;
 }
 
-int config_finish(struct config *c, char *err, size_t errlen)
+int config_finish(struct config *c, const struct config_check *checks, char *err, size_t errlen)
 {
     char why[256];
-    struct rconn_target t;
-    if (rconn_parse_url(c->redis_url, &t, why, sizeof why) != 0)
-        return key_error(c, "redis.url", err, errlen, why);
-    rconn_target_free(&t);
-    if (c->prefix == NULL || !prefix_is_valid(c->prefix))
-        return key_error(c, "redis.prefix", err, errlen,
-                         "must be 1-64 characters of [A-Za-z0-9._-], optionally inside one {...} (a Redis Cluster "
-                         "hash tag)");
+    for (const struct config_check *ck = checks; ck && ck->key; ck++) {
+        const char *v = str_value(c, ck->key);
+        why[0] = '\0';
+        if (v && ck->fn(v, why, sizeof why) != 0)
+            return key_error(c, ck->key, err, errlen, why[0] ? why : "is not valid");
+    }
     if (c->instance == NULL) {
         char host[256] = "";
         if (gethostname(host, sizeof host - 1) != 0 || host[0] == '\0')
@@ -481,11 +473,6 @@ int config_finish(struct config *c, char *err, size_t errlen)
         return key_error(c, "daemon.state_dir", err, errlen, "must be an absolute path");
     if (c->poll_interval_ms < 1000)
         return key_error(c, "track.poll_interval", err, errlen, "must be at least 1s");
-    if (c->metrics_listen) {
-        struct sockaddr_storage sa;
-        if (metrics_parse_listen(c->metrics_listen, &sa, why, sizeof why) != 0)
-            return key_error(c, "metrics.listen", err, errlen, why);
-    }
     if (c->ca_file && access(c->ca_file, R_OK) != 0) {
         snprintf(why, sizeof why, "cannot read %s: %s", c->ca_file, strerror(errno));
         return key_error(c, "api.ca_file", err, errlen, why);
@@ -601,4 +588,65 @@ void config_dump(const struct config *c, FILE *out)
         case T_SIZE: fprintf(out, "%lld\n", (long long)*(const int64_t *)field); break;
         }
     }
+}
+
+/* Whether key `k` has the same value in a and b. */
+static int same_value(const struct key_def *k, const struct config *a, const struct config *b)
+{
+    const char *fa = (const char *)a + k->offset, *fb = (const char *)b + k->offset;
+    switch (k->type) {
+    case T_STR: {
+        const char *x = *(char *const *)fa, *y = *(char *const *)fb;
+        return (x == NULL && y == NULL) || (x && y && strcmp(x, y) == 0);
+    }
+    case T_DURATION:
+    case T_SIZE: return *(const int64_t *)fa == *(const int64_t *)fb;
+    case T_RATE: return *(const double *)fa == *(const double *)fb;
+    case T_LONG: return *(const long *)fa == *(const long *)fb;
+    case T_BOOL:
+    case T_FORMAT: return *(const int *)fa == *(const int *)fb;
+    case T_LEVEL: return *(const enum log_level *)fa == *(const enum log_level *)fb;
+    }
+    return 0;
+}
+
+static void copy_value(const struct key_def *k, struct config *to, const struct config *from)
+{
+    char *ft = (char *)to + k->offset;
+    const char *ff = (const char *)from + k->offset;
+    switch (k->type) {
+    case T_STR: {
+        char **dst = (char **)ft;
+        const char *src = *(char *const *)ff;
+        free(*dst);
+        *dst = src ? xstrdup(src) : NULL;
+        break;
+    }
+    case T_DURATION:
+    case T_SIZE: *(int64_t *)ft = *(const int64_t *)ff; break;
+    case T_RATE: *(double *)ft = *(const double *)ff; break;
+    case T_LONG: *(long *)ft = *(const long *)ff; break;
+    case T_BOOL:
+    case T_FORMAT: *(int *)ft = *(const int *)ff; break;
+    case T_LEVEL: *(enum log_level *)ft = *(const enum log_level *)ff; break;
+    }
+}
+
+int config_keep_restart_only(struct config *fresh, const struct config *running, char *changed, size_t size)
+{
+    int n = 0;
+    size_t used = 0;
+    if (size > 0)
+        changed[0] = '\0';
+    for (size_t i = 0; i < NKEYS; i++) {
+        if (!(keys[i].flags & CF_RESTART) || same_value(&keys[i], fresh, running))
+            continue;
+        copy_value(&keys[i], fresh, running);
+        if (used < size) {
+            int w = snprintf(changed + used, size - used, "%s%s", n ? ", " : "", keys[i].name);
+            used += w > 0 ? (size_t)w : 0;
+        }
+        n++;
+    }
+    return n;
 }

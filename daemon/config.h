@@ -84,8 +84,30 @@ int config_load_buffer(struct config *c, const char *name, const char *data, siz
 /* Apply one "section.key=value" override (from -o). Returns 0 or -1 + err. */
 int config_override(struct config *c, const char *assignment, char *err, size_t errlen);
 
-/* Cross-key checks and derived defaults (instance = host name). */
-int config_finish(struct config *c, char *err, size_t errlen);
+/*
+ * A check of one string key that belongs to the layer using the value (the
+ * Redis URL to the Redis client, the listen address to the metrics
+ * server...): 0, or -1 with the reason in why. The program wires them up;
+ * config_finish runs them and names the file, line and key.
+ */
+struct config_check {
+    const char *key; /* "section.key" of a string key; NULL ends a list */
+    int (*fn)(const char *value, char *why, size_t whylen);
+};
+
+/* The checks vidqd and vidq run (config_checks.c). */
+extern const struct config_check config_checks[];
+
+/* Cross-key checks, derived defaults (instance = host name), then each of
+ * `checks` (a list ending with {NULL}; may be NULL). */
+int config_finish(struct config *c, const struct config_check *checks, char *err, size_t errlen);
+
+/*
+ * SIGHUP: give `fresh` the running value of every restart-only key (marked
+ * in the table) whose value changed. Returns how many; their names, comma
+ * separated, go to `changed`.
+ */
+int config_keep_restart_only(struct config *fresh, const struct config *running, char *changed, size_t size);
 
 /*
  * Find the API token: api.token_file, else the systemd credential

@@ -206,7 +206,7 @@ static int load_config(struct daemon *d, struct config *c, char *err, size_t err
         if (config_override(c, d->overrides[i], err, errlen) != 0)
             return -1;
     }
-    if (config_finish(c, err, errlen) != 0)
+    if (config_finish(c, config_checks, err, errlen) != 0)
         return -1;
     return config_load_token(c, err, errlen);
 }
@@ -407,26 +407,11 @@ static void on_hup(uv_signal_t *h, int signum)
         config_free(&fresh);
         return;
     }
-    /* Where the queue lives cannot change under a running instance. */
-    if (strcmp(fresh.redis_url, d->cfg.redis_url) != 0 || strcmp(fresh.prefix, d->cfg.prefix) != 0 ||
-        strcmp(fresh.instance, d->cfg.instance) != 0 || fresh.results_maxlen != d->cfg.results_maxlen ||
-        fresh.track_enabled != d->cfg.track_enabled || strcmp(fresh.state_dir, d->cfg.state_dir) != 0 ||
-        fresh.batch_ttl_ms != d->cfg.batch_ttl_ms)
-        log_kv(LOG_WARNING,
-               "SIGHUP: redis.*, daemon.instance, daemon.state_dir, results.maxlen, results.batch_ttl and "
-               "track.enabled need a restart; kept",
-               NULL);
-    fresh.track_enabled = d->cfg.track_enabled;
-    free(fresh.redis_url);
-    fresh.redis_url = xstrdup(d->cfg.redis_url);
-    free(fresh.prefix);
-    fresh.prefix = xstrdup(d->cfg.prefix);
-    free(fresh.instance);
-    fresh.instance = xstrdup(d->cfg.instance);
-    fresh.results_maxlen = d->cfg.results_maxlen;
-    fresh.batch_ttl_ms = d->cfg.batch_ttl_ms;
-    free(fresh.state_dir);
-    fresh.state_dir = xstrdup(d->cfg.state_dir);
+    /* Where the queue lives cannot change under a running instance: the
+     * table in config.c marks those keys; they keep their running value. */
+    char changed[512];
+    if (config_keep_restart_only(&fresh, &d->cfg, changed, sizeof changed) > 0)
+        log_kv(LOG_WARNING, "SIGHUP: these keys need a restart; kept", "keys", changed, NULL);
     snprintf(ua, sizeof ua, "vidqd/%s", PACKAGE_VERSION);
     http_opts_from(&fresh, &ho, ua);
     if (http_client_set_opts(d->http, &ho, err, sizeof err) != 0) {

@@ -98,6 +98,12 @@ int metrics_parse_listen(const char *listen, struct sockaddr_storage *sa, char *
     return -1;
 }
 
+int metrics_check_listen(const char *listen, char *why, size_t whylen)
+{
+    struct sockaddr_storage sa;
+    return metrics_parse_listen(listen, &sa, why, whylen);
+}
+
 static void client_closed(uv_handle_t *h)
 {
     struct client *c = h->data;

@@ -25,6 +25,8 @@ metrics *metrics_new(uv_loop_t *loop, const char *listen, metrics_fill_fn *fill,
                      size_t errlen);
 /* Check a "host:port" value (config validation). 0 or -1 + err. */
 int metrics_parse_listen(const char *listen, struct sockaddr_storage *sa, char *err, size_t errlen);
+/* The same as a config check (struct config_check): 0, or -1 + why. */
+int metrics_check_listen(const char *listen, char *why, size_t whylen);
 void metrics_close(metrics *m);
 
 #endif

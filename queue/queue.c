@@ -27,6 +27,7 @@
  * scripts; callers retry failed calls anyway.
  */
 #include "queue.h"
+#include "keys.h"
 #include "util.h"
 
 #include <stdio.h>
@@ -520,14 +521,6 @@ struct call {
     int nil_is_error; /* on_single: a nil reply is an error (the wrap found nothing) */
 };
 
-static char *mkkey(const char *prefix, const char *suffix)
-{
-    sbuf b;
-    sbuf_init(&b);
-    sbuf_printf(&b, "%s:%s", prefix, suffix);
-    return sbuf_steal(&b, NULL);
-}
-
 static void set_up(queue *q, int up, const char *why)
 {
     if (q->up == up && up)
@@ -589,27 +582,23 @@ static void on_blk_state(rconn *c, int up, const char *why, void *ud)
 queue *queue_new(uv_loop_t *loop, const struct queue_opts *o, queue_state_fn *fn, void *ud)
 {
     queue *q = xcalloc(1, sizeof *q);
-    char name[200], pname[200];
+    char name[200];
     q->loop = loop;
     q->prefix = xstrdup(o->prefix);
     q->instance = xstrdup(o->instance);
-    snprintf(pname, sizeof pname, "processing:%s", o->instance);
-    q->k_jobs = mkkey(o->prefix, "jobs");
-    q->k_processing = mkkey(o->prefix, pname);
-    q->k_results = mkkey(o->prefix, "results");
-    q->k_dead = mkkey(o->prefix, "dead");
-    q->k_paused = mkkey(o->prefix, "paused");
-    q->k_retry = mkkey(o->prefix, "retry");
-    q->k_rate = mkkey(o->prefix, "ratelimit");
-    q->k_instances = mkkey(o->prefix, "instances");
-    snprintf(pname, sizeof pname, "instance:%s", o->instance);
-    q->k_instance = mkkey(o->prefix, pname);
-    q->k_recovered = mkkey(o->prefix, "recovered");
-    q->k_track = mkkey(o->prefix, "track");
-    snprintf(pname, sizeof pname, "sending:%s", o->instance);
-    q->k_sending = mkkey(o->prefix, pname);
-    snprintf(pname, sizeof pname, "clean:%s", o->instance);
-    q->k_clean = mkkey(o->prefix, pname);
+    q->k_jobs = key_new(o->prefix, KEY_JOBS, NULL);
+    q->k_processing = key_new(o->prefix, KEY_PROCESSING, o->instance);
+    q->k_results = key_new(o->prefix, KEY_RESULTS, NULL);
+    q->k_dead = key_new(o->prefix, KEY_DEAD, NULL);
+    q->k_paused = key_new(o->prefix, KEY_PAUSED, NULL);
+    q->k_retry = key_new(o->prefix, KEY_RETRY, NULL);
+    q->k_rate = key_new(o->prefix, KEY_RATELIMIT, NULL);
+    q->k_instances = key_new(o->prefix, KEY_INSTANCES, NULL);
+    q->k_instance = key_new(o->prefix, KEY_INSTANCE, o->instance);
+    q->k_recovered = key_new(o->prefix, KEY_RECOVERED, NULL);
+    q->k_track = key_new(o->prefix, KEY_TRACK, NULL);
+    q->k_sending = key_new(o->prefix, KEY_SENDING, o->instance);
+    q->k_clean = key_new(o->prefix, KEY_CLEAN, o->instance);
     snprintf(q->run, sizeof q->run, "%.32s.%llx.%x", o->instance, (unsigned long long)now_ms(), (unsigned)rand());
     q->maxlen = o->results_maxlen;
     q->batch_ttl_ms = o->batch_ttl_ms > 0 ? o->batch_ttl_ms : 7 * 86400000LL;

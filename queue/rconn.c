@@ -272,6 +272,15 @@ int rconn_parse_url(const char *url, struct rconn_target *t, char *err, size_t e
     return rc;
 }
 
+int rconn_check_url(const char *url, char *why, size_t whylen)
+{
+    struct rconn_target t;
+    if (rconn_parse_url(url, &t, why, whylen) != 0)
+        return -1;
+    rconn_target_free(&t);
+    return 0;
+}
+
 void rconn_target_free(struct rconn_target *t)
 {
     for (int i = 0; i < t->nsentinels; i++)

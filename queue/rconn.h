@@ -45,6 +45,8 @@ struct rconn_target {
  * 0 or -1 + err.
  */
 int rconn_parse_url(const char *url, struct rconn_target *t, char *err, size_t errlen);
+/* Whether `url` parses (a config check, struct config_check): 0, or -1 + why. */
+int rconn_check_url(const char *url, char *why, size_t whylen);
 void rconn_target_free(struct rconn_target *t);
 /* "host:port/db" or "unix:/path" without credentials, for messages. */
 void rconn_target_describe(const struct rconn_target *t, char *buf, size_t len);

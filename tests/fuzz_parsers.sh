@@ -12,7 +12,7 @@ fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cflags="-g -O1 -std=gnu11 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
--I$src/daemon -I$src/queue -I$src/http $(pkg-config --cflags libcjson libuv libcurl hiredis)"
+-I$src/base -I$src/daemon -I$src/queue -I$src/http $(pkg-config --cflags libcjson libuv libcurl hiredis)"
 libs="$(pkg-config --libs libcjson) -lm"
 
 # Seed corpora: real gateway answers, the demo's jobs, a config file.
@@ -33,8 +33,8 @@ printf '[redis]\nurl = redis://127.0.0.1:6379/0\n[submit]\nconcurrency = 8\nrate
 
 echo "1..6"
 n=0
-for t in job:"daemon/job.c daemon/util.c" response:"daemon/api.c daemon/util.c" \
-         config:"daemon/config.c daemon/util.c daemon/log.c daemon/metrics.c queue/rconn.c"; do
+for t in job:"daemon/job.c base/util.c" response:"daemon/api.c base/util.c" \
+         config:"daemon/config.c daemon/config_checks.c base/util.c base/log.c daemon/metrics.c queue/rconn.c queue/keys.c"; do
     name=${t%%:*}
     files=""
     for f in ${t#*:}; do files="$files $src/$f"; done

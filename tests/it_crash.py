@@ -2,7 +2,7 @@
 """it_crash - kill vidqd at every named crash point, alone and in a row: never twice, never lost.
 
 A build configured with --enable-crash-points (scripts/test does) makes vidqd die by SIGKILL
-the n-th time it reaches a named point (VIDQ_CRASH_AT=name:n, daemon/util.h). Each case runs
+the n-th time it reaches a named point (VIDQ_CRASH_AT=name:n, base/util.h). Each case runs
 a fresh queue (its own key prefix) of jobs with job_ids, two copies of one job_id among them
 (a producer that retried its LPUSH), through one or more crashing runs and then a clean run,
 and checks the invariants of CONTRACT §6:

@@ -121,7 +121,7 @@ static void test_defaults_finish(void **state)
     struct config c;
     char err[512] = "";
     config_init(&c);
-    int rc = config_finish(&c, err, sizeof err);
+    int rc = config_finish(&c, config_checks, err, sizeof err);
     if (rc != 0)
         print_error("%s\n", err);
     assert_int_equal(rc, 0);
@@ -274,7 +274,7 @@ static void test_full_file(void **state)
     assert_int_equal(rc, 0);
     check_full(&c);
     assert_string_equal(c.path, path);
-    rc = config_finish(&c, err, sizeof err);
+    rc = config_finish(&c, config_checks, err, sizeof err);
     if (rc != 0)
         print_error("%s\n", err);
     assert_int_equal(rc, 0);
@@ -456,7 +456,7 @@ static void test_missing_file(void **state)
     assert_int_equal(c.concurrency, 32);
     assert_string_equal(c.redis_url, "redis://127.0.0.1:6379/0");
     assert_null(c.path);
-    assert_int_equal(config_finish(&c, err, sizeof err), 0);
+    assert_int_equal(config_finish(&c, config_checks, err, sizeof err), 0);
     config_free(&c);
 }
 
@@ -512,7 +512,7 @@ static void test_override_beats_file(void **state)
     assert_int_equal(load_text(&c, "[submit]\nconcurrency = 4\n", msg, sizeof msg), 0);
     assert_int_equal(config_override(&c, "submit.concurrency=12", err, sizeof err), 0);
     assert_int_equal(c.concurrency, 12);
-    assert_int_equal(config_finish(&c, err, sizeof err), 0);
+    assert_int_equal(config_finish(&c, config_checks, err, sizeof err), 0);
     config_free(&c);
 }
 
@@ -526,7 +526,7 @@ static void expect_finish_error(const char *override, const char *want_prefix)
     assert_int_equal(config_override(&c, "daemon.instance=test-1", err, sizeof err), 0);
     if (override)
         assert_int_equal(config_override(&c, override, err, sizeof err), 0);
-    int rc = config_finish(&c, err, sizeof err);
+    int rc = config_finish(&c, config_checks, err, sizeof err);
     if (rc == 0)
         print_error("-o %s: config_finish accepted it\n", override);
     assert_int_equal(rc, -1);
@@ -570,7 +570,7 @@ static void test_finish_error_names_file_line(void **state)
     config_init(&c);
     char *path = temp_file("[daemon]\ninstance = t1\n[redis]\n# the queue\nurl = http://x\n");
     assert_int_equal(config_load_file(&c, path, 1, err, sizeof err), 0);
-    assert_int_equal(config_finish(&c, err, sizeof err), -1);
+    assert_int_equal(config_finish(&c, config_checks, err, sizeof err), -1);
     char want[4096];
     snprintf(want, sizeof want, "%s:5: key \"redis.url\": unsupported URL \"http://x\"", path);
     if (strncmp(err, want, strlen(want)) != 0)
@@ -582,7 +582,7 @@ static void test_finish_error_names_file_line(void **state)
     config_init(&c);
     path = temp_file("[submit]\nbackoff_base = 10s\nbackoff_max = 5s\n");
     assert_int_equal(config_load_file(&c, path, 1, err, sizeof err), 0);
-    assert_int_equal(config_finish(&c, err, sizeof err), -1);
+    assert_int_equal(config_finish(&c, config_checks, err, sizeof err), -1);
     snprintf(want, sizeof want, "%s:3: key \"submit.backoff_max\": must not be smaller than submit.backoff_base", path);
     assert_string_equal(err, want);
     config_free(&c);
@@ -591,7 +591,7 @@ static void test_finish_error_names_file_line(void **state)
     config_init(&c);
     path = temp_file("[redis]\n\nprefix = \"bad prefix\"\n");
     assert_int_equal(config_load_file(&c, path, 1, err, sizeof err), 0);
-    assert_int_equal(config_finish(&c, err, sizeof err), -1);
+    assert_int_equal(config_finish(&c, config_checks, err, sizeof err), -1);
     snprintf(want, sizeof want, "%s:3: key \"redis.prefix\": must be 1-64 characters of [A-Za-z0-9._-], optionally inside one {...} (a Redis Cluster hash tag)", path);
     assert_string_equal(err, want);
     config_free(&c);
@@ -600,7 +600,7 @@ static void test_finish_error_names_file_line(void **state)
     config_init(&c);
     path = temp_file("[api]\nbase_url = ftp://gw\n");
     assert_int_equal(config_load_file(&c, path, 1, err, sizeof err), 0);
-    assert_int_equal(config_finish(&c, err, sizeof err), -1);
+    assert_int_equal(config_finish(&c, config_checks, err, sizeof err), -1);
     snprintf(want, sizeof want, "%s:2: key \"api.base_url\": must start with http:// or https://", path);
     assert_string_equal(err, want);
     config_free(&c);
@@ -618,7 +618,7 @@ static void test_finish_error_after_override_not_blamed_on_file(void **state)
     char *path = temp_file("[api]\nbase_url = https://gw.example.com\n");
     assert_int_equal(config_load_file(&c, path, 1, err, sizeof err), 0);
     assert_int_equal(config_override(&c, "api.base_url=ftp://x", err, sizeof err), 0);
-    int rc = config_finish(&c, err, sizeof err);
+    int rc = config_finish(&c, config_checks, err, sizeof err);
     char blamed[4096];
     snprintf(blamed, sizeof blamed, "%s:2:", path);
     unlink(path);
@@ -931,9 +931,9 @@ static void test_prefix_hash_tag(void **state)
     (void)state;
     config_init(&c);
     assert_int_equal(config_override(&c, "redis.prefix={vidq}", err, sizeof err), 0);
-    assert_int_equal(config_finish(&c, err, sizeof err), 0);
+    assert_int_equal(config_finish(&c, config_checks, err, sizeof err), 0);
     assert_int_equal(config_override(&c, "redis.prefix=vidq.prod_2-x", err, sizeof err), 0);
-    assert_int_equal(config_finish(&c, err, sizeof err), 0);
+    assert_int_equal(config_finish(&c, config_checks, err, sizeof err), 0);
     assert_int_equal(c.max_job_bytes, 16 * 1048576);
     assert_int_equal(c.download_concurrency, 4);
     assert_string_equal(c.state_dir, "/var/lib/vidq");

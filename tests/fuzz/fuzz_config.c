@@ -18,7 +18,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (config_load_buffer(&c, "fuzz.conf", (const char *)data, size, err, sizeof err) != 0) {
         if (strncmp(err, "fuzz.conf", 9) != 0)
             abort();
-    } else if (config_finish(&c, err, sizeof err) != 0 && err[0] == '\0') {
+    } else if (config_finish(&c, config_checks, err, sizeof err) != 0 && err[0] == '\0') {
         abort();
     }
     config_free(&c);

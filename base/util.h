@@ -56,6 +56,14 @@ long utf8_invalid_at(const char *s, size_t n);
 int id_is_valid(const char *s, size_t n);
 
 /*
+ * Invariants. A broken one is a bug in vidq, not bad input: VQ_ASSERT logs
+ * the condition and where, then aborts (as Redis's serverAssert does), so
+ * the bug shows where it is instead of corrupting what follows. Always on.
+ */
+#define VQ_ASSERT(cond) ((cond) ? (void)0 : vq_assert_failed(#cond, __FILE__, __LINE__))
+void vq_assert_failed(const char *what, const char *file, int line) __attribute__((noreturn));
+
+/*
  * Named crash points, for the crash tests (tests/it_crash.py): in a build
  * configured with --enable-crash-points, VIDQ_CRASH_AT=name[:n] makes the
  * process die by SIGKILL the n-th time (default: the first) it reaches the

@@ -279,3 +279,10 @@ void crash_point(const char *name)
     raise(SIGKILL);
 }
 #endif
+
+void vq_assert_failed(const char *what, const char *file, int line)
+{
+    fprintf(stderr, "vidq: internal error: assertion failed: %s (%s:%d)\n", what, file, line);
+    fflush(stderr);
+    abort();
+}

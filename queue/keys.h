@@ -1,0 +1,76 @@
+/*
+ * keys.h - the names of every Redis key vidq uses, in one place.
+ *
+ * A key is "<prefix>:<kind>" or, for the kinds that exist once per
+ * instance, job_id or batch, "<prefix>:<kind>:<id>". C code gets names from
+ * key_format()/key_new(); Lua scripts from KEYS_LUA (generated from the same
+ * table); the CLI uses the same functions. docs/protocol.md §3 describes
+ * each key for producers and operators.
+ */
+#ifndef VIDQ_KEYS_H
+#define VIDQ_KEYS_H
+
+#include <stddef.h>
+
+/* X(ENUM, "kind", per) -- per: 0 one key, 1 one per instance, 2 one per id
+ * (job_id or batch name). The comment says what the key holds. */
+#define VIDQ_KEYS(X)                                                                                \
+    X(JOBS, "jobs", 0)              /* list: producers LPUSH, vidqd takes from the right */         \
+    X(PROCESSING, "processing", 1)  /* list: the jobs an instance holds, wrapped */                 \
+    X(RESULTS, "results", 0)        /* stream: one event per outcome */                            \
+    X(DEAD, "dead", 0)              /* list: dead-job records */                                   \
+    X(PAUSED, "paused", 0)          /* string: while it exists nothing is taken */                 \
+    X(DEDUP, "dedup", 2)            /* string per job_id: its task id, TTL dedup window */         \
+    X(RETRY, "retry", 0)            /* sorted set: retry envelopes by due time (ms) */             \
+    X(RATELIMIT, "ratelimit", 0)    /* string: GCRA state of submit.global_rate */                 \
+    X(INSTANCES, "instances", 0)    /* set: instance names that may hold jobs */                   \
+    X(INSTANCE, "instance", 1)      /* hash per instance: its heartbeat and run (TTL) */            \
+    X(RECOVERED, "recovered", 0)    /* hash: sha1(held job) -> deaths of instances holding it */    \
+    X(SENDING, "sending", 1)        /* hash per instance: mark token -> sha1 of a job maybe sent */ \
+    X(CLAIM, "claim", 2)            /* string per job_id: token of the copy maybe in flight */      \
+    X(CLEAN, "clean", 1)            /* string per instance: its last run drained cleanly */         \
+    X(BATCH, "batch", 2)            /* hash per batch: counters, total, done */                     \
+    X(TRACK, "track", 0)            /* sorted set: job ids of tracked tasks by next poll (ms) */    \
+    X(TASK, "task", 2)              /* hash per job_id: a tracked task */
+
+#define KEY_ENUM_(e, name, per) KEY_##e,
+enum key_kind { VIDQ_KEYS(KEY_ENUM_) KEY_COUNT };
+#undef KEY_ENUM_
+
+/* The separator between prefix, kind and id. */
+#define KEY_SEP ":"
+
+/*
+ * The same names for Lua: KIND.<kind> is the kind's name and
+ * key(prefix, kind, id) builds a key as key_format() does. For the scripts
+ * that derive keys they are not given (another instance's lists, a task's
+ * hash); the others receive their keys in KEYS.
+ */
+#define KEY_LUA_KIND_(e, name, per) name "='" name "',"
+#define KEYS_LUA                                                                              \
+    "local KIND = {" VIDQ_KEYS(KEY_LUA_KIND_) "}\n"                                           \
+    "local function key(prefix, kind, id)\n"                                                  \
+    "  if id == nil then return prefix .. '" KEY_SEP "' .. kind end\n"                        \
+    "  return prefix .. '" KEY_SEP "' .. kind .. '" KEY_SEP "' .. id\n"                       \
+    "end\n"
+
+const char *key_kind_name(enum key_kind k);
+/* 0: one key; 1: one per instance; 2: one per job_id or batch. */
+int key_kind_per(enum key_kind k);
+
+/*
+ * Write the key of kind `k` into buf. `id` is required for the per-instance
+ * and per-id kinds and ignored for the others; a NULL or empty id there
+ * gives "" (the scripts read "" as "this job has no such key"). Returns the
+ * length, or -1 when it does not fit (buf is then "").
+ */
+int key_format(char *buf, size_t size, const char *prefix, enum key_kind k, const char *id);
+/* The same, allocated (never NULL). */
+char *key_new(const char *prefix, enum key_kind k, const char *id);
+
+/* Whether `prefix` may name keys: 1-64 characters of [A-Za-z0-9._-],
+ * optionally inside one {...} (a Redis Cluster hash tag). 0, or -1 with
+ * the reason in why. */
+int key_prefix_check(const char *prefix, char *why, size_t whylen);
+
+#endif
