@@ -151,7 +151,7 @@ static void classify_http_error(const struct http_result *res, struct outcome *o
 
 static void classify_transport(const struct http_result *res, struct outcome *o)
 {
-    if (res->too_large && res->status > 0) {
+    if (res->outcome == HTTP_TOO_LARGE && res->status > 0) {
         /* The status line arrived: it says what happened, the body is moot. */
         struct http_result head = *res;
         head.body = "";
@@ -166,21 +166,21 @@ static void classify_transport(const struct http_result *res, struct outcome *o)
         set_msg(o, "HTTP %ld with a response body over the size limit", res->status);
         return;
     }
-    if (res->refused) {
+    if (res->outcome == HTTP_REFUSED) {
         /* HTTP/2 guarantees such a stream was never processed. */
         o->kind = OUT_RETRY;
         o->error = "attempts_exhausted";
         set_msg(o, "request not processed: %s", res->error ? res->error : "refused stream");
         return;
     }
-    if (res->unreachable) {
+    if (res->outcome == HTTP_UNREACHABLE) {
         o->kind = OUT_RETRY;
         o->error = "attempts_exhausted";
         o->gateway_down = 1;
         set_msg(o, "gateway unreachable: %s", res->error ? res->error : "transport error");
         return;
     }
-    if (!res->sent || res->connect_failed) {
+    if (!res->sent) {
         o->kind = OUT_RETRY;
         o->error = "attempts_exhausted";
         set_msg(o, "request not sent: %s", res->error ? res->error : "transport error");
@@ -197,7 +197,7 @@ void api_classify_submit(const struct http_result *res, struct outcome *o)
     memset(o, 0, sizeof *o);
     o->http_status = res->status;
     o->retry_after_ms = res->retry_after_ms;
-    if (res->curl_code != 0) {
+    if (res->outcome != HTTP_OK) {
         classify_transport(res, o);
         return;
     }

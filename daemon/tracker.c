@@ -260,7 +260,7 @@ static void download_failed(struct poll *p, const char *why)
  * poll (after the restart, or by another instance) takes the task up. */
 static int cancelled(struct poll *p, const struct http_result *res)
 {
-    if (!res->cancelled)
+    if (res->outcome != HTTP_CANCELED)
         return 0;
     p->t->in_flight--;
     poll_free(p);
@@ -272,19 +272,19 @@ static void on_downloaded(http_req *req, const struct http_result *res, void *ud
     struct poll *p = ud;
     char why[300];
     (void)req;
-    if (res->cancelled)
+    if (res->outcome == HTTP_CANCELED)
         p->t->downloads--;
     if (cancelled(p, res))
         return;
-    if (res->blocked) {
+    if (res->outcome == HTTP_BLOCKED) {
         /* A policy answer, not a transient failure: no retries. */
         p->dl_attempts = DOWNLOAD_ATTEMPTS;
         download_failed(p, res->error);
         return;
     }
-    if (res->curl_code != 0 || res->status < 200 || res->status >= 300) {
-        snprintf(why, sizeof why, "%s", res->curl_code ? res->error : "HTTP error");
-        if (res->curl_code == 0)
+    if (res->outcome != HTTP_OK || res->status < 200 || res->status >= 300) {
+        snprintf(why, sizeof why, "%s", res->outcome != HTTP_OK ? res->error : "HTTP error");
+        if (res->outcome == HTTP_OK)
             snprintf(why, sizeof why, "HTTP %ld", res->status);
         download_failed(p, why);
         return;
@@ -421,7 +421,7 @@ static void on_polled(http_req *req, const struct http_result *res, void *ud)
     (void)req;
     if (cancelled(p, res))
         return;
-    if (res->curl_code == 0 && is_not_found(res)) {
+    if (res->outcome == HTTP_OK && is_not_found(res)) {
         if (++p->not_found >= NOT_FOUND_LIMIT) {
             finish(p, "task_failed", "message", "the API does not know this task (task_not_exist)", NULL, NULL, NULL,
                    NULL);
@@ -433,11 +433,11 @@ static void on_polled(http_req *req, const struct http_result *res, void *ud)
         again(p, NOT_FOUND_RETRY_MS, &u);
         return;
     }
-    if (res->curl_code != 0 || res->status < 200 || res->status >= 300 ||
+    if (res->outcome != HTTP_OK || res->status < 200 || res->status >= 300 ||
         api_parse_task(res->body, res->body_len, &p->ts) != 0) {
         /* Nothing learned: ask again at the next interval. */
         log_kv(LOG_DEBUG, "poll without an answer", "job_id", p->job_id, "error",
-               res->curl_code ? res->error : "bad status or body", NULL);
+               res->outcome != HTTP_OK ? res->error : "bad status or body", NULL);
         again(p, t->cfg->poll_interval_ms, NULL);
         return;
     }
@@ -535,7 +535,7 @@ static void start_poll(tracker *t, const struct qtask *q)
     }
     const char *headers[] = {t->auth_header, "Accept: application/json", NULL};
     if (http_get(t->http, url.buf, headers, on_polled, p) == NULL) {
-        struct http_result res = {.curl_code = 7, .error = "could not start the request", .body = ""};
+        struct http_result res = {.outcome = HTTP_NOT_SENT, .error = "could not start the request", .body = ""};
         on_polled(NULL, &res, p);
     }
     sbuf_free(&url);

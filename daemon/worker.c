@@ -935,7 +935,7 @@ static void post(slot *s)
     w->in_flight++;
     s->req = http_post(w->http, w->submit_url, headers, s->job.body, s->job.body_len, on_response, s);
     if (s->req == NULL) {
-        struct http_result res = {.curl_code = 7, .error = "could not start the request", .connect_failed = 1,
+        struct http_result res = {.outcome = HTTP_NOT_SENT, .error = "could not start the request",
                                   .retry_after_ms = -1, .body = ""};
         on_response(NULL, &res, s);
         return;

@@ -461,6 +461,40 @@ static int length_unknown(http_req *r, CURLcode rc)
     return version != CURL_HTTP_VERSION_2_0 && version != CURL_HTTP_VERSION_3 && !r->has_length && !r->chunked;
 }
 
+/* curl's code, and what this file saw, as one named outcome; the first
+ * that applies wins. */
+static enum http_outcome outcome_of(http_req *r, CURLcode rc, const char *why)
+{
+    int not_out = r->body == NULL || r->body_off == 0;
+    if (r->blocked)
+        return HTTP_BLOCKED;
+    if (rc == CURLE_ABORTED_BY_CALLBACK && why != NULL)
+        return HTTP_CANCELED;
+    if (r->too_large || rc == CURLE_FILESIZE_EXCEEDED)
+        return HTTP_TOO_LARGE;
+    if (r->write_errno)
+        return HTTP_WRITE_FAILED;
+    if (rc == CURLE_OK)
+        return HTTP_OK;
+    if (r->refused && rc == CURLE_SEND_FAIL_REWIND)
+        return HTTP_REFUSED;
+    if (is_unreachable(r, rc) && not_out)
+        return HTTP_UNREACHABLE;
+    if (is_timeout(rc))
+        return HTTP_TIMED_OUT;
+    if (r->body && r->body_off < r->body_len)
+        return HTTP_NOT_SENT;
+    return HTTP_BROKEN;
+}
+
+const char *http_outcome_name(enum http_outcome o)
+{
+    static const char *const names[] = {"ok",       "unreachable", "not_sent", "refused", "timed_out",
+                                        "broken",   "too_large",   "canceled", "blocked", "write_failed"};
+    VQ_ASSERT((unsigned)o < sizeof names / sizeof names[0]);
+    return names[o];
+}
+
 /* Finish `r`: build the result, recycle the handle, then tell the caller. */
 static void complete(http_req *r, CURLcode rc, const char *why)
 {
@@ -478,37 +512,27 @@ static void complete(http_req *r, CURLcode rc, const char *why)
     if (r->next)
         r->next->prev = r->prev;
     memset(&res, 0, sizeof res);
-    res.curl_code = (int)rc;
     res.status = status;
-    res.too_large = r->too_large || rc == CURLE_FILESIZE_EXCEEDED;
-    if (rc != CURLE_OK)
-        res.error = why ? why : (r->errbuf[0] ? r->errbuf : curl_easy_strerror(rc));
-    if (res.too_large)
-        res.error = "response body too large";
     res.body = r->resp.buf ? r->resp.buf : "";
     res.body_len = r->resp.len;
     /* GETs have no body; for them `sent` means only that a connection existed. */
     res.sent = r->body ? r->body_off == r->body_len : !is_connect_failure(rc);
-    res.cancelled = rc == CURLE_ABORTED_BY_CALLBACK && why != NULL && !r->blocked;
-    if (r->refused && rc == CURLE_SEND_FAIL_REWIND) {
-        res.refused = 1;
+    res.outcome = outcome_of(r, rc, why);
+    if (res.outcome == HTTP_REFUSED)
         res.sent = 0;
-        res.error = "the server refused the request unprocessed (HTTP/2 REFUSED_STREAM or GOAWAY)";
-    }
-    if (r->blocked) {
-        res.blocked = 1;
-        res.error = r->blocked_why;
+    switch (res.outcome) {
+    case HTTP_OK: break;
+    case HTTP_TOO_LARGE: res.error = "response body too large"; break;
+    case HTTP_REFUSED: res.error = "the server refused the request unprocessed (HTTP/2 REFUSED_STREAM or GOAWAY)"; break;
+    case HTTP_BLOCKED: res.error = r->blocked_why; break;
+    case HTTP_WRITE_FAILED: res.error = "cannot write the file"; break;
+    default: res.error = why ? why : (r->errbuf[0] ? r->errbuf : curl_easy_strerror(rc)); break;
     }
     res.length_unknown = length_unknown(r, rc);
-    res.timed_out = is_timeout(rc);
-    res.connect_failed = is_connect_failure(rc) && (r->body == NULL || r->body_off == 0);
-    res.unreachable = is_unreachable(r, rc) && (r->body == NULL || r->body_off == 0);
     res.retry_after_ms = r->retry_after_ms;
     res.elapsed_ms = mono_ms() - r->started;
     res.bytes = r->written;
     res.write_errno = r->write_errno;
-    if (r->write_errno)
-        res.error = "cannot write the file";
     char *ct = NULL;
     curl_off_t cl = -1;
     curl_easy_getinfo(r->easy, CURLINFO_CONTENT_TYPE, &ct);

@@ -30,33 +30,45 @@ struct http_opts {
     long max_connections;    /* idle connections kept for reuse (>= requests in flight) */
 };
 
+/*
+ * What became of a request, as one named value (as libuv's UV_ECANCELED):
+ * callers never see curl's numbers. `sent` says, for every outcome, whether
+ * the server may have received the request.
+ */
+enum http_outcome {
+    HTTP_OK = 0,       /* an HTTP answer arrived whole, of any status */
+    HTTP_UNREACHABLE,  /* no connection could be made (name, refused, TLS or
+                        * certificate, connect timeout): the server is the
+                        * problem, and it has nothing */
+    HTTP_NOT_SENT,     /* the request did not go out whole, or could not start */
+    HTTP_REFUSED,      /* the server refused it unprocessed (HTTP/2
+                        * REFUSED_STREAM, or a stream above a GOAWAY's last id):
+                        * safe to send again; never for HTTP/1.x */
+    HTTP_TIMED_OUT,    /* the total timeout, after the connection was up */
+    HTTP_BROKEN,       /* the connection failed with no (whole) answer */
+    HTTP_TOO_LARGE,    /* the body exceeded max_response / max_bytes */
+    HTTP_CANCELED,     /* http_cancel() or http_client_close() ended it */
+    HTTP_BLOCKED,      /* a download hop broke the address policy */
+    HTTP_WRITE_FAILED, /* a download's file could not be written (write_errno) */
+};
+
+/* "ok", "unreachable", "not_sent", ... for logs. */
+const char *http_outcome_name(enum http_outcome o);
+
 struct http_result {
-    int curl_code;           /* CURLcode; 0 when an HTTP answer arrived whole */
-    const char *error;       /* curl's message when curl_code != 0 */
-    long status;             /* HTTP status, 0 when no answer arrived */
+    enum http_outcome outcome;
+    const char *error;       /* what went wrong, when outcome != HTTP_OK */
+    long status;             /* HTTP status, 0 when no status line arrived */
     const char *body;        /* NUL-terminated, valid during the callback */
     size_t body_len;
-    int sent;                /* the whole request went to curl: the server may have it */
-    int timed_out;           /* connect or total timeout */
-    int connect_failed;      /* no connection could be made: the server has nothing */
-    int unreachable;         /* the same, or TLS/certificate errors, or a connect timeout:
-                              * the server, not the request, is the problem */
-    int too_large;           /* the body exceeded max_response */
+    int sent;                /* the whole request went out: the server may have it */
     int64_t retry_after_ms;  /* Retry-After / retry-after-ms, -1 when absent */
     int64_t elapsed_ms;
-    /* The server refused the request unprocessed (HTTP/2 REFUSED_STREAM, or
-     * a stream above the last stream id of a GOAWAY, as a proxy recycling
-     * its connection sends): it was not processed, so it is safe to send
-     * again. `sent` is 0 then. Never set for HTTP/1.x, where a reused
-     * connection that dies after the request went out stays `sent`. */
-    int refused;
-    int cancelled;           /* http_cancel() or http_client_close() ended it */
     /* downloads (http_download) */
     const char *content_type;   /* or NULL */
     int64_t content_length;     /* -1 when the server sent none */
     int64_t bytes;              /* bytes written to the file */
-    int write_errno;            /* the file could not be written */
-    int blocked;                /* refused by the address policy (see http_download) */
+    int write_errno;            /* with HTTP_WRITE_FAILED */
     /* An HTTP/1.x body without Content-Length or chunked encoding: its end
      * is the connection closing, so a cut cannot be told from the end. */
     int length_unknown;
@@ -108,11 +120,11 @@ int http_same_origin(const char *a, const char *b);
  * or cannot be parsed. */
 int http_addr_is_private(const char *ip);
 
-/* Abort a request: its callback runs now, with curl_code set and `sent` telling
- * whether the server may have received it. */
+/* Abort a request: its callback runs now, with HTTP_CANCELED and `sent`
+ * telling whether the server may have received it. */
 void http_cancel(http_req *req);
 
-/* Cancel everything (their callbacks run now, with `cancelled`), release curl;
+/* Cancel everything (their callbacks run now, with HTTP_CANCELED), release curl;
  * the struct is freed once libuv closed its handles. Safe from any callback:
  * the release waits until this file's functions are off the stack. */
 void http_client_close(http_client *c);

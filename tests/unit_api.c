@@ -231,16 +231,14 @@ static struct http_result answer(long status, const char *body, size_t len)
 }
 #define ANSWER(status, lit) answer((status), (lit), LEN(lit))
 
-static struct http_result transport(int curl_code, const char *error, int sent, int connect_failed, int timed_out)
+static struct http_result transport(enum http_outcome outcome, const char *error, int sent)
 {
     struct http_result r;
     memset(&r, 0, sizeof r);
-    r.curl_code = curl_code;
+    r.outcome = outcome;
     r.error = error;
     r.body = "";
     r.sent = sent;
-    r.connect_failed = connect_failed;
-    r.timed_out = timed_out;
     r.retry_after_ms = -1;
     return r;
 }
@@ -249,7 +247,7 @@ static void classify(const struct http_result *r, struct outcome *o, enum outcom
 {
     api_classify_submit(r, o);
     if (o->kind != kind)
-        print_error("HTTP %ld curl %d: got %s (%s), want %s\n", r->status, r->curl_code, outcome_kind_name(o->kind),
+        print_error("HTTP %ld %s: got %s (%s), want %s\n", r->status, http_outcome_name(r->outcome), outcome_kind_name(o->kind),
                     o->message, outcome_kind_name(kind));
     assert_int_equal(o->kind, kind);
     if (error) {
@@ -474,74 +472,86 @@ static void test_classify_transport(void **state)
     (void)state;
     struct outcome o;
     /* connection refused: nothing reached the server */
-    struct http_result r = transport(7, "Failed to connect to api.example.com port 443: Connection refused", 0, 1, 0);
+    struct http_result r = transport(HTTP_UNREACHABLE, "Failed to connect to api.example.com port 443: Connection refused", 0);
     classify(&r, &o, OUT_RETRY, "attempts_exhausted");
     assert_int_equal(o.http_status, 0);
     assert_non_null(strstr(o.message, "Connection refused"));
     outcome_free(&o);
 
     /* DNS failure */
-    r = transport(6, "Could not resolve host: api.example.com", 0, 1, 0);
+    r = transport(HTTP_UNREACHABLE, "Could not resolve host: api.example.com", 0);
     classify(&r, &o, OUT_RETRY, "attempts_exhausted");
     outcome_free(&o);
 
     /* connect timeout */
-    r = transport(28, "Connection timed out after 10001 milliseconds", 0, 1, 1);
+    r = transport(HTTP_UNREACHABLE, "Connection timed out after 10001 milliseconds", 0);
     classify(&r, &o, OUT_RETRY, "attempts_exhausted");
     outcome_free(&o);
 
     /* a timeout before the whole request was sent */
-    r = transport(28, "Operation timed out", 0, 0, 1);
+    r = transport(HTTP_TIMED_OUT, "Operation timed out", 0);
     classify(&r, &o, OUT_RETRY, "attempts_exhausted");
     outcome_free(&o);
 
     /* a timeout after the request was sent: the task may exist */
-    r = transport(28, "Operation timed out after 60000 milliseconds with 0 bytes received", 1, 0, 1);
+    r = transport(HTTP_TIMED_OUT, "Operation timed out after 60000 milliseconds with 0 bytes received", 1);
     classify(&r, &o, OUT_AMBIGUOUS, "ambiguous");
     assert_non_null(strstr(o.message, "Operation timed out after 60000 milliseconds"));
     outcome_free(&o);
 
     /* connection reset after sending */
-    r = transport(56, "Recv failure: Connection reset by peer", 1, 0, 0);
+    r = transport(HTTP_BROKEN, "Recv failure: Connection reset by peer", 1);
     classify(&r, &o, OUT_AMBIGUOUS, "ambiguous");
     assert_non_null(strstr(o.message, "Connection reset by peer"));
     outcome_free(&o);
 
     /* empty reply after sending */
-    r = transport(52, "Empty reply from server", 1, 0, 0);
+    r = transport(HTTP_BROKEN, "Empty reply from server", 1);
     classify(&r, &o, OUT_AMBIGUOUS, "ambiguous");
     outcome_free(&o);
 
     /* the gateway unreachable: the job was not sent, the gateway is down */
-    r = transport(60, "SSL certificate problem: unable to get local issuer certificate", 0, 0, 0);
-    r.unreachable = 1;
+    r = transport(HTTP_UNREACHABLE, "SSL certificate problem: unable to get local issuer certificate", 0);
     classify(&r, &o, OUT_RETRY, "attempts_exhausted");
     assert_int_equal(o.gateway_down, 1);
     assert_non_null(strstr(o.message, "gateway unreachable: SSL certificate problem"));
     outcome_free(&o);
 
     /* an HTTP/2 stream the server refused unprocessed (a GOAWAY): not sent */
-    r = transport(65, "necessary data rewind wasn't possible", 0, 0, 0);
-    r.refused = 1;
+    r = transport(HTTP_REFUSED, "necessary data rewind wasn't possible", 0);
     classify(&r, &o, OUT_RETRY, "attempts_exhausted");
     assert_int_equal(o.gateway_down, 0);
     outcome_free(&o);
 
     /* the same curl code after a reused HTTP/1.1 connection died: sent, ambiguous */
-    r = transport(65, "necessary data rewind wasn't possible", 1, 0, 0);
+    r = transport(HTTP_BROKEN, "necessary data rewind wasn't possible", 1);
     classify(&r, &o, OUT_AMBIGUOUS, "ambiguous");
     outcome_free(&o);
 
     /* no message from curl */
-    r = transport(56, NULL, 1, 0, 0);
+    r = transport(HTTP_BROKEN, NULL, 1);
     classify(&r, &o, OUT_AMBIGUOUS, "ambiguous");
     outcome_free(&o);
-    r = transport(7, NULL, 0, 1, 0);
+    r = transport(HTTP_UNREACHABLE, NULL, 0);
     classify(&r, &o, OUT_RETRY, "attempts_exhausted");
     outcome_free(&o);
 
+    /* could not start, or cut before the body went out: nothing to bill, the gateway is not blamed */
+    r = transport(HTTP_NOT_SENT, "could not start the request", 0);
+    classify(&r, &o, OUT_RETRY, "attempts_exhausted");
+    assert_int_equal(o.gateway_down, 0);
+    outcome_free(&o);
+
+    /* canceled (shutdown): what counts is whether the request went out */
+    r = transport(HTTP_CANCELED, "cancelled", 0);
+    classify(&r, &o, OUT_RETRY, "attempts_exhausted");
+    outcome_free(&o);
+    r = transport(HTTP_CANCELED, "cancelled", 1);
+    classify(&r, &o, OUT_AMBIGUOUS, "ambiguous");
+    outcome_free(&o);
+
     /* Retry-After is carried through transport outcomes too */
-    r = transport(56, "reset", 1, 0, 0);
+    r = transport(HTTP_BROKEN, "reset", 1);
     r.retry_after_ms = 2500;
     classify(&r, &o, OUT_AMBIGUOUS, "ambiguous");
     assert_int_equal(o.retry_after_ms, 2500);
@@ -553,9 +563,8 @@ static void test_classify_too_large(void **state)
     (void)state;
     struct outcome o;
     /* a 200 whose body exceeded max_response: the API did accept the job */
-    struct http_result r = transport(23, "response body too large", 1, 0, 0);
+    struct http_result r = transport(HTTP_TOO_LARGE, "response body too large", 1);
     r.status = 200;
-    r.too_large = 1;
     classify(&r, &o, OUT_BAD_RESPONSE, "bad_response");
     assert_string_equal(o.message, "HTTP 200 with a response body over the size limit");
     assert_int_equal(o.http_status, 200);
@@ -568,9 +577,8 @@ static void test_classify_too_large_error_status(void **state)
 {
     (void)state;
     struct outcome o;
-    struct http_result r = transport(23, "response body too large", 1, 0, 0);
+    struct http_result r = transport(HTTP_TOO_LARGE, "response body too large", 1);
     r.status = 503;
-    r.too_large = 1;
     classify(&r, &o, OUT_RETRY, "attempts_exhausted");
     outcome_free(&o);
     r.status = 400;

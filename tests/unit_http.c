@@ -156,7 +156,7 @@ static void on_done_close(http_req *req, const struct http_result *res, void *ud
     struct state *st = ud;
     (void)req;
     st->done++;
-    if (res->cancelled)
+    if (res->outcome == HTTP_CANCELED)
         st->cancelled++;
     else
         assert_int_equal(res->status, 401);
