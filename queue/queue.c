@@ -66,135 +66,159 @@
     "local function wrapped(j) return string.sub(j, 1, 14) == '{\"vidq_held\":\"' end\n"
 
 /*
- * Move up to ARGV[1] jobs into the processing list, each wrapped with the
- * id ARGV[5].<n>; reply {paused, wait_ms,
- * job...}. With a global rate (ARGV[3] = emission interval in ms, > 0) the
- * admissions are paced by GCRA on KEYS[4]: the key holds the theoretical
- * arrival time (TAT, unix ms with decimals); a job may start when
- * TAT - now <= the burst tolerance ARGV[4]. Admission and taking are one
- * atomic step, so jobs that may not start yet stay visible in the intake
- * list. wait_ms tells the caller when the next admission is possible.
- * (string.format keeps the TAT exact: Lua would print it as %.14g.)
+ * Every script names its keys and arguments: it is defined below with the
+ * list of key kinds (keys.h) it takes in KEYS and of named arguments it
+ * takes in ARGV, and its Lua reads them as K.<kind> and A.<name>, from a
+ * prelude generated from those lists (script_text). The C side fills a
+ * `struct sargs` by name (sarg/sargn, key ids by kind); script_call orders
+ * them as the script's lists say. Adding an argument is one name in one
+ * list: no position shifts, no count to keep in step. The prelude also
+ * checks the number of keys and arguments before anything else runs.
+ */
+#define SCRIPT_ARGS(X)                                                                                    \
+    X(max) X(now) X(interval) X(burst) X(ids) X(job) X(id) X(held) X(mode) X(token) X(retry_ambiguous)     \
+    X(raw) X(maxlen) X(dead) X(task_id) X(dedup_ttl) X(batch_field) X(final) X(batch) X(first_poll)        \
+    X(track_id) X(claim) X(batch_ttl) X(due) X(envelope) X(ttl) X(name) X(counting) X(self) X(prefix)       \
+    X(run) X(dead_run) X(lease) X(job_id) X(next_poll) X(nhash)
+#define ARG_ENUM_(n) A_##n,
+enum arg { SCRIPT_ARGS(ARG_ENUM_) A_COUNT };
+_Static_assert(A_COUNT <= 64, "script_call keeps the listed arguments in a 64-bit set");
+#undef ARG_ENUM_
+#define ARG_NAME_(n) #n,
+static const char *const arg_names[A_COUNT] = {SCRIPT_ARGS(ARG_NAME_)};
+#undef ARG_NAME_
+
+/*
+ * Move up to A.max jobs into the processing list, each wrapped with the
+ * id A.ids.<n>; reply {paused, wait_ms, job...}. With a global rate
+ * (A.interval = emission interval in ms, > 0) the admissions are paced by
+ * GCRA on K.ratelimit: the key holds the theoretical arrival time (TAT,
+ * unix ms with decimals); a job may start when TAT - now <= the burst
+ * tolerance A.burst. Admission and taking are one atomic step, so jobs
+ * that may not start yet stay visible in the intake list. wait_ms tells
+ * the caller when the next admission is possible. (string.format keeps the
+ * TAT exact: Lua would print it as %.14g.)
  */
 static const char TAKE_LUA[] = CHECK_LUA WRAP_LUA
-    "need_int(ARGV[1], 'max', 0); need_num(ARGV[2], 'now')\n"
-    "if ARGV[5] == nil or ARGV[5] == '' then error('vidq: take needs an id base') end\n"
-    "if need_num(ARGV[3], 'interval') < 0 or need_num(ARGV[4], 'burst') < 0 then error('vidq: negative rate') end\n"
-    "if redis.call('EXISTS', KEYS[3]) == 1 then return {1, 0} end\n"
-    "local max = tonumber(ARGV[1])\n"
-    "local now = tonumber(ARGV[2])\n"
-    "local interval = tonumber(ARGV[3])\n"
+    "local max = need_int(A.max, 'max', 0)\n"
+    "local now = need_num(A.now, 'now')\n"
+    "local interval, burst = need_num(A.interval, 'interval'), need_num(A.burst, 'burst')\n"
+    "if A.ids == '' then error('vidq: take needs an id base') end\n"
+    "if interval < 0 or burst < 0 then error('vidq: negative rate') end\n"
+    "if redis.call('EXISTS', K.paused) == 1 then return {1, 0} end\n"
     "local tat = now\n"
     "if interval > 0 then\n"
-    "  local burst = tonumber(ARGV[4])\n"
-    "  tat = math.max(tonumber(redis.call('GET', KEYS[4]) or 0), now)\n"
+    "  tat = math.max(tonumber(redis.call('GET', K.ratelimit) or 0), now)\n"
     "  local room = math.floor((now + burst - tat) / interval) + 1\n"
     "  if room < max then max = room end\n"
     "  if max <= 0 then return {0, math.ceil(tat - burst - now)} end\n"
     "end\n"
     "local out = {0, 0}\n"
     "for i = 1, max do\n"
-    "  local j = redis.call('RPOP', KEYS[1])\n"
+    "  local j = redis.call('RPOP', K.jobs)\n"
     "  if not j then break end\n"
-    "  local h = wrap(j, ARGV[5] .. '.' .. i)\n"
-    "  redis.call('LPUSH', KEYS[2], h)\n"
+    "  local h = wrap(j, A.ids .. '.' .. i)\n"
+    "  redis.call('LPUSH', K.processing, h)\n"
     "  out[#out + 1] = h\n"
     "end\n"
     "local n = #out - 2\n"
     "if interval > 0 and n > 0 then\n"
     "  local t = tat + n * interval\n"
-    "  redis.call('SET', KEYS[4], string.format('%.3f', t), 'PX', math.ceil(t - now) + 1000)\n"
+    "  redis.call('SET', K.ratelimit, string.format('%.3f', t), 'PX', math.ceil(t - now) + 1000)\n"
     "end\n"
     "return out\n";
 
 /*
  * A job the blocking pop (BLMOVE) moved into the processing list as it
- * was: wrap it in place. KEYS: processing. ARGV: the job, the id. Reply:
- * the wrapped text, or nil when it is not there unwrapped any more (the
- * recovery then finds and wraps whatever is).
+ * was: wrap it in place with A.id. Reply: the wrapped text, or nil when it
+ * is not there unwrapped any more (the recovery then finds and wraps
+ * whatever is).
  */
 static const char WRAP1_LUA[] = CHECK_LUA WRAP_LUA
-    "if ARGV[2] == nil or ARGV[2] == '' then error('vidq: wrap needs an id') end\n"
-    "local i = redis.call('LPOS', KEYS[1], ARGV[1])\n"
+    "if A.id == '' then error('vidq: wrap needs an id') end\n"
+    "local i = redis.call('LPOS', K.processing, A.job)\n"
     "if not i then return false end\n"
-    "local h = wrap(ARGV[1], ARGV[2])\n"
-    "redis.call('LSET', KEYS[1], i, h)\n"
+    "local h = wrap(A.job, A.id)\n"
+    "redis.call('LSET', K.processing, i, h)\n"
     "return h\n";
 
 /*
- * The "sending" marks (vidq:sending:<instance>, a hash mark token -> sha1
- * of the held job) say which held jobs may have reached the API. A job is
- * marked in the SEND step, right before its request goes out, under a token
- * unique to that job in that run, and unmarked only in the step that writes
- * its outcome (record, retry or put-back): never by a recovery or a
- * takeover, which move marks with their jobs. So "this job may have been
- * billed" lives in Redis from before the request to after its outcome,
- * across any number of crashes and restarts (CONTRACT §6). The token makes
+ * The "sending" marks (K.sending, a hash mark token -> sha1 of the held
+ * job) say which held jobs may have reached the API. A job is marked in the
+ * SEND step, right before its request goes out, under a token unique to
+ * that job in that run, and unmarked only in the step that writes its
+ * outcome (record, retry or put-back): never by a recovery or a takeover,
+ * which move marks with their jobs. So "this job may have been billed"
+ * lives in Redis from before the request to after its outcome, across any
+ * number of crashes and restarts (docs/protocol.md §6). The token makes
  * SEND idempotent: when its reply is lost, asking again finds its own mark.
  *
- * A producer's job_id is claimed in the same step (vidq:claim:<job_id> =
- * the token of the copy that may be in flight): while it exists no other
- * copy is sent; they wait for that one's outcome. A copy that ended
- * ambiguous leaves the claim as "ambiguous" for the dedup window, so a
- * second copy is not billed again behind it (`vidq dead requeue` lifts it).
+ * A producer's job_id is claimed in the same step (K.claim = the token of
+ * the copy that may be in flight): while it exists no other copy is sent;
+ * they wait for that one's outcome. A copy that ended ambiguous leaves the
+ * claim as "ambiguous" for the dedup window, so a second copy is not billed
+ * again behind it (`vidq dead requeue` lifts it).
  *
- * UNMARK_LUA(skey, ckey, token) ends the mark of `token` and its claim; it
- * is the one place that does.
+ * UNMARK_LUA ends the mark A.token and its claim K.claim; it is the one
+ * place that does.
  */
-#define UNMARK_LUA(skey, ckey, token)                                                                   \
-    "if " token " ~= '' then\n"                                                                         \
-    "  redis.call('HDEL', " skey ", " token ")\n"                                                       \
-    "  if " ckey " ~= '' and redis.call('GET', " ckey ") == " token " then redis.call('DEL', " ckey ") end\n" \
+#define UNMARK_LUA                                                                                   \
+    "if A.token ~= '' then\n"                                                                        \
+    "  redis.call('HDEL', K.sending, A.token)\n"                                                     \
+    "  if K.claim ~= '' and redis.call('GET', K.claim) == A.token then redis.call('DEL', K.claim) end\n" \
     "end\n"
+
+/* A finished held copy no longer counts deaths (the poison check). */
+#define FORGET_DEATHS_LUA(held)                                                                      \
+    "if redis.call('HLEN', K.recovered) > 0 then redis.call('HDEL', K.recovered, redis.sha1hex(" held ")) end\n"
 
 /*
  * SEND: may this held job go out now? One round trip that checks it is
  * still held here (a job taken over while this instance stalled is never
- * sent by both), looks up the dedup marker and the claim of its job_id,
- * and marks it. KEYS: processing, sending, dedup key, claim key (both ""
- * without a job_id). ARGV: held job, mode, token, retry_ambiguous flag.
- * mode "new": claim and mark; "marked": the job already carries the mark
- * `token` (re-sent after an account error, or found marked after a crash
+ * sent by both), looks up the dedup marker and the claim of its job_id
+ * (K.dedup and K.claim are "" without a job_id), and marks it.
+ * A.mode "new": claim and mark; "marked": the job already carries the mark
+ * A.token (re-sent after an account error, or found marked after a crash
  * with retry_ambiguous): claim only; "probe": write nothing, only look.
  * Reply {"send"} | {"gone"} | {"dup", task_id} | {"wait", holder} |
  * {"ambiguous"}.
  */
 static const char SEND_LUA[] = CHECK_LUA
-    "local mode, token = ARGV[2], ARGV[3]\n"
+    "local mode, token = A.mode, A.token\n"
     "if mode ~= 'new' and mode ~= 'marked' and mode ~= 'probe' then error('vidq: bad mode') end\n"
-    "if token == nil or token == '' or #token > 200 then error('vidq: bad token') end\n"
-    "local retry_ambiguous = need_flag(ARGV[4], 'retry_ambiguous')\n"
-    "if not redis.call('LPOS', KEYS[1], ARGV[1]) then return {'gone'} end\n"
-    "local f = redis.sha1hex(ARGV[1])\n"
-    "if mode == 'new' and redis.call('HGET', KEYS[2], token) == f then return {'send'} end\n"
-    "if KEYS[3] ~= '' then\n"
-    "  local t = redis.call('GET', KEYS[3])\n"
+    "if token == '' or #token > 200 then error('vidq: bad token') end\n"
+    "local retry_ambiguous = need_flag(A.retry_ambiguous, 'retry_ambiguous')\n"
+    "if not redis.call('LPOS', K.processing, A.held) then return {'gone'} end\n"
+    "local f = redis.sha1hex(A.held)\n"
+    "if mode == 'new' and redis.call('HGET', K.sending, token) == f then return {'send'} end\n"
+    "if K.dedup ~= '' then\n"
+    "  local t = redis.call('GET', K.dedup)\n"
     "  if t then return {'dup', t} end\n"
-    "  local c = redis.call('GET', KEYS[4])\n"
+    "  local c = redis.call('GET', K.claim)\n"
     "  if c == 'ambiguous' and not retry_ambiguous and mode == 'new' then return {'ambiguous'} end\n"
     "  if c and c ~= 'ambiguous' and c ~= token and mode ~= 'probe' then return {'wait', c} end\n"
-    "  if mode ~= 'probe' then redis.call('SET', KEYS[4], token) end\n"
+    "  if mode ~= 'probe' then redis.call('SET', K.claim, token) end\n"
     "end\n"
-    "if mode == 'new' then redis.call('HSET', KEYS[2], token, f) end\n"
+    "if mode == 'new' then redis.call('HSET', K.sending, token, f) end\n"
     "return {'send'}\n";
 
 /* Return a held job to the intake list, where it is taken next: nothing
- * was sent, or the API said for sure that nothing was created. KEYS:
- * processing, jobs, sending, claim key, recovered. ARGV: held copy, mark token or "",
- * the job as it was taken (the held copy without its wrapper). */
+ * was sent, or the API said for sure that nothing was created. A.job is
+ * the job as it was taken (the held copy without its wrapper); A.token
+ * the mark, or "". */
 static const char PUTBACK_LUA[] = CHECK_LUA
-    "if ARGV[2] == nil or ARGV[3] == nil then error('vidq: putback needs a token and the job') end\n"
-    "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then\n"
-    "  redis.call('RPUSH', KEYS[2], ARGV[3])\n"
-    "  if redis.call('HLEN', KEYS[5]) > 0 then redis.call('HDEL', KEYS[5], redis.sha1hex(ARGV[1])) end\n"
+    "if redis.call('LREM', K.processing, 1, A.held) == 1 then\n"
+    "  redis.call('RPUSH', K.jobs, A.job)\n"
+    "  " FORGET_DEATHS_LUA("A.held")
     "end\n"
-    UNMARK_LUA("KEYS[3]", "KEYS[4]", "ARGV[2]")
+    UNMARK_LUA
     "return 1\n";
 
 /*
- * Batch counters (CONTRACT §5), shared by the scripts that write a job's
- * events. When the jobs with a final event reach `total`, `done` is set,
- * one batch_done event written, and the hash expires after results.batch_ttl.
+ * Batch counters (docs/protocol.md §5), shared by the scripts that write a
+ * job's events (record, track): the one place a batch is counted. When the
+ * jobs with a final event reach `total`, `done` is set, one batch_done
+ * event written, and the hash expires after results.batch_ttl.
  */
 #define BATCH_LUA                                                                                    \
     "local function batch(bkey, field, final, now, name, results, maxlen, ttl)\n"                    \
@@ -215,16 +239,13 @@ static const char PUTBACK_LUA[] = CHECK_LUA
     "end\n"
 
 /*
- * One finished job: drop it from the processing list, set the dedup marker,
- * add the dead entry, append the event, end its mark and claim. KEYS:
- * processing, results, dead, dedup key, recovered-count hash, batch hash,
- * task hash, tracking set, sending hash, claim key. ARGV: raw job, maxlen,
- * dead entry or "", task id for the dedup marker or "", marker TTL ms,
- * batch counter, final flag, now, batch name, first poll time, job id to
- * track or "", mark token or "", claim action ('' | 'del' | 'ambiguous'), batch
- * TTL ms, then the event's field/value pairs. With tracking, the event's
- * fields (but the raw response) seed the task hash (vidq:task:<job_id>)
- * and the job id enters the poll schedule (vidq:track).
+ * One finished job: drop it from the processing list, set the dedup marker
+ * (A.task_id, when not ""), add the dead entry (A.dead, when not ""),
+ * append the event (the field/value pairs after the named arguments), end
+ * its mark and claim (A.claim: '' | 'del' | 'ambiguous': the claim outlives
+ * the mark for the dedup window), count it in its batch. With A.track_id
+ * the event's fields (but the raw response) seed the task hash (K.task) and
+ * the job id enters the poll schedule (K.track).
  *
  * A job no longer in the processing list was already recorded (the reply to
  * an earlier attempt was lost, or a spooled outcome replayed twice) or taken
@@ -234,106 +255,100 @@ static const char PUTBACK_LUA[] = CHECK_LUA
  * was not held.
  */
 static const char RECORD_LUA[] = CHECK_LUA BATCH_LUA
-    "local maxlen = need_int(ARGV[2], 'maxlen', 1)\n"
-    "local ttl = need_int(ARGV[5], 'dedup ttl', 1)\n"
-    "local final = need_flag(ARGV[7], 'final')\n"
-    "need_num(ARGV[8], 'now')\n"
-    "need_num(ARGV[10], 'first poll')\n"
-    "local token = ARGV[12]\n"
-    "local claim = ARGV[13]\n"
-    "if claim ~= '' and claim ~= 'del' and claim ~= 'ambiguous' then error('vidq: bad claim action') end\n"
-    "local batch_ttl = need_int(ARGV[14], 'batch ttl', 1)\n"
-    "if #ARGV < 16 or (#ARGV - 14) % 2 ~= 0 then error('vidq: event fields must come in pairs') end\n"
-    "local held = redis.call('LREM', KEYS[1], 1, ARGV[1])\n"
-    "if ARGV[4] ~= '' then redis.call('SET', KEYS[4], ARGV[4], 'PX', ttl) end\n"
-    "if claim == 'ambiguous' and token ~= '' and redis.call('GET', KEYS[10]) == token then\n"
-    "  redis.call('SET', KEYS[10], 'ambiguous', 'PX', ttl)\n"
+    "local maxlen = need_int(A.maxlen, 'maxlen', 1)\n"
+    "local ttl = need_int(A.dedup_ttl, 'dedup ttl', 1)\n"
+    "local final = need_flag(A.final, 'final')\n"
+    "need_num(A.now, 'now')\n"
+    "need_num(A.first_poll, 'first poll')\n"
+    "if A.claim ~= '' and A.claim ~= 'del' and A.claim ~= 'ambiguous' then error('vidq: bad claim action') end\n"
+    "local batch_ttl = need_int(A.batch_ttl, 'batch ttl', 1)\n"
+    "if #ARGV < NARGS + 2 or (#ARGV - NARGS) % 2 ~= 0 then error('vidq: event fields must come in pairs') end\n"
+    "local held = redis.call('LREM', K.processing, 1, A.raw)\n"
+    "if A.task_id ~= '' then redis.call('SET', K.dedup, A.task_id, 'PX', ttl) end\n"
+    "if A.claim == 'ambiguous' and A.token ~= '' and redis.call('GET', K.claim) == A.token then\n"
+    "  redis.call('SET', K.claim, 'ambiguous', 'PX', ttl)\n"
     "end\n"
-    UNMARK_LUA("KEYS[9]", "KEYS[10]", "token")
+    UNMARK_LUA
     "if held == 0 then return 0 end\n"
-    "if redis.call('HLEN', KEYS[5]) > 0 then redis.call('HDEL', KEYS[5], redis.sha1hex(ARGV[1])) end\n"
-    "if ARGV[3] ~= '' then redis.call('LPUSH', KEYS[3], ARGV[3]) end\n"
-    "redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', unpack(ARGV, 15))\n"
-    "if ARGV[11] ~= '' then\n"
-    "  local h = {'job_id', ARGV[11]}\n"
-    "  for i = 15, #ARGV, 2 do\n"
+    FORGET_DEATHS_LUA("A.raw")
+    "if A.dead ~= '' then redis.call('LPUSH', K.dead, A.dead) end\n"
+    "redis.call('XADD', K.results, 'MAXLEN', '~', maxlen, '*', unpack(ARGV, NARGS + 1))\n"
+    "if A.track_id ~= '' then\n"
+    "  local h = {'job_id', A.track_id}\n"
+    "  for i = NARGS + 1, #ARGV, 2 do\n"
     "    if ARGV[i] ~= 'response' then h[#h + 1] = ARGV[i]; h[#h + 1] = ARGV[i + 1] end\n"
     "  end\n"
-    "  redis.call('HSET', KEYS[7], unpack(h))\n"
-    "  redis.call('ZADD', KEYS[8], ARGV[10], ARGV[11])\n"
+    "  redis.call('HSET', K.task, unpack(h))\n"
+    "  redis.call('ZADD', K.track, A.first_poll, A.track_id)\n"
     "end\n"
-    "batch(KEYS[6], ARGV[6], final, ARGV[8], ARGV[9], KEYS[2], maxlen, batch_ttl)\n"
+    "batch(K.batch, A.batch_field, final, A.now, A.batch, K.results, maxlen, batch_ttl)\n"
     "return 1\n";
 
-/* A job to retry later: out of the processing list, into the retry set,
- * in one step; nothing was created, so its mark and claim end here.
- * KEYS: processing, retry, sending, recovered, claim key. ARGV: held text,
- * due ms, envelope, mark token or "". Envelopes carry a nonce, so two copies of
- * one job never merge into one member of the set. */
+/* A job to retry later: out of the processing list, into the retry set
+ * (due A.due, as A.envelope), in one step; nothing was created, so its mark
+ * and claim end here. Envelopes carry a nonce, so two copies of one job
+ * never merge into one member of the set. */
 static const char RETRY_LUA[] = CHECK_LUA
-    "need_num(ARGV[2], 'due')\n"
-    "if ARGV[4] == nil then error('vidq: retry needs a token argument') end\n"
-    UNMARK_LUA("KEYS[3]", "KEYS[5]", "ARGV[4]")
-    "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end\n"
-    "if redis.call('HLEN', KEYS[4]) > 0 then redis.call('HDEL', KEYS[4], redis.sha1hex(ARGV[1])) end\n"
-    "redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])\n"
+    "need_num(A.due, 'due')\n"
+    UNMARK_LUA
+    "if redis.call('LREM', K.processing, 1, A.held) == 0 then return 0 end\n"
+    FORGET_DEATHS_LUA("A.held")
+    "redis.call('ZADD', K.retry, A.due, A.envelope)\n"
     "return 1\n";
 
-/* Due retries go to the taking end of the intake list. KEYS: retry, jobs. */
+/* Due retries (up to A.max) go to the taking end of the intake list. */
 static const char PROMOTE_LUA[] = CHECK_LUA
-    "local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', need_num(ARGV[1], 'now'), 'LIMIT', 0, need_int(ARGV[2], 'max', 1))\n"
+    "local due = redis.call('ZRANGEBYSCORE', K.retry, '-inf', need_num(A.now, 'now'), 'LIMIT', 0, need_int(A.max, 'max', 1))\n"
     "for _, m in ipairs(due) do\n"
-    "  redis.call('ZREM', KEYS[1], m)\n"
-    "  redis.call('RPUSH', KEYS[2], m)\n"
+    "  redis.call('ZREM', K.retry, m)\n"
+    "  redis.call('RPUSH', K.jobs, m)\n"
     "end\n"
     "return #due\n";
 
-/* This instance is alive: its hash (with a TTL) and its name in the set.
- * KEYS: instance hash, instances set. ARGV: ttl ms, name, field/value... */
+/* This instance (A.name) is alive: its hash, the field/value pairs after
+ * the named arguments, kept A.ttl ms, and its name in the set. */
 static const char HEARTBEAT_LUA[] = CHECK_LUA
-    "need_int(ARGV[1], 'ttl', 1)\n"
-    "if #ARGV < 4 or (#ARGV - 2) % 2 ~= 0 then error('vidq: heartbeat fields must come in pairs') end\n"
-    "redis.call('DEL', KEYS[1])\n"
-    "redis.call('HSET', KEYS[1], unpack(ARGV, 3))\n"
-    "redis.call('PEXPIRE', KEYS[1], ARGV[1])\n"
-    "redis.call('SADD', KEYS[2], ARGV[2])\n"
+    "need_int(A.ttl, 'ttl', 1)\n"
+    "if #ARGV < NARGS + 2 or (#ARGV - NARGS) % 2 ~= 0 then error('vidq: heartbeat fields must come in pairs') end\n"
+    "redis.call('DEL', K.instance)\n"
+    "redis.call('HSET', K.instance, unpack(ARGV, NARGS + 1))\n"
+    "redis.call('PEXPIRE', K.instance, A.ttl)\n"
+    "redis.call('SADD', K.instances, A.name)\n"
     "return 1\n";
 
 /*
  * The jobs this instance holds, oldest first, as triples {mark token or "",
- * deaths, job}. With ARGV[1] = '1' (at start-up) each job counts one more
- * death (vidq:recovered, sha1 -> count), unless the previous run ended with
- * a clean drain (KEYS[4], which this consumes): graceful restarts never make
- * a job "poison". Marks are only read, never ended: a job found marked may
- * have been billed and keeps its mark (its token comes back, for the step
- * that writes its outcome) until then. Identical copies share one sha1:
- * each mark goes to one copy, and a death counts once.
+ * deaths, job}. With A.counting = '1' (at start-up) each job counts one
+ * more death (K.recovered, sha1 -> count), unless the previous run ended
+ * with a clean drain (K.clean, which this consumes): graceful restarts
+ * never make a job "poison". Marks are only read, never ended: a job found
+ * marked may have been billed and keeps its mark (its token comes back,
+ * for the step that writes its outcome) until then. Identical copies share
+ * one sha1: each mark goes to one copy, and a death counts once.
  * A copy still unwrapped (moved by a blocking pop whose wrap never came) is
- * wrapped here, with the id ARGV[2].<n>.
- * KEYS: processing, sending, recovered, clean-exit key. ARGV: counting
- * flag, id base.
+ * wrapped here, with the id A.ids.<n>.
  */
 static const char HELD_LUA[] = CHECK_LUA WRAP_LUA
-    "local counting = need_flag(ARGV[1], 'counting')\n"
-    "if ARGV[2] == nil or ARGV[2] == '' then error('vidq: held needs an id base') end\n"
-    "if counting and redis.call('DEL', KEYS[4]) == 1 then counting = false end\n"
+    "local counting = need_flag(A.counting, 'counting')\n"
+    "if A.ids == '' then error('vidq: held needs an id base') end\n"
+    "if counting and redis.call('DEL', K.clean) == 1 then counting = false end\n"
     "local marks = {}\n"
-    "local m = redis.call('HGETALL', KEYS[2])\n"
+    "local m = redis.call('HGETALL', K.sending)\n"
     "for i = 1, #m, 2 do\n"
     "  local l = marks[m[i + 1]] or {}\n"
     "  l[#l + 1] = m[i]\n"
     "  marks[m[i + 1]] = l\n"
     "end\n"
-    "local held = redis.call('LRANGE', KEYS[1], 0, -1)\n"
+    "local held = redis.call('LRANGE', K.processing, 0, -1)\n"
     "for i = 1, #held do\n"
     "  if not wrapped(held[i]) then\n"
-    "    local h = wrap(held[i], ARGV[2] .. '.' .. i)\n"
-    "    local c = redis.call('HGET', KEYS[3], redis.sha1hex(held[i]))\n"
+    "    local h = wrap(held[i], A.ids .. '.' .. i)\n"
+    "    local c = redis.call('HGET', K.recovered, redis.sha1hex(held[i]))\n"
     "    if c then\n"
-    "      redis.call('HSET', KEYS[3], redis.sha1hex(h), c)\n"
-    "      redis.call('HDEL', KEYS[3], redis.sha1hex(held[i]))\n"
+    "      redis.call('HSET', K.recovered, redis.sha1hex(h), c)\n"
+    "      redis.call('HDEL', K.recovered, redis.sha1hex(held[i]))\n"
     "    end\n"
-    "    redis.call('LSET', KEYS[1], i - 1, h)\n"
+    "    redis.call('LSET', K.processing, i - 1, h)\n"
     "    held[i] = h\n"
     "  end\n"
     "end\n"
@@ -342,8 +357,8 @@ static const char HELD_LUA[] = CHECK_LUA WRAP_LUA
     "  local f = redis.sha1hex(held[i])\n"
     "  local n\n"
     "  seen[f] = (seen[f] or 0) + 1\n"
-    "  if counting and seen[f] == 1 then n = redis.call('HINCRBY', KEYS[3], f, 1)\n"
-    "  else n = tonumber(redis.call('HGET', KEYS[3], f) or '0') end\n"
+    "  if counting and seen[f] == 1 then n = redis.call('HINCRBY', K.recovered, f, 1)\n"
+    "  else n = tonumber(redis.call('HGET', K.recovered, f) or '0') end\n"
     "  local l = marks[f]\n"
     "  out[#out + 1] = (l and #l > 0) and table.remove(l) or ''\n"
     "  out[#out + 1] = n\n"
@@ -359,77 +374,75 @@ static const char HELD_LUA[] = CHECK_LUA WRAP_LUA
  * held, like jobs left by its own previous run, and treats them with the
  * same code (a marked one ends ambiguous, a poison one dead). So no script
  * ever re-encodes a producer's JSON, and batch counters live in one place.
- * KEYS: instances set, own processing, own sending, recovered.
- * ARGV: self, prefix. Reply {jobs moved, of which marked}.
+ * Reply {jobs moved, of which marked}. The dead instances' keys are
+ * derived here (KEYS_LUA), so the keys given must be this instance's.
  */
-static const char TAKEOVER_LUA[] =
-    "local self, prefix = ARGV[1], ARGV[2]\n"
-    "if self == nil or prefix == nil then error('vidq: takeover needs self and prefix') end\n"
-    "if KEYS[2] ~= prefix .. ':processing:' .. self or KEYS[3] ~= prefix .. ':sending:' .. self then\n"
+static const char TAKEOVER_LUA[] = KEYS_LUA
+    "local self, prefix = A.self, A.prefix\n"
+    "if K.processing ~= key(prefix, KIND.processing, self) or K.sending ~= key(prefix, KIND.sending, self) then\n"
     "  error('vidq: takeover keys do not match prefix and instance')\n"
     "end\n"
     "local moved, marked = 0, 0\n"
-    "for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do\n"
-    "  if name ~= self and redis.call('EXISTS', prefix .. ':instance:' .. name) == 0 then\n"
-    "    local pkey = prefix .. ':processing:' .. name\n"
-    "    local skey = prefix .. ':sending:' .. name\n"
+    "for _, name in ipairs(redis.call('SMEMBERS', K.instances)) do\n"
+    "  if name ~= self and redis.call('EXISTS', key(prefix, KIND.instance, name)) == 0 then\n"
+    "    local pkey = key(prefix, KIND.processing, name)\n"
+    "    local skey = key(prefix, KIND.sending, name)\n"
     "    local marks = redis.call('HGETALL', skey)\n"
     "    for i = 1, #marks, 2 do\n"
-    "      redis.call('HSET', KEYS[3], marks[i], marks[i + 1])\n"
+    "      redis.call('HSET', K.sending, marks[i], marks[i + 1])\n"
     "      marked = marked + 1\n"
     "    end\n"
     "    local seen = {}\n"
     "    while true do\n"
-    "      local raw = redis.call('LMOVE', pkey, KEYS[2], 'RIGHT', 'LEFT')\n"
+    "      local raw = redis.call('LMOVE', pkey, K.processing, 'RIGHT', 'LEFT')\n"
     "      if not raw then break end\n"
     "      local f = redis.sha1hex(raw)\n"
-    "      if not seen[f] then seen[f] = true; redis.call('HINCRBY', KEYS[4], f, 1) end\n"
+    "      if not seen[f] then seen[f] = true; redis.call('HINCRBY', K.recovered, f, 1) end\n"
     "      moved = moved + 1\n"
     "    end\n"
-    "    redis.call('DEL', skey, prefix .. ':clean:' .. name)\n"
-    "    redis.call('SREM', KEYS[1], name)\n"
+    "    redis.call('DEL', skey, key(prefix, KIND.clean, name))\n"
+    "    redis.call('SREM', K.instances, name)\n"
     "  end\n"
     "end\n"
     "return {moved, marked}\n";
 
 /*
- * The instance-name guard (CONTRACT §6): claim this instance's name for
- * this run. KEYS: instance hash. ARGV: run id, ttl ms, the run judged dead
- * (or ""), then field/value pairs. When the hash holds another run and it
- * is not the one the caller judged dead (the same host, its pid gone),
+ * The instance-name guard (docs/protocol.md §6): claim this instance's name
+ * for the run A.run, kept A.ttl ms, with the field/value pairs after the
+ * named arguments. When the hash holds another run and it is not the one
+ * the caller judged dead (A.dead_run: the same host, its pid gone; or ""),
  * nothing is written and that run's fields come back for the caller to
  * judge. Two processes racing to take over one dead run's name: the first
  * wins, the second then sees the winner's run, alive, and refuses.
  * Reply {} when claimed, else the other run's fields.
  */
 static const char CLAIM_NAME_LUA[] = CHECK_LUA
-    "need_int(ARGV[2], 'ttl', 1)\n"
-    "if ARGV[3] == nil then error('vidq: claim_name needs the run judged dead (or empty)') end\n"
-    "if #ARGV < 5 or (#ARGV - 3) % 2 ~= 0 then error('vidq: fields must come in pairs') end\n"
-    "local run = redis.call('HGET', KEYS[1], 'run')\n"
-    "if run and run ~= ARGV[1] and run ~= ARGV[3] then return redis.call('HGETALL', KEYS[1]) end\n"
-    "redis.call('DEL', KEYS[1])\n"
-    "redis.call('HSET', KEYS[1], 'run', ARGV[1], unpack(ARGV, 4))\n"
-    "redis.call('PEXPIRE', KEYS[1], ARGV[2])\n"
+    "need_int(A.ttl, 'ttl', 1)\n"
+    "if #ARGV < NARGS + 2 or (#ARGV - NARGS) % 2 ~= 0 then error('vidq: fields must come in pairs') end\n"
+    "local run = redis.call('HGET', K.instance, 'run')\n"
+    "if run and run ~= A.run and run ~= A.dead_run then return redis.call('HGETALL', K.instance) end\n"
+    "redis.call('DEL', K.instance)\n"
+    "redis.call('HSET', K.instance, 'run', A.run, unpack(ARGV, NARGS + 1))\n"
+    "redis.call('PEXPIRE', K.instance, A.ttl)\n"
     "return {}\n";
 
 /*
- * Tracked tasks due for a poll: each is leased (its score pushed ARGV[3] ms
- * ahead) so no other instance polls it at the same time, and returned with
- * its hash. A crash leaves the lease to run out: the task is polled again.
- * KEYS: track set. ARGV: now, max, lease ms, prefix. Reply {id, {hash}, ...}.
+ * Tracked tasks due for a poll (up to A.max): each is leased (its score
+ * pushed A.lease ms ahead) so no other instance polls it at the same time,
+ * and returned with its hash (derived from A.prefix: KEYS_LUA). A crash
+ * leaves the lease to run out: the task is polled again.
+ * Reply {id, {hash}, ...}.
  */
-static const char CLAIM_LUA[] = CHECK_LUA
-    "need_num(ARGV[1], 'now'); need_int(ARGV[2], 'max', 1); need_int(ARGV[3], 'lease', 0)\n"
-    "if ARGV[4] == nil then error('vidq: claim needs the prefix') end\n"
-    "local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))\n"
+static const char CLAIM_LUA[] = CHECK_LUA KEYS_LUA
+    "local now = need_num(A.now, 'now'); need_int(A.max, 'max', 1); local lease = need_int(A.lease, 'lease', 0)\n"
+    "local due = redis.call('ZRANGEBYSCORE', K.track, '-inf', now, 'LIMIT', 0, tonumber(A.max))\n"
     "local out = {}\n"
     "for _, id in ipairs(due) do\n"
-    "  local h = redis.call('HGETALL', ARGV[4] .. ':task:' .. id)\n"
+    "  local h = redis.call('HGETALL', key(A.prefix, KIND.task, id))\n"
     "  if #h == 0 then\n"
-    "    redis.call('ZREM', KEYS[1], id)\n"
+    "    redis.call('ZREM', K.track, id)\n"
     "  else\n"
-    "    redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[3]), id)\n"
+    "    redis.call('ZADD', K.track, now + lease, id)\n"
     "    out[#out + 1] = id\n"
     "    out[#out + 1] = h\n"
     "  end\n"
@@ -437,53 +450,138 @@ static const char CLAIM_LUA[] = CHECK_LUA
     "return out\n";
 
 /*
- * The result of one poll. KEYS: track set, results, task hash, -, -, batch
- * hash. ARGV: job id, maxlen, mode ("again" or "final"), next poll ms, number
- * of task-hash strings that follow ARGV[10], batch counter, final flag, now,
- * batch name, batch TTL ms, hash field/value pairs, then the event's fields
- * (none: no event). A task already finished (by another instance) is left
- * alone.
+ * The result of one poll of A.job_id: A.mode "again" (next poll at
+ * A.next_poll) or "final" (unschedule, drop the task hash). After the
+ * named arguments come A.nhash strings of task-hash field/value pairs to
+ * set, then the event's fields (none: no event). A task already finished
+ * (by another instance) is left alone.
  */
 static const char TRACK_LUA[] = CHECK_LUA BATCH_LUA
-    "local maxlen = need_int(ARGV[2], 'maxlen', 1)\n"
-    "if ARGV[3] ~= 'final' and ARGV[3] ~= 'again' then error('vidq: bad mode') end\n"
-    "need_num(ARGV[4], 'next poll')\n"
-    "local nh = need_int(ARGV[5], 'hash count', 0)\n"
-    "local final = need_flag(ARGV[7], 'final')\n"
-    "local batch_ttl = need_int(ARGV[10], 'batch ttl', 1)\n"
-    "if nh < 0 or nh % 2 ~= 0 or 10 + nh > #ARGV or (#ARGV - 10 - nh) % 2 ~= 0 then\n"
+    "local maxlen = need_int(A.maxlen, 'maxlen', 1)\n"
+    "if A.mode ~= 'final' and A.mode ~= 'again' then error('vidq: bad mode') end\n"
+    "need_num(A.next_poll, 'next poll')\n"
+    "local nh = need_int(A.nhash, 'hash count', 0)\n"
+    "local final = need_flag(A.final, 'final')\n"
+    "local batch_ttl = need_int(A.batch_ttl, 'batch ttl', 1)\n"
+    "need_num(A.now, 'now')\n"
+    "if nh % 2 ~= 0 or NARGS + nh > #ARGV or (#ARGV - NARGS - nh) % 2 ~= 0 then\n"
     "  error('vidq: hash and event fields must come in pairs')\n"
     "end\n"
-    "if redis.call('EXISTS', KEYS[3]) == 0 then redis.call('ZREM', KEYS[1], ARGV[1]) return 0 end\n"
-    "if nh > 0 then redis.call('HSET', KEYS[3], unpack(ARGV, 11, 10 + nh)) end\n"
-    "if ARGV[3] == 'final' then\n"
-    "  redis.call('ZREM', KEYS[1], ARGV[1])\n"
-    "  redis.call('DEL', KEYS[3])\n"
+    "if redis.call('EXISTS', K.task) == 0 then redis.call('ZREM', K.track, A.job_id) return 0 end\n"
+    "if nh > 0 then redis.call('HSET', K.task, unpack(ARGV, NARGS + 1, NARGS + nh)) end\n"
+    "if A.mode == 'final' then\n"
+    "  redis.call('ZREM', K.track, A.job_id)\n"
+    "  redis.call('DEL', K.task)\n"
     "else\n"
-    "  redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])\n"
+    "  redis.call('ZADD', K.track, A.next_poll, A.job_id)\n"
     "end\n"
-    "if #ARGV >= 11 + nh then redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', unpack(ARGV, 11 + nh)) end\n"
-    "batch(KEYS[6], ARGV[6], final, ARGV[8], ARGV[9], KEYS[2], maxlen, batch_ttl)\n"
+    "if #ARGV > NARGS + nh then redis.call('XADD', K.results, 'MAXLEN', '~', maxlen, '*', unpack(ARGV, NARGS + nh + 1)) end\n"
+    "batch(K.batch, A.batch_field, final, A.now, A.batch, K.results, maxlen, batch_ttl)\n"
     "return 1\n";
 
 enum {
     S_TAKE, S_PUTBACK, S_RECORD, S_RETRY, S_PROMOTE, S_HEARTBEAT, S_HELD, S_TAKEOVER, S_CLAIM, S_TRACK, S_SEND,
     S_CLAIM_NAME, S_WRAP1, S_COUNT
 };
-static const char *const script_src[S_COUNT] = {TAKE_LUA,      PUTBACK_LUA,  RECORD_LUA, RETRY_LUA, PROMOTE_LUA,
-                                                HEARTBEAT_LUA, HELD_LUA,     TAKEOVER_LUA, CLAIM_LUA, TRACK_LUA,
-                                                SEND_LUA,      CLAIM_NAME_LUA, WRAP1_LUA};
 
-static const char *const script_name[S_COUNT] = {"take",      "putback", "record", "retry",  "promote",
-                                                 "heartbeat", "held",    "takeover", "claim", "track",
-                                                 "send",      "claim_name", "wrap1"};
+#define MAX_SKEYS 10
+#define MAX_SARGS 16
+struct script {
+    const char *name;
+    const char *body;
+    enum key_kind keys[MAX_SKEYS + 1]; /* ends with KEY_COUNT */
+    enum arg args[MAX_SARGS + 1];      /* ends with A_COUNT */
+    int tail;                          /* more arguments follow the named ones */
+};
+#define KS(...) {__VA_ARGS__, KEY_COUNT}
+#define AS(...) {__VA_ARGS__, A_COUNT}
 
-const char *queue_script(int i, const char **name)
+/* The order of the lists is the order of KEYS and ARGV. The index of a
+ * script (its place here) names it in a spool: keep the order, and keep
+ * record/retry/putback's lists as they are, so a spool written by an older
+ * vidqd still replays. */
+static const struct script scripts[S_COUNT] = {
+    [S_TAKE] = {"take", TAKE_LUA, KS(KEY_JOBS, KEY_PROCESSING, KEY_PAUSED, KEY_RATELIMIT),
+                AS(A_max, A_now, A_interval, A_burst, A_ids), 0},
+    [S_PUTBACK] = {"putback", PUTBACK_LUA, KS(KEY_PROCESSING, KEY_JOBS, KEY_SENDING, KEY_CLAIM, KEY_RECOVERED),
+                   AS(A_held, A_token, A_job), 0},
+    [S_RECORD] = {"record", RECORD_LUA,
+                  KS(KEY_PROCESSING, KEY_RESULTS, KEY_DEAD, KEY_DEDUP, KEY_RECOVERED, KEY_BATCH, KEY_TASK, KEY_TRACK,
+                     KEY_SENDING, KEY_CLAIM),
+                  AS(A_raw, A_maxlen, A_dead, A_task_id, A_dedup_ttl, A_batch_field, A_final, A_now, A_batch,
+                     A_first_poll, A_track_id, A_token, A_claim, A_batch_ttl),
+                  1},
+    [S_RETRY] = {"retry", RETRY_LUA, KS(KEY_PROCESSING, KEY_RETRY, KEY_SENDING, KEY_RECOVERED, KEY_CLAIM),
+                 AS(A_held, A_due, A_envelope, A_token), 0},
+    [S_PROMOTE] = {"promote", PROMOTE_LUA, KS(KEY_RETRY, KEY_JOBS), AS(A_now, A_max), 0},
+    [S_HEARTBEAT] = {"heartbeat", HEARTBEAT_LUA, KS(KEY_INSTANCE, KEY_INSTANCES), AS(A_ttl, A_name), 1},
+    [S_HELD] = {"held", HELD_LUA, KS(KEY_PROCESSING, KEY_SENDING, KEY_RECOVERED, KEY_CLEAN), AS(A_counting, A_ids),
+                0},
+    [S_TAKEOVER] = {"takeover", TAKEOVER_LUA, KS(KEY_INSTANCES, KEY_PROCESSING, KEY_SENDING, KEY_RECOVERED),
+                    AS(A_self, A_prefix), 0},
+    [S_CLAIM] = {"claim", CLAIM_LUA, KS(KEY_TRACK), AS(A_now, A_max, A_lease, A_prefix), 0},
+    [S_TRACK] = {"track", TRACK_LUA, KS(KEY_TRACK, KEY_RESULTS, KEY_TASK, KEY_BATCH),
+                 AS(A_job_id, A_maxlen, A_mode, A_next_poll, A_nhash, A_batch_field, A_final, A_now, A_batch,
+                    A_batch_ttl),
+                 1},
+    [S_SEND] = {"send", SEND_LUA, KS(KEY_PROCESSING, KEY_SENDING, KEY_DEDUP, KEY_CLAIM),
+                AS(A_held, A_mode, A_token, A_retry_ambiguous), 0},
+    [S_CLAIM_NAME] = {"claim_name", CLAIM_NAME_LUA, KS(KEY_INSTANCE), AS(A_run, A_ttl, A_dead_run), 1},
+    [S_WRAP1] = {"wrap1", WRAP1_LUA, KS(KEY_PROCESSING), AS(A_job, A_id), 0},
+};
+
+static int script_nkeys(const struct script *sc)
+{
+    int n = 0;
+    while (sc->keys[n] != KEY_COUNT)
+        n++;
+    return n;
+}
+
+static int script_nargs(const struct script *sc)
+{
+    int n = 0;
+    while (sc->args[n] != A_COUNT)
+        n++;
+    return n;
+}
+
+/*
+ * The text Redis runs: a prelude that checks the counts and names KEYS and
+ * ARGV (K.<kind>, A.<name>, NARGS), then the body.
+ */
+static char *script_text(int i)
+{
+    const struct script *sc = &scripts[i];
+    int nk = script_nkeys(sc), na = script_nargs(sc);
+    sbuf b;
+    sbuf_init(&b);
+    sbuf_printf(&b, "if #KEYS ~= %d or #ARGV %s %d then error('vidq: %s takes %d keys and %s%d arguments') end\n", nk,
+                sc->tail ? "<" : "~=", na, sc->name, nk, sc->tail ? "at least " : "", na);
+    sbuf_puts(&b, "local K = {");
+    for (int k = 0; k < nk; k++)
+        sbuf_printf(&b, "%s%s = KEYS[%d]", k ? ", " : "", key_kind_name(sc->keys[k]), k + 1);
+    sbuf_puts(&b, "}\nlocal A = {");
+    for (int a = 0; a < na; a++)
+        sbuf_printf(&b, "%s%s = ARGV[%d]", a ? ", " : "", arg_names[sc->args[a]], a + 1);
+    sbuf_printf(&b, "}\nlocal NARGS = %d\n", na);
+    sbuf_puts(&b, sc->body);
+    return sbuf_steal(&b, NULL);
+}
+
+char *queue_script(int i, const char **name, sbuf *keys, sbuf *args)
 {
     if (i < 0 || i >= S_COUNT)
         return NULL;
-    *name = script_name[i];
-    return script_src[i];
+    const struct script *sc = &scripts[i];
+    *name = sc->name;
+    for (int k = 0; sc->keys[k] != KEY_COUNT; k++)
+        sbuf_printf(keys, "%s%s", k ? "," : "", key_kind_name(sc->keys[k]));
+    for (int a = 0; sc->args[a] != A_COUNT; a++)
+        sbuf_printf(args, "%s%s", a ? "," : "", arg_names[sc->args[a]]);
+    if (sc->tail)
+        sbuf_puts(args, ",...");
+    return script_text(i);
 }
 
 struct queue {
@@ -492,8 +590,8 @@ struct queue {
     rconn *blk;
     char *prefix;
     char *instance;
-    char *k_jobs, *k_processing, *k_results, *k_dead, *k_paused;
-    char *k_retry, *k_rate, *k_instances, *k_instance, *k_recovered, *k_track, *k_sending, *k_clean;
+    char *key[KEY_COUNT]; /* the keys of one or of this instance; NULL for the per-id kinds */
+    char *text[S_COUNT];  /* each script as loaded (script_text) */
     long maxlen;
     int64_t batch_ttl_ms;
     sbuf *capture; /* queue_capture: commands are written here instead of sent */
@@ -555,7 +653,7 @@ static void load_scripts(queue *q)
     q->scripts_loaded = 0;
     /* Replies come back in order, so the i-th reply is the i-th script. */
     for (int i = 0; i < S_COUNT; i++) {
-        const char *argv[3] = {"SCRIPT", "LOAD", script_src[i]};
+        const char *argv[3] = {"SCRIPT", "LOAD", q->text[i]};
         if (rconn_cmd(q->cmd, on_script_loaded, q, 3, argv, NULL) != 0)
             return;
     }
@@ -586,19 +684,12 @@ queue *queue_new(uv_loop_t *loop, const struct queue_opts *o, queue_state_fn *fn
     q->loop = loop;
     q->prefix = xstrdup(o->prefix);
     q->instance = xstrdup(o->instance);
-    q->k_jobs = key_new(o->prefix, KEY_JOBS, NULL);
-    q->k_processing = key_new(o->prefix, KEY_PROCESSING, o->instance);
-    q->k_results = key_new(o->prefix, KEY_RESULTS, NULL);
-    q->k_dead = key_new(o->prefix, KEY_DEAD, NULL);
-    q->k_paused = key_new(o->prefix, KEY_PAUSED, NULL);
-    q->k_retry = key_new(o->prefix, KEY_RETRY, NULL);
-    q->k_rate = key_new(o->prefix, KEY_RATELIMIT, NULL);
-    q->k_instances = key_new(o->prefix, KEY_INSTANCES, NULL);
-    q->k_instance = key_new(o->prefix, KEY_INSTANCE, o->instance);
-    q->k_recovered = key_new(o->prefix, KEY_RECOVERED, NULL);
-    q->k_track = key_new(o->prefix, KEY_TRACK, NULL);
-    q->k_sending = key_new(o->prefix, KEY_SENDING, o->instance);
-    q->k_clean = key_new(o->prefix, KEY_CLEAN, o->instance);
+    for (int k = 0; k < KEY_COUNT; k++) {
+        if (key_kind_per(k) < 2)
+            q->key[k] = key_new(o->prefix, k, o->instance);
+    }
+    for (int i = 0; i < S_COUNT; i++)
+        q->text[i] = script_text(i);
     snprintf(q->run, sizeof q->run, "%.32s.%llx.%x", o->instance, (unsigned long long)now_ms(), (unsigned)rand());
     q->maxlen = o->results_maxlen;
     q->batch_ttl_ms = o->batch_ttl_ms > 0 ? o->batch_ttl_ms : 7 * 86400000LL;
@@ -630,19 +721,10 @@ void queue_close(queue *q)
     rconn_close(q->cmd);
     free(q->prefix);
     free(q->instance);
-    free(q->k_jobs);
-    free(q->k_processing);
-    free(q->k_results);
-    free(q->k_dead);
-    free(q->k_paused);
-    free(q->k_retry);
-    free(q->k_rate);
-    free(q->k_instances);
-    free(q->k_instance);
-    free(q->k_recovered);
-    free(q->k_track);
-    free(q->k_sending);
-    free(q->k_clean);
+    for (int k = 0; k < KEY_COUNT; k++)
+        free(q->key[k]);
+    for (int i = 0; i < S_COUNT; i++)
+        free(q->text[i]);
     free(q);
 }
 
@@ -834,6 +916,92 @@ static int qsend(queue *q, rconn *conn, rconn_reply_fn *rfn, struct call *c, int
     return 0;
 }
 
+/* ---- script calls, by name ------------------------------------------------ */
+
+#define KEY_MAX 320 /* prefix (66) + kind + id (128): see keys.h, id_is_valid */
+
+/* The keys and arguments of one script call, by name (see struct script). */
+struct sargs {
+    const char *id[KEY_COUNT];  /* the job_id or batch of a per-id key; NULL or "": that key is "" */
+    const char *arg[A_COUNT];
+    size_t len[A_COUNT];
+    const char *const *tail;    /* more arguments, for the scripts that take them */
+    const size_t *tail_len;     /* or NULL: NUL-terminated */
+    int ntail;
+    char num[8][32];            /* sargi's text */
+    int nnum;
+};
+
+static void sargn(struct sargs *a, enum arg n, const char *v, size_t len)
+{
+    a->arg[n] = v;
+    a->len[n] = len;
+}
+
+static void sarg(struct sargs *a, enum arg n, const char *v)
+{
+    sargn(a, n, v ? v : "", v ? strlen(v) : 0);
+}
+
+static void sargi(struct sargs *a, enum arg n, long long v)
+{
+    VQ_ASSERT(a->nnum < 8);
+    char *t = a->num[a->nnum++];
+    snprintf(t, sizeof a->num[0], "%lld", v);
+    sarg(a, n, t);
+}
+
+/* Send script `s` with the keys and arguments of `a`, in the order of its
+ * lists; the callback owns `c` (freed here when it cannot be sent). */
+static int script_call(queue *q, int s, const struct sargs *a, rconn_reply_fn *rfn, struct call *c)
+{
+    const struct script *sc = &scripts[s];
+    char idkey[MAX_SKEYS][KEY_MAX], nkeys[8];
+    const char *fixed[3 + MAX_SKEYS + MAX_SARGS];
+    size_t flens[3 + MAX_SKEYS + MAX_SARGS];
+    uint64_t listed = 0;
+    int n = 0, nk = 0;
+    fixed[n] = "EVALSHA", flens[n++] = 7;
+    fixed[n] = q->sha[s], flens[n++] = 40; /* by identity: capture() names the script by it */
+    fixed[n++] = nkeys;
+    for (; sc->keys[nk] != KEY_COUNT; nk++) {
+        enum key_kind k = sc->keys[nk];
+        const char *kv = q->key[k];
+        if (key_kind_per(k) == 2) {
+            int len = key_format(idkey[nk], KEY_MAX, q->prefix, k, a->id[k]);
+            VQ_ASSERT(len >= 0);
+            kv = idkey[nk];
+        }
+        fixed[n] = kv, flens[n++] = strlen(kv);
+    }
+    snprintf(nkeys, sizeof nkeys, "%d", nk);
+    flens[2] = strlen(nkeys);
+    for (int i = 0; sc->args[i] != A_COUNT; i++) {
+        enum arg x = sc->args[i];
+        VQ_ASSERT(a->arg[x] != NULL); /* every argument the script lists is given */
+        listed |= 1ULL << x;
+        fixed[n] = a->arg[x], flens[n++] = a->len[x];
+    }
+    for (int x = 0; x < A_COUNT; x++)
+        VQ_ASSERT(a->arg[x] == NULL || (listed >> x & 1)); /* and none it does not */
+    VQ_ASSERT(a->ntail == 0 || sc->tail);
+    if (a->ntail == 0)
+        return qsend(q, q->cmd, rfn, c, n, fixed, flens);
+    int argc = n + a->ntail;
+    const char **argv = xmalloc((size_t)argc * sizeof *argv);
+    size_t *lens = xmalloc((size_t)argc * sizeof *lens);
+    memcpy(argv, fixed, (size_t)n * sizeof *argv);
+    memcpy(lens, flens, (size_t)n * sizeof *lens);
+    for (int i = 0; i < a->ntail; i++) {
+        argv[n + i] = a->tail[i];
+        lens[n + i] = a->tail_len ? a->tail_len[i] : strlen(a->tail[i]);
+    }
+    int rc = qsend(q, q->cmd, rfn, c, argc, argv, lens);
+    free(argv);
+    free(lens);
+    return rc;
+}
+
 /* ---- operations --------------------------------------------------------- */
 
 static void id_base(queue *q, char *buf, size_t size)
@@ -843,23 +1011,24 @@ static void id_base(queue *q, char *buf, size_t size)
 
 int queue_take(queue *q, unsigned max, double global_rate, queue_items_fn *fn, void *ud)
 {
-    char n[16], now[32], interval[48], burst[48];
-    snprintf(n, sizeof n, "%u", max);
-    snprintf(now, sizeof now, "%lld", (long long)now_ms());
+    char interval[48], burst[48], base[128];
     /* Burst tolerance: a tenth of a second's worth, at least one job, so
      * the pace is smooth but one slow round trip does not lose admissions. */
     double iv = global_rate > 0 ? 1000.0 / global_rate : 0;
     double b = global_rate > 0 ? (global_rate / 10 > 1 ? global_rate / 10 : 1) * iv : 0;
     snprintf(interval, sizeof interval, "%.6f", iv);
     snprintf(burst, sizeof burst, "%.6f", b);
-    char base[128];
     id_base(q, base, sizeof base);
-    const char *argv[] = {"EVALSHA",   q->sha[S_TAKE], "4", q->k_jobs, q->k_processing, q->k_paused,
-                          q->k_rate, n,            now, interval,  burst, base};
+    struct sargs a = {0};
+    sargi(&a, A_max, max);
+    sargi(&a, A_now, now_ms());
+    sarg(&a, A_interval, interval);
+    sarg(&a, A_burst, burst);
+    sarg(&a, A_ids, base);
     struct call *c = new_call(q, ud);
     c->items_fn = fn;
     c->skip = 2;
-    return qsend(q, q->cmd, on_items, c, 12, argv, NULL);
+    return script_call(q, S_TAKE, &a, on_items, c);
 }
 
 /* The blocking pop moved a job as it was: wrap it (WRAP1_LUA) before
@@ -878,8 +1047,9 @@ static void on_blocked_pop(redisReply *r, void *ud)
     }
     char base[128];
     id_base(q, base, sizeof base);
-    const char *argv[] = {"EVALSHA", q->sha[S_WRAP1], "1", q->k_processing, r->str, base};
-    size_t lens[] = {7, 40, 1, strlen(q->k_processing), r->len, strlen(base)};
+    struct sargs a = {0};
+    sargn(&a, A_job, r->str, r->len);
+    sarg(&a, A_id, base);
     /* on_single delivers the wrapped text. Nil: the job is not in the list
      * the command connection sees (after a failover the two connections
      * may briefly reach different servers): that is an error, so the
@@ -887,7 +1057,7 @@ static void on_blocked_pop(redisReply *r, void *ud)
     struct call *wc = new_call(q, c->ud);
     wc->items_fn = c->items_fn;
     wc->nil_is_error = 1;
-    if (qsend(q, q->cmd, on_single, wc, 6, argv, lens) != 0)
+    if (script_call(q, S_WRAP1, &a, on_single, wc) != 0)
         c->items_fn(1, &info, NULL, 0, c->ud);
     free(c);
 }
@@ -896,7 +1066,7 @@ int queue_wait(queue *q, int timeout_s, queue_items_fn *fn, void *ud)
 {
     char t[16];
     snprintf(t, sizeof t, "%d", timeout_s);
-    const char *argv[] = {"BLMOVE", q->k_jobs, q->k_processing, "RIGHT", "LEFT", t};
+    const char *argv[] = {"BLMOVE", q->key[KEY_JOBS], q->key[KEY_PROCESSING], "RIGHT", "LEFT", t};
     struct call *c = new_call(q, ud);
     c->items_fn = fn;
     if (!rconn_is_up(q->blk)) {
@@ -915,9 +1085,10 @@ int queue_held(queue *q, int recovering, queue_items_fn *fn, void *ud)
     c->triples = 1; /* {mark token, deaths, job}, oldest first */
     char base[128];
     id_base(q, base, sizeof base);
-    const char *argv[] = {"EVALSHA", q->sha[S_HELD], "4",          q->k_processing, q->k_sending,
-                          q->k_recovered, q->k_clean, recovering ? "1" : "0", base};
-    return qsend(q, q->cmd, on_items, c, 9, argv, NULL);
+    struct sargs a = {0};
+    sarg(&a, A_counting, recovering ? "1" : "0");
+    sarg(&a, A_ids, base);
+    return script_call(q, S_HELD, &a, on_items, c);
 }
 
 static void on_takeover(redisReply *r, void *ud)
@@ -934,14 +1105,15 @@ int queue_takeover(queue *q, queue_takeover_fn *fn, void *ud)
 {
     struct call *c = new_call(q, ud);
     c->takeover_fn = fn;
-    const char *argv[] = {"EVALSHA",    q->sha[S_TAKEOVER], "4",        q->k_instances, q->k_processing,
-                          q->k_sending, q->k_recovered,     q->instance, q->prefix};
-    return qsend(q, q->cmd, on_takeover, c, 9, argv, NULL);
+    struct sargs a = {0};
+    sarg(&a, A_self, q->instance);
+    sarg(&a, A_prefix, q->prefix);
+    return script_call(q, S_TAKEOVER, &a, on_takeover, c);
 }
 
 int queue_clean_exit(queue *q, queue_done_fn *fn, void *ud)
 {
-    const char *argv[] = {"SET", q->k_clean, "1"};
+    const char *argv[] = {"SET", q->key[KEY_CLEAN], "1"};
     struct call *c = new_call(q, ud);
     c->done_fn = fn;
     return qsend(q, q->cmd, on_done, c, 3, argv, NULL);
@@ -962,41 +1134,21 @@ static void on_fields(redisReply *r, void *ud)
     free(c);
 }
 
-/* A script call of 7 fixed arguments (EVALSHA, sha, numkeys, ...) followed
- * by field/value pairs: the heartbeat and the name guard. */
-static int qsend_fields(queue *q, rconn_reply_fn *rfn, struct call *c, const char *const fixed[7],
-                        const char *const *fields, int nfields)
-{
-    int argc = 7 + nfields;
-    const char **argv = xmalloc((size_t)argc * sizeof *argv);
-    memcpy(argv, fixed, 7 * sizeof *argv);
-    for (int i = 0; i < nfields; i++)
-        argv[7 + i] = fields[i];
-    int rc = qsend(q, q->cmd, rfn, c, argc, argv, NULL);
-    free(argv);
-    return rc;
-}
-
 int queue_claim_name(queue *q, const char *run, int64_t ttl_ms, const char *dead_run, const char *const *fields,
                      int nfields, queue_fields_fn *fn, void *ud)
 {
-    char ttl[32];
-    snprintf(ttl, sizeof ttl, "%lld", (long long)ttl_ms);
-    const char *fixed[7] = {"EVALSHA", q->sha[S_CLAIM_NAME], "1", q->k_instance, run, ttl, dead_run ? dead_run : ""};
+    struct sargs a = {0};
+    sarg(&a, A_run, run);
+    sargi(&a, A_ttl, ttl_ms);
+    sarg(&a, A_dead_run, dead_run);
+    a.tail = fields;
+    a.ntail = nfields;
     struct call *c = new_call(q, ud);
     c->fields_fn = fn;
-    return qsend_fields(q, on_fields, c, fixed, fields, nfields);
+    return script_call(q, S_CLAIM_NAME, &a, on_fields, c);
 }
 
 /* ---- the job's path: send, retry, put back, record ------------------------ */
-
-static void key_for(const queue *q, char *buf, size_t size, const char *kind, const char *id)
-{
-    if (id && *id)
-        snprintf(buf, size, "%s:%s:%s", q->prefix, kind, id);
-    else
-        buf[0] = '\0';
-}
 
 static void on_send(redisReply *r, void *ud)
 {
@@ -1025,116 +1177,94 @@ int queue_send(queue *q, const char *held, size_t len, const char *job_id, enum 
                const char *token, int retry_ambiguous, queue_send_fn *fn, void *ud)
 {
     static const char *const modes[] = {"new", "marked", "probe"};
-    char dedup_key[300], claim_key[300];
-    key_for(q, dedup_key, sizeof dedup_key, "dedup", job_id);
-    key_for(q, claim_key, sizeof claim_key, "claim", job_id);
-    const char *argv[] = {"EVALSHA", q->sha[S_SEND], "4",    q->k_processing, q->k_sending,
-                          dedup_key, claim_key,      held,   modes[mode],     token,
-                          retry_ambiguous ? "1" : "0"};
-    size_t lens[11];
-    for (int i = 0; i < 11; i++)
-        lens[i] = strlen(argv[i]);
-    lens[7] = len;
+    struct sargs a = {0};
+    a.id[KEY_DEDUP] = a.id[KEY_CLAIM] = job_id;
+    sargn(&a, A_held, held, len);
+    sarg(&a, A_mode, modes[mode]);
+    sarg(&a, A_token, token);
+    sarg(&a, A_retry_ambiguous, retry_ambiguous ? "1" : "0");
     struct call *c = new_call(q, ud);
     c->send_fn = fn;
-    return qsend(q, q->cmd, on_send, c, 11, argv, lens);
+    return script_call(q, S_SEND, &a, on_send, c);
 }
 
 int queue_heartbeat(queue *q, const char *const *fields, int nfields, int64_t ttl_ms, queue_done_fn *fn, void *ud)
 {
-    char ttl[32];
-    snprintf(ttl, sizeof ttl, "%lld", (long long)ttl_ms);
-    const char *fixed[7] = {"EVALSHA", q->sha[S_HEARTBEAT], "2", q->k_instance, q->k_instances, ttl, q->instance};
+    struct sargs a = {0};
+    sargi(&a, A_ttl, ttl_ms);
+    sarg(&a, A_name, q->instance);
+    a.tail = fields;
+    a.ntail = nfields;
     struct call *c = new_call(q, ud);
     c->done_fn = fn;
-    return qsend_fields(q, on_done, c, fixed, fields, nfields);
+    return script_call(q, S_HEARTBEAT, &a, on_done, c);
 }
 
 int queue_retry(queue *q, const char *held, size_t held_len, const char *envelope, size_t env_len, int64_t due_ms,
                 const char *token, const char *job_id, queue_done_fn *fn, void *ud)
 {
-    char due[32], claim_key[300];
-    snprintf(due, sizeof due, "%lld", (long long)due_ms);
-    key_for(q, claim_key, sizeof claim_key, "claim", job_id);
-    const char *argv[] = {"EVALSHA", q->sha[S_RETRY], "5",  q->k_processing, q->k_retry, q->k_sending,
-                          q->k_recovered, claim_key,     held, due,             envelope,   token ? token : ""};
-    size_t lens[12];
-    for (int i = 0; i < 12; i++)
-        lens[i] = strlen(argv[i]);
-    lens[8] = held_len;
-    lens[10] = env_len;
+    struct sargs a = {0};
+    a.id[KEY_CLAIM] = job_id;
+    sargn(&a, A_held, held, held_len);
+    sargi(&a, A_due, due_ms);
+    sargn(&a, A_envelope, envelope, env_len);
+    sarg(&a, A_token, token);
     struct call *c = new_call(q, ud);
     c->done_fn = fn;
-    return qsend(q, q->cmd, on_done, c, 12, argv, lens);
+    return script_call(q, S_RETRY, &a, on_done, c);
 }
 
 int queue_promote(queue *q, queue_done_fn *fn, void *ud)
 {
-    char now[32];
-    snprintf(now, sizeof now, "%lld", (long long)now_ms());
-    const char *argv[] = {"EVALSHA", q->sha[S_PROMOTE], "2", q->k_retry, q->k_jobs, now, "1000"};
+    struct sargs a = {0};
+    sargi(&a, A_now, now_ms());
+    sarg(&a, A_max, "1000");
     struct call *c = new_call(q, ud);
     c->done_fn = fn;
-    return qsend(q, q->cmd, on_done, c, 7, argv, NULL);
+    return script_call(q, S_PROMOTE, &a, on_done, c);
 }
 
 int queue_putback(queue *q, const char *held, size_t len, const char *job, size_t job_len, const char *token,
                   const char *job_id, queue_done_fn *fn, void *ud)
 {
-    char claim_key[300];
-    key_for(q, claim_key, sizeof claim_key, "claim", job_id);
-    const char *argv[] = {"EVALSHA", q->sha[S_PUTBACK], "5", q->k_processing, q->k_jobs, q->k_sending,
-                          claim_key, q->k_recovered,     held, token ? token : "", job};
-    size_t lens[11];
-    for (int i = 0; i < 11; i++)
-        lens[i] = i == 10 ? job_len : strlen(argv[i]);
-    lens[8] = len;
+    struct sargs a = {0};
+    a.id[KEY_CLAIM] = job_id;
+    sargn(&a, A_held, held, len);
+    sarg(&a, A_token, token);
+    sargn(&a, A_job, job, job_len);
     struct call *c = new_call(q, ud);
     c->done_fn = fn;
-    return qsend(q, q->cmd, on_done, c, 11, argv, lens);
+    return script_call(q, S_PUTBACK, &a, on_done, c);
 }
 
 int queue_record(queue *q, const struct qrecord *r, queue_done_fn *fn, void *ud)
 {
-    enum { FIXED = 27 };
-    char dedup_key[300], batch_key[300], task_key[300], claim_key[300];
-    char maxlen[32], ttl[32], now[32], first[32], bttl[32];
-    key_for(q, dedup_key, sizeof dedup_key, "dedup", r->dedup_job_id);
-    key_for(q, batch_key, sizeof batch_key, "batch", r->batch);
-    key_for(q, task_key, sizeof task_key, "task", r->track_job_id);
-    key_for(q, claim_key, sizeof claim_key, "claim", r->claim_job_id);
-    snprintf(maxlen, sizeof maxlen, "%ld", q->maxlen);
-    snprintf(ttl, sizeof ttl, "%lld", (long long)(r->dedup_ttl_ms > 0 ? r->dedup_ttl_ms : 1));
-    snprintf(now, sizeof now, "%lld", (long long)now_ms());
-    snprintf(first, sizeof first, "%lld", (long long)r->first_poll_ms);
-    snprintf(bttl, sizeof bttl, "%lld", (long long)q->batch_ttl_ms);
-    const char *dtask = r->dedup_job_id && r->dedup_task_id ? r->dedup_task_id : "";
-    const char *fixed[FIXED] = {
-        "EVALSHA", q->sha[S_RECORD], "10", q->k_processing, q->k_results, q->k_dead, dedup_key, q->k_recovered,
-        batch_key, task_key, q->k_track, q->k_sending, claim_key,
-        /* ARGV */
-        r->raw, maxlen, r->dead ? r->dead : "", dtask, ttl, r->batch && r->batch_field ? r->batch_field : "",
-        r->final ? "1" : "0", now, r->batch ? r->batch : "", first, r->track_job_id ? r->track_job_id : "",
-        r->token ? r->token : "", claim_key[0] && r->claim ? r->claim : "", bttl};
-    int argc = FIXED + r->nfields;
-    const char **argv = xmalloc((size_t)argc * sizeof *argv);
-    size_t *lens = xmalloc((size_t)argc * sizeof *lens);
-    for (int i = 0; i < FIXED; i++) {
-        argv[i] = fixed[i];
-        lens[i] = strlen(fixed[i]);
-    }
-    lens[13] = r->raw_len; /* the raw job and the dead entry may hold NUL bytes */
-    lens[15] = r->dead ? r->dead_len : 0;
-    for (int i = 0; i < r->nfields; i++) {
-        argv[FIXED + i] = r->fields[i];
-        lens[FIXED + i] = r->field_lens[i];
-    }
+    struct sargs a = {0};
+    a.id[KEY_DEDUP] = r->dedup_job_id;
+    a.id[KEY_BATCH] = r->batch;
+    a.id[KEY_TASK] = r->track_job_id;
+    a.id[KEY_CLAIM] = r->claim_job_id;
+    /* the raw job and the dead entry may hold NUL bytes */
+    sargn(&a, A_raw, r->raw, r->raw_len);
+    sargi(&a, A_maxlen, q->maxlen);
+    sargn(&a, A_dead, r->dead ? r->dead : "", r->dead ? r->dead_len : 0);
+    sarg(&a, A_task_id, r->dedup_job_id ? r->dedup_task_id : NULL);
+    sargi(&a, A_dedup_ttl, r->dedup_ttl_ms > 0 ? r->dedup_ttl_ms : 1);
+    sarg(&a, A_batch_field, r->batch ? r->batch_field : NULL);
+    sarg(&a, A_final, r->final ? "1" : "0");
+    sargi(&a, A_now, now_ms());
+    sarg(&a, A_batch, r->batch);
+    sargi(&a, A_first_poll, r->first_poll_ms);
+    sarg(&a, A_track_id, r->track_job_id);
+    sarg(&a, A_token, r->token);
+    sarg(&a, A_claim, r->claim_job_id && *r->claim_job_id ? r->claim : NULL);
+    sargi(&a, A_batch_ttl, q->batch_ttl_ms);
+    a.tail = r->fields;
+    a.tail_len = r->field_lens;
+    a.ntail = r->nfields;
     struct call *c = new_call(q, ud);
     c->done_fn = fn;
-    int rc = qsend(q, q->cmd, on_done, c, argc, argv, lens);
-    free(argv);
-    free(lens);
-    return rc;
+    return script_call(q, S_RECORD, &a, on_done, c);
 }
 
 /* ---- the spool: outcomes Redis would not take at exit --------------------- */
@@ -1234,43 +1364,43 @@ static void on_claimed(redisReply *r, void *ud)
 
 int queue_track_claim(queue *q, unsigned max, int64_t lease_ms, queue_tasks_fn *fn, void *ud)
 {
-    char now[32], n[16], lease[32];
-    snprintf(now, sizeof now, "%lld", (long long)now_ms());
-    snprintf(n, sizeof n, "%u", max);
-    snprintf(lease, sizeof lease, "%lld", (long long)lease_ms);
-    const char *argv[] = {"EVALSHA", q->sha[S_CLAIM], "1", q->k_track, now, n, lease, q->prefix};
+    struct sargs a = {0};
+    sargi(&a, A_now, now_ms());
+    sargi(&a, A_max, max);
+    sargi(&a, A_lease, lease_ms);
+    sarg(&a, A_prefix, q->prefix);
     struct call *c = new_call(q, ud);
     c->tasks_fn = fn;
-    return qsend(q, q->cmd, on_claimed, c, 8, argv, NULL);
+    return script_call(q, S_CLAIM, &a, on_claimed, c);
 }
 
 int queue_track_update(queue *q, const struct qtrack *t, queue_done_fn *fn, void *ud)
 {
-    enum { FIXED = 19 };
-    char task_key[300], batch_key[300], maxlen[32], next[32], nh[16], now[32], bttl[32];
-    snprintf(task_key, sizeof task_key, "%s:task:%s", q->prefix, t->job_id);
-    key_for(q, batch_key, sizeof batch_key, "batch", t->batch);
-    snprintf(maxlen, sizeof maxlen, "%ld", q->maxlen);
-    snprintf(next, sizeof next, "%lld", (long long)t->next_poll_ms);
-    snprintf(nh, sizeof nh, "%d", t->nhash);
-    snprintf(now, sizeof now, "%lld", (long long)now_ms());
-    snprintf(bttl, sizeof bttl, "%lld", (long long)q->batch_ttl_ms);
-    const char *fixed[FIXED] = {"EVALSHA", q->sha[S_TRACK], "6", q->k_track, q->k_results, task_key, task_key,
-                                task_key, batch_key,
-                                /* ARGV */
-                                t->job_id, maxlen, t->final ? "final" : "again", next, nh,
-                                t->batch && t->batch_field ? t->batch_field : "", t->final ? "1" : "0", now,
-                                t->batch ? t->batch : "", bttl};
-    int argc = FIXED + t->nhash + t->nfields;
-    const char **argv = xmalloc((size_t)argc * sizeof *argv);
-    memcpy(argv, fixed, sizeof fixed);
+    struct sargs a = {0};
+    a.id[KEY_TASK] = t->job_id;
+    a.id[KEY_BATCH] = t->batch;
+    sarg(&a, A_job_id, t->job_id);
+    sargi(&a, A_maxlen, q->maxlen);
+    sarg(&a, A_mode, t->final ? "final" : "again");
+    sargi(&a, A_next_poll, t->next_poll_ms);
+    sargi(&a, A_nhash, t->nhash);
+    sarg(&a, A_batch_field, t->batch ? t->batch_field : NULL);
+    sarg(&a, A_final, t->final ? "1" : "0");
+    sargi(&a, A_now, now_ms());
+    sarg(&a, A_batch, t->batch);
+    sargi(&a, A_batch_ttl, q->batch_ttl_ms);
+    /* the task-hash pairs, then the event's: one tail */
+    int ntail = t->nhash + t->nfields;
+    const char **tail = xmalloc(((size_t)ntail + 1) * sizeof *tail);
     for (int i = 0; i < t->nhash; i++)
-        argv[FIXED + i] = t->hash[i];
+        tail[i] = t->hash[i];
     for (int i = 0; i < t->nfields; i++)
-        argv[FIXED + t->nhash + i] = t->fields[i];
+        tail[t->nhash + i] = t->fields[i];
+    a.tail = tail;
+    a.ntail = ntail;
     struct call *c = new_call(q, ud);
     c->done_fn = fn;
-    int rc = qsend(q, q->cmd, on_done, c, argc, argv, NULL);
-    free(argv);
+    int rc = script_call(q, S_TRACK, &a, on_done, c);
+    free(tail);
     return rc;
 }

@@ -176,8 +176,10 @@ int queue_track_update(queue *q, const struct qtrack *t, queue_done_fn *fn, void
  * text is not a spool.
  */
 void queue_capture(queue *q, sbuf *into);
-/* For the tests: the i-th Lua script and its name, NULL past the last. */
-const char *queue_script(int i, const char **name);
+/* For the tests: the i-th Lua script as loaded (caller frees), its name, and
+ * the names of its keys and arguments, comma separated, into `keys` and
+ * `args` (",..." when more follow); NULL past the last. */
+char *queue_script(int i, const char **name, sbuf *keys, sbuf *args);
 /* fn: err when Redis went away (try again); else `result` = commands Redis
  * refused (the spool cannot be applied: set it aside). */
 int queue_replay(queue *q, const char *data, size_t len, queue_done_fn *fn, void *ud);

@@ -29,14 +29,30 @@ def k(s):
 
 
 def load_scripts():
+    """name -> (text, key kinds, argument names, takes more after them)"""
     out = subprocess.run([os.path.join(vt.BUILDDIR, "tests", "lua_scripts")], capture_output=True, check=True).stdout
     scripts, pos = {}, 0
     while pos < len(out):
         nl = out.index(b"\n", pos)
-        name, n = out[pos:nl].decode().split("\t")
-        scripts[name] = out[nl + 1:nl + 1 + int(n)].decode()
+        name, keys, args, n = out[pos:nl].decode().split("\t")
+        args = args.split(",") if args else []
+        tail = bool(args) and args[-1] == "..."
+        scripts[name] = (out[nl + 1:nl + 1 + int(n)].decode(), keys.split(",") if keys else [],
+                         [a for a in args if a != "..."], tail)
         pos = nl + 1 + int(n)
     return scripts
+
+
+SCRIPTS = None
+
+
+def positional(name, keys, args, tail=()):
+    """A call by name -> (KEYS, ARGV) in the order the script declares."""
+    _, knames, anames, takes_tail = SCRIPTS[name]
+    assert sorted(keys) == sorted(knames), "%s: keys %s, script wants %s" % (name, sorted(keys), knames)
+    assert sorted(args) == sorted(anames), "%s: args %s, script wants %s" % (name, sorted(args), anames)
+    assert takes_tail or not tail
+    return [keys[n] for n in knames], [args[n] for n in anames] + list(tail)
 
 
 def seed(r):
@@ -62,30 +78,54 @@ def snapshot(r):
 BIG = "x" * 100000
 
 
-def calls():
-    """name -> (keys, args) of a valid call on the seeded database."""
+def named_calls():
+    """name -> (keys, args[, tail]) by name: a valid call on the seeded database."""
     return {
-        "take": ([k("jobs"), k("processing:i1"), k("paused"), k("ratelimit")], ["2", "1000", "0", "0", "r.1"]),
-        "putback": ([k("processing:i1"), k("jobs"), k("sending:i1"), k("claim:j1"), k("recovered")],
-                    [H1, "run0.1", H1]),
-        "wrap1": ([k("processing:i1")], [H1, "r.2"]),
-        "record": ([k("processing:i1"), k("results"), k("dead"), k("dedup:j1"), k("recovered"), k("batch:B"),
-                    k("task:j1"), k("track"), k("sending:i1"), k("claim:j1")],
-                   [H1, "1000", "{}", "t1", "60000", "submitted", "1", "1000", "B", "1000", "", "run0.1", "",
-                    "60000", "event", "submitted", "job_id", "j1"]),
-        "retry": ([k("processing:i1"), k("retry"), k("sending:i1"), k("recovered"), k("claim:j1")],
-                  [H1, "5000", "E1", "run0.1"]),
-        "promote": ([k("retry"), k("jobs")], ["5000", "10"]),
-        "heartbeat": ([k("instance:i1"), k("instances")], ["10000", "i1", "state", "running"]),
-        "held": ([k("processing:i1"), k("sending:i1"), k("recovered"), k("clean:i1")], ["1", "r.3"]),
-        "takeover": ([k("instances"), k("processing:i1"), k("sending:i1"), k("recovered")], ["i1", P]),
-        "claim": ([k("track")], ["5000", "10", "30000", P]),
-        "track": ([k("track"), k("results"), k("task:j2"), k("task:j2"), k("task:j2"), k("batch:B")],
-                  ["j2", "1000", "again", "9000", "2", "succeeded", "0", "1000", "B", "60000", "status", "RUNNING",
-                   "event", "progress"]),
-        "send": ([k("processing:i1"), k("sending:i1"), k("dedup:j1"), k("claim:j1")], [H1, "new", "run1.1", "0"]),
-        "claim_name": ([k("instance:i1")], ["run-1", "10000", "", "host", "h"]),
+        "take": ({"jobs": k("jobs"), "processing": k("processing:i1"), "paused": k("paused"),
+                  "ratelimit": k("ratelimit")},
+                 {"max": "2", "now": "1000", "interval": "0", "burst": "0", "ids": "r.1"}),
+        "putback": ({"processing": k("processing:i1"), "jobs": k("jobs"), "sending": k("sending:i1"),
+                     "claim": k("claim:j1"), "recovered": k("recovered")},
+                    {"held": H1, "token": "run0.1", "job": H1}),
+        "wrap1": ({"processing": k("processing:i1")}, {"job": H1, "id": "r.2"}),
+        "record": ({"processing": k("processing:i1"), "results": k("results"), "dead": k("dead"),
+                    "dedup": k("dedup:j1"), "recovered": k("recovered"), "batch": k("batch:B"), "task": k("task:j1"),
+                    "track": k("track"), "sending": k("sending:i1"), "claim": k("claim:j1")},
+                   {"raw": H1, "maxlen": "1000", "dead": "{}", "task_id": "t1", "dedup_ttl": "60000",
+                    "batch_field": "submitted", "final": "1", "now": "1000", "batch": "B", "first_poll": "1000",
+                    "track_id": "", "token": "run0.1", "claim": "", "batch_ttl": "60000"},
+                   ["event", "submitted", "job_id", "j1"]),
+        "retry": ({"processing": k("processing:i1"), "retry": k("retry"), "sending": k("sending:i1"),
+                   "recovered": k("recovered"), "claim": k("claim:j1")},
+                  {"held": H1, "due": "5000", "envelope": "E1", "token": "run0.1"}),
+        "promote": ({"retry": k("retry"), "jobs": k("jobs")}, {"now": "5000", "max": "10"}),
+        "heartbeat": ({"instance": k("instance:i1"), "instances": k("instances")}, {"ttl": "10000", "name": "i1"},
+                      ["state", "running"]),
+        "held": ({"processing": k("processing:i1"), "sending": k("sending:i1"), "recovered": k("recovered"),
+                  "clean": k("clean:i1")}, {"counting": "1", "ids": "r.3"}),
+        "takeover": ({"instances": k("instances"), "processing": k("processing:i1"), "sending": k("sending:i1"),
+                      "recovered": k("recovered")}, {"self": "i1", "prefix": P}),
+        "claim": ({"track": k("track")}, {"now": "5000", "max": "10", "lease": "30000", "prefix": P}),
+        "track": ({"track": k("track"), "results": k("results"), "task": k("task:j2"), "batch": k("batch:B")},
+                  {"job_id": "j2", "maxlen": "1000", "mode": "again", "next_poll": "9000", "nhash": "2",
+                   "batch_field": "succeeded", "final": "0", "now": "1000", "batch": "B", "batch_ttl": "60000"},
+                  ["status", "RUNNING", "event", "progress"]),
+        "send": ({"processing": k("processing:i1"), "sending": k("sending:i1"), "dedup": k("dedup:j1"),
+                  "claim": k("claim:j1")}, {"held": H1, "mode": "new", "token": "run1.1", "retry_ambiguous": "0"}),
+        "claim_name": ({"instance": k("instance:i1")}, {"run": "run-1", "ttl": "10000", "dead_run": ""},
+                       ["host", "h"]),
     }
+
+
+def calls():
+    """name -> (KEYS, ARGV) of a valid call, in the order the script declares."""
+    return {name: positional(name, *call) for name, call in named_calls().items()}
+
+
+def args_with(name, **changed):
+    """The ARGV of `name`'s valid call with some arguments changed, by name."""
+    call = named_calls()[name]
+    return positional(name, call[0], dict(call[1], **changed), *call[2:])[1]
 
 
 def evalsha(r, sha, keys, args):
@@ -105,9 +145,10 @@ def mutations(args):
 def main(t, env):
     env.redis()
     r = env.r
-    scripts = load_scripts()
+    global SCRIPTS
+    SCRIPTS = scripts = load_scripts()
     t.eq(sorted(scripts), sorted(calls()), "every script of queue.c has a test call here")
-    shas = {n: r.execute("SCRIPT", "LOAD", src).decode() for n, src in scripts.items()}
+    shas = {n: r.execute("SCRIPT", "LOAD", src[0]).decode() for n, src in scripts.items()}
     for name, (keys, args) in sorted(calls().items()):
         seed(r)
         try:
@@ -151,7 +192,7 @@ def main(t, env):
     t.eq(evalsha(r, shas["send"], keys, args), [b"send"], "send: the first copy may go")
     t.eq(evalsha(r, shas["send"], keys, args), [b"send"], "send: asked again (its reply was lost), the same copy may go")
     t.eq(r.execute("HLEN", k("sending:i1")), 2, "send: and it is marked once")
-    args2 = [args[0], "new", "run1.2", "0"]
+    args2 = args_with("send", token="run1.2")
     t.eq(evalsha(r, shas["send"], keys, args2), [b"wait", b"run1.1"], "send: the second copy waits for the first")
     r.execute("SET", k("dedup:j1"), "t9")
     t.eq(evalsha(r, shas["send"], keys, args2), [b"dup", b"t9"], "send: a recorded task id makes it a duplicate")
@@ -180,11 +221,11 @@ def main(t, env):
     r.execute("FLUSHDB")
     keys, args = calls()["claim_name"]
     t.eq(evalsha(r, shas["claim_name"], keys, args), [], "claim_name: a free name is claimed")
-    other = evalsha(r, shas["claim_name"], keys, ["run-2"] + args[1:])
+    other = evalsha(r, shas["claim_name"], keys, args_with("claim_name", run="run-2"))
     t.ok(b"run-1" in other, "claim_name: another run is refused and told who holds the name", repr(other))
-    t.eq(evalsha(r, shas["claim_name"], keys, ["run-2", "10000", "run-1", "host", "h"]), [],
+    t.eq(evalsha(r, shas["claim_name"], keys, args_with("claim_name", run="run-2", dead_run="run-1")), [],
          "claim_name: over the run judged dead, the name is taken")
-    other = evalsha(r, shas["claim_name"], keys, ["run-3", "10000", "run-1", "host", "h"])
+    other = evalsha(r, shas["claim_name"], keys, args_with("claim_name", run="run-3", dead_run="run-1"))
     t.ok(b"run-2" in other, "claim_name: a twin that judged the same run dead loses to the first", repr(other))
     # Held copies are unique: a take wraps each job with its own id.
     r.execute("FLUSHDB")
