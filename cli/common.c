@@ -7,7 +7,7 @@
  * overrides, the same checks) but only needs redis.url, redis.prefix and
  * api.default_model; it never loads the API token. It talks to Redis with
  * a blocking hiredis connection (redis_sync.c), one command after another,
- * pipelining where volume matters (submit, stats).
+ * pipelining where volume matters (submit).
  */
 #include "cli.h"
 

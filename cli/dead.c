@@ -343,12 +343,8 @@ static int visit_count(const struct dead *d, void *ud)
 static void dead_options(int argc, char **argv, struct dead_filter *f, int purge)
 {
     static const struct option opts[] = {
-        COMMON_OPTIONS,
-        {"error", required_argument, NULL, OPT_ERROR},
-        {"limit", required_argument, NULL, OPT_LIMIT},
-        {"job-id", required_argument, NULL, OPT_JOB_ID},
-        {"yes", no_argument, NULL, OPT_YES},
-        {NULL, 0, NULL, 0},
+        COMMON_OPTIONS, {"error", required_argument, NULL, OPT_ERROR}, {"limit", required_argument, NULL, OPT_LIMIT},
+        {"job-id", required_argument, NULL, OPT_JOB_ID}, {"yes", no_argument, NULL, OPT_YES}, {NULL, 0, NULL, 0},
     };
     int c;
     memset(f, 0, sizeof *f);
@@ -393,9 +389,9 @@ static int dead_requeue(int argc, char **argv)
     if (c.broken)
         cli_warn("skipped %ld entr%s without a usable \"job\"", c.broken, c.broken == 1 ? "y" : "ies");
     if (c.ambiguous)
-        cli_warn("skipped %ld ambiguous entr%s: their request may have reached the API, and requeuing may create "
-             "and bill a second video; requeue them with --error ambiguous or --job-id ID",
-             c.ambiguous, c.ambiguous == 1 ? "y" : "ies");
+        cli_warn("skipped %ld ambiguous entr%s: their request may have reached the API, and requeuing may "
+                 "create and bill a second video; requeue them with --error ambiguous or --job-id ID",
+                 c.ambiguous, c.ambiguous == 1 ? "y" : "ies");
     if (f.json) {
         struct jw w;
         jw_begin(&w);

@@ -27,34 +27,33 @@ struct batch {
     long long total, submitted, failed, duplicate, succeeded, task_failed, final, created;
 };
 
+/* The batch's hash: vidqd's counters, and what submit wrote (total, created). */
 static void batch_read(const char *batch_key, struct batch *b)
 {
     redisReply *rep = cmd("HGETALL", batch_key, NULL);
     memset(b, 0, sizeof *b);
+    const struct {
+        const char *name;
+        long long *value;
+        int *present; /* or NULL */
+    } fields[] = {
+        {"total", &b->total, &b->has_total}, {"submitted", &b->submitted, NULL},
+        {"failed", &b->failed, NULL},        {"duplicate", &b->duplicate, NULL},
+        {"succeeded", &b->succeeded, NULL},  {"task_failed", &b->task_failed, NULL},
+        {"final", &b->final, &b->has_final}, {"created", &b->created, NULL},
+    };
     b->exists = rep->elements > 0;
     for (size_t i = 0; i + 1 < rep->elements; i += 2) {
         const char *f = rep->element[i]->str;
         long long v = reply_int(rep->element[i + 1]);
-        if (strcmp(f, "total") == 0) {
-            b->total = v;
-            b->has_total = 1;
-        } else if (strcmp(f, "submitted") == 0) {
-            b->submitted = v;
-        } else if (strcmp(f, "failed") == 0) {
-            b->failed = v;
-        } else if (strcmp(f, "duplicate") == 0) {
-            b->duplicate = v;
-        } else if (strcmp(f, "succeeded") == 0) {
-            b->succeeded = v;
-        } else if (strcmp(f, "task_failed") == 0) {
-            b->task_failed = v;
-        } else if (strcmp(f, "final") == 0) {
-            b->final = v;
-            b->has_final = 1;
-        } else if (strcmp(f, "created") == 0) {
-            b->created = v;
-        } else if (strcmp(f, "done") == 0) {
+        if (strcmp(f, "done") == 0)
             b->done = v == 1;
+        for (size_t j = 0; j < sizeof fields / sizeof fields[0]; j++) {
+            if (strcmp(f, fields[j].name) != 0)
+                continue;
+            *fields[j].value = v;
+            if (fields[j].present)
+                *fields[j].present = 1;
         }
     }
     freeReplyObject(rep);
@@ -173,18 +172,15 @@ static void progress_json(const char *name, const struct batch *b, long long fin
     jw_print(&w);
 }
 
-int cmd_progress(int argc, char **argv)
+/* The options of progress, checked. Returns the batch's name. */
+static const char *progress_options(int argc, char **argv, int *once, int *json)
 {
-    static const struct option opts[] = {
-        COMMON_OPTIONS,
-        {"once", no_argument, NULL, OPT_ONCE},
-        {NULL, 0, NULL, 0},
-    };
-    int once = 0, json = 0, c;
+    static const struct option opts[] = {COMMON_OPTIONS, {"once", no_argument, NULL, OPT_ONCE}, {NULL, 0, NULL, 0}};
+    int c;
     while ((c = getopt_long(argc, argv, "c:o:h", opts, NULL)) != -1) {
         switch (c) {
-        case OPT_ONCE: once = 1; break;
-        case OPT_JSON: json = 1; break;
+        case OPT_ONCE: *once = 1; break;
+        case OPT_JSON: *json = 1; break;
         default: common_option(c, HELP_PROGRESS);
         }
     }
@@ -194,6 +190,31 @@ int cmd_progress(int argc, char **argv)
     no_more_args(argc, argv);
     if (!id_is_valid(name, strlen(name)))
         die(EX_USAGE, "\"%s\" is not a batch name (1-128 characters of [A-Za-z0-9._:-])", name);
+    return name;
+}
+
+/* One report: a JSON object, the bar redrawn in place on a terminal, or a line. */
+static void progress_show(const char *name, const struct batch *b, long long fin, double rate, int json, int tty)
+{
+    if (json) {
+        progress_json(name, b, fin, rate);
+    } else {
+        sbuf o;
+        sbuf_init(&o);
+        progress_text(&o, name, b, fin, rate, 1);
+        if (tty)
+            printf("\r%s\033[K", sb_str(&o));
+        else
+            printf("%s\n", sb_str(&o));
+        sbuf_free(&o);
+    }
+    fflush(stdout);
+}
+
+int cmd_progress(int argc, char **argv)
+{
+    int once = 0, json = 0, stopped = 0;
+    const char *name = progress_options(argc, argv, &once, &json);
     setup();
     char *batch_key = key(KEY_BATCH, name);
     int tty = isatty(1) && !json && !once;
@@ -216,19 +237,7 @@ int cmd_progress(int argc, char **argv)
         /* A terminal gets the bar redrawn every second; a log or a pipe a
          * line when something changed, every 10 s at most, and the last. */
         if (tty || once || b.done || (fin != last_fin && now - last_print >= 10000) || last_print == 0) {
-            if (json) {
-                progress_json(name, &b, fin, r);
-            } else {
-                sbuf o;
-                sbuf_init(&o);
-                progress_text(&o, name, &b, fin, r, 1);
-                if (tty)
-                    printf("\r%s\033[K", sb_str(&o));
-                else
-                    printf("%s\n", sb_str(&o));
-                sbuf_free(&o);
-            }
-            fflush(stdout);
+            progress_show(name, &b, fin, r, json, tty);
             last_print = now;
             last_fin = fin;
         }
@@ -236,17 +245,16 @@ int cmd_progress(int argc, char **argv)
             break;
         sleep_ms(1000);
         if (interrupted) {
-            if (tty)
-                putchar('\n');
-            free(batch_key);
-            teardown();
-            return EX_INTERRUPTED;
+            stopped = 1;
+            break;
         }
     }
     if (tty)
         putchar('\n');
     free(batch_key);
     teardown();
+    if (stopped)
+        return EX_INTERRUPTED;
     if (!b.done)
         return EX_NOTDONE;
     return batch_status(&b);

@@ -155,6 +155,35 @@ static char *job_from_json(const struct submit *s, const char *line, size_t len,
     return NULL;
 }
 
+/* The daemon's verdict on a job built from `line`: an error, or NULL. */
+static char *check_job(const sbuf *job, const char *line, size_t len, int is_json)
+{
+    struct job j;
+    char *err = NULL;
+    job_parse(&j, job->buf, job->len, g.cfg.default_model, (size_t)g.cfg.max_job_bytes);
+    if (j.error && strncmp(j.error, "invalid JSON", 12) == 0 && is_json) {
+        /* A byte offset must point into the line as written. */
+        job_free(&j);
+        job_parse(&j, line, len, g.cfg.default_model, (size_t)g.cfg.max_job_bytes);
+    }
+    if (j.error)
+        err = xstrdup(j.error);
+    job_free(&j);
+    return err;
+}
+
+static void keep_job(struct submit *s, const sbuf *job)
+{
+    if (s->njobs + 2 > s->cap) {
+        s->cap = s->cap ? s->cap * 2 : 1024;
+        s->off = xrealloc(s->off, s->cap * sizeof *s->off);
+    }
+    s->off[s->njobs] = s->jobs.len;
+    sbuf_append(&s->jobs, job->buf, job->len);
+    s->njobs++;
+    s->off[s->njobs] = s->jobs.len;
+}
+
 /* One input line: build the job, check it, keep it or report it. */
 static void submit_line(struct submit *s, const char *line, size_t len, size_t lineno)
 {
@@ -174,18 +203,8 @@ static void submit_line(struct submit *s, const char *line, size_t len, size_t l
             n--;
         err = job_from_text(s, p, n, &job);
     }
-    if (err == NULL) {
-        struct job j;
-        job_parse(&j, job.buf, job.len, g.cfg.default_model, (size_t)g.cfg.max_job_bytes);
-        if (j.error && strncmp(j.error, "invalid JSON", 12) == 0 && *p == '{') {
-            /* A byte offset must point into the line as written. */
-            job_free(&j);
-            job_parse(&j, line, len, g.cfg.default_model, (size_t)g.cfg.max_job_bytes);
-        }
-        if (j.error)
-            err = xstrdup(j.error);
-        job_free(&j);
-    }
+    if (err == NULL)
+        err = check_job(&job, line, len, *p == '{');
     if (err) {
         sbuf msg;
         sbuf_init(&msg);
@@ -196,14 +215,7 @@ static void submit_line(struct submit *s, const char *line, size_t len, size_t l
         free(err);
         s->invalid++;
     } else {
-        if (s->njobs + 2 > s->cap) {
-            s->cap = s->cap ? s->cap * 2 : 1024;
-            s->off = xrealloc(s->off, s->cap * sizeof *s->off);
-        }
-        s->off[s->njobs] = s->jobs.len;
-        sbuf_append(&s->jobs, job.buf, job.len);
-        s->njobs++;
-        s->off[s->njobs] = s->jobs.len;
+        keep_job(s, &job);
     }
     sbuf_free(&job);
 }
@@ -239,6 +251,51 @@ static void draw_bar(FILE *out, const char *label, size_t done, size_t total)
     fflush(out);
 }
 
+/* Put the jobs from i on into argv[2..] and lens[2..]: CHUNK_JOBS at most, and
+ * CHUNK_BYTES at most unless one job alone is larger. Returns how many; *bytes
+ * is their size. */
+static size_t chunk_fill(const struct submit *s, size_t i, const char **argv, size_t *lens, size_t *bytes)
+{
+    size_t n = 0;
+    *bytes = 0;
+    while (i + n < s->njobs && n < CHUNK_JOBS) {
+        size_t len = s->off[i + n + 1] - s->off[i + n];
+        if (n > 0 && *bytes + len > CHUNK_BYTES)
+            break;
+        argv[2 + n] = s->jobs.buf + s->off[i + n];
+        lens[2 + n] = len;
+        *bytes += len;
+        n++;
+    }
+    return n;
+}
+
+/* Read the replies of the `pending` commands sent, adding to *acked the jobs
+ * each one confirms. A failure ends vidq, saying how many jobs made it. */
+static void read_window(const struct submit *s, const size_t *expect, int pending, size_t *acked, int tty)
+{
+    redisReply *rep[WINDOW_CMDS + 8];
+    for (int r = 0; r < pending; r++) {
+        void *reply = NULL;
+        if (redisGetReply(rsync_ctx(g.r), &reply) != REDIS_OK || reply == NULL ||
+            ((redisReply *)reply)->type == REDIS_REPLY_ERROR ||
+            ((redisReply *)reply)->type == REDIS_REPLY_NIL) {
+            if (tty)
+                fputc('\n', stderr);
+            cli_warn("%zu of %zu jobs were enqueued before the failure below; the batch's total was not set",
+                     *acked, s->njobs);
+            if (reply && ((redisReply *)reply)->type == REDIS_REPLY_NIL)
+                die(EX_UNAVAILABLE, "Redis at %s aborted the transaction", rsync_where(g.r));
+            checked(reply, "LPUSH");
+            die_lost("LPUSH");
+        }
+        rep[r] = reply;
+        *acked += expect[r];
+    }
+    for (int r = 0; r < pending; r++)
+        freeReplyObject(rep[r]);
+}
+
 /*
  * LPUSH the jobs in chunks, many chunks pipelined per round trip. The last
  * chunk goes in one MULTI/EXEC with HINCRBY total: the batch cannot be seen
@@ -251,7 +308,6 @@ static void enqueue(struct submit *s, const char *batch_key)
     const char **argv = xmalloc((CHUNK_JOBS + 2) * sizeof *argv);
     size_t *lens = xmalloc((CHUNK_JOBS + 2) * sizeof *lens);
     size_t expect[WINDOW_CMDS + 8]; /* jobs confirmed by each pending reply */
-    redisReply *rep[WINDOW_CMDS + 8];
     int pending = 0, tty = isatty(2) && !s->json;
     size_t i = 0, acked = 0, window_bytes = 0;
     char total[32], created[32];
@@ -262,16 +318,7 @@ static void enqueue(struct submit *s, const char *batch_key)
     lens[0] = 5;
     lens[1] = strlen(k.jobs);
     while (i < s->njobs) {
-        size_t n = 0, bytes = 0;
-        while (i + n < s->njobs && n < CHUNK_JOBS) {
-            size_t len = s->off[i + n + 1] - s->off[i + n];
-            if (n > 0 && bytes + len > CHUNK_BYTES)
-                break;
-            argv[2 + n] = s->jobs.buf + s->off[i + n];
-            lens[2 + n] = len;
-            bytes += len;
-            n++;
-        }
+        size_t bytes, n = chunk_fill(s, i, argv, lens, &bytes);
         int last = i + n == s->njobs;
         if (last) {
             const char *multi[1] = {"MULTI"};
@@ -295,25 +342,7 @@ static void enqueue(struct submit *s, const char *batch_key)
         window_bytes += bytes;
         if (!last && pending < WINDOW_CMDS && window_bytes < WINDOW_BYTES)
             continue;
-        for (int r = 0; r < pending; r++) {
-            void *reply = NULL;
-            if (redisGetReply(rsync_ctx(g.r), &reply) != REDIS_OK || reply == NULL ||
-                ((redisReply *)reply)->type == REDIS_REPLY_ERROR ||
-                ((redisReply *)reply)->type == REDIS_REPLY_NIL) {
-                if (tty)
-                    fputc('\n', stderr);
-                cli_warn("%zu of %zu jobs were enqueued before the failure below; the batch's total was not set", acked,
-                     s->njobs);
-                if (reply && ((redisReply *)reply)->type == REDIS_REPLY_NIL)
-                    die(EX_UNAVAILABLE, "Redis at %s aborted the transaction", rsync_where(g.r));
-                checked(reply, "LPUSH");
-                die_lost("LPUSH");
-            }
-            rep[r] = reply;
-            acked += expect[r];
-        }
-        for (int r = 0; r < pending; r++)
-            freeReplyObject(rep[r]);
+        read_window(s, expect, pending, &acked, tty);
         pending = 0;
         window_bytes = 0;
         if (tty)
@@ -325,45 +354,43 @@ static void enqueue(struct submit *s, const char *batch_key)
     free(lens);
 }
 
-int cmd_submit(int argc, char **argv)
+/* The options of submit, checked. Returns the input (NULL for standard
+ * input); *batch is --batch, or stays NULL. */
+static const char *submit_options(int argc, char **argv, struct submit *s, const char **batch)
 {
     static const struct option opts[] = {
-        COMMON_OPTIONS,
-        {"model", required_argument, NULL, OPT_MODEL},
-        {"batch", required_argument, NULL, OPT_BATCH},
-        {"meta", required_argument, NULL, OPT_META},
-        {"skip-invalid", no_argument, NULL, OPT_SKIP},
-        {NULL, 0, NULL, 0},
+        COMMON_OPTIONS, {"model", required_argument, NULL, OPT_MODEL}, {"batch", required_argument, NULL, OPT_BATCH},
+        {"meta", required_argument, NULL, OPT_META}, {"skip-invalid", no_argument, NULL, OPT_SKIP}, {NULL, 0, NULL, 0},
     };
-    struct submit s;
-    const char *batch = NULL;
     int c;
-    memset(&s, 0, sizeof s);
     while ((c = getopt_long(argc, argv, "c:o:h", opts, NULL)) != -1) {
         switch (c) {
-        case OPT_MODEL: s.model = optarg; break;
-        case OPT_BATCH: batch = optarg; break;
-        case OPT_META: s.meta = optarg; break;
-        case OPT_SKIP: s.skip_invalid = 1; break;
-        case OPT_JSON: s.json = 1; break;
+        case OPT_MODEL: s->model = optarg; break;
+        case OPT_BATCH: *batch = optarg; break;
+        case OPT_META: s->meta = optarg; break;
+        case OPT_SKIP: s->skip_invalid = 1; break;
+        case OPT_JSON: s->json = 1; break;
         default: common_option(c, HELP_SUBMIT);
         }
     }
     const char *path = optind < argc ? argv[optind++] : NULL;
     no_more_args(argc, argv);
-    if (s.model && (s.model[0] == '\0' || strspn(s.model, " \t") == strlen(s.model)))
+    if (s->model && (s->model[0] == '\0' || strspn(s->model, " \t") == strlen(s->model)))
         die(EX_USAGE, "--model must not be empty");
-    if (batch && !id_is_valid(batch, strlen(batch)))
-        die(EX_USAGE, "--batch \"%s\": a batch name is 1-128 characters of [A-Za-z0-9._:-]", batch);
-    if (s.meta && !json_is_strict(s.meta, strlen(s.meta)))
-        die(EX_USAGE, "--meta: not valid JSON: %s", s.meta);
-    load_config();
-    s.batch = batch ? xstrdup(batch) : new_batch_name();
-    s.name = path && strcmp(path, "-") != 0 ? path : "<stdin>";
+    if (*batch && !id_is_valid(*batch, strlen(*batch)))
+        die(EX_USAGE, "--batch \"%s\": a batch name is 1-128 characters of [A-Za-z0-9._:-]", *batch);
+    if (s->meta && !json_is_strict(s->meta, strlen(s->meta)))
+        die(EX_USAGE, "--meta: not valid JSON: %s", s->meta);
+    return path;
+}
 
+/* Read and check every line: the valid jobs go into s->jobs. Exits 65 on an
+ * invalid line (unless --skip-invalid) and when there is no job at all. */
+static void read_jobs(struct submit *s, const char *path)
+{
     sbuf in;
     sbuf_init(&in);
-    sbuf_init(&s.jobs);
+    sbuf_init(&s->jobs);
     read_all(path, &in);
     size_t lineno = 0, pos = 0;
     if (in.len >= 3 && memcmp(in.buf, "\xef\xbb\xbf", 3) == 0)
@@ -371,43 +398,65 @@ int cmd_submit(int argc, char **argv)
     while (pos < in.len) {
         const char *nl = memchr(in.buf + pos, '\n', in.len - pos);
         size_t end = nl ? (size_t)(nl - in.buf) : in.len;
-        submit_line(&s, in.buf + pos, end - pos, ++lineno);
+        submit_line(s, in.buf + pos, end - pos, ++lineno);
         pos = end + 1;
     }
     sbuf_free(&in);
-    if (s.invalid && !s.skip_invalid)
-        die(EX_DATAERR, "%zu invalid line%s in %s; nothing enqueued (--skip-invalid enqueues the others)", s.invalid,
-            s.invalid == 1 ? "" : "s", s.name);
-    if (s.njobs == 0)
-        die(EX_DATAERR, "no jobs in %s%s", s.name, s.invalid ? " (every line is invalid)" : "");
+    if (s->invalid && !s->skip_invalid)
+        die(EX_DATAERR, "%zu invalid line%s in %s; nothing enqueued (--skip-invalid enqueues the others)", s->invalid,
+            s->invalid == 1 ? "" : "s", s->name);
+    if (s->njobs == 0)
+        die(EX_DATAERR, "no jobs in %s%s", s->name, s->invalid ? " (every line is invalid)" : "");
+}
+
+/* Whether the batch's batch_done event was written already. */
+static int batch_is_done(const char *batch_key)
+{
+    redisReply *done = cmd("HGET", batch_key, "done", NULL);
+    int is_done = done->type == REDIS_REPLY_STRING && strcmp(done->str, "1") == 0;
+    freeReplyObject(done); /* before the caller's die(): LeakSanitizer checks at exit */
+    return is_done;
+}
+
+static void submit_report(const struct submit *s, int64_t took)
+{
+    if (s->invalid)
+        cli_warn("skipped %zu invalid line%s", s->invalid, s->invalid == 1 ? "" : "s");
+    if (s->json) {
+        struct jw w;
+        jw_begin(&w);
+        jw_str(&w, "batch", s->batch);
+        jw_int(&w, "enqueued", (long long)s->njobs);
+        jw_int(&w, "invalid", (long long)s->invalid);
+        jw_print(&w);
+    } else {
+        printf("enqueued %zu job%s in batch %s\n", s->njobs, s->njobs == 1 ? "" : "s", s->batch);
+        if (isatty(2))
+            fprintf(stderr, "vidq: (%lld ms; follow it with: vidq progress %s)\n", (long long)took, s->batch);
+    }
+}
+
+int cmd_submit(int argc, char **argv)
+{
+    struct submit s;
+    const char *batch = NULL;
+    memset(&s, 0, sizeof s);
+    const char *path = submit_options(argc, argv, &s, &batch);
+    load_config();
+    s.batch = batch ? xstrdup(batch) : new_batch_name();
+    s.name = path && strcmp(path, "-") != 0 ? path : "<stdin>";
+    read_jobs(&s, path);
 
     setup();
     char *batch_key = key(KEY_BATCH, s.batch);
-    redisReply *done = cmd("HGET", batch_key, "done", NULL);
-    int is_done = done->type == REDIS_REPLY_STRING && strcmp(done->str, "1") == 0;
-    freeReplyObject(done); /* before die(): LeakSanitizer checks at exit */
-    if (is_done) {
+    if (batch_is_done(batch_key)) {
         free(batch_key);
         die(EX_USAGE, "batch %s is already done (its batch_done event was written); choose another --batch",
             s.batch);
     }
     int64_t t0 = mono_ms();
     enqueue(&s, batch_key);
-    int64_t took = mono_ms() - t0;
-    if (s.invalid)
-        cli_warn("skipped %zu invalid line%s", s.invalid, s.invalid == 1 ? "" : "s");
-    if (s.json) {
-        struct jw w;
-        jw_begin(&w);
-        jw_str(&w, "batch", s.batch);
-        jw_int(&w, "enqueued", (long long)s.njobs);
-        jw_int(&w, "invalid", (long long)s.invalid);
-        jw_print(&w);
-    } else {
-        printf("enqueued %zu job%s in batch %s\n", s.njobs, s.njobs == 1 ? "" : "s", s.batch);
-        if (isatty(2))
-            fprintf(stderr, "vidq: (%lld ms; follow it with: vidq progress %s)\n", (long long)took, s.batch);
-    }
+    submit_report(&s, mono_ms() - t0);
     free(batch_key);
     free(s.batch);
     free(s.off);

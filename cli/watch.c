@@ -162,68 +162,86 @@ static char *stream_last_id(void)
     return id;
 }
 
-int cmd_watch(int argc, char **argv)
+/* What watch was asked for, and how far it is. */
+struct watch {
+    const char *batch; /* --batch, or NULL */
+    long count;        /* --count, or 0 */
+    int json;
+    char *last;        /* the id of the last entry read */
+    long seen;         /* events printed */
+    int finished;
+};
+
+/* The options of watch, checked. Returns --from, or NULL. */
+static const char *watch_options(int argc, char **argv, struct watch *w)
 {
     static const struct option opts[] = {
-        COMMON_OPTIONS,
-        {"batch", required_argument, NULL, OPT_BATCH},
-        {"from", required_argument, NULL, OPT_FROM},
-        {"count", required_argument, NULL, OPT_COUNT},
-        {NULL, 0, NULL, 0},
+        COMMON_OPTIONS, {"batch", required_argument, NULL, OPT_BATCH}, {"from", required_argument, NULL, OPT_FROM},
+        {"count", required_argument, NULL, OPT_COUNT}, {NULL, 0, NULL, 0},
     };
-    const char *batch = NULL, *from = NULL;
-    long count = 0;
-    int json = 0, c;
+    const char *from = NULL;
+    int c;
     while ((c = getopt_long(argc, argv, "c:o:h", opts, NULL)) != -1) {
         switch (c) {
-        case OPT_BATCH: batch = optarg; break;
+        case OPT_BATCH: w->batch = optarg; break;
         case OPT_FROM: from = optarg; break;
-        case OPT_COUNT: count = parse_count(optarg, "--count", 1); break;
-        case OPT_JSON: json = 1; break;
+        case OPT_COUNT: w->count = parse_count(optarg, "--count", 1); break;
+        case OPT_JSON: w->json = 1; break;
         default: common_option(c, HELP_WATCH);
         }
     }
     no_more_args(argc, argv);
     if (from && strcmp(from, "$") != 0 && !valid_stream_id(from))
         die(EX_USAGE, "--from \"%s\": expected a stream entry id (1700000000000-0), 0 or $", from);
+    return from;
+}
+
+/* One stream entry: read past it, print it when it is of the batch watched,
+ * and finish after --count events or the batch's batch_done. */
+static void watch_entry(struct watch *w, const redisReply *e)
+{
+    if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 || e->element[0]->type != REDIS_REPLY_STRING)
+        return;
+    free(w->last);
+    w->last = xstrdup(e->element[0]->str);
+    const redisReply *fields = e->element[1];
+    if (fields->type != REDIS_REPLY_ARRAY)
+        return;
+    const char *eb = fstr(fields, "batch");
+    if (w->batch && (eb == NULL || strcmp(eb, w->batch) != 0))
+        return;
+    if (w->json)
+        event_json(w->last, fields);
+    else
+        event_text(fields);
+    w->seen++;
+    const char *event = fstr(fields, "event");
+    if ((w->count && w->seen >= w->count) || (w->batch && event && strcmp(event, "batch_done") == 0))
+        w->finished = 1;
+}
+
+int cmd_watch(int argc, char **argv)
+{
+    struct watch w;
+    memset(&w, 0, sizeof w);
+    const char *from = watch_options(argc, argv, &w);
     setup();
     rsync_set_timeout(g.r, WATCH_BLOCK_MS + COMMAND_TIMEOUT_MS);
-    char *last = from && strcmp(from, "$") != 0 ? xstrdup(from) : stream_last_id();
-    long seen = 0;
-    int finished = 0;
+    w.last = from && strcmp(from, "$") != 0 ? xstrdup(from) : stream_last_id();
     catch_interrupts();
-    while (!interrupted && !finished) {
+    while (!interrupted && !w.finished) {
         char block[16];
         snprintf(block, sizeof block, "%d", WATCH_BLOCK_MS);
-        redisReply *rep = cmd("XREAD", "COUNT", "500", "BLOCK", block, "STREAMS", k.results, last, NULL);
+        redisReply *rep = cmd("XREAD", "COUNT", "500", "BLOCK", block, "STREAMS", k.results, w.last, NULL);
         if (rep->type == REDIS_REPLY_ARRAY && rep->elements == 1 && rep->element[0]->elements == 2) {
             const redisReply *entries = rep->element[0]->element[1];
-            for (size_t i = 0; i < entries->elements && !finished; i++) {
-                const redisReply *e = entries->element[i];
-                if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 || e->element[0]->type != REDIS_REPLY_STRING)
-                    continue;
-                free(last);
-                last = xstrdup(e->element[0]->str);
-                const redisReply *fields = e->element[1];
-                if (fields->type != REDIS_REPLY_ARRAY)
-                    continue;
-                const char *eb = fstr(fields, "batch");
-                if (batch && (eb == NULL || strcmp(eb, batch) != 0))
-                    continue;
-                if (json)
-                    event_json(last, fields);
-                else
-                    event_text(fields);
-                seen++;
-                const char *event = fstr(fields, "event");
-                if ((count && seen >= count) || (batch && event && strcmp(event, "batch_done") == 0))
-                    finished = 1;
-            }
+            for (size_t i = 0; i < entries->elements && !w.finished; i++)
+                watch_entry(&w, entries->element[i]);
             fflush(stdout);
         }
         freeReplyObject(rep);
     }
-    free(last);
+    free(w.last);
     teardown();
     return 0;
 }
