@@ -1,0 +1,209 @@
+/*
+ * stats.c - vidq stats: the queue's lists, sets and stream, whether intake
+ * is paused, and every instance with its heartbeat, read in two pipelined
+ * round trips.
+ */
+#include "cli.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+const char HELP_STATS[] =
+    "Usage: vidq stats [--json]\n"
+    "\n"
+    "Show the queue: jobs waiting, whether intake is paused, the retry set\n"
+    "(and how many retries are due), the dead list, tracked tasks, the results\n"
+    "stream length, and every instance with its heartbeat age (\"dead\" when\n"
+    "its heartbeat expired), state, jobs held and in flight.\n";
+
+static const char *hget(const redisReply *hash, const char *name)
+{
+    for (size_t i = 0; hash && i + 1 < hash->elements; i += 2) {
+        if (strcmp(hash->element[i]->str, name) == 0)
+            return hash->element[i + 1]->str;
+    }
+    return NULL;
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* One instance as a JSON object, appended to `out`. */
+static void instance_json(sbuf *out, const char *name, const redisReply *hash, long long processing, int64_t now)
+{
+    static const char *const numbers[] = {"held", "in_flight", "submitted", "failed", "concurrency", "pid", "started"};
+    struct jw w;
+    int alive = hash->elements > 0;
+    const char *hb = hget(hash, "heartbeat");
+    jw_begin(&w);
+    jw_str(&w, "name", name);
+    jw_bool(&w, "alive", alive);
+    if (hb) {
+        jw_int(&w, "heartbeat", strtoll(hb, NULL, 10));
+        jw_int(&w, "heartbeat_age_ms", now - strtoll(hb, NULL, 10));
+    } else {
+        jw_null(&w, "heartbeat");
+        jw_null(&w, "heartbeat_age_ms");
+    }
+    jw_str(&w, "state", alive ? hget(hash, "state") : "dead");
+    jw_int(&w, "processing", processing);
+    for (size_t i = 0; i < sizeof numbers / sizeof numbers[0]; i++) {
+        const char *v = hget(hash, numbers[i]);
+        if (v && is_integer(v, strlen(v)))
+            jw_int(&w, numbers[i], strtoll(v, NULL, 10));
+        else
+            jw_null(&w, numbers[i]);
+    }
+    jw_str(&w, "version", hget(hash, "version"));
+    jw_str(&w, "message", hget(hash, "message"));
+    jw_close(&w);
+    sbuf_append(out, w.b.buf, w.b.len);
+    sbuf_free(&w.b);
+}
+
+/* Everything `stats` shows, read in two pipelined round trips. */
+struct stats {
+    int64_t now;
+    redisReply *rep[8];   /* see the Q_ names */
+    const char *paused;   /* who paused, or NULL */
+    size_t ninst;
+    const char **names;   /* sorted */
+    redisReply **inst;    /* per instance: its hash, then LLEN of its processing list */
+};
+
+enum { Q_JOBS, Q_PAUSED, Q_RETRY, Q_DUE, Q_DEAD, Q_TRACK, Q_RESULTS, Q_INSTANCES, Q_N };
+
+static void stats_gather(struct stats *st)
+{
+    char now_s[32];
+    st->now = now_ms();
+    snprintf(now_s, sizeof now_s, "%lld", (long long)st->now);
+    const char *q[Q_N][4] = {
+        [Q_JOBS] = {"LLEN", k.jobs},     [Q_PAUSED] = {"GET", k.paused},
+        [Q_RETRY] = {"ZCARD", k.retry},  [Q_DUE] = {"ZCOUNT", k.retry, "-inf", now_s},
+        [Q_DEAD] = {"LLEN", k.dead},     [Q_TRACK] = {"ZCARD", k.track},
+        [Q_RESULTS] = {"XLEN", k.results}, [Q_INSTANCES] = {"SMEMBERS", k.instances},
+    };
+    for (int i = 0; i < Q_N; i++)
+        append(i == Q_DUE ? 4 : 2, q[i], NULL);
+    read_replies(st->rep, Q_N, "stats");
+    st->paused = st->rep[Q_PAUSED]->type == REDIS_REPLY_STRING ? st->rep[Q_PAUSED]->str : NULL;
+
+    st->ninst = st->rep[Q_INSTANCES]->elements;
+    st->names = xcalloc(st->ninst + 1, sizeof *st->names);
+    for (size_t i = 0; i < st->ninst; i++)
+        st->names[i] = st->rep[Q_INSTANCES]->element[i]->str;
+    qsort(st->names, st->ninst, sizeof *st->names, cmp_str);
+    st->inst = xcalloc(2 * st->ninst + 1, sizeof *st->inst);
+    for (size_t i = 0; i < st->ninst; i++) {
+        char *hk = key(KEY_INSTANCE, st->names[i]);
+        char *pk = key(KEY_PROCESSING, st->names[i]);
+        const char *hgetall[2] = {"HGETALL", hk};
+        const char *llen[2] = {"LLEN", pk};
+        append(2, hgetall, NULL);
+        append(2, llen, NULL);
+        free(hk);
+        free(pk);
+    }
+    read_replies(st->inst, (int)(2 * st->ninst), "stats");
+}
+
+static void stats_free(struct stats *st)
+{
+    for (size_t i = 0; i < 2 * st->ninst; i++)
+        freeReplyObject(st->inst[i]);
+    for (int i = 0; i < Q_N; i++)
+        freeReplyObject(st->rep[i]);
+    free(st->inst);
+    free(st->names);
+}
+
+static void stats_json(const struct stats *st)
+{
+    struct jw w;
+    jw_begin(&w);
+    jw_str(&w, "prefix", g.cfg.prefix);
+    jw_int(&w, "jobs", st->rep[Q_JOBS]->integer);
+    jw_bool(&w, "paused", st->paused != NULL);
+    jw_str(&w, "paused_by", st->paused);
+    jw_int(&w, "retry", st->rep[Q_RETRY]->integer);
+    jw_int(&w, "retry_due", st->rep[Q_DUE]->integer);
+    jw_int(&w, "dead", st->rep[Q_DEAD]->integer);
+    jw_int(&w, "tracked", st->rep[Q_TRACK]->integer);
+    jw_int(&w, "results", st->rep[Q_RESULTS]->integer);
+    jw_key(&w, "instances");
+    sbuf_putc(&w.b, '[');
+    for (size_t i = 0; i < st->ninst; i++) {
+        if (i > 0)
+            sbuf_putc(&w.b, ',');
+        instance_json(&w.b, st->names[i], st->inst[2 * i], st->inst[2 * i + 1]->integer, st->now);
+    }
+    sbuf_putc(&w.b, ']');
+    jw_print(&w);
+}
+
+/* One row of the instance table. */
+static void instance_text(const char *name, const redisReply *h, long long processing, int64_t now)
+{
+    int alive = h->elements > 0;
+    const char *hb = hget(h, "heartbeat");
+    const char *state = alive ? hget(h, "state") : "dead";
+    const char *msg = alive ? hget(h, "message") : "heartbeat expired; its jobs go back to the queue";
+    const char *in_flight = alive ? hget(h, "in_flight") : NULL;
+    const char *submitted = alive ? hget(h, "submitted") : NULL;
+    const char *failed = alive ? hget(h, "failed") : NULL;
+    char age[48] = "-";
+    if (hb) {
+        fmt_duration(now - strtoll(hb, NULL, 10), age, sizeof age - 8);
+        strcat(age, " ago");
+    }
+    sbuf m;
+    sbuf_init(&m);
+    put_clean(&m, msg ? msg : "", msg ? strlen(msg) : 0);
+    printf("  %-20s %-16s %-10s %10lld %9s %9s %7s  %s\n", name, state ? state : "?", age, processing,
+           in_flight ? in_flight : "-", submitted ? submitted : "-", failed ? failed : "-", sb_str(&m));
+    sbuf_free(&m);
+}
+
+static void stats_text(const struct stats *st)
+{
+    printf("queue %s on %s\n", g.cfg.prefix, rsync_where(g.r));
+    printf("  jobs waiting   %lld\n", st->rep[Q_JOBS]->integer);
+    if (st->paused) {
+        sbuf p;
+        sbuf_init(&p);
+        put_clean(&p, st->paused, strlen(st->paused));
+        printf("  paused         yes (%s)\n", sb_str(&p));
+        sbuf_free(&p);
+    } else {
+        printf("  paused         no\n");
+    }
+    printf("  retry          %lld (%lld due)\n", st->rep[Q_RETRY]->integer, st->rep[Q_DUE]->integer);
+    printf("  dead           %lld\n", st->rep[Q_DEAD]->integer);
+    printf("  tracked tasks  %lld\n", st->rep[Q_TRACK]->integer);
+    printf("  results        %lld events\n", st->rep[Q_RESULTS]->integer);
+    printf("instances (%zu)\n", st->ninst);
+    if (st->ninst)
+        printf("  %-20s %-16s %-10s %10s %9s %9s %7s  %s\n", "NAME", "STATE", "HEARTBEAT", "PROCESSING",
+               "IN FLIGHT", "SUBMITTED", "FAILED", "MESSAGE");
+    for (size_t i = 0; i < st->ninst; i++)
+        instance_text(st->names[i], st->inst[2 * i], st->inst[2 * i + 1]->integer, st->now);
+}
+
+int cmd_stats(int argc, char **argv)
+{
+    int json = json_only_command(argc, argv, HELP_STATS);
+    struct stats st;
+    memset(&st, 0, sizeof st);
+    stats_gather(&st);
+    if (json)
+        stats_json(&st);
+    else
+        stats_text(&st);
+    stats_free(&st);
+    teardown();
+    return 0;
+}
