@@ -1,0 +1,166 @@
+/*
+ * worker_int.h - what worker.c (the job's path) and upkeep.c (the
+ * instance around it) share: the state of a held job (a slot) and of the
+ * worker, and the few functions one calls in the other. Private to those
+ * two files; everything else goes through worker.h.
+ */
+#ifndef VIDQ_WORKER_INT_H
+#define VIDQ_WORKER_INT_H
+
+#include "worker.h"
+#include "flow.h"
+#include "job.h"
+
+#define MAX_FIELDS 32
+#define RESPONSE_IN_FAILED_EVENT 4096 /* bytes of an error body kept in events */
+#define RECORD_RETRY_MS 500
+#define INTAKE_RETRY_MS 500
+#define PAUSED_POLL_MS 1000
+#define WAIT_SECONDS 1
+#define DRAIN_GRACE_MS 5000 /* after the shutdown timeout, to record outcomes */
+#define UPKEEP_MS 1000
+#define HEARTBEAT_EVERY 2   /* upkeep ticks */
+#define HEARTBEAT_TTL_MS 10000
+#define TAKEOVER_EVERY 5    /* upkeep ticks */
+#define POISON_LIMIT 3      /* deaths of holders before a job is dead as "poison" */
+#define WAIT_CLAIM_MS 1000
+#define TURN_BUDGET_BYTES (1u << 20) /* job bytes started per turn of the loop, beyond the first job */  /* another copy of the job_id may be in flight: look again */
+#define PROBE_MAX_MS 60000
+#define FORBIDDEN_SUSPECTS 3 /* jobs refused with 403, none accepted after: the account */
+enum { BLOCK_NONE, BLOCK_ACCOUNT, BLOCK_GATEWAY };
+#define ENVELOPE_PREFIX "{\"vidq_retry\":{\"attempts\":"
+
+enum sstate { S_CHECKING, S_SENDING, S_ACCOUNT_HOLD, S_RECORDING, S_RECORD_WAIT, S_PUTBACK };
+
+typedef struct slot slot;
+struct slot {
+    worker *w;
+    char *held;        /* the text in the processing list: the held copy */
+    size_t held_len;
+    const char *taken; /* inside held: the job as it was taken (maybe a retry envelope) */
+    size_t taken_len;
+    struct job job;
+    enum sstate state;
+    http_req *req;
+    unsigned attempts;
+    unsigned strikes;          /* account errors this job got */
+    int forbidden;             /* held after a 403: the account's or the job's? */
+    int judged;                /* after its 403, a request sent later was accepted */
+    uint64_t strike_seq;       /* requests sent when its 403 came back */
+    uint64_t sent_seq;         /* the order its last request went out in */
+    char strike_msg[512];
+    char *token;               /* its sending mark's token: found with it, or new for this run */
+    int marked;                /* Redis holds its mark (the SEND step said so, or found marked) */
+    int maybe_sent;            /* found marked after a crash: it may have been billed */
+    int probing;               /* the SEND step only looks (maybe_sent) */
+    long long deaths;          /* instances that died holding it */
+    int64_t taken_ms;
+    uv_timer_t timer; /* record retry, dedup retry */
+    /* the outcome being recorded */
+    const char *outcome;   /* for the log line */
+    const char *error;     /* a failed outcome's error (a static string) */
+    char *task_id;
+    sbuf fbuf;                  /* the event's field strings, NUL-separated */
+    size_t foff[MAX_FIELDS];    /* where each starts in fbuf */
+    const char *fv[MAX_FIELDS]; /* pointers into fbuf, set by fields_ready() */
+    size_t fl[MAX_FIELDS];
+    int nf;
+    char *dead;
+    size_t dead_len;
+    int dedup;             /* set the dedup marker with task_id */
+    char *envelope;        /* a retry: the envelope for the retry set */
+    size_t envelope_len;
+    int64_t due_ms;
+    slot *prev, *next;
+};
+
+struct backlog_item {
+    char *raw;
+    size_t len;
+    char *token; /* found marked with this token, or NULL */
+    long long deaths;
+};
+
+struct worker {
+    uv_loop_t *loop;
+    const struct config *cfg;
+    queue *q;
+    http_client *http;
+    char *submit_url;
+    char *auth_header;
+    slot *slots;
+    unsigned nslots;
+    unsigned in_flight;
+    struct backlog_item *backlog; /* held jobs not yet started (after a restart) */
+    size_t backlog_len, backlog_pos, backlog_cap;
+    int intake_busy;
+    int resync;        /* re-read the processing list before taking more */
+    int recovering;    /* the first re-read, after a start: count recoveries */
+    int paused;
+    uv_timer_t intake_timer;
+    struct flow flow;
+    /* account errors */
+    int blocked;          /* BLOCK_ACCOUNT or BLOCK_GATEWAY: intake stopped */
+    uint64_t send_seq;    /* requests sent so far: their order */
+    uint64_t blocked_seq; /* only requests sent after it can lift the block */
+    uint64_t last_success_seq; /* the latest-sent request that was accepted */
+    char *probe_url;      /* a GET that cannot create a task */
+    http_req *probe_req;
+    char block_msg[512];
+    int64_t probe_delay_ms;
+    int probe_take;    /* let one new job in, as a probe */
+    uv_timer_t probe_timer;
+    /* upkeep */
+    uv_timer_t upkeep_timer;
+    unsigned ticks;
+    int upkeep_busy[3];
+    int64_t started_ms;
+    int64_t up_since;  /* mono ms when Redis last came up, 0 while it is down */
+    uint32_t id_rand;
+    uint64_t id_counter;
+    uint64_t token_seq; /* mark tokens of this run: run_id.N */
+    struct worker_stats st;
+    /* draining */
+    int draining;
+    int drain_expired;
+    int clean_writing, clean_written;
+    uv_timer_t drain_timer;
+    /* start-up: the instance-name guard, then the spool, then the held jobs */
+    int name_claimed;
+    char run_id[40];
+    char *spool;       /* outcomes the previous run could not write, to replay first */
+    size_t spool_len;
+    void (*drain_done)(void *);
+    void *drain_ud;
+    int handles_open;
+};
+
+/* ---- the job's path (worker.c) ---- */
+
+/* The configuration's strings of the job's path (start, SIGHUP). */
+void path_configure(worker *w);
+/* "account_blocked" or "gateway_down" */
+const char *block_name(int kind);
+/* A slot for a held job (in memory only), and its start. */
+slot *slot_new(worker *w, const struct qitem *it);
+void job_start(worker *w, const struct qitem *it);
+/* Return a job never sent to the intake list (it ends its slot). */
+void slot_putback(slot *s);
+/* Record what the slot's outcome is; retried until Redis takes it. */
+void slot_record(slot *s);
+/* Forget a slot (its job stays held in Redis). */
+void slot_release(slot *s);
+/* Slots in `state`, in a new array (caller frees). */
+slot **slots_in(worker *w, enum sstate state, size_t *n);
+/* Account errors, the gateway down: stop intake / lift it. */
+void worker_unblock(worker *w);
+
+/* ---- the instance around it (upkeep.c) ---- */
+
+/* Take jobs while there is room, flow allows and nothing blocks intake. */
+void intake_pump(worker *w);
+void intake_later(worker *w, uint64_t ms);
+/* While draining: finish when nothing is held any more. */
+void drain_check(worker *w);
+
+#endif
