@@ -345,6 +345,39 @@ static void on_drained(void *ud)
     close_all(d);
 }
 
+/*
+ * The HTTP client, the queue, the worker and the tracker close in any
+ * order: each close is deferred to the loop's close phase, callbacks that
+ * come meanwhile meet a closed module (calls fail, callbacks do nothing),
+ * never freed memory. In builds with crash points VIDQ_CLOSE_ORDER=reverse
+ * closes the users first, for tests/it_close_order.py.
+ */
+static void close_modules(struct daemon *d)
+{
+    int reverse = 0;
+#ifdef VIDQ_CRASH_POINTS
+    const char *order = getenv("VIDQ_CLOSE_ORDER");
+    reverse = order && strcmp(order, "reverse") == 0;
+#endif
+    if (reverse) {
+        if (d->tr)
+            tracker_free(d->tr);
+        worker_free(d->w);
+        queue_close(d->q);
+        http_client_close(d->http);
+    } else {
+        http_client_close(d->http);
+        queue_close(d->q);
+        worker_free(d->w);
+        if (d->tr)
+            tracker_free(d->tr);
+    }
+    d->w = NULL;
+    d->tr = NULL;
+    d->q = NULL;
+    d->http = NULL;
+}
+
 static void close_all(struct daemon *d)
 {
     char stall[32];
@@ -354,15 +387,7 @@ static void close_all(struct daemon *d)
     uv_check_stop(&d->stall_check);
     uv_close((uv_handle_t *)&d->stall_prepare, NULL);
     uv_close((uv_handle_t *)&d->stall_check, NULL);
-    /* Order matters: callbacks of the HTTP client and the queue still reach
-     * live slots; the worker goes last. */
-    http_client_close(d->http);
-    queue_close(d->q);
-    worker_free(d->w);
-    d->w = NULL;
-    if (d->tr)
-        tracker_free(d->tr);
-    d->tr = NULL;
+    close_modules(d);
     if (d->metrics)
         metrics_close(d->metrics);
     d->metrics = NULL;

@@ -641,8 +641,12 @@ static void tracker_closed(uv_handle_t *h)
     free(h->data);
 }
 
+/* Callbacks that come later (the HTTP client or the queue closing after
+ * this) find the tracker stopped: they free their poll and start nothing;
+ * the struct lasts until the loop's close phase. */
 void tracker_free(tracker *t)
 {
+    t->stopped = 1;
     free(t->base);
     free(t->auth_header);
     uv_close((uv_handle_t *)&t->tick, tracker_closed);

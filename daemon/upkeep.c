@@ -62,6 +62,8 @@ static void start_or_putback(worker *w, const struct qitem *items, size_t n)
 static void on_waited(int err, const struct qinfo *info, const struct qitem *items, size_t n, void *ud)
 {
     worker *w = ud;
+    if (w->closed)
+        return;
     (void)info;
     w->intake_busy = 0;
     if (err) {
@@ -79,6 +81,8 @@ static void on_waited(int err, const struct qinfo *info, const struct qitem *ite
 static void on_taken(int err, const struct qinfo *info, const struct qitem *items, size_t n, void *ud)
 {
     worker *w = ud;
+    if (w->closed)
+        return;
     w->intake_busy = 0;
     if (err) {
         w->resync = 1;
@@ -154,6 +158,8 @@ static void backlog_push(worker *w, const struct qitem *it)
 static void on_held(int err, const struct qinfo *info, const struct qitem *items, size_t n, void *ud)
 {
     worker *w = ud;
+    if (w->closed)
+        return;
     (void)info;
     w->intake_busy = 0;
     if (err) {
@@ -262,12 +268,16 @@ static void on_upkeep_done(worker *w, int which, int err)
 static void on_heartbeat(int err, long long r, void *ud)
 {
     (void)r;
+    if (((worker *)ud)->closed)
+        return;
     on_upkeep_done(ud, UP_HEARTBEAT, err);
 }
 
 static void on_takeover(int err, long long moved, long long marked, void *ud)
 {
     worker *w = ud;
+    if (w->closed)
+        return;
     on_upkeep_done(w, UP_TAKEOVER, err);
     if (!err && moved > 0) {
         char n[24], a[24];
@@ -286,6 +296,8 @@ static void on_takeover(int err, long long moved, long long marked, void *ud)
 static void on_promoted(int err, long long moved, void *ud)
 {
     worker *w = ud;
+    if (w->closed)
+        return;
     on_upkeep_done(w, UP_PROMOTE, err);
     if (!err && moved > 0)
         intake_pump(w);
@@ -379,6 +391,8 @@ static void on_clean_exit_cb(int err, long long r, void *ud)
 {
     worker *w = ud;
     (void)r;
+    if (w->closed)
+        return;
     w->clean_writing = 0;
     w->clean_written = 1;
     if (err)
@@ -519,6 +533,8 @@ static void spool_outcomes(worker *w)
 static void on_spool_replayed(int err, long long refused, void *ud)
 {
     worker *w = ud;
+    if (w->closed)
+        return;
     w->intake_busy = 0;
     if (err) {
         log_kv(LOG_WARNING, "could not replay the spool yet (Redis away); trying again", NULL);
@@ -587,6 +603,8 @@ static const char *field_of(const char **f, size_t n, const char *name)
 static void on_name_claimed(int err, const char **f, size_t n, void *ud)
 {
     worker *w = ud;
+    if (w->closed)
+        return;
     char host[256] = "";
     w->intake_busy = 0;
     if (err) {
@@ -738,12 +756,18 @@ static void worker_closed(uv_handle_t *h)
         free(w);
 }
 
+/*
+ * After the drain. A slot still here holds a job whose outcome Redis would
+ * not take: it stays in the processing list and the next start finishes it.
+ * Callbacks of the HTTP client and the queue may still come, now or while
+ * those close (before or after this): every one of them checks `closed`
+ * first, and the memory of the worker and its slots lasts until the loop's
+ * close phase (their handles' close callbacks free it). So the modules may
+ * be closed in any order.
+ */
 void worker_free(worker *w)
 {
-    /* Called after the drain, once the HTTP client and the queue are closed
-     * (so no callback can reach a slot any more). A slot still here holds a
-     * job whose outcome Redis would not take: it stays in the processing
-     * list and the next start finishes it. */
+    w->closed = 1;
     while (w->slots)
         slot_release(w->slots);
     for (size_t k = w->backlog_pos; k < w->backlog_len; k++) {

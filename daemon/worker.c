@@ -264,6 +264,8 @@ static void on_record_retry(uv_timer_t *t)
 static void on_recorded(int err, long long held, void *ud)
 {
     slot *s = ud;
+    if (s->w->closed)
+        return; /* worker_free released it; its memory lasts this turn */
     if (err) {
         /* Keep the outcome in memory and try again: the job is still held. */
         s->state = S_RECORD_WAIT;
@@ -329,6 +331,8 @@ void slot_record(slot *s)
 static void on_putback(int err, long long result, void *ud)
 {
     slot *s = ud;
+    if (s->w->closed)
+        return; /* worker_free released it; its memory lasts this turn */
     (void)result;
     if (!err)
         crash_point("after_putback");
@@ -526,6 +530,8 @@ static void on_gateway_probe(http_req *req, const struct http_result *res, void 
     worker *w = ud;
     struct outcome o;
     (void)req;
+    if (w->closed)
+        return;
     w->probe_req = NULL;
     if (w->draining)
         return;
@@ -665,6 +671,8 @@ static void on_response(http_req *req, const struct http_result *res, void *ud)
     worker *w = s->w;
     struct outcome o;
     (void)req;
+    if (w->closed)
+        return; /* worker_free released it; its memory lasts this turn */
     crash_point("after_answer");
     s->req = NULL;
     w->in_flight--;
@@ -754,6 +762,8 @@ static void on_send(int err, enum queue_verdict v, const char *arg, size_t len, 
 {
     slot *s = ud;
     worker *w = s->w;
+    if (w->closed)
+        return; /* worker_free released it; its memory lasts this turn */
     if (err) {
         /* No answer, no request: a crash now must not leave a silent sender. */
         if (w->draining) {

@@ -133,6 +133,7 @@ struct worker {
     void (*drain_done)(void *);
     void *drain_ud;
     int handles_open;
+    int closed; /* worker_free() was called: callbacks do nothing */
 };
 
 /* ---- the job's path (worker.c) ---- */

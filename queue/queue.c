@@ -600,6 +600,8 @@ struct queue {
     char sha[S_COUNT][41];
     int scripts_loaded;
     int up;
+    int closed;        /* queue_close() was called: every call returns -1 */
+    uv_timer_t anchor; /* never started: its close frees the struct (queue_close) */
     queue_state_fn *state_fn;
     void *ud;
 };
@@ -682,6 +684,8 @@ queue *queue_new(uv_loop_t *loop, const struct queue_opts *o, queue_state_fn *fn
     queue *q = xcalloc(1, sizeof *q);
     char name[200];
     q->loop = loop;
+    uv_timer_init(loop, &q->anchor);
+    q->anchor.data = q;
     q->prefix = xstrdup(o->prefix);
     q->instance = xstrdup(o->instance);
     for (int k = 0; k < KEY_COUNT; k++) {
@@ -714,11 +718,9 @@ int queue_is_up(const queue *q)
     return q->up;
 }
 
-void queue_close(queue *q)
+static void queue_closed(uv_handle_t *h)
 {
-    q->state_fn = NULL;
-    rconn_close(q->blk);
-    rconn_close(q->cmd);
+    queue *q = h->data;
     free(q->prefix);
     free(q->instance);
     for (int k = 0; k < KEY_COUNT; k++)
@@ -726,6 +728,24 @@ void queue_close(queue *q)
     for (int i = 0; i < S_COUNT; i++)
         free(q->text[i]);
     free(q);
+}
+
+/*
+ * Closing is deferred: the struct lives until the loop's next close phase,
+ * so the callbacks that run now (pending calls fail, with err) and anything
+ * they call on the queue meet a closed queue (every call returns -1), never
+ * freed memory. Modules may therefore be closed in any order.
+ */
+void queue_close(queue *q)
+{
+    VQ_ASSERT(!q->closed);
+    q->closed = 1;
+    q->up = 0;
+    q->capture = NULL;
+    q->state_fn = NULL;
+    rconn_close(q->blk);
+    rconn_close(q->cmd);
+    uv_close((uv_handle_t *)&q->anchor, queue_closed);
 }
 
 /* ---- replies ---------------------------------------------------------- */
@@ -904,6 +924,10 @@ int queue_spool_check(const char *data, size_t len)
 static int qsend(queue *q, rconn *conn, rconn_reply_fn *rfn, struct call *c, int argc, const char **argv,
                  const size_t *lens)
 {
+    if (q->closed) {
+        free(c);
+        return -1;
+    }
     if (q->capture) {
         capture(q, argc, argv, lens);
         free(c);
