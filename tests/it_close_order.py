@@ -12,6 +12,10 @@ use (queue, HTTP client). For both orders, a shutdown that leaves work in every 
   the queue closes;
 vidqd must exit without a crash (the ASan build of the suite reports any use after free), and
 once Redis resumes and vidqd runs again, every job ends with exactly one terminal event.
+
+What this cannot show: whether a Redis call is still pending at the very moment the queue closes
+(the command timeout usually fails them first). tests/loop_queue.c closes a queue with calls
+pending and checks the callbacks, and calls made from them, meet a closed queue.
 """
 import os
 import signal
