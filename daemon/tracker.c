@@ -121,13 +121,22 @@ struct update {
 
 static const char *num(struct update *u, long long v)
 {
+    VQ_ASSERT(u->nbuf < (int)(sizeof u->bufs / sizeof u->bufs[0]));
     char *b = u->bufs[u->nbuf++];
     snprintf(b, 32, "%lld", v);
     return b;
 }
 
+static void hash_set(struct update *u, const char *k, const char *v)
+{
+    VQ_ASSERT(u->nhash + 2 <= (int)(sizeof u->hash / sizeof u->hash[0]));
+    u->hash[u->nhash++] = k;
+    u->hash[u->nhash++] = v;
+}
+
 static void ev(struct update *u, const char *k, const char *v)
 {
+    VQ_ASSERT(u->nev + 2 <= (int)(sizeof u->ev / sizeof u->ev[0]));
     u->ev[u->nev++] = k;
     u->ev[u->nev++] = v ? v : "";
 }
@@ -151,6 +160,7 @@ static void on_updated(int err, long long result, void *ud)
     (void)result;
     if (err)
         log_kv(LOG_WARNING, "could not record a poll; the task will be polled again", "job_id", p->job_id, NULL);
+    VQ_ASSERT(t->in_flight > 0);
     t->in_flight--;
     poll_free(p);
     if (!t->stopped)
@@ -240,6 +250,7 @@ static void download_failed(struct poll *p, const char *why)
 {
     tracker *t = p->t;
     p->dl_attempts++;
+    VQ_ASSERT(t->downloads > 0);
     t->downloads--;
     if (p->dl_attempts >= DOWNLOAD_ATTEMPTS) {
         /* The video exists; only our copy failed. */
@@ -248,11 +259,9 @@ static void download_failed(struct poll *p, const char *why)
     }
     log_kv(LOG_NOTICE, "download failed; will retry", "job_id", p->job_id, "error", why, NULL);
     struct update u = {.nhash = 0};
-    u.hash[u.nhash++] = "dl";
-    u.hash[u.nhash++] = num(&u, p->dl_attempts);
+    hash_set(&u, "dl", num(&u, p->dl_attempts));
     /* Ask the API again next time: a signed URL may have expired. */
-    u.hash[u.nhash++] = "dl_url";
-    u.hash[u.nhash++] = "";
+    hash_set(&u, "dl_url", "");
     again(p, (int64_t)2000 << p->dl_attempts, &u); /* 4 s, 8 s, 16 s, ... */
 }
 
@@ -262,6 +271,7 @@ static int cancelled(struct poll *p, const struct http_result *res)
 {
     if (res->outcome != HTTP_CANCELED)
         return 0;
+    VQ_ASSERT(p->t->in_flight > 0);
     p->t->in_flight--;
     poll_free(p);
     return 1;
@@ -273,6 +283,7 @@ static void on_downloaded(http_req *req, const struct http_result *res, void *ud
     char why[300];
     (void)req;
     if (res->outcome == HTTP_CANCELED)
+        VQ_ASSERT(p->t->downloads > 0);
         p->t->downloads--;
     if (cancelled(p, res))
         return;
@@ -312,6 +323,7 @@ static void on_downloaded(http_req *req, const struct http_result *res, void *ud
     }
     free(p->tmp_path);
     p->tmp_path = NULL;
+    VQ_ASSERT(p->t->downloads > 0);
     p->t->downloads--;
     finish(p, "succeeded", "video_url", p->ts.video_url, "file", p->final_path, NULL, NULL);
 }
@@ -334,7 +346,9 @@ static void on_leased(int err, long long result, void *ud)
         if (err)
             log_kv(LOG_WARNING, "could not lease a download; the task will be polled again", "job_id", p->job_id,
                    NULL);
+        VQ_ASSERT(t->downloads > 0);
         t->downloads--;
+        VQ_ASSERT(t->in_flight > 0);
         t->in_flight--;
         poll_free(p);
         if (!t->stopped)
@@ -352,8 +366,7 @@ static void download(struct poll *p)
          * come back a poll interval later rather than asking the API again
          * every few seconds while the slots are busy. */
         struct update u = {.nhash = 0};
-        u.hash[u.nhash++] = "dl_url";
-        u.hash[u.nhash++] = p->ts.video_url;
+        hash_set(&u, "dl_url", p->ts.video_url);
         again(p, t->cfg->poll_interval_ms, &u);
         return;
     }
@@ -428,8 +441,7 @@ static void on_polled(http_req *req, const struct http_result *res, void *ud)
             return;
         }
         struct update u = {.nhash = 0};
-        u.hash[u.nhash++] = "nf";
-        u.hash[u.nhash++] = num(&u, p->not_found);
+        hash_set(&u, "nf", num(&u, p->not_found));
         again(p, NOT_FOUND_RETRY_MS, &u);
         return;
     }
@@ -454,17 +466,14 @@ static void on_polled(http_req *req, const struct http_result *res, void *ud)
         struct update u = {.nhash = 0};
         if (strcmp(p->ts.status, p->status ? p->status : "") != 0 ||
             strcmp(p->ts.progress, p->progress ? p->progress : "") != 0) {
-            u.hash[u.nhash++] = "status";
-            u.hash[u.nhash++] = p->ts.status;
-            u.hash[u.nhash++] = "progress";
-            u.hash[u.nhash++] = p->ts.progress;
+            hash_set(&u, "status", p->ts.status);
+            hash_set(&u, "progress", p->ts.progress);
             ev_begin(&u, p, "progress");
             ev(&u, "status", p->ts.status);
             ev(&u, "progress", p->ts.progress);
         }
         if (p->not_found) {
-            u.hash[u.nhash++] = "nf";
-            u.hash[u.nhash++] = "0";
+            hash_set(&u, "nf", "0");
         }
         again(p, t->cfg->poll_interval_ms, &u);
     }

@@ -85,6 +85,7 @@ void slot_release(slot *s)
         w->slots = s->next;
     if (s->next)
         s->next->prev = s->prev;
+    VQ_ASSERT(w->nslots > 0);
     w->nslots--;
     clear_outcome(s);
     sbuf_free(&s->fbuf);
@@ -133,8 +134,7 @@ static void ev_add(slot *s, const char *k, const char *v, size_t len)
 {
     /* One buffer for all of an event's strings: an event has ~10 fields
      * and this runs for every job. */
-    if (s->nf + 2 > MAX_FIELDS)
-        return;
+    VQ_ASSERT(s->nf + 2 <= MAX_FIELDS); /* the events are ours: a field too many is a bug */
     size_t klen = strlen(k);
     s->foff[s->nf] = s->fbuf.len;
     s->fl[s->nf++] = klen;
@@ -675,6 +675,7 @@ static void on_response(http_req *req, const struct http_result *res, void *ud)
         return; /* worker_free released it; its memory lasts this turn */
     crash_point("after_answer");
     s->req = NULL;
+    VQ_ASSERT(w->in_flight > 0);
     w->in_flight--;
     api_classify_submit(res, &o);
     int can_retry = s->attempts < (unsigned)w->cfg->max_attempts;
