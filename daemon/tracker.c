@@ -282,9 +282,10 @@ static void on_downloaded(http_req *req, const struct http_result *res, void *ud
     struct poll *p = ud;
     char why[300];
     (void)req;
-    if (res->outcome == HTTP_CANCELED)
+    if (res->outcome == HTTP_CANCELED) {
         VQ_ASSERT(p->t->downloads > 0);
         p->t->downloads--;
+    }
     if (cancelled(p, res))
         return;
     if (res->outcome == HTTP_BLOCKED) {
