@@ -3,7 +3,8 @@
  * AIMD on 429 answers (halve the rate and the concurrency in effect, then
  * give them back step by step while the API stops complaining).
  *
- * Pure arithmetic on a clock passed in, so it is unit-tested without timers.
+ * Pure arithmetic on a clock passed in: tests/loop_flow.c checks it with a
+ * made-up clock, and on a real libuv loop with uv_now() as the clock.
  * The global rate (submit.global_rate) lives in Redis (GCRA, queue.c).
  */
 #ifndef VIDQ_FLOW_H
