@@ -518,8 +518,8 @@ static void complete(http_req *r, CURLcode rc, const char *why)
     /* GETs have no body; for them `sent` means only that a connection existed. */
     res.sent = r->body ? r->body_off == r->body_len : !is_connect_failure(rc);
     res.outcome = outcome_of(r, rc, why);
-    if (res.outcome == HTTP_REFUSED)
-        res.sent = 0;
+    if (res.outcome == HTTP_REFUSED || res.outcome == HTTP_UNREACHABLE)
+        res.sent = 0; /* by definition the server has nothing */
     switch (res.outcome) {
     case HTTP_OK: break;
     case HTTP_TOO_LARGE: res.error = "response body too large"; break;

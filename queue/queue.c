@@ -1351,6 +1351,16 @@ int queue_replay(queue *q, const char *data, size_t len, queue_done_fn *fn, void
         free(argv);
         free(lens);
     }
+    if (rp->pending == 1) {
+        /* Nothing to replay: answer from the loop all the same (one PING),
+         * never from inside this call. */
+        const char *ping[1] = {"PING"};
+        rp->pending++;
+        if (rconn_cmd(q->cmd, on_replayed, rp, 1, ping, NULL) != 0) {
+            rp->pending--;
+            rp->failed = 1;
+        }
+    }
     replay_release(rp);
     return 0;
 }

@@ -1314,6 +1314,52 @@ static void close_with_calls_pending(void **state)
     assert_int_equal(c.calls, 1);
 }
 
+/* A callback that runs while the queue closes calls the queue again (as
+ * the worker's callbacks may, whatever the order vidqd closes its modules
+ * in): the call fails, on memory that is still the queue's -- the close is
+ * deferred to the loop's close phase (ASan and valgrind would see a use
+ * after free otherwise). */
+struct reentry {
+    queue *q;
+    int calls;
+    int rc;
+    struct res late;
+};
+
+static void on_items_reenter(int err, const struct qinfo *info, const struct qitem *items, size_t n, void *ud)
+{
+    struct reentry *re = ud;
+    (void)info;
+    (void)items;
+    (void)n;
+    re->calls++;
+    assert_int_equal(err, 1);
+    re->rc = queue_promote(re->q, on_done, &re->late);
+}
+
+static void close_then_call_from_callback(void **state)
+{
+    struct env e;
+    struct qh h;
+    struct reentry re;
+    (void)state;
+    env_start(&e);
+    q_new(&e, &h, "reenter");
+    queue_start(h.q);
+    run_until(&e, &h.ups, 1);
+    memset(&re, 0, sizeof re);
+    re.q = h.q;
+    assert_int_equal(queue_take(h.q, 1, 0, on_items_reenter, &re), 0);
+    queue_close(h.q);
+    assert_int_equal(re.calls, 1);
+    assert_int_equal(re.rc, -1);         /* a closed queue refuses calls */
+    assert_int_equal(re.late.calls, 0);  /* ... and never answers them */
+    assert_int_equal(queue_heartbeat(h.q, NULL, 0, 1000, on_done, &re.late), -1); /* still, until the close phase */
+    h.q = NULL;
+    env_finish(&e);
+    assert_int_equal(re.late.calls, 0);
+}
+
 /* queue_close from inside the queue's own callbacks: a reply's (with other
  * calls pending, which then fail once each), the state callback's "up",
  * and its "down" (a server that refuses the connection). */
@@ -1491,6 +1537,7 @@ int main(void)
         cmocka_unit_test_setup(spool_capture_replay, flush),
         cmocka_unit_test_setup(close_with_calls_pending, flush),
         cmocka_unit_test_setup(close_inside_callbacks, flush),
+        cmocka_unit_test_setup(close_then_call_from_callback, flush),
         cmocka_unit_test(redis_killed),
     };
     /* Without a redis-server the whole program is one TAP skip (a cmocka
