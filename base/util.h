@@ -52,7 +52,7 @@ int hexval(char c);
 long utf8_invalid_at(const char *s, size_t n);
 
 /* True when s[0..n) contains only [A-Za-z0-9._:-] and 1 <= n <= 128
- * (the charset of job ids and batch names, CONTRACT §2). */
+ * (the charset of job ids and batch names, docs/protocol.md §2). */
 int id_is_valid(const char *s, size_t n);
 
 /*

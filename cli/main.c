@@ -1,6 +1,6 @@
 /*
  * main.c - the command-line tool of vidq: submit, watch, progress, stats,
- * dead list|requeue|purge, pause, resume (CONTRACT §8, issue 4). This file
+ * dead list|requeue|purge, pause, resume (docs/protocol.md §8, issue 4). This file
  * reads the options before the command and finds the command; each command
  * has its own file, and what they share is in cli.h.
  *

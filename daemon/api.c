@@ -108,7 +108,7 @@ static void set_msg(struct outcome *o, const char *fmt, ...)
 
 /*
  * A status answered by the gateway itself carries its JSON error envelope
- * (CONTRACT §1); the same status as an HTML or empty page comes from a proxy
+ * (docs/protocol.md §1); the same status as an HTML or empty page comes from a proxy
  * in front of it, which may already have handed the request on (verified
  * with nginx: "upstream prematurely closed connection" after delivering it).
  */
@@ -239,7 +239,7 @@ static int is_http_url(const char *s)
     return s && (strncmp(s, "http://", 7) == 0 || strncmp(s, "https://", 8) == 0);
 }
 
-/* Terminal statuses of CONTRACT §1, in every spelling seen. */
+/* Terminal statuses of docs/protocol.md §1, in every spelling seen. */
 static enum task_state classify_status(const char *st)
 {
     static const char *ok[] = {"SUCCESS", "completed", "succeeded", "succeed", "success"};

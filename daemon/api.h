@@ -1,5 +1,5 @@
 /*
- * api.h - the gateway protocol: what its answers mean (CONTRACT §1, §6).
+ * api.h - the gateway protocol: what its answers mean (docs/protocol.md §1, §6).
  *
  * Every outcome of a submission is classified here and nowhere else, so the
  * worker's policy reads as "what to do with a kind of outcome", and the
@@ -25,13 +25,13 @@ enum outcome_kind {
 
 struct outcome {
     enum outcome_kind kind;
-    const char *error;     /* CONTRACT §4 error code for failures */
+    const char *error;     /* docs/protocol.md §4 error code for failures */
     char message[512];     /* human-readable, from the API when it said something */
     long http_status;      /* 0 when no answer */
     char *task_id;         /* OUT_SUBMITTED: owned */
     char *status;          /* OUT_SUBMITTED: initial status or NULL; owned */
     int64_t retry_after_ms;
-    /* The gateway itself is unreachable (CONTRACT §6): no connection, TLS or
+    /* The gateway itself is unreachable (docs/protocol.md §6): no connection, TLS or
      * certificate errors, or a proxy's 5xx without the gateway's envelope.
      * The worker stops sending to it and probes; with OUT_RETRY the job was
      * not sent and is kept, with OUT_AMBIGUOUS it may have been. */
@@ -71,7 +71,7 @@ struct task_status {
 
 /*
  * Parse the answer to GET /v1/video/generations/{id} in either shape the
- * gateways use (CONTRACT §1): the {"code","message","data":{...}} wrapper
+ * gateways use (docs/protocol.md §1): the {"code","message","data":{...}} wrapper
  * with upper-case statuses, or a flat object. Returns 0, or -1 when the
  * body is not a task status at all.
  */

@@ -1,7 +1,7 @@
 /*
  * config.h - vidq's configuration: one INI file plus -o section.key=value.
  *
- * Every key of CONTRACT §7 lives in one table in config.c (name, type,
+ * Every key of docs/protocol.md §7 lives in one table in config.c (name, type,
  * default, where it is stored), so parsing, defaults, `-o` overrides, error
  * messages and the documentation list cannot drift apart. Errors name the
  * file, the line and the key; unknown keys are errors.
@@ -67,7 +67,7 @@ struct config {
     int *set_line;
 };
 
-/* Fill `c` with the defaults of CONTRACT §7. */
+/* Fill `c` with the defaults of docs/protocol.md §7. */
 void config_init(struct config *c);
 void config_free(struct config *c);
 

@@ -1,5 +1,5 @@
 /*
- * job.c - job validation (CONTRACT §2) and request-body construction.
+ * job.c - job validation (docs/protocol.md §2) and request-body construction.
  */
 #include "job.h"
 #include "util.h"
@@ -622,7 +622,7 @@ static long strict_json(const char *s, size_t len, const char **why)
 
 /*
  * The value of a top-level string member `key` of text that could not be
- * parsed, if its first PEEK_BYTES show one with a valid id (CONTRACT §2
+ * parsed, if its first PEEK_BYTES show one with a valid id (docs/protocol.md §2
  * charset): the failed event and the dead entry then carry the job_id and
  * batch the producer knows, and the batch still completes. Nothing else is
  * taken from such a text; it is never sent.

@@ -1,7 +1,7 @@
 /*
  * job.h - what a producer pushed, checked and turned into an API request.
  *
- * A job is validated against CONTRACT §2 with cJSON, then the request body
+ * A job is validated against docs/protocol.md §2 with cJSON, then the request body
  * is built by copying the producer's own bytes for every non-reserved member
  * (so numbers, unicode escapes and nested values reach the API exactly as
  * written: re-printing through cJSON would round big integers through a
@@ -33,7 +33,7 @@ struct job {
  * when they are themselves valid, so the failure event can carry them.
  * `default_model` (api.default_model) may be NULL.
  *
- * `max_bytes` is submit.max_job_bytes (CONTRACT §2): a longer job is
+ * `max_bytes` is submit.max_job_bytes (docs/protocol.md §2): a longer job is
  * invalid ("job is N bytes, larger than submit.max_job_bytes (M)") without
  * being parsed; 0 means no cap. Validation is linear in `len` otherwise
  * (duplicate keys are found by sorting, O(n log n)); containers may nest

@@ -20,7 +20,7 @@
  * and is taken up again a poll interval later, straight to the download,
  * without asking the API again.
  *
- * Downloads (CONTRACT §9): Authorization only to the gateway's own origin
+ * Downloads (docs/protocol.md §9): Authorization only to the gateway's own origin
  * (curl drops it on a redirect elsewhere), at most 5 redirects, private
  * addresses refused unless track.download_private (the gateway's origin is
  * always allowed), files 0640, a body whose completeness cannot be checked

@@ -419,7 +419,7 @@ void drain_check(worker *w)
 }
 
 
-/* ---- the spool: outcomes Redis would not take at exit (CONTRACT §6) ------- */
+/* ---- the spool: outcomes Redis would not take at exit (docs/protocol.md §6) ------- */
 
 static char *spool_path(const worker *w)
 {
@@ -589,7 +589,7 @@ static void spool_load(worker *w)
     free(path);
 }
 
-/* ---- the instance-name guard (CONTRACT §6) --------------------------------- */
+/* ---- the instance-name guard (docs/protocol.md §6) --------------------------------- */
 
 static const char *field_of(const char **f, size_t n, const char *name)
 {

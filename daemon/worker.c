@@ -164,7 +164,7 @@ static void ev_num(slot *s, const char *k, long long v)
     ev_str(s, k, buf);
 }
 
-/* The fields every event about a job carries (CONTRACT §4). */
+/* The fields every event about a job carries (docs/protocol.md §4). */
 static void ev_begin(slot *s, const char *event)
 {
     clear_outcome(s);
@@ -472,7 +472,7 @@ static void submitted(slot *s, struct outcome *o, const struct http_result *res)
 /* ---- account errors and an unreachable gateway --------------------------- */
 
 /*
- * Two things stop intake without being any job's fault (CONTRACT §6): the
+ * Two things stop intake without being any job's fault (docs/protocol.md §6): the
  * API refusing the account (401/402, or 403s that are not about one job)
  * and the gateway being unreachable (no connection, TLS, a proxy's 5xx).
  * Either way the job that met it is held (its attempt does not count),
@@ -662,7 +662,7 @@ static void gateway_down(slot *s, const struct outcome *o)
     block(w, BLOCK_GATEWAY, o->message);
 }
 
-/* The policy of CONTRACT §6 over the classification of api.c. */
+/* The policy of docs/protocol.md §6 over the classification of api.c. */
 /* ---- the answer: what each outcome becomes ------------------------------ */
 
 static void on_response(http_req *req, const struct http_result *res, void *ud)
@@ -789,7 +789,7 @@ static void on_send(int err, enum queue_verdict v, const char *arg, size_t len, 
         return;
     case Q_WAIT:
         /* Another copy of this job_id may be in flight (here or at `arg`):
-         * its outcome decides this one's (CONTRACT §6). */
+         * its outcome decides this one's (docs/protocol.md §6). */
         if (w->draining) {
             slot_putback(s);
             return;
@@ -822,7 +822,7 @@ static void on_send(int err, enum queue_verdict v, const char *arg, size_t len, 
  * Ask Redis whether the job may go out (the SEND step), then send it. A job
  * found marked after a crash (maybe_sent) is first only looked at: a task
  * recorded for its job_id makes it a duplicate, else it may have been
- * billed and ends ambiguous (CONTRACT §6) unless retry_ambiguous.
+ * billed and ends ambiguous (docs/protocol.md §6) unless retry_ambiguous.
  */
 static void go(slot *s)
 {

@@ -1,7 +1,7 @@
 /*
  * worker.h - what happens to a job: take it, check it, submit it, record it.
  *
- * The worker owns the policy of CONTRACT §2/§4/§6 on top of the queue/ and
+ * The worker owns the policy of docs/protocol.md §2/§4/§6 on top of the queue/ and
  * http/ layers: how many jobs are held, what each outcome of a submission
  * becomes, and how a shutdown drains.
  */

@@ -6,7 +6,7 @@
  * curl_multi_socket_action, from the poll path and the timer path alike, we
  * drain curl_multi_info_read: curl's own multi-uv example only does that
  * while transfers are running and so loses the completion of the last
- * transfer when it ends by timeout (FIELD-NOTES).
+ * transfer when it ends by timeout (docs/design.md T10).
  *
  * Easy handles are recycled through a free list: curl_easy_reset keeps the
  * handle's caches, and allocation churn stays off the hot path.
@@ -432,7 +432,7 @@ static int is_tls_failure(CURLcode rc)
            rc == CURLE_SSL_CRL_BADFILE || rc == CURLE_SSL_ENGINE_INITFAILED || rc == CURLE_USE_SSL_FAILED;
 }
 
-/* No connection to the server could be made at all (CONTRACT §6, "the
+/* No connection to the server could be made at all (docs/protocol.md §6, "the
  * gateway unreachable"): name resolution, refused, TLS or certificate
  * errors, or a timeout before the TCP connection was up. */
 static int is_unreachable(http_req *r, CURLcode rc)

@@ -8,7 +8,7 @@
  *
  * Cost safety: a POST body is handed to curl through a read callback with no
  * way to rewind it, so curl can never silently re-send a request on a reused
- * connection that died (FIELD-NOTES, libcurl 8). Such a transfer fails
+ * connection that died (docs/design.md T17). Such a transfer fails
  * instead, with `sent` set, and the caller decides what it means.
  */
 #ifndef VIDQ_HTTP_H

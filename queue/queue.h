@@ -1,9 +1,9 @@
 /*
- * queue.h - vidq's Redis data model (CONTRACT §3): intake, recording, dedup.
+ * queue.h - vidq's Redis data model (docs/protocol.md §3): intake, recording, dedup.
  *
  * This module knows the key names and the Lua scripts; the daemon only says
  * "take up to N jobs", "record this outcome". It owns two connections: one
- * for the blocking pop (BLMOVE blocks its whole connection, FIELD-NOTES) and
+ * for the blocking pop (BLMOVE blocks its whole connection, docs/design.md T3) and
  * one for everything else. Every multi-key change is one Lua script, so a
  * crash or a lost connection can never leave half an outcome in Redis.
  */
@@ -169,7 +169,7 @@ struct qtrack {
 int queue_track_update(queue *q, const struct qtrack *t, queue_done_fn *fn, void *ud);
 
 /*
- * The spool (CONTRACT §6): with `into` set, record/retry/put-back calls
+ * The spool (docs/protocol.md §6): with `into` set, record/retry/put-back calls
  * are written to it instead of sent (their callbacks never run); NULL
  * ends that. queue_replay sends a spool's commands, fn(err) once all are
  * answered; queue_spool_check returns the number of commands, -1 when the

@@ -6,7 +6,7 @@
  * deadline, or a failed handshake reply goes back to DOWN through teardown(),
  * the only place that frees a hiredis context we own.
  *
- * The adapter part follows FIELD-NOTES: on a poll error we still call
+ * The adapter part follows docs/design.md T1 and T6: on a poll error we still call
  * redisAsyncHandleRead/Write for the events we watch, so hiredis notices the
  * error and runs its callbacks; adapter memory is freed only in the uv_close
  * callback; hiredis contexts are never freed from inside the connect callback
@@ -820,7 +820,7 @@ static void do_connect(rconn *c)
         send_raw(c, on_sentinel, c, 3, argv, NULL);
         return;
     }
-    /* Commands may be queued before the connect completes (FIELD-NOTES). */
+    /* Commands may be queued before the connect completes (docs/design.md T6). */
     if (c->target.pass) {
         const char *argv[3] = {"AUTH", c->target.user ? c->target.user : c->target.pass, c->target.pass};
         send_raw(c, on_handshake, c, c->target.user ? 3 : 2, argv, NULL);

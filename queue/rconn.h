@@ -2,7 +2,7 @@
  * rconn.h - one Redis connection on libuv that keeps itself alive.
  *
  * hiredis 0.14.1 gives us an async client but no timeouts, no reconnection and
- * a libuv adapter that hangs on refused connections (FIELD-NOTES). rconn wraps
+ * a libuv adapter that hangs on refused connections (docs/design.md T1). rconn wraps
  * one redisAsyncContext with:
  *   - its own libuv adapter built on hiredis's event hooks;
  *   - AUTH and SELECT from the URL, sent on every (re)connect;

@@ -2,7 +2,7 @@
 """chaos - a long randomized run of two vidqd instances under kills, Redis restarts and API faults.
 
 Not a crash-point test (tests/it_crash.py kills at named points); this one mixes everything at
-random moments for a while and then checks that the promises of CONTRACT §4-§6 still hold:
+random moments for a while and then checks that the promises of docs/protocol.md §4-§6 still hold:
 
   - two instances ("a", "b") share one queue; either is killed with SIGKILL at random moments
     and restarted after a random short delay (sometimes at once, with the same name);

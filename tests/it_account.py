@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """it_account - account errors (401/402/403) pause intake; a per-job 403 does not stall the queue.
 
-CONTRACT §6: "401/403 (bad token, quota, banned) and 402 are about the account, not the
+docs/protocol.md §6: "401/403 (bad token, quota, banned) and 402 are about the account, not the
 job: vidqd stops taking jobs, keeps the one it holds, says why (log, status, metrics), and
 probes again later, instead of burning the whole queue into the dead list. Some 403s
 concern one job only (a model the token may not use): when other jobs go through while

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""it_basic - a few valid and invalid jobs, checked field by field against CONTRACT §2-§4.
+"""it_basic - a few valid and invalid jobs, checked field by field against docs/protocol.md §2-§4.
 
 - submitted: task_id is the one the mock created for the job's Idempotency-Key,
   status, model, attempts "1", response (the raw body); meta (raw text) and batch echoed;

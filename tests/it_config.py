@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""it_config - vidqd's command line and configuration errors (CONTRACT §7, exit codes 0/64/78).
+"""it_config - vidqd's command line and configuration errors (docs/protocol.md §7, exit codes 0/64/78).
 
 - --check-config on a valid file (every duration suffix, rates, booleans) exits 0;
 - bad files exit 78 with a message naming the file, the line and the key: unknown key, bad

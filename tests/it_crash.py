@@ -5,7 +5,7 @@ A build configured with --enable-crash-points (scripts/test does) makes vidqd di
 the n-th time it reaches a named point (VIDQ_CRASH_AT=name:n, base/util.h). Each case runs
 a fresh queue (its own key prefix) of jobs with job_ids, two copies of one job_id among them
 (a producer that retried its LPUSH), through one or more crashing runs and then a clean run,
-and checks the invariants of CONTRACT §6:
+and checks the invariants of docs/protocol.md §6:
 
   - every copy of every job has exactly one terminal event (none lost, none twice);
   - the mock created no job twice (never billed twice);

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""it_download - what a download may reach and what it accepts (CONTRACT §9 "Downloads").
+"""it_download - what a download may reach and what it accepts (docs/protocol.md §9 "Downloads").
 
 Each case has its own gateway mock, key prefix and vidqd(s); they run side by side. "other" is
 a second mock on another port of 127.0.0.1: not the gateway's origin, and a loopback address.

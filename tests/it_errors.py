@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""it_errors - every failure mode of the submit call, injected with /_mock/config (CONTRACT §4, §6).
+"""it_errors - every failure mode of the submit call, injected with /_mock/config (docs/protocol.md §4, §6).
 
 One scenario at a time (mock reset + one rule, then job(s), then the terminal event):
 - 400 with the gateway's error body (both shapes) and 422 with an empty body -> failed/rejected,

@@ -2,7 +2,7 @@
 """it_flow - a flaky upstream and 429 bursts.
 
 1. The mock answers 30 % of submits with the gateway's own 502/503/500 (its JSON error
-   envelope: refused before any work, CONTRACT §6): with retries every job ends
+   envelope: refused before any work, docs/protocol.md §6): with retries every job ends
    submitted, exactly once upstream, attempts >= 1, and the retried ones carry
    attempts > 1. (A proxy's bare 5xx pages are ambiguous and pause the gateway: it_proxy,
    unit_api.)

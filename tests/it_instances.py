@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """it_instances - two instances on one queue; one dies for good, the other takes over.
 
-CONTRACT §6: "jobs held by an instance that never comes back are taken over by the
+docs/protocol.md §6: "jobs held by an instance that never comes back are taken over by the
 others." README "What happens when": "two instances share a queue | each takes jobs
 atomically; each keeps a heartbeat; when one dies for good, another gives its jobs back
 to the queue within seconds"; the `poison` error: "a job that was held by instances that
@@ -20,7 +20,7 @@ Cases:
    vidq:recovered[sha1(job)] = 3 beforehand: the next recovery exceeds the limit of 3, so
    the job goes to the dead list with error poison and gets a failed event with error
    poison; it is never submitted.
-4. the instance-name guard (CONTRACT §6): a second vidqd started with the name of a live
+4. the instance-name guard (docs/protocol.md §6): a second vidqd started with the name of a live
    one exits 75 and names the host and pid that hold it; after a kill -9 the same name
    starts again at once (same host, dead pid).
 5. a stalled instance: "s" holds jobs whose requests hang at the mock, is SIGSTOPped past
@@ -97,7 +97,7 @@ def main(t, env):
     t.eq([j for j in ids if j not in tb][:10], [], "every job has a terminal event (none lost)")
     t.eq([j for j, es in tb.items() if len(es) != 1][:10], [], "exactly one terminal event per job")
     # A job a held may have reached the API (it was marked as sending): it ends failed/ambiguous
-    # (CONTRACT §6: ambiguous outcomes are not retried by default); every other job is submitted.
+    # (docs/protocol.md §6: ambiguous outcomes are not retried by default); every other job is submitted.
     amb = sorted(j for j, es in tb.items() if es[0].get("event") == "failed" and es[0].get("error") == "ambiguous")
     bad = [(j, es[0].get("event"), es[0].get("error")) for j, es in tb.items()
            if es[0].get("event") not in ("submitted", "duplicate") and j not in amb]

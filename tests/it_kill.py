@@ -76,7 +76,7 @@ def main(t, env):
     t.diag("terminal events: %s" % kinds)
     # The mock never fails a job. What can fail is a job held at a kill whose
     # request may have been out (its sending mark was set): vidqd ends it as
-    # ambiguous instead of submitting it a second time (CONTRACT §6).
+    # ambiguous instead of submitting it a second time (docs/protocol.md §6).
     fails = [es[0] for es in term.values() if es[0]["event"] == "failed"]
     bad_fails = [e for e in fails if e.get("error") != "ambiguous" or not any(e["job_id"] in h for h in held_at_kill)]
     t.ok(not bad_fails, "the only failures are ambiguous jobs held at a kill", repr(bad_fails[:3]))

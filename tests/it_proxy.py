@@ -10,7 +10,7 @@ DIR), stopped by pid.
 1. No false ambiguous. N_BULK jobs, submit.concurrency 64, api.ca_file = the test CA. nginx
    sends a GOAWAY after every 1000 streams of a connection; the streams curl had already
    started above its last stream id were never processed, and vidqd retries them ("request
-   not processed", CONTRACT §6). Every job ends `submitted` exactly once, none `ambiguous`,
+   not processed", docs/protocol.md §6). Every job ends `submitted` exactly once, none `ambiguous`,
    the mock created each exactly once. The retries and the time taken are printed.
    N_BULK is 10,000 by default (VIDQ_PROXY_JOBS=N to change it; keep it above 1000 so that
    GOAWAYs happen; VIDQ_PROXY_LATENCY_MS=N gives the mock a latency there).

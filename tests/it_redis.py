@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """it_redis - Redis restarted or away mid-batch: vidqd reconnects by itself, nothing is lost.
 
-CONTRACT §6: "restarting Redis with AOF `appendfsync always`, leaves every job either
+docs/protocol.md §6: "restarting Redis with AOF `appendfsync always`, leaves every job either
 still in Redis (jobs / processing / retry) or with its terminal event." README "What
 happens when": "Redis goes away | intake stops; outcomes of requests that finish
 meanwhile are kept in memory and written when Redis is back; reconnects with backoff".

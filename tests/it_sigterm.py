@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""it_sigterm - SIGTERM drains: exit 0, nothing lost, nothing doubled (CONTRACT §6).
+"""it_sigterm - SIGTERM drains: exit 0, nothing lost, nothing doubled (docs/protocol.md §6).
 
 Part 1: mock latency 1 s, 200 jobs, concurrency 50, daemon.shutdown_timeout 10s; SIGTERM
 once ~60 jobs have events. vidqd must exit 0 within shutdown_timeout + a generous margin;

@@ -4,7 +4,7 @@
 An `openssl s_server -www` on a free loopback port with a self-signed certificate for
 127.0.0.1 stands in for an HTTPS gateway (it answers every request with an HTML page).
 1. Without api.ca_file the certificate is refused: no job reaches a server that could
-   bill it, and none is dead-listed (CONTRACT §6, "the gateway unreachable"): the instance
+   bill it, and none is dead-listed (docs/protocol.md §6, "the gateway unreachable"): the instance
    is `gateway_down` with curl's certificate message, /healthz says 503, it probes, and a
    SIGTERM puts every job back in the queue.
 2. With api.ca_file pointing at that certificate the TLS handshake succeeds and the

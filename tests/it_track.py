@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """it_track - following tasks to their video (track.enabled = yes).
 
-CONTRACT §1 (both GET shapes, terminal statuses, where the URL is), §4 (`progress` when the
+docs/protocol.md §1 (both GET shapes, terminal statuses, where the URL is), §4 (`progress` when the
 status changed, exactly one of `succeeded` / `task_failed` per job, `file` when downloaded),
 §5 (batch counters with tracking, one `batch_done`).
 

@@ -1,7 +1,7 @@
 /*
  * mockapi.c - a mock of the upstream video-generation gateway, for vidq's tests.
  *
- * It answers the calls vidqd makes (CONTRACT.md §1) with the shapes real
+ * It answers the calls vidqd makes (docs/protocol.md §1) with the shapes real
  * gateways use (the fixtures in shared/api/), records what it received so a
  * test can prove "this job reached the API exactly once", and injects the
  * faults that matter for cost safety: resets before and after the request

@@ -1,5 +1,5 @@
 /*
- * unit_api.c - submit answers and outcome classification (CONTRACT §1, §4, §6).
+ * unit_api.c - submit answers and outcome classification (docs/protocol.md §1, §4, §6).
  *
  * The gateway fixtures (tests/fixtures, copied from the shared api/ samples)
  * are embedded byte for byte so the test needs no files; test_fixture_files
@@ -384,7 +384,7 @@ static void test_classify_retry(void **state)
     }
     /* 500/502 as a proxy's page (HTML or empty): the proxy may have handed
      * the request on (nginx: "upstream prematurely closed"): ambiguous, and
-     * the gateway is down (CONTRACT §6). */
+     * the gateway is down (docs/protocol.md §6). */
     static const long proxy[] = {500, 502};
     for (size_t i = 0; i < sizeof proxy / sizeof proxy[0]; i++) {
         struct http_result r = ANSWER(proxy[i], "");
@@ -572,7 +572,7 @@ static void test_classify_too_large(void **state)
 }
 
 /* The status line says what happened even when the error body is too big to
- * keep: a 503 is retryable (CONTRACT §6), a 400 is a rejection. */
+ * keep: a 503 is retryable (docs/protocol.md §6), a 400 is a rejection. */
 static void test_classify_too_large_error_status(void **state)
 {
     (void)state;

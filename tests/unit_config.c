@@ -1,6 +1,6 @@
 /*
  * unit_config.c - the INI config, -o overrides, value parsers, the API token
- * (CONTRACT §7) and Redis URL parsing (rconn_parse_url).
+ * (docs/protocol.md §7) and Redis URL parsing (rconn_parse_url).
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -545,7 +545,7 @@ static void test_finish_errors(void **state)
     expect_finish_error("redis.prefix=a b", "key \"redis.prefix\": must be 1-64 characters of [A-Za-z0-9._-]");
     expect_finish_error("redis.prefix=vidq/x", "key \"redis.prefix\": must be 1-64 characters of [A-Za-z0-9._-]");
     expect_finish_error("redis.prefix=", "key \"redis.prefix\": must be 1-64 characters of [A-Za-z0-9._-]");
-    /* "vidq:batch" + ":jobs" would be prefix "vidq" + batch "jobs" (CONTRACT §7) */
+    /* "vidq:batch" + ":jobs" would be prefix "vidq" + batch "jobs" (docs/protocol.md §7) */
     expect_finish_error("redis.prefix=vidq:batch", "key \"redis.prefix\": must be 1-64 characters of [A-Za-z0-9._-]");
     expect_finish_error("redis.prefix=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
                         "key \"redis.prefix\": must be 1-64 characters");
@@ -940,6 +940,51 @@ static void test_prefix_hash_tag(void **state)
     config_free(&c);
 }
 
+/* SIGHUP: the keys marked restart-only in the table keep their running
+ * value, by name, whatever their type; the others take the new one. */
+static void test_keep_restart_only(void **state)
+{
+    struct config run, fresh;
+    char err[512], changed[256];
+    (void)state;
+    config_init(&run);
+    config_init(&fresh);
+    const char *const same[] = {"daemon.instance=a", "submit.concurrency=4"};
+    for (size_t i = 0; i < 2; i++) {
+        assert_int_equal(config_override(&run, same[i], err, sizeof err), 0);
+        assert_int_equal(config_override(&fresh, same[i], err, sizeof err), 0);
+    }
+    assert_int_equal(config_keep_restart_only(&fresh, &run, changed, sizeof changed), 0);
+    assert_string_equal(changed, "");
+    const char *const next[] = {"redis.prefix=other", "daemon.instance=b",   "results.maxlen=5",
+                                "results.batch_ttl=1h", "track.enabled=yes", "daemon.state_dir=/tmp/x",
+                                "redis.url=redis://10.0.0.1:6380/2", "submit.concurrency=9",
+                                "api.timeout=5s"};
+    for (size_t i = 0; i < sizeof next / sizeof next[0]; i++)
+        assert_int_equal(config_override(&fresh, next[i], err, sizeof err), 0);
+    assert_int_equal(config_keep_restart_only(&fresh, &run, changed, sizeof changed), 7);
+    assert_string_equal(changed, "redis.url, redis.prefix, daemon.instance, daemon.state_dir, track.enabled, "
+                                 "results.maxlen, results.batch_ttl");
+    assert_string_equal(fresh.prefix, run.prefix);
+    assert_string_equal(fresh.instance, "a");
+    assert_string_equal(fresh.redis_url, run.redis_url);
+    assert_string_equal(fresh.state_dir, run.state_dir);
+    assert_int_equal(fresh.results_maxlen, run.results_maxlen);
+    assert_int_equal(fresh.batch_ttl_ms, run.batch_ttl_ms);
+    assert_int_equal(fresh.track_enabled, run.track_enabled);
+    assert_int_equal(fresh.concurrency, 9);       /* reloadable: the new value */
+    assert_int_equal(fresh.timeout_ms, 5000);
+    /* a short buffer truncates the names, never the count */
+    config_free(&fresh);
+    config_init(&fresh);
+    assert_int_equal(config_override(&fresh, "redis.prefix=other", err, sizeof err), 0);
+    assert_int_equal(config_override(&fresh, "daemon.instance=b", err, sizeof err), 0);
+    assert_int_equal(config_keep_restart_only(&fresh, &run, changed, 8), 2);
+    assert_int_equal(strlen(changed), 7);
+    config_free(&run);
+    config_free(&fresh);
+}
+
 static void test_redis_url_tcp(void **state)
 {
     (void)state;
@@ -1050,6 +1095,7 @@ int main(void)
         cmocka_unit_test(test_redis_url_errors),
         cmocka_unit_test(test_redis_url_ipv6_garbage),
         cmocka_unit_test(test_redis_url_describe),
+        cmocka_unit_test(test_keep_restart_only),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,5 +1,5 @@
 /*
- * unit_job.c - job validation and request-body construction (CONTRACT §2),
+ * unit_job.c - job validation and request-body construction (docs/protocol.md §2),
  * plus the util helpers the body and the events rely on (sbuf_json_str,
  * id_is_valid).
  */
@@ -20,7 +20,7 @@
 
 /* ---- helpers ------------------------------------------------------------ */
 
-/* submit.max_job_bytes' default (CONTRACT §2) */
+/* submit.max_job_bytes' default (docs/protocol.md §2) */
 #define MAX_JOB ((size_t)16 << 20)
 
 #define PARSE_LIT(j, lit, dm) job_parse((j), (lit), sizeof(lit) - 1, (dm), MAX_JOB)
@@ -719,7 +719,7 @@ static void test_non_rfc_numbers(void **state)
     }
 }
 
-/* ---- hostile sizes (CONTRACT §2: validation is linear in the job's size) --
+/* ---- hostile sizes (docs/protocol.md §2: validation is linear in the job's size) --
  * Each case checks the verdict exactly; the time is only printed, as a TAP
  * diagnostic, never asserted (shared machines are noisy). */
 
