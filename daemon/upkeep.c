@@ -59,18 +59,27 @@ static void start_or_putback(worker *w, const struct qitem *items, size_t n)
     }
 }
 
+/* An intake call answered: 1 when that is all (closed, or failed: try
+ * again soon, with `resync` re-reading the processing list first). */
+static int intake_answered(worker *w, int err, int resync)
+{
+    if (w->closed)
+        return 1;
+    w->intake_busy = 0;
+    if (!err)
+        return 0;
+    if (resync)
+        w->resync = 1; /* a job may have moved without us seeing the reply */
+    intake_later(w, INTAKE_RETRY_MS);
+    return 1;
+}
+
 static void on_waited(int err, const struct qinfo *info, const struct qitem *items, size_t n, void *ud)
 {
     worker *w = ud;
-    if (w->closed)
-        return;
     (void)info;
-    w->intake_busy = 0;
-    if (err) {
-        w->resync = 1; /* a job may have moved without us seeing the reply */
-        intake_later(w, INTAKE_RETRY_MS);
+    if (intake_answered(w, err, 1))
         return;
-    }
     start_or_putback(w, items, n);
     if (w->draining)
         drain_check(w);
@@ -81,14 +90,8 @@ static void on_waited(int err, const struct qinfo *info, const struct qitem *ite
 static void on_taken(int err, const struct qinfo *info, const struct qitem *items, size_t n, void *ud)
 {
     worker *w = ud;
-    if (w->closed)
+    if (intake_answered(w, err, 1))
         return;
-    w->intake_busy = 0;
-    if (err) {
-        w->resync = 1;
-        intake_later(w, INTAKE_RETRY_MS);
-        return;
-    }
     if (n > 0)
         crash_point("after_take");
     if (info->paused != w->paused)
@@ -158,14 +161,9 @@ static void backlog_push(worker *w, const struct qitem *it)
 static void on_held(int err, const struct qinfo *info, const struct qitem *items, size_t n, void *ud)
 {
     worker *w = ud;
-    if (w->closed)
-        return;
     (void)info;
-    w->intake_busy = 0;
-    if (err) {
-        intake_later(w, INTAKE_RETRY_MS);
+    if (intake_answered(w, err, 0))
         return;
-    }
     /* Match against what we held before this reply only: the jobs adopted
      * below grow the backlog (and are distinct copies anyway). */
     size_t backlog_end = w->backlog_len;
@@ -692,15 +690,14 @@ void worker_drain(worker *w, void (*done)(void *), void *ud)
 
 worker *worker_new(uv_loop_t *loop, const struct config *cfg, queue *q, http_client *http)
 {
-    worker *w = xcalloc(1, sizeof *w);
-    w->loop = loop;
-    w->cfg = cfg;
-    w->q = q;
-    w->http = http;
-    w->resync = 1; /* first thing: the jobs a previous run left held */
-    w->recovering = 1;
-    w->id_rand = (uint32_t)rand();
-    w->started_ms = now_ms();
+    worker *w = xmalloc(sizeof *w);
+    *w = (struct worker){
+        .loop = loop, .cfg = cfg, .q = q, .http = http,
+        .resync = 1, /* first thing: the jobs a previous run left held */
+        .recovering = 1,
+        .id_rand = (uint32_t)rand(),
+        .started_ms = now_ms(),
+    };
     snprintf(w->run_id, sizeof w->run_id, "%d-%llx-%08x", (int)getpid(), (unsigned long long)w->started_ms,
              w->id_rand);
     spool_load(w);
@@ -776,9 +773,7 @@ void worker_free(worker *w)
     }
     free(w->backlog);
     free(w->spool);
-    free(w->submit_url);
-    free(w->auth_header);
-    free(w->probe_url);
+    path_release(w);
     w->handles_open = 4;
     uv_close((uv_handle_t *)&w->intake_timer, worker_closed);
     uv_close((uv_handle_t *)&w->drain_timer, worker_closed);

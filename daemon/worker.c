@@ -55,6 +55,13 @@ void path_configure(worker *w)
         uv_timer_start(&w->probe_timer, on_probe, 0, 0);
 }
 
+void path_release(worker *w)
+{
+    free(w->submit_url);
+    free(w->auth_header);
+    free(w->probe_url);
+}
+
 /* ---- slots ------------------------------------------------------------ */
 
 static void slot_closed(uv_handle_t *h)

@@ -140,6 +140,7 @@ struct worker {
 
 /* The configuration's strings of the job's path (start, SIGHUP). */
 void path_configure(worker *w);
+void path_release(worker *w);
 /* "account_blocked" or "gateway_down" */
 const char *block_name(int kind);
 /* A slot for a held job (in memory only), and its start. */
