@@ -980,14 +980,15 @@ static void sargi(struct sargs *a, enum arg n, long long v)
 static int script_call(queue *q, int s, const struct sargs *a, rconn_reply_fn *rfn, struct call *c)
 {
     const struct script *sc = &scripts[s];
-    char idkey[MAX_SKEYS][KEY_MAX], nkeys[8];
+    static const char *const counts[MAX_SKEYS + 1] = {"0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10"};
+    char idkey[MAX_SKEYS][KEY_MAX];
     const char *fixed[3 + MAX_SKEYS + MAX_SARGS];
     size_t flens[3 + MAX_SKEYS + MAX_SARGS];
     uint64_t listed = 0;
     int n = 0, nk = 0;
     fixed[n] = "EVALSHA", flens[n++] = 7;
     fixed[n] = q->sha[s], flens[n++] = 40; /* by identity: capture() names the script by it */
-    fixed[n++] = nkeys;
+    n++; /* the number of keys, once counted */
     for (; sc->keys[nk] != KEY_COUNT; nk++) {
         enum key_kind k = sc->keys[nk];
         const char *kv = q->key[k];
@@ -998,8 +999,8 @@ static int script_call(queue *q, int s, const struct sargs *a, rconn_reply_fn *r
         }
         fixed[n] = kv, flens[n++] = strlen(kv);
     }
-    snprintf(nkeys, sizeof nkeys, "%d", nk);
-    flens[2] = strlen(nkeys);
+    fixed[2] = counts[nk];
+    flens[2] = strlen(counts[nk]);
     for (int i = 0; sc->args[i] != A_COUNT; i++) {
         enum arg x = sc->args[i];
         VQ_ASSERT(a->arg[x] != NULL); /* every argument the script lists is given */
