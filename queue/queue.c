@@ -1,25 +1,9 @@
 /*
  * queue.c - intake, recording and dedup on Redis, as Lua scripts.
  *
- * Keys (prefix "vidq"):
- *   vidq:jobs                 list, producers LPUSH, we take from the right
- *   vidq:processing:<inst>    list, jobs this instance holds
- *   vidq:results              stream of events
- *   vidq:dead                 list of dead-job records
- *   vidq:paused               string; while it exists nothing is taken
- *   vidq:dedup:<job_id>       string = task id, TTL submit.dedup_window
- *   vidq:retry                sorted set of retry envelopes by due time (ms)
- *   vidq:ratelimit            GCRA state of submit.global_rate
- *   vidq:instances            set of instance names that may hold jobs
- *   vidq:instance:<inst>      hash, the heartbeat of a live instance (TTL)
- *   vidq:recovered            hash sha1(job) -> deaths of instances holding it (poison)
- *   vidq:sending:<inst>       hash sha1(held job) -> requests that may be out
- *   vidq:claim:<job_id>       string: the instance whose copy of the job_id may be
- *                             in flight, or "ambiguous" (TTL dedup window)
- *   vidq:clean:<inst>         string: the last run of <inst> ended with a clean drain
- *   vidq:batch:<name>         hash of batch counters
- *   vidq:track                sorted set: job ids of tracked tasks by next poll (ms)
- *   vidq:task:<job_id>        hash: a tracked task (task id, batch, meta, status)
+ * The keys are named in keys.h (one place for C, Lua and the CLI) and
+ * described in docs/protocol.md §3. Each script below says which keys and
+ * arguments it takes, by name (see "Every script names its keys").
  *
  * The scripts are loaded (SCRIPT LOAD) each time the command connection
  * comes up, before the queue reports itself up, and run with EVALSHA. A
