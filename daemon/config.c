@@ -429,24 +429,25 @@ static int key_error(const struct config *c, const char *name, char *err, size_t
     return -1;
 }
 
-/* The value of a T_STR key, by name: NULL when unset and the key may be
- * (it has no default), else "" when unset. */
-static const char *str_value(const struct config *c, const char *name)
+/* The value of a T_STR key, by name; *required when it has a default
+ * (emptied, it is an error the check reports). */
+static const char *str_value(const struct config *c, const char *name, int *required)
 {
     size_t i;
     const struct key_def *k = find_key(name, &i);
     VQ_ASSERT(k != NULL && k->type == T_STR);
-    const char *v = *(char *const *)((const char *)c + k->offset);
-    return v ? v : k->def ? "" : NULL;
+    *required = k->def != NULL;
+    return *(char *const *)((const char *)c + k->offset);
 }
 
 int config_finish(struct config *c, const struct config_check *checks, char *err, size_t errlen)
 {
     char why[256];
     for (const struct config_check *ck = checks; ck && ck->key; ck++) {
-        const char *v = str_value(c, ck->key);
+        int required;
+        const char *v = str_value(c, ck->key, &required);
         why[0] = '\0';
-        if (v && ck->fn(v, why, sizeof why) != 0)
+        if ((v || required) && ck->fn(v, why, sizeof why) != 0)
             return key_error(c, ck->key, err, errlen, why[0] ? why : "is not valid");
     }
     if (c->instance == NULL) {

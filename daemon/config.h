@@ -92,6 +92,7 @@ int config_override(struct config *c, const char *assignment, char *err, size_t 
  */
 struct config_check {
     const char *key; /* "section.key" of a string key; NULL ends a list */
+    /* value is NULL when a key with a default was emptied */
     int (*fn)(const char *value, char *why, size_t whylen);
 };
 

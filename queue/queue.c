@@ -414,7 +414,8 @@ static const char CLAIM_NAME_LUA[] = CHECK_LUA
  * Tracked tasks due for a poll (up to A.max): each is leased (its score
  * pushed A.lease ms ahead) so no other instance polls it at the same time,
  * and returned with its hash (derived from A.prefix: KEYS_LUA). A crash
- * leaves the lease to run out: the task is polled again.
+ * leaves the lease to run out: the task is polled again. An id no job
+ * could have (empty, or over 128 bytes: planted by hand) is dropped.
  * Reply {id, {hash}, ...}.
  */
 static const char CLAIM_LUA[] = CHECK_LUA KEYS_LUA
@@ -422,7 +423,8 @@ static const char CLAIM_LUA[] = CHECK_LUA KEYS_LUA
     "local due = redis.call('ZRANGEBYSCORE', K.track, '-inf', now, 'LIMIT', 0, tonumber(A.max))\n"
     "local out = {}\n"
     "for _, id in ipairs(due) do\n"
-    "  local h = redis.call('HGETALL', key(A.prefix, KIND.task, id))\n"
+    "  local h = {}\n"
+    "  if #id >= 1 and #id <= 128 then h = redis.call('HGETALL', key(A.prefix, KIND.task, id)) end\n"
     "  if #h == 0 then\n"
     "    redis.call('ZREM', K.track, id)\n"
     "  else\n"
@@ -977,8 +979,10 @@ static int script_call(queue *q, int s, const struct sargs *a, rconn_reply_fn *r
         enum key_kind k = sc->keys[nk];
         const char *kv = q->key[k];
         if (key_kind_per(k) == 2) {
-            int len = key_format(idkey[nk], KEY_MAX, q->prefix, k, a->id[k]);
-            VQ_ASSERT(len >= 0);
+            if (key_format(idkey[nk], KEY_MAX, q->prefix, k, a->id[k]) < 0) {
+                free(c); /* an id no producer could give (they are checked): data planted in Redis */
+                return -1;
+            }
             kv = idkey[nk];
         }
         fixed[n] = kv, flens[n++] = strlen(kv);

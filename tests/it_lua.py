@@ -10,7 +10,8 @@ tests/lua_scripts prints the scripts exactly as vidqd loads them. For each scrip
    and whether it expires), and that no call crashes the script engine;
 3. a few semantic failure paths: SEND of a job no longer held answers "gone" and writes
    nothing; RECORD of a job no longer held writes no event; TAKEOVER with no dead instance
-   moves nothing; the guard refuses another live run of the same instance name.
+   moves nothing; CLAIM drops a tracked id no job could have; the guard refuses another
+   live run of the same instance name.
 """
 import hashlib
 import os
@@ -217,6 +218,17 @@ def main(t, env):
     r.execute("DEL", k("instance:i2"))
     t.eq(evalsha(r, shas["takeover"], keys, args), [1, 1], "takeover: a dead instance's job and mark move")
     t.eq(r.execute("LLEN", k("processing:i2")), 0, "takeover: the dead instance holds nothing")
+    # CLAIM drops a tracked id no job could have (planted by hand): no key is built from it.
+    r.execute("FLUSHDB")
+    long_id = "L" * 400
+    r.execute("ZADD", k("track"), "1", long_id)
+    r.execute("HSET", k("task:" + long_id), "task_id", "t")
+    r.execute("ZADD", k("track"), "1", "j3")
+    r.execute("HSET", k("task:j3"), "task_id", "t3")
+    keys, args = calls()["claim"]
+    got = evalsha(r, shas["claim"], keys, args)
+    t.ok(len(got) == 2 and got[0] == b"j3", "claim: a valid task is leased", repr(got)[:200])
+    t.eq(r.execute("ZSCORE", k("track"), long_id), None, "claim: a 400-byte id is dropped from the schedule")
     # The instance-name guard.
     r.execute("FLUSHDB")
     keys, args = calls()["claim_name"]
