@@ -25,6 +25,7 @@
 #include <arpa/inet.h>
 #include <curl/curl.h>
 #include <errno.h>
+#include <sys/mman.h>
 #include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -43,8 +44,8 @@ struct http_client {
     int64_t timeout_ms;
     size_t max_response;
     char *user_agent;
-    sbuf ca_blob;          /* system bundle + api.ca_file, or empty */
-    sbuf retired_blobs;    /* older blobs still referenced by requests (NOCOPY) */
+    char ca_path[64];      /* system bundle + api.ca_file, as a file curl opens; or "" */
+    sbuf ca_fds;           /* the memfds behind ca_path, this one and older ones */
     http_req *free_list;
     http_req *active_list; /* doubly linked, for cancel-all at close */
     unsigned active;
@@ -610,10 +611,12 @@ static http_req *start(http_client *c, const char *url, const char *const *heade
      * (checked once), say so and save it the lookups. */
     if (!c->proxy_from_env)
         curl_easy_setopt(e, CURLOPT_PROXY, "");
-    if (c->ca_blob.len) {
-        struct curl_blob blob = {c->ca_blob.buf, c->ca_blob.len, CURL_BLOB_NOCOPY};
-        curl_easy_setopt(e, CURLOPT_CAINFO_BLOB, &blob);
-    }
+    /* One CA bundle file and no CA directory: only then does curl keep the
+     * X509 store it builds for the whole multi handle instead of building
+     * it again for every TLS connection (docs/design.md T22). Debian's
+     * bundle holds everything update-ca-certificates knows. */
+    curl_easy_setopt(e, CURLOPT_CAPATH, NULL);
+    curl_easy_setopt(e, CURLOPT_CAINFO, c->ca_path[0] ? c->ca_path : SYSTEM_CA_BUNDLE);
     return r;
 }
 
@@ -808,28 +811,54 @@ static int load_file(sbuf *b, const char *path)
     return bad ? -1 : 0;
 }
 
-int http_client_set_opts(http_client *c, const struct http_opts *o, char *err, size_t errlen)
+/*
+ * The CA store with api.ca_file: the system bundle and that file, in one
+ * file curl opens by path. By path, not as a blob: libcurl (7.87+, OpenSSL)
+ * keeps the X509 store it builds from a CAINFO file for the whole multi
+ * handle (CURLOPT_CA_CACHE_TIMEOUT, 24 h), while a CAINFO_BLOB is parsed
+ * again for every connection: ~48 ms of CPU per TLS handshake with the
+ * Debian bundle (docs/design.md T22). The file is a memfd, reached as
+ * /proc/self/fd/N: nothing on disk to clean up; a reload makes a new one
+ * (a new path, so curl's cache sees the change) and keeps the old open.
+ */
+static int ca_file_make(http_client *c, const char *ca_file, char *err, size_t errlen)
 {
     sbuf ca;
     sbuf_init(&ca);
-    if (o->ca_file) {
-        /* CAINFO replaces the default bundle; "extra CA" means system + this one. */
-        if (load_file(&ca, SYSTEM_CA_BUNDLE) == 0)
-            sbuf_putc(&ca, '\n');
-        if (load_file(&ca, o->ca_file) != 0) {
-            snprintf(err, errlen, "cannot read CA file %s", o->ca_file);
-            sbuf_free(&ca);
-            return -1;
+    if (load_file(&ca, SYSTEM_CA_BUNDLE) == 0)
+        sbuf_putc(&ca, '\n');
+    if (load_file(&ca, ca_file) != 0) {
+        snprintf(err, errlen, "cannot read CA file %s", ca_file);
+        sbuf_free(&ca);
+        return -1;
+    }
+    int fd = memfd_create("vidq-ca", MFD_CLOEXEC);
+    size_t off = 0;
+    while (fd >= 0 && off < ca.len) {
+        ssize_t w = write(fd, ca.buf + off, ca.len - off);
+        if (w <= 0) {
+            close(fd);
+            fd = -1;
+        } else {
+            off += (size_t)w;
         }
     }
-    /* Requests in flight may still point at the old blob (CURL_BLOB_NOCOPY
-     * avoids copying a 200 KB bundle per request), so an old blob is kept
-     * until the client closes; that costs memory only per reload. */
-    if (c->ca_blob.len) {
-        char *old = sbuf_steal(&c->ca_blob, NULL);
-        sbuf_append(&c->retired_blobs, &old, sizeof old);
+    sbuf_free(&ca);
+    if (fd < 0) {
+        snprintf(err, errlen, "cannot keep the CA bundle in memory: %s", strerror(errno));
+        return -1;
     }
-    c->ca_blob = ca;
+    sbuf_append(&c->ca_fds, &fd, sizeof fd);
+    snprintf(c->ca_path, sizeof c->ca_path, "/proc/self/fd/%d", fd);
+    return 0;
+}
+
+int http_client_set_opts(http_client *c, const struct http_opts *o, char *err, size_t errlen)
+{
+    if (o->ca_file && ca_file_make(c, o->ca_file, err, errlen) != 0)
+        return -1;
+    if (!o->ca_file)
+        c->ca_path[0] = '\0';
     c->connect_timeout_ms = o->connect_timeout_ms;
     c->timeout_ms = o->timeout_ms;
     c->max_response = o->max_response;
@@ -847,8 +876,7 @@ http_client *http_client_new(uv_loop_t *loop, const struct http_opts *o, char *e
     }
     http_client *c = xcalloc(1, sizeof *c);
     c->loop = loop;
-    sbuf_init(&c->ca_blob);
-    sbuf_init(&c->retired_blobs);
+    sbuf_init(&c->ca_fds);
     if (http_client_set_opts(c, o, err, errlen) != 0) {
         free(c);
         return NULL;
@@ -893,13 +921,12 @@ static void client_destroy(http_client *c)
         c->free_list = r->next_free;
         req_free(r);
     }
-    sbuf_free(&c->ca_blob);
-    for (size_t i = 0; i + sizeof(char *) <= c->retired_blobs.len; i += sizeof(char *)) {
-        char *old;
-        memcpy(&old, c->retired_blobs.buf + i, sizeof old);
-        free(old);
+    for (size_t i = 0; i + sizeof(int) <= c->ca_fds.len; i += sizeof(int)) {
+        int fd;
+        memcpy(&fd, c->ca_fds.buf + i, sizeof fd);
+        close(fd);
     }
-    sbuf_free(&c->retired_blobs);
+    sbuf_free(&c->ca_fds);
     free(c->user_agent);
     uv_timer_stop(&c->timer);
     uv_prepare_stop(&c->kick);
