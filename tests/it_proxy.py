@@ -5,7 +5,7 @@ The test starts its own nginx (TLS 1.3 only, with a certificate for 127.0.0.1 si
 test CA it makes with openssl; HTTP/2; the default keepalive_requests, 1000; proxy_pass to
 the mock over HTTP/1.1 with upstream keepalive) on a free loopback port, in its temp dir
 (`nginx -p DIR -c CONF -e LOG`, `daemon off; master_process off;`, pid, logs and temp paths in
-DIR), stopped by pid.
+DIR), stopped by pid: vidqtest's `Nginx`, `make_ca` and `issue`, which scripts/bench --https uses too.
 
 1. No false ambiguous. N_BULK jobs, submit.concurrency 64, api.ca_file = the test CA. nginx
    sends a GOAWAY after every 1000 streams of a connection; the streams curl had already
@@ -31,10 +31,7 @@ DIR), stopped by pid.
 It takes about 25 s on 2 cores (10,000 jobs through nginx take 3-5 s of it).
 """
 import os
-import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
 
@@ -44,160 +41,6 @@ import vidqtest as vt  # noqa: E402
 CONC = 64
 N_BULK = int(os.environ.get("VIDQ_PROXY_JOBS") or 10000)
 BULK_LATENCY_MS = int(os.environ.get("VIDQ_PROXY_LATENCY_MS") or 0)  # the mock's, in scenario 1
-
-
-def nginx_binary():
-    for cand in (os.environ.get("NGINX"), shutil.which("nginx"), "/usr/sbin/nginx"):
-        if cand and os.access(cand, os.X_OK):
-            return cand
-    return None
-
-
-def listening(port):
-    try:
-        socket.create_connection((vt.HOST, port), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
-def openssl(*args):
-    p = subprocess.run(["openssl"] + list(args), capture_output=True)
-    if p.returncode != 0:
-        raise vt.TestError("openssl %s: %s" % (" ".join(args[:2]), p.stderr.decode("utf-8", "replace")[-400:]))
-
-
-def make_ca(d):
-    """A test CA: (ca.pem, ca.key)."""
-    ca_key, ca = os.path.join(d, "ca.key"), os.path.join(d, "ca.pem")
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", ca_key,
-            "-out", ca, "-days", "2", "-subj", "/CN=vidq it_proxy test CA",
-            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-    return ca, ca_key
-
-
-def issue(d, ca, ca_key, name, san):
-    """A server certificate signed by the test CA: (cert.pem, key.pem)."""
-    key, csr, cert = (os.path.join(d, name + x) for x in (".key", ".csr", ".pem"))
-    ext = os.path.join(d, name + ".ext")
-    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", key, "-out", csr,
-            "-subj", "/CN=" + san.split(":", 1)[1])
-    with open(ext, "w") as f:
-        f.write("subjectAltName=%s\nbasicConstraints=CA:FALSE\n"
-                "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n" % san)
-    openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert, "-days", "2",
-            "-extfile", ext)
-    return cert, key
-
-
-class Nginx:
-    """nginx in front of one upstream port, TLS 1.3 + HTTP/2, everything inside its own dir."""
-
-    def __init__(self, env, name, cert, key, upstream_port):
-        self.env = env
-        self.dir = os.path.join(env.dir, name)
-        os.makedirs(os.path.join(self.dir, "logs"), exist_ok=True)
-        os.makedirs(os.path.join(self.dir, "tmp"), exist_ok=True)
-        self.conf = os.path.join(self.dir, "nginx.conf")
-        self.error_log = os.path.join(self.dir, "logs", "error.log")
-        self.access_log = os.path.join(self.dir, "logs", "access.log")
-        self.out = os.path.join(self.dir, "logs", "stderr.log")
-        self.cert, self.key, self.upstream_port = cert, key, upstream_port
-        self.port = None
-        self.proc = None
-
-    def write_conf(self):
-        d = self.dir
-        conf = """
-daemon off;
-master_process off;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/logs/error.log info;
-events {{ worker_connections 4096; }}
-http {{
-    log_format up '$status $request_method $request_uri $server_protocol up=$upstream_status '
-                  'c=$connection n=$connection_requests';
-    access_log {d}/logs/access.log up;
-    client_body_temp_path {d}/tmp/body;
-    proxy_temp_path {d}/tmp/proxy;
-    fastcgi_temp_path {d}/tmp/fastcgi;
-    uwsgi_temp_path {d}/tmp/uwsgi;
-    scgi_temp_path {d}/tmp/scgi;
-    upstream gateway {{
-        server 127.0.0.1:{up};
-        keepalive 32;
-    }}
-    server {{
-        listen 127.0.0.1:{port} ssl http2;
-        ssl_certificate {cert};
-        ssl_certificate_key {key};
-        ssl_protocols TLSv1.3;
-        # keepalive_requests: the default, 1000 (a GOAWAY after 1000 streams)
-        location / {{
-            proxy_pass http://gateway;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_read_timeout 60s;
-        }}
-    }}
-}}
-""".format(d=d, up=self.upstream_port, port=self.port, cert=self.cert, key=self.key)
-        with open(self.conf, "w") as f:
-            f.write(conf)
-
-    def start(self):
-        last = None
-        for _ in range(5):
-            self.port = vt.free_port()
-            self.write_conf()
-            self.proc = vt.spawn([nginx_binary(), "-p", self.dir, "-c", self.conf, "-e", self.error_log], self.out)
-            if vt.wait_until(lambda: listening(self.port), 30, 0.05, unless=lambda: self.proc.poll() is not None):
-                if self.proc.poll() is None:
-                    self.env.tap.logs.insert(0, ("nginx", self.error_log))
-                    return self
-            last = "nginx exited with %s: %s | %s" % (self.proc.poll(), " | ".join(vt.tail(self.out, 5)),
-                                                      " | ".join(vt.tail(self.error_log, 5)))
-            vt.stop_process(self.proc, signal.SIGKILL)
-        raise vt.TestError("cannot start nginx: %s" % last)
-
-    @property
-    def url(self):
-        return "https://%s:%d" % (vt.HOST, self.port)
-
-    def stop(self):
-        return vt.stop_process(self.proc, signal.SIGTERM) if self.proc else None
-
-    def grep(self, needle):
-        try:
-            with open(self.error_log, "rb") as f:
-                return [x for x in f.read().decode("utf-8", "replace").splitlines() if needle in x]
-        except OSError:
-            return []
-
-    def connections(self):
-        """{connection number: requests logged on it} from the access log."""
-        m = {}
-        try:
-            with open(self.access_log) as f:
-                for line in f:
-                    for w in line.split():
-                        if w.startswith("c="):
-                            m[w[2:]] = m.get(w[2:], 0) + 1
-        except OSError:
-            pass
-        return m
-
-    def access_statuses(self):
-        m = {}
-        try:
-            with open(self.access_log) as f:
-                for line in f:
-                    st = line.split(" ", 1)[0]
-                    m[st] = m.get(st, 0) + 1
-        except OSError:
-            pass
-        return m
 
 
 def instance_state(r, name):
@@ -307,8 +150,8 @@ def scenario_badcert(t, env, rs, mock, ngx, ca):
 def scenario_wrong_name(t, env, rs, mock, ca, ca_key):
     """3b. The right CA, but a certificate for another host name: gateway_down too, nothing ends."""
     mock.reset()
-    cert, key = issue(env.dir, ca, ca_key, "other", "DNS:gateway.invalid")
-    ngx = Nginx(env, "nginx-other", cert, key, mock.port).start()
+    cert, key = vt.issue(env.dir, ca, ca_key, "other", "DNS:gateway.invalid")
+    ngx = vt.Nginx(env, "nginx-other", cert, key, mock.port).start()
     ids = ["px4-%02d" % i for i in range(20)]
     vd = env.vidqd(instance="px4", conf=common_conf(ngx.url, **{"api.ca_file": ca, "submit.max_attempts": "2"}))
     vd.start()
@@ -331,7 +174,7 @@ def scenario_restart(t, env, rs, ca, cert, key):
     """2. The gateway killed with 64 requests in flight behind nginx, restarted 5 s later."""
     mock = vt.Mock(env, latency_ms=2000, name="mockapi-slow").start()
     env.tap.logs.insert(0, ("mockapi-slow", mock.log))
-    ngx = Nginx(env, "nginx2", cert, key, mock.port).start()
+    ngx = vt.Nginx(env, "nginx2", cert, key, mock.port).start()
     n = 2 * CONC
     ids = ["px2-%03d" % i for i in range(n)]
     vd = env.vidqd(instance="px2", conf=common_conf(ngx.url, **{"api.ca_file": ca, "submit.max_attempts": "5",
@@ -408,18 +251,14 @@ def scenario_restart(t, env, rs, ca, cert, key):
 
 
 def main(t, env):
-    if nginx_binary() is None:
-        t.skip_all("nginx not installed (scripts/install-deps installs nginx-light)")
-    if shutil.which("openssl") is None:
-        t.skip_all("openssl not installed")
-    v = subprocess.run([nginx_binary(), "-V"], capture_output=True).stderr.decode("utf-8", "replace")
-    if "http_v2_module" not in v or "http_ssl_module" not in v:
-        t.skip_all("this nginx has no HTTP/2 or no TLS")
-    ca, ca_key = make_ca(env.dir)
-    cert, key = issue(env.dir, ca, ca_key, "server", "IP:127.0.0.1")
+    why = vt.nginx_missing()
+    if why:
+        t.skip_all(why)
+    ca, ca_key = vt.make_ca(env.dir, cn="vidq it_proxy test CA")
+    cert, key = vt.issue(env.dir, ca, ca_key, "server", "IP:127.0.0.1")
     rs = env.redis()
     mock = env.mock()
-    ngx = Nginx(env, "nginx1", cert, key, mock.port).start()
+    ngx = vt.Nginx(env, "nginx1", cert, key, mock.port).start()
 
     scenario_bulk(t, env, rs, mock, ngx, ca)
     rs.r.execute("FLUSHALL")

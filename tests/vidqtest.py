@@ -10,6 +10,9 @@ What it gives a test script:
   JSON client for its admin endpoints (/_mock/stats, /tasks, /config, /reset);
 - vidqd (`Env.vidqd()`), run with a config file written in the temp dir and
   its stderr in a log file;
+- nginx in front of the mock (`Nginx`: TLS 1.3, HTTP/2, its own dir and pid)
+  with a test CA and a certificate for 127.0.0.1 made by the openssl CLI
+  (`make_ca`, `issue`; `nginx_missing()` says why it cannot run);
 - a minimal RESP2 client (`Redis`): commands, pipelines, all reply types;
 - helpers: compact JSON jobs, bulk LPUSH, reading the whole results stream,
   the dead list, `wait_until`.
@@ -19,7 +22,7 @@ with SIGKILL when it does not go; temp dirs are removed (set VIDQ_KEEP_TMP=1
 to keep them). Servers listen on 127.0.0.1 only.
 
 Environment: VIDQ_BUILDDIR (default /tmp/b), VIDQ_SRCDIR, REDIS_SERVER
-(default redis-server), VIDQ_KEEP_TMP.
+(default redis-server), NGINX (default nginx on PATH), VIDQ_KEEP_TMP.
 
 Usage in a test script:
 
@@ -43,6 +46,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -722,6 +726,224 @@ class Mock:
         if self.proc:
             return stop_process(self.proc, sig)
         return None
+
+
+# ---------------------------------------------------------------------------
+# nginx with TLS 1.3 + HTTP/2 in front of the mock, and a test CA (openssl CLI)
+
+
+def nginx_binary():
+    """The nginx to use ($NGINX, nginx on PATH, /usr/sbin/nginx), or None."""
+    for cand in (os.environ.get("NGINX"), shutil.which("nginx"), "/usr/sbin/nginx"):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def nginx_missing():
+    """Why nginx in front of the mock cannot run here (a reason to skip), or None."""
+    if nginx_binary() is None:
+        return "nginx not installed (scripts/install-deps installs nginx-light)"
+    if shutil.which("openssl") is None:
+        return "openssl not installed"
+    v = subprocess.run([nginx_binary(), "-V"], capture_output=True).stderr.decode("utf-8", "replace")
+    if "http_v2_module" not in v or "http_ssl_module" not in v:
+        return "this nginx has no HTTP/2 or no TLS"
+    return None
+
+
+def nginx_version():
+    v = subprocess.run([nginx_binary(), "-v"], capture_output=True).stderr.decode("utf-8", "replace").strip()
+    return v.split("/", 1)[-1] if "/" in v else v
+
+
+def listening(port, host=HOST):
+    """Something accepts TCP connections on host:port (the probe is one accepted connection)."""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def openssl(*args):
+    p = subprocess.run(["openssl"] + list(args), capture_output=True)
+    if p.returncode != 0:
+        raise TestError("openssl %s: %s" % (" ".join(args[:2]), p.stderr.decode("utf-8", "replace")[-400:]))
+
+
+def make_ca(d, cn="vidq test CA"):
+    """A test CA in dir d (EC P-256, 2 days): (ca.pem, ca.key)."""
+    ca_key, ca = os.path.join(d, "ca.key"), os.path.join(d, "ca.pem")
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", ca_key,
+            "-out", ca, "-days", "2", "-subj", "/CN=" + cn,
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    return ca, ca_key
+
+
+def issue(d, ca, ca_key, name, san):
+    """A server certificate signed by the test CA, for san ("IP:127.0.0.1", "DNS:host"): (cert.pem, key.pem)."""
+    key, csr, cert = (os.path.join(d, name + x) for x in (".key", ".csr", ".pem"))
+    ext = os.path.join(d, name + ".ext")
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", key, "-out", csr,
+            "-subj", "/CN=" + san.split(":", 1)[1])
+    with open(ext, "w") as f:
+        f.write("subjectAltName=%s\nbasicConstraints=CA:FALSE\n"
+                "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n" % san)
+    openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert, "-days", "2",
+            "-extfile", ext)
+    return cert, key
+
+
+class Nginx:
+    """nginx in front of one upstream port, TLS 1.3 + HTTP/2, everything inside its own dir:
+    `nginx -p DIR -c CONF -e LOG`, `daemon off; master_process off;` (one process: its pid is the
+    worker's, for CPU figures), pid, logs and temp paths in DIR, stopped by pid.
+
+    The settings are nginx's defaults unless given: keepalive_requests (1000: a GOAWAY after
+    1000 streams of a connection), http2_max_concurrent_streams (128). proxy_pass to the
+    upstream over HTTP/1.1 with 32 idle keep-alive connections. The access log has the
+    connection number (c=) and its request count (n=) on every line; GET /_nginx/status is
+    stub_status (not logged)."""
+
+    def __init__(self, env, name, cert, key, upstream_port, keepalive_requests=None,
+                 http2_max_concurrent_streams=None, error_log_level="info"):
+        self.env = env
+        self.name = name
+        self.dir = os.path.join(env.dir, name)
+        os.makedirs(os.path.join(self.dir, "logs"), exist_ok=True)
+        os.makedirs(os.path.join(self.dir, "tmp"), exist_ok=True)
+        self.conf = os.path.join(self.dir, "nginx.conf")
+        self.error_log = os.path.join(self.dir, "logs", "error.log")
+        self.access_log = os.path.join(self.dir, "logs", "access.log")
+        self.out = os.path.join(self.dir, "logs", "stderr.log")
+        self.cert, self.key, self.upstream_port = cert, key, upstream_port
+        self.keepalive_requests = keepalive_requests
+        self.http2_max_concurrent_streams = http2_max_concurrent_streams
+        self.error_log_level = error_log_level
+        self.port = None
+        self.proc = None
+
+    def write_conf(self):
+        d = self.dir
+        extra = ""
+        if self.keepalive_requests is not None:
+            extra += "        keepalive_requests %d;\n" % self.keepalive_requests
+        else:
+            extra += "        # keepalive_requests: the default, 1000 (a GOAWAY after 1000 streams)\n"
+        if self.http2_max_concurrent_streams is not None:
+            extra += "        http2_max_concurrent_streams %d;\n" % self.http2_max_concurrent_streams
+        conf = """
+daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/logs/error.log {level};
+events {{ worker_connections 4096; }}
+http {{
+    log_format up '$status $request_method $request_uri $server_protocol up=$upstream_status '
+                  'c=$connection n=$connection_requests';
+    access_log {d}/logs/access.log up;
+    client_body_temp_path {d}/tmp/body;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fastcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+    upstream gateway {{
+        server 127.0.0.1:{up};
+        keepalive 32;
+    }}
+    server {{
+        listen 127.0.0.1:{port} ssl http2;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.3;
+{extra}        location / {{
+            proxy_pass http://gateway;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_read_timeout 60s;
+        }}
+        location = /_nginx/status {{
+            stub_status;
+            access_log off;
+        }}
+    }}
+}}
+""".format(d=d, level=self.error_log_level, up=self.upstream_port, port=self.port, cert=self.cert,
+           key=self.key, extra=extra)
+        with open(self.conf, "w") as f:
+            f.write(conf)
+
+    def start(self):
+        last = None
+        for _ in range(5):
+            self.port = free_port()
+            self.write_conf()
+            self.proc = spawn([nginx_binary(), "-p", self.dir, "-c", self.conf, "-e", self.error_log], self.out)
+            if wait_until(lambda: listening(self.port), 30, 0.05, unless=lambda: self.proc.poll() is not None):
+                if self.proc.poll() is None:
+                    self.env.tap.logs.insert(0, ("nginx", self.error_log))
+                    return self
+            last = "nginx exited with %s: %s | %s" % (self.proc.poll(), " | ".join(tail(self.out, 5)),
+                                                      " | ".join(tail(self.error_log, 5)))
+            stop_process(self.proc, signal.SIGKILL)
+        raise TestError("cannot start nginx: %s" % last)
+
+    @property
+    def url(self):
+        return "https://%s:%d" % (HOST, self.port)
+
+    @property
+    def pid(self):
+        return self.proc.pid if self.proc else None
+
+    def stop(self):
+        return stop_process(self.proc, signal.SIGTERM) if self.proc else None
+
+    def grep(self, needle):
+        try:
+            with open(self.error_log, "rb") as f:
+                return [x for x in f.read().decode("utf-8", "replace").splitlines() if needle in x]
+        except OSError:
+            return []
+
+    def connections(self):
+        """{connection number: requests logged on it} from the access log."""
+        m = {}
+        try:
+            with open(self.access_log) as f:
+                for line in f:
+                    for w in line.split():
+                        if w.startswith("c="):
+                            m[w[2:]] = m.get(w[2:], 0) + 1
+        except OSError:
+            pass
+        return m
+
+    def access_statuses(self):
+        m = {}
+        try:
+            with open(self.access_log) as f:
+                for line in f:
+                    st = line.split(" ", 1)[0]
+                    m[st] = m.get(st, 0) + 1
+        except OSError:
+            pass
+        return m
+
+    def status(self):
+        """stub_status: {"active", "accepts", "handled", "requests", ...}; this query is one more
+        accepted connection and one more request."""
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE  # a local read of counters; vidqd is what verifies
+        with urllib.request.urlopen(self.url + "/_nginx/status", timeout=10, context=ctx) as resp:
+            text = resp.read().decode("utf-8", "replace")
+        nums = re.findall(r"\d+", text)
+        # Active connections: A / server accepts handled requests / X Y Z / Reading: R Writing: W Waiting: V
+        keys = ("active", "accepts", "handled", "requests", "reading", "writing", "waiting")
+        return dict(zip(keys, (int(x) for x in nums)))
 
 
 # ---------------------------------------------------------------------------
