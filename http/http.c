@@ -53,6 +53,10 @@ struct http_client {
     int depth;             /* our functions on the stack (see the top comment) */
     int open_handles;
     int proxy_from_env;    /* http_proxy & co. are set: let curl use them */
+    long max_connections;  /* http_opts.max_connections */
+    long host_cap;         /* CURLMOPT_MAX_HOST_CONNECTIONS, 0 once lifted (host_cap_learn) */
+    int h2_seen;           /* a server answered over HTTP/2: the cap stays */
+    int host_cap_decided;  /* the first https:// request set the cap */
 };
 
 struct http_req {
@@ -496,6 +500,37 @@ const char *http_outcome_name(enum http_outcome o)
     return names[o];
 }
 
+/*
+ * Connections per host are capped (CURLMOPT_MAX_HOST_CONNECTIONS) from the
+ * first https:// request (HTTP/2 comes only with TLS), and stay capped once
+ * a server answered over HTTP/2. curl
+ * multiplexes on one connection, but when its streams are all in use
+ * (nginx allows 128) it opens a new connection for *each* waiting
+ * transfer: 400 handshakes at once at concurrency 500, each ~1 ms of CPU
+ * and ~1 MB, most soon idle. With the cap, transfers beyond the streams
+ * wait (pending) for a stream or one of a few new connections. The cap,
+ * in-flight / 100 + 8, leaves room for the streams needed and for
+ * downloads from HTTP/1.1 hosts. An HTTP/1.1 answer before any HTTP/2 one
+ * lifts it for good: such a server needs a connection per request, and a
+ * cap would hold requests back (their wait counting against their timeout).
+ * The cap is curl's, one value for every host: a plain-HTTP/1.1 API next to
+ * an HTTP/2 download host stays capped (at the figure above) once the
+ * HTTP/2 answer came first.
+ */
+static void host_cap_learn(http_client *c, http_req *r, CURLcode rc)
+{
+    long version = 0;
+    if (c->h2_seen || c->host_cap == 0 || rc != CURLE_OK)
+        return;
+    curl_easy_getinfo(r->easy, CURLINFO_HTTP_VERSION, &version);
+    if (version == CURL_HTTP_VERSION_2_0) {
+        c->h2_seen = 1;
+    } else if (version == CURL_HTTP_VERSION_1_0 || version == CURL_HTTP_VERSION_1_1) {
+        c->host_cap = 0;
+        curl_multi_setopt(c->multi, CURLMOPT_MAX_HOST_CONNECTIONS, 0L);
+    }
+}
+
 /* Finish `r`: build the result, recycle the handle, then tell the caller. */
 static void complete(http_req *r, CURLcode rc, const char *why)
 {
@@ -505,6 +540,7 @@ static void complete(http_req *r, CURLcode rc, const char *why)
     long status = 0;
     curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
     curl_multi_remove_handle(c->multi, r->easy); /* getinfo stays valid until reuse */
+    host_cap_learn(c, r, rc);
     c->active--;
     if (r->prev)
         r->prev->next = r->next;
@@ -583,7 +619,14 @@ static http_req *start(http_client *c, const char *url, const char *const *heade
      * TLS) rather than open one per request. Over plain http:// there is no
      * HTTP/2 to wait for, and curl would hold new requests back until the
      * first connection is up (seen: a 1 s stall for 500 requests). */
-    curl_easy_setopt(e, CURLOPT_PIPEWAIT, strncmp(url, "https://", 8) == 0 ? 1L : 0L);
+    int tls = strncmp(url, "https://", 8) == 0;
+    curl_easy_setopt(e, CURLOPT_PIPEWAIT, tls ? 1L : 0L);
+    if (tls && !c->host_cap_decided) {
+        /* HTTP/2 is negotiated only over TLS: cap from the first such request */
+        c->host_cap_decided = 1;
+        c->host_cap = c->max_connections / 100 + 8;
+        curl_multi_setopt(c->multi, CURLMOPT_MAX_HOST_CONNECTIONS, c->host_cap);
+    }
     curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
     curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 0L);
     curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 1L);
@@ -899,7 +942,9 @@ http_client *http_client_new(uv_loop_t *loop, const struct http_opts *o, char *e
     /* Keep an idle connection for every request that may be in flight:
      * curl's default cache is smaller, and under load it would close and
      * reopen connections for a good part of the requests. */
-    curl_multi_setopt(c->multi, CURLMOPT_MAXCONNECTS, o->max_connections > 0 ? o->max_connections : 64L);
+    c->max_connections = o->max_connections > 0 ? o->max_connections : 64L;
+    curl_multi_setopt(c->multi, CURLMOPT_MAXCONNECTS, c->max_connections);
+
     return c;
 }
 

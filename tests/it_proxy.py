@@ -110,6 +110,28 @@ def scenario_bulk(t, env, rs, mock, ngx, ca):
     t.eq(vd.stop(), 0, "bulk: SIGTERM exits 0")
 
 
+def scenario_burst(t, env, rs, mock, ngx, ca):
+    """1b. A burst over HTTP/2: 400 jobs at concurrency 400 against a 1 s upstream. curl, once the
+    first connection's 128 streams are taken, would open a connection per waiting request;
+    vidqd caps connections per host (in-flight / 100 + 8 = 12 here) once it speaks TLS."""
+    mock.config(latency_ms=1000)
+    n = 400
+    ids = ["burst-%03d" % i for i in range(n)]
+    vt.push_jobs(rs.r, [vt.job(job_id=j, model="m", prompt="p") for j in ids])
+    before = ngx.status()["accepts"]
+    vd = env.vidqd(instance="burst", conf=common_conf(ngx.url, **{"api.ca_file": ca, "submit.concurrency": str(n)}))
+    vd.start()
+    ok = vt.wait_until(lambda: xlen(rs.r) >= n, timeout=120, interval=0.25, unless=vd.dead)
+    t.ok(ok, "burst: %d jobs end through nginx" % n)
+    check_all_submitted_once(t, rs.r, mock, ids, "burst")
+    opened = ngx.status()["accepts"] - before - 1  # the status query is one
+    cap = (n + 16) // 100 + 8
+    t.ok(1 <= opened <= cap, "burst: vidqd opened %d TLS connections for %d requests in flight (cap %d; "
+         "without it, one per request beyond the first connection's streams)" % (opened, n, cap))
+    t.eq(vd.stop(), 0, "burst: SIGTERM exits 0")
+    mock.config(latency_ms=0)
+
+
 def scenario_badcert(t, env, rs, mock, ngx, ca):
     """3. No api.ca_file: the gateway is down for vidqd (certificate), no job ends; SIGHUP with the CA: all go."""
     mock.reset()
@@ -261,6 +283,9 @@ def main(t, env):
     ngx = vt.Nginx(env, "nginx1", cert, key, mock.port).start()
 
     scenario_bulk(t, env, rs, mock, ngx, ca)
+    rs.r.execute("FLUSHALL")
+    mock.reset()
+    scenario_burst(t, env, rs, mock, ngx, ca)
     rs.r.execute("FLUSHALL")
     scenario_badcert(t, env, rs, mock, ngx, ca)
     ngx.stop()
