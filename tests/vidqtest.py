@@ -837,9 +837,10 @@ class Nginx:
 daemon off;
 master_process off;
 worker_processes 1;
+worker_rlimit_nofile 40000;
 pid {d}/nginx.pid;
 error_log {d}/logs/error.log {level};
-events {{ worker_connections 4096; }}
+events {{ worker_connections 16384; }}
 http {{
     log_format up '$status $request_method $request_uri $server_protocol up=$upstream_status '
                   'c=$connection n=$connection_requests';
