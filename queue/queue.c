@@ -685,11 +685,15 @@ queue *queue_new(uv_loop_t *loop, const struct queue_opts *o, queue_state_fn *fn
     q->batch_ttl_ms = o->batch_ttl_ms > 0 ? o->batch_ttl_ms : 7 * 86400000LL;
     q->state_fn = fn;
     q->ud = ud;
+    /* Redis Cluster: every key (and every key a script derives) carries the
+     * prefix's hash tag, so all live in this slot; rconn connects to its master. */
+    struct rconn_target t = *o->target; /* rconn_new copies it */
+    t.slot = rconn_keyslot(o->prefix, strlen(o->prefix));
     snprintf(name, sizeof name, "vidqd:%s:cmd", o->instance);
-    q->cmd = rconn_new(loop, o->target, name, o->connect_timeout_ms, o->cmd_timeout_ms, on_cmd_state, q);
+    q->cmd = rconn_new(loop, &t, name, o->connect_timeout_ms, o->cmd_timeout_ms, on_cmd_state, q);
     snprintf(name, sizeof name, "vidqd:%s:intake", o->instance);
     /* The blocking pop waits up to 2 s by itself: give it that on top. */
-    q->blk = rconn_new(loop, o->target, name, o->connect_timeout_ms, o->cmd_timeout_ms + 2000, on_blk_state, q);
+    q->blk = rconn_new(loop, &t, name, o->connect_timeout_ms, o->cmd_timeout_ms + 2000, on_blk_state, q);
     return q;
 }
 
