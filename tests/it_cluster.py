@@ -15,6 +15,8 @@ slot's master, so vidqd and vidq must find it (CLUSTER SLOTS).
   exactly one terminal event, nothing left queued, the mock created each job at
   most once, every created task is recorded or its job ended ambiguous.
 - vidq submit and vidq stats through the same cluster URL (after the failover).
+- Tracking on a second prefix ({vt}, another slot): jobs submitted by vidq in a batch,
+  followed to their end (the CLAIM script derives task keys inside Lua), one batch_done.
 """
 import json
 import os
@@ -273,6 +275,38 @@ def main(t, env):
     st = json.loads(out) if rc == 0 else {}
     t.ok(rc == 0 and st.get("jobs") == 3 and st.get("results") == new.execute("XLEN", vt.k_results(PREFIX)),
          "vidq stats through the cluster URL", out + err)
+
+    tracking(t, env, url, new)
+
+
+def tracking(t, env, url, any_node):
+    """Tracked tasks on another slot: CLAIM (which derives each task's key inside Lua)
+    and TRACK, batch counters (the batch key), jobs without a job_id (no dedup/claim key)."""
+    prefix = "{vt}"
+    slot = any_node.execute("CLUSTER", "KEYSLOT", prefix)
+    mport, _ = slot_nodes(any_node, slot)
+    r = Fresh(mport)
+    conf = os.path.join(env.dir, "vidq-track.conf")
+    vt.write_conf(conf, {"redis.url": url, "redis.prefix": prefix})
+    n = 20
+    rc, out, err = run_cli(conf, "submit", "--model", "m", "--batch", "tb", "-",
+                           stdin=b"".join(b"tracked %d\n" % i for i in range(n)))
+    t.ok(rc == 0 and "enqueued %d jobs" % n in out, "vidq submit to a second prefix (slot %d)" % slot, out + err)
+    mock = vt.Mock(env, args=["--task-seconds", "2"], name="mock-track").start()
+    vd = env.vidqd(instance="ct", name="vidqd-ct", conf={
+        "redis.url": url, "redis.prefix": prefix, "api.base_url": mock.url, "track.enabled": "yes",
+        "track.poll_interval": "1s"})
+    vd.start(wait_ready=False)
+
+    def finals():
+        return [e for e in vt.read_stream(r, vt.k_results(prefix)) if e.get("event") in ("succeeded", "task_failed")]
+    ok = vt.wait_until(lambda: len(finals()) >= n, timeout=40, interval=0.5, unless=vd.dead)
+    t.ok(ok, "tracked on the cluster: every task followed to its end (CLAIM, TRACK)",
+         "finals=%d %s" % (len(finals()), vd.dead() or ""), *vd.log_lines()[-5:])
+    done = [e for e in vt.read_stream(r, vt.k_results(prefix)) if e.get("event") == "batch_done"]
+    t.ok(len(done) == 1 and done[0].get("total") == str(n), "one batch_done with the batch's total", done)
+    t.eq(r.execute("ZCARD", prefix + ":track"), 0, "the poll schedule is empty")
+    t.eq(vd.stop(), 0, "vidqd-ct exits 0")
 
 
 vt.run(main, "cluster")
