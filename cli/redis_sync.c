@@ -230,13 +230,17 @@ rsync *rsync_connect(const char *url, const char *slot_key, const char *name, in
     return r;
 }
 
-/* Whether an error reply means "not here (any more)": cluster redirections, a demoted master. */
+/*
+ * Whether an error reply means "not here (any more)": cluster redirections,
+ * a demoted master, or a blocking command (vidq watch's XREAD) cut short
+ * because the master became a replica (UNBLOCKED).
+ */
 static int redirected(const redisReply *rep)
 {
     return rep && rep->type == REDIS_REPLY_ERROR &&
            (strncmp(rep->str, "MOVED ", 6) == 0 || strncmp(rep->str, "ASK ", 4) == 0 ||
             strncmp(rep->str, "READONLY", 8) == 0 || strncmp(rep->str, "CLUSTERDOWN", 11) == 0 ||
-            strncmp(rep->str, "TRYAGAIN", 8) == 0);
+            strncmp(rep->str, "TRYAGAIN", 8) == 0 || strncmp(rep->str, "UNBLOCKED", 9) == 0);
 }
 
 redisReply *rsync_command(rsync *r, int argc, const char **argv, const size_t *lens)
@@ -269,6 +273,7 @@ const char *rsync_where(const rsync *r)
 
 void rsync_set_timeout(rsync *r, int cmd_timeout_ms)
 {
+    r->cmd_timeout_ms = cmd_timeout_ms; /* and for a reconnect (rsync_command) */
     redisSetTimeout(r->ctx, tv_ms(cmd_timeout_ms));
 }
 

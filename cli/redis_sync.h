@@ -29,8 +29,9 @@ rsync *rsync_connect(const char *url, const char *slot_key, const char *name, in
 /*
  * One command. With a Sentinel or Cluster URL, a reply that says the server
  * is not (any more) the master of our keys (MOVED, ASK, READONLY,
- * CLUSTERDOWN, TRYAGAIN) makes it find the master again, reconnect and send
- * the command once more. Pipelines (redisAppendCommandArgv) are not retried.
+ * CLUSTERDOWN, TRYAGAIN; UNBLOCKED: a blocking command cut short by a
+ * failover) makes it find the master again, reconnect and send the command
+ * once more. Pipelines (redisAppendCommandArgv) are not retried.
  */
 redisReply *rsync_command(rsync *r, int argc, const char **argv, const size_t *lens);
 

@@ -14,7 +14,9 @@ slot's master, so vidqd and vidq must find it (CLUSTER SLOTS).
   must follow (MOVED on the old master) and finish on the new one: every job
   exactly one terminal event, nothing left queued, the mock created each job at
   most once, every created task is recorded or its job ended ambiguous.
-- vidq submit and vidq stats through the same cluster URL (after the failover).
+- vidq watch, started before the failover, follows the stream across it (its blocking
+  XREAD is cut short: it reconnects and reads on); vidq submit and vidq stats through the
+  same cluster URL afterwards.
 - Tracking on a second prefix ({vt}, another slot): jobs submitted by vidq in a batch,
   followed to their end (the CLAIM script derives task keys inside Lua), one batch_done.
 """
@@ -195,6 +197,8 @@ def main(t, env):
                  key=vt.k_jobs(PREFIX))
     all_ids = ids + ghost
 
+    cli_conf = os.path.join(env.dir, "vidq.conf")
+    vt.write_conf(cli_conf, {"redis.url": url, "redis.prefix": PREFIX})
     mock = env.mock(latency_ms=100)
     vds = []
     for inst in INSTANCES:
@@ -215,6 +219,12 @@ def main(t, env):
     if not t.ok(ok, "a quarter of the jobs done on the first master", dead() or ""):
         return
     before = master.execute("XLEN", vt.k_results(PREFIX))
+    # vidq watch follows the stream across the failover (its XREAD is cut short, then MOVED).
+    watch = subprocess.Popen([VIDQ, "-c", cli_conf, "watch", "--from", "0", "--count", str(len(all_ids)), "--json"],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env=vt.daemon_env(token=None), start_new_session=True)
+    vt._procs.append(watch)
+    time.sleep(0.5)
     replica.execute("CLUSTER", "FAILOVER")
     vt.wait_for(lambda: replica.execute("ROLE")[0] == b"master", "the replica to be promoted", timeout=30)
     t.diag("CLUSTER FAILOVER at %d events: the master is now :%d" % (before, rport))
@@ -264,10 +274,18 @@ def main(t, env):
     t.ok(not never, "every job but the ambiguous ones reached the API", repr(never[:10]))
     for vd in vds:
         t.eq(vd.stop(), 0, "%s exits 0" % vd.name)
+    try:
+        out, err = watch.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        vt.stop_process(watch)
+        out, err = watch.communicate()
+    seen = [json.loads(line).get("job_id") for line in out.decode("utf-8", "replace").splitlines() if line.strip()]
+    t.ok(watch.returncode == 0 and sorted(seen) == sorted(all_ids),
+         "vidq watch followed the stream across the failover: every event once",
+         "rc=%s events=%d err=%r" % (watch.returncode, len(seen), err.decode("utf-8", "replace")[-300:]))
 
     # The CLI through the same URL, after the failover: the seeds name the new master.
-    conf = os.path.join(env.dir, "vidq.conf")
-    vt.write_conf(conf, {"redis.url": url, "redis.prefix": PREFIX})
+    conf = cli_conf
     rc, out, err = run_cli(conf, "submit", "--model", "m", "--batch", "clb", "-", stdin=b"one\ntwo\nthree\n")
     t.ok(rc == 0 and "enqueued 3 jobs" in out, "vidq submit through the cluster URL", out + err)
     t.eq(new.execute("LLEN", vt.k_jobs(PREFIX)), 3, "the jobs are on the slot's (new) master")
