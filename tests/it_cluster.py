@@ -23,6 +23,7 @@ slot's master, so vidqd and vidq must find it (CLUSTER SLOTS).
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -69,7 +70,9 @@ def cluster_supported():
     """None, or why this redis-server / redis-cli cannot make a cluster."""
     cli = os.path.join(os.path.dirname(vt.redis_server_binary()), "redis-cli")
     if not os.access(cli, os.X_OK):
-        return None, "no redis-cli next to redis-server"
+        cli = shutil.which("redis-cli")
+    if not cli:
+        return None, "no redis-cli (needed for --cluster create)"
     p = subprocess.run([cli, "--cluster", "help"], capture_output=True, timeout=10)
     if b"create" not in p.stdout + p.stderr:
         return None, "redis-cli has no --cluster create (Redis < 5)"
@@ -166,7 +169,6 @@ def main(t, env):
     vt.wait_for(lambda: cluster_ok(ports), "the cluster to be ok on every node", timeout=30, interval=0.2)
 
     slot = Fresh(ports[0]).execute("CLUSTER", "KEYSLOT", PREFIX)
-    mport, replicas = slot_nodes(Fresh(ports[0]), slot)
     vt.wait_for(lambda: slot_nodes(Fresh(ports[0]), slot)[1], "the slot's master to get a replica", timeout=30)
     mport, replicas = slot_nodes(Fresh(ports[0]), slot)
     rport = replicas[0]
