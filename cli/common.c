@@ -166,7 +166,8 @@ void setup(void)
 {
     char err[1024];
     load_config();
-    g.r = rsync_connect(g.cfg.redis_url, "vidq-cli", CONNECT_TIMEOUT_MS, COMMAND_TIMEOUT_MS, err, sizeof err);
+    g.r = rsync_connect(g.cfg.redis_url, g.cfg.prefix, "vidq-cli", CONNECT_TIMEOUT_MS, COMMAND_TIMEOUT_MS, err,
+                        sizeof err);
     if (g.r == NULL)
         die(EX_UNAVAILABLE, "%s", err);
     k.jobs = key(KEY_JOBS, NULL);
@@ -217,7 +218,7 @@ redisReply *checked(redisReply *rep, const char *what)
 
 redisReply *cmdv(int argc, const char **argv, const size_t *lens)
 {
-    return checked(redisCommandArgv(rsync_ctx(g.r), argc, argv, lens), argv[0]);
+    return checked(rsync_command(g.r, argc, argv, lens), argv[0]);
 }
 
 /* A command of NUL-terminated strings, ended by NULL. */

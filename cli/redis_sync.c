@@ -5,6 +5,9 @@
  * CLI accepts exactly what vidqd accepts. With a redis-sentinel:// URL the
  * sentinels are asked in turn for the master's address, as rconn does
  * (sentinels are not sent the credentials: they belong to the data nodes).
+ * With a redis-cluster:// URL the seed nodes are asked in turn (CLUSTER
+ * SLOTS) which node is the master of the prefix's slot; a command answered
+ * with a redirection (MOVED, ASK, a failover) reconnects once and is sent again.
  */
 #include "redis_sync.h"
 #include "rconn.h"
@@ -18,6 +21,10 @@
 struct rsync {
     redisContext *ctx;
     char where[300];
+    struct rconn_target t;
+    char *name;
+    int connect_timeout_ms;
+    int cmd_timeout_ms;
 };
 
 static struct timeval tv_ms(int ms)
@@ -63,8 +70,8 @@ static int handshake(redisContext *c, const char *what, int argc, const char **a
 static redisContext *open_sentinel(const struct rconn_target *t, int timeout_ms, char *err, size_t errlen)
 {
     char why[512] = "no sentinel";
-    for (int i = 0; i < t->nsentinels; i++) {
-        redisContext *s = open_tcp(t->sentinels[i].host, t->sentinels[i].port, timeout_ms, why, sizeof why);
+    for (int i = 0; i < t->nnodes; i++) {
+        redisContext *s = open_tcp(t->nodes[i].host, t->nodes[i].port, timeout_ms, why, sizeof why);
         if (s == NULL)
             continue;
         redisSetTimeout(s, tv_ms(timeout_ms));
@@ -85,8 +92,8 @@ static redisContext *open_sentinel(const struct rconn_target *t, int timeout_ms,
             free(host);
             return c;
         }
-        snprintf(why, sizeof why, "sentinel %s:%d does not know master %s", t->sentinels[i].host,
-                 t->sentinels[i].port, t->master_name);
+        snprintf(why, sizeof why, "sentinel %s:%d does not know master %s", t->nodes[i].host,
+                 t->nodes[i].port, t->master_name);
         if (rep)
             freeReplyObject(rep);
         redisFree(s);
@@ -95,23 +102,80 @@ static redisContext *open_sentinel(const struct rconn_target *t, int timeout_ms,
     return NULL;
 }
 
-rsync *rsync_connect(const char *url, const char *name, int connect_timeout_ms, int cmd_timeout_ms, char *err,
-                     size_t errlen)
+/* host "" or "?" in CLUSTER SLOTS: the node that answered. */
+static redisContext *open_cluster(const struct rconn_target *t, int timeout_ms, char *err, size_t errlen)
 {
-    struct rconn_target t;
-    char why[600];
-    if (rconn_parse_url(url, &t, why, sizeof why) != 0) {
-        snprintf(err, errlen, "redis.url: %s", why);
-        return NULL;
+    char why[512] = "no seed node";
+    for (int i = 0; i < t->nnodes; i++) {
+        redisContext *s = open_tcp(t->nodes[i].host, t->nodes[i].port, timeout_ms, why, sizeof why);
+        if (s == NULL)
+            continue;
+        redisSetTimeout(s, tv_ms(timeout_ms));
+        if (t->pass) {
+            const char *with_user[3] = {"AUTH", t->user, t->pass};
+            const char *pass_only[2] = {"AUTH", t->pass};
+            if ((t->user ? handshake(s, "AUTH", 3, with_user, why, sizeof why)
+                         : handshake(s, "AUTH", 2, pass_only, why, sizeof why)) != 0) {
+                redisFree(s);
+                continue;
+            }
+        }
+        const char *argv[2] = {"CLUSTER", "SLOTS"};
+        redisReply *rep = redisCommandArgv(s, 2, argv, NULL);
+        char *host = NULL;
+        int port = 0;
+        for (size_t k = 0; rep && rep->type == REDIS_REPLY_ARRAY && k < rep->elements && host == NULL; k++) {
+            const redisReply *e = rep->element[k];
+            if (e->type != REDIS_REPLY_ARRAY || e->elements < 3 || e->element[0]->type != REDIS_REPLY_INTEGER ||
+                e->element[1]->type != REDIS_REPLY_INTEGER || e->element[2]->type != REDIS_REPLY_ARRAY ||
+                t->slot < e->element[0]->integer || t->slot > e->element[1]->integer)
+                continue;
+            const redisReply *m = e->element[2];
+            if (m->elements >= 2 && m->element[0]->type == REDIS_REPLY_STRING &&
+                m->element[1]->type == REDIS_REPLY_INTEGER) {
+                const char *h = m->element[0]->str;
+                host = xstrdup(h[0] == '\0' || strcmp(h, "?") == 0 ? t->nodes[i].host : h);
+                port = (int)m->element[1]->integer;
+            }
+        }
+        if (host) {
+            freeReplyObject(rep);
+            redisFree(s);
+            redisContext *c = open_tcp(host, port, timeout_ms, why, sizeof why);
+            if (c == NULL) {
+                snprintf(err, errlen, "master of slot %d at %s:%d: %s", t->slot, host, port, why);
+                free(host);
+                return NULL;
+            }
+            free(host);
+            return c;
+        }
+        snprintf(why, sizeof why, "cluster node %s:%d knows no master for slot %d%s%s", t->nodes[i].host,
+                 t->nodes[i].port, t->slot, rep && rep->type == REDIS_REPLY_ERROR ? ": " : "",
+                 rep && rep->type == REDIS_REPLY_ERROR ? rep->str : "");
+        if (rep)
+            freeReplyObject(rep);
+        redisFree(s);
     }
-    rsync *r = xcalloc(1, sizeof *r);
-    rconn_target_describe(&t, r->where, sizeof r->where);
-    if (t.master_name)
-        r->ctx = open_sentinel(&t, connect_timeout_ms, why, sizeof why);
-    else if (t.path)
-        r->ctx = redisConnectUnixWithTimeout(t.path, tv_ms(connect_timeout_ms));
+    snprintf(err, errlen, "%s", why);
+    return NULL;
+}
+
+/* (Re)open r->ctx for r->t: 0, or -1 with the reason in err. */
+static int open_ctx(rsync *r, char *err, size_t errlen)
+{
+    const struct rconn_target *t = &r->t;
+    char why[600];
+    if (r->ctx)
+        redisFree(r->ctx);
+    if (t->master_name)
+        r->ctx = open_sentinel(t, r->connect_timeout_ms, why, sizeof why);
+    else if (t->cluster)
+        r->ctx = open_cluster(t, r->connect_timeout_ms, why, sizeof why);
+    else if (t->path)
+        r->ctx = redisConnectUnixWithTimeout(t->path, tv_ms(r->connect_timeout_ms));
     else
-        r->ctx = open_tcp(t.host, t.port, connect_timeout_ms, why, sizeof why);
+        r->ctx = open_tcp(t->host, t->port, r->connect_timeout_ms, why, sizeof why);
     if (r->ctx && r->ctx->err) {
         snprintf(why, sizeof why, "%s", r->ctx->errstr);
         redisFree(r->ctx);
@@ -119,32 +183,82 @@ rsync *rsync_connect(const char *url, const char *name, int connect_timeout_ms, 
     }
     if (r->ctx == NULL)
         goto fail;
-    redisSetTimeout(r->ctx, tv_ms(cmd_timeout_ms));
-    if (t.pass) {
-        const char *with_user[3] = {"AUTH", t.user, t.pass};
-        const char *pass_only[2] = {"AUTH", t.pass};
-        int rc = t.user ? handshake(r->ctx, "AUTH", 3, with_user, why, sizeof why)
-                        : handshake(r->ctx, "AUTH", 2, pass_only, why, sizeof why);
+    redisSetTimeout(r->ctx, tv_ms(r->cmd_timeout_ms));
+    if (t->pass) {
+        const char *with_user[3] = {"AUTH", t->user, t->pass};
+        const char *pass_only[2] = {"AUTH", t->pass};
+        int rc = t->user ? handshake(r->ctx, "AUTH", 3, with_user, why, sizeof why)
+                         : handshake(r->ctx, "AUTH", 2, pass_only, why, sizeof why);
         if (rc != 0)
             goto fail;
     }
-    if (t.db != 0) {
+    if (t->db != 0) {
         char db[16];
-        snprintf(db, sizeof db, "%d", t.db);
+        snprintf(db, sizeof db, "%d", t->db);
         const char *argv[2] = {"SELECT", db};
         if (handshake(r->ctx, "SELECT", 2, argv, why, sizeof why) != 0)
             goto fail;
     }
-    const char *setname[3] = {"CLIENT", "SETNAME", name};
+    const char *setname[3] = {"CLIENT", "SETNAME", r->name};
     if (handshake(r->ctx, "CLIENT SETNAME", 3, setname, why, sizeof why) != 0)
         goto fail;
-    rconn_target_free(&t);
-    return r;
+    return 0;
 fail:
     snprintf(err, errlen, "cannot connect to Redis at %s: %s", r->where, why);
-    rconn_target_free(&t);
-    rsync_close(r);
-    return NULL;
+    return -1;
+}
+
+rsync *rsync_connect(const char *url, const char *slot_key, const char *name, int connect_timeout_ms,
+                     int cmd_timeout_ms, char *err, size_t errlen)
+{
+    char why[600];
+    rsync *r = xcalloc(1, sizeof *r);
+    if (rconn_parse_url(url, &r->t, why, sizeof why) != 0) {
+        snprintf(err, errlen, "redis.url: %s", why);
+        free(r);
+        return NULL;
+    }
+    r->t.slot = slot_key ? rconn_keyslot(slot_key, strlen(slot_key)) : 0;
+    r->name = xstrdup(name);
+    r->connect_timeout_ms = connect_timeout_ms;
+    r->cmd_timeout_ms = cmd_timeout_ms;
+    rconn_target_describe(&r->t, r->where, sizeof r->where);
+    if (open_ctx(r, err, errlen) != 0) {
+        rsync_close(r);
+        return NULL;
+    }
+    return r;
+}
+
+/*
+ * Whether an error reply means "not here (any more)": cluster redirections,
+ * a demoted master, or a blocking command (vidq watch's XREAD) cut short
+ * because the master became a replica (UNBLOCKED).
+ */
+static int redirected(const redisReply *rep)
+{
+    return rep && rep->type == REDIS_REPLY_ERROR &&
+           (strncmp(rep->str, "MOVED ", 6) == 0 || strncmp(rep->str, "ASK ", 4) == 0 ||
+            strncmp(rep->str, "READONLY", 8) == 0 || strncmp(rep->str, "CLUSTERDOWN", 11) == 0 ||
+            strncmp(rep->str, "TRYAGAIN", 8) == 0 || strncmp(rep->str, "UNBLOCKED", 9) == 0);
+}
+
+redisReply *rsync_command(rsync *r, int argc, const char **argv, const size_t *lens)
+{
+    redisReply *rep = redisCommandArgv(r->ctx, argc, argv, lens);
+    if (!redirected(rep) || !(r->t.cluster || r->t.master_name))
+        return rep;
+    /* Once: ask the seeds (sentinels) again, reconnect, send it again. */
+    char err[900];
+    redisContext *old = r->ctx;
+    r->ctx = NULL;
+    if (open_ctx(r, err, sizeof err) != 0) {
+        r->ctx = old; /* the redirection stays the answer */
+        return rep;
+    }
+    redisFree(old);
+    freeReplyObject(rep);
+    return redisCommandArgv(r->ctx, argc, argv, lens);
 }
 
 redisContext *rsync_ctx(rsync *r)
@@ -159,6 +273,7 @@ const char *rsync_where(const rsync *r)
 
 void rsync_set_timeout(rsync *r, int cmd_timeout_ms)
 {
+    r->cmd_timeout_ms = cmd_timeout_ms; /* and for a reconnect (rsync_command) */
     redisSetTimeout(r->ctx, tv_ms(cmd_timeout_ms));
 }
 
@@ -168,5 +283,7 @@ void rsync_close(rsync *r)
         return;
     if (r->ctx)
         redisFree(r->ctx);
+    rconn_target_free(&r->t);
+    free(r->name);
     free(r);
 }

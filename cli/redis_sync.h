@@ -4,7 +4,7 @@
  * vidq runs one command after another and exits, so it talks to Redis with
  * hiredis's synchronous API instead of rconn's event loop. This module only
  * opens the connection the way vidqd does (the same redis.url: TCP, unix
- * socket or Sentinel; AUTH and SELECT from the URL), with a connect timeout
+ * socket, Sentinel or Cluster; AUTH and SELECT from the URL), with a connect timeout
  * and a command timeout, and reports failures as one readable sentence.
  * Callers use the hiredis context for the commands themselves.
  */
@@ -21,10 +21,19 @@ typedef struct rsync rsync;
  * select the database and name the client `name`. Commands then time out
  * after `cmd_timeout_ms`. Returns the connection, or NULL with a message
  * such as "cannot connect to Redis at 127.0.0.1:6379/0: Connection refused"
- * in err.
+ * in err. `slot_key` (redis.prefix) names the slot to find in a Redis Cluster.
  */
-rsync *rsync_connect(const char *url, const char *name, int connect_timeout_ms, int cmd_timeout_ms, char *err,
-                     size_t errlen);
+rsync *rsync_connect(const char *url, const char *slot_key, const char *name, int connect_timeout_ms,
+                     int cmd_timeout_ms, char *err, size_t errlen);
+
+/*
+ * One command. With a Sentinel or Cluster URL, a reply that says the server
+ * is not (any more) the master of our keys (MOVED, ASK, READONLY,
+ * CLUSTERDOWN, TRYAGAIN; UNBLOCKED: a blocking command cut short by a
+ * failover) makes it find the master again, reconnect and send the command
+ * once more. Pipelines (redisAppendCommandArgv) are not retried.
+ */
+redisReply *rsync_command(rsync *r, int argc, const char **argv, const size_t *lens);
 
 /* The hiredis context, for redisCommandArgv / redisAppendCommandArgv / redisGetReply. */
 redisContext *rsync_ctx(rsync *r);

@@ -447,7 +447,17 @@ int config_finish(struct config *c, const struct config_check *checks, char *err
         int required;
         const char *v = str_value(c, ck->key, &required);
         why[0] = '\0';
-        if ((v || required) && ck->fn(v, why, sizeof why) != 0)
+        if (ck->fn && (v || required) && ck->fn(v, why, sizeof why) != 0)
+            return key_error(c, ck->key, err, errlen, why[0] ? why : "is not valid");
+    }
+    for (const struct config_check *ck = checks; ck && ck->key; ck++) {
+        int required;
+        if (ck->fn2 == NULL)
+            continue;
+        const char *v = str_value(c, ck->key, &required);
+        const char *w = str_value(c, ck->with, &required);
+        why[0] = '\0';
+        if (ck->fn2(v, w, why, sizeof why) != 0)
             return key_error(c, ck->key, err, errlen, why[0] ? why : "is not valid");
     }
     if (c->instance == NULL) {

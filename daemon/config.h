@@ -94,6 +94,10 @@ struct config_check {
     const char *key; /* "section.key" of a string key; NULL ends a list */
     /* value is NULL when a key with a default was emptied */
     int (*fn)(const char *value, char *why, size_t whylen);
+    /* Or a check of `key` against a second string key `with` (run after every
+     * one-key check; an error names `key`). */
+    const char *with;
+    int (*fn2)(const char *value, const char *with_value, char *why, size_t whylen);
 };
 
 /* The checks vidqd and vidq run (config_checks.c). */

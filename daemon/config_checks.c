@@ -11,8 +11,10 @@
 #include "rconn.h"
 
 const struct config_check config_checks[] = {
-    {"redis.url", rconn_check_url},
-    {"redis.prefix", key_prefix_check},
-    {"metrics.listen", metrics_check_listen},
-    {NULL, NULL},
+    {"redis.url", rconn_check_url, NULL, NULL},
+    {"redis.prefix", key_prefix_check, NULL, NULL},
+    {"metrics.listen", metrics_check_listen, NULL, NULL},
+    /* cross-key: a redis-cluster:// URL needs a {hash-tagged} prefix */
+    {"redis.url", NULL, "redis.prefix", rconn_check_url_prefix},
+    {NULL, NULL, NULL, NULL},
 };

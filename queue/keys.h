@@ -41,6 +41,15 @@ enum key_kind { VIDQ_KEYS(KEY_ENUM_) KEY_COUNT };
 #define KEY_SEP ":"
 
 /*
+ * The id of a per-id key a job does not have (no job_id, no batch) in a
+ * script's KEYS: <prefix>:<kind>:! is never a real key ('!' is in no id) and
+ * it hashes to the prefix's slot, as Redis Cluster requires of every key of
+ * one call (an empty key name would hash to slot 0: CROSSSLOT). The scripts
+ * read it as "" (queue.c script_text) and never touch it.
+ */
+#define KEY_NO_ID "!"
+
+/*
  * The same names for Lua: KIND.<kind> is the kind's name and
  * key(prefix, kind, id) builds a key as key_format() does. For the scripts
  * that derive keys they are not given (another instance's lists, a task's

@@ -160,7 +160,7 @@ static const char WRAP1_LUA[] = CHECK_LUA WRAP_LUA
  * SEND: may this held job go out now? One round trip that checks it is
  * still held here (a job taken over while this instance stalled is never
  * sent by both), looks up the dedup marker and the claim of its job_id
- * (K.dedup and K.claim are "" without a job_id), and marks it.
+ * (K.dedup and K.claim are "" without a job_id: keys.h KEY_NO_ID), and marks it.
  * A.mode "new": claim and mark; "marked": the job already carries the mark
  * A.token (re-sent after an account error, or found marked after a crash
  * with retry_ambiguous): claim only; "probe": write nothing, only look.
@@ -547,7 +547,14 @@ static char *script_text(int i)
     sbuf_puts(&b, "local K = {");
     for (int k = 0; k < nk; k++)
         sbuf_printf(&b, "%s%s = KEYS[%d]", k ? ", " : "", key_kind_name(sc->keys[k]), k + 1);
-    sbuf_puts(&b, "}\nlocal A = {");
+    sbuf_puts(&b, "}\n");
+    /* A per-id key without an id comes as <prefix>:<kind>:! (keys.h KEY_NO_ID): "" from here on. */
+    for (int k = 0; k < nk; k++) {
+        if (key_kind_per(sc->keys[k]) == 2)
+            sbuf_printf(&b, "if string.sub(K.%s, -1) == '" KEY_NO_ID "' then K.%s = '' end\n",
+                        key_kind_name(sc->keys[k]), key_kind_name(sc->keys[k]));
+    }
+    sbuf_puts(&b, "local A = {");
     for (int a = 0; a < na; a++)
         sbuf_printf(&b, "%s%s = ARGV[%d]", a ? ", " : "", arg_names[sc->args[a]], a + 1);
     sbuf_printf(&b, "}\nlocal NARGS = %d\n", na);
@@ -685,11 +692,15 @@ queue *queue_new(uv_loop_t *loop, const struct queue_opts *o, queue_state_fn *fn
     q->batch_ttl_ms = o->batch_ttl_ms > 0 ? o->batch_ttl_ms : 7 * 86400000LL;
     q->state_fn = fn;
     q->ud = ud;
+    /* Redis Cluster: every key (and every key a script derives) carries the
+     * prefix's hash tag, so all live in this slot; rconn connects to its master. */
+    struct rconn_target t = *o->target; /* rconn_new copies it */
+    t.slot = rconn_keyslot(o->prefix, strlen(o->prefix));
     snprintf(name, sizeof name, "vidqd:%s:cmd", o->instance);
-    q->cmd = rconn_new(loop, o->target, name, o->connect_timeout_ms, o->cmd_timeout_ms, on_cmd_state, q);
+    q->cmd = rconn_new(loop, &t, name, o->connect_timeout_ms, o->cmd_timeout_ms, on_cmd_state, q);
     snprintf(name, sizeof name, "vidqd:%s:intake", o->instance);
     /* The blocking pop waits up to 2 s by itself: give it that on top. */
-    q->blk = rconn_new(loop, o->target, name, o->connect_timeout_ms, o->cmd_timeout_ms + 2000, on_blk_state, q);
+    q->blk = rconn_new(loop, &t, name, o->connect_timeout_ms, o->cmd_timeout_ms + 2000, on_blk_state, q);
     return q;
 }
 
@@ -932,7 +943,7 @@ static int qsend(queue *q, rconn *conn, rconn_reply_fn *rfn, struct call *c, int
 
 /* The keys and arguments of one script call, by name (see struct script). */
 struct sargs {
-    const char *id[KEY_COUNT];  /* the job_id or batch of a per-id key; NULL or "": that key is "" */
+    const char *id[KEY_COUNT];  /* the job_id or batch of a per-id key; NULL or "": none (KEY_NO_ID) */
     const char *arg[A_COUNT];
     size_t len[A_COUNT];
     const char *const *tail;    /* more arguments, for the scripts that take them */
@@ -979,7 +990,8 @@ static int script_call(queue *q, int s, const struct sargs *a, rconn_reply_fn *r
         enum key_kind k = sc->keys[nk];
         const char *kv = q->key[k];
         if (key_kind_per(k) == 2) {
-            if (key_format(idkey[nk], KEY_MAX, q->prefix, k, a->id[k]) < 0) {
+            const char *id = a->id[k] && a->id[k][0] ? a->id[k] : KEY_NO_ID;
+            if (key_format(idkey[nk], KEY_MAX, q->prefix, k, id) < 0) {
                 free(c); /* an id no producer could give (they are checked): data planted in Redis */
                 return -1;
             }

@@ -43,11 +43,11 @@ struct rconn {
     uv_timer_t watchdog;       /* deadlines + deferred teardown */
     uv_timer_t retry;          /* reconnect backoff */
     int handles_open;
-    /* Sentinel: the master's address, asked for before each connect */
+    /* Sentinel or Cluster: the master's address, asked for before each connect */
     char *master_host;
     int master_port;
-    int sentinel_idx;
-    int resolving;             /* the current context talks to a sentinel */
+    int node_idx;
+    int resolving;             /* the current context talks to a sentinel (or a cluster seed) */
     int resolved;              /* drop the sentinel connection, connect to the master */
     redisAsyncContext *probe;  /* asks a sentinel now and then whether the master moved */
     int64_t probe_started;     /* mono ms: the probe's deadline runs from here */
@@ -185,15 +185,20 @@ static int parse_tcp(const char *rest, struct rconn_target *t, char *err, size_t
     return 0;
 }
 
-/* host:port[,host:port...]/master[/db]; credentials were taken by parse_tcp. */
-static int parse_sentinel(const char *rest, struct rconn_target *t, char *err, size_t errlen)
+/*
+ * [creds@]host:port[,host:port...]/master[/db] (Sentinel) or
+ * [creds@]host:port[,host:port...][/db] (Cluster, where db can only be 0).
+ */
+static int parse_nodes(const char *rest, struct rconn_target *t, int cluster, char *err, size_t errlen)
 {
     const char *at = strchr(rest, '@');
     const char *slash = strchr(at ? at : rest, '/');
-    if (slash == NULL || slash[1] == '\0') {
+    if (!cluster && (slash == NULL || slash[1] == '\0')) {
         snprintf(err, errlen, "a Sentinel URL needs the master name: redis-sentinel://host:port[,host:port]/mymaster");
         return -1;
     }
+    if (slash == NULL)
+        slash = rest + strlen(rest);
     /* Credentials: reuse the redis:// parser on "creds@x:1". */
     if (at) {
         char *tmp = xstrndup(rest, (size_t)(at - rest) + 1);
@@ -224,13 +229,25 @@ static int parse_sentinel(const char *rest, struct rconn_target *t, char *err, s
             rconn_target_free(&one);
             return -1;
         }
-        t->sentinels = xrealloc(t->sentinels, (size_t)(t->nsentinels + 1) * sizeof *t->sentinels);
-        t->sentinels[t->nsentinels].host = one.host;
-        t->sentinels[t->nsentinels].port = one.port;
-        t->nsentinels++;
+        t->nodes = xrealloc(t->nodes, (size_t)(t->nnodes + 1) * sizeof *t->nodes);
+        t->nodes[t->nnodes].host = one.host;
+        t->nodes[t->nnodes].port = one.port;
+        t->nnodes++;
         one.host = NULL;
         rconn_target_free(&one);
         p = comma ? comma + 1 : slash;
+    }
+    if (cluster) {
+        t->cluster = 1;
+        if (*slash && slash[1] && (parse_db(slash + 1, &t->db) != 0 || t->db != 0)) {
+            snprintf(err, errlen, "a Redis Cluster has only database 0 (not \"%s\")", slash + 1);
+            return -1;
+        }
+        if (t->nnodes == 0) {
+            snprintf(err, errlen, "a Cluster URL needs at least one host:port");
+            return -1;
+        }
+        return 0;
     }
     const char *name = slash + 1;
     const char *dbs = strchr(name, '/');
@@ -239,7 +256,7 @@ static int parse_sentinel(const char *rest, struct rconn_target *t, char *err, s
         snprintf(err, errlen, "invalid database number \"%s\"", dbs + 1);
         return -1;
     }
-    if (t->nsentinels == 0 || t->master_name[0] == '\0') {
+    if (t->nnodes == 0 || t->master_name[0] == '\0') {
         snprintf(err, errlen, "a Sentinel URL needs at least one host:port and the master name");
         return -1;
     }
@@ -255,15 +272,17 @@ int rconn_parse_url(const char *url, struct rconn_target *t, char *err, size_t e
         return -1;
     }
     if (strncmp(url, "redis-sentinel://", 17) == 0) {
-        rc = parse_sentinel(url + 17, t, err, errlen);
+        rc = parse_nodes(url + 17, t, 0, err, errlen);
+    } else if (strncmp(url, "redis-cluster://", 16) == 0) {
+        rc = parse_nodes(url + 16, t, 1, err, errlen);
     } else if (strncmp(url, "redis://", 8) == 0) {
         rc = parse_tcp(url + 8, t, err, errlen);
     } else if (strncmp(url, "unix://", 7) == 0) {
         rc = parse_unix(url + 7, t, err, errlen);
     } else {
         snprintf(err, errlen,
-                 "unsupported URL \"%s\" (expected redis://host:port/db, unix:///path?db=N or "
-                 "redis-sentinel://host:port,.../master)",
+                 "unsupported URL \"%s\" (expected redis://host:port/db, unix:///path?db=N, "
+                 "redis-sentinel://host:port,.../master or redis-cluster://host:port,...)",
                  url);
         rc = -1;
     }
@@ -281,11 +300,64 @@ int rconn_check_url(const char *url, char *why, size_t whylen)
     return 0;
 }
 
+/* CRC16-CCITT (XMODEM: poly 0x1021, init 0), as Redis Cluster uses. */
+static unsigned crc16(const char *buf, size_t len)
+{
+    unsigned crc = 0;
+    for (size_t i = 0; i < len; i++) {
+        crc ^= (unsigned)(unsigned char)buf[i] << 8;
+        for (int b = 0; b < 8; b++)
+            crc = (crc & 0x8000) ? ((crc << 1) ^ 0x1021) & 0xffff : (crc << 1) & 0xffff;
+    }
+    return crc;
+}
+
+/* The hash tag of key[0..len): its start and length, or NULL. */
+static const char *hash_tag(const char *key, size_t len, size_t *taglen)
+{
+    const char *open = memchr(key, '{', len);
+    if (open == NULL)
+        return NULL;
+    const char *close = memchr(open + 1, '}', (size_t)(key + len - open - 1));
+    if (close == NULL || close == open + 1)
+        return NULL;
+    *taglen = (size_t)(close - open - 1);
+    return open + 1;
+}
+
+int rconn_has_hash_tag(const char *key, size_t len)
+{
+    size_t n;
+    return key && hash_tag(key, len, &n) != NULL;
+}
+
+int rconn_keyslot(const char *key, size_t len)
+{
+    size_t n;
+    const char *tag = hash_tag(key, len, &n);
+    if (tag)
+        return (int)(crc16(tag, n) & 16383);
+    return (int)(crc16(key, len) & 16383);
+}
+
+int rconn_check_url_prefix(const char *url, const char *prefix, char *why, size_t whylen)
+{
+    if (url == NULL || strncmp(url, "redis-cluster://", 16) != 0)
+        return 0;
+    if (prefix && rconn_has_hash_tag(prefix, strlen(prefix)))
+        return 0;
+    snprintf(why, whylen,
+             "a redis-cluster:// URL needs a hash-tagged redis.prefix such as {vidq} (every key of the queue in "
+             "one slot), not \"%s\"",
+             prefix ? prefix : "");
+    return -1;
+}
+
 void rconn_target_free(struct rconn_target *t)
 {
-    for (int i = 0; i < t->nsentinels; i++)
-        free(t->sentinels[i].host);
-    free(t->sentinels);
+    for (int i = 0; i < t->nnodes; i++)
+        free(t->nodes[i].host);
+    free(t->nodes);
     free(t->master_name);
     free(t->host);
     free(t->path);
@@ -303,19 +375,23 @@ static void target_copy(struct rconn_target *dst, const struct rconn_target *src
     dst->user = src->user ? xstrdup(src->user) : NULL;
     dst->pass = src->pass ? xstrdup(src->pass) : NULL;
     dst->master_name = src->master_name ? xstrdup(src->master_name) : NULL;
-    dst->nsentinels = src->nsentinels;
-    dst->sentinels = src->nsentinels ? xcalloc((size_t)src->nsentinels, sizeof *dst->sentinels) : NULL;
-    for (int i = 0; i < src->nsentinels; i++) {
-        dst->sentinels[i].host = xstrdup(src->sentinels[i].host);
-        dst->sentinels[i].port = src->sentinels[i].port;
+    dst->nnodes = src->nnodes;
+    dst->cluster = src->cluster;
+    dst->slot = src->slot;
+    dst->nodes = src->nnodes ? xcalloc((size_t)src->nnodes, sizeof *dst->nodes) : NULL;
+    for (int i = 0; i < src->nnodes; i++) {
+        dst->nodes[i].host = xstrdup(src->nodes[i].host);
+        dst->nodes[i].port = src->nodes[i].port;
     }
 }
 
 void rconn_target_describe(const struct rconn_target *t, char *buf, size_t len)
 {
     if (t->master_name)
-        snprintf(buf, len, "sentinel:%s (via %s:%d)/%d", t->master_name, t->sentinels[0].host,
-                 t->sentinels[0].port, t->db);
+        snprintf(buf, len, "sentinel:%s (via %s:%d)/%d", t->master_name, t->nodes[0].host,
+                 t->nodes[0].port, t->db);
+    else if (t->cluster)
+        snprintf(buf, len, "cluster (via %s:%d)", t->nodes[0].host, t->nodes[0].port);
     else if (t->path)
         snprintf(buf, len, "unix:%s/%d", t->path, t->db);
     else
@@ -460,12 +536,12 @@ static void on_watchdog(uv_timer_t *t);
 static void set_down(rconn *c, const char *why)
 {
     int was_up = c->state == R_UP;
-    if (c->target.master_name) {
-        /* Ask the sentinels again next time: a failover may be why. */
+    if (c->target.master_name || c->target.cluster) {
+        /* Ask the sentinels (seeds) again next time: a failover may be why. */
         free(c->master_host);
         c->master_host = NULL;
         if (!was_up)
-            c->sentinel_idx++;
+            c->node_idx++;
     }
     c->resolving = 0;
     c->state = R_DOWN;
@@ -533,7 +609,7 @@ static void probe_done(rconn *c, int failed)
 {
     c->probe = NULL;
     if (failed)
-        c->sentinel_idx++;
+        c->node_idx++;
 }
 
 static void on_probe_reply(redisAsyncContext *ac, void *r, void *privdata)
@@ -583,12 +659,12 @@ static void on_probe_connect(const redisAsyncContext *ac, int status)
 
 static void sentinel_probe(rconn *c)
 {
-    const struct rconn_sentinel *sn = &c->target.sentinels[c->sentinel_idx % c->target.nsentinels];
+    const struct rconn_node *sn = &c->target.nodes[c->node_idx % c->target.nnodes];
     redisAsyncContext *ac = redisAsyncConnect(sn->host, sn->port);
     if (ac == NULL || ac->err || adapter_attach(c->loop, ac) != 0) {
         if (ac)
             redisAsyncFree(ac);
-        c->sentinel_idx++; /* the next probe asks another sentinel */
+        c->node_idx++; /* the next probe asks another sentinel */
         return;
     }
     ac->data = c;
@@ -642,6 +718,20 @@ static void on_reply(redisAsyncContext *ac, void *r, void *privdata)
     /* After a failover the old master takes connections but refuses writes. */
     if (reply && reply->type == REDIS_REPLY_ERROR && strncmp(reply->str, "READONLY", 8) == 0 && c->ac)
         defer_teardown(c, "the server is a read-only replica (failover?)");
+    /*
+     * Cluster: the slot moved (a failover: the old master is now a replica and
+     * redirects), or the cluster is not serving it right now. The call fails
+     * (callers retry) and we ask the seeds again. ASK happens only while the
+     * slot is being migrated; reconnecting to its master until that is over is
+     * slower than following it, but correct (docs/design.md "Redis Cluster").
+     */
+    if (reply && reply->type == REDIS_REPLY_ERROR && c->target.cluster && c->ac &&
+        (strncmp(reply->str, "MOVED ", 6) == 0 || strncmp(reply->str, "ASK ", 4) == 0 ||
+         strncmp(reply->str, "CLUSTERDOWN", 11) == 0 || strncmp(reply->str, "TRYAGAIN", 8) == 0)) {
+        char why[128];
+        snprintf(why, sizeof why, "the cluster redirects: %.*s", (int)(reply->len < 80 ? reply->len : 80), reply->str);
+        defer_teardown(c, why);
+    }
     p->fn(r, p->ud);
     free(p);
 }
@@ -659,10 +749,11 @@ static void on_handshake(redisReply *r, void *ud)
         defer_teardown(c, why);
         return;
     }
-    /* ROLE (Sentinel mode): only a master will do. */
+    /* ROLE (Sentinel and Cluster mode): only a master will do. */
     if (r->type == REDIS_REPLY_ARRAY && r->elements > 0 && r->element[0]->type == REDIS_REPLY_STRING &&
         strcmp(r->element[0]->str, "master") != 0) {
-        defer_teardown(c, "the address the sentinels gave is not a master (yet)");
+        defer_teardown(c, c->target.cluster ? "the node the cluster named is not a master (yet)"
+                                            : "the address the sentinels gave is not a master (yet)");
         return;
     }
     /* Only the last handshake command (PING) marks the connection up. */
@@ -774,21 +865,80 @@ static void on_sentinel(redisReply *r, void *ud)
         return;
     }
     snprintf(why, sizeof why, "sentinel %s:%d does not know master %s%s%.*s",
-             c->target.sentinels[c->sentinel_idx % c->target.nsentinels].host,
-             c->target.sentinels[c->sentinel_idx % c->target.nsentinels].port, c->target.master_name,
+             c->target.nodes[c->node_idx % c->target.nnodes].host,
+             c->target.nodes[c->node_idx % c->target.nnodes].port, c->target.master_name,
              r->type == REDIS_REPLY_ERROR ? ": " : "", r->type == REDIS_REPLY_ERROR ? (int)r->len : 0,
              r->type == REDIS_REPLY_ERROR ? r->str : "");
     defer_teardown(c, why);
 }
 
+/*
+ * The master of c->target.slot in a CLUSTER SLOTS reply: entries of
+ * [start, end, [host, port, id...], replicas...]. host "" or "?" means
+ * "the node you asked" (Redis 7: cluster-preferred-endpoint-type unknown).
+ * 0, or -1 when no entry covers the slot.
+ */
+static int cluster_slot_master(const redisReply *r, int slot, const char *asked, char **host, int *port)
+{
+    if (r->type != REDIS_REPLY_ARRAY)
+        return -1;
+    for (size_t i = 0; i < r->elements; i++) {
+        const redisReply *e = r->element[i];
+        if (e->type != REDIS_REPLY_ARRAY || e->elements < 3 || e->element[0]->type != REDIS_REPLY_INTEGER ||
+            e->element[1]->type != REDIS_REPLY_INTEGER || e->element[2]->type != REDIS_REPLY_ARRAY)
+            continue;
+        if (slot < e->element[0]->integer || slot > e->element[1]->integer)
+            continue;
+        const redisReply *m = e->element[2];
+        if (m->elements < 2 || m->element[0]->type != REDIS_REPLY_STRING || m->element[1]->type != REDIS_REPLY_INTEGER)
+            return -1;
+        const char *h = m->element[0]->str;
+        *host = xstrdup(h[0] == '\0' || strcmp(h, "?") == 0 ? asked : h);
+        *port = (int)m->element[1]->integer;
+        return 0;
+    }
+    return -1;
+}
+
+static void on_cluster_slots(redisReply *r, void *ud)
+{
+    rconn *c = ud;
+    char why[300];
+    if (r == NULL || c->state != R_CONNECTING)
+        return;
+    const struct rconn_node *n = &c->target.nodes[c->node_idx % c->target.nnodes];
+    char *host = NULL;
+    int port = 0;
+    if (cluster_slot_master(r, c->target.slot, n->host, &host, &port) == 0) {
+        free(c->master_host);
+        c->master_host = host;
+        c->master_port = port;
+        c->resolved = 1;
+        defer_teardown(c, "resolved");
+        return;
+    }
+    snprintf(why, sizeof why, "cluster node %s:%d knows no master for slot %d%s%.*s", n->host, n->port,
+             c->target.slot, r->type == REDIS_REPLY_ERROR ? ": " : "",
+             r->type == REDIS_REPLY_ERROR ? (int)r->len : 0, r->type == REDIS_REPLY_ERROR ? r->str : "");
+    defer_teardown(c, why);
+}
+
+static void send_auth(rconn *c)
+{
+    if (c->target.pass) {
+        const char *argv[3] = {"AUTH", c->target.user ? c->target.user : c->target.pass, c->target.pass};
+        send_raw(c, on_handshake, c, c->target.user ? 3 : 2, argv, NULL);
+    }
+}
+
 static void do_connect(rconn *c)
 {
     redisAsyncContext *ac;
-    const struct rconn_sentinel *sn = NULL;
-    if (c->target.master_name && c->master_host == NULL) {
-        sn = &c->target.sentinels[c->sentinel_idx % c->target.nsentinels];
+    const struct rconn_node *sn = NULL;
+    if ((c->target.master_name || c->target.cluster) && c->master_host == NULL) {
+        sn = &c->target.nodes[c->node_idx % c->target.nnodes];
         ac = redisAsyncConnect(sn->host, sn->port);
-    } else if (c->target.master_name) {
+    } else if (c->target.master_name || c->target.cluster) {
         ac = redisAsyncConnect(c->master_host, c->master_port);
     } else if (c->target.path) {
         ac = redisAsyncConnectUnix(c->target.path);
@@ -814,6 +964,14 @@ static void do_connect(rconn *c)
     c->connect_started = mono_ms();
     redisAsyncSetConnectCallback(ac, on_connect);
     redisAsyncSetDisconnectCallback(ac, on_disconnect);
+    if (sn && c->target.cluster) {
+        /* Seeds are data nodes: they want the credentials (sentinels do not). */
+        const char *argv[2] = {"CLUSTER", "SLOTS"};
+        c->resolving = 1;
+        send_auth(c);
+        send_raw(c, on_cluster_slots, c, 2, argv, NULL);
+        return;
+    }
     if (sn) {
         const char *argv[3] = {"SENTINEL", "get-master-addr-by-name", c->target.master_name};
         c->resolving = 1;
@@ -821,10 +979,7 @@ static void do_connect(rconn *c)
         return;
     }
     /* Commands may be queued before the connect completes (docs/design.md T6). */
-    if (c->target.pass) {
-        const char *argv[3] = {"AUTH", c->target.user ? c->target.user : c->target.pass, c->target.pass};
-        send_raw(c, on_handshake, c, c->target.user ? 3 : 2, argv, NULL);
-    }
+    send_auth(c);
     if (c->target.db) {
         char db[16];
         snprintf(db, sizeof db, "%d", c->target.db);
@@ -833,7 +988,7 @@ static void do_connect(rconn *c)
     }
     const char *setname[3] = {"CLIENT", "SETNAME", c->name};
     send_raw(c, on_handshake, c, 3, setname, NULL);
-    if (c->target.master_name) {
+    if (c->target.master_name || c->target.cluster) {
         const char *role[1] = {"ROLE"};
         send_raw(c, on_handshake, c, 1, role, NULL);
     }

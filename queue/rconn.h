@@ -21,34 +21,56 @@
 #include <uv.h>
 #include <hiredis/hiredis.h>
 
-struct rconn_sentinel {
+struct rconn_node {
     char *host;
     int port;
 };
 
 struct rconn_target {
-    char *host;  /* TCP host, or NULL for a unix socket (or Sentinel) */
+    char *host;  /* TCP host, or NULL for a unix socket (or Sentinel, or Cluster) */
     int port;
     char *path;  /* unix socket path, or NULL */
     int db;
     char *user;  /* ACL user, or NULL */
     char *pass;  /* password, or NULL */
-    /* redis-sentinel://: ask these for the master's address on each connect */
+    /* redis-sentinel://: ask these sentinels for the master's address on each
+     * connect; redis-cluster://: ask these seed nodes (CLUSTER SLOTS) which
+     * node is the master of `slot` */
     char *master_name;
-    struct rconn_sentinel *sentinels;
-    int nsentinels;
+    struct rconn_node *nodes;
+    int nnodes;
+    int cluster; /* redis-cluster:// */
+    /* Cluster mode: the slot every key of the queue hashes to; the caller sets
+     * it (rconn_keyslot of the hash-tagged prefix), the URL does not say. */
+    int slot;
 };
 
 /*
- * Parse redis://[user:pass@]host:port/db, unix:///path?db=N or
- * redis-sentinel://[user:pass@]host:port[,host:port...]/master[/db].
+ * Parse redis://[user:pass@]host:port/db, unix:///path?db=N,
+ * redis-sentinel://[user:pass@]host:port[,host:port...]/master[/db] or
+ * redis-cluster://[user:pass@]host:port[,host:port...][/0].
  * 0 or -1 + err.
  */
 int rconn_parse_url(const char *url, struct rconn_target *t, char *err, size_t errlen);
 /* Whether `url` parses (a config check, struct config_check): 0, or -1 + why. */
 int rconn_check_url(const char *url, char *why, size_t whylen);
+/*
+ * The Redis Cluster slot of a key: CRC16 (XMODEM) of its hash tag (the part
+ * between the first '{' and the next '}', when not empty) or of the whole
+ * key, mod 16384.
+ */
+int rconn_keyslot(const char *key, size_t len);
+/* Whether `key` has a non-empty {hash tag}. */
+int rconn_has_hash_tag(const char *key, size_t len);
+/*
+ * A check of redis.url against redis.prefix (a cross-key config check): a
+ * redis-cluster:// URL needs a hash-tagged prefix, so that every key of the
+ * queue lives in one slot. 0, or -1 + why.
+ */
+int rconn_check_url_prefix(const char *url, const char *prefix, char *why, size_t whylen);
 void rconn_target_free(struct rconn_target *t);
-/* "host:port/db" or "unix:/path" without credentials, for messages. */
+/* "host:port/db", "unix:/path", "sentinel:..." or "cluster (via host:port)"
+ * without credentials, for messages. */
 void rconn_target_describe(const struct rconn_target *t, char *buf, size_t len);
 
 typedef struct rconn rconn;

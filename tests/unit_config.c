@@ -1064,6 +1064,88 @@ static void test_redis_url_describe(void **state)
     rconn_target_free(&t);
 }
 
+/* ---- Redis Cluster: URLs, key slots, the prefix rule ----------------------------- */
+
+static void test_redis_url_cluster(void **state)
+{
+    (void)state;
+    struct rconn_target t;
+    char err[512] = "", buf[256];
+    assert_int_equal(rconn_parse_url("redis-cluster://u:p%40w@10.0.0.1:7000,[::1]:7001,h3", &t, err, sizeof err), 0);
+    assert_int_equal(t.cluster, 1);
+    assert_null(t.master_name);
+    assert_null(t.host);
+    assert_int_equal(t.nnodes, 3);
+    assert_string_equal(t.nodes[0].host, "10.0.0.1");
+    assert_int_equal(t.nodes[0].port, 7000);
+    assert_string_equal(t.nodes[1].host, "::1");
+    assert_int_equal(t.nodes[1].port, 7001);
+    assert_string_equal(t.nodes[2].host, "h3");
+    assert_int_equal(t.nodes[2].port, 6379);
+    assert_string_equal(t.user, "u");
+    assert_string_equal(t.pass, "p@w");
+    assert_int_equal(t.db, 0);
+    rconn_target_describe(&t, buf, sizeof buf);
+    assert_string_equal(buf, "cluster (via 10.0.0.1:7000)");
+    rconn_target_free(&t);
+    assert_int_equal(rconn_parse_url("redis-cluster://h:7000/0", &t, err, sizeof err), 0);
+    assert_int_equal(t.nnodes, 1);
+    rconn_target_free(&t);
+    assert_int_equal(rconn_parse_url("redis-cluster://h:7000/", &t, err, sizeof err), 0);
+    rconn_target_free(&t);
+    expect_url_error("redis-cluster://h:7000/1", "a Redis Cluster has only database 0 (not \"1\")");
+    expect_url_error("redis-cluster://h:7000/x", "a Redis Cluster has only database 0 (not \"x\")");
+    expect_url_error("redis-cluster://", "a Cluster URL needs at least one host:port");
+    expect_url_error("redis-cluster://h:0", "invalid port");
+    expect_url_error("redis-cluster://h:1,:2", "missing host");
+}
+
+static void test_keyslot(void **state)
+{
+    (void)state;
+    /* The Redis Cluster specification: CRC16("123456789") = 0x31C3 */
+    assert_int_equal(rconn_keyslot("123456789", 9), 0x31C3 % 16384);
+    assert_int_equal(rconn_keyslot("123456789", 9), 12739);
+    /* Known slots (redis-cli CLUSTER KEYSLOT) */
+    assert_int_equal(rconn_keyslot("foo", 3), 12182);
+    assert_int_equal(rconn_keyslot("bar", 3), 5061);
+    assert_int_equal(rconn_keyslot("", 0), 0);
+    /* Hash tags: only the first {...} with something inside counts */
+    assert_int_equal(rconn_keyslot("{user1000}.following", 20), rconn_keyslot("{user1000}.followers", 20));
+    assert_int_equal(rconn_keyslot("{user1000}.following", 20), rconn_keyslot("user1000", 8));
+    assert_int_equal(rconn_keyslot("foo{}{bar}", 10), rconn_keyslot("foo{}{bar}", 10));
+    assert_int_not_equal(rconn_keyslot("foo{}{bar}", 10), rconn_keyslot("bar", 3));
+    assert_int_equal(rconn_keyslot("foo{{bar}}zap", 13), rconn_keyslot("{bar", 4));
+    assert_int_equal(rconn_keyslot("foo{bar}{zap}", 13), rconn_keyslot("bar", 3));
+    /* A queue's keys and its prefix: one slot */
+    assert_int_equal(rconn_keyslot("{vq}", 4), rconn_keyslot("{vq}:jobs", 9));
+    assert_int_equal(rconn_keyslot("{vq}", 4), rconn_keyslot("{vq}:task:job-1", 15));
+    assert_int_equal(rconn_has_hash_tag("{vq}", 4), 1);
+    assert_int_equal(rconn_has_hash_tag("vq", 2), 0);
+    assert_int_equal(rconn_has_hash_tag("{}", 2), 0);
+}
+
+static void test_cluster_needs_hash_tag(void **state)
+{
+    (void)state;
+    expect_finish_error("redis.url=redis-cluster://h:7000",
+                        "key \"redis.url\": a redis-cluster:// URL needs a hash-tagged redis.prefix such as {vidq}");
+    struct config c;
+    char err[1024] = "";
+    config_init(&c);
+    assert_int_equal(config_override(&c, "daemon.instance=test-1", err, sizeof err), 0);
+    assert_int_equal(config_override(&c, "redis.url=redis-cluster://h:7000,h:7001", err, sizeof err), 0);
+    assert_int_equal(config_override(&c, "redis.prefix={vq}", err, sizeof err), 0);
+    if (config_finish(&c, config_checks, err, sizeof err) != 0)
+        print_error("%s\n", err);
+    assert_int_equal(config_finish(&c, config_checks, err, sizeof err), 0);
+    config_free(&c);
+    char why[256];
+    assert_int_equal(rconn_check_url_prefix("redis://h", "vidq", why, sizeof why), 0);
+    assert_int_equal(rconn_check_url_prefix(NULL, NULL, why, sizeof why), 0);
+    assert_int_equal(rconn_check_url_prefix("redis-cluster://h", NULL, why, sizeof why), -1);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1095,6 +1177,9 @@ int main(void)
         cmocka_unit_test(test_redis_url_errors),
         cmocka_unit_test(test_redis_url_ipv6_garbage),
         cmocka_unit_test(test_redis_url_describe),
+        cmocka_unit_test(test_redis_url_cluster),
+        cmocka_unit_test(test_keyslot),
+        cmocka_unit_test(test_cluster_needs_hash_tag),
         cmocka_unit_test(test_keep_restart_only),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
