@@ -66,6 +66,18 @@ static int handshake(redisContext *c, const char *what, int argc, const char **a
     return bad ? -1 : 0;
 }
 
+/* Connect to the master a sentinel or a cluster node named (`what`, for
+ * the message); `host` is freed. */
+static redisContext *open_master(char *host, int port, int timeout_ms, const char *what, char *err, size_t errlen)
+{
+    char why[512];
+    redisContext *c = open_tcp(host, port, timeout_ms, why, sizeof why);
+    if (c == NULL && snprintf(err, errlen, "%s at %s:%d: %s", what, host, port, why) >= (int)errlen)
+        err[errlen - 1] = '\0'; /* cut: the start says enough */
+    free(host);
+    return c;
+}
+
 /* Ask the sentinels, in order, where the master is. */
 static redisContext *open_sentinel(const struct rconn_target *t, int timeout_ms, char *err, size_t errlen)
 {
@@ -79,18 +91,12 @@ static redisContext *open_sentinel(const struct rconn_target *t, int timeout_ms,
         redisReply *rep = redisCommandArgv(s, 3, argv, NULL);
         if (rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 2 &&
             rep->element[0]->type == REDIS_REPLY_STRING && rep->element[1]->type == REDIS_REPLY_STRING) {
-            char *host = xstrdup(rep->element[0]->str);
+            char *host = xstrdup(rep->element[0]->str), what[300];
             int port = atoi(rep->element[1]->str);
             freeReplyObject(rep);
             redisFree(s);
-            redisContext *c = open_tcp(host, port, timeout_ms, why, sizeof why);
-            if (c == NULL) {
-                snprintf(err, errlen, "master %s at %s:%d: %s", t->master_name, host, port, why);
-                free(host);
-                return NULL;
-            }
-            free(host);
-            return c;
+            snprintf(what, sizeof what, "master %s", t->master_name);
+            return open_master(host, port, timeout_ms, what, err, errlen);
         }
         snprintf(why, sizeof why, "sentinel %s:%d does not know master %s", t->nodes[i].host,
                  t->nodes[i].port, t->master_name);
@@ -139,16 +145,11 @@ static redisContext *open_cluster(const struct rconn_target *t, int timeout_ms, 
             }
         }
         if (host) {
+            char what[64];
             freeReplyObject(rep);
             redisFree(s);
-            redisContext *c = open_tcp(host, port, timeout_ms, why, sizeof why);
-            if (c == NULL) {
-                snprintf(err, errlen, "master of slot %d at %s:%d: %s", t->slot, host, port, why);
-                free(host);
-                return NULL;
-            }
-            free(host);
-            return c;
+            snprintf(what, sizeof what, "master of slot %d", t->slot);
+            return open_master(host, port, timeout_ms, what, err, errlen);
         }
         snprintf(why, sizeof why, "cluster node %s:%d knows no master for slot %d%s%s", t->nodes[i].host,
                  t->nodes[i].port, t->slot, rep && rep->type == REDIS_REPLY_ERROR ? ": " : "",
