@@ -12,6 +12,11 @@
  *   transport errors, 5xx, 429, 401/403 -> reschedule, nothing else
  * A task older than track.timeout ends as task_failed "timed out".
  *
+ * Adaptive polling (eta.c): a young task is not asked about until the
+ * typical task of its model is done (learned from the ones that finished,
+ * per instance, in memory), then every track.poll_interval. A task claimed
+ * before that is only rescheduled: one Redis step, no request.
+ *
  * Leases: a claim leases a task for one poll (api.timeout + slack). Before
  * a download starts, the lease is pushed out to cover the whole download
  * (its timeout + slack), so no other instance polls the task and fetches
@@ -29,6 +34,7 @@
  */
 #include "tracker.h"
 #include "api.h"
+#include "eta.h"
 #include "log.h"
 #include "util.h"
 
@@ -63,12 +69,13 @@ struct tracker {
     unsigned downloads;
     int claiming;
     int stopped;
+    eta *eta;            /* how long each model's tasks take (adaptive polling) */
 };
 
 /* One poll (then maybe one download) of one task. */
 struct poll {
     tracker *t;
-    char *job_id, *task_id, *batch, *meta, *status, *progress;
+    char *job_id, *task_id, *batch, *meta, *status, *progress, *model;
     int64_t submitted_at;
     int not_found;
     int dl_attempts;
@@ -97,6 +104,7 @@ static void poll_free(struct poll *p)
     free(p->meta);
     free(p->status);
     free(p->progress);
+    free(p->model);
     task_status_free(&p->ts);
     if (p->fd >= 0)
         close(p->fd);
@@ -454,6 +462,8 @@ static void on_polled(http_req *req, const struct http_result *res, void *ud)
         again(p, t->cfg->poll_interval_ms, NULL);
         return;
     }
+    if (p->ts.state == TASK_SUCCEEDED)
+        eta_learn(t->eta, p->model, now_ms() - p->submitted_at);
     if (p->ts.state == TASK_FAILED) {
         finish(p, "task_failed", "message", p->ts.message, "status", p->ts.status, NULL, NULL);
     } else if (p->ts.state == TASK_SUCCEEDED && p->ts.video_url == NULL) {
@@ -476,7 +486,7 @@ static void on_polled(http_req *req, const struct http_result *res, void *ud)
         if (p->not_found) {
             hash_set(&u, "nf", "0");
         }
-        again(p, t->cfg->poll_interval_ms, &u);
+        again(p, eta_next_poll(t->eta, p->model, now_ms() - p->submitted_at, t->cfg->poll_interval_ms), &u);
     }
 }
 
@@ -506,6 +516,7 @@ static void start_poll(tracker *t, const struct qtask *q)
     /* The submitted event's status seeds the hash; tracking compares against it. */
     p->status = dup_or_null(field(q, "status"));
     p->progress = dup_or_null(field(q, "progress"));
+    p->model = dup_or_null(field(q, "model"));
     const char *v = field(q, "ts");
     p->submitted_at = v ? strtoll(v, NULL, 10) : now_ms();
     v = field(q, "nf");
@@ -530,6 +541,12 @@ static void start_poll(tracker *t, const struct qtask *q)
         p->ts.state = TASK_SUCCEEDED;
         p->ts.video_url = xstrdup(p->dl_url);
         download(p);
+        return;
+    }
+    int64_t wait = eta_next_poll(t->eta, p->model, now_ms() - p->submitted_at, t->cfg->poll_interval_ms);
+    if (wait > t->cfg->poll_interval_ms) {
+        /* Young for its model: not done yet, most likely; ask when it may be. */
+        again(p, wait, NULL);
         return;
     }
     sbuf url;
@@ -616,6 +633,7 @@ tracker *tracker_new(uv_loop_t *loop, const struct config *cfg, queue *q, http_c
     t->cfg = cfg;
     t->q = q;
     t->http = http;
+    t->eta = eta_new();
     derive(t);
     uv_timer_init(loop, &t->tick);
     t->tick.data = t;
@@ -648,7 +666,9 @@ unsigned tracker_in_flight(const tracker *t)
 
 static void tracker_closed(uv_handle_t *h)
 {
-    free(h->data);
+    tracker *t = h->data;
+    eta_free(t->eta);
+    free(t);
 }
 
 /* Callbacks that come later (the HTTP client or the queue closing after
