@@ -278,11 +278,14 @@ static int dead_job(const struct dead *d, sbuf *out)
  * entry is gone (someone else requeued or purged it). Requeueing is the
  * operator's decision to send again: it lifts the "ambiguous" claim that
  * otherwise keeps later copies of the job_id from being billed again
- * (KEYS[3], vidqd's queue.c SEND_LUA; "" when the job has no job_id). */
+ * (KEYS[3], vidqd's queue.c SEND_LUA; <prefix>:claim:! when the job has no job_id,
+ * keys.h KEY_NO_ID: in the prefix's slot, for Redis Cluster). */
 static const char REQUEUE_LUA[] =
     "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end\n"
     "redis.call('LPUSH', KEYS[2], ARGV[2])\n"
-    "if KEYS[3] ~= '' and redis.call('GET', KEYS[3]) == 'ambiguous' then redis.call('DEL', KEYS[3]) end\n"
+    "if string.sub(KEYS[3], -1) ~= '" KEY_NO_ID "' and redis.call('GET', KEYS[3]) == 'ambiguous' then\n"
+    "  redis.call('DEL', KEYS[3])\n"
+    "end\n"
     "return 1\n";
 
 struct requeue_ctx {
@@ -305,7 +308,7 @@ static int visit_requeue(const struct dead *d, void *ud)
         sbuf_free(&job);
         return VISIT_SKIP;
     }
-    char *claim = key(KEY_CLAIM, d->job_id);
+    char *claim = key(KEY_CLAIM, d->job_id && *d->job_id ? d->job_id : KEY_NO_ID);
     const char *argv[8] = {"EVAL", REQUEUE_LUA, "3", k.dead, k.jobs, claim, d->raw, job.buf ? job.buf : ""};
     size_t lens[8] = {4, strlen(REQUEUE_LUA), 1, strlen(k.dead), strlen(k.jobs), strlen(claim), d->len, job.len};
     redisReply *rep = cmdv(8, argv, lens);

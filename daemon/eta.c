@@ -89,9 +89,20 @@ int64_t eta_typical(const eta *e, const char *model)
     return v[(m->n - 1) / 4]; /* the 25th percentile: most take longer */
 }
 
-int64_t eta_next_poll(const eta *e, const char *model, int64_t age_ms, int64_t interval_ms)
+void eta_learn_seen(eta *e, const char *model, int64_t age_ms, int64_t interval_ms)
 {
     int64_t typical = eta_typical(e, model);
+    if (typical > 0 && age_ms <= typical + interval_ms)
+        eta_learn(e, model, typical * 3 / 4);
+    else
+        eta_learn(e, model, age_ms);
+}
+
+int64_t eta_next_poll(const eta *e, const char *model, int64_t age_ms, int64_t interval_ms, int64_t ceiling_ms)
+{
+    int64_t typical = eta_typical(e, model);
+    if (ceiling_ms > 0 && typical > ceiling_ms)
+        typical = ceiling_ms;
     if (typical < 0 || age_ms >= typical)
         return interval_ms;
     int64_t wait = typical - age_ms;

@@ -463,7 +463,7 @@ static void on_polled(http_req *req, const struct http_result *res, void *ud)
         return;
     }
     if (p->ts.state == TASK_SUCCEEDED)
-        eta_learn(t->eta, p->model, now_ms() - p->submitted_at);
+        eta_learn_seen(t->eta, p->model, now_ms() - p->submitted_at, t->cfg->poll_interval_ms);
     if (p->ts.state == TASK_FAILED) {
         finish(p, "task_failed", "message", p->ts.message, "status", p->ts.status, NULL, NULL);
     } else if (p->ts.state == TASK_SUCCEEDED && p->ts.video_url == NULL) {
@@ -486,7 +486,8 @@ static void on_polled(http_req *req, const struct http_result *res, void *ud)
         if (p->not_found) {
             hash_set(&u, "nf", "0");
         }
-        again(p, eta_next_poll(t->eta, p->model, now_ms() - p->submitted_at, t->cfg->poll_interval_ms), &u);
+        again(p, eta_next_poll(t->eta, p->model, now_ms() - p->submitted_at, t->cfg->poll_interval_ms,
+                                 t->cfg->track_timeout_ms / 2), &u);
     }
 }
 
@@ -543,7 +544,8 @@ static void start_poll(tracker *t, const struct qtask *q)
         download(p);
         return;
     }
-    int64_t wait = eta_next_poll(t->eta, p->model, now_ms() - p->submitted_at, t->cfg->poll_interval_ms);
+    int64_t wait = eta_next_poll(t->eta, p->model, now_ms() - p->submitted_at, t->cfg->poll_interval_ms,
+                                 t->cfg->track_timeout_ms / 2);
     if (wait > t->cfg->poll_interval_ms) {
         /* Young for its model: not done yet, most likely; ask when it may be. */
         again(p, wait, NULL);

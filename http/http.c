@@ -55,7 +55,8 @@ struct http_client {
     int proxy_from_env;    /* http_proxy & co. are set: let curl use them */
     long max_connections;  /* http_opts.max_connections */
     long host_cap;         /* CURLMOPT_MAX_HOST_CONNECTIONS, 0 once lifted (host_cap_learn) */
-    int h2_seen;           /* a server answered over HTTP/2: the cap stays */
+    int h2_seen;           /* a request went out over HTTP/2: the cap stays */
+    int h1_seen;           /* ... over HTTP/1.x first: the cap is lifted */
     int host_cap_decided;  /* the first https:// request set the cap */
 };
 
@@ -269,6 +270,13 @@ static int debug_cb(CURL *easy, curl_infotype type, char *data, size_t size, voi
     while (eol < size && data[eol] != '\r' && data[eol] != '\n')
         eol++;
     r->sent_h2 = eol >= 7 && memcmp(data + eol - 7, " HTTP/2", 7) == 0;
+    /* The version a request goes out with is the first sign of the
+     * server's: the connection cap follows it (applied outside curl's
+     * callbacks, in host_cap_apply). */
+    if (r->sent_h2)
+        r->c->h2_seen = 1;
+    else if (eol >= 9 && memcmp(data + eol - 9, " HTTP/1.", 8) == 0 && !r->c->h2_seen)
+        r->c->h1_seen = 1;
     return 0;
 }
 
@@ -503,19 +511,19 @@ const char *http_outcome_name(enum http_outcome o)
 /*
  * Connections per host are capped (CURLMOPT_MAX_HOST_CONNECTIONS) from the
  * first https:// request (HTTP/2 comes only with TLS), and stay capped once
- * a server answered over HTTP/2. curl
- * multiplexes on one connection, but when its streams are all in use
- * (nginx allows 128) it opens a new connection for *each* waiting
- * transfer: 400 handshakes at once at concurrency 500, each ~1 ms of CPU
- * and ~1 MB, most soon idle. With the cap, transfers beyond the streams
- * wait (pending) for a stream or one of a few new connections. The cap,
- * in-flight / 100 + 8, leaves room for the streams needed and for
- * downloads from HTTP/1.1 hosts. An HTTP/1.1 answer before any HTTP/2 one
- * lifts it for good: such a server needs a connection per request, and a
- * cap would hold requests back (their wait counting against their timeout).
- * The cap is curl's, one value for every host: a plain-HTTP/1.1 API next to
- * an HTTP/2 download host stays capped (at the figure above) once the
- * HTTP/2 answer came first.
+ * a request went out over HTTP/2. curl multiplexes on one connection, but
+ * when its streams are all in use (nginx allows 128) it opens a new
+ * connection for *each* waiting transfer: 400 handshakes at once at
+ * concurrency 500, each ~1 ms of CPU and ~1 MB, most soon idle. With the
+ * cap, transfers beyond the streams wait (pending) for a stream or one of
+ * a few new connections. The cap, in-flight / 16 + 8, leaves room for
+ * servers that allow as few as 16 streams, and for downloads from
+ * HTTP/1.1 hosts: a transfer waiting in curl spends its api.timeout there,
+ * and one sent late may time out after it went out (ambiguous). The first
+ * request that goes out over HTTP/1.x before any HTTP/2 one (debug_cb), or
+ * such an answer, lifts the cap for good: that server needs a connection
+ * per request. The cap is curl's, one value for every host: a plain-HTTP/1.1
+ * API next to an HTTP/2 download host stays capped once HTTP/2 came first.
  */
 static void host_cap_learn(http_client *c, http_req *r, CURLcode rc)
 {
@@ -523,9 +531,17 @@ static void host_cap_learn(http_client *c, http_req *r, CURLcode rc)
     if (c->h2_seen || c->host_cap == 0 || rc != CURLE_OK)
         return;
     curl_easy_getinfo(r->easy, CURLINFO_HTTP_VERSION, &version);
-    if (version == CURL_HTTP_VERSION_2_0) {
+    if (version == CURL_HTTP_VERSION_2_0)
         c->h2_seen = 1;
-    } else if (version == CURL_HTTP_VERSION_1_0 || version == CURL_HTTP_VERSION_1_1) {
+    else if (version == CURL_HTTP_VERSION_1_0 || version == CURL_HTTP_VERSION_1_1)
+        c->h1_seen = 1;
+}
+
+/* Lift the cap once an HTTP/1.x request went out (or answered) before any
+ * HTTP/2 one: from outside curl's callbacks (check_multi_info). */
+static void host_cap_apply(http_client *c)
+{
+    if (c->h1_seen && !c->h2_seen && c->host_cap) {
         c->host_cap = 0;
         curl_multi_setopt(c->multi, CURLMOPT_MAX_HOST_CONNECTIONS, 0L);
     }
@@ -588,6 +604,7 @@ static void check_multi_info(http_client *c)
 {
     CURLMsg *msg;
     int left;
+    host_cap_apply(c);
     /* A callback may close the client: then everything left was cancelled
      * and the multi handle lives on only until we return. */
     while (!c->closing && (msg = curl_multi_info_read(c->multi, &left)) != NULL) {
@@ -624,7 +641,7 @@ static http_req *start(http_client *c, const char *url, const char *const *heade
     if (tls && !c->host_cap_decided) {
         /* HTTP/2 is negotiated only over TLS: cap from the first such request */
         c->host_cap_decided = 1;
-        c->host_cap = c->max_connections / 100 + 8;
+        c->host_cap = c->max_connections / 16 + 8;
         curl_multi_setopt(c->multi, CURLMOPT_MAX_HOST_CONNECTIONS, c->host_cap);
     }
     curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");

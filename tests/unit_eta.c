@@ -17,7 +17,7 @@ static void test_unknown_until_three(void **state)
     (void)state;
     eta *e = eta_new();
     assert_int_equal(eta_typical(e, "m"), -1);
-    assert_int_equal(eta_next_poll(e, "m", 0, 15000), 15000); /* as before: the interval */
+    assert_int_equal(eta_next_poll(e, "m", 0, 15000, 0), 15000); /* as before: the interval */
     eta_learn(e, "m", 100000);
     eta_learn(e, "m", 120000);
     assert_int_equal(eta_typical(e, "m"), -1);
@@ -34,10 +34,34 @@ static void test_young_waits_old_polls(void **state)
     for (int i = 0; i < 8; i++)
         eta_learn(e, "kling", 180000 + i * 10000); /* 180-250 s: p25 = 190 s */
     assert_int_equal(eta_typical(e, "kling"), 190000);
-    assert_int_equal(eta_next_poll(e, "kling", 0, 15000), 190000);       /* submitted just now */
-    assert_int_equal(eta_next_poll(e, "kling", 180000, 15000), 15000);   /* close: the interval is the floor */
-    assert_int_equal(eta_next_poll(e, "kling", 190000, 15000), 15000);   /* due: every interval */
-    assert_int_equal(eta_next_poll(e, "kling", 900000, 15000), 15000);   /* late: every interval */
+    assert_int_equal(eta_next_poll(e, "kling", 0, 15000, 0), 190000);       /* submitted just now */
+    assert_int_equal(eta_next_poll(e, "kling", 180000, 15000, 0), 15000);   /* close: the interval is the floor */
+    assert_int_equal(eta_next_poll(e, "kling", 190000, 15000, 0), 15000);   /* due: every interval */
+    assert_int_equal(eta_next_poll(e, "kling", 900000, 15000, 0), 15000);   /* late: every interval */
+    eta_free(e);
+}
+
+/* Seen done on its first (held back) poll, a task may have been done long
+ * before: the estimate must be able to come down, never only creep up. */
+static void test_seen_done_pulls_down(void **state)
+{
+    (void)state;
+    eta *e = eta_new();
+    for (int i = 0; i < 3; i++)
+        eta_learn(e, "m", 10000); /* learned 10 s; the model is really 2 s now */
+    int64_t before = eta_typical(e, "m");
+    for (int i = 0; i < 60; i++) {
+        int64_t typical = eta_typical(e, "m");
+        eta_learn_seen(e, "m", typical + 500, 1000); /* always seen done at the first poll */
+    }
+    assert_true(eta_typical(e, "m") < before / 4);
+    /* a task seen late teaches its age */
+    eta_learn_seen(e, "m", 600000, 1000);
+    /* a held-back poll is never later than the ceiling (half the timeout) */
+    for (int i = 0; i < ETA_SAMPLES; i++)
+        eta_learn(e, "slow", 20000);
+    assert_int_equal(eta_next_poll(e, "slow", 0, 1000, 8000), 8000);
+    assert_int_equal(eta_next_poll(e, "slow", 0, 1000, 0), 20000);
     eta_free(e);
 }
 
@@ -80,6 +104,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_unknown_until_three),
         cmocka_unit_test(test_young_waits_old_polls),
+        cmocka_unit_test(test_seen_done_pulls_down),
         cmocka_unit_test(test_ring_forgets_old),
         cmocka_unit_test(test_many_models_bounded),
     };
