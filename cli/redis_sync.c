@@ -78,85 +78,87 @@ static redisContext *open_master(char *host, int port, int timeout_ms, const cha
     return c;
 }
 
-/* Ask the sentinels, in order, where the master is. */
-static redisContext *open_sentinel(const struct rconn_target *t, int timeout_ms, char *err, size_t errlen)
+/*
+ * Where the master is, asked of one node of the URL's list (a sentinel, a
+ * cluster seed): 0 with the master's host (allocated) and port, or -1 with
+ * the reason in why.
+ */
+typedef int ask_fn(redisContext *s, const struct rconn_target *t, int i, char **host, int *port, char *why,
+                   size_t whylen);
+
+static int ask_sentinel(redisContext *s, const struct rconn_target *t, int i, char **host, int *port, char *why,
+                        size_t whylen)
 {
-    char why[512] = "no sentinel";
-    for (int i = 0; i < t->nnodes; i++) {
-        redisContext *s = open_tcp(t->nodes[i].host, t->nodes[i].port, timeout_ms, why, sizeof why);
-        if (s == NULL)
-            continue;
-        redisSetTimeout(s, tv_ms(timeout_ms));
-        const char *argv[3] = {"SENTINEL", "get-master-addr-by-name", t->master_name};
-        redisReply *rep = redisCommandArgv(s, 3, argv, NULL);
-        if (rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 2 &&
-            rep->element[0]->type == REDIS_REPLY_STRING && rep->element[1]->type == REDIS_REPLY_STRING) {
-            char *host = xstrdup(rep->element[0]->str), what[300];
-            int port = atoi(rep->element[1]->str);
-            freeReplyObject(rep);
-            redisFree(s);
-            snprintf(what, sizeof what, "master %s", t->master_name);
-            return open_master(host, port, timeout_ms, what, err, errlen);
-        }
-        snprintf(why, sizeof why, "sentinel %s:%d does not know master %s", t->nodes[i].host,
-                 t->nodes[i].port, t->master_name);
-        if (rep)
-            freeReplyObject(rep);
-        redisFree(s);
+    const char *argv[3] = {"SENTINEL", "get-master-addr-by-name", t->master_name};
+    redisReply *rep = redisCommandArgv(s, 3, argv, NULL);
+    int ok = rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 2 &&
+             rep->element[0]->type == REDIS_REPLY_STRING && rep->element[1]->type == REDIS_REPLY_STRING;
+    if (ok) {
+        *host = xstrdup(rep->element[0]->str);
+        *port = atoi(rep->element[1]->str);
+    } else {
+        snprintf(why, whylen, "sentinel %s:%d does not know master %s", t->nodes[i].host, t->nodes[i].port,
+                 t->master_name);
     }
-    snprintf(err, errlen, "%s", why);
-    return NULL;
+    if (rep)
+        freeReplyObject(rep);
+    return ok ? 0 : -1;
 }
 
 /* host "" or "?" in CLUSTER SLOTS: the node that answered. */
-static redisContext *open_cluster(const struct rconn_target *t, int timeout_ms, char *err, size_t errlen)
+static int ask_cluster(redisContext *s, const struct rconn_target *t, int i, char **host, int *port, char *why,
+                       size_t whylen)
 {
-    char why[512] = "no seed node";
+    if (t->pass) {
+        const char *with_user[3] = {"AUTH", t->user, t->pass};
+        const char *pass_only[2] = {"AUTH", t->pass};
+        if ((t->user ? handshake(s, "AUTH", 3, with_user, why, whylen)
+                     : handshake(s, "AUTH", 2, pass_only, why, whylen)) != 0)
+            return -1;
+    }
+    const char *argv[2] = {"CLUSTER", "SLOTS"};
+    redisReply *rep = redisCommandArgv(s, 2, argv, NULL);
+    *host = NULL;
+    for (size_t k = 0; rep && rep->type == REDIS_REPLY_ARRAY && k < rep->elements && *host == NULL; k++) {
+        const redisReply *e = rep->element[k];
+        if (e->type != REDIS_REPLY_ARRAY || e->elements < 3 || e->element[0]->type != REDIS_REPLY_INTEGER ||
+            e->element[1]->type != REDIS_REPLY_INTEGER || e->element[2]->type != REDIS_REPLY_ARRAY ||
+            t->slot < e->element[0]->integer || t->slot > e->element[1]->integer)
+            continue;
+        const redisReply *m = e->element[2];
+        if (m->elements >= 2 && m->element[0]->type == REDIS_REPLY_STRING &&
+            m->element[1]->type == REDIS_REPLY_INTEGER) {
+            const char *h = m->element[0]->str;
+            *host = xstrdup(h[0] == '\0' || strcmp(h, "?") == 0 ? t->nodes[i].host : h);
+            *port = (int)m->element[1]->integer;
+        }
+    }
+    if (*host == NULL)
+        snprintf(why, whylen, "cluster node %s:%d knows no master for slot %d%s%s", t->nodes[i].host,
+                 t->nodes[i].port, t->slot, rep && rep->type == REDIS_REPLY_ERROR ? ": " : "",
+                 rep && rep->type == REDIS_REPLY_ERROR ? rep->str : "");
+    if (rep)
+        freeReplyObject(rep);
+    return *host ? 0 : -1;
+}
+
+/* Ask the nodes of the URL's list in turn where the master is (`what`, for
+ * messages), then connect to it. */
+static redisContext *open_via(const struct rconn_target *t, int timeout_ms, ask_fn *ask, const char *what,
+                              char *err, size_t errlen)
+{
+    char why[512] = "no node to ask";
     for (int i = 0; i < t->nnodes; i++) {
         redisContext *s = open_tcp(t->nodes[i].host, t->nodes[i].port, timeout_ms, why, sizeof why);
         if (s == NULL)
             continue;
         redisSetTimeout(s, tv_ms(timeout_ms));
-        if (t->pass) {
-            const char *with_user[3] = {"AUTH", t->user, t->pass};
-            const char *pass_only[2] = {"AUTH", t->pass};
-            if ((t->user ? handshake(s, "AUTH", 3, with_user, why, sizeof why)
-                         : handshake(s, "AUTH", 2, pass_only, why, sizeof why)) != 0) {
-                redisFree(s);
-                continue;
-            }
-        }
-        const char *argv[2] = {"CLUSTER", "SLOTS"};
-        redisReply *rep = redisCommandArgv(s, 2, argv, NULL);
         char *host = NULL;
         int port = 0;
-        for (size_t k = 0; rep && rep->type == REDIS_REPLY_ARRAY && k < rep->elements && host == NULL; k++) {
-            const redisReply *e = rep->element[k];
-            if (e->type != REDIS_REPLY_ARRAY || e->elements < 3 || e->element[0]->type != REDIS_REPLY_INTEGER ||
-                e->element[1]->type != REDIS_REPLY_INTEGER || e->element[2]->type != REDIS_REPLY_ARRAY ||
-                t->slot < e->element[0]->integer || t->slot > e->element[1]->integer)
-                continue;
-            const redisReply *m = e->element[2];
-            if (m->elements >= 2 && m->element[0]->type == REDIS_REPLY_STRING &&
-                m->element[1]->type == REDIS_REPLY_INTEGER) {
-                const char *h = m->element[0]->str;
-                host = xstrdup(h[0] == '\0' || strcmp(h, "?") == 0 ? t->nodes[i].host : h);
-                port = (int)m->element[1]->integer;
-            }
-        }
-        if (host) {
-            char what[64];
-            freeReplyObject(rep);
-            redisFree(s);
-            snprintf(what, sizeof what, "master of slot %d", t->slot);
-            return open_master(host, port, timeout_ms, what, err, errlen);
-        }
-        snprintf(why, sizeof why, "cluster node %s:%d knows no master for slot %d%s%s", t->nodes[i].host,
-                 t->nodes[i].port, t->slot, rep && rep->type == REDIS_REPLY_ERROR ? ": " : "",
-                 rep && rep->type == REDIS_REPLY_ERROR ? rep->str : "");
-        if (rep)
-            freeReplyObject(rep);
+        int rc = ask(s, t, i, &host, &port, why, sizeof why);
         redisFree(s);
+        if (rc == 0)
+            return open_master(host, port, timeout_ms, what, err, errlen);
     }
     snprintf(err, errlen, "%s", why);
     return NULL;
@@ -166,13 +168,16 @@ static redisContext *open_cluster(const struct rconn_target *t, int timeout_ms, 
 static int open_ctx(rsync *r, char *err, size_t errlen)
 {
     const struct rconn_target *t = &r->t;
-    char why[600];
+    char why[600], what[300];
     if (r->ctx)
         redisFree(r->ctx);
     if (t->master_name)
-        r->ctx = open_sentinel(t, r->connect_timeout_ms, why, sizeof why);
-    else if (t->cluster)
-        r->ctx = open_cluster(t, r->connect_timeout_ms, why, sizeof why);
+        snprintf(what, sizeof what, "master %s", t->master_name);
+    else
+        snprintf(what, sizeof what, "master of slot %d", t->slot);
+    if (t->master_name || t->cluster)
+        r->ctx = open_via(t, r->connect_timeout_ms, t->master_name ? ask_sentinel : ask_cluster, what, why,
+                          sizeof why);
     else if (t->path)
         r->ctx = redisConnectUnixWithTimeout(t->path, tv_ms(r->connect_timeout_ms));
     else
