@@ -38,34 +38,6 @@ VIDQ = os.path.join(vt.BUILDDIR, "vidq")
 INSTANCES = ("c1", "c2")
 
 
-class Fresh:
-    """A client that connects for every command (a failover may drop connections)."""
-
-    def __init__(self, port):
-        self.port = port
-
-    def execute(self, *args):
-        last = None
-        for _ in range(50):
-            try:
-                c = vt.Redis(self.port)
-                try:
-                    return c.execute(*args)
-                finally:
-                    c.close()
-            except (OSError, ConnectionError) as e:
-                last = e
-                time.sleep(0.1)
-        raise vt.TestError("redis on port %d unreachable: %s" % (self.port, last))
-
-    def pipeline(self, cmds, raise_errors=True):
-        c = vt.Redis(self.port)
-        try:
-            return c.pipeline(cmds, raise_errors)
-        finally:
-            c.close()
-
-
 def cluster_supported():
     """None, or why this redis-server / redis-cli cannot make a cluster."""
     cli = os.path.join(os.path.dirname(vt.redis_server_binary()), "redis-cli")
@@ -139,7 +111,7 @@ def slot_nodes(r, slot):
 
 def cluster_ok(ports):
     for p in ports:
-        info = Fresh(p).execute("CLUSTER", "INFO")
+        info = vt.Fresh(p).execute("CLUSTER", "INFO")
         if b"cluster_state:ok" not in info or b"cluster_slots_ok:16384" not in info:
             return False
     return True
@@ -158,7 +130,7 @@ def main(t, env):
     ports = [start_node(env, i) for i in range(6)]
     for p in ports:
         vt.wait_for(lambda: pingable(p), "cluster node %d to start" % p, timeout=30, interval=0.05)
-    info = Fresh(ports[0]).execute("INFO", "server")
+    info = vt.Fresh(ports[0]).execute("INFO", "server")
     if b"redis_mode:cluster" not in info:
         t.skip_all("redis-server does not run in cluster mode")
     p = subprocess.run([cli, "--cluster", "create"] + ["%s:%d" % (vt.HOST, x) for x in ports] +
@@ -168,11 +140,11 @@ def main(t, env):
         return
     vt.wait_for(lambda: cluster_ok(ports), "the cluster to be ok on every node", timeout=30, interval=0.2)
 
-    slot = Fresh(ports[0]).execute("CLUSTER", "KEYSLOT", PREFIX)
-    vt.wait_for(lambda: slot_nodes(Fresh(ports[0]), slot)[1], "the slot's master to get a replica", timeout=30)
-    mport, replicas = slot_nodes(Fresh(ports[0]), slot)
+    slot = vt.Fresh(ports[0]).execute("CLUSTER", "KEYSLOT", PREFIX)
+    vt.wait_for(lambda: slot_nodes(vt.Fresh(ports[0]), slot)[1], "the slot's master to get a replica", timeout=30)
+    mport, replicas = slot_nodes(vt.Fresh(ports[0]), slot)
     rport = replicas[0]
-    master, replica = Fresh(mport), Fresh(rport)
+    master, replica = vt.Fresh(mport), vt.Fresh(rport)
     vt.wait_for(lambda: b"master_link_status:up" in replica.execute("INFO", "replication"),
                 "the slot's replica to sync", timeout=30)
     seeds = [x for x in ports if x not in (mport, rport)][:2]
@@ -305,7 +277,7 @@ def tracking(t, env, url, any_node):
     prefix = "{vt}"
     slot = any_node.execute("CLUSTER", "KEYSLOT", prefix)
     mport, _ = slot_nodes(any_node, slot)
-    r = Fresh(mport)
+    r = vt.Fresh(mport)
     conf = os.path.join(env.dir, "vidq-track.conf")
     vt.write_conf(conf, {"redis.url": url, "redis.prefix": prefix})
     n = 20

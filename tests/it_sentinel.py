@@ -55,38 +55,10 @@ def connect(port, name):
     return got[0]
 
 
-class Fresh:
-    """A client that reconnects for every command: Sentinel kills the normal
-    clients of the servers it reconfigures during a failover."""
-
-    def __init__(self, port):
-        self.port = port
-
-    def execute(self, *args):
-        for _ in range(50):
-            try:
-                c = vt.Redis(self.port)
-                try:
-                    return c.execute(*args)
-                finally:
-                    c.close()
-            except (OSError, ConnectionError):
-                import time
-                time.sleep(0.1)
-        raise vt.TestError("redis on port %d unreachable" % self.port)
-
-    def pipeline(self, cmds, raise_errors=True):
-        c = vt.Redis(self.port)
-        try:
-            return c.pipeline(cmds, raise_errors)
-        finally:
-            c.close()
-
-
 def main(t, env):
     mport, _ = start_redis(env, "master", [])
     rport, _ = start_redis(env, "replica", ["--replicaof", vt.HOST, str(mport)])
-    master, replica = Fresh(mport), Fresh(rport)
+    master, replica = vt.Fresh(mport), vt.Fresh(rport)
     vt.wait_for(lambda: b"master_link_status:up" in replica.execute("INFO", "replication"),
                 "the replica to sync", timeout=30)
     sport = vt.free_port()
@@ -97,7 +69,7 @@ def main(t, env):
                 % (sport, vt.HOST, vt.HOST, mport))
     vt.spawn([vt.redis_server_binary(), conf, "--sentinel"], os.path.join(env.dir, "sentinel.log"))
     connect(sport, "sentinel")
-    sentinel = Fresh(sport)
+    sentinel = vt.Fresh(sport)
 
     def sentinel_up():
         try:
@@ -172,7 +144,7 @@ def start_sentinel(env, name, mport):
                 % (sport, vt.HOST, vt.HOST, mport))
     proc = vt.spawn([vt.redis_server_binary(), conf, "--sentinel"], os.path.join(env.dir, name + ".log"))
     connect(sport, name)
-    s = Fresh(sport)
+    s = vt.Fresh(sport)
     vt.wait_for(lambda: s.execute("SENTINEL", "get-master-addr-by-name", "vidqm2") is not None, name, timeout=30)
     return proc, s
 
@@ -180,7 +152,7 @@ def start_sentinel(env, name, mport):
 def hanging_sentinel(t, env, mock):
     mport, _ = start_redis(env, "master2", [])
     rport, _ = start_redis(env, "replica2", ["--replicaof", vt.HOST, str(mport)])
-    master, replica = Fresh(mport), Fresh(rport)
+    master, replica = vt.Fresh(mport), vt.Fresh(rport)
     vt.wait_for(lambda: b"master_link_status:up" in replica.execute("INFO", "replication"),
                 "replica2 to sync", timeout=30)
     hang = HangingSentinel()

@@ -567,6 +567,35 @@ def count_terminal(r, key=None):
 # redis-server
 
 
+class Fresh:
+    """A client that connects for every command, retrying for 5 s: a failover (Sentinel's or a
+    cluster's) drops the normal clients of the servers it reconfigures."""
+
+    def __init__(self, port):
+        self.port = port
+
+    def execute(self, *args):
+        last = None
+        for _ in range(50):
+            try:
+                c = Redis(self.port)
+                try:
+                    return c.execute(*args)
+                finally:
+                    c.close()
+            except (OSError, ConnectionError) as e:
+                last = e
+                time.sleep(0.1)
+        raise TestError("redis on port %d unreachable: %s" % (self.port, last))
+
+    def pipeline(self, cmds, raise_errors=True):
+        c = Redis(self.port)
+        try:
+            return c.pipeline(cmds, raise_errors)
+        finally:
+            c.close()
+
+
 class RedisServer:
     def __init__(self, env, aof=False):
         self.env = env
