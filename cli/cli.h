@@ -32,6 +32,20 @@
 #define EX_CONFIG 78
 #define EX_INTERRUPTED 130
 
+/* The start of every script of the command line: expect(key, kind) fails
+ * the whole script, before its first write, when a key holds another type
+ * (a deployment sharing a prefix, a key written by hand). Without it the
+ * script would write up to the command that fails, and Redis does not roll
+ * a script back: a dead job removed and never pushed, a batch total raised
+ * for jobs that are not in the queue. */
+#define CLI_LUA_EXPECT                                                                             \
+    "local function expect(key, kind)\n"                                                          \
+    "  local t = redis.call('TYPE', key).ok\n"                                                    \
+    "  if t ~= kind and t ~= 'none' then\n"                                                       \
+    "    error(redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. t .. ', not a ' .. kind))\n" \
+    "  end\n"                                                                                     \
+    "end\n"
+
 #define CONNECT_TIMEOUT_MS 5000
 #define COMMAND_TIMEOUT_MS 30000
 

@@ -280,7 +280,8 @@ static int dead_job(const struct dead *d, sbuf *out)
  * otherwise keeps later copies of the job_id from being billed again
  * (KEYS[3], vidqd's queue.c SEND_LUA; <prefix>:claim:! when the job has no job_id,
  * keys.h KEY_NO_ID: in the prefix's slot, for Redis Cluster). */
-static const char REQUEUE_LUA[] =
+static const char REQUEUE_LUA[] = CLI_LUA_EXPECT
+    "expect(KEYS[2], 'list')\n"
     "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end\n"
     "redis.call('LPUSH', KEYS[2], ARGV[2])\n"
     "if string.sub(KEYS[3], -1) ~= '" KEY_NO_ID "' and redis.call('GET', KEYS[3]) == 'ambiguous' then\n"

@@ -58,6 +58,7 @@ struct submit {
     const char *name;     /* the input, for messages */
     sbuf jobs;            /* valid jobs, back to back */
     size_t *off;          /* job i is jobs.buf[off[i] .. off[i+1]) */
+    size_t *line;         /* job i came from input line line[i] */
     size_t njobs, cap;
     size_t invalid;
 };
@@ -172,12 +173,14 @@ static char *check_job(const sbuf *job, const char *line, size_t len, int is_jso
     return err;
 }
 
-static void keep_job(struct submit *s, const sbuf *job)
+static void keep_job(struct submit *s, const sbuf *job, size_t lineno)
 {
     if (s->njobs + 2 > s->cap) {
         s->cap = s->cap ? s->cap * 2 : 1024;
         s->off = xrealloc(s->off, s->cap * sizeof *s->off);
+        s->line = xrealloc(s->line, s->cap * sizeof *s->line);
     }
+    s->line[s->njobs] = lineno;
     s->off[s->njobs] = s->jobs.len;
     sbuf_append(&s->jobs, job->buf, job->len);
     s->njobs++;
@@ -215,7 +218,7 @@ static void submit_line(struct submit *s, const char *line, size_t len, size_t l
         free(err);
         s->invalid++;
     } else {
-        keep_job(s, &job);
+        keep_job(s, &job, lineno);
     }
     sbuf_free(&job);
 }
@@ -251,7 +254,7 @@ static void draw_bar(FILE *out, const char *label, size_t done, size_t total)
     fflush(out);
 }
 
-/* Put the jobs from i on into argv[2..] and lens[2..]: CHUNK_JOBS at most, and
+/* Put the jobs from i on into argv[0..] and lens[0..]: CHUNK_JOBS at most, and
  * CHUNK_BYTES at most unless one job alone is larger. Returns how many; *bytes
  * is their size. */
 static size_t chunk_fill(const struct submit *s, size_t i, const char **argv, size_t *lens, size_t *bytes)
@@ -262,87 +265,196 @@ static size_t chunk_fill(const struct submit *s, size_t i, const char **argv, si
         size_t len = s->off[i + n + 1] - s->off[i + n];
         if (n > 0 && *bytes + len > CHUNK_BYTES)
             break;
-        argv[2 + n] = s->jobs.buf + s->off[i + n];
-        lens[2 + n] = len;
+        argv[n] = s->jobs.buf + s->off[i + n];
+        lens[n] = len;
         *bytes += len;
         n++;
     }
     return n;
 }
 
-/* Read the replies of the `pending` commands sent, adding to *acked the jobs
- * each one confirms. A failure ends vidq, saying how many jobs made it. */
-static void read_window(const struct submit *s, const size_t *expect, int pending, size_t *acked, int tty)
+/* One pipelined command of a window: the jobs [first, first + n) it pushes. */
+struct sent {
+    size_t first, n;
+};
+
+/* How each job of a window fared: what a person needs to know before
+ * sending any of them again, since a job without a job_id pushed twice is
+ * submitted (and paid for) twice. */
+enum fate { PUSHED, REFUSED, UNKNOWN };
+
+/* Print the input lines of jobs [a, b) as "12-40". */
+static void put_lines(sbuf *b, const struct submit *s, size_t a, size_t z)
 {
-    redisReply *rep[WINDOW_CMDS + 8];
-    for (int r = 0; r < pending; r++) {
-        void *reply = NULL;
-        if (redisGetReply(rsync_ctx(g.r), &reply) != REDIS_OK || reply == NULL ||
-            ((redisReply *)reply)->type == REDIS_REPLY_ERROR ||
-            ((redisReply *)reply)->type == REDIS_REPLY_NIL) {
-            if (tty)
-                fputc('\n', stderr);
-            cli_warn("%zu of %zu jobs were enqueued before the failure below; the batch's total was not set",
-                     *acked, s->njobs);
-            if (reply && ((redisReply *)reply)->type == REDIS_REPLY_NIL)
-                die(EX_UNAVAILABLE, "Redis at %s aborted the transaction", rsync_where(g.r));
-            checked(reply, "LPUSH");
-            die_lost("LPUSH");
+    if (s->line[a] == s->line[z - 1])
+        sbuf_printf(b, "%zu", s->line[a]);
+    else
+        sbuf_printf(b, "%zu-%zu", s->line[a], s->line[z - 1]);
+}
+
+/* "N jobs (lines a-b, c-d)" for every job of `fates` equal to `want`. */
+static size_t describe(sbuf *b, const struct submit *s, const unsigned char *fates, size_t from, size_t to,
+                       enum fate want)
+{
+    size_t count = 0, runs = 0;
+    for (size_t i = from; i < to; i++)
+        count += fates[i - from] == want;
+    sbuf_printf(b, "%zu job%s", count, count == 1 ? "" : "s");
+    for (size_t i = from; i < to;) {
+        if (fates[i - from] != want) {
+            i++;
+            continue;
         }
-        rep[r] = reply;
-        *acked += expect[r];
+        size_t j = i;
+        while (j < to && fates[j - from] == want)
+            j++;
+        sbuf_puts(b, runs++ == 0 ? " (lines " : ", ");
+        if (runs > 8) {
+            sbuf_puts(b, "...");
+            break;
+        }
+        put_lines(b, s, i, j);
+        i = j;
     }
-    for (int r = 0; r < pending; r++)
-        freeReplyObject(rep[r]);
+    if (runs)
+        sbuf_putc(b, ')');
+    return count;
 }
 
 /*
+ * Read the replies of the `pending` commands of a window, every one of them,
+ * adding to *acked the jobs each one confirms. An error reply does not stop
+ * the reading: a later chunk of the same window may well have been pushed,
+ * and a person told "2,000 of 5,000 made it" who re-submits the other 3,000
+ * would push some twice. When any chunk failed, vidq says exactly which
+ * input lines are in the queue, which are not, and which it cannot know (the
+ * connection was lost before their replies), then exits 69.
+ */
+static void read_window(const struct submit *s, const struct sent *sent, int pending, size_t *acked, int tty)
+{
+    size_t from = sent[0].first, to = from;
+    for (int r = 0; r < pending; r++)
+        if (sent[r].first + sent[r].n > to)
+            to = sent[r].first + sent[r].n;
+    unsigned char *fates = xmalloc(to - from + 1);
+    memset(fates, PUSHED, to - from + 1);
+    char *first_error = NULL;
+    int lost = 0;
+    for (int r = 0; r < pending; r++) {
+        void *reply = NULL;
+        const char *err = NULL;
+        if (!lost && (redisGetReply(rsync_ctx(g.r), &reply) != REDIS_OK || reply == NULL))
+            lost = 1;
+        if (lost) {
+            memset(fates + (sent[r].first - from), UNKNOWN, sent[r].n);
+            continue;
+        }
+        err = ((redisReply *)reply)->type == REDIS_REPLY_ERROR ? ((redisReply *)reply)->str : NULL;
+        if (err) {
+            if (first_error == NULL)
+                first_error = xstrdup(err);
+            memset(fates + (sent[r].first - from), REFUSED, sent[r].n);
+        } else {
+            *acked += sent[r].n;
+        }
+        freeReplyObject(reply);
+    }
+    if (first_error == NULL && !lost) {
+        free(fates);
+        return;
+    }
+    if (tty)
+        fputc('\n', stderr);
+    sbuf b;
+    sbuf_init(&b);
+    sbuf_printf(&b, "%zu of %zu jobs are in the queue", *acked, s->njobs);
+    if (*acked > 0) {
+        sbuf_puts(&b, ": ");
+        describe(&b, s, fates, from, to, PUSHED);
+        if (from > 0)
+            sbuf_printf(&b, " and every line before line %zu", s->line[from]);
+    }
+    sbuf_puts(&b, "; NOT in the queue: ");
+    describe(&b, s, fates, from, to, REFUSED);
+    if (to < s->njobs)
+        sbuf_printf(&b, " and every line from line %zu on", s->line[to]);
+    if (lost) {
+        sbuf_puts(&b, "; UNKNOWN (the connection was lost before Redis answered; look before sending them again): ");
+        describe(&b, s, fates, from, to, UNKNOWN);
+    }
+    sbuf_puts(&b, ". The batch's total was not set");
+    cli_warn("%s", sb_str(&b));
+    sbuf_free(&b);
+    free(fates);
+    if (first_error) {
+        char msg[512];
+        snprintf(msg, sizeof msg, "%s", first_error);
+        free(first_error);
+        die(EX_UNAVAILABLE, "Redis at %s refused LPUSH: %s", rsync_where(g.r), msg);
+    }
+    die_lost("LPUSH");
+}
+
+/* The last chunk: its jobs, the batch's total and its creation time, all or
+ * nothing (a MULTI would run HINCRBY even when the LPUSH before it failed). */
+static const char LAST_LUA[] = CLI_LUA_EXPECT
+    "expect(KEYS[1], 'list')\n"
+    "expect(KEYS[2], 'hash')\n"
+    "redis.call('LPUSH', KEYS[1], unpack(ARGV, 3))\n"
+    "redis.call('HINCRBY', KEYS[2], 'total', ARGV[1])\n"
+    "redis.call('HSETNX', KEYS[2], 'created', ARGV[2])\n"
+    "return #ARGV - 2\n";
+
+/*
  * LPUSH the jobs in chunks, many chunks pipelined per round trip. The last
- * chunk goes in one MULTI/EXEC with HINCRBY total: the batch cannot be seen
- * as complete before every one of its jobs is in the queue, and `total`
- * never counts jobs that did not make it. Jobs are pushed in file order, so
- * vidqd (which takes from the right) submits them in that order too.
+ * chunk goes in one script with the batch's total, and only once every
+ * earlier chunk is confirmed: the batch cannot be seen as complete before
+ * every one of its jobs is in the queue, and `total` is never set for a
+ * submit that failed part-way. Jobs are pushed in file order, so vidqd
+ * (which takes from the right) submits them in that order too.
  */
 static void enqueue(struct submit *s, const char *batch_key)
 {
-    const char **argv = xmalloc((CHUNK_JOBS + 2) * sizeof *argv);
-    size_t *lens = xmalloc((CHUNK_JOBS + 2) * sizeof *lens);
-    size_t expect[WINDOW_CMDS + 8]; /* jobs confirmed by each pending reply */
+    const char **argv = xmalloc((CHUNK_JOBS + 7) * sizeof *argv);
+    size_t *lens = xmalloc((CHUNK_JOBS + 7) * sizeof *lens);
+    struct sent sent[WINDOW_CMDS + 8];
     int pending = 0, tty = isatty(2) && !s->json;
     size_t i = 0, acked = 0, window_bytes = 0;
     char total[32], created[32];
     snprintf(total, sizeof total, "%zu", s->njobs);
     snprintf(created, sizeof created, "%lld", (long long)now_ms());
-    argv[0] = "LPUSH";
-    argv[1] = k.jobs;
-    lens[0] = 5;
-    lens[1] = strlen(k.jobs);
     while (i < s->njobs) {
-        size_t bytes, n = chunk_fill(s, i, argv, lens, &bytes);
+        /* argv: EVAL LAST_LUA 2 jobs batch total created | LPUSH jobs | the jobs */
+        size_t bytes, n = chunk_fill(s, i, argv + 7, lens + 7, &bytes);
         int last = i + n == s->njobs;
-        if (last) {
-            const char *multi[1] = {"MULTI"};
-            append(1, multi, NULL);
-            expect[pending++] = 0;
+        if (last && pending > 0) {
+            read_window(s, sent, pending, &acked, tty);
+            pending = 0;
         }
-        append((int)(2 + n), argv, lens);
-        expect[pending++] = last ? 0 : n;
         if (last) {
-            const char *incr[4] = {"HINCRBY", batch_key, "total", total};
-            const char *since[4] = {"HSETNX", batch_key, "created", created};
-            const char *exec[1] = {"EXEC"};
-            append(4, incr, NULL);
-            append(4, since, NULL);
-            append(1, exec, NULL);
-            expect[pending++] = 0;
-            expect[pending++] = 0;
-            expect[pending++] = n;
+            argv[0] = "EVAL";
+            argv[1] = LAST_LUA;
+            argv[2] = "2";
+            argv[3] = k.jobs;
+            argv[4] = batch_key;
+            argv[5] = total;
+            argv[6] = created;
+            for (int a = 0; a < 7; a++)
+                lens[a] = strlen(argv[a]);
+            append((int)(7 + n), argv, lens);
+        } else {
+            argv[5] = "LPUSH";
+            argv[6] = k.jobs;
+            lens[5] = 5;
+            lens[6] = strlen(k.jobs);
+            append((int)(2 + n), argv + 5, lens + 5);
         }
+        sent[pending++] = (struct sent){i, n};
         i += n;
         window_bytes += bytes;
         if (!last && pending < WINDOW_CMDS && window_bytes < WINDOW_BYTES)
             continue;
-        read_window(s, expect, pending, &acked, tty);
+        read_window(s, sent, pending, &acked, tty);
         pending = 0;
         window_bytes = 0;
         if (tty)
@@ -460,6 +572,7 @@ int cmd_submit(int argc, char **argv)
     free(batch_key);
     free(s.batch);
     free(s.off);
+    free(s.line);
     sbuf_free(&s.jobs);
     teardown();
     return 0;

@@ -245,6 +245,61 @@ def test_submit_bad(t, env, cli, r):
     return [(raw, msg) for (raw, _), msg in zip([b for b in bad if b[1]], cli_msgs)]
 
 
+def test_submit_partial(t, env, rs, r):
+    """A submit that fails part-way says exactly which lines are in the queue: a person who
+    re-submits "the rest" must not push a job twice (a job without a job_id pushed twice is
+    submitted and billed twice)."""
+    # A key of another type: the whole submit is one chunk (one script), refused before any write.
+    r.execute("SET", vt.k_jobs(), "not a list")
+    path = write(env, "three.txt", "a\nb\nc\n")
+    rc, _, err = Cli(env, {"redis.url": rs.url}).run("submit", "--model", "m", "--batch", "wt", path)
+    t.ok(rc == 69 and "WRONGTYPE" in err and "0 of 3 jobs are in the queue" in err, "vidq:jobs of another "
+         "type: exit 69, nothing in the queue (it used to print \"enqueued 3 jobs\" and exit 0)", err)
+    t.eq(batch_hash(r, "wt"), {}, "and the batch's total was not raised for jobs that are not there")
+    # vidq dead requeue must not remove a dead entry it cannot push back.
+    entry = vt.jdump({"job": {"prompt": "p", "model": "m", "job_id": "dq1"}, "job_id": "dq1",
+                      "error": "rejected", "message": "m", "http_status": 400, "attempts": 1, "failed_at": 1})
+    r.execute("LPUSH", vt.k_dead(), entry)
+    rc, _, err = Cli(env, {"redis.url": rs.url}).run("dead", "requeue", "--job-id", "dq1")
+    t.ok(rc == 69 and "WRONGTYPE" in err, "dead requeue onto vidq:jobs of another type: exit 69", err)
+    t.eq(r.execute("LRANGE", vt.k_dead(), 0, -1), [entry.encode()], "the dead entry is still there")
+    r.execute("DEL", vt.k_jobs(), vt.k_dead())
+
+    lines = "".join("prompt %d\n" % i for i in range(1, 5001))
+    path = write(env, "5k.txt", lines)  # 5 chunks of 1,000: four LPUSH in one window, then the last
+
+    def refuse_second(name, nth, rep):
+        return b"-ERR injected by the test\r\n" if name == "LPUSH" and nth == 2 else rep
+
+    proxy = vt.RespProxy(rs.port, refuse_second)
+    try:
+        rc, _, err = Cli(env, {"redis.url": proxy.url}).run("submit", "--model", "m", "--batch", "p1", path)
+    finally:
+        proxy.close()
+    t.eq(rc, 69, "a chunk refused in the middle of a window: exit 69")
+    t.ok("3000 of 5000 jobs are in the queue: 3000 jobs (lines 1-1000, 2001-4000)" in err and
+         "NOT in the queue: 1000 jobs (lines 1001-2000) and every line from line 4001 on" in err,
+         "the replies after the refused one are read, and the message names the lines in and out", err)
+    t.eq(r.execute("LLEN", vt.k_jobs()), 4000, "(the proxy lied about the second chunk: Redis holds 4,000)")
+    t.eq(batch_hash(r, "p1"), {}, "the last chunk, with the total, was never sent")
+    r.execute("DEL", vt.k_jobs())
+
+    def drop_third(name, nth, rep):
+        return None if name == "LPUSH" and nth == 3 else rep
+
+    proxy = vt.RespProxy(rs.port, drop_third)
+    try:
+        rc, _, err = Cli(env, {"redis.url": proxy.url}).run("submit", "--model", "m", "--batch", "p2", path)
+    finally:
+        proxy.close()
+    t.eq(rc, 69, "the connection lost in the middle of a window: exit 69")
+    t.ok("2000 of 5000 jobs are in the queue: 2000 jobs (lines 1-2000)" in err and
+         "UNKNOWN (the connection was lost before Redis answered; look before sending them again): "
+         "2000 jobs (lines 2001-4000)" in err and "every line from line 4001 on" in err,
+         "the jobs whose replies never came are named as unknown, not as missing", err)
+    r.execute("DEL", vt.k_jobs())
+
+
 def test_submit_100k(t, env, cli, r):
     n = 100000
     path = write(env, "100k.txt", "".join("prompt number %d: a lighthouse in a storm\n" % i for i in range(n)))
@@ -508,6 +563,7 @@ def main(t, env):
     cli = Cli(env, {"redis.url": rs.url})
     test_submit(t, env, cli, r)
     bad = test_submit_bad(t, env, cli, r)
+    test_submit_partial(t, env, rs, r)
     test_submit_100k(t, env, cli, r)
 
     mock = env.mock()

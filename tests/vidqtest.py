@@ -596,6 +596,129 @@ class Fresh:
             c.close()
 
 
+def resp_end(buf, pos=0):
+    """End offset of the RESP2 value starting at buf[pos], or None while it is incomplete."""
+    nl = buf.find(b"\r\n", pos)
+    if nl < 0:
+        return None
+    kind, head = buf[pos:pos + 1], buf[pos + 1:nl]
+    if kind in (b"+", b"-", b":"):
+        return nl + 2
+    n = int(head)
+    if kind == b"$":
+        end = nl + 2 + max(n, 0) + (2 if n >= 0 else 0)
+        return end if len(buf) >= end else None
+    pos = nl + 2
+    for _ in range(max(n, 0)):
+        pos = resp_end(buf, pos)
+        if pos is None:
+            return None
+    return pos
+
+
+def resp_command_name(buf, start, end):
+    """The command name (upper case) of the RESP array buf[start:end]."""
+    nl = buf.find(b"\r\n", start)  # *N
+    nl2 = buf.find(b"\r\n", nl + 2)  # $len
+    n = int(buf[nl + 3:nl2])
+    return buf[nl2 + 2:nl2 + 2 + n].decode().upper()
+
+
+class RespProxy:
+    """A Redis proxy on a free port that lies: every reply passes through
+    fault(command_name, nth_of_that_name, reply_bytes), which returns the bytes to send on
+    (the reply, or another one such as b"-ERR ..."), or None to close the client's connection
+    there. Commands reach the real server untouched: a test can compare what the client
+    believes with what Redis holds."""
+
+    def __init__(self, upstream_port, fault):
+        import threading
+        self.upstream_port, self.fault = upstream_port, fault
+        self.counts = {}
+        self.lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((HOST, 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.url = "redis://%s:%d/0" % (HOST, self.port)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def _accept(self):
+        import collections
+        import threading
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            u = socket.create_connection((HOST, self.upstream_port))
+            names = collections.deque()
+            threading.Thread(target=self._up, args=(c, u, names), daemon=True).start()
+            threading.Thread(target=self._down, args=(c, u, names), daemon=True).start()
+
+    def _up(self, c, u, names):
+        buf = b""
+        try:
+            while True:
+                data = c.recv(65536)
+                if not data:
+                    break
+                buf += data
+                pos = 0
+                while True:
+                    end = resp_end(buf, pos)
+                    if end is None:
+                        break
+                    names.append(resp_command_name(buf, pos, end))
+                    pos = end
+                u.sendall(buf[:pos])
+                buf = buf[pos:]
+        except OSError:
+            pass
+        finally:
+            for s in (c, u):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _down(self, c, u, names):
+        buf = b""
+        try:
+            while True:
+                data = u.recv(65536)
+                if not data:
+                    break
+                buf += data
+                pos, out = 0, b""
+                while True:
+                    end = resp_end(buf, pos)
+                    if end is None:
+                        break
+                    name = names.popleft() if names else "?"
+                    with self.lock:
+                        nth = self.counts[name] = self.counts.get(name, 0) + 1
+                    rep = self.fault(name, nth, buf[pos:end])
+                    if rep is None:
+                        c.sendall(out)
+                        c.close()
+                        u.close()
+                        return
+                    out += rep
+                    pos = end
+                c.sendall(out)
+                buf = buf[pos:]
+        except OSError:
+            pass
+
+
 class RedisServer:
     def __init__(self, env, aof=False):
         self.env = env
