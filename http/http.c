@@ -26,6 +26,7 @@
 #include <curl/curl.h>
 #include <errno.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -878,9 +879,32 @@ static int load_file(sbuf *b, const char *path)
  * handle (CURLOPT_CA_CACHE_TIMEOUT, 24 h), while a CAINFO_BLOB is parsed
  * again for every connection: ~48 ms of CPU per TLS handshake with the
  * Debian bundle (docs/design.md T22). The file is a memfd, reached as
- * /proc/self/fd/N: nothing on disk to clean up; a reload makes a new one
- * (a new path, so curl's cache sees the change) and keeps the old open.
+ * /proc/self/fd/N: nothing on disk to clean up; a reload that changes the
+ * bundle makes a new one (a new path, so curl's cache sees the change) and
+ * keeps the old open for the handles configured with it; a reload that does
+ * not change it keeps the memfd it has (a reload every minute by a config
+ * tool would otherwise add ~220 KB each time).
  */
+static int ca_file_same(const http_client *c, const sbuf *ca)
+{
+    if (c->ca_path[0] == '\0' || c->ca_fds.len < sizeof(int))
+        return 0;
+    int fd;
+    memcpy(&fd, c->ca_fds.buf + c->ca_fds.len - sizeof fd, sizeof fd);
+    struct stat st;
+    if (fstat(fd, &st) != 0 || (size_t)st.st_size != ca->len)
+        return 0;
+    char buf[65536];
+    for (size_t off = 0; off < ca->len;) {
+        size_t want = ca->len - off < sizeof buf ? ca->len - off : sizeof buf;
+        ssize_t got = pread(fd, buf, want, (off_t)off);
+        if (got <= 0 || memcmp(buf, ca->buf + off, (size_t)got) != 0)
+            return 0;
+        off += (size_t)got;
+    }
+    return 1;
+}
+
 static int ca_file_make(http_client *c, const char *ca_file, char *err, size_t errlen)
 {
     sbuf ca;
@@ -891,6 +915,10 @@ static int ca_file_make(http_client *c, const char *ca_file, char *err, size_t e
         snprintf(err, errlen, "cannot read CA file %s", ca_file);
         sbuf_free(&ca);
         return -1;
+    }
+    if (ca_file_same(c, &ca)) {
+        sbuf_free(&ca);
+        return 0;
     }
     int fd = memfd_create("vidq-ca", MFD_CLOEXEC);
     size_t off = 0;

@@ -14,6 +14,7 @@ An `openssl s_server -www` on a free loopback port with a self-signed certificat
    http_status 302 and the mock saw exactly one request.
 """
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -88,6 +89,28 @@ def main(t, env):
     t.ok(e["event"] == "failed" and e.get("error") in ("bad_response", "ambiguous") and
          "certificate" not in e.get("message", "") and "SSL" not in e.get("message", ""),
          "with api.ca_file the handshake succeeds and the request goes out", e)
+
+    def ca_memfds():
+        n = 0
+        for fd in os.listdir("/proc/%d/fd" % vd2.pid):
+            try:
+                n += "vidq-ca" in os.readlink("/proc/%d/fd/%s" % (vd2.pid, fd))
+            except OSError:
+                pass  # a socket closed meanwhile
+        return n
+
+    t.eq(ca_memfds(), 1, "the bundle + api.ca_file is one memfd")
+    for i in range(3):
+        vd2.signal(signal.SIGHUP)
+        vt.wait_for(lambda: len(vd2.log_grep("configuration and token reloaded", 10)) >= i + 1, "reload %d" % i,
+                    unless=vd2.dead)
+    t.eq(ca_memfds(), 1, "three reloads with the same CA file keep that memfd (no ~220 KB per reload)")
+    with open(cert, "a") as f:
+        f.write("\n")
+    vd2.signal(signal.SIGHUP)
+    vt.wait_for(lambda: len(vd2.log_grep("configuration and token reloaded", 10)) >= 4, "reload 4",
+                unless=vd2.dead)
+    t.eq(ca_memfds(), 2, "a changed CA file gets a new memfd (a new path for curl's CA cache)")
     vd2.stop()
 
     mock = env.mock()
