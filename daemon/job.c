@@ -136,6 +136,39 @@ static const char *skip_value(const char *p, const char *end)
  * Walk the raw top-level object and the parsed one side by side (cJSON keeps
  * member order) and copy every non-reserved member's raw bytes into the body.
  */
+int json_next_member(const char *s, size_t n, size_t *pos, struct json_member *m)
+{
+    const char *end = s + n, *p = s + *pos;
+    if (*pos == 0)
+        p = json_skip_ws(p, end) + 1; /* '{' */
+    p = json_skip_ws(p, end);
+    if (p < end && *p == ',')
+        p = json_skip_ws(p + 1, end);
+    if (p >= end || *p != '"')
+        return 0;
+    m->key = p;
+    p = skip_string(p, end);
+    m->key_len = (size_t)(p - m->key);
+    p = json_skip_ws(p, end) + 1; /* ':' */
+    p = json_skip_ws(p, end);
+    m->val = p;
+    p = skip_value(p, end);
+    m->val_len = (size_t)(p - m->val);
+    *pos = (size_t)(p - s);
+    return 1;
+}
+
+int json_member_is(const struct json_member *m, const char *name)
+{
+    size_t n = strlen(name);
+    if (memchr(m->key, '\\', m->key_len) == NULL)
+        return m->key_len == n + 2 && memcmp(m->key + 1, name, n) == 0;
+    cJSON *k = cJSON_ParseWithLength(m->key, m->key_len);
+    int is = cJSON_IsString(k) && strcmp(k->valuestring, name) == 0;
+    cJSON_Delete(k);
+    return is;
+}
+
 static void build_body(struct job *j, const cJSON *obj, const char *default_model, int want_body)
 {
     const char *p = j->raw, *end = j->raw + j->raw_len;

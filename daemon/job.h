@@ -54,4 +54,20 @@ const char *json_skip_ws(const char *p, const char *end);
  */
 int json_member_span(const char *s, size_t n, const cJSON *obj, const char *name, size_t *vstart, size_t *vend);
 
+/*
+ * The members of a JSON object text, in order, as raw spans: walk a valid
+ * object (a job's body) without a tree, so a dialect can map a job to its
+ * request while every value it does not touch goes out byte for byte.
+ * *pos starts at 0; returns 0 after the last member.
+ */
+struct json_member {
+    const char *key;  /* with its quotes, as written */
+    size_t key_len;
+    const char *val;  /* the raw value */
+    size_t val_len;
+};
+int json_next_member(const char *s, size_t n, size_t *pos, struct json_member *m);
+/* Whether the member's key, decoded, is `name` ("mod\u0065l" is "model"). */
+int json_member_is(const struct json_member *m, const char *name);
+
 #endif
