@@ -104,6 +104,7 @@ struct worker {
     uint64_t send_seq;    /* requests sent so far: their order */
     uint64_t blocked_seq; /* only requests sent after it can lift the block */
     uint64_t last_success_seq; /* the latest-sent request that was accepted */
+    unsigned nforbidden;       /* slots with `forbidden` set: account_works has something to do */
     char *probe_url;      /* a GET that cannot create a task */
     http_req *probe_req;
     char block_msg[512];

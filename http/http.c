@@ -78,6 +78,7 @@ struct http_req {
     int64_t started;
     int sent_h2;          /* the last request went out on an HTTP/2 connection */
     int refused;          /* curl wanted to rewind after a refused stream */
+    int resend_stopped;   /* post_prereq_cb refused curl's own second attempt */
     /* downloads */
     int chunked;          /* the current response is chunked */
     int has_length;       /* ... has a Content-Length */
@@ -400,7 +401,7 @@ static http_req *req_get(http_client *c)
     r->retry_after_ms = -1;
     r->errbuf[0] = '\0';
     r->started = mono_ms();
-    r->sent_h2 = r->refused = 0;
+    r->sent_h2 = r->refused = r->resend_stopped = 0;
     r->chunked = r->has_length = r->blocked = r->allow_private = 0;
     r->trusted_origin = NULL;
     return r;
@@ -580,6 +581,12 @@ static void complete(http_req *r, CURLcode rc, const char *why)
     case HTTP_REFUSED: res.error = "the server refused the request unprocessed (HTTP/2 REFUSED_STREAM or GOAWAY)"; break;
     case HTTP_BLOCKED: res.error = r->blocked_why; break;
     case HTTP_WRITE_FAILED: res.error = "cannot write the file"; break;
+    case HTTP_BROKEN:
+        if (r->resend_stopped) {
+            res.error = "the connection died before an answer; not sent again (it may have been processed)";
+            break;
+        }
+        /* fall through */
     default: res.error = why ? why : (r->errbuf[0] ? r->errbuf : curl_easy_strerror(rc)); break;
     }
     res.length_unknown = length_unknown(r, rc);
@@ -664,8 +671,11 @@ static http_req *start(http_client *c, const char *url, const char *const *heade
      * read callback, so 16 KiB (the minimum) costs only a few more calls for
      * a large base64 image. */
     curl_easy_setopt(e, CURLOPT_UPLOAD_BUFFERSIZE, 16384L);
-    /* API answers are small JSON: a 4 KiB receive buffer instead of 16. */
-    curl_easy_setopt(e, CURLOPT_BUFFERSIZE, 4096L);
+    /* API answers are small JSON: curl's smallest receive buffer, 1 KiB
+     * instead of 16 (a larger answer takes more reads). It is allocated
+     * per request in flight, until its answer: 5 MB at concurrency 5,000
+     * where 4 KiB took 20. */
+    curl_easy_setopt(e, CURLOPT_BUFFERSIZE, 1024L);
     if (c->user_agent)
         curl_easy_setopt(e, CURLOPT_USERAGENT, c->user_agent);
     /* curl reads the proxy variables on every request; when none is set
@@ -696,14 +706,54 @@ static http_req *submit(http_client *c, http_req *r)
     return r;
 }
 
+/*
+ * A small body over plain http:// is handed to curl as it is
+ * (CURLOPT_POSTFIELDS): curl sends it with the headers in one write, and
+ * allocates no upload buffer (16 KiB at least per request in flight, until
+ * its answer: 80 MB at concurrency 5,000). Curl can rewind such a body, so
+ * the read callback's guard against a silent re-send (seek_cb) does not
+ * hold; this one does: curl calls the pre-request callback before each
+ * attempt's request goes out (lib/multi.c, state MSTATE_DO, curl 7.88),
+ * the retry on a fresh connection included (docs/design.md T17). The first
+ * call counts the body as sent; a second one is curl about to send it
+ * again, and is refused: the transfer fails, "sent, no answer", as when
+ * seek_cb refuses to rewind. Over TLS (HTTP/2 sends the body from the
+ * upload buffer anyway, and a refused stream must be told apart) and for
+ * bodies curl would not put with the headers (64 KiB, MAX_INITIAL_POST_SIZE
+ * in lib/http.c), the body goes through read_cb.
+ */
+static int post_prereq_cb(void *userp, char *primary_ip, char *local_ip, int primary_port, int local_port)
+{
+    http_req *r = userp;
+    (void)primary_ip;
+    (void)local_ip;
+    (void)primary_port;
+    (void)local_port;
+    if (r->body_off > 0 || r->resend_stopped) {
+        r->resend_stopped = 1;
+        return CURL_PREREQFUNC_ABORT;
+    }
+    r->body_off = r->body_len;
+    return CURL_PREREQFUNC_OK;
+}
+
+#define POSTFIELDS_MAX (64 * 1024)
+
 http_req *http_post(http_client *c, const char *url, const char *const *headers, const char *body, size_t len,
                     http_done_fn *fn, void *ud)
 {
     http_req *r = start(c, url, headers, fn, ud);
+    int tls = strncmp(url, "https://", 8) == 0;
     r->body = body;
     r->body_len = len;
     curl_easy_setopt(r->easy, CURLOPT_POST, 1L);
     curl_easy_setopt(r->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)len);
+    if (!tls && len > 0 && len < POSTFIELDS_MAX) {
+        curl_easy_setopt(r->easy, CURLOPT_POSTFIELDS, body);
+        curl_easy_setopt(r->easy, CURLOPT_PREREQFUNCTION, post_prereq_cb);
+        curl_easy_setopt(r->easy, CURLOPT_PREREQDATA, r);
+        return submit(c, r);
+    }
     curl_easy_setopt(r->easy, CURLOPT_READFUNCTION, read_cb);
     curl_easy_setopt(r->easy, CURLOPT_READDATA, r);
     curl_easy_setopt(r->easy, CURLOPT_SEEKFUNCTION, seek_cb);
@@ -711,7 +761,7 @@ http_req *http_post(http_client *c, const char *url, const char *const *headers,
     /* HTTP/2 is only negotiated over TLS (no prior knowledge, no h2c): only
      * there can a stream be refused, and only there do we need to see the
      * version the request went out with (see seek_cb). */
-    if (strncmp(url, "https://", 8) == 0) {
+    if (tls) {
         curl_easy_setopt(r->easy, CURLOPT_DEBUGFUNCTION, debug_cb);
         curl_easy_setopt(r->easy, CURLOPT_DEBUGDATA, r);
         curl_easy_setopt(r->easy, CURLOPT_VERBOSE, 1L);
