@@ -8,6 +8,7 @@
  * kind of surprise operators hate); -o overrides always win over the file.
  */
 #include "config.h"
+#include "dialect.h"
 #include "util.h"
 
 #include <ctype.h>
@@ -49,6 +50,9 @@ static const struct key_def keys[] = {
     {"api.timeout", T_DURATION, OFF(timeout_ms), "60s", 0, 0, 0},
     {"api.default_model", T_STR, OFF(default_model), NULL, 0, 0, 0},
     {"api.ca_file", T_STR, OFF(ca_file), NULL, 0, 0, 0},
+    /* Restart-only: the tasks it tracks were created in its dialect. */
+    {"api.dialect", T_STR, OFF(dialect), "video-generations", 0, 0, CF_RESTART},
+    {"api.jwt_ttl", T_DURATION, OFF(jwt_ttl_ms), "30m", 0, 0, 0},
     {"submit.concurrency", T_LONG, OFF(concurrency), "32", 1, 100000, 0},
     {"submit.rate", T_RATE, OFF(rate), "0", 0, 0, 0},
     {"submit.global_rate", T_RATE, OFF(global_rate), "0", 0, 0, 0},
@@ -484,6 +488,12 @@ int config_finish(struct config *c, const struct config_check *checks, char *err
         return key_error(c, "daemon.state_dir", err, errlen, "must be an absolute path");
     if (c->poll_interval_ms < 1000)
         return key_error(c, "track.poll_interval", err, errlen, "must be at least 1s");
+    if (c->dialect == NULL || dialect_find(c->dialect) == NULL) {
+        snprintf(why, sizeof why, "must be one of %s", dialect_names());
+        return key_error(c, "api.dialect", err, errlen, why);
+    }
+    if (c->jwt_ttl_ms < 10000 || c->jwt_ttl_ms > 86400000)
+        return key_error(c, "api.jwt_ttl", err, errlen, "must be between 10s and 24h");
     if (c->ca_file && access(c->ca_file, R_OK) != 0) {
         snprintf(why, sizeof why, "cannot read %s: %s", c->ca_file, strerror(errno));
         return key_error(c, "api.ca_file", err, errlen, why);
@@ -567,6 +577,17 @@ int config_load_token(struct config *c, char *err, size_t errlen)
             return -1;
         }
     }
+    /* The dialect must be able to use it (Kling: ACCESS_KEY:SECRET_KEY). */
+    const struct dialect *d = dialect_find(c->dialect ? c->dialect : "video-generations");
+    int64_t renew;
+    char why[128] = "";
+    char *h = d ? d->auth(tok, 0, c->jwt_ttl_ms / 1000, &renew, why, sizeof why) : NULL;
+    if (d && h == NULL) {
+        free(tok);
+        fmt_err(err, errlen, "the API token cannot be used with api.dialect = %s: %s", d->name, why);
+        return -1;
+    }
+    free(h);
     free(c->token);
     c->token = tok;
     return 0;

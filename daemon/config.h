@@ -32,6 +32,8 @@ struct config {
     int64_t timeout_ms;
     char *default_model;
     char *ca_file;
+    char *dialect;       /* api.dialect: video-generations, openai-videos, kling */
+    int64_t jwt_ttl_ms;  /* api.jwt_ttl: a Kling JWT's lifetime */
     /* [submit] */
     long concurrency;
     double rate;        /* per second, 0 = unlimited */

@@ -34,6 +34,7 @@
  */
 #include "tracker.h"
 #include "api.h"
+#include "dialect.h"
 #include "eta.h"
 #include "log.h"
 #include "util.h"
@@ -62,8 +63,8 @@ struct tracker {
     const struct config *cfg;
     queue *q;
     http_client *http;
-    char *auth_header;
-    char *base;          /* .../v1/video/generations/ */
+    const struct dialect *dialect;
+    struct credential cred;
     uv_timer_t tick;
     unsigned in_flight;  /* polls and downloads */
     unsigned downloads;
@@ -76,6 +77,7 @@ struct tracker {
 struct poll {
     tracker *t;
     char *job_id, *task_id, *batch, *meta, *status, *progress, *model;
+    char *route;         /* what the dialect's status GET needs (Kling's family) */
     int64_t submitted_at;
     int not_found;
     int dl_attempts;
@@ -90,10 +92,13 @@ static void claim(tracker *t);
 
 static void derive(tracker *t)
 {
-    free(t->base);
-    t->base = api_url(t->cfg->base_url, "/v1/video/generations/");
-    free(t->auth_header);
-    t->auth_header = api_auth_header(t->cfg->token);
+    char err[160];
+    t->dialect = dialect_find(t->cfg->dialect);
+    VQ_ASSERT(t->dialect); /* config.c checked the name, config_load_token the token */
+    credential_free(&t->cred);
+    int rc = credential_init(&t->cred, t->dialect, t->cfg->token, t->cfg->jwt_ttl_ms / 1000, err, sizeof err);
+    VQ_ASSERT(rc == 0);
+    (void)rc;
 }
 
 static void poll_free(struct poll *p)
@@ -105,6 +110,7 @@ static void poll_free(struct poll *p)
     free(p->status);
     free(p->progress);
     free(p->model);
+    free(p->route);
     task_status_free(&p->ts);
     if (p->fd >= 0)
         close(p->fd);
@@ -415,7 +421,7 @@ static void start_download(struct poll *p)
     /* The key goes only to the gateway's own origin; curl drops it on a
      * redirect to any other scheme, host or port. */
     int own = http_same_origin(p->ts.video_url, t->cfg->base_url);
-    const char *headers[] = {own ? t->auth_header : NULL, NULL};
+    const char *headers[] = {own ? credential_header(&t->cred) : NULL, NULL};
     struct http_download_opts o = {
         .max_bytes = DOWNLOAD_MAX_BYTES,
         .timeout_ms = DOWNLOAD_TIMEOUT_MS,
@@ -429,13 +435,6 @@ static void start_download(struct poll *p)
 
 /* ---- polls ------------------------------------------------------------------------ */
 
-static int is_not_found(const struct http_result *res)
-{
-    if (res->status == 404)
-        return 1;
-    return res->status == 400 && res->body_len && strstr(res->body, "task_not_exist") != NULL;
-}
-
 static void on_polled(http_req *req, const struct http_result *res, void *ud)
 {
     struct poll *p = ud;
@@ -443,7 +442,7 @@ static void on_polled(http_req *req, const struct http_result *res, void *ud)
     (void)req;
     if (cancelled(p, res))
         return;
-    if (res->outcome == HTTP_OK && is_not_found(res)) {
+    if (res->outcome == HTTP_OK && t->dialect->not_found(res)) {
         if (++p->not_found >= NOT_FOUND_LIMIT) {
             finish(p, "task_failed", "message", "the API does not know this task (task_not_exist)", NULL, NULL, NULL,
                    NULL);
@@ -455,7 +454,7 @@ static void on_polled(http_req *req, const struct http_result *res, void *ud)
         return;
     }
     if (res->outcome != HTTP_OK || res->status < 200 || res->status >= 300 ||
-        api_parse_task(res->body, res->body_len, &p->ts) != 0) {
+        t->dialect->parse_task(res->body, res->body_len, &p->ts) != 0) {
         /* Nothing learned: ask again at the next interval. */
         log_kv(LOG_DEBUG, "poll without an answer", "job_id", p->job_id, "error",
                res->outcome != HTTP_OK ? res->error : "bad status or body", NULL);
@@ -464,6 +463,13 @@ static void on_polled(http_req *req, const struct http_result *res, void *ud)
     }
     if (p->ts.state == TASK_SUCCEEDED)
         eta_learn_seen(t->eta, p->model, now_ms() - p->submitted_at, t->cfg->poll_interval_ms);
+    if (p->ts.state == TASK_SUCCEEDED && p->ts.video_url == NULL && t->dialect->content_path) {
+        /* No URL in the status (a Sora-type channel): the gateway serves the
+         * video itself, to the key that created the task. */
+        char *path = t->dialect->content_path(p->task_id, p->route);
+        p->ts.video_url = api_url(t->cfg->base_url, path);
+        free(path);
+    }
     if (p->ts.state == TASK_FAILED) {
         finish(p, "task_failed", "message", p->ts.message, "status", p->ts.status, NULL, NULL);
     } else if (p->ts.state == TASK_SUCCEEDED && p->ts.video_url == NULL) {
@@ -518,6 +524,7 @@ static void start_poll(tracker *t, const struct qtask *q)
     p->status = dup_or_null(field(q, "status"));
     p->progress = dup_or_null(field(q, "progress"));
     p->model = dup_or_null(field(q, "model"));
+    p->route = dup_or_null(field(q, "route"));
     const char *v = field(q, "ts");
     p->submitted_at = v ? strtoll(v, NULL, 10) : now_ms();
     v = field(q, "nf");
@@ -551,23 +558,15 @@ static void start_poll(tracker *t, const struct qtask *q)
         again(p, wait, NULL);
         return;
     }
-    sbuf url;
-    sbuf_init(&url);
-    sbuf_puts(&url, t->base);
-    /* Task ids are opaque: escape anything that is not URL-safe. */
-    for (const char *c = p->task_id; *c; c++) {
-        if ((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') || (*c >= '0' && *c <= '9') ||
-            strchr("-._~", *c))
-            sbuf_putc(&url, *c);
-        else
-            sbuf_printf(&url, "%%%02X", (unsigned char)*c);
-    }
-    const char *headers[] = {t->auth_header, "Accept: application/json", NULL};
-    if (http_get(t->http, url.buf, headers, on_polled, p) == NULL) {
+    char *path = t->dialect->query_path(p->task_id, p->route);
+    char *url = api_url(t->cfg->base_url, path);
+    free(path);
+    const char *headers[] = {credential_header(&t->cred), "Accept: application/json", NULL};
+    if (http_get(t->http, url, headers, on_polled, p) == NULL) {
         struct http_result res = {.outcome = HTTP_NOT_SENT, .error = "could not start the request", .body = ""};
         on_polled(NULL, &res, p);
     }
-    sbuf_free(&url);
+    free(url);
 }
 
 static void on_claimed(int err, const struct qtask *tasks, size_t n, void *ud)
@@ -679,7 +678,6 @@ static void tracker_closed(uv_handle_t *h)
 void tracker_free(tracker *t)
 {
     t->stopped = 1;
-    free(t->base);
-    free(t->auth_header);
+    credential_free(&t->cred);
     uv_close((uv_handle_t *)&t->tick, tracker_closed);
 }

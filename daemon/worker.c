@@ -45,20 +45,22 @@ static void on_probe(uv_timer_t *t);
  * a blocked instance probes at once: a new token may fix it. */
 void path_configure(worker *w)
 {
-    free(w->submit_url);
-    w->submit_url = api_url(w->cfg->base_url, "/v1/video/generations");
-    free(w->auth_header);
-    w->auth_header = api_auth_header(w->cfg->token);
+    char err[160];
+    w->dialect = dialect_find(w->cfg->dialect);
+    VQ_ASSERT(w->dialect); /* config.c checked the name */
+    credential_free(&w->cred);
+    int rc = credential_init(&w->cred, w->dialect, w->cfg->token, w->cfg->jwt_ttl_ms / 1000, err, sizeof err);
+    VQ_ASSERT(rc == 0); /* config_load_token checked the token with the dialect */
+    (void)rc;
     free(w->probe_url);
-    w->probe_url = api_url(w->cfg->base_url, "/v1/video/generations/vidq-probe-no-such-task");
+    w->probe_url = api_url(w->cfg->base_url, w->dialect->probe_path);
     if (w->blocked)
         uv_timer_start(&w->probe_timer, on_probe, 0, 0);
 }
 
 void path_release(worker *w)
 {
-    free(w->submit_url);
-    free(w->auth_header);
+    credential_free(&w->cred);
     free(w->probe_url);
 }
 
@@ -101,6 +103,10 @@ void slot_release(slot *s)
     clear_outcome(s);
     sbuf_free(&s->fbuf);
     job_free(&s->job);
+    free(s->dreq.path);
+    free(s->dreq.body);
+    free(s->dreq.route);
+    free(s->url);
     free(s->held);
     free(s->token);
     uv_timer_stop(&s->timer);
@@ -474,6 +480,8 @@ static void submitted(slot *s, struct outcome *o, const struct http_result *res)
     ev_str(s, "status", o->status ? o->status : "");
     ev_str(s, "model", s->job.model ? s->job.model : "");
     ev_num(s, "attempts", s->attempts);
+    if (s->dreq.route) /* the task's polls need it (Kling's family): the task hash keeps it */
+        ev_str(s, "route", s->dreq.route);
     ev_add(s, "response", res->body, res->body_len);
     s->dedup = s->job.id_given; /* assigned ids are unique: nothing to block */
     s->w->st.submitted++;
@@ -558,7 +566,7 @@ static void on_gateway_probe(http_req *req, const struct http_result *res, void 
 
 static void probe_gateway(worker *w)
 {
-    const char *headers[] = {w->auth_header, "Accept: application/json", NULL};
+    const char *headers[] = {credential_header(&w->cred), "Accept: application/json", NULL};
     if (w->probe_req || w->draining)
         return;
     w->probe_req = http_get(w->http, w->probe_url, headers, on_gateway_probe, w);
@@ -696,6 +704,8 @@ static void on_response(http_req *req, const struct http_result *res, void *ud)
     VQ_ASSERT(w->in_flight > 0);
     w->in_flight--;
     api_classify_submit(res, &o);
+    if (w->dialect->classify)
+        w->dialect->classify(res, &o);
     int can_retry = s->attempts < (unsigned)w->cfg->max_attempts;
     if (res->status == 429)
         flow_throttled(&w->flow, mono_ms());
@@ -862,13 +872,15 @@ static void post(slot *s)
     worker *w = s->w;
     char idem[200];
     snprintf(idem, sizeof idem, "Idempotency-Key: %s", s->job.job_id);
-    const char *headers[] = {w->auth_header, "Content-Type: application/json", "Accept: application/json", idem,
+    const char *headers[] = {credential_header(&w->cred), "Content-Type: application/json", "Accept: application/json", idem,
                              NULL};
+    free(s->url); /* base_url may have changed (SIGHUP) since the last attempt */
+    s->url = api_url(w->cfg->base_url, s->dreq.path);
     s->attempts++;
     s->state = S_SENDING;
     s->sent_seq = ++w->send_seq;
     w->in_flight++;
-    s->req = http_post(w->http, w->submit_url, headers, s->job.body, s->job.body_len, on_response, s);
+    s->req = http_post(w->http, s->url, headers, s->dreq.body, s->dreq.body_len, on_response, s);
     if (s->req == NULL) {
         struct http_result res = {.outcome = HTTP_NOT_SENT, .error = "could not start the request",
                                   .retry_after_ms = -1, .body = ""};
@@ -935,6 +947,12 @@ void job_start(worker *w, const struct qitem *it)
     }
     if (s->job.error) {
         fail(s, "invalid_job", s->job.error, 0, NULL, 0);
+        return;
+    }
+    char *why = w->dialect->submit(&s->job, &s->dreq);
+    if (why) {
+        fail(s, "invalid_job", why, 0, NULL, 0);
+        free(why);
         return;
     }
     go(s);

@@ -9,6 +9,7 @@
 
 #include "worker.h"
 #include "flow.h"
+#include "dialect.h"
 #include "job.h"
 
 #define MAX_FIELDS 32
@@ -40,6 +41,8 @@ struct slot {
     const char *taken; /* inside held: the job as it was taken (maybe a retry envelope) */
     size_t taken_len;
     struct job job;
+    struct dialect_request dreq; /* the job in the gateway's dialect (job_start) */
+    char *url;                   /* base_url + dreq.path */
     enum sstate state;
     http_req *req;
     unsigned attempts;
@@ -86,8 +89,8 @@ struct worker {
     const struct config *cfg;
     queue *q;
     http_client *http;
-    char *submit_url;
-    char *auth_header;
+    const struct dialect *dialect;
+    struct credential cred;  /* the Authorization header (a Kling JWT is renewed) */
     slot *slots;
     unsigned nslots;
     unsigned in_flight;
