@@ -21,7 +21,10 @@
  * a download starts, the lease is pushed out to cover the whole download
  * (its timeout + slack), so no other instance polls the task and fetches
  * the same video meanwhile. A finished task that finds every download slot
- * (track.download_concurrency) busy keeps its video URL in its hash (dl_url)
+ * (track.download_concurrency) busy waits here for one, as many as there
+ * are slots, under a lease as long as a download's: the next download
+ * starts as soon as a slot is free, not at the next poll. Beyond that, or
+ * when vidqd stops, a waiting task keeps its video URL in its hash (dl_url)
  * and is taken up again a poll interval later, straight to the download,
  * without asking the API again.
  *
@@ -83,6 +86,8 @@ struct tracker {
     uv_timer_t tick;
     unsigned in_flight;  /* polls and downloads */
     unsigned downloads;
+    unsigned waiting;    /* finished tasks waiting here for a download slot */
+    struct poll *wait_head, *wait_tail; /* ... those whose lease is in place */
     int claiming;
     int stopped;
     eta *eta;            /* how long each model's tasks take (adaptive polling) */
@@ -102,9 +107,11 @@ struct poll {
     char *tmp_path, *final_path;
     char *validator;     /* what the part file's bytes came with, or NULL */
     char *dl_url;        /* recorded when it had to wait for a slot */
+    struct poll *next_waiting;
 };
 
 static void claim(tracker *t);
+static void slot_freed(tracker *t);
 
 static void derive(tracker *t)
 {
@@ -369,8 +376,7 @@ static void download_failed(struct poll *p, const char *why)
 {
     tracker *t = p->t;
     p->dl_attempts++;
-    VQ_ASSERT(t->downloads > 0);
-    t->downloads--;
+    slot_freed(t);
     if (p->dl_attempts >= DOWNLOAD_ATTEMPTS) {
         /* The video exists; only our copy failed. */
         drop_part(p);
@@ -398,8 +404,7 @@ static int resume_later(struct poll *p, const struct http_result *res, const cha
     if (!cut || res->bytes <= 0 || p->validator == NULL || p->dl_resumes >= DOWNLOAD_RESUMES)
         return 0;
     p->dl_resumes++;
-    VQ_ASSERT(t->downloads > 0);
-    t->downloads--;
+    slot_freed(t);
     char have[32];
     snprintf(have, sizeof have, "%lld", (long long)(res->offset + res->bytes));
     log_kv(LOG_NOTICE, "download cut; will resume", "job_id", p->job_id, "bytes", have, "error", why, NULL);
@@ -427,10 +432,8 @@ static void on_downloaded(http_req *req, const struct http_result *res, void *ud
     struct poll *p = ud;
     char why[300];
     (void)req;
-    if (res->outcome == HTTP_CANCELED) {
-        VQ_ASSERT(p->t->downloads > 0);
-        p->t->downloads--;
-    }
+    if (res->outcome == HTTP_CANCELED)
+        slot_freed(p->t);
     if (cancelled(p, res))
         return;
     if (res->outcome == HTTP_BLOCKED) {
@@ -487,8 +490,7 @@ static void on_downloaded(http_req *req, const struct http_result *res, void *ud
     validator_write(p, NULL);
     free(p->tmp_path);
     p->tmp_path = NULL;
-    VQ_ASSERT(p->t->downloads > 0);
-    p->t->downloads--;
+    slot_freed(p->t);
     finish(p, "succeeded", "video_url", p->ts.video_url, "file", p->final_path, NULL, NULL);
 }
 
@@ -498,6 +500,64 @@ static unsigned download_slots(const tracker *t)
 }
 
 static void start_download(struct poll *p);
+static void download(struct poll *p);
+
+/* A download slot is free again: give it to the task waiting longest. */
+static void slot_freed(tracker *t)
+{
+    VQ_ASSERT(t->downloads > 0);
+    t->downloads--;
+    if (t->stopped || t->wait_head == NULL)
+        return;
+    struct poll *p = t->wait_head;
+    t->wait_head = p->next_waiting;
+    if (t->wait_head == NULL)
+        t->wait_tail = NULL;
+    p->next_waiting = NULL;
+    VQ_ASSERT(t->waiting > 0);
+    t->waiting--;
+    download(p); /* leases it again, for the download from now */
+}
+
+/* A task that waits for a slot has its lease: wait (or go, if a slot came
+ * free meanwhile), or give it up when Redis said no. */
+static void on_wait_leased(int err, long long result, void *ud)
+{
+    struct poll *p = ud;
+    tracker *t = p->t;
+    if (!err && result == 1 && t->stopped) {
+        /* Stopping: not a download's lease, but the schedule (tracker_stop). */
+        VQ_ASSERT(t->waiting > 0);
+        t->waiting--;
+        struct update u = {.nhash = 0};
+        hash_set(&u, "dl_url", p->ts.video_url);
+        again(p, t->cfg->poll_interval_ms, &u);
+        return;
+    }
+    if (err || result != 1 || t->stopped) {
+        if (err)
+            log_kv(LOG_WARNING, "could not lease a download; the task will be polled again", "job_id", p->job_id,
+                   NULL);
+        VQ_ASSERT(t->waiting > 0);
+        t->waiting--;
+        VQ_ASSERT(t->in_flight > 0);
+        t->in_flight--;
+        poll_free(p);
+        if (!t->stopped)
+            claim(t);
+        return;
+    }
+    if (t->downloads < download_slots(t)) {
+        t->waiting--;
+        download(p);
+        return;
+    }
+    if (t->wait_tail)
+        t->wait_tail->next_waiting = p;
+    else
+        t->wait_head = p;
+    t->wait_tail = p;
+}
 
 /* The download's lease is in place: go (or give the task up if it is gone). */
 static void on_leased(int err, long long result, void *ud)
@@ -510,8 +570,7 @@ static void on_leased(int err, long long result, void *ud)
         if (err)
             log_kv(LOG_WARNING, "could not lease a download; the task will be polled again", "job_id", p->job_id,
                    NULL);
-        VQ_ASSERT(t->downloads > 0);
-        t->downloads--;
+        slot_freed(t);
         VQ_ASSERT(t->in_flight > 0);
         t->in_flight--;
         poll_free(p);
@@ -522,9 +581,36 @@ static void on_leased(int err, long long result, void *ud)
     start_download(p);
 }
 
+/* Lease `p` for a download's time (plus `wait`), keeping its URL, then `fn`. */
+static void lease_download(struct poll *p, queue_done_fn *fn)
+{
+    tracker *t = p->t;
+    /* The claim leased the task for one poll; a download takes up to
+     * DOWNLOAD_TIMEOUT_MS. Push the lease past it, without jitter (a lease
+     * must not come out shorter). */
+    const char *hash[] = {"dl_url", p->ts.video_url};
+    struct qtrack q = {
+        .job_id = p->job_id,
+        .next_poll_ms = now_ms() + DOWNLOAD_TIMEOUT_MS + LEASE_SLACK_MS,
+        .hash = hash,
+        .nhash = 2,
+        .batch = p->batch,
+    };
+    if (queue_track_update(t->q, &q, fn, p) != 0)
+        fn(1, 0, p);
+}
+
 static void download(struct poll *p)
 {
     tracker *t = p->t;
+    if (t->downloads >= download_slots(t) && t->waiting < download_slots(t) && !t->stopped) {
+        /* Wait here for the next free slot, under a lease that covers the
+         * wait (a download's time: no slot is held longer) and is renewed
+         * when the download starts. */
+        t->waiting++;
+        lease_download(p, on_wait_leased);
+        return;
+    }
     if (t->downloads >= download_slots(t)) {
         /* Keep the URL so the next turn goes straight to the download, and
          * come back a poll interval later rather than asking the API again
@@ -535,19 +621,7 @@ static void download(struct poll *p)
         return;
     }
     t->downloads++;
-    /* The claim leased the task for one poll; a download takes up to
-     * DOWNLOAD_TIMEOUT_MS. Push the lease past it before starting, without
-     * jitter (a lease must not come out shorter). */
-    const char *hash[] = {"dl_url", p->ts.video_url};
-    struct qtrack q = {
-        .job_id = p->job_id,
-        .next_poll_ms = now_ms() + DOWNLOAD_TIMEOUT_MS + LEASE_SLACK_MS,
-        .hash = hash,
-        .nhash = 2,
-        .batch = p->batch,
-    };
-    if (queue_track_update(t->q, &q, on_leased, p) != 0)
-        on_leased(1, 0, p);
+    lease_download(p, on_leased);
 }
 
 static void start_download(struct poll *p)
@@ -848,6 +922,17 @@ void tracker_stop(tracker *t)
 {
     t->stopped = 1;
     uv_timer_stop(&t->tick);
+    /* Tasks waiting for a slot: back to the schedule, soon due, with their
+     * URL, instead of a lease as long as a download. */
+    while (t->wait_head) {
+        struct poll *p = t->wait_head;
+        t->wait_head = p->next_waiting;
+        t->waiting--;
+        struct update u = {.nhash = 0};
+        hash_set(&u, "dl_url", p->ts.video_url);
+        again(p, t->cfg->poll_interval_ms, &u);
+    }
+    t->wait_tail = NULL;
 }
 
 unsigned tracker_in_flight(const tracker *t)
@@ -867,6 +952,11 @@ static void tracker_closed(uv_handle_t *h)
  * the struct lasts until the loop's close phase. */
 void tracker_free(tracker *t)
 {
+    while (t->wait_head) {
+        struct poll *p = t->wait_head;
+        t->wait_head = p->next_waiting;
+        poll_free(p);
+    }
     t->stopped = 1;
     free(t->base);
     free(t->auth_header);
