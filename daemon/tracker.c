@@ -21,7 +21,10 @@
  * a download starts, the lease is pushed out to cover the whole download
  * (its timeout + slack), so no other instance polls the task and fetches
  * the same video meanwhile. A finished task that finds every download slot
- * (track.download_concurrency) busy keeps its video URL in its hash (dl_url)
+ * (track.download_concurrency) busy waits here for one, as many as there
+ * are slots, under a lease as long as a download's: the next download
+ * starts as soon as a slot is free, not at the next poll. Beyond that, or
+ * when vidqd stops, a waiting task keeps its video URL in its hash (dl_url)
  * and is taken up again a poll interval later, straight to the download,
  * without asking the API again.
  *
@@ -31,6 +34,19 @@
  * always allowed), files 0640, a body whose completeness cannot be checked
  * (HTTP/1.x closed-delimited) refused, and temporary files a crash left
  * behind removed at start.
+ *
+ * Resume: a video is written to ".<job_id>.part" in the download dir (locked
+ * with flock while a download writes it), and the validator its bytes came
+ * with (strong ETag, else Last-Modified, from a server that sent
+ * "Accept-Ranges: bytes") to ".<job_id>.part.v", written while the part
+ * file is still empty. So the two always agree, whatever moment vidqd dies
+ * at, and the next attempt (this process, or the next one after a crash)
+ * asks only for the rest: "Range: bytes=<size>-" with "If-Range". http.c
+ * appends a 206 that continues the file, starts over on a 200, and refuses
+ * any other range (restart: the part file is emptied). A cut attempt that
+ * added bytes is resumed a second later, at most DOWNLOAD_RESUMES times,
+ * and does not count as one of the DOWNLOAD_ATTEMPTS; an attempt that
+ * added nothing counts, as before (4 s, 8 s, ... then download_error).
  */
 #include "tracker.h"
 #include "api.h"
@@ -46,6 +62,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -53,6 +70,8 @@
 #define NOT_FOUND_LIMIT 5        /* task_not_exist answers before it counts */
 #define NOT_FOUND_RETRY_MS 3000
 #define DOWNLOAD_ATTEMPTS 5
+#define DOWNLOAD_RESUMES 10      /* cut attempts that made progress, resumed */
+#define RESUME_DELAY_MS 1000
 #define DOWNLOAD_TIMEOUT_MS (30 * 60 * 1000)
 #define STALE_PART_MS (60 * 60 * 1000) /* an older .part file is a crash's leftover */
 #define DOWNLOAD_MAX_BYTES ((int64_t)4 << 30)
@@ -68,6 +87,8 @@ struct tracker {
     uv_timer_t tick;
     unsigned in_flight;  /* polls and downloads */
     unsigned downloads;
+    unsigned waiting;    /* finished tasks waiting here for a download slot */
+    struct poll *wait_head, *wait_tail; /* ... those whose lease is in place */
     int claiming;
     int stopped;
     eta *eta;            /* how long each model's tasks take (adaptive polling) */
@@ -81,14 +102,18 @@ struct poll {
     int64_t submitted_at;
     int not_found;
     int dl_attempts;
+    int dl_resumes;
     struct task_status ts;
     /* download */
-    int fd;
+    int fd;              /* the part file, locked */
     char *tmp_path, *final_path;
+    char *validator;     /* what the part file's bytes came with, or NULL */
     char *dl_url;        /* recorded when it had to wait for a slot */
+    struct poll *next_waiting;
 };
 
 static void claim(tracker *t);
+static void slot_freed(tracker *t);
 
 static void derive(tracker *t)
 {
@@ -112,12 +137,13 @@ static void poll_free(struct poll *p)
     free(p->model);
     free(p->route);
     task_status_free(&p->ts);
+    /* The part file stays for a later attempt (or the next start) to
+     * resume; drop_part() removes it where it is of no more use. */
     if (p->fd >= 0)
         close(p->fd);
-    if (p->tmp_path)
-        unlink(p->tmp_path);
     free(p->tmp_path);
     free(p->final_path);
+    free(p->validator);
     free(p->dl_url);
     free(p);
 }
@@ -260,14 +286,106 @@ static const char *extension(const char *content_type, const char *url)
     return "mp4";
 }
 
+/* ---- the part file and its validator --------------------------------------------- */
+
+static char *validator_path(const struct poll *p)
+{
+    sbuf b;
+    sbuf_init(&b);
+    sbuf_printf(&b, "%s.v", p->tmp_path);
+    return sbuf_steal(&b, NULL);
+}
+
+/* The validator kept next to the part file, or NULL (none, or torn: a
+ * whole one ends with a newline). */
+static char *validator_read(const struct poll *p)
+{
+    char *path = validator_path(p);
+    char buf[256];
+    ssize_t n = -1;
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    free(path);
+    if (fd >= 0) {
+        n = read(fd, buf, sizeof buf - 1);
+        close(fd);
+    }
+    if (n < 2 || buf[n - 1] != '\n')
+        return NULL;
+    buf[n - 1] = '\0';
+    if (strpbrk(buf, "\r\n") != NULL)
+        return NULL;
+    return xstrdup(buf);
+}
+
+/* Record (or, with NULL, forget) what the part file's bytes come with. */
+static int validator_write(struct poll *p, const char *v)
+{
+    char *path = validator_path(p);
+    int rc = 0;
+    free(p->validator);
+    p->validator = NULL;
+    if (v == NULL) {
+        if (unlink(path) != 0 && errno != ENOENT)
+            rc = -1;
+        free(path);
+        return rc;
+    }
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0640);
+    free(path);
+    if (fd < 0)
+        return -1;
+    sbuf b;
+    sbuf_init(&b);
+    sbuf_printf(&b, "%s\n", v);
+    if (write(fd, b.buf, b.len) != (ssize_t)b.len)
+        rc = -1;
+    sbuf_free(&b);
+    if (close(fd) != 0)
+        rc = -1;
+    if (rc == 0)
+        p->validator = xstrdup(v);
+    return rc;
+}
+
+/* The part file's bytes are of no more use: remove it and its validator. */
+static void drop_part(struct poll *p)
+{
+    if (p->tmp_path == NULL)
+        return;
+    validator_write(p, NULL);
+    unlink(p->tmp_path);
+}
+
+/* Empty the part file: what it held cannot be resumed. The validator goes
+ * first, so the two never disagree. */
+static void restart_part(struct poll *p)
+{
+    if (p->fd < 0)
+        return;
+    validator_write(p, NULL);
+    if (ftruncate(p->fd, 0) != 0)
+        drop_part(p);
+}
+
+/* From http.c, before the first byte of the body is written: a body that
+ * starts the file over comes with a new validator, recorded while the file
+ * is still empty (http.c truncated it). */
+static int on_body_begin(void *ud, const struct http_body_start *s)
+{
+    struct poll *p = ud;
+    if (s->offset > 0)
+        return 0; /* a resume: same bytes, same validator */
+    return validator_write(p, s->validator);
+}
+
 static void download_failed(struct poll *p, const char *why)
 {
     tracker *t = p->t;
     p->dl_attempts++;
-    VQ_ASSERT(t->downloads > 0);
-    t->downloads--;
+    slot_freed(t);
     if (p->dl_attempts >= DOWNLOAD_ATTEMPTS) {
         /* The video exists; only our copy failed. */
+        drop_part(p);
         finish(p, "succeeded", "video_url", p->ts.video_url, "download_error", why, NULL, NULL);
         return;
     }
@@ -277,6 +395,30 @@ static void download_failed(struct poll *p, const char *why)
     /* Ask the API again next time: a signed URL may have expired. */
     hash_set(&u, "dl_url", "");
     again(p, (int64_t)2000 << p->dl_attempts, &u); /* 4 s, 8 s, 16 s, ... */
+}
+
+/*
+ * A transfer that stopped before the end, after it added bytes to a part
+ * file that can be resumed: ask for the rest soon, from the same URL (it
+ * answered a moment ago). Returns 0 when it is not such a case, or when
+ * the resumes are used up: then it is an ordinary failed attempt.
+ */
+static int resume_later(struct poll *p, const struct http_result *res, const char *why)
+{
+    tracker *t = p->t;
+    int cut = res->outcome == HTTP_OK || res->outcome == HTTP_BROKEN || res->outcome == HTTP_TIMED_OUT;
+    if (!cut || res->bytes <= 0 || p->validator == NULL || p->dl_resumes >= DOWNLOAD_RESUMES)
+        return 0;
+    p->dl_resumes++;
+    slot_freed(t);
+    char have[32];
+    snprintf(have, sizeof have, "%lld", (long long)(res->offset + res->bytes));
+    log_kv(LOG_NOTICE, "download cut; will resume", "job_id", p->job_id, "bytes", have, "error", why, NULL);
+    struct update u = {.nhash = 0};
+    hash_set(&u, "dlr", num(&u, p->dl_resumes));
+    hash_set(&u, "dl_url", p->ts.video_url);
+    again(p, RESUME_DELAY_MS, &u);
+    return 1;
 }
 
 /* Cancelled at shutdown: write nothing; the lease runs out and another
@@ -296,10 +438,8 @@ static void on_downloaded(http_req *req, const struct http_result *res, void *ud
     struct poll *p = ud;
     char why[300];
     (void)req;
-    if (res->outcome == HTTP_CANCELED) {
-        VQ_ASSERT(p->t->downloads > 0);
-        p->t->downloads--;
-    }
+    if (res->outcome == HTTP_CANCELED)
+        slot_freed(p->t);
     if (cancelled(p, res))
         return;
     if (res->outcome == HTTP_BLOCKED) {
@@ -308,21 +448,38 @@ static void on_downloaded(http_req *req, const struct http_result *res, void *ud
         download_failed(p, res->error);
         return;
     }
+    if (res->restart || res->status == 416) {
+        /* The bytes kept do not fit what the server has now: start over. */
+        restart_part(p);
+    }
     if (res->outcome != HTTP_OK || res->status < 200 || res->status >= 300) {
         snprintf(why, sizeof why, "%s", res->outcome != HTTP_OK ? res->error : "HTTP error");
         if (res->outcome == HTTP_OK)
             snprintf(why, sizeof why, "HTTP %ld", res->status);
+        if (!res->restart && res->status != 416 && resume_later(p, res, why))
+            return;
         download_failed(p, why);
         return;
     }
     if (res->length_unknown) {
         p->dl_attempts = DOWNLOAD_ATTEMPTS; /* the server will answer the same way again */
+        restart_part(p);
         download_failed(p, "the server sent neither a length nor chunked encoding: a cut download could not be told "
                            "from a whole one");
         return;
     }
     if (res->content_length >= 0 && res->content_length != res->bytes) {
         snprintf(why, sizeof why, "got %lld bytes of %lld", (long long)res->bytes, (long long)res->content_length);
+        if (!resume_later(p, res, why))
+            download_failed(p, why);
+        return;
+    }
+    struct stat st;
+    if (fstat(p->fd, &st) != 0 || (int64_t)st.st_size != res->offset + res->bytes) {
+        /* Cannot happen while the lock holds: say so rather than keep it. */
+        snprintf(why, sizeof why, "the file holds %lld bytes, not %lld", (long long)st.st_size,
+                 (long long)(res->offset + res->bytes));
+        restart_part(p);
         download_failed(p, why);
         return;
     }
@@ -336,10 +493,10 @@ static void on_downloaded(http_req *req, const struct http_result *res, void *ud
         download_failed(p, why);
         return;
     }
+    validator_write(p, NULL);
     free(p->tmp_path);
     p->tmp_path = NULL;
-    VQ_ASSERT(p->t->downloads > 0);
-    p->t->downloads--;
+    slot_freed(p->t);
     finish(p, "succeeded", "video_url", p->ts.video_url, "file", p->final_path, NULL, NULL);
 }
 
@@ -349,6 +506,64 @@ static unsigned download_slots(const tracker *t)
 }
 
 static void start_download(struct poll *p);
+static void download(struct poll *p);
+
+/* A download slot is free again: give it to the task waiting longest. */
+static void slot_freed(tracker *t)
+{
+    VQ_ASSERT(t->downloads > 0);
+    t->downloads--;
+    if (t->stopped || t->wait_head == NULL)
+        return;
+    struct poll *p = t->wait_head;
+    t->wait_head = p->next_waiting;
+    if (t->wait_head == NULL)
+        t->wait_tail = NULL;
+    p->next_waiting = NULL;
+    VQ_ASSERT(t->waiting > 0);
+    t->waiting--;
+    download(p); /* leases it again, for the download from now */
+}
+
+/* A task that waits for a slot has its lease: wait (or go, if a slot came
+ * free meanwhile), or give it up when Redis said no. */
+static void on_wait_leased(int err, long long result, void *ud)
+{
+    struct poll *p = ud;
+    tracker *t = p->t;
+    if (!err && result == 1 && t->stopped) {
+        /* Stopping: not a download's lease, but the schedule (tracker_stop). */
+        VQ_ASSERT(t->waiting > 0);
+        t->waiting--;
+        struct update u = {.nhash = 0};
+        hash_set(&u, "dl_url", p->ts.video_url);
+        again(p, t->cfg->poll_interval_ms, &u);
+        return;
+    }
+    if (err || result != 1 || t->stopped) {
+        if (err)
+            log_kv(LOG_WARNING, "could not lease a download; the task will be polled again", "job_id", p->job_id,
+                   NULL);
+        VQ_ASSERT(t->waiting > 0);
+        t->waiting--;
+        VQ_ASSERT(t->in_flight > 0);
+        t->in_flight--;
+        poll_free(p);
+        if (!t->stopped)
+            claim(t);
+        return;
+    }
+    if (t->downloads < download_slots(t)) {
+        t->waiting--;
+        download(p);
+        return;
+    }
+    if (t->wait_tail)
+        t->wait_tail->next_waiting = p;
+    else
+        t->wait_head = p;
+    t->wait_tail = p;
+}
 
 /* The download's lease is in place: go (or give the task up if it is gone). */
 static void on_leased(int err, long long result, void *ud)
@@ -361,8 +576,7 @@ static void on_leased(int err, long long result, void *ud)
         if (err)
             log_kv(LOG_WARNING, "could not lease a download; the task will be polled again", "job_id", p->job_id,
                    NULL);
-        VQ_ASSERT(t->downloads > 0);
-        t->downloads--;
+        slot_freed(t);
         VQ_ASSERT(t->in_flight > 0);
         t->in_flight--;
         poll_free(p);
@@ -373,9 +587,36 @@ static void on_leased(int err, long long result, void *ud)
     start_download(p);
 }
 
+/* Lease `p` for a download's time (plus `wait`), keeping its URL, then `fn`. */
+static void lease_download(struct poll *p, queue_done_fn *fn)
+{
+    tracker *t = p->t;
+    /* The claim leased the task for one poll; a download takes up to
+     * DOWNLOAD_TIMEOUT_MS. Push the lease past it, without jitter (a lease
+     * must not come out shorter). */
+    const char *hash[] = {"dl_url", p->ts.video_url};
+    struct qtrack q = {
+        .job_id = p->job_id,
+        .next_poll_ms = now_ms() + DOWNLOAD_TIMEOUT_MS + LEASE_SLACK_MS,
+        .hash = hash,
+        .nhash = 2,
+        .batch = p->batch,
+    };
+    if (queue_track_update(t->q, &q, fn, p) != 0)
+        fn(1, 0, p);
+}
+
 static void download(struct poll *p)
 {
     tracker *t = p->t;
+    if (t->downloads >= download_slots(t) && t->waiting < download_slots(t) && !t->stopped) {
+        /* Wait here for the next free slot, under a lease that covers the
+         * wait (a download's time: no slot is held longer) and is renewed
+         * when the download starts. */
+        t->waiting++;
+        lease_download(p, on_wait_leased);
+        return;
+    }
     if (t->downloads >= download_slots(t)) {
         /* Keep the URL so the next turn goes straight to the download, and
          * come back a poll interval later rather than asking the API again
@@ -386,19 +627,7 @@ static void download(struct poll *p)
         return;
     }
     t->downloads++;
-    /* The claim leased the task for one poll; a download takes up to
-     * DOWNLOAD_TIMEOUT_MS. Push the lease past it before starting, without
-     * jitter (a lease must not come out shorter). */
-    const char *hash[] = {"dl_url", p->ts.video_url};
-    struct qtrack q = {
-        .job_id = p->job_id,
-        .next_poll_ms = now_ms() + DOWNLOAD_TIMEOUT_MS + LEASE_SLACK_MS,
-        .hash = hash,
-        .nhash = 2,
-        .batch = p->batch,
-    };
-    if (queue_track_update(t->q, &q, on_leased, p) != 0)
-        on_leased(1, 0, p);
+    lease_download(p, on_leased);
 }
 
 static void start_download(struct poll *p)
@@ -406,18 +635,36 @@ static void start_download(struct poll *p)
     tracker *t = p->t;
     sbuf b;
     sbuf_init(&b);
-    sbuf_printf(&b, "%s/.%s.part-XXXXXX", t->cfg->download_dir, p->job_id);
-    p->tmp_path = sbuf_steal(&b, NULL);
-    p->fd = mkstemp(p->tmp_path);
+    sbuf_printf(&b, "%s/.%s.part", t->cfg->download_dir, p->job_id);
+    char *path = sbuf_steal(&b, NULL);
+    char why[300];
+    p->fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0640);
     if (p->fd < 0) {
-        char why[300];
         snprintf(why, sizeof why, "cannot create a file in %s: %s", t->cfg->download_dir, strerror(errno));
-        free(p->tmp_path);
-        p->tmp_path = NULL;
+        free(path);
         download_failed(p, why);
         return;
     }
+    if (flock(p->fd, LOCK_EX | LOCK_NB) != 0) {
+        /* Another process sharing the directory writes it: leave it be. */
+        snprintf(why, sizeof why, "%s is being written by another process", path);
+        close(p->fd);
+        p->fd = -1;
+        free(path);
+        download_failed(p, why);
+        return;
+    }
+    p->tmp_path = path;
     fchmod(p->fd, 0640);
+    /* Resume what an earlier attempt (or process) left, when it came with
+     * a validator; otherwise start from an empty file. */
+    struct stat st;
+    int64_t have = fstat(p->fd, &st) == 0 ? (int64_t)st.st_size : 0;
+    p->validator = have > 0 ? validator_read(p) : NULL;
+    if (p->validator == NULL && have > 0) {
+        restart_part(p);
+        have = 0;
+    }
     /* The key goes only to the gateway's own origin; curl drops it on a
      * redirect to any other scheme, host or port. */
     int own = http_same_origin(p->ts.video_url, t->cfg->base_url);
@@ -428,7 +675,15 @@ static void start_download(struct poll *p)
         .headers = headers,
         .trusted_origin = t->cfg->base_url,
         .allow_private = t->cfg->download_private,
+        .resume_from = p->validator ? have : 0,
+        .if_range = p->validator,
+        .begin = on_body_begin,
     };
+    if (p->validator) {
+        char n[32];
+        snprintf(n, sizeof n, "%lld", (long long)have);
+        log_kv(LOG_INFO, "resuming a download", "job_id", p->job_id, "bytes", n, NULL);
+    }
     if (http_download(t->http, p->ts.video_url, p->fd, &o, on_downloaded, p) == NULL)
         download_failed(p, "could not start the download");
 }
@@ -531,6 +786,8 @@ static void start_poll(tracker *t, const struct qtask *q)
     p->not_found = v ? atoi(v) : 0;
     v = field(q, "dl");
     p->dl_attempts = v ? atoi(v) : 0;
+    v = field(q, "dlr");
+    p->dl_resumes = v ? atoi(v) : 0;
     p->dl_url = dup_or_null(field(q, "dl_url"));
     t->in_flight++;
     if (p->task_id == NULL) {
@@ -601,9 +858,11 @@ static void on_tick(uv_timer_t *h)
 }
 
 /*
- * A crash leaves ".<job_id>.part-XXXXXX" files behind. Remove the ones not
- * written to for an hour: a download in progress (here or in another
- * instance sharing the directory) writes to its file all the time.
+ * A crash leaves ".<job_id>.part" files (and their ".v" validators, and
+ * ".part-XXXXXX" files of earlier versions) behind. A fresh one is kept for
+ * the task's next attempt to resume; remove the ones not written to for an
+ * hour, unless a download (here or in another instance sharing the
+ * directory) holds its lock.
  */
 static void remove_stale_parts(const char *dir)
 {
@@ -615,13 +874,17 @@ static void remove_stale_parts(const char *dir)
     while ((e = readdir(d)) != NULL) {
         struct stat st;
         const char *name = e->d_name;
-        if (name[0] != '.' || strstr(name, ".part-") == NULL)
+        if (name[0] != '.' || strstr(name, ".part") == NULL)
             continue;
         if (fstatat(dirfd(d), name, &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISREG(st.st_mode))
             continue;
         if (now - (int64_t)st.st_mtime * 1000 < STALE_PART_MS)
             continue;
-        if (unlinkat(dirfd(d), name, 0) == 0)
+        int fd = openat(dirfd(d), name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        int busy = fd >= 0 && flock(fd, LOCK_EX | LOCK_NB) != 0;
+        if (fd >= 0)
+            close(fd);
+        if (!busy && unlinkat(dirfd(d), name, 0) == 0)
             log_kv(LOG_NOTICE, "removed a stale partial download", "dir", dir, "file", name, NULL);
     }
     closedir(d);
@@ -658,6 +921,17 @@ void tracker_stop(tracker *t)
 {
     t->stopped = 1;
     uv_timer_stop(&t->tick);
+    /* Tasks waiting for a slot: back to the schedule, soon due, with their
+     * URL, instead of a lease as long as a download. */
+    while (t->wait_head) {
+        struct poll *p = t->wait_head;
+        t->wait_head = p->next_waiting;
+        t->waiting--;
+        struct update u = {.nhash = 0};
+        hash_set(&u, "dl_url", p->ts.video_url);
+        again(p, t->cfg->poll_interval_ms, &u);
+    }
+    t->wait_tail = NULL;
 }
 
 unsigned tracker_in_flight(const tracker *t)
@@ -677,6 +951,11 @@ static void tracker_closed(uv_handle_t *h)
  * the struct lasts until the loop's close phase. */
 void tracker_free(tracker *t)
 {
+    while (t->wait_head) {
+        struct poll *p = t->wait_head;
+        t->wait_head = p->next_waiting;
+        poll_free(p);
+    }
     t->stopped = 1;
     credential_free(&t->cred);
     uv_close((uv_handle_t *)&t->tick, tracker_closed);

@@ -85,6 +85,19 @@ struct http_req {
     int blocked;          /* a hop broke the address policy */
     int allow_private;
     char *trusted_origin; /* scheme://host:port, or NULL */
+    /* resume (http_download_opts.resume_from) */
+    int64_t resume_from;
+    char *if_range;
+    int (*begin)(void *ud, const struct http_body_start *s);
+    int body_begun;       /* the final body's place in the file is decided */
+    int64_t offset;       /* ... and it is here */
+    int restart;          /* a 206 that did not fit: the kept bytes are no use */
+    char restart_why[200];
+    /* headers of the current response */
+    int accept_ranges;    /* Accept-Ranges: bytes */
+    int64_t cr_start, cr_end, cr_total; /* Content-Range: bytes S-E/T, -1 when none */
+    char etag[200];       /* strong ETag, or "" */
+    char last_modified[64];
     char blocked_why[200];
     http_done_fn *fn;
     void *ud;
@@ -284,13 +297,15 @@ static int debug_cb(CURL *easy, curl_infotype type, char *data, size_t size, voi
 
 static size_t write_file(http_req *r, const char *data, size_t n)
 {
-    if (r->written + (int64_t)n > r->max_bytes) {
+    if (r->offset + r->written + (int64_t)n > r->max_bytes) {
         r->too_large = 1;
         return 0;
     }
+    /* Straight to the file, at its place: nothing of the body is kept in
+     * memory beyond curl's one receive buffer. */
     size_t off = 0;
     while (off < n) {
-        ssize_t w = write(r->fd, data + off, n - off);
+        ssize_t w = pwrite(r->fd, data + off, n - off, (off_t)(r->offset + r->written + (int64_t)off));
         if (w < 0 && errno == EINTR)
             continue;
         if (w <= 0) {
@@ -303,6 +318,61 @@ static size_t write_file(http_req *r, const char *data, size_t n)
     return n;
 }
 
+/*
+ * The final 2xx answer of a download is here: decide where its body goes.
+ * A resumed request appends only a 206 that continues exactly where the
+ * file ends and runs to the end of the video; a 200 is the whole video
+ * (changed since, or ranges not served): the file starts over. Anything
+ * else would splice bytes of another range or version: abort, with
+ * `restart` set.
+ */
+static int body_begin(http_req *r, long status)
+{
+    r->body_begun = 1;
+    r->offset = 0;
+    int64_t total = -1;
+    if (status == 206) {
+        curl_off_t cl = -1;
+        curl_easy_getinfo(r->easy, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &cl);
+        int fits = r->resume_from > 0 && r->cr_start == r->resume_from && r->cr_total > 0 &&
+                   r->cr_end + 1 == r->cr_total && (cl < 0 || cl == r->cr_end - r->cr_start + 1) &&
+                   (r->etag[0] == '\0' || r->if_range == NULL || strcmp(r->etag, r->if_range) == 0 ||
+                    r->if_range[0] != '"');
+        if (!fits) {
+            r->restart = 1;
+            snprintf(r->restart_why, sizeof r->restart_why,
+                     "the server answered bytes=%lld- with a range that does not continue the file "
+                     "(Content-Range %lld-%lld/%lld)",
+                     (long long)r->resume_from, (long long)r->cr_start, (long long)r->cr_end,
+                     (long long)r->cr_total);
+            return -1;
+        }
+        r->offset = r->resume_from;
+        total = r->cr_total;
+    } else {
+        curl_off_t cl = -1;
+        curl_easy_getinfo(r->easy, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &cl);
+        total = cl;
+        if (r->resume_from > 0 && ftruncate(r->fd, 0) != 0) {
+            r->write_errno = errno;
+            return -1;
+        }
+    }
+    if (r->begin == NULL)
+        return 0;
+    const char *validator = NULL;
+    if (r->accept_ranges || status == 206)
+        validator = r->etag[0] ? r->etag : r->last_modified[0] ? r->last_modified : NULL;
+    if (status == 206 && validator == NULL)
+        validator = r->if_range;
+    struct http_body_start s = {.offset = r->offset, .total = total, .validator = validator};
+    if (r->begin(r->ud, &s) != 0) {
+        r->write_errno = EIO;
+        return -1;
+    }
+    return 0;
+}
+
 static size_t write_cb(char *data, size_t size, size_t nmemb, void *userp)
 {
     http_req *r = userp;
@@ -311,8 +381,11 @@ static size_t write_cb(char *data, size_t size, size_t nmemb, void *userp)
         /* Only a 2xx body is the video; keep an error body for the message. */
         long status = 0;
         curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
-        if (status >= 200 && status < 300)
+        if (status >= 200 && status < 300) {
+            if (!r->body_begun && body_begin(r, status) != 0)
+                return 0; /* aborts the transfer */
             return write_file(r, data, n);
+        }
     }
     if (r->resp.len + n > r->c->max_response) {
         r->too_large = 1;
@@ -337,6 +410,10 @@ static size_t header_cb(char *data, size_t size, size_t nitems, void *userp)
         r->retry_after_ms = -1; /* a new response (after 100-continue, say) */
         r->chunked = 0;
         r->has_length = 0;
+        r->accept_ranges = 0;
+        r->cr_start = r->cr_end = r->cr_total = -1;
+        r->etag[0] = '\0';
+        r->last_modified[0] = '\0';
         return n;
     }
     char *colon = strchr(line, ':');
@@ -348,6 +425,22 @@ static size_t header_cb(char *data, size_t size, size_t nitems, void *userp)
         v++;
     if (strcasecmp(line, "content-length") == 0) {
         r->has_length = 1;
+    } else if (r->fd >= 0 && strcasecmp(line, "accept-ranges") == 0) {
+        r->accept_ranges = strcasestr(v, "bytes") != NULL;
+    } else if (r->fd >= 0 && strcasecmp(line, "content-range") == 0) {
+        long long a, b, total;
+        if (sscanf(v, "bytes %lld-%lld/%lld", &a, &b, &total) == 3 && a >= 0 && b >= a && total > b) {
+            r->cr_start = a;
+            r->cr_end = b;
+            r->cr_total = total;
+        }
+    } else if (r->fd >= 0 && strcasecmp(line, "etag") == 0) {
+        /* A weak ETag (W/"...") may not be used in If-Range (RFC 9110 13.1.5). */
+        if (v[0] == '"' && strlen(v) < sizeof r->etag)
+            snprintf(r->etag, sizeof r->etag, "%s", v);
+    } else if (r->fd >= 0 && strcasecmp(line, "last-modified") == 0) {
+        if (strlen(v) < sizeof r->last_modified)
+            snprintf(r->last_modified, sizeof r->last_modified, "%s", v);
     } else if (strcasecmp(line, "transfer-encoding") == 0) {
         r->chunked = strcasestr(v, "chunked") != NULL;
     } else if (strcasecmp(line, "retry-after-ms") == 0) {
@@ -404,6 +497,13 @@ static http_req *req_get(http_client *c)
     r->sent_h2 = r->refused = r->resend_stopped = 0;
     r->chunked = r->has_length = r->blocked = r->allow_private = 0;
     r->trusted_origin = NULL;
+    r->resume_from = 0;
+    r->if_range = NULL;
+    r->begin = NULL;
+    r->body_begun = r->restart = r->accept_ranges = 0;
+    r->offset = 0;
+    r->cr_start = r->cr_end = r->cr_total = -1;
+    r->etag[0] = r->last_modified[0] = '\0';
     return r;
 }
 
@@ -414,6 +514,8 @@ static void req_put(http_req *r)
     r->headers = NULL;
     free(r->trusted_origin);
     r->trusted_origin = NULL;
+    free(r->if_range);
+    r->if_range = NULL;
     if (r->resp.cap > 65536)
         sbuf_free(&r->resp); /* do not keep a huge buffer around */
     r->next_free = c->free_list;
@@ -423,6 +525,7 @@ static void req_put(http_req *r)
 static void req_free(http_req *r)
 {
     free(r->trusted_origin);
+    free(r->if_range);
     curl_easy_cleanup(r->easy);
     sbuf_free(&r->resp);
     free(r);
@@ -558,6 +661,10 @@ static void complete(http_req *r, CURLcode rc, const char *why)
     long status = 0;
     curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &status);
     curl_multi_remove_handle(c->multi, r->easy); /* getinfo stays valid until reuse */
+    /* An empty 2xx body: its place (a truncated file) is decided all the same. */
+    if (rc == CURLE_OK && r->fd >= 0 && !r->body_begun && status >= 200 && status < 300 &&
+        body_begin(r, status) != 0)
+        rc = CURLE_WRITE_ERROR;
     host_cap_learn(c, r, rc);
     c->active--;
     if (r->prev)
@@ -587,13 +694,15 @@ static void complete(http_req *r, CURLcode rc, const char *why)
             break;
         }
         /* fall through */
-    default: res.error = why ? why : (r->errbuf[0] ? r->errbuf : curl_easy_strerror(rc)); break;
+    default: res.error = why ? why : r->restart ? r->restart_why : (r->errbuf[0] ? r->errbuf : curl_easy_strerror(rc)); break;
     }
     res.length_unknown = length_unknown(r, rc);
     res.retry_after_ms = r->retry_after_ms;
     res.elapsed_ms = mono_ms() - r->started;
     res.bytes = r->written;
     res.write_errno = r->write_errno;
+    res.offset = r->offset;
+    res.restart = r->restart;
     char *ct = NULL;
     curl_off_t cl = -1;
     curl_easy_getinfo(r->easy, CURLINFO_CONTENT_TYPE, &ct);
@@ -883,6 +992,22 @@ http_req *http_download(http_client *c, const char *url, int fd, const struct ht
     r->max_bytes = o->max_bytes;
     r->allow_private = o->allow_private;
     r->trusted_origin = o->trusted_origin ? origin_of(o->trusted_origin) : NULL;
+    r->begin = o->begin;
+    if (o->resume_from > 0 && o->if_range && o->if_range[0] && strpbrk(o->if_range, "\r\n") == NULL) {
+        /* curl 7.88 sends no If-Range of its own, and with CURLOPT_RESUME_FROM
+         * it fails a 200 answer (CURLE_RANGE_ERROR) instead of taking the
+         * whole video: the two headers are ours, and so is the check of the
+         * answer (body_begin). A Range header set this way is all curl sees
+         * of it: it does not treat the 206 specially (docs/design.md T23). */
+        char h[320];
+        r->resume_from = o->resume_from;
+        r->if_range = xstrdup(o->if_range);
+        snprintf(h, sizeof h, "Range: bytes=%lld-", (long long)o->resume_from);
+        r->headers = curl_slist_append(r->headers, h);
+        snprintf(h, sizeof h, "If-Range: %s", o->if_range);
+        r->headers = curl_slist_append(r->headers, h);
+        curl_easy_setopt(r->easy, CURLOPT_HTTPHEADER, r->headers);
+    }
     curl_easy_setopt(r->easy, CURLOPT_HTTPGET, 1L);
     curl_easy_setopt(r->easy, CURLOPT_BUFFERSIZE, 65536L); /* videos: bigger reads */
     curl_easy_setopt(r->easy, CURLOPT_TIMEOUT_MS, (long)o->timeout_ms);

@@ -72,6 +72,8 @@ struct http_result {
     /* An HTTP/1.x body without Content-Length or chunked encoding: its end
      * is the connection closing, so a cut cannot be told from the end. */
     int length_unknown;
+    int64_t offset;             /* where the body began in the file (resume_from on a 206) */
+    int restart;                /* a 206 that did not fit the bytes kept: start the file over */
 };
 
 typedef void http_done_fn(http_req *req, const struct http_result *res, void *ud);
@@ -91,6 +93,15 @@ http_req *http_post(http_client *c, const char *url, const char *const *headers,
                     http_done_fn *fn, void *ud);
 http_req *http_get(http_client *c, const char *url, const char *const *headers, http_done_fn *fn, void *ud);
 
+/* Where a download's body goes, told before its first byte is written. */
+struct http_body_start {
+    int64_t offset;         /* resume_from for a resumed (206) body, else 0 (the file was truncated) */
+    int64_t total;          /* the whole video's size, -1 when unknown */
+    const char *validator;  /* what a later attempt may resume with: the strong ETag, else the
+                             * Last-Modified, of a server that sent "Accept-Ranges: bytes";
+                             * NULL when it cannot be resumed */
+};
+
 /* What a download may reach, and with which headers. */
 struct http_download_opts {
     int64_t max_bytes;
@@ -99,6 +110,19 @@ struct http_download_opts {
                                 * to another scheme, host or port */
     const char *trusted_origin;/* URL whose origin (scheme, host, port) may be on any address */
     int allow_private;         /* allow loopback, link-local and private addresses anywhere */
+    /* Resume: the file already holds `resume_from` bytes of the video, which
+     * came with the validator `if_range` (a strong ETag or a Last-Modified).
+     * The request then asks "Range: bytes=<resume_from>-" with "If-Range".
+     * A 206 whose Content-Range starts there and runs to the end (and whose
+     * ETag, if any, is the validator) is appended; a 200 truncates the file
+     * and is written from 0; any other 206 aborts the transfer, with
+     * `restart` set in the result: those bytes cannot be resumed. */
+    int64_t resume_from;
+    const char *if_range;
+    /* Called once, before the first byte of the final 2xx body is written
+     * (or at the end of an empty one), from inside the transfer: it must not
+     * call this module. A nonzero return aborts it (HTTP_WRITE_FAILED). */
+    int (*begin)(void *ud, const struct http_body_start *s);
 };
 
 /*

@@ -11,8 +11,9 @@
  *           [--shape wrapper|wrapper-legacy|flat|openai]
  *           [--submit-shape full|documented|legacy|nested] [--latency-ms N]
  *           [--task-seconds S] [--video-bytes N] [--seed N] [--quiet]
- *           [--video-base URL] [--video-latency-ms N] [--video-mode normal|close|cut]
- *           [--video-redirect URL] [--any-video]
+ *           [--video-base URL] [--video-latency-ms N]
+ *           [--video-mode normal|close|cut|cut-once|stall-once] [--video-cut-at N]
+ *           [--video-ranges etag|changing|none] [--video-redirect URL] [--any-video]
  *
  * It listens on 127.0.0.1 only (port 0 = any free port), writes the port to
  * --port-file atomically and prints "listening 127.0.0.1:PORT". --quiet
@@ -36,6 +37,24 @@
  *                                       --video-mode close: no Content-Length,
  *                                         the end is the connection closing;
  *                                         cut: Content-Length, half the body, close;
+ *                                         cut-once: the first request for a
+ *                                         task's video stops at --video-cut-at
+ *                                         (default half the video) and closes,
+ *                                         later ones are whole;
+ *                                         stall-once: the same, but the first
+ *                                         one stalls there, connection open;
+ *                                       --video-ranges etag (default):
+ *                                         "Accept-Ranges: bytes" and a strong
+ *                                         ETag; "Range: bytes=S-[E]" gives a
+ *                                         206 with Content-Range (416 with
+ *                                         "bytes *" + "/N" from S >= N), unless an
+ *                                         If-Range does not match the ETag:
+ *                                         then a 200, whole;
+ *                                         changing: the ETag changes with
+ *                                         every request (an If-Range never
+ *                                         matches), the bytes do not;
+ *                                         none: no Accept-Ranges, no ETag,
+ *                                         Range ignored;
  *                                       --video-redirect URL: 302 to
  *                                         URL/videos/{id}.mp4;
  *                                       --any-video: unknown ids are served too)
@@ -43,7 +62,11 @@
  *                                       "received_by_key","created_by_key",
  *                                       "max_concurrent", plus "in_flight",
  *                                       "videos","connections","video_auth"
- *                                       (video requests with Authorization)}
+ *                                       (video requests with Authorization),
+ *                                       "video_range_asked" (with a Range
+ *                                       header), "video_206", "video_416",
+ *                                       "video_body_bytes" (video body bytes
+ *                                       written to the sockets)}
  *   GET  /_mock/tasks                 [{"key","task_id","body","created"}, ...]
  *   POST /_mock/config                any of latency_ms, shape, submit_shape,
  *                                       token (null: any), task_seconds,
@@ -173,7 +196,7 @@ enum route {
     R_CONFIG, R_RESET, R_BAD_METHOD, R_NOT_FOUND, R_URL_TOO_LONG, R_HDR_TOO_LONG
 };
 
-enum hdr { H_OTHER, H_AUTH, H_KEY, H_EXPECT };
+enum hdr { H_OTHER, H_AUTH, H_KEY, H_EXPECT, H_RANGE, H_IF_RANGE };
 
 enum mode {
     M_STATUS, M_RESET_BEFORE, M_RESET_AFTER, M_HANG, M_GARBAGE, M_HUGE,
@@ -234,6 +257,7 @@ struct task {
     uint64_t created_mono_ms;
     uint32_t id_sum;
     bool fails;
+    bool video_cut;           /* cut-once / stall-once: its first request was cut */
     size_t id_len, key_len, body_len, prompt_len, model_len;
     char *id, *key, *body, *prompt, *model;
     char data[];
@@ -299,6 +323,10 @@ struct conn {
     size_t key_len;
     char expect[24];
     size_t expect_len;
+    char range[64];           /* Range, If-Range (videos) */
+    size_t range_len;
+    char if_range[128];
+    size_t if_range_len;
     bool hdr_long, auth_ok, want_body, too_large;
     struct buf body;
     struct rule *rule;
@@ -317,6 +345,8 @@ struct conn {
     uint64_t stream_off, stream_len;
     size_t sw_len;
     bool stream_video;
+    bool stream_stall;        /* stall-once: hang at the end instead of closing */
+    uint64_t stream_base;     /* the body's first byte is this byte of the video */
     uint32_t stream_seed;
     char *chunk;
     bool chunk_is_x;          /* chunk holds 'x' filler, not video bytes */
@@ -338,11 +368,14 @@ struct server {
     uint64_t task_base;       /* seq of tasks[0] */
     struct keytab keys;
     uint64_t posts, gets, videos, nconns, video_auth;
+    uint64_t video_range_asked, video_206, video_416, video_body_bytes;
     uint64_t inflight, max_inflight;
     const char *video_base;     /* --video-base, or NULL */
     const char *video_redirect; /* --video-redirect, or NULL */
     uint64_t video_latency_ms;
-    int video_mode;             /* 0 normal, 1 close-delimited, 2 cut */
+    int video_mode;             /* 0 normal, 1 close-delimited, 2 cut, 3 cut-once, 4 stall-once */
+    uint64_t video_cut_at;      /* cut-once / stall-once offset, 0: half the video */
+    int video_ranges;           /* 0 etag, 1 changing, 2 none */
     bool any_video;
     uint64_t rng;
     bool stopping;
@@ -884,6 +917,7 @@ static void long_done(struct conn *c)
 
 static void stream_next(struct conn *c);
 static void on_drip_tick(uv_timer_t *t);
+static void conn_read_start(struct conn *c);
 
 static void on_long_write(uv_write_t *req, int status)
 {
@@ -941,6 +975,13 @@ static void stream_next(struct conn *c)
     uint64_t left = c->stream_len - c->stream_off;
     size_t n = left < CHUNK_SIZE ? (size_t)left : CHUNK_SIZE;
 
+    if (n == 0 && c->stream_stall) {
+        /* Hang, reading only to notice when the client gives up. */
+        c->stream_stall = false;
+        c->hung = true;
+        conn_read_start(c);
+        return;
+    }
     if (n == 0) {
         long_done(c);
         return;
@@ -948,9 +989,11 @@ static void stream_next(struct conn *c)
     if (c->chunk == NULL)
         c->chunk = xmalloc(CHUNK_SIZE);
     if (c->stream_video) {
+        uint64_t at = c->stream_base + c->stream_off;
         for (size_t i = 0; i < n; i++)
-            c->chunk[i] = (char)(((c->stream_off + i) * 31 + c->stream_seed) & 0xff);
+            c->chunk[i] = (char)(((at + i) * 31 + c->stream_seed) & 0xff);
         c->chunk_is_x = false;
+        srv.video_body_bytes += n;
     } else if (!c->chunk_is_x) {
         memset(c->chunk, 'x', CHUNK_SIZE);
         c->chunk_is_x = true;
@@ -1054,15 +1097,19 @@ static void plan_drip(struct conn *c, struct answer *a, uint64_t interval_ms)
 }
 
 static void plan_stream(struct conn *c, int status, const char *ctype, uint64_t len,
-                        bool video, uint32_t seed)
+                        bool video, uint32_t seed, const char *extra)
 {
     struct answer head;
 
     answer_set(&head, status, ctype, "", 0, NULL);
+    if (extra != NULL)
+        snprintf(head.extra, sizeof head.extra, "%s", extra);
     c->plan = PLAN_STREAM;
     c->plan_w = wreq_new(c, &head, len);
     c->stream_len = len;
     c->stream_off = 0;
+    c->stream_base = 0;
+    c->stream_stall = false;
     c->stream_video = video;
     c->stream_seed = seed;
 }
@@ -1454,7 +1501,7 @@ static void apply_rule(struct conn *c, struct keyent *k, uint64_t delay)
         plan_write(c, &a, AFTER_NONE);
         break;
     case M_HUGE:
-        plan_stream(c, 200, JSON, r->bytes, false, 0);
+        plan_stream(c, 200, JSON, r->bytes, false, 0, NULL);
         break;
     case M_HANG:
         /* Reading goes on only to notice when the client gives up. */
@@ -1515,6 +1562,68 @@ static void handle_get(struct conn *c)
     }
 }
 
+struct video_range {
+    int status;               /* 200 or 206 */
+    uint64_t start, end;      /* the bytes [start, end) of the video */
+    char extra[192];          /* Accept-Ranges, ETag, Content-Range */
+};
+
+/*
+ * --video-ranges: what a request's Range and If-Range headers get. Only
+ * "bytes=S-" and "bytes=S-E" are understood (anything else is ignored, as
+ * RFC 9110 allows). Answers a 416 itself, and then returns -1.
+ */
+static int video_range(struct conn *c, uint64_t len, uint32_t seed, struct video_range *vr)
+{
+    char etag[64];
+    unsigned long long a, b;
+    int used = 0;
+
+    vr->status = 200;
+    vr->start = 0;
+    vr->end = len;
+    vr->extra[0] = '\0';
+    if (c->range_len > 0)
+        srv.video_range_asked++;
+    if (srv.video_ranges == 2)
+        return 0;
+    if (srv.video_ranges == 1)
+        snprintf(etag, sizeof etag, "\"v%08x-%" PRIu64 "-%" PRIu64 "\"", seed, len, srv.videos);
+    else
+        snprintf(etag, sizeof etag, "\"v%08x-%" PRIu64 "\"", seed, len);
+    c->range[c->range_len] = '\0';
+    c->if_range[c->if_range_len] = '\0';
+    bool fresh = c->if_range_len == 0 || strcmp(c->if_range, etag) == 0;
+    bool asked = c->range_len > 0 && fresh;
+    if (asked && sscanf(c->range, "bytes=%llu-%n", &a, &used) == 1 && used > 0) {
+        b = len > 0 ? len - 1 : 0;
+        if (c->range[used] != '\0' && (sscanf(c->range + used, "%llu", &b) != 1 || b < a))
+            asked = false;
+    } else {
+        asked = false;
+    }
+    if (asked && a >= len) {
+        struct answer ans;
+        srv.video_416++;
+        answer_set(&ans, 416, NULL, "", 0, NULL);
+        snprintf(ans.extra, sizeof ans.extra, "Content-Range: bytes */%" PRIu64 "\r\nETag: %s\r\n", len, etag);
+        reply(c, &ans, 0);
+        return -1;
+    }
+    int n = snprintf(vr->extra, sizeof vr->extra, "Accept-Ranges: bytes\r\nETag: %s\r\n", etag);
+    if (asked) {
+        if (b >= len)
+            b = len - 1;
+        srv.video_206++;
+        vr->status = 206;
+        vr->start = a;
+        vr->end = b + 1;
+        snprintf(vr->extra + n, sizeof vr->extra - (size_t)n, "Content-Range: bytes %llu-%llu/%" PRIu64 "\r\n", a,
+                 b, len);
+    }
+    return 0;
+}
+
 static void handle_video(struct conn *c)
 {
     static const char prefix[] = "/videos/";
@@ -1541,13 +1650,25 @@ static void handle_video(struct conn *c)
     for (size_t i = 0; t == NULL && i + 4 < n; i++)
         sum += (unsigned char)id[i];
     uint64_t len = srv.cfg.video_bytes;
+    uint32_t seed = t ? t->id_sum : sum;
+    struct video_range vr;
+    if (video_range(c, len, seed, &vr) != 0)
+        return; /* answered 416 */
     if (srv.video_mode != 0)
         c->keepalive = false;
     c->no_length = srv.video_mode == 1;
-    plan_stream(c, 200, "video/mp4", len, true, t ? t->id_sum : sum);
+    plan_stream(c, vr.status, "video/mp4", vr.end - vr.start, true, seed, vr.extra);
     c->no_length = false;
+    c->stream_base = vr.start;
     if (srv.video_mode == 2)
-        c->stream_len = len / 2; /* announced in full, cut in the middle */
+        c->stream_len = (vr.end - vr.start) / 2; /* announced in full, cut in the middle */
+    if ((srv.video_mode == 3 || srv.video_mode == 4) && t != NULL && !t->video_cut) {
+        uint64_t cut = srv.video_cut_at ? srv.video_cut_at : len / 2;
+        t->video_cut = true;
+        if (cut > vr.start && cut < vr.end)
+            c->stream_len = cut - vr.start;
+        c->stream_stall = srv.video_mode == 4;
+    }
     deliver(c, srv.video_latency_ms);
 }
 
@@ -1583,8 +1704,11 @@ static void handle_stats(struct conn *c)
     buf_adds(&b, ",\"created_by_key\":");
     key_counts(&b, true);
     buf_addf(&b, ",\"max_concurrent\":%" PRIu64 ",\"in_flight\":%" PRIu64 ",\"videos\":%"
-             PRIu64 ",\"connections\":%" PRIu64 ",\"video_auth\":%" PRIu64 "}", srv.max_inflight, srv.inflight,
+             PRIu64 ",\"connections\":%" PRIu64 ",\"video_auth\":%" PRIu64, srv.max_inflight, srv.inflight,
              srv.videos, srv.nconns, srv.video_auth);
+    buf_addf(&b, ",\"video_range_asked\":%" PRIu64 ",\"video_206\":%" PRIu64 ",\"video_416\":%" PRIu64
+             ",\"video_body_bytes\":%" PRIu64 "}", srv.video_range_asked, srv.video_206, srv.video_416,
+             srv.video_body_bytes);
     reply_buf(c, 200, &b);
 }
 
@@ -1616,6 +1740,7 @@ static void handle_reset(struct conn *c)
     tasks_clear();
     keys_clear();
     srv.posts = srv.gets = srv.videos = srv.video_auth = 0;
+    srv.video_range_asked = srv.video_206 = srv.video_416 = srv.video_body_bytes = 0;
     srv.max_inflight = srv.inflight;
     logmsg("reset");
     reply_static(c, 200, "{\"ok\":true}", 0);
@@ -2043,6 +2168,7 @@ static int on_message_begin(http_parser *p)
 
     c->route = R_NONE;
     c->url_len = c->hname_len = c->auth_len = c->key_len = c->expect_len = 0;
+    c->range_len = c->if_range_len = 0;
     c->url[0] = '\0';
     c->url_long = c->hname_long = c->in_value = c->hdr_long = false;
     c->auth_ok = c->want_body = c->too_large = c->msg_done = false;
@@ -2093,6 +2219,10 @@ static enum hdr header_kind(const struct conn *c)
         return H_KEY;
     if (c->hname_len == 6 && strncasecmp(c->hname, "expect", 6) == 0)
         return H_EXPECT;
+    if (c->hname_len == 5 && strncasecmp(c->hname, "range", 5) == 0)
+        return H_RANGE;
+    if (c->hname_len == 8 && strncasecmp(c->hname, "if-range", 8) == 0)
+        return H_IF_RANGE;
     return H_OTHER;
 }
 
@@ -2121,7 +2251,15 @@ static int on_header_value(http_parser *p, const char *at, size_t n)
             c->key_len = 0;
         else if (c->hwhich == H_EXPECT)
             c->expect_len = 0;
+        else if (c->hwhich == H_RANGE)
+            c->range_len = 0;
+        else if (c->hwhich == H_IF_RANGE)
+            c->if_range_len = 0;
     }
+    if (c->hwhich == H_RANGE && c->range_len + n < sizeof c->range)
+        hdr_append(c, c->range, &c->range_len, sizeof c->range - 1, at, n);
+    else if (c->hwhich == H_IF_RANGE && c->if_range_len + n < sizeof c->if_range)
+        hdr_append(c, c->if_range, &c->if_range_len, sizeof c->if_range - 1, at, n);
     if (c->hwhich == H_AUTH)
         hdr_append(c, c->auth, &c->auth_len, sizeof c->auth, at, n);
     else if (c->hwhich == H_KEY)
@@ -2505,7 +2643,8 @@ static void usage(FILE *f)
           "               [--submit-shape full|documented|legacy|nested]\n"
           "               [--latency-ms N] [--task-seconds S] [--video-bytes N]\n"
           "               [--seed N] [--quiet] [--video-base URL] [--video-latency-ms N]\n"
-          "               [--video-mode normal|close|cut] [--video-redirect URL] [--any-video]\n", f);
+          "               [--video-mode normal|close|cut|cut-once|stall-once] [--video-cut-at N]\n"
+          "               [--video-ranges etag|changing|none] [--video-redirect URL] [--any-video]\n", f);
 }
 
 static int parse_u64(const char *s, uint64_t max, uint64_t *out)
@@ -2549,8 +2688,17 @@ static int parse_option(int opt, const char *arg, struct options *o)
     case 'L': return parse_u64(arg, UINT32_MAX, &srv.video_latency_ms);
     case 'A': srv.any_video = true; return 0;
     case 'M':
-        srv.video_mode = strcmp(arg, "normal") == 0 ? 0 : strcmp(arg, "close") == 0 ? 1 : strcmp(arg, "cut") == 0 ? 2 : -1;
+        srv.video_mode = strcmp(arg, "normal") == 0       ? 0
+                         : strcmp(arg, "close") == 0      ? 1
+                         : strcmp(arg, "cut") == 0        ? 2
+                         : strcmp(arg, "cut-once") == 0   ? 3
+                         : strcmp(arg, "stall-once") == 0 ? 4
+                                                          : -1;
         return srv.video_mode < 0 ? -1 : 0;
+    case 'C': return parse_u64(arg, UINT64_MAX, &srv.video_cut_at);
+    case 'G':
+        srv.video_ranges = strcmp(arg, "etag") == 0 ? 0 : strcmp(arg, "changing") == 0 ? 1 : strcmp(arg, "none") == 0 ? 2 : -1;
+        return srv.video_ranges < 0 ? -1 : 0;
     case 'T':
         srv.cfg.task_seconds = strtod(arg, &end);
         return end == arg || *end != '\0' || !(srv.cfg.task_seconds >= 0) ? -1 : 0;
@@ -2575,6 +2723,8 @@ static int parse_args(int argc, char **argv, struct options *o)
         {"video-redirect", required_argument, NULL, 'R'},
         {"video-latency-ms", required_argument, NULL, 'L'},
         {"video-mode", required_argument, NULL, 'M'},
+        {"video-cut-at", required_argument, NULL, 'C'},
+        {"video-ranges", required_argument, NULL, 'G'},
         {"any-video", no_argument, NULL, 'A'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},

@@ -210,6 +210,32 @@ admin("config", {"video_bytes": 4096})
 r, d = req("GET", "/videos/task_1_00000000.mp4")
 check("unknown video 404", r.status == 404, r.status)
 
+# --- video ranges (--video-ranges etag, the default) ------------------------------------------
+whole = bytes(((i * 31 + s) & 0xff) for i in range(4096))
+before = admin("stats")
+r, d = req("GET", "/videos/%s.mp4" % ok_id)
+etag = r.getheader("ETag") or ""
+check("video: Accept-Ranges and a strong ETag", r.getheader("Accept-Ranges") == "bytes" and
+      etag.startswith('"') and etag.endswith('"'), (r.getheader("Accept-Ranges"), etag))
+r, d = req("GET", "/videos/%s.mp4" % ok_id, None, {"Range": "bytes=1000-", "If-Range": etag})
+check("Range + matching If-Range -> 206 with the rest", r.status == 206 and d == whole[1000:] and
+      r.getheader("Content-Range") == "bytes 1000-4095/4096" and r.getheader("Content-Length") == "3096",
+      (r.status, len(d), r.getheader("Content-Range")))
+r, d = req("GET", "/videos/%s.mp4" % ok_id, None, {"Range": "bytes=10-19"})
+check("Range S-E -> 206 with those bytes", r.status == 206 and d == whole[10:20] and
+      r.getheader("Content-Range") == "bytes 10-19/4096", (r.status, d))
+r, d = req("GET", "/videos/%s.mp4" % ok_id, None, {"Range": "bytes=1000-", "If-Range": '"other"'})
+check("Range + stale If-Range -> 200, whole", r.status == 200 and d == whole, (r.status, len(d)))
+r, d = req("GET", "/videos/%s.mp4" % ok_id, None, {"Range": "bytes=4096-"})
+check("Range past the end -> 416 bytes */4096", r.status == 416 and
+      r.getheader("Content-Range") == "bytes */4096", (r.status, r.getheader("Content-Range")))
+after = admin("stats")
+check("stats: video_range_asked, video_206, video_416, video_body_bytes",
+      after["video_range_asked"] - before["video_range_asked"] == 4 and
+      after["video_206"] - before["video_206"] == 2 and after["video_416"] - before["video_416"] == 1 and
+      after["video_body_bytes"] - before["video_body_bytes"] == 4096 + 3096 + 10 + 4096,
+      (before, after))
+
 # --- admin errors -----------------------------------------------------------------
 r, d = req("POST", "/_mock/config", {"nope": 1})
 check("config unknown key -> 400", r.status == 400 and json.loads(d)["ok"] is False, d)
