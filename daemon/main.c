@@ -274,6 +274,13 @@ static void fill_metrics(sbuf *out, int *healthy, const char **why, void *ud)
     metric(out, "vidq_jobs_failed_total", "counter", "Jobs that ended failed (dead list).", in, st.failed);
     metric(out, "vidq_jobs_duplicate_total", "counter", "Jobs already submitted (dedup).", in, st.duplicates);
     metric(out, "vidq_retries_total", "counter", "Submissions put in the retry set.", in, st.retries);
+    metric(out, "vidq_ambiguous_found_total", "counter",
+           "Ambiguous submits whose task a lookup by external_task_id found (Kling): submitted, not ambiguous.", in,
+           st.lookup_found);
+    metric(out, "vidq_ambiguous_resent_total", "counter",
+           "Ambiguous submits a lookup found no task for, sent once more (Kling).", in, st.lookup_none);
+    metric(out, "vidq_ambiguous_unresolved_total", "counter",
+           "Ambiguous submits a lookup could not settle: they stay ambiguous (Kling).", in, st.lookup_unknown);
     metric(out, "vidq_jobs_held", "gauge", "Jobs this instance holds.", in, st.held);
     metric(out, "vidq_requests_in_flight", "gauge", "Submissions in flight.", in, st.in_flight);
     metric(out, "vidq_polls_in_flight", "gauge", "Task polls and downloads in flight.", in,

@@ -664,6 +664,12 @@ static void on_drain_timer(uv_timer_t *t)
     for (size_t i = 0; i < n; i++)
         http_cancel(v[i]->req);
     free(v);
+    v = slots_in(w, S_LOOKUP, &n); /* looked up after an ambiguous submit: ambiguous it stays */
+    for (size_t i = 0; i < n; i++) {
+        if (v[i]->req)
+            http_cancel(v[i]->req);
+    }
+    free(v);
 }
 
 void worker_drain(worker *w, void (*done)(void *), void *ud)

@@ -107,6 +107,7 @@ void slot_release(slot *s)
     free(s->dreq.body);
     free(s->dreq.route);
     free(s->url);
+    free(s->ambiguous_msg);
     free(s->held);
     free(s->token);
     uv_timer_stop(&s->timer);
@@ -688,6 +689,108 @@ static void gateway_down(slot *s, const struct outcome *o)
     block(w, BLOCK_GATEWAY, o->message);
 }
 
+/* ---- an ambiguous submit looked up (dialect.h lookup_path) ---------------- */
+
+/*
+ * Kling takes the job_id as external_task_id, and can be asked for the task
+ * that carries it: an ambiguous submit (the request went out, no answer
+ * came back) need not stay ambiguous. docs/protocol.md §9:
+ *   found                 -> `submitted` with that task id, as if answered;
+ *   "no such task"        -> the job is sent once more (s->resent), never
+ *                            a third time;
+ *   the lookup can't tell -> `ambiguous`, as without a lookup.
+ * The forms are asked in order (the path form, then the query form): one
+ * that finds the task decides; "none" needs the last form to say so too
+ * (an unsupported path form may well answer "Task not found" for a task
+ * that exists). The first ask waits LOOKUP_DELAY_MS, so a creation still in
+ * progress on the other side lands first. The job keeps its mark all along:
+ * a crash here ends it ambiguous at the next start, as any crash after a
+ * send does.
+ */
+static void on_lookup(http_req *req, const struct http_result *res, void *ud);
+static void post(slot *s);
+
+static void lookup_gave_up(slot *s, const char *why)
+{
+    char msg[900];
+    s->w->st.lookup_unknown++;
+    snprintf(msg, sizeof msg, "%s (looked up by external_task_id: %s)", s->ambiguous_msg, why);
+    fail(s, "ambiguous", msg, 0, NULL, 0);
+}
+
+static void ask_lookup(uv_timer_t *t)
+{
+    slot *s = t->data;
+    worker *w = s->w;
+    if (w->draining) {
+        lookup_gave_up(s, "not asked: shutting down");
+        return;
+    }
+    char *path = w->dialect->lookup_path(s->job.job_id, s->dreq.route, s->lookup_form);
+    char *url = api_url(w->cfg->base_url, path);
+    free(path);
+    const char *headers[] = {credential_header(&w->cred), "Accept: application/json", NULL};
+    s->req = http_get(w->http, url, headers, on_lookup, s);
+    free(url);
+    if (s->req == NULL)
+        lookup_gave_up(s, "could not start the request");
+}
+
+static void look_up_later(slot *s, const struct outcome *o)
+{
+    s->state = S_LOOKUP;
+    s->lookup_form = 0;
+    free(s->ambiguous_msg);
+    s->ambiguous_msg = xstrdup(o->message);
+    uv_timer_start(&s->timer, ask_lookup, LOOKUP_DELAY_MS, 0);
+}
+
+static void on_lookup(http_req *req, const struct http_result *res, void *ud)
+{
+    slot *s = ud;
+    worker *w = s->w;
+    (void)req;
+    if (w->closed)
+        return;
+    s->req = NULL;
+    char *task_id = NULL, *status = NULL;
+    enum lookup_result r = w->dialect->parse_lookup(res, s->job.job_id, &task_id, &status);
+    if (r == LOOKUP_FOUND) {
+        struct outcome o;
+        memset(&o, 0, sizeof o);
+        o.kind = OUT_SUBMITTED;
+        o.task_id = task_id;
+        o.status = status;
+        w->st.lookup_found++;
+        log_kv(LOG_NOTICE, "an ambiguous submit was found by its external_task_id: not ambiguous", "job_id",
+               s->job.job_id, "task_id", task_id, NULL);
+        submitted(s, &o, res);
+        outcome_free(&o);
+        return;
+    }
+    free(task_id);
+    free(status);
+    if (s->lookup_form == 0)
+        s->lookup_first = r;
+    char *next = w->dialect->lookup_path(s->job.job_id, s->dreq.route, s->lookup_form + 1);
+    if (next) {
+        free(next);
+        s->lookup_form++;
+        ask_lookup(&s->timer);
+        return;
+    }
+    if (r == LOOKUP_NONE && !w->draining) {
+        w->st.lookup_none++;
+        log_kv(LOG_NOTICE, "an ambiguous submit has no task by its external_task_id: sent once more", "job_id",
+               s->job.job_id, NULL);
+        s->resent = 1;
+        post(s);
+        return;
+    }
+    lookup_gave_up(s, r == LOOKUP_NONE ? "none found, not sent again: shutting down"
+                                       : res->outcome != HTTP_OK ? res->error : "the answer did not say");
+}
+
 /* The policy of docs/protocol.md §6 over the classification of api.c. */
 /* ---- the answer: what each outcome becomes ------------------------------ */
 
@@ -717,6 +820,18 @@ static void on_response(http_req *req, const struct http_result *res, void *ud)
      * answers to requests that were already out say nothing. */
     if (o.kind != OUT_ACCOUNT && !o.gateway_down && res->status > 0 && w->blocked && s->sent_seq > w->blocked_seq)
         worker_unblock(w);
+    if (s->resent && o.kind != OUT_SUBMITTED) {
+        /* The second send after a lookup found nothing: never a third. Its
+         * refusal may well be Kling's "duplicate external_task_id" -- the
+         * first did create the task after all. */
+        char msg[700];
+        snprintf(msg, sizeof msg, "sent again after the lookup found no task, and that failed too: %s", o.message);
+        if (o.gateway_down)
+            block(w, BLOCK_GATEWAY, o.message);
+        fail(s, "ambiguous", msg, o.http_status, res->body, res->body_len);
+        outcome_free(&o);
+        return;
+    }
     if (o.gateway_down && o.kind == OUT_RETRY) {
         gateway_down(s, &o);
         outcome_free(&o);
@@ -735,7 +850,9 @@ static void on_response(http_req *req, const struct http_result *res, void *ud)
             fail(s, "attempts_exhausted", o.message, o.http_status, res->body, res->body_len);
         break;
     case OUT_AMBIGUOUS:
-        if (w->cfg->retry_ambiguous && can_retry)
+        if (w->dialect->lookup_path && !w->draining)
+            look_up_later(s, &o);
+        else if (w->cfg->retry_ambiguous && can_retry)
             retry_later(s, &o);
         else
             fail(s, "ambiguous", o.message, o.http_status, res->body, res->body_len);

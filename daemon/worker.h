@@ -23,6 +23,9 @@ struct worker_stats {
     uint64_t failed;
     uint64_t duplicates;
     uint64_t retries;
+    /* ambiguous submits looked up (dialects that can, Kling): the task
+     * found, none found (sent once more), the lookup could not tell */
+    uint64_t lookup_found, lookup_none, lookup_unknown;
     unsigned held;       /* jobs held right now */
     unsigned in_flight;  /* HTTP requests in flight */
     int blocked;         /* account errors or the gateway down: intake stopped */

@@ -28,10 +28,11 @@
 #define TURN_BUDGET_BYTES (1u << 20) /* job bytes started per turn of the loop, beyond the first job */  /* another copy of the job_id may be in flight: look again */
 #define PROBE_MAX_MS 60000
 #define FORBIDDEN_SUSPECTS 3 /* jobs refused with 403, none accepted after: the account */
+#define LOOKUP_DELAY_MS 3000 /* before looking an ambiguous submit up: let a creation in progress land */
 enum { BLOCK_NONE, BLOCK_ACCOUNT, BLOCK_GATEWAY };
 #define ENVELOPE_PREFIX "{\"vidq_retry\":{\"attempts\":"
 
-enum sstate { S_CHECKING, S_SENDING, S_ACCOUNT_HOLD, S_RECORDING, S_RECORD_WAIT, S_PUTBACK };
+enum sstate { S_CHECKING, S_SENDING, S_LOOKUP, S_ACCOUNT_HOLD, S_RECORDING, S_RECORD_WAIT, S_PUTBACK };
 
 typedef struct slot slot;
 struct slot {
@@ -56,6 +57,10 @@ struct slot {
     int marked;                /* Redis holds its mark (the SEND step said so, or found marked) */
     int maybe_sent;            /* found marked after a crash: it may have been billed */
     int probing;               /* the SEND step only looks (maybe_sent) */
+    int lookup_form;           /* an ambiguous submit looked up: the form being asked (dialect.h) */
+    enum lookup_result lookup_first; /* what the first form said */
+    int resent;                /* sent again after the lookup found no task: never a third time */
+    char *ambiguous_msg;       /* why the submit was ambiguous, while it is looked up */
     long long deaths;          /* instances that died holding it */
     int64_t taken_ms;
     uv_timer_t timer; /* record retry, dedup retry */
