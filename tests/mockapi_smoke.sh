@@ -612,6 +612,12 @@ check("kling submit: kling-submit-ok shape", r.status == 200 and j["code"] == 0 
       ["code", "data", "message", "request_id"] and len(k1) == 18 and k1.isdigit() and
       j["data"]["task_status"] == "submitted" and j["data"]["task_info"] == {"external_task_id": "ext-1"}
       and j["data"]["created_at"] > 1e12 and j["data"]["created_at"] == j["data"]["updated_at"], j)
+r, d = kl("GET", T2V + "/" + k1)
+j = jl(d)
+check("kling GET: kling-get-submitted shape", r.status == 200 and j["code"] == 0 and
+      j["message"] == "SUCCEED" and j["data"]["task_id"] == k1 and
+      j["data"]["task_status"] == "submitted" and j["data"]["task_status_msg"] == "" and
+      j["data"]["task_info"] == {"external_task_id": "ext-1"} and "task_result" not in j["data"], j)
 r, d = kl("POST", T2V, {"prompt": "a cat"})
 check("kling submit without external id: task_info {}", r.status == 200 and
       jl(d)["data"]["task_info"] == {}, d)
@@ -678,12 +684,6 @@ k2 = jl(d)["data"]["task_id"] if r.status == 200 else ""
 check("kling: same external id under another access key -> 200 (image2video, no prompt)",
       r.status == 200 and k2 != k1, d)
 
-r, d = kl("GET", T2V + "/" + k1)
-j = jl(d)
-check("kling GET: kling-get-submitted shape", r.status == 200 and j["code"] == 0 and
-      j["message"] == "SUCCEED" and j["data"]["task_id"] == k1 and
-      j["data"]["task_status"] == "submitted" and j["data"]["task_status_msg"] == "" and
-      j["data"]["task_info"] == {"external_task_id": "ext-1"} and "task_result" not in j["data"], j)
 r, d = kl("GET", I2V + "/" + k1)
 check("kling GET under the wrong family -> 400/1201 Task not found",
       kerr(r, d, 400, 1201, "Task not found"), d)
@@ -727,10 +727,10 @@ admin("config", {"kling_lookup": "both"})
 r, d = kl("POST", T2V, {"prompt": "risky [fail]"})
 kf = jl(d)["data"]["task_id"]
 time.sleep(0.8)
-r, d = kl("GET", T2V + "/" + k1)
+r, d = kl("GET", T2V + "/" + kf)
 check("kling GET: processing", jl(d)["data"]["task_status"] == "processing" and
       jl(d)["data"]["updated_at"] > jl(d)["data"]["created_at"], d)
-time.sleep(1.0)
+time.sleep(0.8)
 r, d = kl("GET", T2V + "/" + k1)
 j = jl(d)["data"]
 url = "http://127.0.0.1:%d/videos/%s.mp4" % (PORT, k1)
