@@ -2085,6 +2085,28 @@ static void kl_envelope(struct buf *b)
     buf_adds(b, ",\"data\":");
 }
 
+static int hexval(int ch)
+{
+    return ch >= '0' && ch <= '9' ? ch - '0' : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10
+         : ch >= 'A' && ch <= 'F' ? ch - 'A' + 10 : -1;
+}
+
+/* Percent-decodes s[0..n) into out ('+' is a space only in a query). */
+static void pct_decode(const char *s, size_t n, bool query, struct buf *out)
+{
+    for (size_t i = 0; i < n; i++) {
+        char ch = s[i];
+        if (ch == '+' && query) {
+            ch = ' ';
+        } else if (ch == '%' && i + 2 < n &&
+                   hexval(s[i + 1]) >= 0 && hexval(s[i + 2]) >= 0) {
+            ch = (char)(hexval(s[i + 1]) * 16 + hexval(s[i + 2]));
+            i += 2;
+        }
+        buf_add(out, &ch, 1);
+    }
+}
+
 /* GET /v1/videos/{family}/{task_id or external_task_id} */
 static void kl_get_answer(struct conn *c, struct answer *a)
 {
@@ -2093,8 +2115,11 @@ static void kl_get_answer(struct conn *c, struct answer *a)
     struct task *t = kl_visible(c, task_find(id, n));
     struct buf b = {0};
 
-    if (t == NULL && (srv.cfg.kling_lookup & LOOKUP_PATH))
-        t = kl_visible(c, ext_task(c, id, n));
+    if (t == NULL && (srv.cfg.kling_lookup & LOOKUP_PATH)) {
+        pct_decode(id, n, false, &b);
+        t = kl_visible(c, ext_task(c, b.p ? b.p : "", b.len));
+        buf_free(&b);
+    }
     if (t == NULL) {
         kl_not_found(a);
         return;
@@ -2106,12 +2131,6 @@ static void kl_get_answer(struct conn *c, struct answer *a)
     answer_buf(a, 200, &b);
 }
 
-static int hexval(int ch)
-{
-    return ch >= '0' && ch <= '9' ? ch - '0' : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10
-         : ch >= 'A' && ch <= 'F' ? ch - 'A' + 10 : -1;
-}
-
 /* The percent-decoded value of query parameter name into out; false when absent. */
 static bool query_param(const char *url, const char *name, struct buf *out)
 {
@@ -2121,16 +2140,8 @@ static bool query_param(const char *url, const char *name, struct buf *out)
     while (q != NULL) {
         q++;
         if (strncmp(q, name, nl) == 0 && q[nl] == '=') {
-            for (q += nl + 1; *q != '\0' && *q != '&'; q++) {
-                char ch = *q;
-                if (ch == '+') {
-                    ch = ' ';
-                } else if (ch == '%' && hexval(q[1]) >= 0 && hexval(q[2]) >= 0) {
-                    ch = (char)(hexval(q[1]) * 16 + hexval(q[2]));
-                    q += 2;
-                }
-                buf_add(out, &ch, 1);
-            }
+            q += nl + 1;
+            pct_decode(q, strcspn(q, "&"), true, out);
             return true;
         }
         q = strchr(q, '&');

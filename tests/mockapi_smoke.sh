@@ -706,6 +706,13 @@ r, d = kl("GET", I2V + "?external_task_id=ext-1")
 check("kling lookup, query form, wrong family -> data []", r.status == 200 and jl(d)["data"] == [], d)
 r, d = kl("GET", T2V + "/nope")
 check("kling lookup, path form, none -> 400/1201", kerr(r, d, 400, 1201, "Task not found"), d)
+from urllib.parse import quote
+r, d = kl("POST", T2V, {"prompt": "p", "external_task_id": "job 7/\u00e9+x"})
+kq = jl(d)["data"]["task_id"]
+r, d = kl("GET", T2V + "/" + quote("job 7/\u00e9+x", safe=""))
+r2, d2 = kl("GET", T2V + "?external_task_id=" + quote("job 7/\u00e9+x", safe=""))
+check("kling lookup: percent-encoded external ids, both forms", r.status == 200 and
+      jl(d)["data"]["task_id"] == kq and jl(d2)["data"][0]["task_id"] == kq, (d, d2))
 admin("config", {"kling_lookup": "query"})
 r, d = kl("GET", T2V + "/ext-1")
 r2, d2 = kl("GET", T2V + "?external_task_id=ext-1")
@@ -799,7 +806,7 @@ check("/_mock/tasks: dialect, family, token, external id", len(tl) == 1 and
       tl[0]["external_task_id"] == "ext-1", tl)
 st = admin("stats")
 check("by token: kling access keys", st["created_by_token"]["AK2"] == 1 and
-      st["created_by_token"]["AK1"] == 6 and st["received_by_token"]["AK9"] == 1, st)
+      st["created_by_token"]["AK1"] == 7 and st["received_by_token"]["AK9"] == 1, st)
 r, d = req("POST", "/_mock/config", {"kling_keys": ["nocolon"]})
 check("config kling_keys: bad pair -> 400", r.status == 400, d)
 r, d = req("POST", "/_mock/config", {"openai_get": "x"})
