@@ -7,23 +7,31 @@
  * faults that matter for cost safety: resets before and after the request
  * was read, hangs, garbage, huge and dripping answers, dead keep-alives.
  *
- *   mockapi [--port N] [--port-file FILE] [--token TOKEN]
+ *   mockapi [--port N] [--port-file FILE] [--token TOKEN]...
  *           [--shape wrapper|wrapper-legacy|flat|openai]
  *           [--submit-shape full|documented|legacy|nested] [--latency-ms N]
  *           [--task-seconds S] [--video-bytes N] [--seed N] [--quiet]
  *           [--video-base URL] [--video-latency-ms N]
  *           [--video-mode normal|close|cut|cut-once|stall-once] [--video-cut-at N]
  *           [--video-ranges etag|changing|none] [--video-redirect URL] [--any-video]
+ *           [--kling-key AK:SK]... [--openai-get sora|channel]
+ *           [--kling-lookup path|query|both|none]
  *
  * It listens on 127.0.0.1 only (port 0 = any free port), writes the port to
  * --port-file atomically and prints "listening 127.0.0.1:PORT". --quiet
  * silences the stderr log (config changes, injected faults), not that line.
  * SIGTERM/SIGINT: exit 0 after closing everything. Usage errors exit 64.
  *
+ * It speaks three dialects on one port, told apart by path (shared/api/
+ * dialect-*.md; protocol.md §9): video-generations, openai-videos (new-api's
+ * /v1/videos) and kling (Kling's own API).
+ *
  * Routes:
- *   POST /v1/video/generations        submit. Bearer auth (--token, or any
- *                                       token when none is set), then the
- *                                       injection rules, then validation.
+ *   POST /v1/video/generations        submit. Bearer auth (one of the
+ *                                       --token values, or any token when
+ *                                       none is set; then the token's state),
+ *                                       then the injection rules, then
+ *                                       validation.
  *   GET  /v1/video/generations/{id}   status by age: NOT_START for the first
  *                                       third of --task-seconds, IN_PROGRESS,
  *                                       then SUCCESS, or FAILURE when the prompt
@@ -58,6 +66,76 @@
  *                                       --video-redirect URL: 302 to
  *                                         URL/videos/{id}.mp4;
  *                                       --any-video: unknown ids are served too)
+ *   POST /v1/videos                   openai-videos submit (JSON only, no
+ *                                       multipart). Auth as above. model
+ *                                       missing: 400 openai-videos-error-
+ *                                       model-required; prompt: 400
+ *                                       invalid_request; input_reference not
+ *                                       a string, or bad JSON: 400
+ *                                       invalid_json. Answer: openai-videos-
+ *                                       create-generic (id = task_id).
+ *   GET  /v1/videos/{id}              --openai-get sora (default): Shape 1,
+ *                                       keys sorted, no task_id, no URL;
+ *                                       queued / in_progress / completed /
+ *                                       failed + error{code,message}.
+ *                                       channel: Shape 2 (Kling channel):
+ *                                       "unknown" at the task's FIRST GET,
+ *                                       then by age queued (progress 10),
+ *                                       in_progress (30), completed (100,
+ *                                       metadata.url = the task's video URL,
+ *                                       seconds) or failed (error{message,
+ *                                       code:""}); ms created_at/completed_at,
+ *                                       model "". Unknown id: 400
+ *                                       task_not_exist. video-generations
+ *                                       and openai-videos tasks share one
+ *                                       table (new-api's): either GET reads
+ *                                       either.
+ *   GET  /v1/videos/{id}/content      the token that created the task only
+ *                                       (other token or unknown: 404
+ *                                       content-not-found; not completed:
+ *                                       400 content-not-ready, status QUEUED
+ *                                       / IN_PROGRESS / FAILURE), then the
+ *                                       task's bytes exactly as GET
+ *                                       /videos/{id}.mp4 (same handler, same
+ *                                       --video-mode / -latency-ms), never
+ *                                       redirected. Counted in "content", not
+ *                                       "videos" / "video_auth". No rules.
+ *   POST /v1/videos/text2video        kling submit. Auth: "Bearer <JWT>",
+ *   POST /v1/videos/image2video         HS256 over a --kling-key AK:SK
+ *                                       (iss = AK); 401 {code, message,
+ *                                       request_id}: 1001 no or empty token;
+ *                                       1002 malformed, alg not HS256, iss
+ *                                       unknown, bad signature, no exp, or
+ *                                       the key revoked; 1003 nbf > now;
+ *                                       1004 exp <= now (whole seconds, no
+ *                                       skew). No --kling-key: every JWT is
+ *                                       1002. Then the key's state, rules,
+ *                                       validation, all 400/1201 but a non-
+ *                                       object body (1200): duration not a
+ *                                       string; text2video without prompt;
+ *                                       image2video without image, or image
+ *                                       "data:..." ("File is not in a valid
+ *                                       base64 format"); external_task_id
+ *                                       already used by this access key (no
+ *                                       task created). Answer: kling-submit-ok
+ *                                       (task_id: 18 digits).
+ *   GET  /v1/videos/{family}/{id}     kling-get-{submitted,processing,
+ *                                       succeed,failed} by age (as above);
+ *                                       succeed has task_result.videos[0]
+ *                                       .url = the task's video URL and
+ *                                       duration = the submit's ("5" when
+ *                                       none). {id} is the task id or, with
+ *                                       --kling-lookup path|both, the access
+ *                                       key's external_task_id. Unknown,
+ *                                       another family, another access key,
+ *                                       or a disabled form: 400/1201 "Task
+ *                                       not found".
+ *   GET  /v1/videos/{family}?external_task_id=ID
+ *                                     with --kling-lookup query|both:
+ *                                       {code:0,..,data:[task]} or data:[];
+ *                                       disabled: 400/1201 "Task not found".
+ *                                       Without the parameter (the list
+ *                                       call): 400/1200, no list is served.
  *   GET  /_mock/stats                 {"posts","gets","tasks_created",
  *                                       "received_by_key","created_by_key",
  *                                       "max_concurrent", plus "in_flight",
@@ -66,19 +144,50 @@
  *                                       "video_range_asked" (with a Range
  *                                       header), "video_206", "video_416",
  *                                       "video_body_bytes" (video body bytes
- *                                       written to the sockets)}
- *   GET  /_mock/tasks                 [{"key","task_id","body","created"}, ...]
+ *                                       written to the sockets),
+ *                                       "received_by_token",
+ *                                       "created_by_token" (submits per
+ *                                       bearer token or Kling access key; a
+ *                                       Kling submit counts under its JWT's
+ *                                       iss whenever that decodes), "content"
+ *                                       (/content requests),
+ *                                       "kling_auth_rejected": {"1000":n, ...
+ *                                       "1004":n} (Kling 401s, any route)}
+ *   GET  /_mock/tasks                 [{"key","task_id","dialect"
+ *                                       ("video-generations", "openai-videos"
+ *                                       or "kling"),"family" (kling),"token"
+ *                                       (bearer token or access key),
+ *                                       "external_task_id" (when given),
+ *                                       "body","created"}, ...]
  *   POST /_mock/config                any of latency_ms, shape, submit_shape,
- *                                       token (null: any), task_seconds,
- *                                       video_bytes, inject; all-or-nothing,
- *                                       unknown keys are a 400
- *   POST /_mock/reset                 clears counters, tasks and rules
+ *                                       token (a string; "" or null: any),
+ *                                       tokens (an array; [] = any),
+ *                                       kling_keys (["AK:SK", ...]),
+ *                                       openai_get, kling_lookup,
+ *                                       task_seconds, video_bytes, inject;
+ *                                       all-or-nothing, unknown keys are a 400
+ *   POST /_mock/token                 {"token": <bearer token or Kling access
+ *                                       key>, "state": "valid" | "revoked" |
+ *                                       "no_quota" | "busy"}. revoked: 401
+ *                                       on every route (error-invalid-token;
+ *                                       kling 401/1002). On submits only:
+ *                                       no_quota 403 error-insufficient-quota
+ *                                       (kling 429/1102), busy 429
+ *                                       error-concurrency (kling 429/1303).
+ *                                       Checked before the injection rules.
+ *   POST /_mock/reset                 clears counters, tasks, external ids
+ *                                       and rules; token states and config
+ *                                       stay
  *
  * An injection rule is {"mode", "path": submit|get|any, "count", "fraction",
  * "status", "body", "retry_after", "retry_after_ms", "bytes"} plus two of our
  * own: "interval_ms" (drip pace, default 1000) and "immediate" (see
  * close_keepalive). Rules are tried in order; the first that matches the
  * route and wins its fraction draw applies, and only then is its count spent.
+ * "submit" means the three dialects' submits, "get" their status GETs (Kling
+ * lookups included; /content is not ruled). A "status" rule without "body"
+ * gets the dialect's shape: Kling {code, message, request_id} with 400/1200,
+ * 401/1004, 403/1103, 404/1203, 429/1303, 503/5001, 504/5002, else 5000.
  *
  * Semantics the tests rely on:
  * - A submit counts as received once it was read completely, whatever the
@@ -100,7 +209,14 @@
  *   would rarely die; "immediate": true closes right after the answer anyway.
  * - Request bodies in /_mock/tasks are the exact bytes received as a JSON
  *   string (bytes that are not valid UTF-8 become U+FFFD).
- * - Task ids are "task_<seq>_<8 hex>"; <seq> indexes the task table directly.
+ * - Task ids are "task_<seq>_<8 hex>", Kling's 8<seq: 14 digits><3 random
+ *   digits>; <seq> indexes the task table directly. Kling external ids live
+ *   in a hash map "<access key>\n<external id>" -> seq, emptied by reset:
+ *   memory stays proportional to the tasks, like the task table.
+ * - A Kling reset_after_read submit creates the task with its external id,
+ *   then resets: the ambiguous submit that a lookup must resolve.
+ * - Video URLs of every dialect are GET /videos/{public id}.mp4 on this
+ *   mock, or on --video-base.
  *
  * How it works: one libuv loop, one struct conn per TCP connection with the
  * uv_tcp_t, a uv_timer_t (latency, drip) and an http_parser embedded. The
@@ -122,6 +238,9 @@
 #include <http_parser.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -180,6 +299,18 @@ static const char URI_TOO_LONG[] =
     "{\"code\":\"uri_too_long\",\"message\":\"URI too long\",\"data\":null}";
 static const char HDR_TOO_LARGE[] =
     "{\"code\":\"header_too_large\",\"message\":\"header too large\",\"data\":null}";
+static const char ERR_CONCURRENCY[] =
+    "{\"error\":{\"message\":\"token concurrency limit reached (request id: "
+    "20261125083012345678901234567892)\",\"type\":\"new_api_error\","
+    "\"code\":\"token_concurrency_limit_reached\"}}";
+static const char ERR_MODEL_REQUIRED[] =
+    "{\"error\":{\"message\":\"Model name not specified, model name cannot be empty "
+    "(request id: 20261125095640123456789012345678)\",\"type\":\"new_api_error\","
+    "\"code\":\"\"}}";
+static const char ERR_CONTENT_NOT_FOUND[] =
+    "{\"error\":{\"message\":\"Task not found\",\"type\":\"invalid_request_error\"}}";
+static const char SORA_FAIL_CODE[] = "moderation_blocked";
+static const char SORA_FAIL_REASON[] = "Your request was blocked by our moderation system.";
 static const char GARBAGE[] = "<html>not json";
 static const char FAIL_REASON[] = "Failure to pass the risk control system";
 static const char CONTINUE_100[] = "HTTP/1.1 100 Continue\r\n\r\n";
@@ -193,8 +324,27 @@ enum submit_shape { SUBMIT_FULL, SUBMIT_DOCUMENTED, SUBMIT_LEGACY, SUBMIT_NESTED
 
 enum route {
     R_NONE, R_SUBMIT, R_GET, R_V1_OTHER, R_VIDEO, R_STATS, R_TASKS,
-    R_CONFIG, R_RESET, R_BAD_METHOD, R_NOT_FOUND, R_URL_TOO_LONG, R_HDR_TOO_LONG
+    R_CONFIG, R_RESET, R_BAD_METHOD, R_NOT_FOUND, R_URL_TOO_LONG, R_HDR_TOO_LONG,
+    R_OA_SUBMIT, R_OA_GET, R_OA_CONTENT,        /* dialect openai-videos */
+    R_KL_SUBMIT, R_KL_GET, R_KL_QUERY,          /* dialect kling */
+    R_TOKEN
 };
+
+/* Who made a task. */
+enum dialect { D_GEN, D_OPENAI, D_KLING };
+enum family { F_NONE, F_T2V, F_I2V };
+static const char *const FAMILY_NAMES[] = {"", "text2video", "image2video"};
+
+/* What GET /v1/videos/{id} answers: Shape 1 (Sora channel) or Shape 2 (Kling channel). */
+enum openai_get { OG_SORA, OG_CHANNEL };
+enum { LOOKUP_PATH = 1, LOOKUP_QUERY = 2 };
+
+/* POST /_mock/token: the state of a bearer token or Kling access key. */
+enum tstate { TS_VALID, TS_REVOKED, TS_NO_QUOTA, TS_BUSY };
+static const char *const TSTATE_NAMES[] = {"valid", "revoked", "no_quota", "busy"};
+
+/* Why a request is refused before the injection rules (0: it is not). */
+enum deny { DENY_NONE, DENY_AUTH, DENY_QUOTA, DENY_BUSY };
 
 enum hdr { H_OTHER, H_AUTH, H_KEY, H_EXPECT, H_RANGE, H_IF_RANGE };
 
@@ -224,8 +374,9 @@ struct config {
     uint64_t latency_ms;
     enum shape shape;
     enum submit_shape submit_shape;
-    char *token;              /* NULL: any bearer token is accepted */
     double task_seconds;
+    enum openai_get openai_get;
+    int kling_lookup;         /* LOOKUP_PATH | LOOKUP_QUERY */
     uint64_t video_bytes;
     bool quiet;
 };
@@ -250,7 +401,22 @@ struct rule {
     bool immediate;
 };
 
-/* A created task; all strings live in data[] after the struct. */
+/* What a dialect's submit adds to a task. */
+struct task_extra {
+    enum dialect dialect;
+    enum family family;
+    const char *ident;        /* bearer token or Kling access key */
+    size_t ident_len;
+    const char *ext;          /* Kling external_task_id, "" when none */
+    const char *seconds;      /* duration as the dialect shows it */
+    const char *size;
+};
+
+/*
+ * A created task; all strings live in data[] after the struct. id is the
+ * public id: "task_<seq>_<8 hex>" (video-generations, openai-videos) or
+ * Kling's 18-digit number 8<seq, 14 digits><3 random digits>.
+ */
 struct task {
     uint64_t seq;
     int64_t created_unix_ms;
@@ -258,8 +424,11 @@ struct task {
     uint32_t id_sum;
     bool fails;
     bool video_cut;           /* cut-once / stall-once: its first request was cut */
-    size_t id_len, key_len, body_len, prompt_len, model_len;
-    char *id, *key, *body, *prompt, *model;
+    bool polled;              /* openai channel shape: "unknown" until the first GET */
+    enum dialect dialect;
+    enum family family;
+    size_t id_len, key_len, body_len, prompt_len, model_len, ident_len, ext_len;
+    char *id, *key, *body, *prompt, *model, *ident, *ext, *seconds, *size;
     char data[];
 };
 
@@ -269,6 +438,13 @@ struct keyent {
     uint64_t hash;
     uint64_t received;
     uint64_t created;
+    enum tstate state;        /* token table only */
+    uint64_t val;             /* external id table: the task's seq */
+};
+
+struct strlist {
+    char **v;
+    size_t n;
 };
 
 /* Idempotency-Key -> counters; entries keep insertion order for /_mock/stats. */
@@ -328,6 +504,11 @@ struct conn {
     char if_range[128];
     size_t if_range_len;
     bool hdr_long, auth_ok, want_body, too_large;
+    enum deny deny;
+    int kling_code;           /* Kling's business code for a refusal */
+    enum family family;       /* of a Kling route */
+    char ident[HDR_MAX];      /* bearer token, or the JWT's iss */
+    size_t ident_len;
     struct buf body;
     struct rule *rule;
 
@@ -367,8 +548,13 @@ struct server {
     size_t ntasks, cap_tasks;
     uint64_t task_base;       /* seq of tasks[0] */
     struct keytab keys;
-    uint64_t posts, gets, videos, nconns, video_auth;
+    struct keytab toks;         /* bearer token / access key -> counts, state */
+    struct keytab exts;         /* "<access key>\n<external_task_id>" -> task seq */
+    struct strlist tokens;      /* --token; empty: any bearer token */
+    struct strlist kling_keys;  /* --kling-key "AK:SK" */
+    uint64_t posts, gets, videos, nconns, video_auth, contents;
     uint64_t video_range_asked, video_206, video_416, video_body_bytes;
+    uint64_t kling_rejected[5]; /* by code 1000..1004 */
     uint64_t inflight, max_inflight;
     const char *video_base;     /* --video-base, or NULL */
     const char *video_redirect; /* --video-redirect, or NULL */
@@ -387,6 +573,9 @@ static http_parser_settings parser_settings;
 static void conn_close(struct conn *c, bool reset);
 static void conn_resume(struct conn *c);
 static void conn_feed(struct conn *c, const char *data, size_t len);
+static size_t trim_right(const char *s, size_t n);
+static bool is_submit(enum route r);
+static void handle_video(struct conn *c);
 
 /* ------------------------------------------------------------------------ */
 /* Utilities */
@@ -629,10 +818,28 @@ static void keys_rehash(struct keytab *t)
     }
 }
 
-/* Finds or adds the entry for key k (the empty string when there was no header). */
-static struct keyent *key_get(const char *k, size_t len)
+/* The entry for key k in t, or NULL. */
+static struct keyent *tab_find(struct keytab *t, const char *k, size_t len)
 {
-    struct keytab *t = &srv.keys;
+    uint64_t h = fnv1a(k, len);
+    size_t s;
+    struct keyent *e;
+
+    if (t->nslots == 0)
+        return NULL;
+    s = h & (t->nslots - 1);
+    while (t->slots[s] != 0) {
+        e = &t->v[t->slots[s] - 1];
+        if (e->hash == h && e->len == len && memcmp(e->key, k, len) == 0)
+            return e;
+        s = (s + 1) & (t->nslots - 1);
+    }
+    return NULL;
+}
+
+/* Finds or adds the entry for key k in t. Pointers into t die with the next add. */
+static struct keyent *tab_get(struct keytab *t, const char *k, size_t len)
+{
     uint64_t h = fnv1a(k, len);
     size_t s;
     struct keyent *e;
@@ -659,15 +866,24 @@ static struct keyent *key_get(const char *k, size_t len)
     return e;
 }
 
-static void keys_clear(void)
+/* The Idempotency-Key entry (the empty string when there was no header). */
+static struct keyent *key_get(const char *k, size_t len)
 {
-    struct keytab *t = &srv.keys;
+    return tab_get(&srv.keys, k, len);
+}
 
+static void tab_clear(struct keytab *t)
+{
     for (size_t i = 0; i < t->n; i++)
         free(t->v[i].key);
     free(t->v);
     free(t->slots);
     memset(t, 0, sizeof *t);
+}
+
+static void keys_clear(void)
+{
+    tab_clear(&srv.keys);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -682,15 +898,22 @@ static char *task_put(char **p, const char *s, size_t n)
     return dst;
 }
 
+#define KLING_ID_BASE UINT64_C(800000000000000000)
+
 static struct task *task_create(const char *key, size_t klen, const struct buf *body,
-                                const char *prompt, const char *model)
+                                const char *prompt, const char *model,
+                                const struct task_extra *x)
 {
     uint64_t seq = srv.task_base + srv.ntasks;
     size_t plen = strlen(prompt);
     size_t mlen = strlen(model);
+    size_t elen = strlen(x->ext), slen = strlen(x->seconds), zlen = strlen(x->size);
     char id[48];
-    int idn = snprintf(id, sizeof id, "task_%" PRIu64 "_%08" PRIx32, seq, (uint32_t)rnd());
-    struct task *t = xmalloc(sizeof *t + (size_t)idn + klen + body->len + plen + mlen + 5);
+    int idn = x->dialect == D_KLING
+        ? snprintf(id, sizeof id, "%" PRIu64, KLING_ID_BASE + seq * 1000 + rnd() % 1000)
+        : snprintf(id, sizeof id, "task_%" PRIu64 "_%08" PRIx32, seq, (uint32_t)rnd());
+    struct task *t = xmalloc(sizeof *t + (size_t)idn + klen + body->len + plen + mlen +
+                             x->ident_len + elen + slen + zlen + 9);
     char *p = t->data;
 
     t->seq = seq;
@@ -706,6 +929,15 @@ static struct task *task_create(const char *key, size_t klen, const struct buf *
     t->body = task_put(&p, body->len ? body->p : "", body->len);
     t->prompt = task_put(&p, prompt, plen);
     t->model = task_put(&p, model, mlen);
+    t->ident = task_put(&p, x->ident, x->ident_len);
+    t->ident_len = x->ident_len;
+    t->ext = task_put(&p, x->ext, elen);
+    t->ext_len = elen;
+    t->seconds = task_put(&p, x->seconds, slen);
+    t->size = task_put(&p, x->size, zlen);
+    t->dialect = x->dialect;
+    t->family = x->family;
+    t->polled = false;
     t->fails = memmem(prompt, plen, "[fail]", 6) != NULL;
     t->id_sum = 0;
     for (int i = 0; i < idn; i++)
@@ -718,7 +950,18 @@ static struct task *task_create(const char *key, size_t klen, const struct buf *
     return t;
 }
 
-/* Looks a task up by id: the <seq> part of "task_<seq>_<hex>" is the index. */
+/* The task with sequence number seq, or NULL. */
+static struct task *task_by_seq(uint64_t seq)
+{
+    if (seq < srv.task_base || seq - srv.task_base >= srv.ntasks)
+        return NULL;
+    return srv.tasks[seq - srv.task_base];
+}
+
+/*
+ * Looks a task up by id: the <seq> part of "task_<seq>_<hex>", or of Kling's
+ * 8<seq><3 digits>, is the index.
+ */
 static struct task *task_find(const char *id, size_t len)
 {
     char tmp[48];
@@ -726,6 +969,14 @@ static struct task *task_find(const char *id, size_t len)
     uint64_t seq;
     struct task *t;
 
+    if (len == 18 && strspn(id, "0123456789") >= 18) {
+        memcpy(tmp, id, len);
+        tmp[len] = '\0';
+        seq = strtoull(tmp, NULL, 10);
+        if (seq < KLING_ID_BASE || (t = task_by_seq((seq - KLING_ID_BASE) / 1000)) == NULL)
+            return NULL;
+        return t->id_len == len && memcmp(t->id, id, len) == 0 ? t : NULL;
+    }
     if (len < 6 || len >= sizeof tmp || memcmp(id, "task_", 5) != 0)
         return NULL;
     memcpy(tmp, id, len);
@@ -748,6 +999,7 @@ static void tasks_clear(void)
         free(srv.tasks[i]);
     srv.task_base += srv.ntasks;  /* ids stay unique across resets */
     srv.ntasks = 0;
+    tab_clear(&srv.exts);
 }
 
 static void video_url(const struct task *t, char *out, size_t n)
@@ -792,7 +1044,7 @@ static const char *const MODE_NAMES[] = {
  */
 static struct rule *rule_pick(enum route route)
 {
-    int bit = route == R_SUBMIT ? PATH_SUBMIT : PATH_GET;
+    int bit = is_submit(route) ? PATH_SUBMIT : PATH_GET;
 
     for (size_t i = 0; i < srv.nrules; i++) {
         struct rule *r = srv.rules[i];
@@ -803,7 +1055,7 @@ static struct rule *rule_pick(enum route route)
         if (r->count > 0)
             r->count--;
         r->refs++;
-        logmsg("inject %s on %s", MODE_NAMES[r->mode], route == R_SUBMIT ? "submit" : "get");
+        logmsg("inject %s on %s", MODE_NAMES[r->mode], is_submit(route) ? "submit" : "get");
         return r;
     }
     return NULL;
@@ -1245,8 +1497,10 @@ static void submit_answer(struct conn *c, struct keyent *k, struct answer *a)
         answer_invalid(a, prompt == NULL ? "prompt is required" : "model is required");
         goto out;
     }
-    t = task_create(c->key, c->key_len, &c->body, prompt, model);
+    struct task_extra x = {D_GEN, F_NONE, c->ident, c->ident_len, "", "", ""};
+    t = task_create(c->key, c->key_len, &c->body, prompt, model, &x);
     k->created++;
+    tab_get(&srv.toks, c->ident, c->ident_len)->created++;
     submit_body(&b, t);
     answer_buf(a, 200, &b);
 out:
@@ -1437,6 +1691,809 @@ static void get_answer(struct conn *c, struct answer *a)
 }
 
 /* ------------------------------------------------------------------------ */
+/* Shared by the dialects */
+
+static bool is_kling(enum route r)
+{
+    return r == R_KL_SUBMIT || r == R_KL_GET || r == R_KL_QUERY;
+}
+
+static bool is_submit(enum route r)
+{
+    return r == R_SUBMIT || r == R_OA_SUBMIT || r == R_KL_SUBMIT;
+}
+
+/* The routes injection rules apply to ("submit" or "get"); /content is not one. */
+static bool is_ruled(enum route r)
+{
+    return is_submit(r) || r == R_GET || r == R_OA_GET || r == R_KL_GET || r == R_KL_QUERY;
+}
+
+static bool strlist_has(const struct strlist *l, const char *s, size_t n)
+{
+    for (size_t i = 0; i < l->n; i++)
+        if (strlen(l->v[i]) == n && memcmp(l->v[i], s, n) == 0)
+            return true;
+    return false;
+}
+
+static void strlist_add(struct strlist *l, const char *s)
+{
+    l->v = xrealloc(l->v, (l->n + 1) * sizeof *l->v);
+    l->v[l->n++] = xstrndup(s, strlen(s));
+}
+
+static void strlist_free(struct strlist *l)
+{
+    for (size_t i = 0; i < l->n; i++)
+        free(l->v[i]);
+    free(l->v);
+    l->v = NULL;
+    l->n = 0;
+}
+
+/* "AK:SK" with both parts non-empty. */
+static bool kling_key_ok(const char *s)
+{
+    const char *colon = strchr(s, ':');
+    return colon != NULL && colon > s && colon[1] != '\0' && strlen(s) < 512;
+}
+
+/* The task's owner: the bearer token or Kling access key that created it. */
+static bool task_owned_by(const struct task *t, const struct conn *c)
+{
+    return t->ident_len == c->ident_len && memcmp(t->ident, c->ident, c->ident_len) == 0;
+}
+
+static void tok_created(const struct conn *c)
+{
+    tab_get(&srv.toks, c->ident, c->ident_len)->created++;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Dialect openai-videos: POST /v1/videos, GET /v1/videos/{id}[/content] */
+
+static void oa_submit_answer(struct conn *c, struct keyent *k, struct answer *a)
+{
+    cJSON *j = cJSON_ParseWithLength(c->body.p, c->body.len);
+    const cJSON *it;
+    const char *prompt, *model, *size = "720x1280";
+    char seconds[32] = "4";
+    struct buf b = {0};
+    struct task *t;
+
+    if (j == NULL || !cJSON_IsObject(j)) {
+        answer_static(a, 400, "{\"code\":\"invalid_json\",\"message\":\"invalid character "
+                      "in request body\",\"data\":null}");
+        goto out;
+    }
+    it = cJSON_GetObjectItemCaseSensitive(j, "input_reference");
+    if (it != NULL && !cJSON_IsString(it) && !cJSON_IsNull(it)) {
+        answer_static(a, 400, "{\"code\":\"invalid_json\",\"message\":\"json: cannot unmarshal "
+                      "object into Go struct field .input_reference of type string\","
+                      "\"data\":null}");
+        goto out;
+    }
+    model = json_nonempty(j, "model");
+    prompt = json_nonempty(j, "prompt");
+    if (model == NULL) {
+        answer_static(a, 400, ERR_MODEL_REQUIRED);
+        goto out;
+    }
+    if (prompt == NULL) {
+        answer_static(a, 400, ERR_INVALID_REQUEST);
+        goto out;
+    }
+    it = cJSON_GetObjectItemCaseSensitive(j, "seconds");
+    if (cJSON_IsString(it) && it->valuestring[0] != '\0' && strlen(it->valuestring) < sizeof seconds)
+        snprintf(seconds, sizeof seconds, "%s", it->valuestring);
+    else if (cJSON_IsNumber((it = cJSON_GetObjectItemCaseSensitive(j, "duration"))))
+        snprintf(seconds, sizeof seconds, "%d", it->valueint);
+    it = cJSON_GetObjectItemCaseSensitive(j, "size");
+    if (cJSON_IsString(it) && it->valuestring[0] != '\0')
+        size = it->valuestring;
+
+    struct task_extra x = {D_OPENAI, F_NONE, c->ident, c->ident_len, "", seconds, size};
+    t = task_create(c->key, c->key_len, &c->body, prompt, model, &x);
+    k->created++;
+    tok_created(c);
+    buf_addf(&b, "{\"id\":\"%s\",\"task_id\":\"%s\",\"object\":\"video\",\"model\":", t->id, t->id);
+    buf_json_str(&b, t->model, t->model_len);
+    buf_addf(&b, ",\"status\":\"queued\",\"progress\":0,\"created_at\":%" PRId64 "}",
+             t->created_unix_ms / 1000);
+    answer_buf(a, 200, &b);
+out:
+    cJSON_Delete(j);
+}
+
+/* Shape 1: a Sora-type channel, keys sorted as new-api re-marshals them; no URL, no task_id. */
+static void oa_get_sora(struct buf *b, const struct task *t, const struct state *s)
+{
+    static const char *const names[] = {"queued", "in_progress", "completed"};
+
+    buf_adds(b, "{\"completed_at\":");
+    if (s->phase == PH_DONE)
+        buf_addf(b, "%" PRId64, s->finish_s);
+    else
+        buf_adds(b, "null");
+    buf_addf(b, ",\"created_at\":%" PRId64 ",\"error\":", s->created_s);
+    if (s->failed)
+        buf_addf(b, "{\"code\":\"%s\",\"message\":\"%s\"}", SORA_FAIL_CODE, SORA_FAIL_REASON);
+    else
+        buf_adds(b, "null");
+    buf_adds(b, ",\"expires_at\":");
+    if (s->phase == PH_DONE && !s->failed)
+        buf_addf(b, "%" PRId64, s->finish_s + 86400);
+    else
+        buf_adds(b, "null");
+    buf_addf(b, ",\"id\":\"%s\",\"model\":", t->id);
+    buf_json_str(b, t->model, t->model_len);
+    buf_addf(b, ",\"object\":\"video\",\"progress\":%d,\"prompt\":", s->progress);
+    buf_json_str(b, t->prompt, t->prompt_len);
+    buf_adds(b, ",\"remixed_from_video_id\":null,\"seconds\":");
+    buf_json_cstr(b, t->seconds);
+    buf_adds(b, ",\"size\":");
+    buf_json_cstr(b, t->size);
+    buf_addf(b, ",\"status\":\"%s\"}", s->failed ? "failed" : names[s->phase]);
+}
+
+/* Milliseconds at which the task started running and finished (Kling's clock). */
+static void task_times_ms(const struct task *t, int64_t *start, int64_t *finish)
+{
+    int64_t total = (int64_t)(srv.cfg.task_seconds * 1000.0);
+
+    *start = t->created_unix_ms + total / 3;
+    *finish = t->created_unix_ms + total;
+}
+
+/*
+ * Shape 2: a Kling-backed channel (kling/adaptor.go ConvertToOpenAIVideo):
+ * "unknown" at the task's first GET (new-api's poller has not run yet),
+ * millisecond times, completed_at always present, model "", video in metadata.url.
+ */
+static void oa_get_channel(struct buf *b, struct task *t, const struct state *s, const char *url)
+{
+    static const char *const names[] = {"queued", "in_progress", "completed"};
+    static const int progress[] = {10, 30, 100};
+    bool first = !t->polled;
+    int64_t start, finish, completed = t->created_unix_ms;
+
+    t->polled = true;
+    task_times_ms(t, &start, &finish);
+    if (!first && s->phase == PH_RUNNING)
+        completed = start;
+    else if (!first && s->phase == PH_DONE)
+        completed = finish;
+    buf_addf(b, "{\"id\":\"%s\",\"object\":\"video\",\"model\":\"\",\"status\":\"%s\","
+             "\"progress\":%d,\"created_at\":%" PRId64 ",\"completed_at\":%" PRId64, t->id,
+             first ? "unknown" : s->failed ? "failed" : names[s->phase],
+             first ? 0 : progress[s->phase], t->created_unix_ms, completed);
+    if (!first && s->phase == PH_DONE && !s->failed) {
+        buf_adds(b, ",\"seconds\":");
+        buf_json_cstr(b, t->seconds);
+        buf_adds(b, ",\"metadata\":{\"url\":");
+        buf_json_cstr(b, url);
+        buf_adds(b, "}");
+    }
+    if (!first && s->failed)
+        buf_addf(b, ",\"error\":{\"message\":\"%s\",\"code\":\"\"}", FAIL_REASON);
+    buf_adds(b, "}");
+}
+
+/* The id in "/v1/videos/{id}" or "/v1/videos/{id}/content". */
+static size_t oa_id(const struct conn *c, const char **id)
+{
+    *id = c->url + 11;
+    return strcspn(*id, "/?");
+}
+
+/* new-api reads its own task table: video-generations and openai-videos tasks alike. */
+static struct task *oa_task(const struct conn *c)
+{
+    const char *id;
+    size_t n = oa_id(c, &id);
+    struct task *t = task_find(id, n);
+
+    return t != NULL && t->dialect != D_KLING ? t : NULL;
+}
+
+static void oa_get_answer(struct conn *c, struct answer *a)
+{
+    struct task *t = oa_task(c);
+    struct state s;
+    struct buf b = {0};
+    char url[URL_MAX];
+
+    if (t == NULL) {
+        answer_static(a, 400, ERR_TASK_NOT_EXIST);
+        return;
+    }
+    task_state(t, &s);
+    video_url(t, url, sizeof url);
+    buf_reserve(&b, 1024);
+    if (srv.cfg.openai_get == OG_SORA)
+        oa_get_sora(&b, t, &s);
+    else
+        oa_get_channel(&b, t, &s, url);
+    answer_buf(a, 200, &b);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Dialect kling: POST /v1/videos/{family}, GET /v1/videos/{family}/{id}, ?external_task_id= */
+
+static void request_id(struct buf *b)
+{
+    uint64_t r1 = rnd(), r2 = rnd();
+
+    buf_addf(b, "\"%08" PRIx32 "-%04x-4%03x-%04x-%012" PRIx64 "\"", (uint32_t)r1,
+             (unsigned)(r1 >> 32) & 0xffff, (unsigned)(r1 >> 48) & 0xfff,
+             0x8000u | ((unsigned)r2 & 0x3fff), (r2 >> 16) & UINT64_C(0xffffffffffff));
+}
+
+static void kl_err(struct answer *a, int status, int code, const char *msg)
+{
+    struct buf b = {0};
+
+    buf_addf(&b, "{\"code\":%d,\"message\":", code);
+    buf_json_cstr(&b, msg);
+    buf_adds(&b, ",\"request_id\":");
+    request_id(&b);
+    buf_adds(&b, "}");
+    answer_buf(a, status, &b);
+}
+
+static void kl_not_found(struct answer *a)
+{
+    kl_err(a, 400, 1201, "Task not found");
+}
+
+static const char *kl_auth_message(int code)
+{
+    switch (code) {
+    case 1001: return "Auth failed, authorization is empty";
+    case 1002: return "Auth failed, authorization is invalid";
+    case 1003: return "Auth failed, token is not yet valid";
+    case 1004: return "Auth failed, token expired";
+    default:   return "Auth failed";
+    }
+}
+
+/* The body an injected "status" rule without "body" gets on a Kling route. */
+static const char *kling_default_body(int status)
+{
+    static char body[192];
+    int code;
+    const char *msg;
+
+    switch (status) {
+    case 400: code = 1200; msg = "Invalid request parameters"; break;
+    case 401: code = 1004; msg = "Auth failed, token expired"; break;
+    case 403: code = 1103; msg = "Unauthorized access to the requested model"; break;
+    case 404: code = 1203; msg = "Requested resource does not exist"; break;
+    case 429: code = 1303; msg = "parallel task over resource pack limit"; break;
+    case 503: code = 5001; msg = "Server temporarily unavailable"; break;
+    case 504: code = 5002; msg = "Server internal timeout"; break;
+    default:  code = 5000; msg = "Server internal error"; break;
+    }
+    snprintf(body, sizeof body, "{\"code\":%d,\"message\":\"%s\",\"request_id\":"
+             "\"00000000-0000-4000-8000-%012d\"}", code, msg, status);
+    return body;
+}
+
+/* The external id table's key: "<access key>\n<external_task_id>". */
+static struct keyent *ext_entry(const char *ak, size_t aklen, const char *ext, size_t elen,
+                                bool add)
+{
+    struct buf k = {0};
+    struct keyent *e;
+
+    buf_add(&k, ak, aklen);
+    buf_add(&k, "\n", 1);
+    buf_add(&k, ext, elen);
+    e = add ? tab_get(&srv.exts, k.p, k.len) : tab_find(&srv.exts, k.p, k.len);
+    buf_free(&k);
+    return e;
+}
+
+static struct task *ext_task(const struct conn *c, const char *ext, size_t elen)
+{
+    struct keyent *e = ext_entry(c->ident, c->ident_len, ext, elen, false);
+
+    return e != NULL ? task_by_seq(e->val) : NULL;
+}
+
+static void kl_submit_answer(struct conn *c, struct keyent *k, struct answer *a)
+{
+    cJSON *j = cJSON_ParseWithLength(c->body.p, c->body.len);
+    const cJSON *it;
+    const char *prompt = "", *model = "kling-v1", *ext = "", *duration = "5";
+    struct buf b = {0};
+    struct task *t;
+
+    if (j == NULL || !cJSON_IsObject(j)) {
+        kl_err(a, 400, 1200, "Invalid request body: not a JSON object");
+        goto out;
+    }
+    it = cJSON_GetObjectItemCaseSensitive(j, "prompt");
+    if (it != NULL && !cJSON_IsString(it)) {
+        kl_err(a, 400, 1201, "Invalid parameter: prompt must be a string");
+        goto out;
+    }
+    if (it != NULL)
+        prompt = it->valuestring;
+    if (c->family == F_T2V && prompt[0] == '\0') {
+        kl_err(a, 400, 1201, "Invalid parameter: prompt is required");
+        goto out;
+    }
+    if (c->family == F_I2V) {
+        it = cJSON_GetObjectItemCaseSensitive(j, "image");
+        if (!cJSON_IsString(it) || it->valuestring[0] == '\0') {
+            kl_err(a, 400, 1201, "Invalid parameter: image is required");
+            goto out;
+        }
+        if (strncmp(it->valuestring, "data:", 5) == 0) {
+            kl_err(a, 400, 1201, "File is not in a valid base64 format");
+            goto out;
+        }
+    }
+    it = cJSON_GetObjectItemCaseSensitive(j, "duration");
+    if (it != NULL && (!cJSON_IsString(it) || it->valuestring[0] == '\0' ||
+                       strlen(it->valuestring) > 8)) {
+        kl_err(a, 400, 1201, "Invalid parameter: duration must be a string such as \"5\"");
+        goto out;
+    }
+    if (it != NULL)
+        duration = it->valuestring;
+    it = cJSON_GetObjectItemCaseSensitive(j, "model_name");
+    if (it != NULL && (!cJSON_IsString(it) || it->valuestring[0] == '\0')) {
+        kl_err(a, 400, 1201, "Invalid parameter: model_name");
+        goto out;
+    }
+    if (it != NULL)
+        model = it->valuestring;
+    it = cJSON_GetObjectItemCaseSensitive(j, "external_task_id");
+    if (it != NULL && !cJSON_IsNull(it)) {
+        if (!cJSON_IsString(it) || it->valuestring[0] == '\0' || strlen(it->valuestring) > 256) {
+            kl_err(a, 400, 1201, "Invalid parameter: external_task_id");
+            goto out;
+        }
+        ext = it->valuestring;
+        if (ext_task(c, ext, strlen(ext)) != NULL) {
+            kl_err(a, 400, 1201, "Invalid parameter: external_task_id already exists");
+            goto out;
+        }
+    }
+
+    struct task_extra x = {D_KLING, c->family, c->ident, c->ident_len, ext, duration, ""};
+    t = task_create(c->key, c->key_len, &c->body, prompt, model, &x);
+    k->created++;
+    tok_created(c);
+    if (t->ext_len > 0)
+        ext_entry(t->ident, t->ident_len, t->ext, t->ext_len, true)->val = t->seq;
+    buf_adds(&b, "{\"code\":0,\"message\":\"SUCCEED\",\"request_id\":");
+    request_id(&b);
+    buf_addf(&b, ",\"data\":{\"task_id\":\"%s\",\"task_status\":\"submitted\",\"task_info\":{",
+             t->id);
+    if (t->ext_len > 0) {
+        buf_adds(&b, "\"external_task_id\":");
+        buf_json_str(&b, t->ext, t->ext_len);
+    }
+    buf_addf(&b, "},\"created_at\":%" PRId64 ",\"updated_at\":%" PRId64 "}}",
+             t->created_unix_ms, t->created_unix_ms);
+    answer_buf(a, 200, &b);
+out:
+    cJSON_Delete(j);
+}
+
+/* The "data" object of a Kling GET (kling-get-*.json). */
+static void kl_task_obj(struct buf *b, const struct task *t)
+{
+    struct state s;
+    int64_t start, finish, updated;
+    char url[URL_MAX];
+
+    task_state(t, &s);
+    task_times_ms(t, &start, &finish);
+    updated = s.phase == PH_QUEUED ? t->created_unix_ms : s.phase == PH_RUNNING ? start : finish;
+    buf_addf(b, "{\"task_id\":\"%s\",\"task_status\":\"%s\",\"task_status_msg\":\"%s\","
+             "\"task_info\":{", t->id,
+             s.phase == PH_QUEUED ? "submitted" : s.phase == PH_RUNNING ? "processing"
+             : s.failed ? "failed" : "succeed", s.failed ? FAIL_REASON : "");
+    if (t->ext_len > 0) {
+        buf_adds(b, "\"external_task_id\":");
+        buf_json_str(b, t->ext, t->ext_len);
+    }
+    buf_addf(b, "},\"created_at\":%" PRId64 ",\"updated_at\":%" PRId64, t->created_unix_ms,
+             updated);
+    if (s.phase == PH_DONE && !s.failed) {
+        video_url(t, url, sizeof url);
+        buf_addf(b, ",\"final_unit_deduction\":\"1\",\"task_result\":{\"videos\":[{\"id\":"
+                 "\"%08" PRIx32 "-0000-4000-8000-%012" PRIx64 "\",\"url\":", t->id_sum, t->seq);
+        buf_json_cstr(b, url);
+        buf_adds(b, ",\"duration\":");
+        buf_json_cstr(b, t->seconds);
+        buf_adds(b, "}]}");
+    }
+    buf_adds(b, "}");
+}
+
+/* A Kling task this account may read under this family, or NULL. */
+static struct task *kl_visible(const struct conn *c, struct task *t)
+{
+    if (t == NULL || t->dialect != D_KLING || t->family != c->family || !task_owned_by(t, c))
+        return NULL;
+    return t;
+}
+
+static void kl_envelope(struct buf *b)
+{
+    buf_adds(b, "{\"code\":0,\"message\":\"SUCCEED\",\"request_id\":");
+    request_id(b);
+    buf_adds(b, ",\"data\":");
+}
+
+static int hexval(int ch)
+{
+    return ch >= '0' && ch <= '9' ? ch - '0' : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10
+         : ch >= 'A' && ch <= 'F' ? ch - 'A' + 10 : -1;
+}
+
+/* Percent-decodes s[0..n) into out ('+' is a space only in a query). */
+static void pct_decode(const char *s, size_t n, bool query, struct buf *out)
+{
+    for (size_t i = 0; i < n; i++) {
+        char ch = s[i];
+        if (ch == '+' && query) {
+            ch = ' ';
+        } else if (ch == '%' && i + 2 < n &&
+                   hexval(s[i + 1]) >= 0 && hexval(s[i + 2]) >= 0) {
+            ch = (char)(hexval(s[i + 1]) * 16 + hexval(s[i + 2]));
+            i += 2;
+        }
+        buf_add(out, &ch, 1);
+    }
+}
+
+/* GET /v1/videos/{family}/{task_id or external_task_id} */
+static void kl_get_answer(struct conn *c, struct answer *a)
+{
+    const char *id = c->url + 11 + strlen(FAMILY_NAMES[c->family]) + 1;
+    size_t n = strcspn(id, "?");
+    struct task *t = kl_visible(c, task_find(id, n));
+    struct buf b = {0};
+
+    if (t == NULL && (srv.cfg.kling_lookup & LOOKUP_PATH)) {
+        pct_decode(id, n, false, &b);
+        t = kl_visible(c, ext_task(c, b.p ? b.p : "", b.len));
+        buf_free(&b);
+    }
+    if (t == NULL) {
+        kl_not_found(a);
+        return;
+    }
+    buf_reserve(&b, 1024);
+    kl_envelope(&b);
+    kl_task_obj(&b, t);
+    buf_adds(&b, "}");
+    answer_buf(a, 200, &b);
+}
+
+/* The percent-decoded value of query parameter name into out; false when absent. */
+static bool query_param(const char *url, const char *name, struct buf *out)
+{
+    const char *q = strchr(url, '?');
+    size_t nl = strlen(name);
+
+    while (q != NULL) {
+        q++;
+        if (strncmp(q, name, nl) == 0 && q[nl] == '=') {
+            q += nl + 1;
+            pct_decode(q, strcspn(q, "&"), true, out);
+            return true;
+        }
+        q = strchr(q, '&');
+    }
+    return false;
+}
+
+/* GET /v1/videos/{family}?external_task_id=ID: data is a list of 0 or 1 task. */
+static void kl_query_answer(struct conn *c, struct answer *a)
+{
+    struct buf ext = {0};
+    struct buf b = {0};
+    struct task *t;
+
+    if (!(srv.cfg.kling_lookup & LOOKUP_QUERY)) {
+        kl_not_found(a);
+        return;
+    }
+    if (!query_param(c->url, "external_task_id", &ext) || ext.len == 0) {
+        buf_free(&ext);
+        kl_err(a, 400, 1200, "Invalid parameter: the mock serves no task list, "
+               "external_task_id is required");
+        return;
+    }
+    t = kl_visible(c, ext_task(c, ext.p, ext.len));
+    buf_free(&ext);
+    buf_reserve(&b, 1024);
+    kl_envelope(&b);
+    buf_adds(&b, "[");
+    if (t != NULL)
+        kl_task_obj(&b, t);
+    buf_adds(&b, "]}");
+    answer_buf(a, 200, &b);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Authentication: bearer tokens, Kling's HS256 JWTs, token states */
+
+static int b64url_val(unsigned char ch)
+{
+    return ch >= 'A' && ch <= 'Z' ? ch - 'A' : ch >= 'a' && ch <= 'z' ? ch - 'a' + 26
+         : ch >= '0' && ch <= '9' ? ch - '0' + 52 : ch == '-' ? 62 : ch == '_' ? 63 : -1;
+}
+
+/* Unpadded base64url into out (NUL-terminated); -1 when malformed or too long. */
+static long b64url_decode(const char *s, size_t n, char *out, size_t cap)
+{
+    size_t o = 0;
+    uint32_t acc = 0;
+    int bits = 0;
+
+    if (n % 4 == 1)
+        return -1;
+    for (size_t i = 0; i < n; i++) {
+        int v = b64url_val((unsigned char)s[i]);
+        if (v < 0)
+            return -1;
+        acc = (acc << 6) | (uint32_t)v;
+        bits += 6;
+        if (bits >= 8) {
+            bits -= 8;
+            if (o + 1 >= cap)
+                return -1;
+            out[o++] = (char)((acc >> bits) & 0xff);
+        }
+    }
+    out[o] = '\0';
+    return (long)o;
+}
+
+static size_t b64url_encode(const unsigned char *in, size_t n, char *out)
+{
+    static const char tab[] =
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    size_t o = 0;
+    uint32_t acc = 0;
+    int bits = 0;
+
+    for (size_t i = 0; i < n; i++) {
+        acc = (acc << 8) | in[i];
+        bits += 8;
+        while (bits >= 6) {
+            bits -= 6;
+            out[o++] = tab[(acc >> bits) & 63];
+        }
+    }
+    if (bits > 0)
+        out[o++] = tab[(acc << (6 - bits)) & 63];
+    out[o] = '\0';
+    return o;
+}
+
+/* The token after "Bearer ", or NULL. */
+static const char *bearer(const struct conn *c, size_t *len)
+{
+    size_t n = trim_right(c->auth, c->auth_len);
+    const char *tok = c->auth + 7;
+    size_t tlen = n > 7 ? n - 7 : 0;
+
+    if (n <= 7 || strncasecmp(c->auth, "bearer ", 7) != 0)
+        return NULL;
+    while (tlen > 0 && *tok == ' ') {
+        tok++;
+        tlen--;
+    }
+    *len = tlen;
+    return tlen > 0 ? tok : NULL;
+}
+
+/* The secret key configured for access key ak, or NULL. */
+static const char *kling_secret(const char *ak, size_t len)
+{
+    for (size_t i = 0; i < srv.kling_keys.n; i++) {
+        const char *kv = srv.kling_keys.v[i];
+        const char *colon = strchr(kv, ':');
+        if ((size_t)(colon - kv) == len && memcmp(kv, ak, len) == 0)
+            return colon + 1;
+    }
+    return NULL;
+}
+
+/*
+ * Verifies "Bearer <JWT>" as Kling does; returns 0 or the business code:
+ * 1001 no or empty token, 1002 malformed, not HS256, unknown iss, bad
+ * signature or no exp, 1003 nbf > now, 1004 exp <= now (whole seconds,
+ * no skew allowed). The iss, once decoded, becomes c->ident.
+ */
+static int kling_jwt_code(struct conn *c)
+{
+    size_t len, hlen, plen;
+    const char *tok = bearer(c, &len);
+    const char *dot1, *dot2, *sig, *sk;
+    char hdr[HDR_MAX], pay[HDR_MAX], mine[64];
+    unsigned char mac[EVP_MAX_MD_SIZE];
+    unsigned int maclen = 0;
+    cJSON *h = NULL, *p = NULL;
+    const cJSON *it;
+    int64_t now = unix_ms() / 1000;
+    int code = 1002;
+
+    if (tok == NULL)
+        return 1001;
+    dot1 = memchr(tok, '.', len);
+    dot2 = dot1 ? memchr(dot1 + 1, '.', len - (size_t)(dot1 + 1 - tok)) : NULL;
+    if (dot2 == NULL || memchr(dot2 + 1, '.', len - (size_t)(dot2 + 1 - tok)) != NULL)
+        return 1002;
+    hlen = (size_t)(dot1 - tok);
+    plen = (size_t)(dot2 - dot1 - 1);
+    sig = dot2 + 1;
+    if (b64url_decode(tok, hlen, hdr, sizeof hdr) < 0 ||
+        b64url_decode(dot1 + 1, plen, pay, sizeof pay) < 0)
+        return 1002;
+    h = cJSON_Parse(hdr);
+    p = cJSON_Parse(pay);
+    it = cJSON_GetObjectItemCaseSensitive(h, "alg");
+    if (!cJSON_IsString(it) || strcmp(it->valuestring, "HS256") != 0 || !cJSON_IsObject(p))
+        goto out;
+    it = cJSON_GetObjectItemCaseSensitive(p, "iss");
+    if (!cJSON_IsString(it) || it->valuestring[0] == '\0' || strlen(it->valuestring) >= HDR_MAX)
+        goto out;
+    c->ident_len = strlen(it->valuestring);
+    memcpy(c->ident, it->valuestring, c->ident_len);
+    sk = kling_secret(c->ident, c->ident_len);
+    if (sk == NULL)
+        goto out;
+    HMAC(EVP_sha256(), sk, (int)strlen(sk), (const unsigned char *)tok, (size_t)(dot2 - tok),
+         mac, &maclen);
+    if (b64url_encode(mac, maclen, mine) != len - (size_t)(sig - tok) ||
+        CRYPTO_memcmp(mine, sig, len - (size_t)(sig - tok)) != 0)
+        goto out;
+    it = cJSON_GetObjectItemCaseSensitive(p, "nbf");
+    if (it != NULL && !cJSON_IsNumber(it))
+        goto out;
+    if (it != NULL && it->valuedouble > (double)now) {
+        code = 1003;
+        goto out;
+    }
+    it = cJSON_GetObjectItemCaseSensitive(p, "exp");
+    if (!cJSON_IsNumber(it))
+        goto out;
+    code = it->valuedouble <= (double)now ? 1004 : 0;
+out:
+    cJSON_Delete(h);
+    cJSON_Delete(p);
+    return code;
+}
+
+/* Applies the state POST /_mock/token gave c->ident; false when it refuses the request. */
+static bool state_check(struct conn *c)
+{
+    struct keyent *e = tab_find(&srv.toks, c->ident, c->ident_len);
+    enum tstate st = e != NULL ? e->state : TS_VALID;
+
+    if (st == TS_REVOKED) {
+        c->deny = DENY_AUTH;
+        c->kling_code = 1002;
+    } else if (st == TS_NO_QUOTA && is_submit(c->route)) {
+        c->deny = DENY_QUOTA;
+    } else if (st == TS_BUSY && is_submit(c->route)) {
+        c->deny = DENY_BUSY;
+    }
+    return c->deny == DENY_NONE;
+}
+
+static bool kling_auth(struct conn *c)
+{
+    int code = kling_jwt_code(c);
+
+    if (code == 0 && state_check(c))
+        return true;
+    if (code != 0) {
+        c->deny = DENY_AUTH;
+        c->kling_code = code;
+    }
+    if (c->deny == DENY_AUTH)
+        srv.kling_rejected[c->kling_code - 1000]++;
+    return false;
+}
+
+/* The refusal decided at the end of the headers, in the dialect's shape. */
+static void answer_deny(struct conn *c, struct answer *a)
+{
+    if (is_kling(c->route)) {
+        if (c->deny == DENY_QUOTA)
+            kl_err(a, 429, 1102, "Account balance not enough");
+        else if (c->deny == DENY_BUSY)
+            kl_err(a, 429, 1303, "parallel task over resource pack limit");
+        else
+            kl_err(a, 401, c->kling_code, kl_auth_message(c->kling_code));
+    } else {
+        answer_static(a, c->deny == DENY_QUOTA ? 403 : c->deny == DENY_BUSY ? 429 : 401,
+                      c->deny == DENY_QUOTA ? ERR_QUOTA : c->deny == DENY_BUSY
+                      ? ERR_CONCURRENCY : ERR_INVALID_TOKEN);
+    }
+}
+
+/*
+ * GET /v1/videos/{id}/content, as new-api's video_proxy.go: only the token
+ * that created the task (another one: 404), only a completed task (400).
+ * The bytes are exactly those of GET /videos/{id}.mp4: the same handler
+ * serves them. But this is the API origin, not the CDN: the request counts
+ * in "content", not in "videos" or "video_auth", and --video-redirect does
+ * not apply (new-api streams, it never redirects).
+ */
+static void handle_content(struct conn *c)
+{
+    static const char *const names[] = {"QUEUED", "IN_PROGRESS", "SUCCESS"};
+    const char *redirect = srv.video_redirect;
+    uint64_t videos = srv.videos, video_auth = srv.video_auth;
+    struct answer a;
+    struct buf b = {0};
+    struct state s;
+    struct task *t;
+
+    srv.contents++;
+    if (!c->auth_ok) {
+        answer_deny(c, &a);
+        reply(c, &a, 0);
+        return;
+    }
+    t = oa_task(c);
+    if (t == NULL || !task_owned_by(t, c)) {
+        reply_static(c, 404, ERR_CONTENT_NOT_FOUND, 0);
+        return;
+    }
+    task_state(t, &s);
+    if (s.phase != PH_DONE || s.failed) {
+        buf_addf(&b, "{\"error\":{\"message\":\"Task is not completed yet, current status: %s\","
+                 "\"type\":\"invalid_request_error\"}}", s.failed ? "FAILURE" : names[s.phase]);
+        reply_buf(c, 400, &b);
+        return;
+    }
+    snprintf(c->url, sizeof c->url, "/videos/%s.mp4", t->id);
+    c->url_len = strlen(c->url);
+    srv.video_redirect = NULL;
+    handle_video(c);
+    srv.video_redirect = redirect;
+    srv.videos = videos;
+    srv.video_auth = video_auth;
+}
+
+/* POST /_mock/token {"token": "<bearer token or Kling access key>", "state": "..."} */
+static void handle_token(struct conn *c)
+{
+    cJSON *j = cJSON_ParseWithLength(c->body.p, c->body.len);
+    const cJSON *tok = cJSON_GetObjectItemCaseSensitive(j, "token");
+    const cJSON *st = cJSON_GetObjectItemCaseSensitive(j, "state");
+    int state = -1;
+
+    for (int i = 0; cJSON_IsString(st) && i < 4; i++)
+        if (strcmp(st->valuestring, TSTATE_NAMES[i]) == 0)
+            state = i;
+    if (!cJSON_IsObject(j) || cJSON_GetArraySize(j) != 2 || !cJSON_IsString(tok) ||
+        tok->valuestring[0] == '\0' || strlen(tok->valuestring) >= HDR_MAX || state < 0) {
+        reply_static(c, 400, "{\"ok\":false,\"error\":\"expected {\\\"token\\\": \\\"...\\\", "
+                     "\\\"state\\\": \\\"valid|revoked|no_quota|busy\\\"}\"}", 0);
+    } else {
+        tab_get(&srv.toks, tok->valuestring, strlen(tok->valuestring))->state = (enum tstate)state;
+        logmsg("token %.12s...: %s", tok->valuestring, TSTATE_NAMES[state]);
+        reply_static(c, 200, "{\"ok\":true}", 0);
+    }
+    cJSON_Delete(j);
+}
+
+/* ------------------------------------------------------------------------ */
 /* /v1 dispatch and fault injection */
 
 static const char *default_body(int status)
@@ -1457,9 +2514,10 @@ static const char *default_body(int status)
     }
 }
 
-static void answer_status_rule(struct answer *a, const struct rule *r)
+static void answer_status_rule(struct answer *a, const struct rule *r, enum route route)
 {
-    const char *body = r->body ? r->body : default_body(r->status);
+    const char *body = r->body ? r->body
+                     : is_kling(route) ? kling_default_body(r->status) : default_body(r->status);
     size_t len = strlen(body);
     const char *ctype = len == 0 ? NULL : body[0] == '<' ? "text/html" : JSON;
     size_t n = 0;
@@ -1475,10 +2533,15 @@ static void answer_status_rule(struct answer *a, const struct rule *r)
 /* The normal answer to the current /v1 request (creates the task for a submit). */
 static void normal_answer(struct conn *c, struct keyent *k, struct answer *a)
 {
-    if (c->route == R_SUBMIT)
-        submit_answer(c, k, a);
-    else
-        get_answer(c, a);
+    switch (c->route) {
+    case R_SUBMIT:    submit_answer(c, k, a); break;
+    case R_OA_SUBMIT: oa_submit_answer(c, k, a); break;
+    case R_KL_SUBMIT: kl_submit_answer(c, k, a); break;
+    case R_OA_GET:    oa_get_answer(c, a); break;
+    case R_KL_GET:    kl_get_answer(c, a); break;
+    case R_KL_QUERY:  kl_query_answer(c, a); break;
+    default:          get_answer(c, a); break;
+    }
 }
 
 /*
@@ -1493,7 +2556,7 @@ static void apply_rule(struct conn *c, struct keyent *k, uint64_t delay)
 
     switch (r->mode) {
     case M_STATUS:
-        answer_status_rule(&a, r);
+        answer_status_rule(&a, r, c->route);
         plan_write(c, &a, AFTER_NONE);
         break;
     case M_GARBAGE:
@@ -1533,16 +2596,19 @@ static void handle_submit(struct conn *c)
 
     srv.posts++;
     k->received++;
+    if (c->ident_len > 0)
+        tab_get(&srv.toks, c->ident, c->ident_len)->received++;
     inflight_begin(c);
     if (!c->auth_ok) {
-        reply_static(c, 401, ERR_INVALID_TOKEN, delay);
+        answer_deny(c, &a);
+        reply(c, &a, delay);
     } else if (c->too_large) {
         c->keepalive = false;
         reply_static(c, 413, ERR_TOO_LARGE, delay);
     } else if (c->rule != NULL) {
         apply_rule(c, k, delay);
     } else {
-        submit_answer(c, k, &a);
+        normal_answer(c, k, &a);
         reply(c, &a, delay);
     }
 }
@@ -1553,11 +2619,12 @@ static void handle_get(struct conn *c)
 
     srv.gets++;
     if (!c->auth_ok) {
-        reply_static(c, 401, ERR_INVALID_TOKEN, 0);
+        answer_deny(c, &a);
+        reply(c, &a, 0);
     } else if (c->rule != NULL) {
         apply_rule(c, NULL, 0);
     } else {
-        get_answer(c, &a);
+        normal_answer(c, NULL, &a);
         reply(c, &a, 0);
     }
 }
@@ -1675,13 +2742,13 @@ static void handle_video(struct conn *c)
 /* ------------------------------------------------------------------------ */
 /* Admin: /_mock/... */
 
-static void key_counts(struct buf *b, bool created)
+static void tab_counts(struct buf *b, const struct keytab *t, bool created)
 {
     bool first = true;
 
     buf_adds(b, "{");
-    for (size_t i = 0; i < srv.keys.n; i++) {
-        const struct keyent *e = &srv.keys.v[i];
+    for (size_t i = 0; i < t->n; i++) {
+        const struct keyent *e = &t->v[i];
         uint64_t n = created ? e->created : e->received;
         if (n == 0)
             continue;
@@ -1692,6 +2759,11 @@ static void key_counts(struct buf *b, bool created)
         buf_addf(b, ":%" PRIu64, n);
     }
     buf_adds(b, "}");
+}
+
+static void key_counts(struct buf *b, bool created)
+{
+    tab_counts(b, &srv.keys, created);
 }
 
 static void handle_stats(struct conn *c)
@@ -1709,6 +2781,15 @@ static void handle_stats(struct conn *c)
     buf_addf(&b, ",\"video_range_asked\":%" PRIu64 ",\"video_206\":%" PRIu64 ",\"video_416\":%" PRIu64
              ",\"video_body_bytes\":%" PRIu64 "}", srv.video_range_asked, srv.video_206, srv.video_416,
              srv.video_body_bytes);
+    b.len--;  /* the closing brace: the dialects' counters follow */
+    buf_adds(&b, ",\"received_by_token\":");
+    tab_counts(&b, &srv.toks, false);
+    buf_adds(&b, ",\"created_by_token\":");
+    tab_counts(&b, &srv.toks, true);
+    buf_addf(&b, ",\"content\":%" PRIu64 ",\"kling_auth_rejected\":{", srv.contents);
+    for (int i = 0; i < 5; i++)
+        buf_addf(&b, "%s\"%d\":%" PRIu64, i ? "," : "", 1000 + i, srv.kling_rejected[i]);
+    buf_adds(&b, "}}");
     reply_buf(c, 200, &b);
 }
 
@@ -1719,14 +2800,26 @@ static void handle_tasks(struct conn *c)
 
     /* One reservation up front: ~10,000 tasks must not mean ~20 reallocs of MBs. */
     for (size_t i = 0; i < srv.ntasks; i++)
-        need += srv.tasks[i]->body_len + srv.tasks[i]->key_len + 96;
+        need += srv.tasks[i]->body_len + srv.tasks[i]->key_len + srv.tasks[i]->ident_len +
+                srv.tasks[i]->ext_len + 160;
     buf_reserve(&b, need + need / 8);
     buf_adds(&b, "[");
     for (size_t i = 0; i < srv.ntasks; i++) {
         const struct task *t = srv.tasks[i];
         buf_adds(&b, i ? ",{\"key\":" : "{\"key\":");
         buf_json_str(&b, t->key, t->key_len);
-        buf_addf(&b, ",\"task_id\":\"%s\",\"body\":", t->id);
+        buf_addf(&b, ",\"task_id\":\"%s\",\"dialect\":\"%s\"", t->id,
+                 t->dialect == D_KLING ? "kling" : t->dialect == D_OPENAI ? "openai-videos"
+                 : "video-generations");
+        if (t->family != F_NONE)
+            buf_addf(&b, ",\"family\":\"%s\"", FAMILY_NAMES[t->family]);
+        buf_adds(&b, ",\"token\":");
+        buf_json_str(&b, t->ident, t->ident_len);
+        if (t->ext_len > 0) {
+            buf_adds(&b, ",\"external_task_id\":");
+            buf_json_str(&b, t->ext, t->ext_len);
+        }
+        buf_adds(&b, ",\"body\":");
         buf_json_str(&b, t->body, t->body_len);
         buf_addf(&b, ",\"created\":%" PRId64 "}", t->created_unix_ms);
     }
@@ -1739,8 +2832,11 @@ static void handle_reset(struct conn *c)
     rules_clear();
     tasks_clear();
     keys_clear();
-    srv.posts = srv.gets = srv.videos = srv.video_auth = 0;
+    srv.posts = srv.gets = srv.videos = srv.video_auth = srv.contents = 0;
     srv.video_range_asked = srv.video_206 = srv.video_416 = srv.video_body_bytes = 0;
+    memset(srv.kling_rejected, 0, sizeof srv.kling_rejected);
+    for (size_t i = 0; i < srv.toks.n; i++)   /* token states are configuration: they stay */
+        srv.toks.v[i].received = srv.toks.v[i].created = 0;
     srv.max_inflight = srv.inflight;
     logmsg("reset");
     reply_static(c, 200, "{\"ok\":true}", 0);
@@ -1769,6 +2865,30 @@ static int parse_submit_shape(const char *s, enum submit_shape *out)
     for (int i = 0; i < 4; i++) {
         if (strcmp(s, names[i]) == 0) {
             *out = (enum submit_shape)i;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+static int parse_openai_get(const char *s, enum openai_get *out)
+{
+    if (strcmp(s, "sora") == 0)
+        *out = OG_SORA;
+    else if (strcmp(s, "channel") == 0)
+        *out = OG_CHANNEL;
+    else
+        return -1;
+    return 0;
+}
+
+static int parse_lookup(const char *s, int *out)
+{
+    static const char *const names[] = {"none", "path", "query", "both"};
+
+    for (int i = 0; i < 4; i++) {
+        if (strcmp(s, names[i]) == 0) {
+            *out = i;  /* LOOKUP_PATH | LOOKUP_QUERY */
             return 0;
         }
     }
@@ -1916,8 +3036,8 @@ static struct rule *rule_parse(const cJSON *j, char *err, size_t errlen)
 /* A configuration change, validated completely before any of it is applied. */
 struct change {
     struct config cfg;
-    bool set_token;
-    char *token;
+    bool set_tokens, set_kling_keys;
+    struct strlist tokens, kling_keys;
     bool set_rules;
     struct rule **rules;
     size_t nrules;
@@ -1942,15 +3062,43 @@ static int change_rules(struct change *ch, const cJSON *it, char *err, size_t er
     return 0;
 }
 
+/* "token": a string (one token), "" or null (any); "tokens": an array of them. */
 static int change_token(struct change *ch, const cJSON *it)
 {
-    ch->set_token = true;
+    const cJSON *e;
+
+    ch->set_tokens = true;
+    strlist_free(&ch->tokens);
     if (cJSON_IsNull(it))
         return 0;
-    if (!cJSON_IsString(it))
+    if (cJSON_IsString(it)) {
+        if (it->valuestring[0] != '\0')
+            strlist_add(&ch->tokens, it->valuestring);
+        return 0;
+    }
+    if (!cJSON_IsArray(it) || strcmp(it->string, "tokens") != 0)
         return -1;
-    if (it->valuestring[0] != '\0')
-        ch->token = xstrndup(it->valuestring, strlen(it->valuestring));
+    cJSON_ArrayForEach(e, it) {
+        if (!cJSON_IsString(e) || e->valuestring[0] == '\0')
+            return -1;
+        strlist_add(&ch->tokens, e->valuestring);
+    }
+    return 0;
+}
+
+static int change_kling_keys(struct change *ch, const cJSON *it)
+{
+    const cJSON *e;
+
+    ch->set_kling_keys = true;
+    strlist_free(&ch->kling_keys);
+    if (!cJSON_IsArray(it))
+        return -1;
+    cJSON_ArrayForEach(e, it) {
+        if (!cJSON_IsString(e) || !kling_key_ok(e->valuestring))
+            return -1;
+        strlist_add(&ch->kling_keys, e->valuestring);
+    }
     return 0;
 }
 
@@ -1969,8 +3117,14 @@ static int change_value(struct change *ch, const cJSON *it)
         return cJSON_IsString(it) ? parse_shape(it->valuestring, &ch->cfg.shape) : -1;
     if (strcmp(k, "submit_shape") == 0)
         return cJSON_IsString(it) ? parse_submit_shape(it->valuestring, &ch->cfg.submit_shape) : -1;
-    if (strcmp(k, "token") == 0)
+    if (strcmp(k, "token") == 0 || strcmp(k, "tokens") == 0)
         return change_token(ch, it);
+    if (strcmp(k, "kling_keys") == 0)
+        return change_kling_keys(ch, it);
+    if (strcmp(k, "openai_get") == 0)
+        return cJSON_IsString(it) ? parse_openai_get(it->valuestring, &ch->cfg.openai_get) : -1;
+    if (strcmp(k, "kling_lookup") == 0)
+        return cJSON_IsString(it) ? parse_lookup(it->valuestring, &ch->cfg.kling_lookup) : -1;
     return -2;
 }
 
@@ -1990,14 +3144,16 @@ static int change_field(struct change *ch, const cJSON *it, char *err, size_t er
 
 static void change_apply(struct change *ch)
 {
-    char *token = srv.cfg.token;
-
     srv.cfg = ch->cfg;
-    srv.cfg.token = token;
-    if (ch->set_token) {
-        free(srv.cfg.token);
-        srv.cfg.token = ch->token;
-        ch->token = NULL;
+    if (ch->set_tokens) {
+        strlist_free(&srv.tokens);
+        srv.tokens = ch->tokens;
+        ch->tokens = (struct strlist){0};
+    }
+    if (ch->set_kling_keys) {
+        strlist_free(&srv.kling_keys);
+        srv.kling_keys = ch->kling_keys;
+        ch->kling_keys = (struct strlist){0};
     }
     if (ch->set_rules) {
         rules_clear();
@@ -2013,7 +3169,8 @@ static void change_free(struct change *ch)
     for (size_t i = 0; i < ch->nrules; i++)
         rule_unref(ch->rules[i]);
     free(ch->rules);
-    free(ch->token);
+    strlist_free(&ch->tokens);
+    strlist_free(&ch->kling_keys);
 }
 
 static void handle_config(struct conn *c)
@@ -2054,8 +3211,15 @@ static void dispatch(struct conn *c)
     c->msg_done = false;
     c->keepalive = http_should_keep_alive(&c->parser);
     switch (c->route) {
-    case R_SUBMIT:      handle_submit(c); break;
-    case R_GET:         handle_get(c); break;
+    case R_SUBMIT:
+    case R_OA_SUBMIT:
+    case R_KL_SUBMIT:   handle_submit(c); break;
+    case R_GET:
+    case R_OA_GET:
+    case R_KL_GET:
+    case R_KL_QUERY:    handle_get(c); break;
+    case R_OA_CONTENT:  handle_content(c); break;
+    case R_TOKEN:       handle_token(c); break;
     case R_VIDEO:       handle_video(c); break;
     case R_STATS:       handle_stats(c); break;
     case R_TASKS:       handle_tasks(c); break;
@@ -2137,10 +3301,43 @@ static enum route admin_route(const char *p, size_t n, int m)
         return m == HTTP_POST ? R_CONFIG : R_BAD_METHOD;
     if (path_is(p, n, "/_mock/reset"))
         return m == HTTP_POST ? R_RESET : R_BAD_METHOD;
+    if (path_is(p, n, "/_mock/token"))
+        return m == HTTP_POST ? R_TOKEN : R_BAD_METHOD;
     return R_NOT_FOUND;
 }
 
-static enum route route_of(const struct conn *c, int m)
+/*
+ * Under /v1/videos: "/{text2video|image2video}" (Kling submit or query),
+ * "/{family}/{id}" (Kling get), "/{id}" and "/{id}/content" (openai-videos).
+ * Anything else there is left to R_V1_OTHER.
+ */
+static enum route videos_route(struct conn *c, const char *p, size_t n, int m)
+{
+    const char *s = p + 11;
+    size_t rest = n - 11;
+    size_t seg = strcspn(s, "/?");
+
+    seg = seg > rest ? rest : seg;
+    if (seg == 0)
+        return R_V1_OTHER;
+    for (int f = F_T2V; f <= F_I2V; f++) {
+        if (seg != strlen(FAMILY_NAMES[f]) || memcmp(s, FAMILY_NAMES[f], seg) != 0)
+            continue;
+        c->family = (enum family)f;
+        if (rest == seg)
+            return m == HTTP_POST ? R_KL_SUBMIT : m == HTTP_GET ? R_KL_QUERY : R_BAD_METHOD;
+        if (rest > seg + 1 && memchr(s + seg + 1, '/', rest - seg - 1) == NULL)
+            return m == HTTP_GET ? R_KL_GET : R_BAD_METHOD;
+        return R_V1_OTHER;
+    }
+    if (rest == seg)
+        return m == HTTP_GET ? R_OA_GET : R_V1_OTHER;  /* new-api has no DELETE route */
+    if (rest == seg + 8 && memcmp(s + seg, "/content", 8) == 0)
+        return m == HTTP_GET ? R_OA_CONTENT : R_V1_OTHER;
+    return R_V1_OTHER;
+}
+
+static enum route route_of(struct conn *c, int m)
 {
     static const char gen[] = "/v1/video/generations";
     const char *p = c->url;
@@ -2155,6 +3352,10 @@ static enum route route_of(const struct conn *c, int m)
     if (path_starts(p, n, gen) && p[sizeof gen - 1] == '/' && n > sizeof gen &&
         memchr(p + sizeof gen, '/', n - sizeof gen) == NULL)
         return m == HTTP_GET ? R_GET : R_BAD_METHOD;
+    if (path_is(p, n, "/v1/videos"))
+        return m == HTTP_POST ? R_OA_SUBMIT : R_V1_OTHER;  /* nor a list route */
+    if (path_starts(p, n, "/v1/videos/"))
+        return videos_route(c, p, n, m);
     if (path_starts(p, n, "/v1/"))
         return R_V1_OTHER;
     if (path_starts(p, n, "/videos/") && n > 12 && memcmp(p + n - 4, ".mp4", 4) == 0)
@@ -2172,6 +3373,10 @@ static int on_message_begin(http_parser *p)
     c->url[0] = '\0';
     c->url_long = c->hname_long = c->in_value = c->hdr_long = false;
     c->auth_ok = c->want_body = c->too_large = c->msg_done = false;
+    c->deny = DENY_NONE;
+    c->kling_code = 0;
+    c->family = F_NONE;
+    c->ident_len = 0;
     c->hwhich = H_OTHER;
     c->body.len = 0;
     return 0;
@@ -2276,24 +3481,27 @@ static size_t trim_right(const char *s, size_t n)
     return n;
 }
 
-/* "Bearer <token>": the configured token, or any non-empty one when none is set. */
+/*
+ * "Bearer <token>": one of the configured tokens, or any non-empty one when
+ * none is set; then the token's state (POST /_mock/token). The token, once
+ * read, becomes c->ident.
+ */
 static bool auth_check(struct conn *c)
 {
-    size_t n = trim_right(c->auth, c->auth_len);
-    const char *tok = c->auth + 7;
-    size_t tlen = n > 7 ? n - 7 : 0;
+    size_t tlen;
+    const char *tok = bearer(c, &tlen);
 
-    if (n <= 7 || strncasecmp(c->auth, "bearer ", 7) != 0)
+    if (tok == NULL) {
+        c->deny = DENY_AUTH;
         return false;
-    while (tlen > 0 && *tok == ' ') {
-        tok++;
-        tlen--;
     }
-    if (tlen == 0)
+    memcpy(c->ident, tok, tlen);
+    c->ident_len = tlen;
+    if (srv.tokens.n > 0 && !strlist_has(&srv.tokens, tok, tlen)) {
+        c->deny = DENY_AUTH;
         return false;
-    if (srv.cfg.token == NULL)
-        return true;
-    return tlen == strlen(srv.cfg.token) && memcmp(tok, srv.cfg.token, tlen) == 0;
+    }
+    return state_check(c);
 }
 
 static bool expects_continue(const struct conn *c)
@@ -2319,15 +3527,18 @@ static int on_headers_complete(http_parser *p)
 
     c->key_len = trim_right(c->key, c->key_len);
     c->route = route_of(c, p->method);
-    if (c->route == R_SUBMIT || c->route == R_GET || c->route == R_V1_OTHER)
+    if (is_kling(c->route))
+        c->auth_ok = kling_auth(c);
+    else if (is_ruled(c->route) || c->route == R_OA_CONTENT || c->route == R_V1_OTHER)
         c->auth_ok = auth_check(c);
-    if (c->auth_ok && !too_large && (c->route == R_SUBMIT || c->route == R_GET))
+    if (c->auth_ok && !too_large && is_ruled(c->route))
         c->rule = rule_pick(c->route);
     if (c->rule != NULL && c->rule->mode == M_RESET_BEFORE) {
         pause_early(c, EARLY_RESET);
         return 0;
     }
-    c->want_body = (c->route == R_SUBMIT && c->auth_ok) || c->route == R_CONFIG;
+    c->want_body = (is_submit(c->route) && c->auth_ok) || c->route == R_CONFIG ||
+                   c->route == R_TOKEN;
     if (too_large && expects_continue(c)) {
         pause_early(c, EARLY_413);
         return 0;
@@ -2644,7 +3855,9 @@ static void usage(FILE *f)
           "               [--latency-ms N] [--task-seconds S] [--video-bytes N]\n"
           "               [--seed N] [--quiet] [--video-base URL] [--video-latency-ms N]\n"
           "               [--video-mode normal|close|cut|cut-once|stall-once] [--video-cut-at N]\n"
-          "               [--video-ranges etag|changing|none] [--video-redirect URL] [--any-video]\n", f);
+          "               [--video-ranges etag|changing|none] [--video-redirect URL] [--any-video]\n"
+          "               [--kling-key AK:SK]... [--openai-get sora|channel]\n"
+          "               [--kling-lookup path|query|both|none]\n", f);
 }
 
 static int parse_u64(const char *s, uint64_t max, uint64_t *out)
@@ -2673,10 +3886,19 @@ static int parse_option(int opt, const char *arg, struct options *o)
     switch (opt) {
     case 'p': return parse_u64(arg, 65535, &o->port);
     case 'f': o->port_file = arg; return 0;
-    case 't':
-        free(srv.cfg.token);
-        srv.cfg.token = arg[0] ? xstrndup(arg, strlen(arg)) : NULL;
+    case 't':  /* repeatable; "" forgets the earlier ones (any token) */
+        if (arg[0] == '\0')
+            strlist_free(&srv.tokens);
+        else
+            strlist_add(&srv.tokens, arg);
         return 0;
+    case 'k':
+        if (!kling_key_ok(arg))
+            return -1;
+        strlist_add(&srv.kling_keys, arg);
+        return 0;
+    case 'O': return parse_openai_get(arg, &srv.cfg.openai_get);
+    case 'K': return parse_lookup(arg, &srv.cfg.kling_lookup);
     case 's': return parse_shape(arg, &srv.cfg.shape);
     case 'S': return parse_submit_shape(arg, &srv.cfg.submit_shape);
     case 'l': return parse_u64(arg, UINT32_MAX, &srv.cfg.latency_ms);
@@ -2726,6 +3948,9 @@ static int parse_args(int argc, char **argv, struct options *o)
         {"video-cut-at", required_argument, NULL, 'C'},
         {"video-ranges", required_argument, NULL, 'G'},
         {"any-video", no_argument, NULL, 'A'},
+        {"kling-key", required_argument, NULL, 'k'},
+        {"openai-get", required_argument, NULL, 'O'},
+        {"kling-lookup", required_argument, NULL, 'K'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -2769,7 +3994,10 @@ static void cleanup(void)
     free(srv.tasks);
     keys_clear();
     rules_clear();
-    free(srv.cfg.token);
+    tab_clear(&srv.toks);
+    tab_clear(&srv.exts);
+    strlist_free(&srv.tokens);
+    strlist_free(&srv.kling_keys);
 }
 
 int main(int argc, char **argv)
@@ -2780,6 +4008,7 @@ int main(int argc, char **argv)
 
     srv.cfg.task_seconds = 3.0;
     srv.cfg.video_bytes = 4096;
+    srv.cfg.kling_lookup = LOOKUP_PATH | LOOKUP_QUERY;
     if (parse_args(argc, argv, &o) < 0)
         return 64;
     signal(SIGPIPE, SIG_IGN);

@@ -797,6 +797,19 @@ class RedisServer:
 # The mock API
 
 
+def kling_jwt(access_key, secret_key, ttl=1800, nbf=-5, now=None):
+    """A Kling HS256 JWT as vidqd signs it ({"iss", "exp": now + ttl, "nbf": now + nbf}), for the mock's
+    --kling-key ACCESS_KEY:SECRET_KEY."""
+    import base64, hashlib, hmac
+    now = int(time.time()) if now is None else now
+
+    def b64(raw):
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+    si = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode()) + "." + \
+        b64(json.dumps({"iss": access_key, "exp": now + ttl, "nbf": now + nbf}).encode())
+    return si + "." + b64(hmac.new(secret_key.encode(), si.encode(), hashlib.sha256).digest())
+
+
 class Mock:
     def __init__(self, env, latency_ms=0, args=(), token=TOKEN, name="mockapi"):
         self.env = env
@@ -866,6 +879,11 @@ class Mock:
 
     def reset(self):
         return self.request("POST", "/_mock/reset", {})
+
+    def token_state(self, token, state):
+        """POST /_mock/token: a bearer token's or Kling access key's state, valid | revoked | no_quota | busy
+        (revoked: 401 everywhere; no_quota / busy: on submits, 403 / 429, Kling 429 code 1102 / 1303)."""
+        return self.request("POST", "/_mock/token", {"token": token, "state": state})
 
     def tasks_by_key(self):
         m = {}
