@@ -708,7 +708,6 @@ static void gateway_down(slot *s, const struct outcome *o)
  * send does.
  */
 static void on_lookup(http_req *req, const struct http_result *res, void *ud);
-static void post(slot *s);
 
 static void lookup_gave_up(slot *s, const char *why)
 {
@@ -784,7 +783,7 @@ static void on_lookup(http_req *req, const struct http_result *res, void *ud)
         log_kv(LOG_NOTICE, "an ambiguous submit has no task by its external_task_id: sent once more", "job_id",
                s->job.job_id, NULL);
         s->resent = 1;
-        post(s);
+        go(s); /* through the SEND step: still held here (not taken over meanwhile)? */
         return;
     }
     lookup_gave_up(s, r == LOOKUP_NONE ? "none found, not sent again: shutting down"
