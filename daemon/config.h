@@ -17,6 +17,32 @@
 
 #define CONFIG_DEFAULT_PATH "/etc/vidq/vidqd.conf"
 
+/*
+ * A gateway (docs/protocol.md §9): [api] is the one named "api"; each
+ * [gateway.NAME] section adds one, in file order. A section's keys default
+ * to [api]'s (base_url excepted: required) and [submit]'s values.
+ */
+#define GATEWAY_NAME_MAX 32
+struct gateway_conf {
+    char *name;              /* "api", or NAME of [gateway.NAME]: 1-32 of [A-Za-z0-9_-] */
+    char *base_url;
+    char *token_file;        /* [api]: NULL means the credential / $VIDQ_API_TOKEN */
+    char *dialect;
+    char *models;            /* space-separated fnmatch globs routed here, or NULL */
+    long concurrency;        /* its own requests in flight at most; 0: only submit.concurrency */
+    double rate;             /* per second, 0 = unlimited */
+    double global_rate;      /* per second across instances, 0 = unlimited */
+    int64_t connect_timeout_ms;
+    int64_t timeout_ms;
+    char *ca_file;
+    int64_t jwt_ttl_ms;
+    int line;                /* where the section starts, for messages (0: [api] or built in) */
+    /* Not keys: the key pool, one key per non-blank, non-# line of the token
+     * file, loaded by config_load_token() (each checked by its dialect). */
+    char **keys;
+    size_t nkeys;
+};
+
 struct config {
     /* [redis] */
     char *redis_url;
@@ -61,8 +87,11 @@ struct config {
     enum log_level log_level;
     int log_json;
 
-    /* Not a key: the bearer token, loaded by config_load_token(). */
+    /* Not a key: the bearer token, loaded by config_load_token() (gw[0].keys[0]). */
     char *token;
+    /* Not keys: the gateways, gw[0] being [api], filled by config_finish(). */
+    struct gateway_conf *gw;
+    size_t ngw;
     /* Not a key: the file the config came from (for messages), or NULL. */
     char *path;
     /* Bookkeeping for "set twice" errors, one line number per table key. */
