@@ -12,7 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static const char *const reserved[] = {"job_id", "meta", "batch"};
+static const char *const reserved[] = {"job_id", "meta", "batch", "gateway"};
 
 static int is_reserved(const char *key)
 {
@@ -263,6 +263,19 @@ static void take_id(struct job *j, const cJSON *obj, const char *key, char **out
         set_error(j, "field \"%s\" must be a string, got %s", key, type_name(v));
 }
 
+int gateway_name_is_valid(const char *s)
+{
+    size_t n = strlen(s);
+    if (n < 1 || n > 32)
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-'))
+            return 0;
+    }
+    return 1;
+}
+
 static int is_blank(const char *s)
 {
     for (; *s; s++) {
@@ -400,6 +413,11 @@ static void validate(struct job *j, const cJSON *obj, const char *default_model)
     take_id(j, obj, "job_id", &j->job_id);
     j->id_given = j->job_id != NULL;
     take_id(j, obj, "batch", &j->batch);
+    const cJSON *gw = cJSON_GetObjectItemCaseSensitive(obj, "gateway");
+    if (gw && cJSON_IsString(gw) && gateway_name_is_valid(gw->valuestring))
+        j->gateway = xstrdup(gw->valuestring);
+    else if (gw)
+        set_error(j, "field \"gateway\" must be a gateway name: 1-32 characters of [A-Za-z0-9_-]");
     check_duplicates(j, obj);
     check_string(j, obj, "prompt", 1);
     const char *model = check_string(j, obj, "model", default_model == NULL);
@@ -814,7 +832,7 @@ void job_parse(struct job *j, const char *raw, size_t len, const char *default_m
  */
 static int member_wanted(const char *key)
 {
-    static const char *const wanted[] = {"job_id", "batch", "prompt", "model", "duration", "image"};
+    static const char *const wanted[] = {"job_id", "batch", "prompt", "model", "duration", "image", "gateway"};
     for (size_t i = 0; i < sizeof wanted / sizeof wanted[0]; i++) {
         if (strcmp(key, wanted[i]) == 0)
             return 1;
@@ -887,6 +905,7 @@ void job_free(struct job *j)
     free(j->raw);
     free(j->job_id);
     free(j->batch);
+    free(j->gateway);
     free(j->meta);
     free(j->model);
     free(j->body);

@@ -20,6 +20,7 @@ struct job {
     int id_given;     /* job_id came from the producer (dedup applies) */
     int is_json;      /* raw parsed as JSON (any type): the dead entry embeds it */
     char *batch;      /* or NULL */
+    char *gateway;    /* the `gateway` it names (docs/protocol.md §9), or NULL */
     char *meta;       /* JSON text of `meta`, or NULL */
     char *model;      /* the model the request uses, or NULL */
     char *body;       /* request body, when valid */
@@ -40,6 +41,9 @@ struct job {
  * JOB_MAX_DEPTH levels deep at most.
  */
 #define JOB_MAX_DEPTH 512
+/* A gateway name: 1-32 characters of [A-Za-z0-9_-]. */
+int gateway_name_is_valid(const char *s);
+
 void job_parse(struct job *j, const char *raw, size_t len, const char *default_model, size_t max_bytes);
 void job_free(struct job *j);
 

@@ -31,7 +31,8 @@
     X(CLEAN, "clean", 1)            /* string per instance: its last run drained cleanly */         \
     X(BATCH, "batch", 2)            /* hash per batch: counters, total, done */                     \
     X(TRACK, "track", 0)            /* sorted set: job ids of tracked tasks by next poll (ms) */    \
-    X(TASK, "task", 2)              /* hash per job_id: a tracked task */
+    X(TASK, "task", 2)              /* hash per job_id: a tracked task */                          \
+    X(WAITING, "waiting", 2)        /* list per gateway: jobs taken while it was stopped (§9) */
 
 #define KEY_ENUM_(e, name, per) KEY_##e,
 enum key_kind { VIDQ_KEYS(KEY_ENUM_) KEY_COUNT };

@@ -211,6 +211,39 @@ static const char PUTBACK_LUA[] = CHECK_LUA
     "return 1\n";
 
 /*
+ * A job for a gateway that is stopped (every key set aside, or unreachable;
+ * docs/protocol.md §9) waits in that gateway's list, in Redis, never in
+ * memory or the dead list: out of the processing list and into
+ * K_waiting in one step, newest at the left, so it is taken (from the
+ * right, TAKE_WAITING) in the order it was parked. Only a job never sent
+ * is parked, so its mark and claim (if any) end here, as for PUTBACK.
+ */
+static const char PARK_LUA[] = CHECK_LUA
+    "if redis.call('LREM', K_processing, 1, A_held) == 1 then\n"
+    "  redis.call('LPUSH', K_waiting, A_job)\n"
+    "  " FORGET_DEATHS_LUA("A_held")
+    "end\n"
+    UNMARK_LUA
+    "return 1\n";
+
+/* Up to A_max parked jobs of a gateway that is back, oldest first, into the
+ * processing list, wrapped as TAKE wraps; reply {paused, 0, job...}. No
+ * global rate: each was admitted when it was first taken. */
+static const char TAKE_WAITING_LUA[] = CHECK_LUA WRAP_LUA
+    "local max = need_int(A_max, 'max', 0)\n"
+    "if A_ids == '' then error('vidq: take needs an id base') end\n"
+    "if redis.call('EXISTS', K_paused) == 1 then return {1, 0} end\n"
+    "local out = {0, 0}\n"
+    "for i = 1, max do\n"
+    "  local j = redis.call('RPOP', K_waiting)\n"
+    "  if not j then break end\n"
+    "  local h = wrap(j, A_ids .. '.w' .. i)\n"
+    "  redis.call('LPUSH', K_processing, h)\n"
+    "  out[#out + 1] = h\n"
+    "end\n"
+    "return out\n";
+
+/*
  * Batch counters (docs/protocol.md §5), shared by the scripts that write a
  * job's events (record, track): the one place a batch is counted. When the
  * jobs with a final event reach `total`, `done` is set, one batch_done
@@ -479,7 +512,7 @@ static const char TRACK_LUA[] = CHECK_LUA BATCH_LUA
 
 enum {
     S_TAKE, S_PUTBACK, S_RECORD, S_RETRY, S_PROMOTE, S_HEARTBEAT, S_HELD, S_TAKEOVER, S_CLAIM, S_TRACK, S_SEND,
-    S_CLAIM_NAME, S_WRAP1, S_COUNT
+    S_CLAIM_NAME, S_WRAP1, S_PARK, S_TAKE_WAITING, S_COUNT
 };
 
 #define MAX_SKEYS 10
@@ -526,6 +559,10 @@ static const struct script scripts[S_COUNT] = {
                 AS(A_held, A_mode, A_token, A_retry_ambiguous), 0},
     [S_CLAIM_NAME] = {"claim_name", CLAIM_NAME_LUA, KS(KEY_INSTANCE), AS(A_run, A_ttl, A_dead_run), 1},
     [S_WRAP1] = {"wrap1", WRAP1_LUA, KS(KEY_PROCESSING), AS(A_job, A_id), 0},
+    [S_PARK] = {"park", PARK_LUA, KS(KEY_PROCESSING, KEY_WAITING, KEY_SENDING, KEY_CLAIM, KEY_RECOVERED),
+                AS(A_held, A_token, A_job), 0},
+    [S_TAKE_WAITING] = {"take_waiting", TAKE_WAITING_LUA, KS(KEY_WAITING, KEY_PROCESSING, KEY_PAUSED),
+                        AS(A_max, A_ids), 0},
 };
 
 static int script_nkeys(const struct script *sc)
@@ -1276,6 +1313,34 @@ int queue_putback(queue *q, const char *held, size_t len, const char *job, size_
     struct call *c = new_call(q, ud);
     c->done_fn = fn;
     return script_call(q, S_PUTBACK, &a, on_done, c);
+}
+
+int queue_park(queue *q, const char *gateway, const char *held, size_t len, const char *job, size_t job_len,
+               const char *token, const char *job_id, queue_done_fn *fn, void *ud)
+{
+    struct sargs a = {0};
+    a.id[KEY_CLAIM] = job_id;
+    a.id[KEY_WAITING] = gateway;
+    sargn(&a, A_held, held, len);
+    sarg(&a, A_token, token);
+    sargn(&a, A_job, job, job_len);
+    struct call *c = new_call(q, ud);
+    c->done_fn = fn;
+    return script_call(q, S_PARK, &a, on_done, c);
+}
+
+int queue_take_waiting(queue *q, const char *gateway, unsigned max, queue_items_fn *fn, void *ud)
+{
+    char base[128];
+    id_base(q, base, sizeof base);
+    struct sargs a = {0};
+    a.id[KEY_WAITING] = gateway;
+    sargi(&a, A_max, max);
+    sarg(&a, A_ids, base);
+    struct call *c = new_call(q, ud);
+    c->items_fn = fn;
+    c->skip = 2;
+    return script_call(q, S_TAKE_WAITING, &a, on_items, c);
 }
 
 int queue_record(queue *q, const struct qrecord *r, queue_done_fn *fn, void *ud)

@@ -66,6 +66,8 @@ void queue_close(queue *q);
  * GCRA in the same step. Returns -1 when Redis is not up (fn not called).
  */
 int queue_take(queue *q, unsigned max, double global_rate, queue_items_fn *fn, void *ud);
+/* Up to `max` jobs parked for `gateway` (queue_park), oldest first; items as for queue_take. */
+int queue_take_waiting(queue *q, const char *gateway, unsigned max, queue_items_fn *fn, void *ud);
 /* Block up to `timeout_s` on the blocking connection for one job (BLMOVE). */
 int queue_wait(queue *q, int timeout_s, queue_items_fn *fn, void *ud);
 /*
@@ -116,6 +118,10 @@ int queue_promote(queue *q, queue_done_fn *fn, void *ud);
 /* Move a held copy back to the intake list as `job` (the text as it was
  * taken, without the held wrapper), to be taken next (nothing was created:
  * the mark `token`, if any, and its claim end). */
+/* A held job never sent, for a stopped gateway: into vidq:waiting:<gateway>
+ * (docs/protocol.md §9), its mark and claim ended, in one step. */
+int queue_park(queue *q, const char *gateway, const char *held, size_t len, const char *job, size_t job_len,
+               const char *token, const char *job_id, queue_done_fn *fn, void *ud);
 int queue_putback(queue *q, const char *held, size_t len, const char *job, size_t job_len, const char *token,
                   const char *job_id, queue_done_fn *fn, void *ud);
 
