@@ -227,15 +227,15 @@ static int kling_parse_task(const char *body, size_t len, struct task_status *t)
     return rc;
 }
 
-/* 400 with code 1201 "Task not found" (kling-error-task-not-found.json). */
+/* Kling itself says there is no such task: its envelope with code 1201
+ * "Task not found" (kling-error-task-not-found.json). A bare 404 (a proxy's
+ * page, a route the relay does not have) says nothing about the task. */
 static int kling_not_found(const struct http_result *res)
 {
     long code = 0;
     char msg[300];
-    if (res->status == 404)
-        return 1;
-    return res->status == 400 && kling_code(res->body, res->body_len, &code, msg, sizeof msg) && code == 1201 &&
-           strcasestr(msg, "not found") != NULL;
+    return (res->status == 400 || res->status == 404) && kling_code(res->body, res->body_len, &code, msg, sizeof msg) &&
+           code == 1201 && strcasestr(msg, "not found") != NULL;
 }
 
 static char *kling_auth(const char *token, int64_t now_s, int64_t ttl_s, int64_t *renew_at, char *err, size_t errlen)

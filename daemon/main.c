@@ -16,6 +16,7 @@
 #include "queue.h"
 #include "util.h"
 #include "tracker.h"
+#include "gateway.h"
 #include "worker.h"
 
 #include <errno.h>
@@ -45,6 +46,7 @@ struct daemon {
     struct rconn_target target;
     queue *q;
     http_client *http;
+    gwset *gws;            /* the gateways and their keys, shared by the worker and the tracker */
     worker *w;
     tracker *tr;           /* NULL unless track.enabled */
     metrics *metrics;      /* NULL unless metrics.listen */
@@ -379,6 +381,8 @@ static void close_modules(struct daemon *d)
         if (d->tr)
             tracker_free(d->tr);
     }
+    gwset_free(d->gws); /* the timers close; what still refers to a gateway ended above */
+    d->gws = NULL;
     d->w = NULL;
     d->tr = NULL;
     d->q = NULL;
@@ -454,6 +458,7 @@ static void on_hup(uv_signal_t *h, int signum)
     /* Requests in flight keep their own copies of headers and bodies. */
     struct config old = d->cfg;
     d->cfg = fresh;
+    gwset_configure(d->gws, &d->cfg, d->w);
     worker_set_config(d->w, &d->cfg);
     if (d->tr)
         tracker_set_config(d->tr, &d->cfg);
@@ -488,9 +493,11 @@ static int run(struct daemon *d)
         .cmd_timeout_ms = 10000,
     };
     d->q = queue_new(&d->loop, &qo, on_queue_state, d);
-    d->w = worker_new(&d->loop, &d->cfg, d->q, d->http);
+    d->gws = gwset_new(&d->loop);
+    gwset_configure(d->gws, &d->cfg, NULL);
+    d->w = worker_new(&d->loop, &d->cfg, d->q, d->http, d->gws);
     if (d->cfg.track_enabled)
-        d->tr = tracker_new(&d->loop, &d->cfg, d->q, d->http);
+        d->tr = tracker_new(&d->loop, &d->cfg, d->q, d->http, d->gws);
     uv_signal_init(&d->loop, &d->sig_term);
     uv_signal_init(&d->loop, &d->sig_int);
     uv_signal_init(&d->loop, &d->sig_hup);

@@ -82,8 +82,7 @@ struct tracker {
     const struct config *cfg;
     queue *q;
     http_client *http;
-    const struct dialect *dialect;
-    struct credential cred;
+    gwset *gws;          /* each task is polled through its gateway, with the key that created it */
     uv_timer_t tick;
     unsigned in_flight;  /* polls and downloads */
     unsigned downloads;
@@ -99,6 +98,8 @@ struct poll {
     tracker *t;
     char *job_id, *task_id, *batch, *meta, *status, *progress, *model;
     char *route;         /* what the dialect's status GET needs (Kling's family) */
+    struct gateway *g;   /* the gateway that created the task */
+    struct gwkey *k;     /* and the key it used (docs/protocol.md §9) */
     int64_t submitted_at;
     int not_found;
     int dl_attempts;
@@ -115,16 +116,6 @@ struct poll {
 static void claim(tracker *t);
 static void slot_freed(tracker *t);
 
-static void derive(tracker *t)
-{
-    char err[160];
-    t->dialect = dialect_find(t->cfg->dialect);
-    VQ_ASSERT(t->dialect); /* config.c checked the name, config_load_token the token */
-    credential_free(&t->cred);
-    int rc = credential_init(&t->cred, t->dialect, t->cfg->token, t->cfg->jwt_ttl_ms / 1000, err, sizeof err);
-    VQ_ASSERT(rc == 0);
-    (void)rc;
-}
 
 static void poll_free(struct poll *p)
 {
@@ -667,13 +658,13 @@ static void start_download(struct poll *p)
     }
     /* The key goes only to the gateway's own origin; curl drops it on a
      * redirect to any other scheme, host or port. */
-    int own = http_same_origin(p->ts.video_url, t->cfg->base_url);
-    const char *headers[] = {own ? credential_header(&t->cred) : NULL, NULL};
+    int own = http_same_origin(p->ts.video_url, p->g->conf->base_url);
+    const char *headers[] = {own ? credential_header(&p->k->cred) : NULL, NULL};
     struct http_download_opts o = {
         .max_bytes = DOWNLOAD_MAX_BYTES,
         .timeout_ms = DOWNLOAD_TIMEOUT_MS,
         .headers = headers,
-        .trusted_origin = t->cfg->base_url,
+        .trusted_origin = p->g->conf->base_url,
         .allow_private = t->cfg->download_private,
         .resume_from = p->validator ? have : 0,
         .if_range = p->validator,
@@ -697,7 +688,7 @@ static void on_polled(http_req *req, const struct http_result *res, void *ud)
     (void)req;
     if (cancelled(p, res))
         return;
-    if (res->outcome == HTTP_OK && t->dialect->not_found(res)) {
+    if (res->outcome == HTTP_OK && p->g->dialect->not_found(res)) {
         if (++p->not_found >= NOT_FOUND_LIMIT) {
             finish(p, "task_failed", "message", "the API does not know this task (task_not_exist)", NULL, NULL, NULL,
                    NULL);
@@ -709,7 +700,7 @@ static void on_polled(http_req *req, const struct http_result *res, void *ud)
         return;
     }
     if (res->outcome != HTTP_OK || res->status < 200 || res->status >= 300 ||
-        t->dialect->parse_task(res->body, res->body_len, &p->ts) != 0) {
+        p->g->dialect->parse_task(res->body, res->body_len, &p->ts) != 0) {
         /* Nothing learned: ask again at the next interval. */
         log_kv(LOG_DEBUG, "poll without an answer", "job_id", p->job_id, "error",
                res->outcome != HTTP_OK ? res->error : "bad status or body", NULL);
@@ -718,11 +709,11 @@ static void on_polled(http_req *req, const struct http_result *res, void *ud)
     }
     if (p->ts.state == TASK_SUCCEEDED)
         eta_learn_seen(t->eta, p->model, now_ms() - p->submitted_at, t->cfg->poll_interval_ms);
-    if (p->ts.state == TASK_SUCCEEDED && p->ts.video_url == NULL && t->dialect->content_path) {
+    if (p->ts.state == TASK_SUCCEEDED && p->ts.video_url == NULL && p->g->dialect->content_path) {
         /* No URL in the status (a Sora-type channel): the gateway serves the
          * video itself, to the key that created the task. */
-        char *path = t->dialect->content_path(p->task_id, p->route);
-        p->ts.video_url = api_url(t->cfg->base_url, path);
+        char *path = p->g->dialect->content_path(p->task_id, p->route);
+        p->ts.video_url = api_url(p->g->conf->base_url, path);
         free(path);
     }
     if (p->ts.state == TASK_FAILED) {
@@ -794,6 +785,22 @@ static void start_poll(tracker *t, const struct qtask *q)
         finish(p, "task_failed", "message", "no task id recorded for this job", NULL, NULL, NULL, NULL);
         return;
     }
+    /* Its gateway (tasks recorded before gateways existed: [api]) and the
+     * key that created it, kept even when a reload removed it from the
+     * pool; another key of the gateway only when that one is unknown here. */
+    const char *gname = field(q, "gateway");
+    p->g = gwset_find(t->gws, gname && *gname ? gname : "api");
+    if (p->g == NULL) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "its gateway \"%s\" is no longer configured", gname && *gname ? gname : "api");
+        finish(p, "task_failed", "message", msg, NULL, NULL, NULL, NULL);
+        return;
+    }
+    p->k = gw_key(p->g, field(q, "key"));
+    if (p->k == NULL)
+        p->k = gw_pick_key(p->g, mono_ms(), 0);
+    if (p->k == NULL && p->g->nkeys > 0)
+        p->k = p->g->keys[0];
     if (now_ms() - p->submitted_at > t->cfg->track_timeout_ms) {
         char msg[96];
         snprintf(msg, sizeof msg, "timed out: not finished after %lld s",
@@ -815,10 +822,10 @@ static void start_poll(tracker *t, const struct qtask *q)
         again(p, wait, NULL);
         return;
     }
-    char *path = t->dialect->query_path(p->task_id, p->route);
-    char *url = api_url(t->cfg->base_url, path);
+    char *path = p->g->dialect->query_path(p->task_id, p->route);
+    char *url = api_url(p->g->conf->base_url, path);
     free(path);
-    const char *headers[] = {credential_header(&t->cred), "Accept: application/json", NULL};
+    const char *headers[] = {credential_header(&p->k->cred), "Accept: application/json", NULL};
     if (http_get(t->http, url, headers, on_polled, p) == NULL) {
         struct http_result res = {.outcome = HTTP_NOT_SENT, .error = "could not start the request", .body = ""};
         on_polled(NULL, &res, p);
@@ -890,15 +897,15 @@ static void remove_stale_parts(const char *dir)
     closedir(d);
 }
 
-tracker *tracker_new(uv_loop_t *loop, const struct config *cfg, queue *q, http_client *http)
+tracker *tracker_new(uv_loop_t *loop, const struct config *cfg, queue *q, http_client *http, gwset *gws)
 {
     tracker *t = xcalloc(1, sizeof *t);
     t->loop = loop;
     t->cfg = cfg;
     t->q = q;
     t->http = http;
+    t->gws = gws;
     t->eta = eta_new();
-    derive(t);
     uv_timer_init(loop, &t->tick);
     t->tick.data = t;
     if (cfg->download_dir) {
@@ -912,7 +919,6 @@ tracker *tracker_new(uv_loop_t *loop, const struct config *cfg, queue *q, http_c
 void tracker_set_config(tracker *t, const struct config *cfg)
 {
     t->cfg = cfg;
-    derive(t);
     if (cfg->download_dir)
         mkdir(cfg->download_dir, 0750);
 }
@@ -957,6 +963,5 @@ void tracker_free(tracker *t)
         poll_free(p);
     }
     t->stopped = 1;
-    credential_free(&t->cred);
     uv_close((uv_handle_t *)&t->tick, tracker_closed);
 }

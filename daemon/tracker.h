@@ -15,12 +15,13 @@
 #include <uv.h>
 
 #include "config.h"
+#include "gateway.h"
 #include "http.h"
 #include "queue.h"
 
 typedef struct tracker tracker;
 
-tracker *tracker_new(uv_loop_t *loop, const struct config *cfg, queue *q, http_client *http);
+tracker *tracker_new(uv_loop_t *loop, const struct config *cfg, queue *q, http_client *http, gwset *gws);
 void tracker_set_config(tracker *t, const struct config *cfg);
 /* Stop claiming tasks. Polls in flight are cancelled when the HTTP client
  * closes; their leases run out and another poll picks them up. */

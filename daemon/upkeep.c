@@ -97,8 +97,6 @@ static void on_taken(int err, const struct qinfo *info, const struct qitem *item
     if (info->paused != w->paused)
         log_kv(LOG_NOTICE, info->paused ? "queue paused: not taking jobs" : "queue resumed", NULL);
     w->paused = info->paused;
-    if (n > 0)
-        w->probe_take = 0;
     start_or_putback(w, items, n);
     if (w->draining) {
         drain_check(w);
@@ -116,6 +114,38 @@ static void on_taken(int err, const struct qinfo *info, const struct qitem *item
     } else {
         intake_later(w, 100); /* rate-limited or no blocking connection: poll */
     }
+}
+
+/* Parked jobs of a gateway back in service: they go before anything new. */
+static void on_taken_waiting(int err, const struct qinfo *info, const struct qitem *items, size_t n, void *ud)
+{
+    worker *w = ud;
+    struct gateway *g = w->waiting_gw;
+    w->waiting_gw = NULL;
+    if (intake_answered(w, err, 1))
+        return;
+    if (n > 0)
+        crash_point("after_take");
+    w->paused = info->paused;
+    if (n == 0 && !info->paused)
+        g->waiting_maybe = 0;
+    start_or_putback(w, items, n);
+    if (w->draining) {
+        drain_check(w);
+        return;
+    }
+    if (info->paused)
+        intake_later(w, PAUSED_POLL_MS);
+    else
+        intake_pump(w);
+}
+
+/* The heartbeat's message: why every gateway is stopped, or "". */
+static const char *block_message(const worker *w)
+{
+    int kind = 0;
+    const char *msg = "";
+    return all_blocked(w, &kind, &msg) ? msg : "";
 }
 
 /* Is this held job already ours in memory (a slot or the backlog)? Each
@@ -214,12 +244,21 @@ void intake_pump(worker *w)
         }
         return;
     }
-    if (w->blocked && !w->probe_take)
-        return; /* account errors: only probes go out */
+    int probe = 0;
+    struct gateway *waiting = NULL; /* a gateway back in service whose parked jobs go first */
+    for (size_t i = 0; i < gwset_count(w->gws); i++) {
+        struct gateway *g = gwset_at(w->gws, i);
+        probe |= !g->retired && g->blocked && g->probe_take;
+        if (!g->retired && !g->blocked && g->waiting_maybe && waiting == NULL)
+            waiting = g;
+    }
+    int stopped = all_blocked(w, NULL, NULL);
+    if (stopped && !probe)
+        return; /* every gateway stopped: only probes go out, the jobs stay queued */
     unsigned limit = w->flow.conc;
     unsigned room = w->nslots < limit ? limit - w->nslots : 0;
     unsigned allowed = flow_allowance(&w->flow, mono_ms(), &wait_ms);
-    if (w->blocked)
+    if (stopped)
         room = room ? 1 : 0;
     if (allowed < room)
         room = allowed;
@@ -247,6 +286,14 @@ void intake_pump(worker *w)
         return;
     }
     w->intake_busy = 1;
+    if (waiting && !w->paused) {
+        w->waiting_gw = waiting;
+        if (queue_take_waiting(w->q, waiting->name, room, on_taken_waiting, w) != 0) {
+            w->intake_busy = 0;
+            intake_later(w, INTAKE_RETRY_MS);
+        }
+        return;
+    }
     if (queue_take(w->q, room, w->cfg->global_rate, on_taken, w) != 0) {
         w->intake_busy = 0;
         intake_later(w, INTAKE_RETRY_MS);
@@ -303,10 +350,12 @@ static void on_promoted(int err, long long moved, void *ud)
 
 static const char *state_name(const worker *w)
 {
+    int kind = 0;
+    const char *msg;
     if (w->draining)
         return "draining";
-    if (w->blocked)
-        return block_name(w->blocked);
+    if (all_blocked(w, &kind, &msg))
+        return block_name(kind);
     if (w->paused)
         return "paused";
     return "running";
@@ -329,7 +378,7 @@ static void heartbeat(worker *w)
     const char *f[] = {"heartbeat", now,    "started",  started,   "pid",       pid,    "version",
                        PACKAGE_VERSION,     "held",     held,      "in_flight", inflight, "submitted",
                        sub,                 "failed",   failed,    "concurrency", conc, "state",
-                       state_name(w),       "message",  w->blocked ? w->block_msg : "",
+                       state_name(w),       "message",  block_message(w),
                        "run",               w->run_id,  "host",    host};
     w->upkeep_busy[UP_HEARTBEAT] = 1;
     if (queue_heartbeat(w->q, f, (int)(sizeof f / sizeof f[0]), HEARTBEAT_TTL_MS, on_heartbeat, w) != 0)
@@ -680,7 +729,8 @@ void worker_drain(worker *w, void (*done)(void *), void *ud)
     w->drain_done = done;
     w->drain_ud = ud;
     uv_timer_stop(&w->intake_timer);
-    uv_timer_stop(&w->probe_timer);
+    for (size_t i = 0; i < gwset_count(w->gws); i++)
+        uv_timer_stop(&gwset_at(w->gws, i)->probe_timer);
     /* Jobs held for account errors were never accepted: put them back. */
     slot **v = slots_in(w, S_ACCOUNT_HOLD, &n);
     for (size_t i = 0; i < n; i++)
@@ -694,11 +744,11 @@ void worker_drain(worker *w, void (*done)(void *), void *ud)
 
 /* ---- lifecycle -------------------------------------------------------------- */
 
-worker *worker_new(uv_loop_t *loop, const struct config *cfg, queue *q, http_client *http)
+worker *worker_new(uv_loop_t *loop, const struct config *cfg, queue *q, http_client *http, gwset *gws)
 {
     worker *w = xmalloc(sizeof *w);
     *w = (struct worker){
-        .loop = loop, .cfg = cfg, .q = q, .http = http,
+        .loop = loop, .cfg = cfg, .q = q, .http = http, .gws = gws,
         .resync = 1, /* first thing: the jobs a previous run left held */
         .recovering = 1,
         .id_rand = (uint32_t)rand(),
@@ -710,11 +760,9 @@ worker *worker_new(uv_loop_t *loop, const struct config *cfg, queue *q, http_cli
     flow_init(&w->flow, cfg->rate, (unsigned)cfg->concurrency, mono_ms());
     uv_timer_init(loop, &w->intake_timer);
     uv_timer_init(loop, &w->drain_timer);
-    uv_timer_init(loop, &w->probe_timer);
     uv_timer_init(loop, &w->upkeep_timer);
     w->intake_timer.data = w;
     w->drain_timer.data = w;
-    w->probe_timer.data = w;
     w->upkeep_timer.data = w;
     uv_timer_start(&w->upkeep_timer, on_upkeep, UPKEEP_MS, UPKEEP_MS);
     path_configure(w);
@@ -747,9 +795,11 @@ void worker_get_stats(const worker *w, struct worker_stats *st)
     *st = w->st;
     st->held = w->nslots;
     st->in_flight = w->in_flight;
-    st->blocked = w->blocked;
-    st->block_kind = w->blocked ? block_name(w->blocked) : NULL;
-    st->block_msg = w->blocked ? w->block_msg : NULL;
+    int kind = 0;
+    const char *msg = NULL;
+    st->blocked = all_blocked(w, &kind, &msg);
+    st->block_kind = st->blocked ? block_name(kind) : NULL;
+    st->block_msg = st->blocked ? msg : NULL;
 }
 
 static void worker_closed(uv_handle_t *h)
@@ -780,9 +830,8 @@ void worker_free(worker *w)
     free(w->backlog);
     free(w->spool);
     path_release(w);
-    w->handles_open = 4;
+    w->handles_open = 3;
     uv_close((uv_handle_t *)&w->intake_timer, worker_closed);
     uv_close((uv_handle_t *)&w->drain_timer, worker_closed);
-    uv_close((uv_handle_t *)&w->probe_timer, worker_closed);
     uv_close((uv_handle_t *)&w->upkeep_timer, worker_closed);
 }

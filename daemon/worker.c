@@ -38,30 +38,25 @@
 
 static void go(slot *s);
 static void on_probe(uv_timer_t *t);
+static void on_park_retry(uv_timer_t *t);
 
 /* ---- configuration-derived strings ----------------------------------- */
 
-/* The configuration's strings of the job's path (after a start or SIGHUP);
- * a blocked instance probes at once: a new token may fix it. */
+/* After a start or SIGHUP (main rebuilt the gateways, gateway.c): a stopped
+ * gateway probes at once, since a new key may fix it. */
 void path_configure(worker *w)
 {
-    char err[160];
-    w->dialect = dialect_find(w->cfg->dialect);
-    VQ_ASSERT(w->dialect); /* config.c checked the name */
-    credential_free(&w->cred);
-    int rc = credential_init(&w->cred, w->dialect, w->cfg->token, w->cfg->jwt_ttl_ms / 1000, err, sizeof err);
-    VQ_ASSERT(rc == 0); /* config_load_token checked the token with the dialect */
-    (void)rc;
-    free(w->probe_url);
-    w->probe_url = api_url(w->cfg->base_url, w->dialect->probe_path);
-    if (w->blocked)
-        uv_timer_start(&w->probe_timer, on_probe, 0, 0);
+    for (size_t i = 0; i < gwset_count(w->gws); i++) {
+        struct gateway *g = gwset_at(w->gws, i);
+        g->owner = w;
+        if (g->blocked && !g->retired)
+            uv_timer_start(&g->probe_timer, on_probe, 0, 0);
+    }
 }
 
 void path_release(worker *w)
 {
-    credential_free(&w->cred);
-    free(w->probe_url);
+    (void)w;
 }
 
 /* ---- slots ------------------------------------------------------------ */
@@ -97,8 +92,8 @@ void slot_release(slot *s)
     VQ_ASSERT(w->nslots > 0);
     w->nslots--;
     if (s->forbidden) {
-        VQ_ASSERT(w->nforbidden > 0);
-        w->nforbidden--;
+        VQ_ASSERT(s->gw && s->gw->nforbidden > 0);
+        s->gw->nforbidden--;
     }
     clear_outcome(s);
     sbuf_free(&s->fbuf);
@@ -194,6 +189,13 @@ static void ev_begin(slot *s, const char *event)
         ev_str(s, "batch", s->job.batch);
     if (s->job.meta)
         ev_str(s, "meta", s->job.meta);
+    /* docs/protocol.md §4 and §9: which gateway, and which key (its
+     * fingerprint) the request went out with */
+    int about_submit = strcmp(event, "submitted") == 0 || strcmp(event, "failed") == 0;
+    if (s->gw && (about_submit || strcmp(event, "duplicate") == 0))
+        ev_str(s, "gateway", s->gw->name);
+    if (s->key && about_submit)
+        ev_str(s, "key", s->key->fp);
 }
 
 /* The dead-list record: the original job (as JSON when it was JSON) and why. */
@@ -361,6 +363,42 @@ static void on_putback(int err, long long result, void *ud)
 }
 
 /* Return a job that was never accepted to the intake list, as it was taken. */
+static void on_parked(int err, long long result, void *ud)
+{
+    slot *s = ud;
+    worker *w = s->w;
+    (void)result;
+    if (w->closed)
+        return;
+    if (err) {
+        /* Redis is away: the job stays held (and in memory) and is tried again. */
+        uv_timer_start(&s->timer, on_park_retry, RECORD_RETRY_MS, 0);
+        return;
+    }
+    s->gw->waiting_maybe = 1;
+    w->st.parked++;
+    slot_done(s);
+}
+
+static void on_park_retry(uv_timer_t *t)
+{
+    slot *s = t->data;
+    if (!s->gw->blocked) {
+        go(s); /* back meanwhile: no need to wait */
+        return;
+    }
+    slot_park(s);
+}
+
+/* A job never sent, for a stopped gateway: into vidq:waiting:<gateway>. */
+void slot_park(slot *s)
+{
+    s->state = S_PUTBACK;
+    if (queue_park(s->w->q, s->gw->name, s->held, s->held_len, s->taken, s->taken_len, s->token,
+                   s->job.id_given ? s->job.job_id : NULL, on_parked, s) != 0)
+        on_parked(1, 0, s);
+}
+
 void slot_putback(slot *s)
 {
     s->state = S_PUTBACK;
@@ -507,36 +545,59 @@ const char *block_name(int kind)
     return kind == BLOCK_GATEWAY ? "gateway_down" : "account_blocked";
 }
 
-static void block(worker *w, int kind, const char *msg)
+static void block(struct gateway *g, int kind, const char *msg)
 {
-    if (w->blocked)
+    worker *w = g->owner;
+    if (g->blocked)
         return;
-    w->blocked = kind;
-    w->blocked_seq = w->send_seq;
-    snprintf(w->block_msg, sizeof w->block_msg, "%s", msg);
-    w->probe_delay_ms = w->cfg->account_probe_ms;
+    g->blocked = kind;
+    g->blocked_seq = w->send_seq;
+    snprintf(g->block_msg, sizeof g->block_msg, "%s", msg);
+    g->probe_delay_ms = w->cfg->account_probe_ms;
     log_kv(LOG_ERROR,
-           kind == BLOCK_GATEWAY ? "the gateway is unreachable: intake stopped, jobs kept; probing"
-                                 : "the API refuses this account or token: intake stopped, jobs kept; probing",
-           "reason", msg, NULL);
-    uv_timer_start(&w->probe_timer, on_probe, (uint64_t)w->probe_delay_ms, 0);
+           kind == BLOCK_GATEWAY ? "the gateway is unreachable: its jobs are kept (or wait in Redis); probing"
+                                 : "the API refuses every key of this gateway: its jobs are kept (or wait in Redis); "
+                                   "probing",
+           "gateway", g->name, "reason", msg, NULL);
+    uv_timer_start(&g->probe_timer, on_probe, (uint64_t)g->probe_delay_ms, 0);
 }
 
-void worker_unblock(worker *w)
+/* Every gateway in service is stopped: intake stops (jobs stay in the queue). */
+int all_blocked(const worker *w, int *kind, const char **msg)
 {
-    if (!w->blocked)
+    int any = 0, all = 1;
+    for (size_t i = 0; i < gwset_count(w->gws); i++) {
+        const struct gateway *g = gwset_at(w->gws, i);
+        if (g->retired)
+            continue;
+        any = 1;
+        if (!g->blocked) {
+            all = 0;
+        } else if (kind && *kind == 0) {
+            *kind = g->blocked;
+            *msg = g->block_msg;
+        }
+    }
+    return any && all;
+}
+
+void gateway_unblock(struct gateway *g)
+{
+    worker *w = g->owner;
+    if (!g->blocked)
         return;
-    log_kv(LOG_NOTICE, w->blocked == BLOCK_GATEWAY ? "the gateway answers again: resuming"
+    log_kv(LOG_NOTICE, g->blocked == BLOCK_GATEWAY ? "the gateway answers again: resuming"
                                                   : "the API accepts requests again: resuming",
-           NULL);
-    w->blocked = 0;
-    w->probe_take = 0;
-    uv_timer_stop(&w->probe_timer);
+           "gateway", g->name, NULL);
+    g->blocked = 0;
+    g->probe_take = 0;
+    g->waiting_maybe = 1; /* its parked jobs go first */
+    uv_timer_stop(&g->probe_timer);
     /* Collect first: sending may complete synchronously and free slots. */
     size_t n = 0;
     slot **v = xmalloc((w->nslots + 1) * sizeof *v);
     for (slot *s = w->slots; s; s = s->next) {
-        if (s->state == S_ACCOUNT_HOLD)
+        if (s->state == S_ACCOUNT_HOLD && s->gw == g)
             v[n++] = s;
     }
     for (size_t i = 0; i < n; i++)
@@ -545,55 +606,96 @@ void worker_unblock(worker *w)
     intake_pump(w);
 }
 
+/* A key refused as an account (401/402, Kling 1000-1004/1100-1102): set
+ * aside, probed with a job of its gateway every account_probe_interval
+ * (doubling to 60 s). Returns how many keys of the gateway remain in service. */
+static size_t key_aside(struct gwkey *k, const char *msg)
+{
+    worker *w = k->g->owner;
+    if (!k->aside) {
+        k->aside = 1;
+        k->probe_delay_ms = w->cfg->account_probe_ms;
+        log_kv(LOG_WARNING, "a key is refused as an account: set aside, probed; the other keys carry on", "gateway",
+               k->g->name, "key", k->fp, "reason", msg, NULL);
+    }
+    k->aside_seq = w->send_seq;
+    k->probe_at = mono_ms() + k->probe_delay_ms;
+    k->refused++;
+    snprintf(k->aside_msg, sizeof k->aside_msg, "%s", msg);
+    return gw_keys_in_service(k->g);
+}
+
+/* A request sent with `k` after it was set aside was accepted: back in service. */
+static void key_works(struct gwkey *k, uint64_t sent_seq)
+{
+    if (k->aside && sent_seq > k->aside_seq) {
+        k->aside = 0;
+        log_kv(LOG_NOTICE, "a key set aside is accepted again: back in service", "gateway", k->g->name, "key", k->fp,
+               NULL);
+    }
+}
+
 static void on_gateway_probe(http_req *req, const struct http_result *res, void *ud)
 {
-    worker *w = ud;
+    struct gateway *g = ud;
+    worker *w = g->owner;
     struct outcome o;
     (void)req;
     if (w->closed)
         return;
-    w->probe_req = NULL;
+    g->probe_req = NULL;
     if (w->draining)
         return;
     api_classify_submit(res, &o);
     /* Any answer of the gateway's own (even "no such task") says it is there. */
     int up = res->status > 0 && !o.gateway_down;
     outcome_free(&o);
-    if (up && w->blocked == BLOCK_GATEWAY) {
-        w->blocked_seq = w->send_seq; /* requests from now on may lift it */
-        worker_unblock(w);
+    if (up && g->blocked == BLOCK_GATEWAY) {
+        g->blocked_seq = w->send_seq; /* requests from now on may lift it */
+        gateway_unblock(g);
     }
 }
 
-static void probe_gateway(worker *w)
+static void probe_gateway(struct gateway *g)
 {
-    const char *headers[] = {credential_header(&w->cred), "Accept: application/json", NULL};
-    if (w->probe_req || w->draining)
+    worker *w = g->owner;
+    struct gwkey *k = gw_pick_key(g, mono_ms(), 1);
+    const char *headers[] = {k ? credential_header(&k->cred) : "Accept: */*", "Accept: application/json", NULL};
+    if (g->probe_req || w->draining)
         return;
-    w->probe_req = http_get(w->http, w->probe_url, headers, on_gateway_probe, w);
+    g->probe_req = http_get(w->http, g->probe_url, headers, on_gateway_probe, g);
 }
 
-/* A held job goes out as a probe of the account; the least-struck first. */
+/* A held job goes out as a probe of the gateway's keys; the least-struck first. */
 static void on_probe(uv_timer_t *t)
 {
-    worker *w = t->data;
+    struct gateway *g = t->data;
+    worker *w = g->owner;
     slot *best = NULL;
-    w->probe_delay_ms = w->probe_delay_ms * 2 < PROBE_MAX_MS ? w->probe_delay_ms * 2 : PROBE_MAX_MS;
-    if (w->probe_delay_ms < w->cfg->account_probe_ms)
-        w->probe_delay_ms = w->cfg->account_probe_ms;
-    uv_timer_start(&w->probe_timer, on_probe, (uint64_t)w->probe_delay_ms, 0);
-    if (w->blocked == BLOCK_GATEWAY) {
-        probe_gateway(w);
+    unsigned held = 0;
+    if (g->retired)
+        return;
+    g->probe_delay_ms = g->probe_delay_ms * 2 < PROBE_MAX_MS ? g->probe_delay_ms * 2 : PROBE_MAX_MS;
+    if (g->probe_delay_ms < w->cfg->account_probe_ms)
+        g->probe_delay_ms = w->cfg->account_probe_ms;
+    uv_timer_start(&g->probe_timer, on_probe, (uint64_t)g->probe_delay_ms, 0);
+    if (g->blocked == BLOCK_GATEWAY) {
+        probe_gateway(g);
         return;
     }
     for (slot *s = w->slots; s; s = s->next) {
+        if (s->gw != g)
+            continue;
+        held++;
         if (s->state == S_ACCOUNT_HOLD && (best == NULL || s->strikes < best->strikes))
             best = s;
     }
     if (best && (best->strikes < 2 || w->nslots >= w->flow.conc)) {
+        best->probe = 1;
         go(best);
-    } else if (w->blocked) {
-        w->probe_take = 1; /* every held job looks like its own problem: try a fresh one */
+    } else if (g->blocked) {
+        g->probe_take = 1; /* every held job looks like its own problem: try a fresh one */
+        g->waiting_maybe = 1;
         intake_pump(w);
     }
 }
@@ -607,21 +709,22 @@ static void forbidden_job(slot *s)
 }
 
 /*
- * A request sent as number `seq` was accepted: the account works. A held
- * 403 job whose refusal came before that request went out is sent once
- * more; if it is refused again, it is refused for itself (account_error).
+ * A request sent as number `seq` to gateway `g` was accepted: its account
+ * works. A held 403 job of that gateway whose refusal came before that
+ * request went out is sent once more; if it is refused again, it is
+ * refused for itself (account_error).
  */
-static void account_works(worker *w, uint64_t seq)
+static void account_works(worker *w, struct gateway *g, uint64_t seq)
 {
     size_t n = 0;
     /* Nearly every accepted answer gets here: without a held 403 there is
      * nothing to look for, and walking 5,000 slots for each of 5,000
      * answers was a third of vidqd's CPU at concurrency 5,000. */
-    if (w->nforbidden == 0)
+    if (g->nforbidden == 0)
         return;
     slot **v = xmalloc((w->nslots + 1) * sizeof *v);
     for (slot *s = w->slots; s; s = s->next) {
-        if (s->state == S_ACCOUNT_HOLD && s->forbidden && s->strike_seq < seq)
+        if (s->gw == g && s->state == S_ACCOUNT_HOLD && s->forbidden && s->strike_seq < seq)
             v[n++] = s;
     }
     for (size_t i = 0; i < n; i++) {
@@ -632,19 +735,23 @@ static void account_works(worker *w, uint64_t seq)
 }
 
 /*
- * 401/402: the account; hold the job and stop. 403: maybe the account,
- * maybe this job (a model the token may not use). The job is held (its
- * attempt does not count) while intake goes on. When a request sent after
- * the 403 came back is accepted, the job is sent once more; a 403 then
- * makes it `rejected`. FORBIDDEN_SUSPECTS jobs held so, with nothing
- * accepted after their 403s, stop intake as for the account. Judging by
- * what was sent after the refusal (not by answers that arrive later) keeps
- * answers to requests already out when a quota ran out from judging a job,
- * and a transient 403 costs one more request, not the job.
+ * 401/402 (and a dialect's account codes): the key. It is set aside and the
+ * job goes again at once with another key of its gateway; only when no key
+ * is left in service is the job held and the gateway stopped. 403: maybe
+ * the account, maybe this job (a model the token may not use). The job is
+ * held (its attempt does not count) while intake goes on. When a request
+ * sent after the 403 came back is accepted, the job is sent once more; a
+ * 403 then makes it `rejected`. FORBIDDEN_SUSPECTS jobs of a gateway held
+ * so, with nothing accepted after their 403s, stop the gateway as for the
+ * account. Judging by what was sent after the refusal (not by answers that
+ * arrive later) keeps answers to requests already out when a quota ran out
+ * from judging a job, and a transient 403 costs one more request, not the
+ * job.
  */
 static void account_error(slot *s, const struct outcome *o, const struct http_result *res)
 {
     worker *w = s->w;
+    struct gateway *g = s->gw;
     (void)res;
     s->attempts--;
     s->strikes++;
@@ -657,22 +764,28 @@ static void account_error(slot *s, const struct outcome *o, const struct http_re
         slot_putback(s);
         return;
     }
-    s->state = S_ACCOUNT_HOLD;
     if (o->http_status != 403) {
-        block(w, BLOCK_ACCOUNT, o->message);
+        if (s->key && key_aside(s->key, o->message) > 0 && !g->blocked) {
+            s->strikes--; /* the key's fault, not the job's */
+            go(s);        /* with another key */
+            return;
+        }
+        s->state = S_ACCOUNT_HOLD;
+        block(g, BLOCK_ACCOUNT, o->message);
         return;
     }
+    s->state = S_ACCOUNT_HOLD;
     if (!s->forbidden)
-        w->nforbidden++;
+        g->nforbidden++;
     s->forbidden = 1;
     s->strike_seq = w->send_seq;
     unsigned suspects = 0;
     for (slot *x = w->slots; x; x = x->next)
-        suspects += x->state == S_ACCOUNT_HOLD && x->forbidden;
+        suspects += x->gw == g && x->state == S_ACCOUNT_HOLD && x->forbidden;
     if (suspects >= FORBIDDEN_SUSPECTS || suspects >= w->flow.conc)
-        block(w, BLOCK_ACCOUNT, o->message);
-    else if (!uv_is_active((uv_handle_t *)&w->probe_timer))
-        uv_timer_start(&w->probe_timer, on_probe, (uint64_t)w->cfg->account_probe_ms, 0);
+        block(g, BLOCK_ACCOUNT, o->message);
+    else if (!uv_is_active((uv_handle_t *)&g->probe_timer))
+        uv_timer_start(&g->probe_timer, on_probe, (uint64_t)w->cfg->account_probe_ms, 0);
     intake_pump(w); /* others go on, and their answers judge this one */
 }
 
@@ -686,7 +799,7 @@ static void gateway_down(slot *s, const struct outcome *o)
         return;
     }
     s->state = S_ACCOUNT_HOLD;
-    block(w, BLOCK_GATEWAY, o->message);
+    block(s->gw, BLOCK_GATEWAY, o->message);
 }
 
 /* ---- an ambiguous submit looked up (dialect.h lookup_path) ---------------- */
@@ -700,9 +813,11 @@ static void gateway_down(slot *s, const struct outcome *o)
  *                            a third time;
  *   the lookup can't tell -> `ambiguous`, as without a lookup.
  * The forms are asked in order (the path form, then the query form): one
- * that finds the task decides; "none" needs the last form to say so too
- * (an unsupported path form may well answer "Task not found" for a task
- * that exists). The first ask waits LOOKUP_DELAY_MS, so a creation still in
+ * that finds the task decides; "none" needs every form to say it plainly
+ * (Kling's own "Task not found", or an empty list: a proxy's 404 or an
+ * error says nothing), and the second send goes to the same URL with the
+ * same key as the first (an external_task_id is unique only within one
+ * account; a reload may have changed the key or the base URL). The first ask waits LOOKUP_DELAY_MS, so a creation still in
  * progress on the other side lands first. The job keeps its mark all along:
  * a crash here ends it ambiguous at the next start, as any crash after a
  * send does.
@@ -725,10 +840,14 @@ static void ask_lookup(uv_timer_t *t)
         lookup_gave_up(s, "not asked: shutting down");
         return;
     }
-    char *path = w->dialect->lookup_path(s->job.job_id, s->dreq.route, s->lookup_form);
-    char *url = api_url(w->cfg->base_url, path);
+    char *path = s->gw->dialect->lookup_path(s->job.job_id, s->dreq.route, s->lookup_form);
+    /* Asked where the submit went (s->url), whatever a reload changed since. */
+    size_t base_len = strlen(s->url) - strlen(s->dreq.path);
+    char *base = xstrndup(s->url, base_len);
+    char *url = api_url(base, path);
+    free(base);
     free(path);
-    const char *headers[] = {credential_header(&w->cred), "Accept: application/json", NULL};
+    const char *headers[] = {credential_header(&s->key->cred), "Accept: application/json", NULL};
     s->req = http_get(w->http, url, headers, on_lookup, s);
     free(url);
     if (s->req == NULL)
@@ -753,7 +872,7 @@ static void on_lookup(http_req *req, const struct http_result *res, void *ud)
         return;
     s->req = NULL;
     char *task_id = NULL, *status = NULL;
-    enum lookup_result r = w->dialect->parse_lookup(res, s->job.job_id, &task_id, &status);
+    enum lookup_result r = s->gw->dialect->parse_lookup(res, s->job.job_id, &task_id, &status);
     if (r == LOOKUP_FOUND) {
         struct outcome o;
         memset(&o, 0, sizeof o);
@@ -771,14 +890,14 @@ static void on_lookup(http_req *req, const struct http_result *res, void *ud)
     free(status);
     if (s->lookup_form == 0)
         s->lookup_first = r;
-    char *next = w->dialect->lookup_path(s->job.job_id, s->dreq.route, s->lookup_form + 1);
+    char *next = s->gw->dialect->lookup_path(s->job.job_id, s->dreq.route, s->lookup_form + 1);
     if (next) {
         free(next);
         s->lookup_form++;
         ask_lookup(&s->timer);
         return;
     }
-    if (r == LOOKUP_NONE && !w->draining) {
+    if (r == LOOKUP_NONE && s->lookup_first != LOOKUP_UNKNOWN && !w->draining) {
         w->st.lookup_none++;
         log_kv(LOG_NOTICE, "an ambiguous submit has no task by its external_task_id: sent once more", "job_id",
                s->job.job_id, NULL);
@@ -786,8 +905,10 @@ static void on_lookup(http_req *req, const struct http_result *res, void *ud)
         go(s); /* through the SEND step: still held here (not taken over meanwhile)? */
         return;
     }
-    lookup_gave_up(s, r == LOOKUP_NONE ? "none found, not sent again: shutting down"
-                                       : res->outcome != HTTP_OK ? res->error : "the answer did not say");
+    lookup_gave_up(s, r == LOOKUP_NONE && w->draining          ? "none found, not sent again: shutting down"
+                      : r == LOOKUP_NONE                        ? "the query form found none, the path form could not tell"
+                      : res->outcome != HTTP_OK                 ? res->error
+                                                                : "the answer did not say");
 }
 
 /* The policy of docs/protocol.md §6 over the classification of api.c. */
@@ -806,19 +927,28 @@ static void on_response(http_req *req, const struct http_result *res, void *ud)
     VQ_ASSERT(w->in_flight > 0);
     w->in_flight--;
     api_classify_submit(res, &o);
-    if (w->dialect->classify)
-        w->dialect->classify(res, &o);
+    struct gateway *g = s->gw;
+    struct gwkey *k = s->key;
+    VQ_ASSERT(g->in_flight > 0 && k && k->in_flight > 0);
+    g->in_flight--;
+    k->in_flight--;
+    if (g->dialect->classify)
+        g->dialect->classify(res, &o);
     int can_retry = s->attempts < (unsigned)w->cfg->max_attempts;
     if (res->status == 429)
         flow_throttled(&w->flow, mono_ms());
-    if (o.kind == OUT_SUBMITTED && s->sent_seq > w->last_success_seq) {
-        w->last_success_seq = s->sent_seq;
-        account_works(w, s->sent_seq);
+    if (o.kind == OUT_SUBMITTED) {
+        k->submitted++;
+        key_works(k, s->sent_seq);
+    }
+    if (o.kind == OUT_SUBMITTED && s->sent_seq > g->last_success_seq) {
+        g->last_success_seq = s->sent_seq;
+        account_works(w, g, s->sent_seq);
     }
     /* A good answer to a request sent after the block began lifts it;
      * answers to requests that were already out say nothing. */
-    if (o.kind != OUT_ACCOUNT && !o.gateway_down && res->status > 0 && w->blocked && s->sent_seq > w->blocked_seq)
-        worker_unblock(w);
+    if (o.kind != OUT_ACCOUNT && !o.gateway_down && res->status > 0 && g->blocked && s->sent_seq > g->blocked_seq)
+        gateway_unblock(g);
     if (s->resent && o.kind != OUT_SUBMITTED) {
         /* The second send after a lookup found nothing: never a third. Its
          * refusal may well be Kling's "duplicate external_task_id" -- the
@@ -826,7 +956,7 @@ static void on_response(http_req *req, const struct http_result *res, void *ud)
         char msg[700];
         snprintf(msg, sizeof msg, "sent again after the lookup found no task, and that failed too: %s", o.message);
         if (o.gateway_down)
-            block(w, BLOCK_GATEWAY, o.message);
+            block(g, BLOCK_GATEWAY, o.message);
         fail(s, "ambiguous", msg, o.http_status, res->body, res->body_len);
         outcome_free(&o);
         return;
@@ -837,7 +967,7 @@ static void on_response(http_req *req, const struct http_result *res, void *ud)
         return;
     }
     if (o.gateway_down)
-        block(w, BLOCK_GATEWAY, o.message); /* and the job ends ambiguous below */
+        block(g, BLOCK_GATEWAY, o.message); /* and the job ends ambiguous below */
     switch (o.kind) {
     case OUT_SUBMITTED:
         submitted(s, &o, res);
@@ -849,7 +979,7 @@ static void on_response(http_req *req, const struct http_result *res, void *ud)
             fail(s, "attempts_exhausted", o.message, o.http_status, res->body, res->body_len);
         break;
     case OUT_AMBIGUOUS:
-        if (w->dialect->lookup_path && !w->draining)
+        if (g->dialect->lookup_path && !w->draining)
             look_up_later(s, &o);
         else if (w->cfg->retry_ambiguous && can_retry)
             retry_later(s, &o);
@@ -909,6 +1039,11 @@ static void on_send(int err, enum queue_verdict v, const char *arg, size_t len, 
     worker *w = s->w;
     if (w->closed)
         return; /* worker_free released it; its memory lasts this turn */
+    if (s->resent && w->draining && (err || v == Q_WAIT || v == Q_SEND)) {
+        /* Sent once already: it never goes back to the queue. */
+        lookup_gave_up(s, "none found, not sent again: shutting down");
+        return;
+    }
     if (err) {
         /* No answer, no request: a crash now must not leave a silent sender. */
         if (w->draining) {
@@ -986,16 +1121,41 @@ static void go(slot *s)
 static void post(slot *s)
 {
     worker *w = s->w;
+    struct gateway *g = s->gw;
+    /* A stopped gateway sends only probes, with a key set aside (the
+     * oldest probe first); a running one with the key in service that has
+     * the fewest requests out, or an aside key whose probe is due. */
+    struct gwkey *k = g->retired || g->conf == NULL ? NULL : gw_pick_key(g, mono_ms(), g->blocked != 0);
+    if (s->resent) {
+        /* The second send after a lookup found nothing goes where the first
+         * went, with the same key: an external_task_id is unique only within
+         * one account, and the lookup asked that account. */
+        k = s->key;
+    }
+    if (k == NULL) {
+        /* Its gateway was removed by a reload: nothing was sent; it goes
+         * back to the queue and is routed again. */
+        log_kv(LOG_NOTICE, "the job's gateway is no longer configured: back to the queue", "job_id", s->job.job_id,
+               "gateway", g->name, NULL);
+        slot_putback(s);
+        return;
+    }
     char idem[200];
     snprintf(idem, sizeof idem, "Idempotency-Key: %s", s->job.job_id);
-    const char *headers[] = {credential_header(&w->cred), "Content-Type: application/json", "Accept: application/json", idem,
-                             NULL};
-    free(s->url); /* base_url may have changed (SIGHUP) since the last attempt */
-    s->url = api_url(w->cfg->base_url, s->dreq.path);
+    const char *headers[] = {credential_header(&k->cred), "Content-Type: application/json", "Accept: application/json",
+                             idem, NULL};
+    if (!s->resent) {
+        free(s->url); /* base_url may have changed (SIGHUP) since the last attempt */
+        s->url = api_url(g->conf->base_url, s->dreq.path);
+    }
+    s->key = k;
+    s->probe = 0;
     s->attempts++;
     s->state = S_SENDING;
     s->sent_seq = ++w->send_seq;
     w->in_flight++;
+    g->in_flight++;
+    k->in_flight++;
     s->req = http_post(w->http, s->url, headers, s->dreq.body, s->dreq.body_len, on_response, s);
     if (s->req == NULL) {
         struct http_result res = {.outcome = HTTP_NOT_SENT, .error = "could not start the request",
@@ -1065,11 +1225,26 @@ void job_start(worker *w, const struct qitem *it)
         fail(s, "invalid_job", s->job.error, 0, NULL, 0);
         return;
     }
-    char *why = w->dialect->submit(&s->job, &s->dreq);
+    s->gw = gwset_route(w->gws, s->job.gateway, s->job.model);
+    if (s->gw == NULL) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "field \"gateway\": no gateway is named \"%s\"", s->job.gateway);
+        fail(s, "invalid_job", msg, 0, NULL, 0);
+        return;
+    }
+    char *why = s->gw->dialect->submit(&s->job, &s->dreq);
     if (why) {
         fail(s, "invalid_job", why, 0, NULL, 0);
         free(why);
         return;
+    }
+    if (s->gw->blocked && !s->marked) {
+        if (s->gw->probe_take) {
+            s->gw->probe_take = 0; /* the probe the gateway asked for */
+        } else {
+            slot_park(s); /* waits in Redis until its gateway runs again */
+            return;
+        }
     }
     go(s);
 }

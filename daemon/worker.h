@@ -8,6 +8,7 @@
 #ifndef VIDQ_WORKER_H
 #define VIDQ_WORKER_H
 
+#include "gateway.h"
 #include <stdint.h>
 #include <uv.h>
 
@@ -26,6 +27,7 @@ struct worker_stats {
     /* ambiguous submits looked up (dialects that can, Kling): the task
      * found, none found (sent once more), the lookup could not tell */
     uint64_t lookup_found, lookup_none, lookup_unknown;
+    uint64_t parked;     /* jobs put in their stopped gateway's waiting list */
     unsigned held;       /* jobs held right now */
     unsigned in_flight;  /* HTTP requests in flight */
     int blocked;         /* account errors or the gateway down: intake stopped */
@@ -33,7 +35,7 @@ struct worker_stats {
     const char *block_msg;
 };
 
-worker *worker_new(uv_loop_t *loop, const struct config *cfg, queue *q, http_client *http);
+worker *worker_new(uv_loop_t *loop, const struct config *cfg, queue *q, http_client *http, gwset *gws);
 /* Called by main when the queue comes up or goes down. */
 void worker_queue_state(worker *w, int up);
 /* New configuration after SIGHUP (the worker keeps a pointer to it). */

@@ -10,6 +10,7 @@
 #include "worker.h"
 #include "flow.h"
 #include "dialect.h"
+#include "gateway.h"
 #include "job.h"
 
 #define MAX_FIELDS 32
@@ -42,6 +43,9 @@ struct slot {
     const char *taken; /* inside held: the job as it was taken (maybe a retry envelope) */
     size_t taken_len;
     struct job job;
+    struct gateway *gw;          /* where it goes (gwset_route) */
+    struct gwkey *key;           /* the key its last request went out with, or NULL */
+    int probe;                   /* it goes as its stopped gateway's probe */
     struct dialect_request dreq; /* the job in the gateway's dialect (job_start) */
     char *url;                   /* base_url + dreq.path */
     enum sstate state;
@@ -94,8 +98,8 @@ struct worker {
     const struct config *cfg;
     queue *q;
     http_client *http;
-    const struct dialect *dialect;
-    struct credential cred;  /* the Authorization header (a Kling JWT is renewed) */
+    gwset *gws;              /* the gateways, their keys and their state (gateway.c) */
+    struct gateway *waiting_gw; /* whose parked jobs the intake call in flight takes */
     slot *slots;
     unsigned nslots;
     unsigned in_flight;
@@ -107,18 +111,7 @@ struct worker {
     int paused;
     uv_timer_t intake_timer;
     struct flow flow;
-    /* account errors */
-    int blocked;          /* BLOCK_ACCOUNT or BLOCK_GATEWAY: intake stopped */
     uint64_t send_seq;    /* requests sent so far: their order */
-    uint64_t blocked_seq; /* only requests sent after it can lift the block */
-    uint64_t last_success_seq; /* the latest-sent request that was accepted */
-    unsigned nforbidden;       /* slots with `forbidden` set: account_works has something to do */
-    char *probe_url;      /* a GET that cannot create a task */
-    http_req *probe_req;
-    char block_msg[512];
-    int64_t probe_delay_ms;
-    int probe_take;    /* let one new job in, as a probe */
-    uv_timer_t probe_timer;
     /* upkeep */
     uv_timer_t upkeep_timer;
     unsigned ticks;
@@ -163,8 +156,12 @@ void slot_record(slot *s);
 void slot_release(slot *s);
 /* Slots in `state`, in a new array (caller frees). */
 slot **slots_in(worker *w, enum sstate state, size_t *n);
-/* Account errors, the gateway down: stop intake / lift it. */
-void worker_unblock(worker *w);
+/* A gateway stopped (every key aside, or unreachable) runs again. */
+void gateway_unblock(struct gateway *g);
+/* Every gateway is stopped (then intake stops); the first one's kind and message. */
+int all_blocked(const worker *w, int *kind, const char **msg);
+/* A never-sent job for a stopped gateway: into its waiting list. */
+void slot_park(slot *s);
 
 /* ---- the instance around it (upkeep.c) ---- */
 

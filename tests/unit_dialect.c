@@ -267,6 +267,9 @@ static void test_kling_tasks(void **state)
     res = answer(400, body, len);
     assert_false(dialect_kling.not_found(&res)); /* 1201 about a parameter is not "no such task" */
     free(body);
+    const char *page = "<html><body>404 Not Found</body></html>";
+    res = answer(404, page, strlen(page));
+    assert_false(dialect_kling.not_found(&res)); /* a proxy's 404 says nothing about the task */
 }
 
 static void test_openai_tasks(void **state)
@@ -389,6 +392,8 @@ static void test_kling_lookup(void **state)
     assert_string_equal(id, "77");
     free(id);
     assert_int_equal(lookup(500, "{\"code\":5000,\"message\":\"internal\"}", &id), LOOKUP_UNKNOWN);
+    assert_int_equal(lookup(404, "<html>404 Not Found</html>", &id), LOOKUP_UNKNOWN);
+    assert_int_equal(lookup(200, "<html>the dashboard</html>", &id), LOOKUP_UNKNOWN);
     assert_int_equal(lookup(400, "{\"code\":1201,\"message\":\"invalid parameter\"}", &id), LOOKUP_UNKNOWN);
     struct http_result res = answer(0, "", 0);
     res.outcome = HTTP_TIMED_OUT;

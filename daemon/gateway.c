@@ -1,0 +1,260 @@
+/*
+ * gateway.c - the gateways at run time (see gateway.h).
+ */
+#include "gateway.h"
+#include "api.h"
+#include "log.h"
+#include "util.h"
+
+#include <fnmatch.h>
+#include <openssl/evp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+struct gwset {
+    uv_loop_t *loop;
+    struct gateway **v;
+    size_t n;
+    int closing;
+    unsigned open_handles;
+    /* Until config.c fills cfg->gw: [api] as the one gateway. */
+    struct config fb_cfg;
+    struct gateway_conf fb_gw;
+    char *fb_keys[1];
+};
+
+static void fallback(gwset *s, const struct config *cfg)
+{
+    if (cfg->ngw > 0)
+        return;
+    free(s->fb_keys[0]);
+    s->fb_keys[0] = xstrdup(cfg->token ? cfg->token : "");
+    s->fb_gw = (struct gateway_conf){
+        .name = "api", .base_url = cfg->base_url, .dialect = cfg->dialect, .jwt_ttl_ms = cfg->jwt_ttl_ms,
+        .timeout_ms = cfg->timeout_ms, .connect_timeout_ms = cfg->connect_timeout_ms, .keys = s->fb_keys, .nkeys = 1,
+    };
+    s->fb_cfg.gw = &s->fb_gw;
+    s->fb_cfg.ngw = 1;
+}
+
+void key_fingerprint(const char *token, char out[9])
+{
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned len = 0;
+    EVP_Digest(token, strlen(token), md, &len, EVP_sha256(), NULL);
+    for (int i = 0; i < 4; i++)
+        snprintf(out + 2 * i, 3, "%02x", md[i]);
+}
+
+gwset *gwset_new(uv_loop_t *loop)
+{
+    gwset *s = xcalloc(1, sizeof *s);
+    s->loop = loop;
+    return s;
+}
+
+size_t gwset_count(const gwset *s)
+{
+    return s->n;
+}
+
+struct gateway *gwset_at(const gwset *s, size_t i)
+{
+    return i < s->n ? s->v[i] : NULL;
+}
+
+static struct gateway *find_any(const gwset *s, const char *name)
+{
+    for (size_t i = 0; i < s->n; i++) {
+        if (strcmp(s->v[i]->name, name) == 0)
+            return s->v[i];
+    }
+    return NULL;
+}
+
+struct gateway *gwset_find(const gwset *s, const char *name)
+{
+    struct gateway *g = find_any(s, name);
+    return g && !g->retired ? g : NULL;
+}
+
+static struct gwkey *key_new(struct gateway *g, const char *token, int64_t ttl_s)
+{
+    struct gwkey *k = xcalloc(1, sizeof *k);
+    char err[160];
+    k->g = g;
+    k->token = xstrdup(token);
+    key_fingerprint(token, k->fp);
+    int rc = credential_init(&k->cred, g->dialect, token, ttl_s, err, sizeof err);
+    VQ_ASSERT(rc == 0); /* config_load_token checked every key with its dialect */
+    (void)rc;
+    return k;
+}
+
+/* The keys of `gc`: the ones already known keep their state. */
+static void set_keys(struct gateway *g, const struct gateway_conf *gc)
+{
+    for (size_t i = 0; i < g->nkeys; i++)
+        g->keys[i]->retired = 1;
+    for (size_t j = 0; j < gc->nkeys; j++) {
+        struct gwkey *k = NULL;
+        for (size_t i = 0; i < g->nkeys && k == NULL; i++) {
+            if (strcmp(g->keys[i]->token, gc->keys[j]) == 0)
+                k = g->keys[i];
+        }
+        if (k) {
+            k->retired = 0;
+            credential_free(&k->cred);
+            char err[160];
+            int rc = credential_init(&k->cred, g->dialect, k->token, gc->jwt_ttl_ms / 1000, err, sizeof err);
+            VQ_ASSERT(rc == 0);
+            (void)rc;
+        } else {
+            g->keys = xrealloc(g->keys, (g->nkeys + 1) * sizeof *g->keys);
+            g->keys[g->nkeys++] = key_new(g, gc->keys[j], gc->jwt_ttl_ms / 1000);
+        }
+    }
+}
+
+static void timer_closed(uv_handle_t *h)
+{
+    struct gateway *g = h->data;
+    gwset *s = g->set;
+    VQ_ASSERT(s->open_handles > 0);
+    if (--s->open_handles == 0 && s->closing) {
+        for (size_t i = 0; i < s->n; i++) {
+            struct gateway *x = s->v[i];
+            for (size_t j = 0; j < x->nkeys; j++) {
+                credential_free(&x->keys[j]->cred);
+                free(x->keys[j]->token);
+                free(x->keys[j]);
+            }
+            free(x->keys);
+            free(x->name);
+            free(x->probe_url);
+            free(x);
+        }
+        free(s->v);
+        free(s->fb_keys[0]);
+        free(s);
+    }
+}
+
+void gwset_configure(gwset *s, const struct config *cfg, void *owner)
+{
+    fallback(s, cfg);
+    if (cfg->ngw == 0)
+        cfg = &s->fb_cfg;
+    for (size_t i = 0; i < s->n; i++)
+        s->v[i]->retired = 1;
+    for (size_t j = 0; j < cfg->ngw; j++) {
+        const struct gateway_conf *gc = &cfg->gw[j];
+        struct gateway *g = find_any(s, gc->name);
+        if (g == NULL) {
+            g = xcalloc(1, sizeof *g);
+            g->set = s;
+            g->name = xstrdup(gc->name);
+            g->owner = owner;
+            g->waiting_maybe = 1; /* another run may have parked jobs for it */
+            uv_timer_init(s->loop, &g->probe_timer);
+            g->probe_timer.data = g;
+            s->open_handles++;
+            s->v = xrealloc(s->v, (s->n + 1) * sizeof *s->v);
+            s->v[s->n++] = g;
+        }
+        g->retired = 0;
+        g->conf = gc;
+        g->dialect = dialect_find(gc->dialect);
+        VQ_ASSERT(g->dialect); /* config.c checked the name */
+        free(g->probe_url);
+        g->probe_url = api_url(gc->base_url, g->dialect->probe_path);
+        set_keys(g, gc);
+    }
+    for (size_t i = 0; i < s->n; i++) {
+        if (s->v[i]->retired)
+            s->v[i]->conf = NULL; /* that configuration is freed after this */
+    }
+}
+
+struct gateway *gwset_route(const gwset *s, const char *named, const char *model)
+{
+    if (named)
+        return gwset_find(s, named);
+    for (size_t i = 0; model && i < s->n; i++) {
+        const struct gateway *g = s->v[i];
+        if (g->retired || g->conf == NULL || g->conf->models == NULL || strcmp(g->name, "api") == 0)
+            continue;
+        /* space-separated shell globs */
+        const char *p = g->conf->models;
+        while (*p) {
+            while (*p == ' ' || *p == '\t')
+                p++;
+            size_t n = strcspn(p, " \t");
+            if (n > 0) {
+                char glob[256];
+                snprintf(glob, sizeof glob, "%.*s", (int)n, p);
+                if (fnmatch(glob, model, 0) == 0)
+                    return s->v[i];
+            }
+            p += n;
+        }
+    }
+    return gwset_find(s, "api");
+}
+
+struct gwkey *gw_key(const struct gateway *g, const char *fp)
+{
+    for (size_t i = 0; fp && i < g->nkeys; i++) {
+        if (strcmp(g->keys[i]->fp, fp) == 0)
+            return g->keys[i];
+    }
+    return NULL;
+}
+
+size_t gw_keys_in_service(const struct gateway *g)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < g->nkeys; i++)
+        n += !g->keys[i]->retired && !g->keys[i]->aside;
+    return n;
+}
+
+struct gwkey *gw_pick_key(struct gateway *g, int64_t now, int force)
+{
+    struct gwkey *best = NULL, *probe = NULL;
+    for (size_t i = 0; i < g->nkeys; i++) {
+        struct gwkey *k = g->keys[i];
+        if (k->retired)
+            continue;
+        if (k->aside) {
+            if ((force || now >= k->probe_at) && (probe == NULL || k->probe_at < probe->probe_at))
+                probe = k;
+        } else if (best == NULL || k->in_flight < best->in_flight) {
+            best = k;
+        }
+    }
+    if (probe) {
+        /* It goes as a probe now; the next one after the delay (doubling to 60 s). */
+        probe->probe_at = now + probe->probe_delay_ms;
+        probe->probe_delay_ms = probe->probe_delay_ms * 2 < 60000 ? probe->probe_delay_ms * 2 : 60000;
+        return probe;
+    }
+    return best;
+}
+
+void gwset_free(gwset *s)
+{
+    s->closing = 1;
+    if (s->n == 0) {
+        free(s->v);
+        free(s->fb_keys[0]);
+        free(s);
+        return;
+    }
+    for (size_t i = 0; i < s->n; i++) {
+        uv_timer_stop(&s->v[i]->probe_timer);
+        uv_close((uv_handle_t *)&s->v[i]->probe_timer, timer_closed);
+    }
+}
