@@ -23,12 +23,13 @@
  * to [api]'s (base_url excepted: required) and [submit]'s values.
  */
 #define GATEWAY_NAME_MAX 32
+struct gw_section;
 struct gateway_conf {
     char *name;              /* "api", or NAME of [gateway.NAME]: 1-32 of [A-Za-z0-9_-] */
     char *base_url;
     char *token_file;        /* [api]: NULL means the credential / $VIDQ_API_TOKEN */
     char *dialect;
-    char *models;            /* space-separated fnmatch globs routed here, or NULL */
+    char *models;            /* fnmatch globs routed here, separated by one space, or NULL */
     long concurrency;        /* its own requests in flight at most; 0: only submit.concurrency */
     double rate;             /* per second, 0 = unlimited */
     double global_rate;      /* per second across instances, 0 = unlimited */
@@ -92,6 +93,10 @@ struct config {
     /* Not keys: the gateways, gw[0] being [api], filled by config_finish(). */
     struct gateway_conf *gw;
     size_t ngw;
+    /* Bookkeeping: the [gateway.NAME] sections as read, in file order, from
+     * which config_finish() builds gw[1..] (config.c). */
+    struct gw_section *sections;
+    size_t nsections;
     /* Not a key: the file the config came from (for messages), or NULL. */
     char *path;
     /* Bookkeeping for "set twice" errors, one line number per table key. */
@@ -135,25 +140,38 @@ struct config_check {
 extern const struct config_check config_checks[];
 
 /* Cross-key checks, derived defaults (instance = host name), then each of
- * `checks` (a list ending with {NULL}; may be NULL). */
+ * `checks` (a list ending with {NULL}; may be NULL), then the gateways: each
+ * [gateway.NAME] checked like its [api] equivalents (base_url and token_file
+ * required), and c->gw / c->ngw built again (without keys: call
+ * config_load_token after it). */
 int config_finish(struct config *c, const struct config_check *checks, char *err, size_t errlen);
 
 /*
  * SIGHUP: give `fresh` the running value of every restart-only key (marked
- * in the table) whose value changed. Returns how many; their names, comma
- * separated, go to `changed`.
+ * in the table) whose value changed, and the running dialect of every
+ * gateway in both ("gateway.NAME.dialect"). When the fresh keys of a gateway
+ * whose dialect was kept cannot be used with it, its running keys are kept
+ * too ("api.token_file" / "gateway.NAME.token_file"). Returns how many;
+ * their names, comma separated, go to `changed`. Gateways and keys may come
+ * and go.
  */
 int config_keep_restart_only(struct config *fresh, const struct config *running, char *changed, size_t size);
 
 /*
- * Find the API token: api.token_file, else the systemd credential
- * $CREDENTIALS_DIRECTORY/api-token, else $VIDQ_API_TOKEN. Returns 0, or -1
- * with a message when none is set or the file cannot be read.
+ * Load every gateway's key pool. [api]'s: api.token_file, else the systemd
+ * credential $CREDENTIALS_DIRECTORY/api-token, else $VIDQ_API_TOKEN (one
+ * key); a [gateway.NAME]'s: its token_file. A file holds one key a line,
+ * surrounding whitespace trimmed, blank lines and lines starting with '#'
+ * ignored; at least one key, no control characters, no key twice, each
+ * usable by its gateway's dialect. c->token = gw[0].keys[0] (a copy).
+ * Returns 0, or -1 with a message naming the file and line (never the key);
+ * then nothing in `c` changed.
  */
 int config_load_token(struct config *c, char *err, size_t errlen);
 /*
- * After config_load_token(): a warning to log when the token file it read is
- * accessible to group or others, else NULL. Refers to the last file read.
+ * After config_load_token(): a warning to log when a token file it read is
+ * accessible to group or others, else NULL. Names the first such file in
+ * gateway order ([api] first).
  */
 const char *config_token_warning(void);
 

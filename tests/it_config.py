@@ -9,7 +9,12 @@
   an override wins over the file (--print-config), and the token is never printed;
 - unknown option / stray argument -> 64; --version and --help -> 0 on stdout;
 - no token at all -> 78 mentioning VIDQ_API_TOKEN; an unreadable api.token_file -> 78;
-- a missing explicit -c file -> 78 naming the file.
+- a missing explicit -c file -> 78 naming the file;
+- [gateway.NAME] sections (§9): bad files exit 78 naming file, line and key (unknown key, bad
+  NAME, a section twice, missing base_url, bad dialect, bad models glob); -o for a section the
+  file lacks -> 78; a good one passes --check-config, --print-config shows it with the values it
+  inherits; every key of its token file is checked with its dialect (a Kling line without ':'
+  -> 78 naming file:line, never the key).
 """
 import os
 import sys
@@ -94,6 +99,16 @@ def main(t, env):
         ("unknown section", "[apii]\ntimeout = 5s\n", 2, "apii.timeout"),
         ("bad redis.url", "[redis]\nurl = http://localhost:6379\n", 2, "redis.url"),
         ("bad base_url", "[api]\nbase_url = ftp://example.com\n", 2, "api.base_url"),
+        ("gateway unknown key", "[gateway.k]\nbase_url = https://k\ntoken_file = /t\nbogus = 1\n", 4,
+         "gateway.k.bogus"),
+        ("gateway bad name", "[api]\n\n[gateway.a b]\n", 3, "[gateway.a b]"),
+        ("gateway named api", "[gateway.api]\n", 1, "[gateway.api]"),
+        ("gateway twice", "[gateway.k]\nbase_url = https://k\n[gateway.k]\n", 3, "[gateway.k]"),
+        ("gateway without base_url", "[api]\n[gateway.k]\ntoken_file = /t\n", 2, "gateway.k.base_url"),
+        ("gateway bad dialect", "[gateway.k]\nbase_url = https://k\ntoken_file = /t\ndialect = klingon\n", 4,
+         "gateway.k.dialect"),
+        ("gateway bad glob", "[gateway.k]\nbase_url = https://k\ntoken_file = /t\nmodels = kling-[v1\n", 4,
+         "gateway.k.models"),
     ]
     for name, text, line, key in cases:
         path = write(env, "bad-%s.conf" % name.replace(" ", "-"), text)
@@ -143,6 +158,36 @@ def main(t, env):
     tf = write(env, "tokenfile2.conf", GOOD.replace("[api]\n", "[api]\ntoken_file = %s\n" % tok))
     rc, out, err = vt.run_vidqd(["-c", tf, "--check-config"], token=None)
     t.eq(rc, 0, "a readable api.token_file is enough")
+
+    # ---- gateways and their key pools
+    kfile = write(env, "kling-keys", "# two accounts\nak1:sk1\n\n  ak2:sk2  \n")
+    os.chmod(kfile, 0o600)
+    gw = GOOD + "\n[gateway.kling]\nbase_url = http://127.0.0.1:9/k\ntoken_file = %s\ndialect = kling\n" \
+                "models = kling-*\n" % kfile
+    gwconf = write(env, "gateway.conf", gw)
+    rc, out, err = vt.run_vidqd(["-c", gwconf, "--check-config"])
+    t.ok(rc == 0 and not err.strip(), "a [gateway.NAME] section with a Kling key pool: --check-config 0",
+         "%s %r" % (rc, err))
+    rc, out, err = vt.run_vidqd(["-c", gwconf, "-o", "gateway.kling.rate=3/s", "--print-config"])
+    sect = out.split("[gateway.kling]", 1)[1] if "[gateway.kling]" in out else ""
+    lines = [line.replace(" ", "") for line in sect.splitlines()]
+    t.ok(rc == 0 and "dialect=kling" in lines and "rate=3/s" in lines and "timeout=120000ms" in lines
+         and "concurrency=0" in lines, "--print-config shows the gateway: its -o, [api]'s timeout inherited",
+         out[-600:])
+    t.ok("ak1" not in out and "sk2" not in out, "--print-config never shows a gateway's keys")
+    rc, out, err = vt.run_vidqd(["-c", gwconf, "-o", "gateway.other.rate=3/s", "--check-config"])
+    t.ok(rc == 78 and "[gateway.other]" in err, "-o for a section the file lacks: 78 naming it", "%s %r" % (rc, err))
+    bad = write(env, "kling-bad", "ak1:sk1\n# c\nSECRETWITHOUTCOLON\n")
+    rc, out, err = vt.run_vidqd(["-c", gwconf, "-o", "gateway.kling.token_file=" + bad, "--check-config"])
+    t.ok(rc == 78 and ("%s:3" % bad) in err and "gateway.kling.dialect" in err and "SECRETWITHOUTCOLON" not in err,
+         "a Kling key without ':': 78 naming file:line and the dialect key, not the key", "%s %r" % (rc, err))
+    dup = write(env, "kling-dup", "ak1:sk1\nak1:sk1\n")
+    rc, out, err = vt.run_vidqd(["-c", gwconf, "-o", "gateway.kling.token_file=" + dup, "--check-config"])
+    t.ok(rc == 78 and ("%s:2" % dup) in err, "a key twice in a file: 78 naming file:line", "%s %r" % (rc, err))
+    os.chmod(kfile, 0o644)
+    rc, out, err = vt.run_vidqd(["-c", gwconf, "--check-config"])
+    t.ok(rc == 0 and "warning" in err and kfile in err, "a gateway's token file others can read: a warning",
+         "%s %r" % (rc, err))
 
     # ---- missing explicit file
     missing = os.path.join(env.dir, "does-not-exist.conf")

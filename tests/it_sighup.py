@@ -7,6 +7,10 @@
 2. A broken configuration file + SIGHUP: the old configuration stays, the log says why
    (file, line, key), and jobs keep flowing.
 3. A new submit.concurrency + SIGHUP: the instance reports it in its heartbeat hash.
+4. Gateways (§9) on SIGHUP: a [gateway.NAME] section may be added; its dialect is
+   restart-only (the log names gateway.NAME.dialect as kept); a bad section is refused naming
+   file, line and key; a pool line its dialect cannot use is refused naming file:line, never
+   the key; jobs keep flowing throughout.
 """
 import os
 import signal
@@ -65,6 +69,43 @@ def main(t, env):
                        unless=vd.dead)
     t.ok(ok, "the new submit.concurrency is in effect",
          rs.r.execute("HGET", "vidq:instance:hup", "concurrency"))
+
+    # 4. gateways come with SIGHUP; their dialect stays until a restart
+    good = open(vd.conf_path).read()
+    kfile = os.path.join(env.dir, "kling-keys")
+    with open(kfile, "w") as f:
+        f.write("# pool\nak-1:sk-1\n\nak-2:sk-2\n")
+    os.chmod(kfile, 0o600)
+    section = "[gateway.k]\nbase_url = http://127.0.0.1:9/k\ntoken_file = %s\ndialect = kling\n" % kfile
+
+    def reload(text, what):
+        n = len(vd.log_grep("configuration and token reloaded")) + len(vd.log_grep("new configuration rejected"))
+        with open(vd.conf_path, "w") as f:
+            f.write(text)
+        vd.signal(signal.SIGHUP)
+        vt.wait_for(lambda: len(vd.log_grep("configuration and token reloaded")) +
+                    len(vd.log_grep("new configuration rejected")) > n, what, timeout=30, unless=vd.dead)
+
+    reload(good + section, "the reload with a gateway")
+    t.ok(not vd.log_grep("new configuration rejected")[1:], "a [gateway.k] section is accepted on SIGHUP",
+         vd.log_grep("new configuration rejected"))
+    reload(good + section.replace("dialect = kling", "dialect = openai-videos"), "the dialect change")
+    kept = vd.log_grep("need a restart")
+    t.ok(kept and "gateway.k.dialect" in kept[-1], "a gateway's dialect change needs a restart: named as kept",
+         kept)
+    reload(good + section + "bogus = 1\n", "the bad section")
+    line = vd.log_grep("new configuration rejected")[-1]
+    t.ok(vd.conf_path in line and "gateway.k.bogus" in line, "a bad section is refused naming file, line and key",
+         line)
+    with open(kfile, "w") as f:
+        f.write("ak-1:sk-1\nSECRET-NO-COLON\n")
+    reload(good + section, "the bad key")
+    line = vd.log_grep("new configuration rejected")[-1]
+    t.ok(("%s:2" % kfile) in line and "SECRET-NO-COLON" not in line, "a Kling line without ':' is refused "
+         "naming file:line, not the key", line)
+    vt.push_jobs(rs.r, [vt.job(job_id="hup-gw", model="m", prompt="p")])
+    ok = vt.wait_until(lambda: "hup-gw" in vt.terminal_by_job(vt.read_stream(rs.r)), timeout=30, unless=vd.dead)
+    t.ok(ok and vd.alive(), "jobs keep flowing")
     t.eq(vd.stop(), 0, "exit 0")
 
 

@@ -676,13 +676,17 @@ static void test_token_from_file(void **state)
     struct config c;
     char err[1024] = "";
     config_init(&c);
-    char *path = temp_file("  \tsk-abc123XYZ \r\nsecond line ignored\n");
+    char *path = temp_file("  \tsk-abc123XYZ \r\nsecond-key\n");
     c.token_file = strdup(path);
     int rc = config_load_token(&c, err, sizeof err);
     if (rc != 0)
         print_error("%s\n", err);
     assert_int_equal(rc, 0);
     assert_string_equal(c.token, "sk-abc123XYZ");
+    /* the token is the first key of [api]'s pool */
+    assert_int_equal(c.gw[0].nkeys, 2);
+    assert_string_equal(c.gw[0].keys[0], "sk-abc123XYZ");
+    assert_string_equal(c.gw[0].keys[1], "second-key");
     /* reloading replaces it */
     drop_file(path);
     path = temp_file("sk-new");
@@ -779,14 +783,14 @@ static void test_token_errors(void **state)
     config_free(&c);
     unsetenv("VIDQ_API_TOKEN");
 
-    static const char *const empty[] = {"", "\n", "   \t \n", " \r\n\nreal-token-on-line-3\n"};
+    static const char *const empty[] = {"", "\n", "   \t \n", " \r\n\n# sk-commented-out\n  #\n"};
     for (size_t i = 0; i < sizeof empty / sizeof empty[0]; i++) {
         char *path = temp_file(empty[i]);
         config_init(&c);
         c.token_file = strdup(path);
         assert_int_equal(config_load_token(&c, err, sizeof err), -1);
         char want[4200];
-        snprintf(want, sizeof want, "API token file %s is empty", path);
+        snprintf(want, sizeof want, "API token file %s has no key (blank lines and # comments only)", path);
         assert_string_equal(err, want);
         assert_null(c.token);
         config_free(&c);
@@ -800,13 +804,16 @@ static void test_token_errors(void **state)
     config_free(&c);
 
     /* control characters would split the Authorization header */
-    static const char *const ctl[] = {"ab\x01" "cd\n", "ab\tcd\n", "ab\x7f" "cd\n", "a\x1b[0mb\n"};
+    static const char *const ctl[] = {"ab\x01" "cd\n", "ab\tcd\n", "ab\x7f" "cd\n", "a\x1b[0mb\n",
+                                      "# c\n\nab\x01" "cd\n"};
     for (size_t i = 0; i < sizeof ctl / sizeof ctl[0]; i++) {
         char *path = temp_file(ctl[i]);
         config_init(&c);
         c.token_file = strdup(path);
         assert_int_equal(config_load_token(&c, err, sizeof err), -1);
-        assert_string_equal(err, "the API token contains control characters");
+        char want[4200];
+        snprintf(want, sizeof want, "API token file %s:%d: the key contains control characters", path, i == 4 ? 3 : 1);
+        assert_string_equal(err, want);
         assert_null(c.token);
         config_free(&c);
         drop_file(path);
@@ -835,6 +842,499 @@ static void test_token_errors(void **state)
     assert_int_equal(config_load_token(&c, err, sizeof err), -1);
     assert_string_equal(c.token, "good");
     config_free(&c);
+}
+
+/* ---- gateways and key pools (docs/protocol.md §9) --------------------------------- */
+
+/* Load `text` as "test.conf" from memory, apply the -o `overrides` (NULL
+ * ended, may be NULL) and finish: the rc of the step that failed, err. */
+static int load_gw(struct config *c, const char *text, const char *const *overrides, char *err, size_t errlen)
+{
+    config_init(c);
+    if (config_load_buffer(c, "test.conf", text, strlen(text), err, errlen) != 0)
+        return -1;
+    for (size_t i = 0; overrides && overrides[i]; i++) {
+        if (config_override(c, overrides[i], err, errlen) != 0)
+            return -2;
+    }
+    if (config_finish(c, config_checks, err, errlen) != 0)
+        return -3;
+    return 0;
+}
+
+static void test_gateways_parsed(void **state)
+{
+    (void)state;
+    struct config c;
+    char err[1024] = "";
+    static const char text[] = "[api]\n"
+                               "base_url = https://main.example\n"
+                               "timeout = 30s\n"
+                               "dialect = openai-videos\n"
+                               "jwt_ttl = 1h\n"
+                               "[gateway.kling-cn]\n"
+                               "base_url = https://api.kling.example\n"
+                               "token_file = /run/vidq/kling\n"
+                               "dialect = kling\n"
+                               "models = \"  kling-*   v[12]-?\t*-turbo \"\n"
+                               "concurrency = 4\n"
+                               "rate = 2/s\n"
+                               "# [submit] after the section: still its default\n"
+                               "[submit]\n"
+                               "rate = 5/s\n"
+                               "global_rate = 600/min\n"
+                               "[gateway.B_2]\n"
+                               "base_url = http://b.example:8080/v\n"
+                               "token_file = /run/vidq/b\n"
+                               "ca_file = \n";
+    const char *const ov[] = {"api.connect_timeout=3s", "gateway.kling-cn.jwt_ttl=10m", NULL};
+    int rc = load_gw(&c, text, ov, err, sizeof err);
+    if (rc != 0)
+        print_error("%d: %s\n", rc, err);
+    assert_int_equal(rc, 0);
+    assert_int_equal(c.ngw, 3);
+    const struct gateway_conf *a = &c.gw[0], *k = &c.gw[1], *b = &c.gw[2];
+    /* gw[0] is [api] with [submit]'s rates and no limit of its own */
+    assert_string_equal(a->name, "api");
+    assert_string_equal(a->base_url, "https://main.example");
+    assert_null(a->token_file);
+    assert_string_equal(a->dialect, "openai-videos");
+    assert_null(a->models);
+    assert_int_equal(a->concurrency, 0);
+    assert_true(a->rate == 5.0);
+    assert_true(a->global_rate == 10.0);
+    assert_int_equal(a->connect_timeout_ms, 3000);
+    assert_int_equal(a->timeout_ms, 30000);
+    assert_null(a->ca_file);
+    assert_int_equal(a->jwt_ttl_ms, 3600000);
+    assert_int_equal(a->line, 0);
+    assert_null(a->keys);
+    /* a section: its own values, the others inherited */
+    assert_string_equal(k->name, "kling-cn");
+    assert_string_equal(k->base_url, "https://api.kling.example");
+    assert_string_equal(k->token_file, "/run/vidq/kling");
+    assert_string_equal(k->dialect, "kling");
+    assert_string_equal(k->models, "kling-* v[12]-? *-turbo"); /* one space apart */
+    assert_int_equal(k->concurrency, 4);
+    assert_true(k->rate == 2.0);
+    assert_true(k->global_rate == 10.0);
+    assert_int_equal(k->connect_timeout_ms, 3000); /* -o api.connect_timeout reaches it */
+    assert_int_equal(k->timeout_ms, 30000);
+    assert_int_equal(k->jwt_ttl_ms, 600000); /* -o of a section key */
+    assert_int_equal(k->line, 6);
+    /* all defaults */
+    assert_string_equal(b->name, "B_2");
+    assert_string_equal(b->base_url, "http://b.example:8080/v");
+    assert_string_equal(b->dialect, "openai-videos");
+    assert_null(b->models);
+    assert_int_equal(b->concurrency, 0);
+    assert_true(b->rate == 5.0);
+    assert_int_equal(b->timeout_ms, 30000);
+    assert_int_equal(b->jwt_ttl_ms, 3600000);
+    assert_null(b->ca_file);
+    assert_int_equal(b->line, 17);
+    /* finishing again builds the same list (vidq and tests do) */
+    assert_int_equal(config_finish(&c, config_checks, err, sizeof err), 0);
+    assert_int_equal(c.ngw, 3);
+    assert_string_equal(c.gw[2].name, "B_2");
+    config_free(&c);
+
+    /* no section: gw[0] alone */
+    assert_int_equal(load_gw(&c, "", NULL, err, sizeof err), 0);
+    assert_int_equal(c.ngw, 1);
+    assert_string_equal(c.gw[0].name, "api");
+    assert_string_equal(c.gw[0].dialect, "video-generations");
+    assert_string_equal(c.gw[0].base_url, "https://api.ezmodel.cloud");
+    config_free(&c);
+
+    /* an explicit file ca_file beats [api]'s; a section's -o beats its file line */
+    char *ca = temp_file("not really a CA\n");
+    char t2[8192];
+    snprintf(t2, sizeof t2, "[api]\nca_file = %s\n[gateway.x]\nbase_url = https://x\ntoken_file = /t\nrate = 1\n"
+                            "[gateway.y]\nbase_url = https://y\ntoken_file = /t\nca_file =\n", ca);
+    const char *const ov2[] = {"gateway.x.rate=7/s", NULL};
+    assert_int_equal(load_gw(&c, t2, ov2, err, sizeof err), 0);
+    assert_string_equal(c.gw[1].ca_file, ca);
+    assert_null(c.gw[2].ca_file);
+    assert_true(c.gw[1].rate == 7.0);
+    config_free(&c);
+    drop_file(ca);
+}
+
+static void test_gateway_file_errors(void **state)
+{
+    (void)state;
+    const char *bad_name = "FILE:1: invalid section [gateway.%s]: NAME of [gateway.NAME] must be 1-32 characters of "
+                           "[A-Za-z0-9_-]";
+    static const char *const names[] = {"a b", "", "a.b", "x/y", "ÿ", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        char text[256], want[512];
+        snprintf(text, sizeof text, "[gateway.%s]\nbase_url = https://x\n", names[i]);
+        snprintf(want, sizeof want, bad_name, names[i]);
+        expect_file_error(text, want);
+    }
+    expect_file_error("[gateway]\n", "FILE:1: invalid section [gateway]: NAME of [gateway.NAME] must be 1-32 "
+                                     "characters of [A-Za-z0-9_-]");
+    expect_file_error("[gateway.api]\nbase_url = https://x\n",
+                      "FILE:1: invalid section [gateway.api]: the gateway named api is [api]");
+    expect_file_error("[gateway.x]\nbase_url = https://x\nxyz = 1\n", "FILE:3: unknown key \"gateway.x.xyz\"");
+    expect_file_error("[gateway.x]\nname = x\n", "FILE:2: unknown key \"gateway.x.name\"");
+    expect_file_error("[gateway.x]\nbase_url = https://x\n[api]\ntimeout = 5s\n\n[gateway.x]\n",
+                      "FILE:6: section [gateway.x] is already on line 1");
+    expect_file_error("[gateway.x]\nrate = 1\n# again\nrate = 2\n", "FILE:4: key \"gateway.x.rate\" is already set on line 2");
+    expect_file_error("[gateway.x]\nrate = fast\n", "FILE:2: key \"gateway.x.rate\": invalid rate \"fast\" (expected e.g. "
+                                                   "10/s, 600/min, 3600/h, 0 = unlimited)");
+    expect_file_error("[gateway.x]\nconcurrency = -1\n", "FILE:2: key \"gateway.x.concurrency\": invalid value \"-1\" "
+                                                        "(expected an integer from 0 to 100000)");
+    expect_file_error("[gateway.x]\ntimeout = soon\n", "FILE:2: key \"gateway.x.timeout\": invalid duration \"soon\" "
+                                                      "(expected e.g. 500ms, 30s, 5m, 2h, 7d)");
+    /* [gateway.x] keys are not [api] keys and the other way round */
+    expect_file_error("[api]\nmodels = kling-*\n", "FILE:2: unknown key \"api.models\"");
+    expect_file_error("[gateway.x]\ndefault_model = m\n", "FILE:2: unknown key \"gateway.x.default_model\"");
+}
+
+/* config_finish rejects `text` (+ overrides) with exactly `want`, "FILE"
+ * standing for test.conf. */
+static void expect_gw_finish_error(const char *text, const char *override, const char *want)
+{
+    struct config c;
+    char err[1024] = "", got[1100];
+    const char *const ov[] = {override, NULL};
+    int rc = load_gw(&c, text, ov, err, sizeof err);
+    if (rc != -3)
+        print_error("%s\n-o %s: rc %d %s\n", text, override ? override : "-", rc, err);
+    assert_int_equal(rc, -3);
+    if (strncmp(err, "test.conf", 9) == 0)
+        snprintf(got, sizeof got, "FILE%s", err + 9);
+    else
+        snprintf(got, sizeof got, "%s", err);
+    assert_string_equal(got, want);
+    config_free(&c);
+}
+
+#define MISSING "missing (a [gateway.NAME] section needs base_url and token_file)"
+static void test_gateway_finish_errors(void **state)
+{
+    (void)state;
+    expect_gw_finish_error("[gateway.x]\ntoken_file = /t\n", NULL, "FILE:1: key \"gateway.x.base_url\": " MISSING);
+    expect_gw_finish_error("[gateway.ok]\nbase_url = https://o\ntoken_file = /t\n\n[gateway.x]\nbase_url = https://x\n",
+                           NULL, "FILE:5: key \"gateway.x.token_file\": " MISSING);
+    expect_gw_finish_error("[gateway.x]\ntoken_file = /t\nbase_url = ftp://x\n", NULL,
+                           "FILE:3: key \"gateway.x.base_url\": must start with http:// or https://");
+    expect_gw_finish_error("[gateway.x]\ntoken_file = /t\nbase_url =\n", NULL,
+                           "FILE:3: key \"gateway.x.base_url\": must start with http:// or https://");
+    expect_gw_finish_error("[gateway.x]\nbase_url = https://x\ntoken_file =\n", NULL,
+                           "FILE:3: key \"gateway.x.token_file\": must name the file of the gateway's keys");
+    expect_gw_finish_error("[gateway.x]\nbase_url = https://x\ntoken_file = /t\ndialect = klingon\n", NULL,
+                           "FILE:4: key \"gateway.x.dialect\": must be one of video-generations, openai-videos, kling");
+    expect_gw_finish_error("[gateway.x]\nbase_url = https://x\ntoken_file = /t\ndialect =\n", NULL,
+                           "FILE:4: key \"gateway.x.dialect\": must be one of video-generations, openai-videos, kling");
+    expect_gw_finish_error("[gateway.x]\nbase_url = https://x\ntoken_file = /t\nmodels =\n", NULL,
+                           "FILE:4: key \"gateway.x.models\": must be one or more shell globs separated by spaces");
+    expect_gw_finish_error("[gateway.x]\nbase_url = https://x\ntoken_file = /t\nmodels = \"  \t \"\n", NULL,
+                           "FILE:4: key \"gateway.x.models\": must be one or more shell globs separated by spaces");
+    expect_gw_finish_error("[gateway.x]\nbase_url = https://x\ntoken_file = /t\nmodels = ok-* kling-[v1 other\n", NULL,
+                           "FILE:4: key \"gateway.x.models\": glob \"kling-[v1\" has a [ that is never closed");
+    expect_gw_finish_error("[gateway.x]\nbase_url = https://x\ntoken_file = /t\nmodels = a\\\n", NULL,
+                           "FILE:4: key \"gateway.x.models\": glob \"a\\\" ends with a lone \\");
+    expect_gw_finish_error("[gateway.x]\nbase_url = https://x\ntoken_file = /t\nmodels = a\x01z\n", NULL,
+                           "FILE:4: key \"gateway.x.models\": control character in a glob");
+    expect_gw_finish_error("[gateway.x]\nbase_url = https://x\ntoken_file = /t\ntimeout = 50ms\n", NULL,
+                           "FILE:4: key \"gateway.x.timeout\": must be at least 100ms");
+    expect_gw_finish_error("[gateway.x]\nbase_url = https://x\ntoken_file = /t\nconnect_timeout = 0\n", NULL,
+                           "FILE:4: key \"gateway.x.connect_timeout\": must be at least 100ms");
+    expect_gw_finish_error("[gateway.x]\nbase_url = https://x\ntoken_file = /t\njwt_ttl = 5s\n", NULL,
+                           "FILE:4: key \"gateway.x.jwt_ttl\": must be between 10s and 24h");
+    expect_gw_finish_error("[gateway.x]\nbase_url = https://x\ntoken_file = /t\njwt_ttl = 25h\n", NULL,
+                           "FILE:4: key \"gateway.x.jwt_ttl\": must be between 10s and 24h");
+    expect_gw_finish_error("[gateway.x]\nbase_url = https://x\ntoken_file = /t\nca_file = /nonexistent-vidq/ca.pem\n",
+                           NULL, "FILE:4: key \"gateway.x.ca_file\": cannot read /nonexistent-vidq/ca.pem: No such file "
+                                 "or directory");
+    /* -o: blamed on -o, not on the file line it replaced */
+    expect_gw_finish_error("[gateway.x]\nbase_url = https://x\ntoken_file = /t\n", "gateway.x.base_url=ftp://y",
+                           "key \"gateway.x.base_url\": must start with http:// or https:// (set with -o)");
+    expect_gw_finish_error("[gateway.x]\nbase_url = https://x\ntoken_file = /t\n", "gateway.x.models=[",
+                           "key \"gateway.x.models\": glob \"[\" has a [ that is never closed (set with -o)");
+    /* a good -o fills a missing key */
+    struct config c;
+    char err[1024] = "";
+    const char *const ov[] = {"gateway.x.token_file=/run/x", NULL};
+    assert_int_equal(load_gw(&c, "[gateway.x]\nbase_url = https://x\n", ov, err, sizeof err), 0);
+    assert_string_equal(c.gw[1].token_file, "/run/x");
+    config_free(&c);
+
+    /* -o never makes a section, names it */
+    static const struct {
+        const char *o, *want;
+    } bad[] = {
+        {"gateway.nosuch.rate=1", "-o gateway.nosuch.rate=1: no [gateway.nosuch] section"},
+        {"gateway.x.bogus=1", "-o gateway.x.bogus=1: unknown key \"gateway.x.bogus\""},
+        {"gateway.x=1", "-o gateway.x=1: unknown key \"gateway.x\""},
+        {"gateway.x.rate=fast", "-o gateway.x.rate=fast: key \"gateway.x.rate\": invalid rate \"fast\" (expected e.g. "
+                                "10/s, 600/min, 3600/h, 0 = unlimited)"},
+        {"gateway.api.rate=1", "-o gateway.api.rate=1: no [gateway.api] section"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        const char *const one[] = {bad[i].o, NULL};
+        int rc = load_gw(&c, "[gateway.x]\nbase_url = https://x\ntoken_file = /t\n", one, err, sizeof err);
+        assert_int_equal(rc, -2);
+        assert_string_equal(err, bad[i].want);
+        config_free(&c);
+    }
+}
+
+/* The dump of a config with gateways loads back to the same gateways. */
+static void test_gateway_dump_roundtrip(void **state)
+{
+    (void)state;
+    struct config a, b;
+    char err[1024] = "";
+    static const char text[] = "[gateway.k]\nbase_url = https://k\ntoken_file = /run/k\ndialect = kling\nmodels = kling-*  "
+                               "x?\nconcurrency = 3\n[api]\ntimeout = 20s\n[gateway.o]\nbase_url = https://o\n"
+                               "token_file = /run/o\nrate = 120/min\n";
+    for (int finished = 0; finished < 2; finished++) {
+        config_init(&a);
+        assert_int_equal(config_load_buffer(&a, "a.conf", text, strlen(text), err, sizeof err), 0);
+        if (finished)
+            assert_int_equal(config_finish(&a, config_checks, err, sizeof err), 0);
+        char *dump = NULL;
+        size_t len = 0;
+        FILE *mem = open_memstream(&dump, &len);
+        config_dump(&a, mem);
+        fclose(mem);
+        assert_non_null(strstr(dump, "\n[gateway.k]\nbase_url = https://k\n"));
+        assert_non_null(strstr(dump, "\n[gateway.o]\n"));
+        assert_true(strstr(dump, "[gateway.k]") < strstr(dump, "[gateway.o]"));
+        int rc = load_gw(&b, dump, NULL, err, sizeof err);
+        if (rc != 0)
+            print_error("%s\n--- dump:\n%s\n", err, dump);
+        assert_int_equal(rc, 0);
+        assert_int_equal(b.ngw, 3);
+        assert_string_equal(b.gw[1].name, "k");
+        assert_string_equal(b.gw[1].dialect, "kling");
+        assert_string_equal(b.gw[1].models, "kling-* x?");
+        assert_int_equal(b.gw[1].concurrency, 3);
+        assert_int_equal(b.gw[1].timeout_ms, 20000);
+        assert_string_equal(b.gw[2].name, "o");
+        assert_string_equal(b.gw[2].token_file, "/run/o");
+        assert_true(fabs(b.gw[2].rate - 2.0) < 1e-9);
+        assert_null(b.gw[2].models);
+        assert_string_equal(b.gw[2].dialect, "video-generations");
+        free(dump);
+        config_free(&a);
+        config_free(&b);
+    }
+}
+
+/* A config with [api] from `api_file` (NULL: env / credential) and the
+ * sections of `sections`, finished. */
+static void load_with_pools(struct config *c, const char *api_conf, const char *sections)
+{
+    char text[16384], err[1024] = "";
+    snprintf(text, sizeof text, "%s\n%s", api_conf ? api_conf : "", sections ? sections : "");
+    int rc = load_gw(c, text, NULL, err, sizeof err);
+    if (rc != 0)
+        print_error("%s\n", err);
+    assert_int_equal(rc, 0);
+}
+
+static void test_key_pools(void **state)
+{
+    (void)state;
+    struct config c;
+    char err[2048] = "", text[8192], api[4200], want[4400];
+    char *fa = temp_file("# the keys of the main account\n\n  sk-one  \n\t\nsk-two\r\n  # sk-old\nsk-three");
+    char *fk = temp_file("ak1:sk1\n# second account\nak2:sk2\n");
+    char *fo = temp_file("o-key\n");
+    chmod(fa, 0600);
+    chmod(fk, 0600);
+    chmod(fo, 0600);
+    snprintf(api, sizeof api, "[api]\ntoken_file = %s\n", fa);
+    snprintf(text, sizeof text, "[gateway.k]\nbase_url = https://k\ntoken_file = %s\ndialect = kling\n"
+                                "[gateway.o]\nbase_url = https://o\ntoken_file = %s\n", fk, fo);
+    load_with_pools(&c, api, text);
+    int rc = config_load_token(&c, err, sizeof err);
+    if (rc != 0)
+        print_error("%s\n", err);
+    assert_int_equal(rc, 0);
+    assert_int_equal(c.gw[0].nkeys, 3);
+    assert_string_equal(c.gw[0].keys[0], "sk-one");
+    assert_string_equal(c.gw[0].keys[1], "sk-two");
+    assert_string_equal(c.gw[0].keys[2], "sk-three");
+    assert_string_equal(c.token, "sk-one");
+    assert_int_equal(c.gw[1].nkeys, 2);
+    assert_string_equal(c.gw[1].keys[0], "ak1:sk1");
+    assert_string_equal(c.gw[1].keys[1], "ak2:sk2");
+    assert_int_equal(c.gw[2].nkeys, 1);
+    assert_string_equal(c.gw[2].keys[0], "o-key");
+    assert_null(config_token_warning());
+
+    /* an error in any pool: -1 naming that file and line, nothing changed */
+    static const struct {
+        const char *file;
+        int line;
+        const char *why; /* NULL: no key at all */
+    } bad[] = {
+        {"a:1\nb:2\n  a:1 \n", 3, "the same key as on line 1"},
+        {"# c\n\n", 0, NULL},
+        {"", 0, NULL},
+        {"ak1:sk1\n\nSECRETNOCOLON\n", 3, "the key cannot be used with gateway.k.dialect = kling: a Kling key must be "
+                                          "ACCESS_KEY:SECRET_KEY"},
+        {"ak1:sk1\nak2:s\x02k2\n", 2, "the key contains control characters"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char *fb = temp_file(bad[i].file);
+        struct config d;
+        snprintf(text, sizeof text, "[gateway.o]\nbase_url = https://o\ntoken_file = %s\n"
+                                    "[gateway.k]\nbase_url = https://k\ntoken_file = %s\ndialect = kling\n",
+                 fo, fb);
+        load_with_pools(&d, api, text);
+        assert_int_equal(config_load_token(&d, err, sizeof err), -1);
+        if (bad[i].why)
+            snprintf(want, sizeof want, "API token file %s:%d: %s", fb, bad[i].line, bad[i].why);
+        else
+            snprintf(want, sizeof want, "API token file %s has no key (blank lines and # comments only)", fb);
+        assert_string_equal(err, want);
+        assert_null(strstr(err, "SECRETNOCOLON")); /* never the key */
+        assert_null(d.token);
+        for (size_t g = 0; g < d.ngw; g++)
+            assert_int_equal(d.gw[g].nkeys, 0);
+        config_free(&d);
+        drop_file(fb);
+    }
+
+    /* a failed reload keeps every pool loaded before */
+    free(c.gw[2].token_file);
+    c.gw[2].token_file = strdup("/nonexistent-vidq/o");
+    assert_int_equal(config_load_token(&c, err, sizeof err), -1);
+    assert_string_equal(err, "cannot read API token file /nonexistent-vidq/o: No such file or directory");
+    assert_int_equal(c.gw[0].nkeys, 3);
+    assert_int_equal(c.gw[1].nkeys, 2);
+    assert_string_equal(c.gw[2].keys[0], "o-key");
+    assert_string_equal(c.token, "sk-one");
+    config_free(&c);
+
+    /* [api] kling: every line of api.token_file is checked against api.dialect */
+    char *fak = temp_file("ak:sk\nbare\n");
+    snprintf(api, sizeof api, "[api]\ndialect = kling\ntoken_file = %s\n", fak);
+    load_with_pools(&c, api, NULL);
+    assert_int_equal(config_load_token(&c, err, sizeof err), -1);
+    snprintf(want, sizeof want, "API token file %s:2: the key cannot be used with api.dialect = kling: a Kling key must "
+                                "be ACCESS_KEY:SECRET_KEY", fak);
+    assert_string_equal(err, want);
+    config_free(&c);
+    drop_file(fak);
+
+    /* the permission warning names the first open file, [api]'s first */
+    chmod(fk, 0640);
+    snprintf(api, sizeof api, "[api]\ntoken_file = %s\n", fa);
+    snprintf(text, sizeof text, "[gateway.k]\nbase_url = https://k\ntoken_file = %s\ndialect = kling\n"
+                                "[gateway.o]\nbase_url = https://o\ntoken_file = %s\n", fk, fo);
+    load_with_pools(&c, api, text);
+    assert_int_equal(config_load_token(&c, err, sizeof err), 0);
+    assert_non_null(config_token_warning());
+    snprintf(want, sizeof want, "API token file %s is accessible to its group (mode 0640); chmod 600 it", fk);
+    assert_string_equal(config_token_warning(), want);
+    chmod(fo, 0644);
+    chmod(fa, 0604);
+    assert_int_equal(config_load_token(&c, err, sizeof err), 0);
+    snprintf(want, sizeof want, "API token file %s is accessible to other users (mode 0604); chmod 600 it", fa);
+    assert_string_equal(config_token_warning(), want);
+    config_free(&c);
+
+    /* the credential holds a pool too; a gateway's pool is its file only */
+    write_credential("cred-1\n\ncred-2\n");
+    setenv("CREDENTIALS_DIRECTORY", cred_dir, 1);
+    load_with_pools(&c, NULL, text);
+    assert_int_equal(config_load_token(&c, err, sizeof err), 0);
+    assert_int_equal(c.gw[0].nkeys, 2);
+    assert_string_equal(c.gw[0].keys[1], "cred-2");
+    assert_string_equal(c.token, "cred-1");
+    assert_int_equal(c.gw[1].nkeys, 2);
+    config_free(&c);
+    unsetenv("CREDENTIALS_DIRECTORY");
+    setenv("VIDQ_API_TOKEN", "env-1", 1);
+    load_with_pools(&c, NULL, text);
+    assert_int_equal(config_load_token(&c, err, sizeof err), 0);
+    assert_int_equal(c.gw[0].nkeys, 1);
+    assert_string_equal(c.token, "env-1");
+    config_free(&c);
+
+    drop_file(fa);
+    drop_file(fk);
+    drop_file(fo);
+}
+
+/* SIGHUP: a gateway's dialect is restart-only; gateways and keys may change. */
+static void test_keep_restart_only_gateways(void **state)
+{
+    (void)state;
+    struct config run, fresh;
+    char err[1024], changed[256], text[8192], api[4200];
+    char *f1 = temp_file("ak:sk\n");
+    char *f2 = temp_file("plain-1\nplain-2\n");
+    char *fa = temp_file("a-key\n");
+    snprintf(api, sizeof api, "[api]\ntoken_file = %s\n", fa);
+    snprintf(text, sizeof text, "[gateway.k]\nbase_url = https://k\ntoken_file = %s\ndialect = kling\n"
+                                "[gateway.gone]\nbase_url = https://g\ntoken_file = %s\n", f1, f2);
+    load_with_pools(&run, api, text);
+    assert_int_equal(config_load_token(&run, err, sizeof err), 0);
+
+    /* same dialects, a gateway gone, one new, other keys: nothing kept */
+    snprintf(text, sizeof text, "[gateway.new]\nbase_url = https://n\ntoken_file = %s\n"
+                                "[gateway.k]\nbase_url = https://k2\ntoken_file = %s\ndialect = kling\nrate = 3\n",
+             f2, f1);
+    load_with_pools(&fresh, api, text);
+    assert_int_equal(config_load_token(&fresh, err, sizeof err), 0);
+    assert_int_equal(config_keep_restart_only(&fresh, &run, changed, sizeof changed), 0);
+    assert_string_equal(changed, "");
+    assert_string_equal(fresh.gw[2].base_url, "https://k2");
+    config_free(&fresh);
+
+    /* k's dialect changed: the running one stays, named; its keys fit it */
+    snprintf(text, sizeof text, "[gateway.k]\nbase_url = https://k\ntoken_file = %s\ndialect = openai-videos\n"
+                                "[gateway.new]\nbase_url = https://n\ntoken_file = %s\ndialect = kling\n", f1, f1);
+    load_with_pools(&fresh, api, text);
+    assert_int_equal(config_load_token(&fresh, err, sizeof err), 0);
+    assert_int_equal(config_keep_restart_only(&fresh, &run, changed, sizeof changed), 1);
+    assert_string_equal(changed, "gateway.k.dialect");
+    assert_string_equal(fresh.gw[1].dialect, "kling");
+    assert_string_equal(fresh.gw[1].keys[0], "ak:sk");
+    assert_string_equal(fresh.gw[2].dialect, "kling"); /* a new gateway takes its own */
+    config_free(&fresh);
+
+    /* ... and with keys the kept dialect cannot use, the running keys stay too */
+    snprintf(text, sizeof text, "[gateway.k]\nbase_url = https://k\ntoken_file = %s\ndialect = video-generations\n",
+             f2);
+    load_with_pools(&fresh, api, text);
+    assert_int_equal(config_load_token(&fresh, err, sizeof err), 0);
+    assert_int_equal(config_keep_restart_only(&fresh, &run, changed, sizeof changed), 2);
+    assert_string_equal(changed, "gateway.k.dialect, gateway.k.token_file");
+    assert_string_equal(fresh.gw[1].dialect, "kling");
+    assert_int_equal(fresh.gw[1].nkeys, 1);
+    assert_string_equal(fresh.gw[1].keys[0], "ak:sk");
+    config_free(&fresh);
+    config_free(&run);
+
+    /* api.dialect: gw[0] follows it, and its keys as above */
+    snprintf(api, sizeof api, "[api]\ndialect = kling\ntoken_file = %s\n", f1);
+    load_with_pools(&run, api, NULL);
+    assert_int_equal(config_load_token(&run, err, sizeof err), 0);
+    snprintf(api, sizeof api, "[api]\ntoken_file = %s\n", f2);
+    load_with_pools(&fresh, api, NULL);
+    assert_int_equal(config_load_token(&fresh, err, sizeof err), 0);
+    assert_int_equal(config_keep_restart_only(&fresh, &run, changed, sizeof changed), 2);
+    assert_string_equal(changed, "api.dialect, api.token_file");
+    assert_string_equal(fresh.dialect, "kling");
+    assert_string_equal(fresh.gw[0].dialect, "kling");
+    assert_string_equal(fresh.token, "ak:sk");
+    assert_string_equal(fresh.gw[0].keys[0], "ak:sk");
+    assert_int_equal(fresh.gw[0].nkeys, 1);
+    config_free(&fresh);
+    config_free(&run);
+    drop_file(f1);
+    drop_file(f2);
+    drop_file(fa);
 }
 
 /* ---- rconn_parse_url ------------------------------------------------------------ */
@@ -1181,6 +1681,12 @@ int main(void)
         cmocka_unit_test(test_keyslot),
         cmocka_unit_test(test_cluster_needs_hash_tag),
         cmocka_unit_test(test_keep_restart_only),
+        cmocka_unit_test(test_gateways_parsed),
+        cmocka_unit_test(test_gateway_file_errors),
+        cmocka_unit_test(test_gateway_finish_errors),
+        cmocka_unit_test(test_gateway_dump_roundtrip),
+        cmocka_unit_test_setup_teardown(test_key_pools, token_setup, token_teardown),
+        cmocka_unit_test_setup_teardown(test_keep_restart_only_gateways, token_setup, token_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
