@@ -19,25 +19,8 @@ struct gwset {
     size_t n;
     int closing;
     unsigned open_handles;
-    /* Until config.c fills cfg->gw: [api] as the one gateway. */
-    struct config fb_cfg;
-    struct gateway_conf fb_gw;
-    char *fb_keys[1];
 };
 
-static void fallback(gwset *s, const struct config *cfg)
-{
-    if (cfg->ngw > 0)
-        return;
-    free(s->fb_keys[0]);
-    s->fb_keys[0] = xstrdup(cfg->token ? cfg->token : "");
-    s->fb_gw = (struct gateway_conf){
-        .name = "api", .base_url = cfg->base_url, .dialect = cfg->dialect, .jwt_ttl_ms = cfg->jwt_ttl_ms,
-        .timeout_ms = cfg->timeout_ms, .connect_timeout_ms = cfg->connect_timeout_ms, .keys = s->fb_keys, .nkeys = 1,
-    };
-    s->fb_cfg.gw = &s->fb_gw;
-    s->fb_cfg.ngw = 1;
-}
 
 void key_fingerprint(const char *token, char out[9])
 {
@@ -137,16 +120,12 @@ static void timer_closed(uv_handle_t *h)
             free(x);
         }
         free(s->v);
-        free(s->fb_keys[0]);
         free(s);
     }
 }
 
 void gwset_configure(gwset *s, const struct config *cfg, void *owner)
 {
-    fallback(s, cfg);
-    if (cfg->ngw == 0)
-        cfg = &s->fb_cfg;
     for (size_t i = 0; i < s->n; i++)
         s->v[i]->retired = 1;
     for (size_t j = 0; j < cfg->ngw; j++) {
@@ -249,7 +228,6 @@ void gwset_free(gwset *s)
     s->closing = 1;
     if (s->n == 0) {
         free(s->v);
-        free(s->fb_keys[0]);
         free(s);
         return;
     }
