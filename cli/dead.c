@@ -163,8 +163,23 @@ static double obj_num(const cJSON *obj, const char *name, double dflt)
  * --limit), kept it, or removed it from the list (the scan then reads the
  * next window from the right index).
  */
-enum { VISIT_SKIP, VISIT_KEEP, VISIT_REMOVED };
+enum { VISIT_SKIP, VISIT_KEEP, VISIT_REMOVED, VISIT_FAIL };
 typedef int dead_visit(const struct dead *d, void *ud);
+
+/* A visitor's command failed: why (dead_scan ends vidq with it, after
+ * freeing what it holds -- die() in a visitor would leak the window). */
+static char visit_error[600];
+
+static redisReply *visit_cmd(int argc, const char **argv, const size_t *lens)
+{
+    redisReply *rep = rsync_command(g.r, argc, argv, lens);
+    if (rep && rep->type != REDIS_REPLY_ERROR)
+        return rep;
+    snprintf(visit_error, sizeof visit_error, "Redis at %s %s %s: %s", rsync_where(g.r), rep ? "refused" : "lost",
+             argv[0], rep ? rep->str : "connection lost");
+    freeReplyObject(rep);
+    return NULL;
+}
 
 /*
  * Walk the dead list newest first, in windows of DEAD_WINDOW entries, and
@@ -198,6 +213,12 @@ static long dead_scan(const struct dead_filter *f, dead_visit *fn, void *ud)
                         (f->job_id == NULL || (d.job_id && strcmp(d.job_id, f->job_id) == 0));
             if (match) {
                 int r = fn(&d, ud);
+                if (r == VISIT_FAIL) {
+                    cJSON_Delete(d.obj);
+                    freeReplyObject(rep);
+                    die(EX_UNAVAILABLE, "%s (%ld matching entr%s handled before)", visit_error, taken,
+                        taken == 1 ? "y" : "ies");
+                }
                 if (r != VISIT_SKIP)
                     taken++;
                 if (r == VISIT_REMOVED)
@@ -312,8 +333,12 @@ static int visit_requeue(const struct dead *d, void *ud)
     char *claim = key(KEY_CLAIM, d->job_id && *d->job_id ? d->job_id : KEY_NO_ID);
     const char *argv[8] = {"EVAL", REQUEUE_LUA, "3", k.dead, k.jobs, claim, d->raw, job.buf ? job.buf : ""};
     size_t lens[8] = {4, strlen(REQUEUE_LUA), 1, strlen(k.dead), strlen(k.jobs), strlen(claim), d->len, job.len};
-    redisReply *rep = cmdv(8, argv, lens);
+    redisReply *rep = visit_cmd(8, argv, lens);
     free(claim);
+    if (rep == NULL) {
+        sbuf_free(&job);
+        return VISIT_FAIL;
+    }
     int moved = rep->type == REDIS_REPLY_INTEGER && rep->integer == 1;
     freeReplyObject(rep);
     sbuf_free(&job);
@@ -328,7 +353,9 @@ static int visit_purge(const struct dead *d, void *ud)
     long *purged = ud;
     const char *argv[4] = {"LREM", k.dead, "1", d->raw};
     size_t lens[4] = {4, strlen(k.dead), 1, d->len};
-    redisReply *rep = cmdv(4, argv, lens);
+    redisReply *rep = visit_cmd(4, argv, lens);
+    if (rep == NULL)
+        return VISIT_FAIL;
     int gone = rep->type == REDIS_REPLY_INTEGER && rep->integer == 1;
     freeReplyObject(rep);
     if (!gone)

@@ -34,13 +34,14 @@ printf '[redis]\nurl = redis://127.0.0.1:6379/0\n[submit]\nconcurrency = 8\nrate
 echo "1..6"
 n=0
 for t in job:"daemon/job.c base/util.c" response:"daemon/api.c base/util.c" \
-         config:"daemon/config.c daemon/config_checks.c base/util.c base/log.c daemon/metrics.c queue/rconn.c queue/keys.c"; do
+         config:"daemon/config.c daemon/config_checks.c base/util.c base/log.c daemon/metrics.c queue/rconn.c queue/keys.c \
+daemon/dialect.c daemon/dialect_vg.c daemon/dialect_openai.c daemon/dialect_kling.c daemon/jwt.c daemon/api.c daemon/job.c"; do
     name=${t%%:*}
     files=""
     for f in ${t#*:}; do files="$files $src/$f"; done
     n=$((n + 1))
     extra=""
-    [ "$name" = config ] && extra="$(pkg-config --libs hiredis libuv)"
+    [ "$name" = config ] && extra="$(pkg-config --libs hiredis libuv libcrypto)"
     # shellcheck disable=SC2086
     if clang $cflags -o "$work/fuzz_$name" "$src/tests/fuzz/fuzz_$name.c" $files $libs $extra 2> "$work/build_$name.log"; then
         echo "ok $n - build fuzz_$name"

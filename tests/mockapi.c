@@ -938,6 +938,7 @@ static struct task *task_create(const char *key, size_t klen, const struct buf *
     t->dialect = x->dialect;
     t->family = x->family;
     t->polled = false;
+    t->video_cut = false;
     t->fails = memmem(prompt, plen, "[fail]", 6) != NULL;
     t->id_sum = 0;
     for (int i = 0; i < idn; i++)
