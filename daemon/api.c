@@ -132,6 +132,9 @@ static void classify_http_error(const struct http_result *res, struct outcome *o
     } else if (s == 401 || s == 402 || s == 403) {
         o->kind = OUT_ACCOUNT;
         o->error = "rejected";
+        /* new-api's 403 for an account out of quota names itself (error-insufficient-quota.json) */
+        o->key_refused = s != 403 || (res->body_len && (strstr(res->body, "\"insufficient_user_quota\"") ||
+                                                        strstr(res->body, "\"insufficient_quota\"")));
     } else if (s == 504 || s == 500 || s == 502) {
         /* A proxy gave up or lost the gateway after handing the request on:
          * the task may exist. The gateway is down for now. */

@@ -36,6 +36,10 @@ struct outcome {
      * The worker stops sending to it and probes; with OUT_RETRY the job was
      * not sent and is kept, with OUT_AMBIGUOUS it may have been. */
     int gateway_down;
+    /* OUT_ACCOUNT about the key itself (401, 402, a 403 that says the quota
+     * is gone, a dialect's account codes), not maybe about the job (a 403
+     * for a model the key may not use). */
+    int key_refused;
 };
 
 /* The gateway URL of `path` ("/v1/video/generations"): base_url without

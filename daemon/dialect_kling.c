@@ -147,6 +147,7 @@ static void kling_classify(const struct http_result *res, struct outcome *o)
     if ((code >= 1000 && code <= 1004) || (code >= 1100 && code <= 1102)) {
         o->kind = OUT_ACCOUNT;
         o->error = "rejected";
+        o->key_refused = 1;
         if (o->http_status < 400)
             o->http_status = 401; /* a relay's 200: the account path wants an account status */
     } else if (code == 1103) {

@@ -61,6 +61,7 @@ static void openai_classify(const struct http_result *res, struct outcome *o)
     if (res->status == 429 && res->body_len && strstr(res->body, "\"insufficient_quota\"") != NULL) {
         o->kind = OUT_ACCOUNT;
         o->error = "rejected";
+        o->key_refused = 1;
     }
 }
 

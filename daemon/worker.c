@@ -600,7 +600,8 @@ void gateway_unblock(struct gateway *g)
         if (s->state == S_ACCOUNT_HOLD && s->gw == g)
             v[n++] = s;
     }
-    for (size_t i = 0; i < n; i++)
+    /* The slot list is newest first: the held jobs go in the order they were taken. */
+    for (size_t i = n; i-- > 0;)
         go(v[i]);
     free(v);
     intake_pump(w);
@@ -672,7 +673,6 @@ static void on_probe(uv_timer_t *t)
     struct gateway *g = t->data;
     worker *w = g->owner;
     slot *best = NULL;
-    unsigned held = 0;
     if (g->retired)
         return;
     g->probe_delay_ms = g->probe_delay_ms * 2 < PROBE_MAX_MS ? g->probe_delay_ms * 2 : PROBE_MAX_MS;
@@ -686,8 +686,8 @@ static void on_probe(uv_timer_t *t)
     for (slot *s = w->slots; s; s = s->next) {
         if (s->gw != g)
             continue;
-        held++;
-        if (s->state == S_ACCOUNT_HOLD && (best == NULL || s->strikes < best->strikes))
+        /* <=: the list is newest first, so of equals the oldest goes (order kept) */
+        if (s->state == S_ACCOUNT_HOLD && (best == NULL || s->strikes <= best->strikes))
             best = s;
     }
     if (best && (best->strikes < 2 || w->nslots >= w->flow.conc)) {
@@ -756,7 +756,7 @@ static void account_error(slot *s, const struct outcome *o, const struct http_re
     s->attempts--;
     s->strikes++;
     snprintf(s->strike_msg, sizeof s->strike_msg, "%s", o->message);
-    if (o->http_status == 403 && s->judged) {
+    if (!o->key_refused && s->judged) {
         forbidden_job(s);
         return;
     }
@@ -764,7 +764,7 @@ static void account_error(slot *s, const struct outcome *o, const struct http_re
         slot_putback(s);
         return;
     }
-    if (o->http_status != 403) {
+    if (o->key_refused) {
         if (s->key && key_aside(s->key, o->message) > 0 && !g->blocked) {
             s->strikes--; /* the key's fault, not the job's */
             go(s);        /* with another key */

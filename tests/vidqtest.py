@@ -1133,10 +1133,10 @@ DEFAULT_CONF = {
 
 
 def write_conf(path, conf):
-    """Write an INI file from {"section.key": value}."""
+    """Write an INI file from {"section.key": value} ("gateway.NAME.key" is key of [gateway.NAME])."""
     sections = {}
     for k, v in conf.items():
-        sec, key = k.split(".", 1)
+        sec, key = k.rsplit(".", 1) if k.startswith("gateway.") else k.split(".", 1)
         sections.setdefault(sec, []).append((key, v))
     with open(path, "w") as f:
         for sec, items in sections.items():
