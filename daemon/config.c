@@ -814,6 +814,10 @@ static int gw_check(const struct config *c, const struct gw_section *s, struct g
         return gw_error(c, s, "base_url", err, errlen, "must start with http:// or https://");
     if (!gw_was_set(s, "token_file"))
         return gw_error(c, s, "token_file", err, errlen, GW_MISSING);
+    /* Said, not ignored: the only cap across instances is the queue's. */
+    if (gw_was_set(s, "global_rate") && g->global_rate != c->global_rate)
+        return gw_error(c, s, "global_rate", err, errlen,
+                        "a gateway's own global rate is not supported yet; submit.global_rate caps the whole queue");
     if (g->token_file == NULL)
         return gw_error(c, s, "token_file", err, errlen, "must name the file of the gateway's keys");
     if (g->dialect == NULL || dialect_find(g->dialect) == NULL) {

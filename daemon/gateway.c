@@ -147,6 +147,9 @@ void gwset_configure(gwset *s, const struct config *cfg, void *owner)
         g->conf = gc;
         g->dialect = dialect_find(gc->dialect);
         VQ_ASSERT(g->dialect); /* config.c checked the name */
+        g->target = (struct http_target){.connect_timeout_ms = gc->connect_timeout_ms,
+                                         .timeout_ms = gc->timeout_ms,
+                                         .ca_file = gc->ca_file};
         free(g->probe_url);
         g->probe_url = api_url(gc->base_url, g->dialect->probe_path);
         set_keys(g, gc);

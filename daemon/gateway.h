@@ -42,6 +42,7 @@ struct gateway {
     char *name;
     const struct gateway_conf *conf; /* into the running configuration */
     const struct dialect *dialect;
+    struct http_target target; /* its timeouts and CA file, for every request to it */
     struct gwkey **keys;
     size_t nkeys;
     int retired;
@@ -59,6 +60,9 @@ struct gateway {
     int probe_take;         /* let one new job in, as a probe */
     unsigned nforbidden;    /* its slots held after a 403 */
     int waiting_maybe;      /* its waiting list may hold jobs: take from it first when it runs */
+    /* Its own cap and pace (gateway.NAME.concurrency / rate; 0: none). */
+    unsigned held_back;     /* jobs waiting for one of its slots or its pace (S_GW_WAIT) */
+    int64_t next_send_ms;   /* mono ms: the rate's next send */
     void *owner;            /* the worker */
 };
 

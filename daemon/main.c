@@ -213,6 +213,16 @@ static int load_config(struct daemon *d, struct config *c, char *err, size_t err
     return config_load_token(c, err, errlen);
 }
 
+/* Each gateway's CA file, read now (a request never reads a file). */
+static int gateway_ca_files(http_client *h, const struct config *c, char *err, size_t errlen)
+{
+    for (size_t i = 0; i < c->ngw; i++) {
+        if (c->gw[i].ca_file && http_client_add_ca_file(h, c->gw[i].ca_file, err, errlen) != 0)
+            return -1;
+    }
+    return 0;
+}
+
 static void http_opts_from(const struct config *c, struct http_opts *o, const char *ua)
 {
     o->connect_timeout_ms = c->connect_timeout_ms;
@@ -450,7 +460,8 @@ static void on_hup(uv_signal_t *h, int signum)
         log_kv(LOG_WARNING, "SIGHUP: these keys need a restart; kept", "keys", changed, NULL);
     snprintf(ua, sizeof ua, "vidqd/%s", PACKAGE_VERSION);
     http_opts_from(&fresh, &ho, ua);
-    if (http_client_set_opts(d->http, &ho, err, sizeof err) != 0) {
+    if (http_client_set_opts(d->http, &ho, err, sizeof err) != 0 ||
+        gateway_ca_files(d->http, &fresh, err, sizeof err) != 0) {
         log_kv(LOG_ERROR, "SIGHUP: new configuration rejected; keeping the old one", "error", err, NULL);
         config_free(&fresh);
         return;
@@ -479,7 +490,7 @@ static int run(struct daemon *d)
     snprintf(ua, sizeof ua, "vidqd/%s", PACKAGE_VERSION);
     http_opts_from(&d->cfg, &ho, ua);
     d->http = http_client_new(&d->loop, &ho, err, sizeof err);
-    if (d->http == NULL) {
+    if (d->http == NULL || gateway_ca_files(d->http, &d->cfg, err, sizeof err) != 0) {
         log_kv(LOG_ERROR, "cannot start the HTTP client", "error", err, NULL);
         return EXIT_CONFIG;
     }

@@ -665,6 +665,7 @@ static void start_download(struct poll *p)
         .timeout_ms = DOWNLOAD_TIMEOUT_MS,
         .headers = headers,
         .trusted_origin = p->g->conf->base_url,
+        .ca_file = p->g->conf->ca_file,
         .allow_private = t->cfg->download_private,
         .resume_from = p->validator ? have : 0,
         .if_range = p->validator,
@@ -826,7 +827,7 @@ static void start_poll(tracker *t, const struct qtask *q)
     char *url = api_url(p->g->conf->base_url, path);
     free(path);
     const char *headers[] = {credential_header(&p->k->cred), "Accept: application/json", NULL};
-    if (http_get(t->http, url, headers, on_polled, p) == NULL) {
+    if (http_get_to(t->http, &p->g->target, url, headers, on_polled, p) == NULL) {
         struct http_result res = {.outcome = HTTP_NOT_SENT, .error = "could not start the request", .body = ""};
         on_polled(NULL, &res, p);
     }

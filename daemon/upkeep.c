@@ -731,10 +731,21 @@ void worker_drain(worker *w, void (*done)(void *), void *ud)
     uv_timer_stop(&w->intake_timer);
     for (size_t i = 0; i < gwset_count(w->gws); i++)
         uv_timer_stop(&gwset_at(w->gws, i)->probe_timer);
-    /* Jobs held for account errors were never accepted: put them back. */
+    /* Jobs held for account errors were never accepted, and jobs held back
+     * by their gateway's cap or pace never sent: put them back. */
     slot **v = slots_in(w, S_ACCOUNT_HOLD, &n);
     for (size_t i = 0; i < n; i++)
         slot_putback(v[i]);
+    free(v);
+    v = slots_in(w, S_GW_WAIT, &n);
+    for (size_t i = 0; i < n; i++) {
+        uv_timer_stop(&v[i]->timer);
+        struct gateway *g = v[i]->gw;
+        VQ_ASSERT(g->held_back > 0);
+        g->held_back--;
+        v[i]->state = S_PUTBACK;
+        slot_putback(v[i]);
+    }
     free(v);
     /* The held backlog stays in the processing list; the next start takes it. */
     uv_timer_start(&w->drain_timer, on_drain_timer, (uint64_t)w->cfg->shutdown_timeout_ms, 0);

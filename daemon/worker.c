@@ -39,6 +39,7 @@
 static void go(slot *s);
 static void on_probe(uv_timer_t *t);
 static void on_park_retry(uv_timer_t *t);
+static void gateway_slot_freed(worker *w, struct gateway *g);
 
 /* ---- configuration-derived strings ----------------------------------- */
 
@@ -94,6 +95,10 @@ void slot_release(slot *s)
     if (s->forbidden) {
         VQ_ASSERT(s->gw && s->gw->nforbidden > 0);
         s->gw->nforbidden--;
+    }
+    if (s->state == S_GW_WAIT) {
+        VQ_ASSERT(s->gw && s->gw->held_back > 0);
+        s->gw->held_back--;
     }
     clear_outcome(s);
     sbuf_free(&s->fbuf);
@@ -664,7 +669,7 @@ static void probe_gateway(struct gateway *g)
     const char *headers[] = {k ? credential_header(&k->cred) : "Accept: */*", "Accept: application/json", NULL};
     if (g->probe_req || w->draining)
         return;
-    g->probe_req = http_get(w->http, g->probe_url, headers, on_gateway_probe, g);
+    g->probe_req = http_get_to(w->http, &g->target, g->probe_url, headers, on_gateway_probe, g);
 }
 
 /* A held job goes out as a probe of the gateway's keys; the least-struck first. */
@@ -848,7 +853,7 @@ static void ask_lookup(uv_timer_t *t)
     free(base);
     free(path);
     const char *headers[] = {credential_header(&s->key->cred), "Accept: application/json", NULL};
-    s->req = http_get(w->http, url, headers, on_lookup, s);
+    s->req = http_get_to(w->http, &s->gw->target, url, headers, on_lookup, s);
     free(url);
     if (s->req == NULL)
         lookup_gave_up(s, "could not start the request");
@@ -932,6 +937,7 @@ static void on_response(http_req *req, const struct http_result *res, void *ud)
     VQ_ASSERT(g->in_flight > 0 && k && k->in_flight > 0);
     g->in_flight--;
     k->in_flight--;
+    gateway_slot_freed(w, g);
     if (g->dialect->classify)
         g->dialect->classify(res, &o);
     int can_retry = s->attempts < (unsigned)w->cfg->max_attempts;
@@ -1118,10 +1124,66 @@ static void go(slot *s)
         on_send(1, Q_SEND, NULL, 0, s);
 }
 
+static void on_gw_wait(uv_timer_t *t)
+{
+    post(t->data);
+}
+
+/*
+ * The gateway's own cap and pace (gateway.NAME.concurrency and rate): 1 and
+ * the job waits in memory (S_GW_WAIT, still held and marked, nothing sent)
+ * -- woken by an answer from that gateway, or by its timer for the pace.
+ */
+static int gateway_holds_back(slot *s)
+{
+    struct gateway *g = s->gw;
+    int64_t now = mono_ms();
+    if (g->conf == NULL)
+        return 0;
+    if (g->conf->concurrency > 0 && g->in_flight >= (unsigned)g->conf->concurrency) {
+        if (s->state != S_GW_WAIT)
+            g->held_back++;
+        s->state = S_GW_WAIT;
+        return 1;
+    }
+    if (g->conf->rate > 0) {
+        if (now < g->next_send_ms) {
+            if (s->state != S_GW_WAIT)
+                g->held_back++;
+            s->state = S_GW_WAIT;
+            uv_timer_start(&s->timer, on_gw_wait, (uint64_t)(g->next_send_ms - now), 0);
+            return 1;
+        }
+        double iv = 1000.0 / g->conf->rate;
+        g->next_send_ms = (g->next_send_ms > now - (int64_t)iv ? g->next_send_ms : now) + (int64_t)(iv + 0.5);
+    }
+    if (s->state == S_GW_WAIT) {
+        VQ_ASSERT(g->held_back > 0);
+        g->held_back--;
+    }
+    return 0;
+}
+
+/* A slot of gateway `g` freed up: its oldest job held back goes. */
+static void gateway_slot_freed(worker *w, struct gateway *g)
+{
+    slot *oldest = NULL;
+    if (g->held_back == 0)
+        return;
+    for (slot *s = w->slots; s; s = s->next) {
+        if (s->gw == g && s->state == S_GW_WAIT && !uv_is_active((uv_handle_t *)&s->timer))
+            oldest = s; /* the list is newest first */
+    }
+    if (oldest)
+        post(oldest);
+}
+
 static void post(slot *s)
 {
     worker *w = s->w;
     struct gateway *g = s->gw;
+    if (!w->draining && gateway_holds_back(s))
+        return;
     /* A stopped gateway sends only probes, with a key set aside (the
      * oldest probe first); a running one with the key in service that has
      * the fewest requests out, or an aside key whose probe is due. */
@@ -1156,7 +1218,7 @@ static void post(slot *s)
     w->in_flight++;
     g->in_flight++;
     k->in_flight++;
-    s->req = http_post(w->http, s->url, headers, s->dreq.body, s->dreq.body_len, on_response, s);
+    s->req = http_post_to(w->http, &g->target, s->url, headers, s->dreq.body, s->dreq.body_len, on_response, s);
     if (s->req == NULL) {
         struct http_result res = {.outcome = HTTP_NOT_SENT, .error = "could not start the request",
                                   .retry_after_ms = -1, .body = ""};

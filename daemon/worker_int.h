@@ -33,7 +33,7 @@
 enum { BLOCK_NONE, BLOCK_ACCOUNT, BLOCK_GATEWAY };
 #define ENVELOPE_PREFIX "{\"vidq_retry\":{\"attempts\":"
 
-enum sstate { S_CHECKING, S_SENDING, S_LOOKUP, S_ACCOUNT_HOLD, S_RECORDING, S_RECORD_WAIT, S_PUTBACK };
+enum sstate { S_CHECKING, S_GW_WAIT, S_SENDING, S_LOOKUP, S_ACCOUNT_HOLD, S_RECORDING, S_RECORD_WAIT, S_PUTBACK };
 
 typedef struct slot slot;
 struct slot {

@@ -45,8 +45,10 @@ struct http_client {
     int64_t timeout_ms;
     size_t max_response;
     char *user_agent;
-    char ca_path[64];      /* system bundle + api.ca_file, as a file curl opens; or "" */
-    sbuf ca_fds;           /* the memfds behind ca_path, this one and older ones */
+    char ca_path[64];      /* system bundle + http_opts.ca_file, as a file curl opens; or "" */
+    sbuf ca_fds;           /* the memfds behind every CA path, current and older ones */
+    struct ca_entry *cas;  /* http_client_add_ca_file: a CA file -> its bundle's path */
+    size_t ncas;
     http_req *free_list;
     http_req *active_list; /* doubly linked, for cancel-all at close */
     unsigned active;
@@ -59,6 +61,11 @@ struct http_client {
     int h2_seen;           /* a request went out over HTTP/2: the cap stays */
     int h1_seen;           /* ... over HTTP/1.x first: the cap is lifted */
     int host_cap_decided;  /* the first https:// request set the cap */
+};
+
+struct ca_entry {
+    char *file;
+    char path[64];
 };
 
 struct http_req {
@@ -733,7 +740,17 @@ static void check_multi_info(http_client *c)
     }
 }
 
-static http_req *start(http_client *c, const char *url, const char *const *headers, http_done_fn *fn, void *ud)
+static const char *ca_path_of(const http_client *c, const char *ca_file)
+{
+    for (size_t i = c->ncas; ca_file && i-- > 0;) { /* the newest entry for the file */
+        if (strcmp(c->cas[i].file, ca_file) == 0)
+            return c->cas[i].path;
+    }
+    return c->ca_path[0] ? c->ca_path : SYSTEM_CA_BUNDLE;
+}
+
+static http_req *start(http_client *c, const struct http_target *t, const char *url, const char *const *headers,
+                       http_done_fn *fn, void *ud)
 {
     http_req *r = req_get(c);
     CURL *e = r->easy;
@@ -747,8 +764,8 @@ static http_req *start(http_client *c, const char *url, const char *const *heade
     curl_easy_setopt(e, CURLOPT_PRIVATE, r);
     curl_easy_setopt(e, CURLOPT_HTTPHEADER, r->headers);
     curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)c->connect_timeout_ms);
-    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)c->timeout_ms);
+    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)(t ? t->connect_timeout_ms : c->connect_timeout_ms));
+    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)(t ? t->timeout_ms : c->timeout_ms));
     /* Wait for a connection that may multiplex (HTTP/2 is negotiated over
      * TLS) rather than open one per request. Over plain http:// there is no
      * HTTP/2 to wait for, and curl would hold new requests back until the
@@ -796,7 +813,7 @@ static http_req *start(http_client *c, const char *url, const char *const *heade
      * it again for every TLS connection (docs/design.md T22). Debian's
      * bundle holds everything update-ca-certificates knows. */
     curl_easy_setopt(e, CURLOPT_CAPATH, NULL);
-    curl_easy_setopt(e, CURLOPT_CAINFO, c->ca_path[0] ? c->ca_path : SYSTEM_CA_BUNDLE);
+    curl_easy_setopt(e, CURLOPT_CAINFO, t && t->ca_file ? ca_path_of(c, t->ca_file) : ca_path_of(c, NULL));
     return r;
 }
 
@@ -862,7 +879,13 @@ static int prereq_guard_verified(void)
 http_req *http_post(http_client *c, const char *url, const char *const *headers, const char *body, size_t len,
                     http_done_fn *fn, void *ud)
 {
-    http_req *r = start(c, url, headers, fn, ud);
+    return http_post_to(c, NULL, url, headers, body, len, fn, ud);
+}
+
+http_req *http_post_to(http_client *c, const struct http_target *t, const char *url, const char *const *headers,
+                       const char *body, size_t len, http_done_fn *fn, void *ud)
+{
+    http_req *r = start(c, t, url, headers, fn, ud);
     int tls = strncmp(url, "https://", 8) == 0;
     r->body = body;
     r->body_len = len;
@@ -891,7 +914,13 @@ http_req *http_post(http_client *c, const char *url, const char *const *headers,
 
 http_req *http_get(http_client *c, const char *url, const char *const *headers, http_done_fn *fn, void *ud)
 {
-    http_req *r = start(c, url, headers, fn, ud);
+    return http_get_to(c, NULL, url, headers, fn, ud);
+}
+
+http_req *http_get_to(http_client *c, const struct http_target *t, const char *url, const char *const *headers,
+                      http_done_fn *fn, void *ud)
+{
+    http_req *r = start(c, t, url, headers, fn, ud);
     curl_easy_setopt(r->easy, CURLOPT_HTTPGET, 1L);
     return submit(c, r);
 }
@@ -998,7 +1027,9 @@ static int prereq_cb(void *userp, char *primary_ip, char *local_ip, int primary_
 http_req *http_download(http_client *c, const char *url, int fd, const struct http_download_opts *o,
                         http_done_fn *fn, void *ud)
 {
-    http_req *r = start(c, url, o->headers, fn, ud);
+    struct http_target dt = {.connect_timeout_ms = c->connect_timeout_ms, .timeout_ms = o->timeout_ms,
+                             .ca_file = o->ca_file};
+    http_req *r = start(c, &dt, url, o->headers, fn, ud);
     r->fd = fd;
     r->max_bytes = o->max_bytes;
     r->allow_private = o->allow_private;
@@ -1071,12 +1102,9 @@ static int load_file(sbuf *b, const char *path)
  * not change it keeps the memfd it has (a reload every minute by a config
  * tool would otherwise add ~220 KB each time).
  */
-static int ca_file_same(const http_client *c, const sbuf *ca)
+static int ca_file_same(const char *path, const sbuf *ca)
 {
-    if (c->ca_path[0] == '\0' || c->ca_fds.len < sizeof(int))
-        return 0;
-    int fd;
-    memcpy(&fd, c->ca_fds.buf + c->ca_fds.len - sizeof fd, sizeof fd);
+    int fd = atoi(path + strlen("/proc/self/fd/"));
     struct stat st;
     if (fstat(fd, &st) != 0 || (size_t)st.st_size != ca->len)
         return 0;
@@ -1091,7 +1119,9 @@ static int ca_file_same(const http_client *c, const sbuf *ca)
     return 1;
 }
 
-static int ca_file_make(http_client *c, const char *ca_file, char *err, size_t errlen)
+/* The bundle of the system's CAs + `ca_file` as a file curl opens: the one
+ * made before when the content is the same, else a new memfd. */
+static const char *ca_file_make(http_client *c, const char *ca_file, char *err, size_t errlen)
 {
     sbuf ca;
     sbuf_init(&ca);
@@ -1100,11 +1130,16 @@ static int ca_file_make(http_client *c, const char *ca_file, char *err, size_t e
     if (load_file(&ca, ca_file) != 0) {
         snprintf(err, errlen, "cannot read CA file %s", ca_file);
         sbuf_free(&ca);
-        return -1;
+        return NULL;
     }
-    if (ca_file_same(c, &ca)) {
-        sbuf_free(&ca);
-        return 0;
+    for (size_t i = c->ncas; i-- > 0;) {
+        if (strcmp(c->cas[i].file, ca_file) == 0) {
+            if (ca_file_same(c->cas[i].path, &ca)) {
+                sbuf_free(&ca);
+                return c->cas[i].path;
+            }
+            break;
+        }
     }
     int fd = memfd_create("vidq-ca", MFD_CLOEXEC);
     size_t off = 0;
@@ -1120,19 +1155,26 @@ static int ca_file_make(http_client *c, const char *ca_file, char *err, size_t e
     sbuf_free(&ca);
     if (fd < 0) {
         snprintf(err, errlen, "cannot keep the CA bundle in memory: %s", strerror(errno));
-        return -1;
+        return NULL;
     }
     sbuf_append(&c->ca_fds, &fd, sizeof fd);
-    snprintf(c->ca_path, sizeof c->ca_path, "/proc/self/fd/%d", fd);
-    return 0;
+    c->cas = xrealloc(c->cas, (c->ncas + 1) * sizeof *c->cas);
+    c->cas[c->ncas].file = xstrdup(ca_file);
+    snprintf(c->cas[c->ncas].path, sizeof c->cas[c->ncas].path, "/proc/self/fd/%d", fd);
+    return c->cas[c->ncas++].path;
+}
+
+int http_client_add_ca_file(http_client *c, const char *ca_file, char *err, size_t errlen)
+{
+    return ca_file_make(c, ca_file, err, errlen) ? 0 : -1;
 }
 
 int http_client_set_opts(http_client *c, const struct http_opts *o, char *err, size_t errlen)
 {
-    if (o->ca_file && ca_file_make(c, o->ca_file, err, errlen) != 0)
+    const char *path = o->ca_file ? ca_file_make(c, o->ca_file, err, errlen) : "";
+    if (path == NULL)
         return -1;
-    if (!o->ca_file)
-        c->ca_path[0] = '\0';
+    snprintf(c->ca_path, sizeof c->ca_path, "%s", path);
     c->connect_timeout_ms = o->connect_timeout_ms;
     c->timeout_ms = o->timeout_ms;
     c->max_response = o->max_response;
@@ -1203,6 +1245,9 @@ static void client_destroy(http_client *c)
         close(fd);
     }
     sbuf_free(&c->ca_fds);
+    for (size_t i = 0; i < c->ncas; i++)
+        free(c->cas[i].file);
+    free(c->cas);
     free(c->user_agent);
     uv_timer_stop(&c->timer);
     uv_prepare_stop(&c->kick);

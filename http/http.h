@@ -104,6 +104,7 @@ struct http_body_start {
 
 /* What a download may reach, and with which headers. */
 struct http_download_opts {
+    const char *ca_file;       /* as in http_target */
     int64_t max_bytes;
     int64_t timeout_ms;        /* its own total timeout (videos take longer than API calls) */
     const char *const *headers;/* as for http_get; curl drops Authorization on a redirect
@@ -133,6 +134,23 @@ struct http_download_opts {
  * request is sent, so DNS cannot answer differently between a check and the
  * connection. A refused hop fails the download with `blocked` set.
  */
+/* What differs between the servers one client talks to (the gateways): its
+ * timeouts and an extra CA bundle (registered first with
+ * http_client_add_ca_file, so a request never reads a file; an unregistered
+ * one means the client's own). */
+struct http_target {
+    int64_t connect_timeout_ms;
+    int64_t timeout_ms;
+    const char *ca_file;
+};
+http_req *http_post_to(http_client *c, const struct http_target *t, const char *url, const char *const *headers,
+                       const char *body, size_t len, http_done_fn *fn, void *ud);
+http_req *http_get_to(http_client *c, const struct http_target *t, const char *url, const char *const *headers,
+                      http_done_fn *fn, void *ud);
+/* Read `ca_file` (added to the system's CAs) for the targets that name it;
+ * at start and SIGHUP. 0, or -1 with err. */
+int http_client_add_ca_file(http_client *c, const char *ca_file, char *err, size_t errlen);
+
 http_req *http_download(http_client *c, const char *url, int fd, const struct http_download_opts *o,
                         http_done_fn *fn, void *ud);
 

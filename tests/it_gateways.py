@@ -187,6 +187,57 @@ def kling_keys(t, env, r):
     t.eq(vd.stop(), 0, "kling pool: exit 0")
 
 
+def own_settings(t, env, r):
+    """gateway.NAME.concurrency, rate, timeout and ca_file are each gateway's own."""
+    pre = "gw-own"
+    mc = vt.Mock(env, name="mock-own-c", token="kc", latency_ms=300).start()
+    mr = vt.Mock(env, name="mock-own-r", token="kr").start()
+    mt = vt.Mock(env, name="mock-own-t", token="kt", latency_ms=3000).start()
+    conf = {"redis.prefix": pre, "api.base_url": mr.url, "api.token_file": token_file(env, "own-api", ["kr"]),
+            "submit.concurrency": "16",
+            "gateway.c.base_url": mc.url, "gateway.c.token_file": token_file(env, "own-c", ["kc"]),
+            "gateway.c.models": "c-*", "gateway.c.concurrency": "2",
+            "gateway.r.base_url": mr.url, "gateway.r.token_file": token_file(env, "own-r", ["kr"]),
+            "gateway.r.models": "r-*", "gateway.r.rate": "5/s",
+            "gateway.t.base_url": mt.url, "gateway.t.token_file": token_file(env, "own-t", ["kt"]),
+            "gateway.t.models": "t-*", "gateway.t.timeout": "1s"}
+    ngx = None
+    if not vt.nginx_missing():
+        ca, ca_key = vt.make_ca(env.dir, cn="vidq it_gateways CA")
+        cert, key = vt.issue(env.dir, ca, ca_key, "server", "IP:127.0.0.1")
+        ms = vt.Mock(env, name="mock-own-s", token="ks").start()
+        ngx = vt.Nginx(env, "ngx-own", cert, key, ms.port).start()
+        conf.update({"gateway.s.base_url": ngx.url, "gateway.s.token_file": token_file(env, "own-s", ["ks"]),
+                     "gateway.s.models": "s-*", "gateway.s.ca_file": ca})
+    vd = env.vidqd(instance="own", name="vidqd-own", conf=conf)
+    vd.start()
+    jobs = [{"job_id": "c-%d" % i, "model": "c-1", "prompt": "c %d" % i} for i in range(8)]
+    jobs += [{"job_id": "r-%d" % i, "model": "r-1", "prompt": "r %d" % i} for i in range(8)]
+    jobs += [{"job_id": "t-0", "model": "t-1", "prompt": "t"}]
+    if ngx:
+        jobs += [{"job_id": "s-%d" % i, "model": "s-1", "prompt": "s %d" % i} for i in range(3)]
+    push(r, pre, jobs)
+    ok = vt.wait_until(lambda: len(terminal(r, pre)) >= len(jobs), timeout=60, unless=vd.dead)
+    t.ok(ok, "own settings: every job ended", vd.dead() or "")
+    term = {j: es[0] for j, es in terminal(r, pre).items()}
+    t.eq(mc.stats()["max_concurrent"], 2, "own settings: gateway c never had more than its concurrency (2) in flight")
+    t.ok(all(term["c-%d" % i]["event"] == "submitted" for i in range(8)), "own settings: c's jobs all submitted")
+    created = sorted(x["created"] for x in mr.tasks() if json.loads(x["body"])["prompt"].startswith("r "))
+    gaps = [b - a for a, b in zip(created, created[1:])]
+    t.ok(len(created) == 8 and min(gaps) >= 150, "own settings: gateway r paced at its rate, 5/s (gaps >= 150 ms)",
+         gaps)
+    e = term["t-0"]
+    t.ok(e["event"] == "failed" and e.get("error") == "ambiguous" and "timed out after 10" in e.get("message", ""),
+         "own settings: gateway t's timeout (1s) is its own (api.timeout is 60s)", e)
+    if ngx:
+        t.ok(all(term["s-%d" % i]["event"] == "submitted" for i in range(3)),
+             "own settings: gateway s is verified with its own ca_file ([api] has none)")
+        ngx.stop()
+    else:
+        t.skip("own settings: gateway ca_file", vt.nginx_missing())
+    t.eq(vd.stop(), 0, "own settings: exit 0")
+
+
 def main(t, env):
     env.redis()
     r = env.r
@@ -194,6 +245,7 @@ def main(t, env):
     pool(t, env, r)
     stopped(t, env, r)
     kling_keys(t, env, r)
+    own_settings(t, env, r)
 
 
 vt.run(main, "gateways")
