@@ -5,6 +5,8 @@
  */
 #include "cli.h"
 
+#include <cjson/cJSON.h>
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -59,26 +61,36 @@ static void instance_json(sbuf *out, const char *name, const redisReply *hash, l
     }
     jw_str(&w, "version", hget(hash, "version"));
     jw_str(&w, "message", hget(hash, "message"));
+    /* Its gateways and keys (vidqd's own JSON, checked before it is passed on). */
+    const char *gws = hget(hash, "gateways");
+    cJSON *parsed = gws ? cJSON_Parse(gws) : NULL;
+    if (cJSON_IsObject(parsed))
+        jw_raw(&w, "gateways", gws, strlen(gws));
+    cJSON_Delete(parsed);
     jw_close(&w);
     sbuf_append(out, w.b.buf, w.b.len);
     sbuf_free(&w.b);
 }
 
-/* Everything `stats` shows, read in two pipelined round trips. */
+enum { Q_JOBS, Q_PAUSED, Q_RETRY, Q_DUE, Q_DEAD, Q_TRACK, Q_RESULTS, Q_INSTANCES, Q_WAITSETS, Q_N };
+
+/* Everything `stats` shows, read in three pipelined round trips. */
 struct stats {
     int64_t now;
-    redisReply *rep[8];   /* see the Q_ names */
+    redisReply *rep[Q_N]; /* see the Q_ names */
     const char *paused;   /* who paused, or NULL */
     size_t ninst;
     const char **names;   /* sorted */
     redisReply **inst;    /* per instance: its hash, then LLEN of its processing list */
+    size_t nwait;
+    redisReply **wait;    /* per gateway of vidq:waitsets: LLEN of its waiting list */
 };
 
-enum { Q_JOBS, Q_PAUSED, Q_RETRY, Q_DUE, Q_DEAD, Q_TRACK, Q_RESULTS, Q_INSTANCES, Q_N };
 
 static void stats_gather(struct stats *st)
 {
     char now_s[32];
+    char *waitsets = key(KEY_WAITSET, NULL);
     st->now = now_ms();
     snprintf(now_s, sizeof now_s, "%lld", (long long)st->now);
     const char *q[Q_N][4] = {
@@ -86,10 +98,12 @@ static void stats_gather(struct stats *st)
         [Q_RETRY] = {"ZCARD", k.retry},  [Q_DUE] = {"ZCOUNT", k.retry, "-inf", now_s},
         [Q_DEAD] = {"LLEN", k.dead},     [Q_TRACK] = {"ZCARD", k.track},
         [Q_RESULTS] = {"XLEN", k.results}, [Q_INSTANCES] = {"SMEMBERS", k.instances},
+        [Q_WAITSETS] = {"SMEMBERS", waitsets},
     };
     for (int i = 0; i < Q_N; i++)
         append(i == Q_DUE ? 4 : 2, q[i], NULL);
     read_replies(st->rep, Q_N, "stats");
+    free(waitsets);
     st->paused = st->rep[Q_PAUSED]->type == REDIS_REPLY_STRING ? st->rep[Q_PAUSED]->str : NULL;
 
     st->ninst = st->rep[Q_INSTANCES]->elements;
@@ -109,12 +123,24 @@ static void stats_gather(struct stats *st)
         free(pk);
     }
     read_replies(st->inst, (int)(2 * st->ninst), "stats");
+    st->nwait = st->rep[Q_WAITSETS]->elements;
+    st->wait = xcalloc(st->nwait + 1, sizeof *st->wait);
+    for (size_t i = 0; i < st->nwait; i++) {
+        char *wk = key(KEY_WAITING, st->rep[Q_WAITSETS]->element[i]->str);
+        const char *llen[2] = {"LLEN", wk};
+        append(2, llen, NULL);
+        free(wk);
+    }
+    read_replies(st->wait, (int)st->nwait, "stats");
 }
 
 static void stats_free(struct stats *st)
 {
     for (size_t i = 0; i < 2 * st->ninst; i++)
         freeReplyObject(st->inst[i]);
+    for (size_t i = 0; i < st->nwait; i++)
+        freeReplyObject(st->wait[i]);
+    free(st->wait);
     for (int i = 0; i < Q_N; i++)
         freeReplyObject(st->rep[i]);
     free(st->inst);
@@ -134,6 +160,15 @@ static void stats_json(const struct stats *st)
     jw_int(&w, "dead", st->rep[Q_DEAD]->integer);
     jw_int(&w, "tracked", st->rep[Q_TRACK]->integer);
     jw_int(&w, "results", st->rep[Q_RESULTS]->integer);
+    jw_key(&w, "waiting");
+    sbuf_putc(&w.b, '{');
+    for (size_t i = 0; i < st->nwait; i++) {
+        const char *name = st->rep[Q_WAITSETS]->element[i]->str;
+        sbuf_puts(&w.b, i ? "," : "");
+        sbuf_json_str(&w.b, name, strlen(name));
+        sbuf_printf(&w.b, ":%lld", st->wait[i]->integer);
+    }
+    sbuf_putc(&w.b, '}');
     jw_key(&w, "instances");
     sbuf_putc(&w.b, '[');
     for (size_t i = 0; i < st->ninst; i++) {
@@ -143,6 +178,51 @@ static void stats_json(const struct stats *st)
     }
     sbuf_putc(&w.b, ']');
     jw_print(&w);
+}
+
+/* Under an instance: each gateway's state and its keys (fingerprints). */
+static void gateways_text(const char *gws)
+{
+    cJSON *o = gws ? cJSON_Parse(gws) : NULL;
+    const cJSON *gw;
+    cJSON_ArrayForEach(gw, o)
+    {
+        const cJSON *st = cJSON_GetObjectItemCaseSensitive(gw, "state");
+        const cJSON *msg = cJSON_GetObjectItemCaseSensitive(gw, "message");
+        const cJSON *keys = cJSON_GetObjectItemCaseSensitive(gw, "keys");
+        int all = 0, aside = 0;
+        const cJSON *kk;
+        sbuf line;
+        sbuf_init(&line);
+        cJSON_ArrayForEach(kk, keys)
+        {
+            const cJSON *ks = cJSON_GetObjectItemCaseSensitive(kk, "state");
+            all++;
+            if (cJSON_IsString(ks) && strcmp(ks->valuestring, "aside") == 0) {
+                aside++;
+                const cJSON *km = cJSON_GetObjectItemCaseSensitive(kk, "message");
+                sbuf_printf(&line, "; key %s set aside: ", kk->string);
+                if (cJSON_IsString(km))
+                    put_clean(&line, km->valuestring, strlen(km->valuestring));
+            }
+        }
+        sbuf name;
+        sbuf_init(&name);
+        put_clean(&name, gw->string, strlen(gw->string));
+        printf("      gateway %-12s %-16s keys %d of %d in service%s", sb_str(&name),
+               cJSON_IsString(st) ? st->valuestring : "?", all - aside, all, sb_str(&line));
+        if (cJSON_IsString(msg) && msg->valuestring[0]) {
+            sbuf m;
+            sbuf_init(&m);
+            put_clean(&m, msg->valuestring, strlen(msg->valuestring));
+            printf(" (%s)", sb_str(&m));
+            sbuf_free(&m);
+        }
+        putchar('\n');
+        sbuf_free(&name);
+        sbuf_free(&line);
+    }
+    cJSON_Delete(o);
 }
 
 /* One row of the instance table. */
@@ -166,6 +246,7 @@ static void instance_text(const char *name, const redisReply *h, long long proce
     printf("  %-20s %-16s %-10s %10lld %9s %9s %7s  %s\n", name, state ? state : "?", age, processing,
            in_flight ? in_flight : "-", submitted ? submitted : "-", failed ? failed : "-", sb_str(&m));
     sbuf_free(&m);
+    gateways_text(alive ? hget(h, "gateways") : NULL);
 }
 
 static void stats_text(const struct stats *st)
@@ -185,6 +266,15 @@ static void stats_text(const struct stats *st)
     printf("  dead           %lld\n", st->rep[Q_DEAD]->integer);
     printf("  tracked tasks  %lld\n", st->rep[Q_TRACK]->integer);
     printf("  results        %lld events\n", st->rep[Q_RESULTS]->integer);
+    for (size_t i = 0; i < st->nwait; i++) {
+        sbuf n;
+        sbuf_init(&n);
+        const char *name = st->rep[Q_WAITSETS]->element[i]->str;
+        put_clean(&n, name, strlen(name));
+        printf("  waiting for    gateway %s: %lld job%s\n", sb_str(&n), st->wait[i]->integer,
+               st->wait[i]->integer == 1 ? "" : "s");
+        sbuf_free(&n);
+    }
     printf("instances (%zu)\n", st->ninst);
     if (st->ninst)
         printf("  %-20s %-16s %-10s %10s %9s %9s %7s  %s\n", "NAME", "STATE", "HEARTBEAT", "PROCESSING",

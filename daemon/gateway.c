@@ -57,6 +57,37 @@ static struct gateway *find_any(const gwset *s, const char *name)
     return NULL;
 }
 
+struct gateway *gwset_find_any(const gwset *s, const char *name)
+{
+    return find_any(s, name);
+}
+
+static void own_free(struct gateway_conf *o)
+{
+    free(o->base_url);
+    free(o->dialect);
+    free(o->models);
+    free(o->ca_file);
+    memset(o, 0, sizeof *o);
+}
+
+/* The gateway's own copy: a reload frees the configuration it came from,
+ * while requests and polls of the gateway may still be out. */
+static void own_set(struct gateway *g, const struct gateway_conf *gc)
+{
+    own_free(&g->own);
+    g->own = *gc;
+    g->own.name = g->name;
+    g->own.base_url = gc->base_url ? xstrdup(gc->base_url) : NULL;
+    g->own.dialect = gc->dialect ? xstrdup(gc->dialect) : NULL;
+    g->own.models = gc->models ? xstrdup(gc->models) : NULL;
+    g->own.ca_file = gc->ca_file ? xstrdup(gc->ca_file) : NULL;
+    g->own.token_file = NULL;
+    g->own.keys = NULL;
+    g->own.nkeys = 0;
+    g->conf = &g->own;
+}
+
 struct gateway *gwset_find(const gwset *s, const char *name)
 {
     struct gateway *g = find_any(s, name);
@@ -115,6 +146,7 @@ static void timer_closed(uv_handle_t *h)
                 free(x->keys[j]);
             }
             free(x->keys);
+            own_free(&x->own);
             free(x->name);
             free(x->probe_url);
             free(x);
@@ -144,19 +176,15 @@ void gwset_configure(gwset *s, const struct config *cfg, void *owner)
             s->v[s->n++] = g;
         }
         g->retired = 0;
-        g->conf = gc;
+        own_set(g, gc);
         g->dialect = dialect_find(gc->dialect);
         VQ_ASSERT(g->dialect); /* config.c checked the name */
         g->target = (struct http_target){.connect_timeout_ms = gc->connect_timeout_ms,
                                          .timeout_ms = gc->timeout_ms,
-                                         .ca_file = gc->ca_file};
+                                         .ca_file = g->own.ca_file};
         free(g->probe_url);
         g->probe_url = api_url(gc->base_url, g->dialect->probe_path);
         set_keys(g, gc);
-    }
-    for (size_t i = 0; i < s->n; i++) {
-        if (s->v[i]->retired)
-            s->v[i]->conf = NULL; /* that configuration is freed after this */
     }
 }
 
@@ -224,6 +252,40 @@ struct gwkey *gw_pick_key(struct gateway *g, int64_t now, int force)
         return probe;
     }
     return best;
+}
+
+void gwset_json(const gwset *s, sbuf *out, const char *(*state_of)(const struct gateway *g))
+{
+    sbuf_putc(out, '{');
+    int first = 1;
+    for (size_t i = 0; i < s->n; i++) {
+        const struct gateway *g = s->v[i];
+        if (g->retired)
+            continue;
+        sbuf_puts(out, first ? "" : ",");
+        first = 0;
+        sbuf_json_str(out, g->name, strlen(g->name));
+        sbuf_puts(out, ":{\"state\":");
+        const char *st = state_of(g);
+        sbuf_json_str(out, st, strlen(st));
+        sbuf_puts(out, ",\"message\":");
+        sbuf_json_str(out, g->blocked ? g->block_msg : "", g->blocked ? strlen(g->block_msg) : 0);
+        sbuf_printf(out, ",\"in_flight\":%u,\"keys\":{", g->in_flight);
+        int kfirst = 1;
+        for (size_t j = 0; j < g->nkeys; j++) {
+            const struct gwkey *k = g->keys[j];
+            if (k->retired)
+                continue;
+            sbuf_printf(out, "%s\"%s\":{\"state\":\"%s\",\"message\":", kfirst ? "" : ",", k->fp,
+                        k->aside ? "aside" : "in_service");
+            kfirst = 0;
+            sbuf_json_str(out, k->aside ? k->aside_msg : "", k->aside ? strlen(k->aside_msg) : 0);
+            sbuf_printf(out, ",\"in_flight\":%u,\"submitted\":%llu,\"refused\":%llu}", k->in_flight,
+                        (unsigned long long)k->submitted, (unsigned long long)k->refused);
+        }
+        sbuf_puts(out, "}}");
+    }
+    sbuf_putc(out, '}');
 }
 
 void gwset_free(gwset *s)

@@ -40,7 +40,8 @@ struct gwkey {
 struct gateway {
     gwset *set;
     char *name;
-    const struct gateway_conf *conf; /* into the running configuration */
+    const struct gateway_conf *conf; /* &own: its configuration, kept after a reload removed it */
+    struct gateway_conf own; /* a copy of the strings and values (its keys live in `keys`) */
     const struct dialect *dialect;
     struct http_target target; /* its timeouts and CA file, for every request to it */
     struct gwkey **keys;
@@ -72,6 +73,8 @@ void gwset_configure(gwset *s, const struct config *cfg, void *owner);
 size_t gwset_count(const gwset *s);
 struct gateway *gwset_at(const gwset *s, size_t i); /* retired ones included */
 struct gateway *gwset_find(const gwset *s, const char *name); /* in service only */
+/* Also a gateway a reload removed: its tasks are still polled, with its keys. */
+struct gateway *gwset_find_any(const gwset *s, const char *name);
 /*
  * Where a job goes (docs/protocol.md §9): the gateway it names, else the
  * first [gateway.*] section whose `models` globs match its model, else
@@ -88,6 +91,12 @@ struct gwkey *gw_key(const struct gateway *g, const char *fp);
 struct gwkey *gw_pick_key(struct gateway *g, int64_t now_mono, int force);
 /* Keys in service (not aside, not retired). */
 size_t gw_keys_in_service(const struct gateway *g);
+/* Every gateway in service with its keys, as JSON for the heartbeat hash
+ * (`vidq stats` reads it): {"NAME":{"state","message","in_flight","keys":
+ * {"FINGERPRINT":{"state":"in_service"|"aside","message","in_flight",
+ * "submitted","refused"}}}}. `state_of` names a gateway's state. */
+void gwset_json(const gwset *s, sbuf *out, const char *(*state_of)(const struct gateway *g));
+
 /* Close the timers; `done` runs once they are closed (the set is freed then). */
 void gwset_free(gwset *s);
 

@@ -102,9 +102,28 @@ static void update_status(struct daemon *d)
         snprintf(state, sizeof state, "API refuses the account (%.150s)", st.block_msg);
     else
         snprintf(state, sizeof state, "running");
-    snprintf(msg, sizeof msg, "STATUS=%s; held %u, in flight %u; submitted %llu, failed %llu, duplicates %llu", state, st.held,
-             st.in_flight, (unsigned long long)st.submitted, (unsigned long long)st.failed,
-             (unsigned long long)st.duplicates);
+    /* the gateways that are not running, and keys set aside, in a few words */
+    char gws[160] = "";
+    size_t used = 0;
+    for (size_t i = 0; i < gwset_count(d->gws) && used < sizeof gws; i++) {
+        const struct gateway *g = gwset_at(d->gws, i);
+        if (g->retired)
+            continue;
+        size_t aside = 0, all = 0;
+        for (size_t k = 0; k < g->nkeys; k++) {
+            all += !g->keys[k]->retired;
+            aside += !g->keys[k]->retired && g->keys[k]->aside;
+        }
+        int n = 0;
+        if (g->blocked)
+            n = snprintf(gws + used, sizeof gws - used, "; gateway %s %s", g->name, gateway_state(g));
+        else if (aside)
+            n = snprintf(gws + used, sizeof gws - used, "; gateway %s: %zu of %zu keys set aside", g->name, aside, all);
+        used += n > 0 ? (size_t)n : 0;
+    }
+    snprintf(msg, sizeof msg, "STATUS=%s; held %u, in flight %u; submitted %llu, failed %llu, duplicates %llu%s", state,
+             st.held, st.in_flight, (unsigned long long)st.submitted, (unsigned long long)st.failed,
+             (unsigned long long)st.duplicates, gws);
     sd_notify_msg(msg);
 }
 
@@ -238,6 +257,47 @@ static void http_opts_from(const struct config *c, struct http_opts *o, const ch
 
 /* ---- runtime ------------------------------------------------------------------ */
 
+/*
+ * Per gateway and per key (docs/protocol.md §9), labelled gateway="NAME" and
+ * key="FINGERPRINT" (never the key): whether each is stopped, why, and what
+ * each key carried. Names are [A-Za-z0-9_-] and fingerprints hex: nothing
+ * to escape.
+ */
+static void gateway_metrics(sbuf *out, const gwset *gws, const char *in)
+{
+    static const struct {
+        const char *name, *type, *help;
+    } m[] = {
+        {"vidq_account_blocked", "gauge", "1 while the API refuses every key of the gateway (401/402/403)."},
+        {"vidq_gateway_down", "gauge", "1 while the gateway is unreachable (connection, TLS, a proxy's 5xx)."},
+        {"vidq_gateway_requests_in_flight", "gauge", "Submissions in flight to the gateway."},
+        {"vidq_key_in_service", "gauge", "1 while the key is in service, 0 while it is set aside (account errors)."},
+        {"vidq_key_submitted_total", "counter", "Submissions the API accepted with the key."},
+        {"vidq_key_refused_total", "counter", "Account errors the key met (each sets it aside)."},
+    };
+    for (size_t i = 0; i < sizeof m / sizeof m[0]; i++) {
+        sbuf_printf(out, "# HELP %s %s\n# TYPE %s %s\n", m[i].name, m[i].help, m[i].name, m[i].type);
+        for (size_t j = 0; j < gwset_count(gws); j++) {
+            const struct gateway *g = gwset_at(gws, j);
+            if (g->retired)
+                continue;
+            if (i < 3) {
+                unsigned long long v = i == 0 ? g->blocked == 1 : i == 1 ? g->blocked == 2 : g->in_flight;
+                sbuf_printf(out, "%s{instance=\"%s\",gateway=\"%s\"} %llu\n", m[i].name, in, g->name, v);
+                continue;
+            }
+            for (size_t k = 0; k < g->nkeys; k++) {
+                const struct gwkey *key = g->keys[k];
+                if (key->retired)
+                    continue;
+                unsigned long long v = i == 3 ? !key->aside : i == 4 ? key->submitted : key->refused;
+                sbuf_printf(out, "%s{instance=\"%s\",gateway=\"%s\",key=\"%s\"} %llu\n", m[i].name, in, g->name,
+                            key->fp, v);
+            }
+        }
+    }
+}
+
 static void metric(sbuf *out, const char *name, const char *type, const char *help, const char *instance,
                    unsigned long long v)
 {
@@ -301,10 +361,7 @@ static void fill_metrics(sbuf *out, int *healthy, const char **why, void *ud)
     metric(out, "vidq_loop_stall_max_microseconds", "gauge",
            "The longest time the event loop spent in callbacks without polling, since start.", in, d->stall_max_us);
     int gw_down = st.blocked && strcmp(st.block_kind, "gateway_down") == 0;
-    metric(out, "vidq_account_blocked", "gauge", "1 while the API refuses the account (401/402/403).", in,
-           st.blocked && !gw_down ? 1 : 0);
-    metric(out, "vidq_gateway_down", "gauge", "1 while the gateway is unreachable (connection, TLS, a proxy's 5xx).",
-           in, gw_down ? 1 : 0);
+    gateway_metrics(out, d->gws, in);
     *healthy = queue_is_up(d->q) && !st.blocked && !d->stopping;
     *why = !queue_is_up(d->q) ? "Redis unreachable"
            : gw_down          ? "the gateway is unreachable"

@@ -787,10 +787,11 @@ static void start_poll(tracker *t, const struct qtask *q)
         return;
     }
     /* Its gateway (tasks recorded before gateways existed: [api]) and the
-     * key that created it, kept even when a reload removed it from the
-     * pool; another key of the gateway only when that one is unknown here. */
+     * key that created it, both kept even when a reload removed them: a
+     * task paid for is followed to its video. Another key of the gateway
+     * only when that one is unknown here (another instance's pool). */
     const char *gname = field(q, "gateway");
-    p->g = gwset_find(t->gws, gname && *gname ? gname : "api");
+    p->g = gwset_find_any(t->gws, gname && *gname ? gname : "api");
     if (p->g == NULL) {
         char msg[160];
         snprintf(msg, sizeof msg, "its gateway \"%s\" is no longer configured", gname && *gname ? gname : "api");

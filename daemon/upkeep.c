@@ -140,6 +140,11 @@ static void on_taken_waiting(int err, const struct qinfo *info, const struct qit
         intake_pump(w);
 }
 
+const char *gateway_state(const struct gateway *g)
+{
+    return g->blocked ? block_name(g->blocked) : "running";
+}
+
 /* The heartbeat's message: why every gateway is stopped, or "". */
 static const char *block_message(const worker *w)
 {
@@ -249,7 +254,8 @@ void intake_pump(worker *w)
     for (size_t i = 0; i < gwset_count(w->gws); i++) {
         struct gateway *g = gwset_at(w->gws, i);
         probe |= !g->retired && g->blocked && g->probe_take;
-        if (!g->retired && !g->blocked && g->waiting_maybe && waiting == NULL)
+        /* a stopped gateway's probe may be its oldest parked job */
+        if (!g->retired && (!g->blocked || g->probe_take) && g->waiting_maybe && waiting == NULL)
             waiting = g;
     }
     int stopped = all_blocked(w, NULL, NULL);
@@ -288,7 +294,7 @@ void intake_pump(worker *w)
     w->intake_busy = 1;
     if (waiting && !w->paused) {
         w->waiting_gw = waiting;
-        if (queue_take_waiting(w->q, waiting->name, room, on_taken_waiting, w) != 0) {
+        if (queue_take_waiting(w->q, waiting->name, waiting->blocked ? 1 : room, on_taken_waiting, w) != 0) {
             w->intake_busy = 0;
             intake_later(w, INTAKE_RETRY_MS);
         }
@@ -375,14 +381,74 @@ static void heartbeat(worker *w)
     snprintf(sub, sizeof sub, "%llu", (unsigned long long)w->st.submitted);
     snprintf(failed, sizeof failed, "%llu", (unsigned long long)w->st.failed);
     snprintf(conc, sizeof conc, "%u", w->flow.conc);
+    sbuf gws;
+    sbuf_init(&gws);
+    gwset_json(w->gws, &gws, gateway_state);
     const char *f[] = {"heartbeat", now,    "started",  started,   "pid",       pid,    "version",
                        PACKAGE_VERSION,     "held",     held,      "in_flight", inflight, "submitted",
                        sub,                 "failed",   failed,    "concurrency", conc, "state",
                        state_name(w),       "message",  block_message(w),
-                       "run",               w->run_id,  "host",    host};
+                       "run",               w->run_id,  "host",    host, "gateways", gws.buf ? gws.buf : "{}"};
     w->upkeep_busy[UP_HEARTBEAT] = 1;
     if (queue_heartbeat(w->q, f, (int)(sizeof f / sizeof f[0]), HEARTBEAT_TTL_MS, on_heartbeat, w) != 0)
         w->upkeep_busy[UP_HEARTBEAT] = 0;
+    sbuf_free(&gws);
+}
+
+/*
+ * Waiting lists of gateways no longer configured (a reload removed them, or
+ * this start has a configuration without them): back to the queue, oldest
+ * first, a thousand jobs a step; they are routed again when taken.
+ */
+static void unpark_next(worker *w);
+
+static void on_unparked(int err, long long moved, void *ud)
+{
+    worker *w = ud;
+    if (w->closed)
+        return;
+    if (!err && moved > 0) {
+        char n[24];
+        snprintf(n, sizeof n, "%lld", moved);
+        log_kv(LOG_NOTICE, "jobs waiting for a gateway no longer configured: back to the queue", "gateway",
+               w->unpark_names[w->unpark_pos], "jobs", n, NULL);
+    }
+    if (err || moved < 1000) /* this list is done (or Redis is away: the next round) */
+        free(w->unpark_names[w->unpark_pos++]);
+    unpark_next(w);
+}
+
+static void unpark_next(worker *w)
+{
+    while (w->unpark_pos < w->unpark_n) {
+        const char *name = w->unpark_names[w->unpark_pos];
+        if (gwset_find(w->gws, name) == NULL && gateway_name_is_valid(name) &&
+            queue_unpark(w->q, name, 1000, on_unparked, w) == 0)
+            return;
+        free(w->unpark_names[w->unpark_pos++]);
+    }
+    free(w->unpark_names);
+    w->unpark_names = NULL;
+    w->unpark_n = w->unpark_pos = 0;
+    w->unparking = 0;
+    intake_pump(w);
+}
+
+static void on_waitsets(int err, const char **names, size_t n, void *ud)
+{
+    worker *w = ud;
+    if (w->closed)
+        return;
+    if (err) {
+        w->unparking = 0;
+        return;
+    }
+    w->unpark_names = xcalloc(n + 1, sizeof *w->unpark_names);
+    for (size_t i = 0; i < n; i++)
+        w->unpark_names[i] = xstrdup(names[i]);
+    w->unpark_n = n;
+    w->unpark_pos = 0;
+    unpark_next(w);
 }
 
 static void on_upkeep(uv_timer_t *t)
@@ -407,6 +473,18 @@ static void on_upkeep(uv_timer_t *t)
         w->upkeep_busy[UP_PROMOTE] = 1;
         if (queue_promote(w->q, on_promoted, w) != 0)
             w->upkeep_busy[UP_PROMOTE] = 0;
+    }
+    if (w->ticks % TAKEOVER_EVERY == 0 || w->unpark_due) {
+        /* Another instance may have parked jobs for a gateway that runs
+         * here: look at every waiting list now and then. */
+        for (size_t i = 0; i < gwset_count(w->gws); i++)
+            gwset_at(w->gws, i)->waiting_maybe = 1;
+        if (!w->unparking && !w->draining) {
+            w->unpark_due = 0;
+            w->unparking = 1;
+            if (queue_waitsets(w->q, on_waitsets, w) != 0)
+                w->unparking = 0;
+        }
     }
     if (!w->draining && !w->intake_busy)
         intake_pump(w); /* concurrency may have grown back */
@@ -734,8 +812,13 @@ void worker_drain(worker *w, void (*done)(void *), void *ud)
     /* Jobs held for account errors were never accepted, and jobs held back
      * by their gateway's cap or pace never sent: put them back. */
     slot **v = slots_in(w, S_ACCOUNT_HOLD, &n);
-    for (size_t i = 0; i < n; i++)
-        slot_putback(v[i]);
+    for (size_t i = 0; i < n; i++) {
+        /* A stopped gateway's: before its parked jobs, so the oldest goes first after a restart. */
+        if (v[i]->gw && v[i]->gw->blocked && !v[i]->gw->retired)
+            slot_park(v[i], 1);
+        else
+            slot_putback(v[i]);
+    }
     free(v);
     v = slots_in(w, S_GW_WAIT, &n);
     for (size_t i = 0; i < n; i++) {
@@ -839,6 +922,9 @@ void worker_free(worker *w)
         free(w->backlog[k].token);
     }
     free(w->backlog);
+    for (size_t k = w->unpark_pos; k < w->unpark_n; k++)
+        free(w->unpark_names[k]);
+    free(w->unpark_names);
     free(w->spool);
     path_release(w);
     w->handles_open = 3;

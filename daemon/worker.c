@@ -52,7 +52,29 @@ void path_configure(worker *w)
         g->owner = w;
         if (g->blocked && !g->retired)
             uv_timer_start(&g->probe_timer, on_probe, 0, 0);
+        if (g->retired) {
+            /* Removed: its jobs held unsent go back to the queue and are
+             * routed again; its waiting list follows (upkeep.c unpark). */
+            uv_timer_stop(&g->probe_timer);
+            g->blocked = 0;
+            size_t n = 0;
+            slot **v = xmalloc((w->nslots + 1) * sizeof *v);
+            for (slot *s = w->slots; s; s = s->next) {
+                if (s->gw == g && (s->state == S_ACCOUNT_HOLD || s->state == S_GW_WAIT))
+                    v[n++] = s;
+            }
+            for (size_t j = 0; j < n; j++) {
+                if (v[j]->state == S_GW_WAIT) {
+                    uv_timer_stop(&v[j]->timer);
+                    g->held_back--;
+                }
+                v[j]->state = S_PUTBACK;
+                slot_putback(v[j]);
+            }
+            free(v);
+        }
     }
+    w->unpark_due = 1;
 }
 
 void path_release(worker *w)
@@ -392,16 +414,49 @@ static void on_park_retry(uv_timer_t *t)
         go(s); /* back meanwhile: no need to wait */
         return;
     }
-    slot_park(s);
+    slot_park(s, s->park_oldest);
 }
 
-/* A job never sent, for a stopped gateway: into vidq:waiting:<gateway>. */
-void slot_park(slot *s)
+/* A job never sent (or refused: nothing created), for a stopped gateway:
+ * into vidq:waiting:<gateway>, at the end taken first when `oldest`. */
+void slot_park(slot *s, int oldest)
 {
     s->state = S_PUTBACK;
-    if (queue_park(s->w->q, s->gw->name, s->held, s->held_len, s->taken, s->taken_len, s->token,
+    s->park_oldest = oldest;
+    if (queue_park(s->w->q, s->gw->name, oldest, s->held, s->held_len, s->taken, s->taken_len, s->token,
                    s->job.id_given ? s->job.job_id : NULL, on_parked, s) != 0)
         on_parked(1, 0, s);
+}
+
+/*
+ * A stopped gateway keeps one job held, its oldest, as the probe; the
+ * others were refused (nothing created) and wait in Redis, so they do not
+ * fill submit.concurrency while other gateways have work. Parked newest
+ * first at the end taken first, so the oldest ends up taken first.
+ */
+void park_held(struct gateway *g)
+{
+    worker *w = g->owner;
+    size_t n = 0;
+    slot **v = xmalloc((w->nslots + 1) * sizeof *v);
+    for (slot *s = w->slots; s; s = s->next) {
+        if (s->gw == g && s->state == S_ACCOUNT_HOLD)
+            v[n++] = s;
+    }
+    for (size_t i = 0; i + 1 < n; i++) /* v[n - 1] is the oldest: it stays */
+        slot_park(v[i], 1);
+    free(v);
+}
+
+/* The held id of a job taken from a waiting list carries ".w" (TAKE_WAITING). */
+static int from_waiting(const slot *s)
+{
+    const char *p = "{\"vidq_held\":\"";
+    size_t n = strlen(p);
+    if (s->held_len <= n || memcmp(s->held, p, n) != 0)
+        return 0;
+    const char *end = memchr(s->held + n, '"', s->held_len - n);
+    return end && memmem(s->held + n, (size_t)(end - (s->held + n)), ".w", 2) != NULL;
 }
 
 void slot_putback(slot *s)
@@ -565,6 +620,7 @@ static void block(struct gateway *g, int kind, const char *msg)
                                    "probing",
            "gateway", g->name, "reason", msg, NULL);
     uv_timer_start(&g->probe_timer, on_probe, (uint64_t)g->probe_delay_ms, 0);
+    park_held(g);
 }
 
 /* Every gateway in service is stopped: intake stops (jobs stay in the queue). */
@@ -695,7 +751,9 @@ static void on_probe(uv_timer_t *t)
         if (s->state == S_ACCOUNT_HOLD && (best == NULL || s->strikes <= best->strikes))
             best = s;
     }
-    if (best && (best->strikes < 2 || w->nslots >= w->flow.conc)) {
+    /* Strikes say a job may be refused for itself (a 403); when every key
+     * was refused as an account, any job is as good a probe. */
+    if (best && (best->strikes < 2 || w->nslots >= w->flow.conc || (gw_keys_in_service(g) == 0 && !best->forbidden))) {
         best->probe = 1;
         go(best);
     } else if (g->blocked) {
@@ -776,7 +834,10 @@ static void account_error(slot *s, const struct outcome *o, const struct http_re
             return;
         }
         s->state = S_ACCOUNT_HOLD;
-        block(g, BLOCK_ACCOUNT, o->message);
+        if (g->blocked)
+            park_held(g);
+        else
+            block(g, BLOCK_ACCOUNT, o->message);
         return;
     }
     s->state = S_ACCOUNT_HOLD;
@@ -804,7 +865,10 @@ static void gateway_down(slot *s, const struct outcome *o)
         return;
     }
     s->state = S_ACCOUNT_HOLD;
-    block(s->gw, BLOCK_GATEWAY, o->message);
+    if (s->gw->blocked)
+        park_held(s->gw);
+    else
+        block(s->gw, BLOCK_GATEWAY, o->message);
 }
 
 /* ---- an ambiguous submit looked up (dialect.h lookup_path) ---------------- */
@@ -1138,8 +1202,6 @@ static int gateway_holds_back(slot *s)
 {
     struct gateway *g = s->gw;
     int64_t now = mono_ms();
-    if (g->conf == NULL)
-        return 0;
     if (g->conf->concurrency > 0 && g->in_flight >= (unsigned)g->conf->concurrency) {
         if (s->state != S_GW_WAIT)
             g->held_back++;
@@ -1187,7 +1249,7 @@ static void post(slot *s)
     /* A stopped gateway sends only probes, with a key set aside (the
      * oldest probe first); a running one with the key in service that has
      * the fewest requests out, or an aside key whose probe is due. */
-    struct gwkey *k = g->retired || g->conf == NULL ? NULL : gw_pick_key(g, mono_ms(), g->blocked != 0);
+    struct gwkey *k = g->retired ? NULL : gw_pick_key(g, mono_ms(), g->blocked != 0);
     if (s->resent) {
         /* The second send after a lookup found nothing goes where the first
          * went, with the same key: an external_task_id is unique only within
@@ -1304,7 +1366,7 @@ void job_start(worker *w, const struct qitem *it)
         if (s->gw->probe_take) {
             s->gw->probe_take = 0; /* the probe the gateway asked for */
         } else {
-            slot_park(s); /* waits in Redis until its gateway runs again */
+            slot_park(s, from_waiting(s)); /* waits in Redis until its gateway runs again */
             return;
         }
     }

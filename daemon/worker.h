@@ -47,6 +47,8 @@ void worker_set_config(worker *w, const struct config *cfg);
  */
 void worker_drain(worker *w, void (*done)(void *), void *ud);
 void worker_get_stats(const worker *w, struct worker_stats *st);
+/* "running", "account_blocked" (every key set aside) or "gateway_down". */
+const char *gateway_state(const struct gateway *g);
 void worker_free(worker *w);
 
 #endif

@@ -46,6 +46,7 @@ struct slot {
     struct gateway *gw;          /* where it goes (gwset_route) */
     struct gwkey *key;           /* the key its last request went out with, or NULL */
     int probe;                   /* it goes as its stopped gateway's probe */
+    int park_oldest;             /* parked at the end of the waiting list taken first */
     struct dialect_request dreq; /* the job in the gateway's dialect (job_start) */
     char *url;                   /* base_url + dreq.path */
     enum sstate state;
@@ -100,6 +101,10 @@ struct worker {
     http_client *http;
     gwset *gws;              /* the gateways, their keys and their state (gateway.c) */
     struct gateway *waiting_gw; /* whose parked jobs the intake call in flight takes */
+    int unpark_due;          /* look for waiting lists of gateways no longer configured */
+    int unparking;
+    char **unpark_names;     /* the gateways with waiting lists, being looked at */
+    size_t unpark_n, unpark_pos;
     slot *slots;
     unsigned nslots;
     unsigned in_flight;
@@ -161,7 +166,9 @@ void gateway_unblock(struct gateway *g);
 /* Every gateway is stopped (then intake stops); the first one's kind and message. */
 int all_blocked(const worker *w, int *kind, const char **msg);
 /* A never-sent job for a stopped gateway: into its waiting list. */
-void slot_park(slot *s);
+void slot_park(slot *s, int oldest);
+/* A stopped gateway's held jobs, all but its oldest (the probe), into its waiting list. */
+void park_held(struct gateway *g);
 
 /* ---- the instance around it (upkeep.c) ---- */
 

@@ -32,7 +32,8 @@
     X(BATCH, "batch", 2)            /* hash per batch: counters, total, done */                     \
     X(TRACK, "track", 0)            /* sorted set: job ids of tracked tasks by next poll (ms) */    \
     X(TASK, "task", 2)              /* hash per job_id: a tracked task */                          \
-    X(WAITING, "waiting", 2)        /* list per gateway: jobs taken while it was stopped (§9) */
+    X(WAITING, "waiting", 2)        /* list per gateway: jobs taken while it was stopped (§9) */ \
+    X(WAITSET, "waitsets", 0)       /* set: gateways whose waiting list may hold jobs */
 
 #define KEY_ENUM_(e, name, per) KEY_##e,
 enum key_kind { VIDQ_KEYS(KEY_ENUM_) KEY_COUNT };

@@ -75,7 +75,7 @@
     X(max) X(now) X(interval) X(burst) X(ids) X(job) X(id) X(held) X(mode) X(token) X(retry_ambiguous)     \
     X(raw) X(maxlen) X(dead) X(task_id) X(dedup_ttl) X(batch_field) X(final) X(batch) X(first_poll)        \
     X(track_id) X(claim) X(batch_ttl) X(due) X(envelope) X(ttl) X(name) X(counting) X(self) X(prefix)       \
-    X(run) X(dead_run) X(lease) X(job_id) X(next_poll) X(nhash)
+    X(run) X(dead_run) X(lease) X(job_id) X(next_poll) X(nhash) X(end)
 #define ARG_ENUM_(n) A_##n,
 enum arg { SCRIPT_ARGS(ARG_ENUM_) A_COUNT };
 _Static_assert(A_COUNT <= 64, "script_call keeps the listed arguments in a 64-bit set");
@@ -219,12 +219,33 @@ static const char PUTBACK_LUA[] = CHECK_LUA
  * is parked, so its mark and claim (if any) end here, as for PUTBACK.
  */
 static const char PARK_LUA[] = CHECK_LUA
+    "if A_end ~= 'new' and A_end ~= 'old' then error('vidq: park end must be new or old') end\n"
+    "if A_name == '' then error('vidq: park needs a gateway name') end\n"
     "if redis.call('LREM', K_processing, 1, A_held) == 1 then\n"
-    "  redis.call('LPUSH', K_waiting, A_job)\n"
+    "  if A_end == 'new' then redis.call('LPUSH', K_waiting, A_job) else redis.call('RPUSH', K_waiting, A_job) end\n"
+    "  redis.call('SADD', K_waitsets, A_name)\n"
     "  " FORGET_DEATHS_LUA("A_held")
     "end\n"
     UNMARK_LUA
     "return 1\n";
+
+/*
+ * The waiting list of a gateway no longer configured goes back to the
+ * queue, its oldest job taken first: up to A_max jobs, newest first, to the
+ * taking end of K_jobs (so the oldest ends at the very end); the name leaves
+ * K_waitsets once the list is empty. Reply: how many moved.
+ */
+static const char UNPARK_LUA[] = CHECK_LUA
+    "local max = need_int(A_max, 'max', 1)\n"
+    "local n = 0\n"
+    "for i = 1, max do\n"
+    "  local j = redis.call('LPOP', K_waiting)\n"
+    "  if not j then break end\n"
+    "  redis.call('RPUSH', K_jobs, j)\n"
+    "  n = n + 1\n"
+    "end\n"
+    "if redis.call('LLEN', K_waiting) == 0 then redis.call('SREM', K_waitsets, A_name) end\n"
+    "return n\n";
 
 /* Up to A_max parked jobs of a gateway that is back, oldest first, into the
  * processing list, wrapped as TAKE wraps; reply {paused, 0, job...}. No
@@ -241,6 +262,7 @@ static const char TAKE_WAITING_LUA[] = CHECK_LUA WRAP_LUA
     "  redis.call('LPUSH', K_processing, h)\n"
     "  out[#out + 1] = h\n"
     "end\n"
+    "if #out == 2 then redis.call('SREM', K_waitsets, A_name) end\n"
     "return out\n";
 
 /*
@@ -512,7 +534,7 @@ static const char TRACK_LUA[] = CHECK_LUA BATCH_LUA
 
 enum {
     S_TAKE, S_PUTBACK, S_RECORD, S_RETRY, S_PROMOTE, S_HEARTBEAT, S_HELD, S_TAKEOVER, S_CLAIM, S_TRACK, S_SEND,
-    S_CLAIM_NAME, S_WRAP1, S_PARK, S_TAKE_WAITING, S_COUNT
+    S_CLAIM_NAME, S_WRAP1, S_PARK, S_TAKE_WAITING, S_UNPARK, S_COUNT
 };
 
 #define MAX_SKEYS 10
@@ -559,10 +581,11 @@ static const struct script scripts[S_COUNT] = {
                 AS(A_held, A_mode, A_token, A_retry_ambiguous), 0},
     [S_CLAIM_NAME] = {"claim_name", CLAIM_NAME_LUA, KS(KEY_INSTANCE), AS(A_run, A_ttl, A_dead_run), 1},
     [S_WRAP1] = {"wrap1", WRAP1_LUA, KS(KEY_PROCESSING), AS(A_job, A_id), 0},
-    [S_PARK] = {"park", PARK_LUA, KS(KEY_PROCESSING, KEY_WAITING, KEY_SENDING, KEY_CLAIM, KEY_RECOVERED),
-                AS(A_held, A_token, A_job), 0},
-    [S_TAKE_WAITING] = {"take_waiting", TAKE_WAITING_LUA, KS(KEY_WAITING, KEY_PROCESSING, KEY_PAUSED),
-                        AS(A_max, A_ids), 0},
+    [S_PARK] = {"park", PARK_LUA, KS(KEY_PROCESSING, KEY_WAITING, KEY_SENDING, KEY_CLAIM, KEY_RECOVERED, KEY_WAITSET),
+                AS(A_held, A_token, A_job, A_end, A_name), 0},
+    [S_TAKE_WAITING] = {"take_waiting", TAKE_WAITING_LUA, KS(KEY_WAITING, KEY_PROCESSING, KEY_PAUSED, KEY_WAITSET),
+                        AS(A_max, A_ids, A_name), 0},
+    [S_UNPARK] = {"unpark", UNPARK_LUA, KS(KEY_WAITING, KEY_JOBS, KEY_WAITSET), AS(A_max, A_name), 0},
 };
 
 static int script_nkeys(const struct script *sc)
@@ -1315,8 +1338,8 @@ int queue_putback(queue *q, const char *held, size_t len, const char *job, size_
     return script_call(q, S_PUTBACK, &a, on_done, c);
 }
 
-int queue_park(queue *q, const char *gateway, const char *held, size_t len, const char *job, size_t job_len,
-               const char *token, const char *job_id, queue_done_fn *fn, void *ud)
+int queue_park(queue *q, const char *gateway, int oldest, const char *held, size_t len, const char *job,
+               size_t job_len, const char *token, const char *job_id, queue_done_fn *fn, void *ud)
 {
     struct sargs a = {0};
     a.id[KEY_CLAIM] = job_id;
@@ -1324,6 +1347,8 @@ int queue_park(queue *q, const char *gateway, const char *held, size_t len, cons
     sargn(&a, A_held, held, len);
     sarg(&a, A_token, token);
     sargn(&a, A_job, job, job_len);
+    sarg(&a, A_end, oldest ? "old" : "new");
+    sarg(&a, A_name, gateway);
     struct call *c = new_call(q, ud);
     c->done_fn = fn;
     return script_call(q, S_PARK, &a, on_done, c);
@@ -1337,10 +1362,32 @@ int queue_take_waiting(queue *q, const char *gateway, unsigned max, queue_items_
     a.id[KEY_WAITING] = gateway;
     sargi(&a, A_max, max);
     sarg(&a, A_ids, base);
+    sarg(&a, A_name, gateway);
     struct call *c = new_call(q, ud);
     c->items_fn = fn;
     c->skip = 2;
     return script_call(q, S_TAKE_WAITING, &a, on_items, c);
+}
+
+int queue_unpark(queue *q, const char *gateway, unsigned max, queue_done_fn *fn, void *ud)
+{
+    struct sargs a = {0};
+    a.id[KEY_WAITING] = gateway;
+    sargi(&a, A_max, max);
+    sarg(&a, A_name, gateway);
+    struct call *c = new_call(q, ud);
+    c->done_fn = fn;
+    return script_call(q, S_UNPARK, &a, on_done, c);
+}
+
+static void on_fields(redisReply *r, void *ud);
+
+int queue_waitsets(queue *q, queue_fields_fn *fn, void *ud)
+{
+    const char *argv[] = {"SMEMBERS", q->key[KEY_WAITSET]};
+    struct call *c = new_call(q, ud);
+    c->fields_fn = fn;
+    return qsend(q, q->cmd, on_fields, c, 2, argv, NULL);
 }
 
 int queue_record(queue *q, const struct qrecord *r, queue_done_fn *fn, void *ud)

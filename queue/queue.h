@@ -95,6 +95,8 @@ int queue_clean_exit(queue *q, queue_done_fn *fn, void *ud);
 typedef void queue_fields_fn(int err, const char **fields, size_t n, void *ud);
 int queue_claim_name(queue *q, const char *run, int64_t ttl_ms, const char *dead_run, const char *const *fields,
                      int nfields, queue_fields_fn *fn, void *ud);
+/* The gateways whose waiting list may hold jobs (vidq:waitsets). */
+int queue_waitsets(queue *q, queue_fields_fn *fn, void *ud);
 /* Publish this instance's heartbeat: field/value pairs, kept for ttl_ms. */
 int queue_heartbeat(queue *q, const char *const *fields, int nfields, int64_t ttl_ms, queue_done_fn *fn, void *ud);
 
@@ -120,8 +122,11 @@ int queue_promote(queue *q, queue_done_fn *fn, void *ud);
  * the mark `token`, if any, and its claim end). */
 /* A held job never sent, for a stopped gateway: into vidq:waiting:<gateway>
  * (docs/protocol.md §9), its mark and claim ended, in one step. */
-int queue_park(queue *q, const char *gateway, const char *held, size_t len, const char *job, size_t job_len,
-               const char *token, const char *job_id, queue_done_fn *fn, void *ud);
+int queue_park(queue *q, const char *gateway, int oldest, const char *held, size_t len, const char *job,
+               size_t job_len, const char *token, const char *job_id, queue_done_fn *fn, void *ud);
+/* Up to `max` jobs of `gateway`'s waiting list back to the intake list, its
+ * oldest taken first (a gateway no longer configured). result = moved. */
+int queue_unpark(queue *q, const char *gateway, unsigned max, queue_done_fn *fn, void *ud);
 int queue_putback(queue *q, const char *held, size_t len, const char *job, size_t job_len, const char *token,
                   const char *job_id, queue_done_fn *fn, void *ud);
 

@@ -161,8 +161,9 @@ def case_storm(t, env, mock):
     term = [e for e in events if e.get("event") in vt.TERMINAL]
     t.eq(len(term), 0, "401 storm: no job has a terminal event while the account is refused")
     t.eq(llen(r, vt.k_dead()), 0, "401 storm: the dead list is empty")
-    held, queued = llen(r, proc), llen(r, vt.k_jobs())
-    t.eq(held + queued, N_STORM, "401 storm: every job is still in vidq:jobs + vidq:processing:storm")
+    held, queued, waiting = llen(r, proc), llen(r, vt.k_jobs()), llen(r, "vidq:waiting:api")
+    t.eq(held + queued + waiting, N_STORM, "401 storm: every job is still in vidq:jobs + vidq:processing:storm + "
+         "vidq:waiting:api (the refused ones but the probe wait there, not in memory)")
     t.ok(held <= 16, "401 storm: the instance holds at most its concurrency (16)", "held: %d" % held)
     t.eq(r.execute("ZCARD", "vidq:retry"), 0, "401 storm: nothing went to the retry set")
     h = hgetall(r, "vidq:instance:storm")

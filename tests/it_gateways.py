@@ -17,6 +17,7 @@
 import hashlib
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -154,6 +155,23 @@ def stopped(t, env, r):
          "none dead" % (waiting, held))
     t.eq(r.execute("LLEN", pre + ":dead"), 0, "stopped: nothing dead-listed")
     t.eq(sum(1 for j in terminal(r, pre) if j.startswith("s-a-")), 0, "stopped: no job of a ended")
+    # what an operator sees
+    cconf = os.path.join(env.dir, "stop-cli.conf")
+    vt.write_conf(cconf, {"redis.url": env.redis_server.url, "redis.prefix": pre})
+    vt.wait_until(lambda: b"account_blocked" in (r.execute("HGET", pre + ":instance:stop", "gateways") or b""), 10)
+    p = subprocess.run([os.path.join(vt.BUILDDIR, "vidq"), "-c", cconf, "stats", "--json"], capture_output=True)
+    st = json.loads(p.stdout or b"{}")
+    inst = (st.get("instances") or [{}])[0]
+    ga = inst.get("gateways", {}).get("a", {})
+    t.ok(st.get("waiting", {}).get("a", 0) >= 25 and ga.get("state") == "account_blocked" and
+         list(ga.get("keys", {}).values())[0].get("state") == "aside" and
+         inst.get("gateways", {}).get("api", {}).get("state") == "running",
+         "stopped: vidq stats --json shows a's waiting list, a stopped with its key aside, api running", st)
+    p = subprocess.run([os.path.join(vt.BUILDDIR, "vidq"), "-c", cconf, "stats"], capture_output=True)
+    out = p.stdout.decode()
+    t.ok("waiting for    gateway a:" in out and "gateway a " in out and "keys 0 of 1 in service" in out,
+         "stopped: vidq stats says so in words", out)
+    mport = None
     ma.token_state("ka", "valid")
     ok = vt.wait_until(lambda: len(terminal(r, pre)) >= 60, timeout=60, unless=vd.dead)
     t.ok(ok, "stopped: once a's key is valid again, all of a's jobs go", vd.dead() or "")

@@ -59,7 +59,7 @@ def positional(name, keys, args, tail=()):
 def seed(r):
     r.execute("FLUSHDB")
     sha = hashlib.sha1(H1.encode()).hexdigest()
-    for cmd in (("RPUSH", k("jobs"), "J1", "J2"), ("RPUSH", k("waiting:gw1"), "W1", "W2"), ("LPUSH", k("processing:i1"), H1),
+    for cmd in (("RPUSH", k("jobs"), "J1", "J2"), ("RPUSH", k("waiting:gw1"), "W1", "W2"), ("SADD", k("waitsets"), "gw1"), ("LPUSH", k("processing:i1"), H1),
                 ("HSET", k("sending:i1"), "run0.1", sha), ("HSET", k("recovered"), sha, "1"),
                 ("HSET", k("batch:B"), "total", "1"), ("ZADD", k("retry"), "1", "R1"),
                 ("ZADD", k("track"), "1", "j2"), ("HSET", k("task:j2"), "task_id", "t2"),
@@ -90,10 +90,12 @@ def named_calls():
                     {"held": H1, "token": "run0.1", "job": H1}),
         "wrap1": ({"processing": k("processing:i1")}, {"job": H1, "id": "r.2"}),
         "park": ({"processing": k("processing:i1"), "waiting": k("waiting:gw1"), "sending": k("sending:i1"),
-                  "claim": k("claim:j1"), "recovered": k("recovered")},
-                 {"held": H1, "token": "run0.1", "job": H1}),
-        "take_waiting": ({"waiting": k("waiting:gw1"), "processing": k("processing:i1"), "paused": k("paused")},
-                         {"max": "2", "ids": "r.4"}),
+                  "claim": k("claim:j1"), "recovered": k("recovered"), "waitsets": k("waitsets")},
+                 {"held": H1, "token": "run0.1", "job": H1, "end": "old", "name": "gw1"}),
+        "take_waiting": ({"waiting": k("waiting:gw1"), "processing": k("processing:i1"), "paused": k("paused"),
+                          "waitsets": k("waitsets")}, {"max": "2", "ids": "r.4", "name": "gw1"}),
+        "unpark": ({"waiting": k("waiting:gw1"), "jobs": k("jobs"), "waitsets": k("waitsets")},
+                   {"max": "10", "name": "gw1"}),
         "record": ({"processing": k("processing:i1"), "results": k("results"), "dead": k("dead"),
                     "dedup": k("dedup:j1"), "recovered": k("recovered"), "batch": k("batch:B"), "task": k("task:j1"),
                     "track": k("track"), "sending": k("sending:i1"), "claim": k("claim:j1")},

@@ -1201,7 +1201,9 @@ class Vidqd:
             if self.proc.poll() is not None:
                 raise TestError("%s exited with status %s at start-up; log: %s" % (
                     self.name, self.proc.returncode, " | ".join(tail(self.log, 8))))
-            if any("connected to Redis" in line for line in tail(self.log, 50)):
+            lines = tail(self.log, 50)
+            since = max((i for i, line in enumerate(lines) if "=== harness: start #" in line), default=-1)
+            if any("connected to Redis" in line for line in lines[since + 1:]):  # this start's, not the last one's
                 return True
             try:
                 cl = self.env.redis_server.r.execute("CLIENT", "LIST")
