@@ -17,6 +17,7 @@
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -91,7 +92,8 @@ def routing(t, env, r):
 def pool(t, env, r):
     pre = "gw-pool"
     keys = ["pk1", "pk2", "pk3"]
-    m = vt.Mock(env, name="mock-pool", token="pk1", args=["--token", "pk2", "--token", "pk3", "--latency-ms", "20"]).start()
+    m = vt.Mock(env, name="mock-pool", token="pk1", args=["--token", "pk2", "--token", "pk3", "--token", "pk4",
+                                                        "--latency-ms", "20"]).start()
     vd = env.vidqd(instance="pool", name="vidqd-pool", conf={
         "redis.prefix": pre, "api.base_url": m.url, "api.token_file": token_file(env, "pool", keys),
         "submit.concurrency": "8", "submit.account_probe_interval": "1s"})
@@ -128,6 +130,16 @@ def pool(t, env, r):
     for x in m.tasks():
         created[x["key"]] = created.get(x["key"], 0) + 1
     t.eq(sorted(set(created.values())), [1], "pool: no job created twice")
+    # A reload adds a key and removes one: the new one carries jobs, the removed one no more.
+    token_file(env, "pool", ["pk2", "pk3", "pk4"])
+    vd.signal(signal.SIGHUP)
+    vt.wait_until(lambda: vd.log_grep("SIGHUP: configuration"), 10)
+    before = m.stats()["created_by_token"]
+    push(r, pre, [{"job_id": "p-%03d" % i, "model": "m", "prompt": "pool %d" % i} for i in range(n, n + 60)])
+    ok = vt.wait_until(lambda: len(terminal(r, pre)) >= n + 60, timeout=60, unless=vd.dead)
+    after = m.stats()["created_by_token"]
+    t.ok(ok and after.get("pk4", 0) > 0 and after.get("pk1", 0) == before.get("pk1", 0),
+         "pool: after a reload the added key carries jobs and the removed one none", (before, after))
     t.eq(vd.stop(), 0, "pool: exit 0")
 
 
