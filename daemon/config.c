@@ -94,8 +94,10 @@ static const struct key_def gw_keys[] = {
     {"dialect", T_STR, GOFF(dialect), "api.dialect", 0, 0, CF_INHERIT | CF_RESTART},
     {"models", T_STR, GOFF(models), NULL, 0, 0, 0},
     {"concurrency", T_LONG, GOFF(concurrency), "0", 0, 100000, 0},
-    {"rate", T_RATE, GOFF(rate), "submit.rate", 0, 0, CF_INHERIT},
-    {"global_rate", T_RATE, GOFF(global_rate), "submit.global_rate", 0, 0, CF_INHERIT},
+    /* Its own pace; submit.rate (at intake) paces the whole instance besides. */
+    {"rate", T_RATE, GOFF(rate), "0", 0, 0, 0},
+    /* Its own, across instances; submit.global_rate (at intake) caps the whole queue besides. */
+    {"global_rate", T_RATE, GOFF(global_rate), "0", 0, 0, 0},
     {"connect_timeout", T_DURATION, GOFF(connect_timeout_ms), "api.connect_timeout", 0, 0, CF_INHERIT},
     {"timeout", T_DURATION, GOFF(timeout_ms), "api.timeout", 0, 0, CF_INHERIT},
     {"ca_file", T_STR, GOFF(ca_file), "api.ca_file", 0, 0, CF_INHERIT},
@@ -685,8 +687,8 @@ static struct gateway_conf *gw_build(const struct config *c, size_t *n)
     a->dialect = dup_or_null(c->dialect);
     a->models = NULL;
     a->concurrency = 0;
-    a->rate = c->rate;
-    a->global_rate = c->global_rate;
+    a->rate = 0; /* [api]'s is the instance's: submit.rate, applied at intake */
+    a->global_rate = 0; /* [api]'s is the queue's: submit.global_rate, applied at intake */
     a->connect_timeout_ms = c->connect_timeout_ms;
     a->timeout_ms = c->timeout_ms;
     a->ca_file = dup_or_null(c->ca_file);
@@ -814,10 +816,6 @@ static int gw_check(const struct config *c, const struct gw_section *s, struct g
         return gw_error(c, s, "base_url", err, errlen, "must start with http:// or https://");
     if (!gw_was_set(s, "token_file"))
         return gw_error(c, s, "token_file", err, errlen, GW_MISSING);
-    /* Said, not ignored: the only cap across instances is the queue's. */
-    if (gw_was_set(s, "global_rate") && g->global_rate != c->global_rate)
-        return gw_error(c, s, "global_rate", err, errlen,
-                        "a gateway's own global rate is not supported yet; submit.global_rate caps the whole queue");
     if (g->token_file == NULL)
         return gw_error(c, s, "token_file", err, errlen, "must name the file of the gateway's keys");
     if (g->dialect == NULL || dialect_find(g->dialect) == NULL) {

@@ -822,6 +822,8 @@ void worker_drain(worker *w, void (*done)(void *), void *ud)
     free(v);
     v = slots_in(w, S_GW_WAIT, &n);
     for (size_t i = 0; i < n; i++) {
+        if (v[i]->pacing)
+            continue; /* its answer puts it back (on_paced): the slot must live till then */
         uv_timer_stop(&v[i]->timer);
         struct gateway *g = v[i]->gw;
         VQ_ASSERT(g->held_back > 0);

@@ -1198,6 +1198,29 @@ static void on_gw_wait(uv_timer_t *t)
  * the job waits in memory (S_GW_WAIT, still held and marked, nothing sent)
  * -- woken by an answer from that gateway, or by its timer for the pace.
  */
+static void on_paced(int err, long long wait_ms, void *ud)
+{
+    slot *s = ud;
+    worker *w = s->w;
+    if (w->closed)
+        return;
+    s->pacing = 0;
+    if (w->draining) {
+        /* drain left it to this answer: never sent, it goes back */
+        VQ_ASSERT(s->gw->held_back > 0);
+        s->gw->held_back--;
+        s->state = S_PUTBACK;
+        slot_putback(s);
+        return;
+    }
+    if (err || wait_ms > 0) {
+        uv_timer_start(&s->timer, on_gw_wait, err ? RECORD_RETRY_MS : (uint64_t)wait_ms, 0);
+        return;
+    }
+    s->paced = 1;
+    post(s);
+}
+
 static int gateway_holds_back(slot *s)
 {
     struct gateway *g = s->gw;
@@ -1206,6 +1229,18 @@ static int gateway_holds_back(slot *s)
         if (s->state != S_GW_WAIT)
             g->held_back++;
         s->state = S_GW_WAIT;
+        return 1;
+    }
+    if (g->conf->global_rate > 0 && !s->paced) {
+        /* its global rate, across instances: a GCRA step in Redis first */
+        if (s->state != S_GW_WAIT)
+            g->held_back++;
+        s->state = S_GW_WAIT;
+        if (!s->pacing) {
+            s->pacing = 1;
+            if (queue_pace(s->w->q, g->name, g->conf->global_rate, on_paced, s) != 0)
+                on_paced(1, 0, s);
+        }
         return 1;
     }
     if (g->conf->rate > 0) {
@@ -1233,7 +1268,7 @@ static void gateway_slot_freed(worker *w, struct gateway *g)
     if (g->held_back == 0)
         return;
     for (slot *s = w->slots; s; s = s->next) {
-        if (s->gw == g && s->state == S_GW_WAIT && !uv_is_active((uv_handle_t *)&s->timer))
+        if (s->gw == g && s->state == S_GW_WAIT && !s->pacing && !uv_is_active((uv_handle_t *)&s->timer))
             oldest = s; /* the list is newest first */
     }
     if (oldest)
@@ -1246,6 +1281,7 @@ static void post(slot *s)
     struct gateway *g = s->gw;
     if (!w->draining && gateway_holds_back(s))
         return;
+    s->paced = 0;
     /* A stopped gateway sends only probes, with a key set aside (the
      * oldest probe first); a running one with the key in service that has
      * the fewest requests out, or an aside key whose probe is due. */

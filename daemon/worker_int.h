@@ -47,6 +47,8 @@ struct slot {
     struct gwkey *key;           /* the key its last request went out with, or NULL */
     int probe;                   /* it goes as its stopped gateway's probe */
     int park_oldest;             /* parked at the end of the waiting list taken first */
+    int pacing;                  /* its gateway's global-rate step is out (queue_pace) */
+    int paced;                   /* ... and said go */
     struct dialect_request dreq; /* the job in the gateway's dialect (job_start) */
     char *url;                   /* base_url + dreq.path */
     enum sstate state;

@@ -33,7 +33,8 @@
     X(TRACK, "track", 0)            /* sorted set: job ids of tracked tasks by next poll (ms) */    \
     X(TASK, "task", 2)              /* hash per job_id: a tracked task */                          \
     X(WAITING, "waiting", 2)        /* list per gateway: jobs taken while it was stopped (§9) */ \
-    X(WAITSET, "waitsets", 0)       /* set: gateways whose waiting list may hold jobs */
+    X(WAITSET, "waitsets", 0)       /* set: gateways whose waiting list may hold jobs */            \
+    X(GWRATE, "gwrate", 2)          /* string per gateway: GCRA state of its global_rate (§9) */
 
 #define KEY_ENUM_(e, name, per) KEY_##e,
 enum key_kind { VIDQ_KEYS(KEY_ENUM_) KEY_COUNT };

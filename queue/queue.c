@@ -247,6 +247,21 @@ static const char UNPARK_LUA[] = CHECK_LUA
     "if redis.call('LLEN', K_waiting) == 0 then redis.call('SREM', K_waitsets, A_name) end\n"
     "return n\n";
 
+/*
+ * One submission to a gateway with a global rate of its own (across
+ * instances; docs/protocol.md §9): GCRA on K_gwrate as TAKE does for the
+ * queue's. Reply 0 (go; the slot is taken) or the ms to wait.
+ */
+static const char PACE_LUA[] = CHECK_LUA
+    "local now = need_num(A_now, 'now')\n"
+    "local interval, burst = need_num(A_interval, 'interval'), need_num(A_burst, 'burst')\n"
+    "if interval <= 0 or burst < 0 then error('vidq: pace needs a positive interval') end\n"
+    "local tat = math.max(tonumber(redis.call('GET', K_gwrate) or 0), now)\n"
+    "if tat - now > burst then return math.ceil(tat - burst - now) end\n"
+    "local t = tat + interval\n"
+    "redis.call('SET', K_gwrate, string.format('%.3f', t), 'PX', math.ceil(t - now) + 1000)\n"
+    "return 0\n";
+
 /* Up to A_max parked jobs of a gateway that is back, oldest first, into the
  * processing list, wrapped as TAKE wraps; reply {paused, 0, job...}. No
  * global rate: each was admitted when it was first taken. */
@@ -534,7 +549,7 @@ static const char TRACK_LUA[] = CHECK_LUA BATCH_LUA
 
 enum {
     S_TAKE, S_PUTBACK, S_RECORD, S_RETRY, S_PROMOTE, S_HEARTBEAT, S_HELD, S_TAKEOVER, S_CLAIM, S_TRACK, S_SEND,
-    S_CLAIM_NAME, S_WRAP1, S_PARK, S_TAKE_WAITING, S_UNPARK, S_COUNT
+    S_CLAIM_NAME, S_WRAP1, S_PARK, S_TAKE_WAITING, S_UNPARK, S_PACE, S_COUNT
 };
 
 #define MAX_SKEYS 10
@@ -586,6 +601,7 @@ static const struct script scripts[S_COUNT] = {
     [S_TAKE_WAITING] = {"take_waiting", TAKE_WAITING_LUA, KS(KEY_WAITING, KEY_PROCESSING, KEY_PAUSED, KEY_WAITSET),
                         AS(A_max, A_ids, A_name), 0},
     [S_UNPARK] = {"unpark", UNPARK_LUA, KS(KEY_WAITING, KEY_JOBS, KEY_WAITSET), AS(A_max, A_name), 0},
+    [S_PACE] = {"pace", PACE_LUA, KS(KEY_GWRATE), AS(A_now, A_interval, A_burst), 0},
 };
 
 static int script_nkeys(const struct script *sc)
@@ -1381,6 +1397,22 @@ int queue_unpark(queue *q, const char *gateway, unsigned max, queue_done_fn *fn,
 }
 
 static void on_fields(redisReply *r, void *ud);
+
+int queue_pace(queue *q, const char *gateway, double rate, queue_done_fn *fn, void *ud)
+{
+    char interval[48], burst[48];
+    double iv = 1000.0 / rate;
+    snprintf(interval, sizeof interval, "%.6f", iv);
+    snprintf(burst, sizeof burst, "%.6f", (rate / 10 > 1 ? rate / 10 : 1) * iv - iv);
+    struct sargs a = {0};
+    a.id[KEY_GWRATE] = gateway;
+    sargi(&a, A_now, now_ms());
+    sarg(&a, A_interval, interval);
+    sarg(&a, A_burst, burst);
+    struct call *c = new_call(q, ud);
+    c->done_fn = fn;
+    return script_call(q, S_PACE, &a, on_done, c);
+}
 
 int queue_waitsets(queue *q, queue_fields_fn *fn, void *ud)
 {

@@ -95,6 +95,9 @@ int queue_clean_exit(queue *q, queue_done_fn *fn, void *ud);
 typedef void queue_fields_fn(int err, const char **fields, size_t n, void *ud);
 int queue_claim_name(queue *q, const char *run, int64_t ttl_ms, const char *dead_run, const char *const *fields,
                      int nfields, queue_fields_fn *fn, void *ud);
+/* One submission to `gateway` under its own global rate (per second, across
+ * instances): result 0 (go) or the ms to wait. */
+int queue_pace(queue *q, const char *gateway, double rate, queue_done_fn *fn, void *ud);
 /* The gateways whose waiting list may hold jobs (vidq:waitsets). */
 int queue_waitsets(queue *q, queue_fields_fn *fn, void *ud);
 /* Publish this instance's heartbeat: field/value pairs, kept for ttl_ms. */

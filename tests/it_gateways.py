@@ -223,6 +223,7 @@ def own_settings(t, env, r):
     mc = vt.Mock(env, name="mock-own-c", token="kc", latency_ms=300).start()
     mr = vt.Mock(env, name="mock-own-r", token="kr").start()
     mt = vt.Mock(env, name="mock-own-t", token="kt", latency_ms=3000).start()
+    mg = vt.Mock(env, name="mock-own-g", token="kg").start()
     conf = {"redis.prefix": pre, "api.base_url": mr.url, "api.token_file": token_file(env, "own-api", ["kr"]),
             "submit.concurrency": "16",
             "gateway.c.base_url": mc.url, "gateway.c.token_file": token_file(env, "own-c", ["kc"]),
@@ -230,7 +231,9 @@ def own_settings(t, env, r):
             "gateway.r.base_url": mr.url, "gateway.r.token_file": token_file(env, "own-r", ["kr"]),
             "gateway.r.models": "r-*", "gateway.r.rate": "5/s",
             "gateway.t.base_url": mt.url, "gateway.t.token_file": token_file(env, "own-t", ["kt"]),
-            "gateway.t.models": "t-*", "gateway.t.timeout": "1s"}
+            "gateway.t.models": "t-*", "gateway.t.timeout": "1s",
+            "gateway.g.base_url": mg.url, "gateway.g.token_file": token_file(env, "own-g", ["kg"]),
+            "gateway.g.models": "g-*", "gateway.g.global_rate": "5/s"}
     ngx = None
     if not vt.nginx_missing():
         ca, ca_key = vt.make_ca(env.dir, cn="vidq it_gateways CA")
@@ -265,7 +268,17 @@ def own_settings(t, env, r):
         ngx.stop()
     else:
         t.skip("own settings: gateway ca_file", vt.nginx_missing())
-    t.eq(vd.stop(), 0, "own settings: exit 0")
+    vd2 = env.vidqd(instance="own2", name="vidqd-own2", conf=conf)  # gateway g's global rate is across both
+    vd2.start()
+    n0 = len(terminal(r, pre))
+    push(r, pre, [{"job_id": "g-%d" % i, "model": "g-1", "prompt": "g %d" % i} for i in range(10)])
+    ok = vt.wait_until(lambda: len(terminal(r, pre)) >= n0 + 10, timeout=60, unless=vd.dead)
+    t.ok(ok, "own settings: gateway g's jobs ended", vd.dead() or "")
+    created = sorted(x["created"] for x in mg.tasks())
+    gaps = [b - a for a, b in zip(created, created[1:])]
+    t.ok(len(created) == 10 and min(gaps) >= 150, "own settings: gateway g paced at its global rate, 5/s, across two "
+         "instances (gaps >= 150 ms)", gaps)
+    t.eq((vd.stop(), vd2.stop()), (0, 0), "own settings: exit 0")
 
 
 def main(t, env):

@@ -901,8 +901,8 @@ static void test_gateways_parsed(void **state)
     assert_string_equal(a->dialect, "openai-videos");
     assert_null(a->models);
     assert_int_equal(a->concurrency, 0);
-    assert_true(a->rate == 5.0);
-    assert_true(a->global_rate == 10.0);
+    assert_true(a->rate == 0.0);        /* submit.rate and global_rate apply at intake, */
+    assert_true(a->global_rate == 0.0); /* for every gateway: none of [api]'s own */
     assert_int_equal(a->connect_timeout_ms, 3000);
     assert_int_equal(a->timeout_ms, 30000);
     assert_null(a->ca_file);
@@ -917,7 +917,7 @@ static void test_gateways_parsed(void **state)
     assert_string_equal(k->models, "kling-* v[12]-? *-turbo"); /* one space apart */
     assert_int_equal(k->concurrency, 4);
     assert_true(k->rate == 2.0);
-    assert_true(k->global_rate == 10.0);
+    assert_true(k->global_rate == 0.0); /* none of its own unless set */
     assert_int_equal(k->connect_timeout_ms, 3000); /* -o api.connect_timeout reaches it */
     assert_int_equal(k->timeout_ms, 30000);
     assert_int_equal(k->jwt_ttl_ms, 600000); /* -o of a section key */
@@ -928,7 +928,7 @@ static void test_gateways_parsed(void **state)
     assert_string_equal(b->dialect, "openai-videos");
     assert_null(b->models);
     assert_int_equal(b->concurrency, 0);
-    assert_true(b->rate == 5.0);
+    assert_true(b->rate == 0.0);
     assert_int_equal(b->timeout_ms, 30000);
     assert_int_equal(b->jwt_ttl_ms, 3600000);
     assert_null(b->ca_file);
