@@ -39,6 +39,13 @@ void dialect_put_id(sbuf *b, const char *id)
     }
 }
 
+int dialect_newapi_not_found(const struct http_result *res)
+{
+    if (res->status == 404)
+        return 1;
+    return res->status == 400 && res->body_len && strstr(res->body, "task_not_exist") != NULL;
+}
+
 char *dialect_bearer(const char *token, int64_t now_s, int64_t ttl_s, int64_t *renew_at, char *err, size_t errlen)
 {
     (void)now_s;

@@ -72,6 +72,10 @@ const char *dialect_names(void);
 /* An opaque task id in a URL path: everything but [A-Za-z0-9._~-] escaped. */
 void dialect_put_id(sbuf *b, const char *id);
 
+/* The gateway (new-api) does not know the task: 404, or its 400 task_not_exist
+ * (error-task-not-exist.json). For the dialects it serves. */
+int dialect_newapi_not_found(const struct http_result *res);
+
 /* "Authorization: Bearer <token>" for the dialects that take the token as it is. */
 char *dialect_bearer(const char *token, int64_t now_s, int64_t ttl_s, int64_t *renew_at, char *err, size_t errlen);
 

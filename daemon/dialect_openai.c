@@ -85,20 +85,13 @@ static char *openai_content_path(const char *task_id, const char *route)
     return sbuf_steal(&b, NULL);
 }
 
-static int openai_not_found(const struct http_result *res)
-{
-    if (res->status == 404)
-        return 1;
-    return res->status == 400 && res->body_len && strstr(res->body, "task_not_exist") != NULL;
-}
-
 const struct dialect dialect_openai_videos = {
     .name = "openai-videos",
     .submit = openai_submit,
     .classify = openai_classify,
     .query_path = openai_query_path,
     .parse_task = api_parse_task,
-    .not_found = openai_not_found,
+    .not_found = dialect_newapi_not_found,
     .content_path = openai_content_path,
     .probe_path = "/v1/videos/vidq-probe-no-such-task",
     .auth = dialect_bearer,

@@ -29,21 +29,13 @@ static char *vg_query_path(const char *task_id, const char *route)
     return sbuf_steal(&b, NULL);
 }
 
-/* 404, or new-api's 400 task_not_exist (error-task-not-exist.json). */
-static int vg_not_found(const struct http_result *res)
-{
-    if (res->status == 404)
-        return 1;
-    return res->status == 400 && res->body_len && strstr(res->body, "task_not_exist") != NULL;
-}
-
 const struct dialect dialect_video_generations = {
     .name = "video-generations",
     .submit = vg_submit,
     .classify = NULL,
     .query_path = vg_query_path,
     .parse_task = api_parse_task,
-    .not_found = vg_not_found,
+    .not_found = dialect_newapi_not_found,
     .content_path = NULL,
     .probe_path = "/v1/video/generations/vidq-probe-no-such-task",
     .auth = dialect_bearer,
