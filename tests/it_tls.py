@@ -75,7 +75,7 @@ def main(t, env):
     t.eq(vd.stop(), 0, "an unknown CA: SIGTERM exits 0")
     where = vt.locate(rs.r, ["tls1"])
     t.eq(sorted(j for j, w in where.items() if w["jobs"] == 1), ids, "an unknown CA: every job is back in the queue")
-    rs.r.execute("DEL", vt.k_jobs())
+    rs.r.execute("DEL", vt.k_jobs(), *vt.waiting_keys(rs.r))
 
     conf = dict(common, **{"api.ca_file": cert, "api.timeout": "3s"})
     vd2 = env.vidqd(instance="tls2", conf=conf)

@@ -453,11 +453,19 @@ def job_id_of(raw):
     return None
 
 
+def waiting_keys(r, prefix=PREFIX):
+    """The waiting lists of stopped gateways (vidq:waiting:<gateway>, named in vidq:waitsets)."""
+    return ["%s:waiting:%s" % (prefix, g.decode()) for g in (r.execute("SMEMBERS", prefix + ":waitsets") or [])]
+
+
 def locate(r, instances=(), prefix=PREFIX):
-    """job_id -> {"jobs": n, "processing": n, "retry": n}: where jobs still are in Redis."""
+    """job_id -> {"jobs": n, "processing": n, "retry": n}: where jobs still are in Redis ("jobs"
+    counts the intake list and the waiting lists of stopped gateways: both are queued)."""
     where = {}
     places = [("jobs", r.execute("LRANGE", k_jobs(prefix), 0, -1) or []),
               ("retry", r.execute("ZRANGE", k_retry(prefix), 0, -1) or [])]
+    for wk in waiting_keys(r, prefix):
+        places.append(("jobs", r.execute("LRANGE", wk, 0, -1) or []))
     for inst in instances:
         places.append(("processing", r.execute("LRANGE", k_processing(inst, prefix), 0, -1) or []))
     for name, items in places:
@@ -470,6 +478,8 @@ def locate(r, instances=(), prefix=PREFIX):
 def pending_count(r, instances=(), prefix=PREFIX):
     """Jobs still in Redis: vidq:jobs + vidq:retry + the processing lists."""
     n = r.execute("LLEN", k_jobs(prefix)) + r.execute("ZCARD", k_retry(prefix))
+    for wk in waiting_keys(r, prefix):
+        n += r.execute("LLEN", wk)
     for inst in instances:
         n += r.execute("LLEN", k_processing(inst, prefix))
     return n
