@@ -62,9 +62,15 @@ def main(t, env):
     t.diag("b's GETs before the reload: %s" % gets_before)
     t.ok(vd.alive(), "vidqd survives a SIGHUP that removes a gateway with polls in flight", vd.dead() or "",
          *vd.log_lines()[-6:])
-    ev = vt.read_stream(r, key=pre + ":results")
-    fin = [(e["job_id"], e["event"], e.get("message", "")) for e in ev if e["event"] in ("succeeded", "task_failed")]
-    t.diag("final events: %s" % fin)
+    def finals():
+        ev = vt.read_stream(r, key=pre + ":results")
+        return {e["job_id"]: e for e in ev if e["event"] in ("succeeded", "task_failed")}
+
+    vt.wait_until(lambda: len(finals()) >= 4, timeout=60, unless=vd.dead)
+    fin = finals()
+    t.diag("final events: %s" % [(j, e["event"], e.get("message", "")) for j, e in sorted(fin.items())])
+    t.ok(len(fin) == 4 and all(e["event"] == "succeeded" and e.get("file") for e in fin.values()),
+         "the removed gateway's tasks are still followed to their videos, with its key", fin)
     if vd.alive():
         t.eq(vd.stop(), 0, "exit 0")
 
