@@ -96,6 +96,7 @@ def named_calls():
                           "waitsets": k("waitsets")}, {"max": "2", "ids": "r.4", "name": "gw1"}),
         "unpark": ({"waiting": k("waiting:gw1"), "jobs": k("jobs"), "waitsets": k("waitsets")},
                    {"max": "10", "name": "gw1"}),
+        "pace": ({"gwrate": k("gwrate:gw1")}, {"now": "1000", "interval": "200", "burst": "0"}),
         "record": ({"processing": k("processing:i1"), "results": k("results"), "dead": k("dead"),
                     "dedup": k("dedup:j1"), "recovered": k("recovered"), "batch": k("batch:B"), "task": k("task:j1"),
                     "track": k("track"), "sending": k("sending:i1"), "claim": k("claim:j1")},

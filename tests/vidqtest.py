@@ -717,8 +717,10 @@ class RespProxy:
                         nth = self.counts[name] = self.counts.get(name, 0) + 1
                     rep = self.fault(name, nth, buf[pos:end])
                     if rep is None:
+                        # FIN after the replies so far, not a close: closing a socket with
+                        # unread input sends RST, and the client may lose what was sent.
                         c.sendall(out)
-                        c.close()
+                        c.shutdown(socket.SHUT_WR)
                         u.close()
                         return
                     out += rep
