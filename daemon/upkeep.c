@@ -787,11 +787,11 @@ static void on_drain_timer(uv_timer_t *t)
     uv_timer_start(&w->drain_timer, on_drain_timer, DRAIN_GRACE_MS, 0);
     /* Requests still out: the API may have them, so they end as ambiguous
      * (or go back, when they were never sent). */
-    slot **v = slots_in(w, S_SENDING, &n);
+    slot **v = slots_in(w, S_SENDING, NULL, &n);
     for (size_t i = 0; i < n; i++)
         http_cancel(v[i]->req);
     free(v);
-    v = slots_in(w, S_LOOKUP, &n); /* looked up after an ambiguous submit: ambiguous it stays */
+    v = slots_in(w, S_LOOKUP, NULL, &n); /* looked up after an ambiguous submit: ambiguous it stays */
     for (size_t i = 0; i < n; i++) {
         if (v[i]->req)
             http_cancel(v[i]->req);
@@ -811,7 +811,7 @@ void worker_drain(worker *w, void (*done)(void *), void *ud)
         uv_timer_stop(&gwset_at(w->gws, i)->probe_timer);
     /* Jobs held for account errors were never accepted, and jobs held back
      * by their gateway's cap or pace never sent: put them back. */
-    slot **v = slots_in(w, S_ACCOUNT_HOLD, &n);
+    slot **v = slots_in(w, S_ACCOUNT_HOLD, NULL, &n);
     for (size_t i = 0; i < n; i++) {
         /* A stopped gateway's: before its parked jobs, so the oldest goes first after a restart. */
         if (v[i]->gw && v[i]->gw->blocked && !v[i]->gw->retired)
@@ -820,17 +820,9 @@ void worker_drain(worker *w, void (*done)(void *), void *ud)
             slot_putback(v[i]);
     }
     free(v);
-    v = slots_in(w, S_GW_WAIT, &n);
-    for (size_t i = 0; i < n; i++) {
-        if (v[i]->pacing)
-            continue; /* its answer puts it back (on_paced): the slot must live till then */
-        uv_timer_stop(&v[i]->timer);
-        struct gateway *g = v[i]->gw;
-        VQ_ASSERT(g->held_back > 0);
-        g->held_back--;
-        v[i]->state = S_PUTBACK;
-        slot_putback(v[i]);
-    }
+    v = slots_in(w, S_GW_WAIT, NULL, &n);
+    for (size_t i = 0; i < n; i++)
+        slot_unwait(v[i]);
     free(v);
     /* The held backlog stays in the processing list; the next start takes it. */
     uv_timer_start(&w->drain_timer, on_drain_timer, (uint64_t)w->cfg->shutdown_timeout_ms, 0);
@@ -928,7 +920,6 @@ void worker_free(worker *w)
         free(w->unpark_names[k]);
     free(w->unpark_names);
     free(w->spool);
-    path_release(w);
     w->handles_open = 3;
     uv_close((uv_handle_t *)&w->intake_timer, worker_closed);
     uv_close((uv_handle_t *)&w->drain_timer, worker_closed);

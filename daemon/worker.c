@@ -57,29 +57,18 @@ void path_configure(worker *w)
              * routed again; its waiting list follows (upkeep.c unpark). */
             uv_timer_stop(&g->probe_timer);
             g->blocked = 0;
-            size_t n = 0;
-            slot **v = xmalloc((w->nslots + 1) * sizeof *v);
-            for (slot *s = w->slots; s; s = s->next) {
-                if (s->gw == g && (s->state == S_ACCOUNT_HOLD || s->state == S_GW_WAIT))
-                    v[n++] = s;
-            }
-            for (size_t j = 0; j < n; j++) {
-                if (v[j]->state == S_GW_WAIT) {
-                    uv_timer_stop(&v[j]->timer);
-                    g->held_back--;
-                }
-                v[j]->state = S_PUTBACK;
+            size_t n;
+            slot **v = slots_in(w, S_ACCOUNT_HOLD, g, &n);
+            for (size_t j = 0; j < n; j++)
                 slot_putback(v[j]);
-            }
+            free(v);
+            v = slots_in(w, S_GW_WAIT, g, &n);
+            for (size_t j = 0; j < n; j++)
+                slot_unwait(v[j]);
             free(v);
         }
     }
     w->unpark_due = 1;
-}
-
-void path_release(worker *w)
-{
-    (void)w;
 }
 
 /* ---- slots ------------------------------------------------------------ */
@@ -157,15 +146,29 @@ static void slot_done(slot *s)
 }
 
 /* Slots in `state`, collected first: acting on them changes the list. */
-slot **slots_in(worker *w, enum sstate state, size_t *n)
+slot **slots_in(worker *w, enum sstate state, const struct gateway *g, size_t *n)
 {
     slot **v = xmalloc((w->nslots + 1) * sizeof *v);
     *n = 0;
     for (slot *s = w->slots; s; s = s->next) {
-        if (s->state == state)
+        if (s->state == state && (g == NULL || s->gw == g))
             v[(*n)++] = s;
     }
     return v;
+}
+
+/* A job held back by its gateway's cap or pace goes back to the queue,
+ * unsent. One whose global-rate step is out is left to that answer
+ * (on_paced), which must find the slot alive and puts it back itself. */
+void slot_unwait(slot *s)
+{
+    if (s->pacing)
+        return;
+    uv_timer_stop(&s->timer);
+    VQ_ASSERT(s->gw->held_back > 0);
+    s->gw->held_back--;
+    s->state = S_PUTBACK;
+    slot_putback(s);
 }
 
 /* ---- events ------------------------------------------------------------- */
@@ -436,13 +439,8 @@ void slot_park(slot *s, int oldest)
  */
 void park_held(struct gateway *g)
 {
-    worker *w = g->owner;
-    size_t n = 0;
-    slot **v = xmalloc((w->nslots + 1) * sizeof *v);
-    for (slot *s = w->slots; s; s = s->next) {
-        if (s->gw == g && s->state == S_ACCOUNT_HOLD)
-            v[n++] = s;
-    }
+    size_t n;
+    slot **v = slots_in(g->owner, S_ACCOUNT_HOLD, g, &n);
     for (size_t i = 0; i + 1 < n; i++) /* v[n - 1] is the oldest: it stays */
         slot_park(v[i], 1);
     free(v);
@@ -655,12 +653,8 @@ void gateway_unblock(struct gateway *g)
     g->waiting_maybe = 1; /* its parked jobs go first */
     uv_timer_stop(&g->probe_timer);
     /* Collect first: sending may complete synchronously and free slots. */
-    size_t n = 0;
-    slot **v = xmalloc((w->nslots + 1) * sizeof *v);
-    for (slot *s = w->slots; s; s = s->next) {
-        if (s->state == S_ACCOUNT_HOLD && s->gw == g)
-            v[n++] = s;
-    }
+    size_t n;
+    slot **v = slots_in(w, S_ACCOUNT_HOLD, g, &n);
     /* The slot list is newest first: the held jobs go in the order they were taken. */
     for (size_t i = n; i-- > 0;)
         go(v[i]);
@@ -754,7 +748,6 @@ static void on_probe(uv_timer_t *t)
     /* Strikes say a job may be refused for itself (a 403); when every key
      * was refused as an account, any job is as good a probe. */
     if (best && (best->strikes < 2 || w->nslots >= w->flow.conc || (gw_keys_in_service(g) == 0 && !best->forbidden))) {
-        best->probe = 1;
         go(best);
     } else if (g->blocked) {
         g->probe_take = 1; /* every held job looks like its own problem: try a fresh one */
@@ -1225,6 +1218,8 @@ static int gateway_holds_back(slot *s)
 {
     struct gateway *g = s->gw;
     int64_t now = mono_ms();
+    if (g->retired)
+        goto go; /* removed by a reload: post() puts the job back, nothing to wait for */
     if (g->conf->concurrency > 0 && g->in_flight >= (unsigned)g->conf->concurrency) {
         if (s->state != S_GW_WAIT)
             g->held_back++;
@@ -1254,6 +1249,7 @@ static int gateway_holds_back(slot *s)
         double iv = 1000.0 / g->conf->rate;
         g->next_send_ms = (g->next_send_ms > now - (int64_t)iv ? g->next_send_ms : now) + (int64_t)(iv + 0.5);
     }
+go:
     if (s->state == S_GW_WAIT) {
         VQ_ASSERT(g->held_back > 0);
         g->held_back--;
@@ -1309,7 +1305,6 @@ static void post(slot *s)
         s->url = api_url(g->conf->base_url, s->dreq.path);
     }
     s->key = k;
-    s->probe = 0;
     s->attempts++;
     s->state = S_SENDING;
     s->sent_seq = ++w->send_seq;

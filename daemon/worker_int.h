@@ -45,7 +45,6 @@ struct slot {
     struct job job;
     struct gateway *gw;          /* where it goes (gwset_route) */
     struct gwkey *key;           /* the key its last request went out with, or NULL */
-    int probe;                   /* it goes as its stopped gateway's probe */
     int park_oldest;             /* parked at the end of the waiting list taken first */
     int pacing;                  /* its gateway's global-rate step is out (queue_pace) */
     int paced;                   /* ... and said go */
@@ -149,7 +148,6 @@ struct worker {
 
 /* The configuration's strings of the job's path (start, SIGHUP). */
 void path_configure(worker *w);
-void path_release(worker *w);
 /* "account_blocked" or "gateway_down" */
 const char *block_name(int kind);
 /* A slot for a held job (in memory only), and its start. */
@@ -161,8 +159,11 @@ void slot_putback(slot *s);
 void slot_record(slot *s);
 /* Forget a slot (its job stays held in Redis). */
 void slot_release(slot *s);
-/* Slots in `state`, in a new array (caller frees). */
-slot **slots_in(worker *w, enum sstate state, size_t *n);
+/* Slots in `state` (of gateway `g`, or of any when NULL), newest first, in a
+ * new array (caller frees). */
+slot **slots_in(worker *w, enum sstate state, const struct gateway *g, size_t *n);
+/* A job its gateway's cap or pace holds back (S_GW_WAIT) goes back unsent. */
+void slot_unwait(slot *s);
 /* A gateway stopped (every key aside, or unreachable) runs again. */
 void gateway_unblock(struct gateway *g);
 /* Every gateway is stopped (then intake stops); the first one's kind and message. */
