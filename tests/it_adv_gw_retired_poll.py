@@ -22,12 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import vidqtest as vt  # noqa: E402
 
 
-def token_file(env, name, keys):
-    path = os.path.join(env.dir, name)
-    with open(path, "w") as f:
-        f.write("\n".join(keys) + "\n")
-    os.chmod(path, 0o600)
-    return path
+token_file = vt.token_file
 
 
 def main(t, env):

@@ -30,12 +30,7 @@ def fp(key):
     return hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
-def token_file(env, name, keys):
-    path = os.path.join(env.dir, name)
-    with open(path, "w") as f:
-        f.write("# keys of %s\n\n" % name + "\n".join(keys) + "\n")
-    os.chmod(path, 0o600)
-    return path
+token_file = vt.token_file
 
 
 def events(r, prefix):

@@ -453,6 +453,15 @@ def job_id_of(raw):
     return None
 
 
+def token_file(env, name, keys):
+    """A key pool file in the test's dir (mode 0600): a comment, a blank line, one key a line."""
+    path = os.path.join(env.dir, name)
+    with open(path, "w") as f:
+        f.write("# keys of %s\n\n" % name + "\n".join(keys) + "\n")
+    os.chmod(path, 0o600)
+    return path
+
+
 def waiting_keys(r, prefix=PREFIX):
     """The waiting lists of stopped gateways (vidq:waiting:<gateway>, named in vidq:waitsets)."""
     return ["%s:waiting:%s" % (prefix, g.decode()) for g in (r.execute("SMEMBERS", prefix + ":waitsets") or [])]
