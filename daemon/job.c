@@ -316,6 +316,22 @@ static void check_duration(struct job *j, const cJSON *obj)
     }
 }
 
+/* The length a per-second price counts (docs/protocol.md §10): `duration`,
+ * else `seconds` (OpenAI's, often a string), else 0 (the caller's default). */
+static long job_seconds(const cJSON *obj)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, "duration");
+    if (!cJSON_IsNumber(v))
+        v = cJSON_GetObjectItemCaseSensitive(obj, "seconds");
+    double d = 0;
+    if (cJSON_IsNumber(v))
+        d = v->valuedouble;
+    else if (cJSON_IsString(v) && v->valuestring[0] >= '0' && v->valuestring[0] <= '9' &&
+             strspn(v->valuestring, "0123456789") == strlen(v->valuestring) && strlen(v->valuestring) < 7)
+        d = atof(v->valuestring);
+    return d >= 1 && d <= 86400 && d == floor(d) ? (long)d : 0;
+}
+
 /*
  * Duplicate keys would let the API and vidqd read different values.
  *
@@ -419,13 +435,16 @@ static void validate(struct job *j, const cJSON *obj, const char *default_model)
     else if (gw)
         set_error(j, "field \"gateway\" must be a gateway name: 1-32 characters of [A-Za-z0-9_-]");
     check_duplicates(j, obj);
-    check_string(j, obj, "prompt", 1);
+    const char *prompt = check_string(j, obj, "prompt", 1);
+    if (prompt)
+        j->prompt = xstrdup(prompt);
     const char *model = check_string(j, obj, "model", default_model == NULL);
     if (model == NULL && cJSON_GetObjectItemCaseSensitive(obj, "model") == NULL)
         model = default_model;
     if (model)
         j->model = xstrdup(model);
     check_duration(j, obj);
+    j->seconds = job_seconds(obj);
     const cJSON *img = cJSON_GetObjectItemCaseSensitive(obj, "image");
     if (img && !cJSON_IsString(img))
         set_error(j, "field \"image\" must be a string (URL, base64 or data URI), got %s", type_name(img));
@@ -832,7 +851,7 @@ void job_parse(struct job *j, const char *raw, size_t len, const char *default_m
  */
 static int member_wanted(const char *key)
 {
-    static const char *const wanted[] = {"job_id", "batch", "prompt", "model", "duration", "image", "gateway"};
+    static const char *const wanted[] = {"job_id", "batch", "prompt", "model", "duration", "seconds", "image", "gateway"};
     for (size_t i = 0; i < sizeof wanted / sizeof wanted[0]; i++) {
         if (strcmp(key, wanted[i]) == 0)
             return 1;
@@ -908,6 +927,7 @@ void job_free(struct job *j)
     free(j->gateway);
     free(j->meta);
     free(j->model);
+    free(j->prompt);
     free(j->body);
     free(j->error);
     memset(j, 0, sizeof *j);

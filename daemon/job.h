@@ -23,6 +23,8 @@ struct job {
     char *gateway;    /* the `gateway` it names (docs/protocol.md §9), or NULL */
     char *meta;       /* JSON text of `meta`, or NULL */
     char *model;      /* the model the request uses, or NULL */
+    char *prompt;     /* its prompt (events carry it: vidq results), or NULL */
+    long seconds;     /* `duration`, else `seconds` (a number or digits), else 0: per-second prices */
     char *body;       /* request body, when valid */
     size_t body_len;
     char *error;      /* why the job is invalid, or NULL when valid */

@@ -222,6 +222,21 @@ static void ev_begin(slot *s, const char *event)
     /* docs/protocol.md §4 and §9: which gateway, and which key (its
      * fingerprint) the request went out with */
     int about_submit = strcmp(event, "submitted") == 0 || strcmp(event, "failed") == 0;
+    /* What was asked, so `vidq results` can put an outcome beside its
+     * prompt (a long prompt is cut: the job itself is in the queue or the
+     * dead list). */
+    if (about_submit || strcmp(event, "duplicate") == 0 || strcmp(event, "canceled") == 0) {
+        ev_str(s, "model", s->job.model ? s->job.model : "");
+        if (s->job.prompt) {
+            size_t n = strlen(s->job.prompt);
+            if (n > PROMPT_IN_EVENT) {
+                n = PROMPT_IN_EVENT;
+                while (n > 0 && ((unsigned char)s->job.prompt[n] & 0xC0) == 0x80)
+                    n--; /* not inside a UTF-8 character */
+            }
+            ev_add(s, "prompt", s->job.prompt, n);
+        }
+    }
     if (s->gw && (about_submit || strcmp(event, "duplicate") == 0))
         ev_str(s, "gateway", s->gw->name);
     if (s->key && about_submit)
@@ -575,7 +590,6 @@ static void submitted(slot *s, struct outcome *o, const struct http_result *res)
     o->task_id = NULL;
     ev_str(s, "task_id", s->task_id);
     ev_str(s, "status", o->status ? o->status : "");
-    ev_str(s, "model", s->job.model ? s->job.model : "");
     ev_num(s, "attempts", s->attempts);
     if (s->dreq.route) /* the task's polls need it (Kling's family): the task hash keeps it */
         ev_str(s, "route", s->dreq.route);

@@ -15,6 +15,7 @@
 
 #define MAX_FIELDS 32
 #define RESPONSE_IN_FAILED_EVENT 4096 /* bytes of an error body kept in events */
+#define PROMPT_IN_EVENT 8192 /* bytes of a prompt kept in events */
 #define RECORD_RETRY_MS 500
 #define INTAKE_RETRY_MS 500
 #define PAUSED_POLL_MS 1000

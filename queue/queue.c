@@ -310,7 +310,7 @@ static const char TAKE_WAITING_LUA[] = CHECK_LUA WRAP_LUA
  * append the event (the field/value pairs after the named arguments), end
  * its mark and claim (A_claim: '' | 'del' | 'ambiguous': the claim outlives
  * the mark for the dedup window), count it in its batch. With A_track_id
- * the event's fields (but the raw response) seed the task hash (K_task) and
+ * the event's fields (but the raw response and the prompt) seed the task hash (K_task) and
  * the job id enters the poll schedule (K_track).
  *
  * A job no longer in the processing list was already recorded (the reply to
@@ -342,7 +342,7 @@ static const char RECORD_LUA[] = CHECK_LUA BATCH_LUA
     "if A_track_id ~= '' then\n"
     "  local h = {'job_id', A_track_id}\n"
     "  for i = NARGS + 1, #ARGV, 2 do\n"
-    "    if ARGV[i] ~= 'response' then h[#h + 1] = ARGV[i]; h[#h + 1] = ARGV[i + 1] end\n"
+    "    if ARGV[i] ~= 'response' and ARGV[i] ~= 'prompt' then h[#h + 1] = ARGV[i]; h[#h + 1] = ARGV[i + 1] end\n"
     "  end\n"
     "  redis.call('HSET', K_task, unpack(h))\n"
     "  redis.call('ZADD', K_track, A_first_poll, A_track_id)\n"
