@@ -58,6 +58,21 @@ int64_t now_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+void utc_day(int64_t ms, char out[16])
+{
+    int64_t day_ms = 86400000;
+#ifdef VIDQ_CRASH_POINTS
+    const char *t = getenv("VIDQ_TEST_DAY_MS");
+    if (t && atoll(t) > 0)
+        day_ms = atoll(t);
+#endif
+    time_t secs = (time_t)((ms / day_ms) * 86400);
+    struct tm tm;
+    gmtime_r(&secs, &tm);
+    snprintf(out, 16, "%04d-%02u-%02u", (tm.tm_year + 1900) % 10000, (unsigned)(tm.tm_mon + 1) % 100u,
+             (unsigned)tm.tm_mday % 100u);
+}
+
 int64_t mono_ms(void)
 {
     struct timespec ts;

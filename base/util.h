@@ -23,6 +23,13 @@ char *xstrndup(const char *s, size_t n);
 int64_t now_ms(void);
 /* Monotonic milliseconds (for latencies and deadlines). */
 int64_t mono_ms(void);
+/*
+ * The UTC day of unix time `ms` as YYYY-MM-DD (daily budgets, docs/protocol.md
+ * §10). Builds with crash points honour VIDQ_TEST_DAY_MS: a "day" that
+ * long (day N since the epoch is the N-th such span), so the tests can see
+ * a day end.
+ */
+void utc_day(int64_t ms, char out[16]);
 
 typedef struct sbuf {
     char *buf;   /* always NUL-terminated when non-NULL */

@@ -18,10 +18,11 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fnmatch.h>
 #include <unistd.h>
 #include <sys/stat.h>
 
-enum key_type { T_STR, T_DURATION, T_RATE, T_LONG, T_BOOL, T_LEVEL, T_FORMAT, T_SIZE };
+enum key_type { T_STR, T_DURATION, T_RATE, T_LONG, T_BOOL, T_LEVEL, T_FORMAT, T_SIZE, T_MONEY };
 
 struct key_def {
     const char *name; /* "section.key" */
@@ -71,6 +72,9 @@ static const struct key_def keys[] = {
     {"track.download_private", T_BOOL, OFF(download_private), "no", 0, 0, 0},
     {"results.maxlen", T_LONG, OFF(results_maxlen), "1000000", 1, LONG_MAX, CF_RESTART},
     {"results.batch_ttl", T_DURATION, OFF(batch_ttl_ms), "7d", 0, 0, CF_RESTART},
+    {"budget.daily", T_MONEY, OFF(budget_daily), "", 0, 0, 0},
+    {"budget.total", T_MONEY, OFF(budget_total), "", 0, 0, 0},
+    {"cost.default_seconds", T_LONG, OFF(cost_default_seconds), "5", 1, 86400, 0},
     {"metrics.listen", T_STR, OFF(metrics_listen), NULL, 0, 0, 0},
     {"log.level", T_LEVEL, OFF(log_level), "info", 0, 0, 0},
     {"log.format", T_FORMAT, OFF(log_json), "text", 0, 0, 0},
@@ -190,6 +194,109 @@ int parse_size(const char *s, int64_t *out)
     return -1;
 }
 
+static int parse_globs(const char *v, char **out, char *why, size_t whylen);
+
+int parse_money(const char *s, int64_t *micro)
+{
+    /* Digits, by hand: strtod would take "1e3", "inf" and " 5", and a
+     * double cannot hold 0.1 exactly, while budgets compare sums. */
+    const char *p = s;
+    int64_t whole = 0, frac = 0;
+    int nd = 0, nf = 0;
+    while (*p >= '0' && *p <= '9' && nd < 10) {
+        whole = whole * 10 + (*p++ - '0');
+        nd++;
+    }
+    if (*p == '.') {
+        p++;
+        while (*p >= '0' && *p <= '9' && nf < 6) {
+            frac = frac * 10 + (*p++ - '0');
+            nf++;
+        }
+        if (nf == 0)
+            return -1;
+    }
+    if (nd == 0 || *p != '\0' || whole >= 9000000000LL)
+        return -1;
+    for (int i = nf; i < 6; i++)
+        frac *= 10;
+    *micro = whole * 1000000 + frac;
+    return 0;
+}
+
+void format_money(int64_t micro, char *buf, size_t size)
+{
+    const char *sign = micro < 0 ? "-" : "";
+    uint64_t m = micro < 0 ? (uint64_t)(-(micro + 1)) + 1 : (uint64_t)micro;
+    int n = snprintf(buf, size, "%s%llu.%06llu", sign, (unsigned long long)(m / 1000000),
+                     (unsigned long long)(m % 1000000));
+    while (n > 0 && (size_t)n < size && buf[n - 1] == '0')
+        buf[--n] = '\0';
+    if (n > 0 && (size_t)n < size && buf[n - 1] == '.')
+        buf[--n] = '\0';
+}
+
+/* "N" or "N/s" (per second). */
+static int parse_price(const char *s, int64_t *micro, int *per_second)
+{
+    char buf[64];
+    size_t n = strlen(s);
+    *per_second = n > 2 && strcmp(s + n - 2, "/s") == 0;
+    if (*per_second)
+        n -= 2;
+    if (n == 0 || n >= sizeof buf)
+        return -1;
+    memcpy(buf, s, n);
+    buf[n] = '\0';
+    return parse_money(buf, micro);
+}
+
+int config_price(const struct config *c, const char *model, long seconds, int64_t *micro)
+{
+    if (model == NULL)
+        return 0;
+    for (size_t i = 0; i < c->nprices; i++) {
+        const struct price_rule *r = &c->prices[i];
+        if (fnmatch(r->glob, model, 0) == 0) {
+            long secs = seconds > 0 ? seconds : c->cost_default_seconds;
+            *micro = r->per_second ? r->micro * secs : r->micro;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* A line of [cost] other than default_seconds: a price (first match wins;
+ * -o ones go before the file's, so they override). */
+static int add_price(struct config *c, const char *glob, const char *value, int line, int first, char *why,
+                     size_t whylen)
+{
+    int64_t micro;
+    int per_second;
+    char *globs = NULL;
+    if (parse_globs(glob, &globs, why, whylen) != 0)
+        return -1;
+    if (strchr(globs, ' ')) {
+        fmt_err(why, whylen, "one model glob per line");
+        free(globs);
+        return -1;
+    }
+    if (parse_price(value, &micro, &per_second) != 0) {
+        fmt_err(why, whylen, "invalid price \"%s\" (expected e.g. 0.35 per video or 0.07/s per second, at most 6 decimals)",
+                value);
+        free(globs);
+        return -1;
+    }
+    c->prices = xrealloc(c->prices, (c->nprices + 1) * sizeof *c->prices);
+    if (first) {
+        memmove(c->prices + 1, c->prices, c->nprices * sizeof *c->prices);
+    }
+    struct price_rule *r = &c->prices[first ? 0 : c->nprices];
+    c->nprices++;
+    *r = (struct price_rule){.glob = globs, .micro = micro, .per_second = per_second, .line = line};
+    return 0;
+}
+
 static int parse_bool(const char *s, int *out)
 {
     static const char *yes[] = {"yes", "true", "on", "1"};
@@ -255,6 +362,16 @@ static int set_value(void *base, const struct key_def *k, const char *value, cha
             return 0;
         fmt_err(why, whylen, "invalid size \"%s\" (expected e.g. 512KiB, 16MiB, 1GB, or bytes)", value);
         return -1;
+    case T_MONEY:
+        if (*value == '\0') {
+            *(int64_t *)field = -1; /* no cap */
+            return 0;
+        }
+        if (parse_money(value, field) == 0)
+            return 0;
+        fmt_err(why, whylen, "invalid amount \"%s\" (expected e.g. 500 or 12.50, at most 6 decimals; empty: no cap)",
+                value);
+        return -1;
     case T_FORMAT:
         if (strcmp(value, "text") == 0 || strcmp(value, "json") == 0) {
             *(int *)field = strcmp(value, "json") == 0;
@@ -275,6 +392,7 @@ static int same_field(enum key_type t, const void *fa, const void *fb)
         return (x == NULL && y == NULL) || (x && y && strcmp(x, y) == 0);
     }
     case T_DURATION:
+    case T_MONEY:
     case T_SIZE: return *(const int64_t *)fa == *(const int64_t *)fb;
     case T_RATE: return *(const double *)fa == *(const double *)fb;
     case T_LONG: return *(const long *)fa == *(const long *)fb;
@@ -297,6 +415,7 @@ static void copy_field(enum key_type t, void *ft, const void *ff)
         break;
     }
     case T_DURATION:
+    case T_MONEY:
     case T_SIZE: *(int64_t *)ft = *(const int64_t *)ff; break;
     case T_RATE: *(double *)ft = *(const double *)ff; break;
     case T_LONG: *(long *)ft = *(const long *)ff; break;
@@ -403,6 +522,9 @@ void config_free(struct config *c)
     free(c->token);
     free(c->path);
     free(c->set_line);
+    for (size_t i = 0; i < c->nprices; i++)
+        free(c->prices[i].glob);
+    free(c->prices);
     gateways_free(c->gw, c->ngw);
     for (size_t i = 0; i < c->nsections; i++)
         gateway_free(&c->sections[i].g);
@@ -511,6 +633,13 @@ static int parse_line(struct config *c, char *line, char *section, size_t seclen
         return 0;
     }
     const struct key_def *k = find_key(full, &idx);
+    if (k == NULL && strcmp(section, "cost") == 0) {
+        if (add_price(c, key, value, lineno, 0, why, sizeof why) != 0) {
+            fmt_err(err, errlen, "%s:%d: [cost] \"%s\": %s", path, lineno, key, why);
+            return -1;
+        }
+        return 0;
+    }
     if (k == NULL) {
         fmt_err(err, errlen, "%s:%d: unknown key \"%s\"", path, lineno, full);
         return -1;
@@ -632,6 +761,13 @@ int config_override(struct config *c, const char *assignment, char *err, size_t 
         return 0;
     }
     const struct key_def *k = find_key(name, &idx);
+    if (k == NULL && strncmp(name, "cost.", 5) == 0) {
+        if (add_price(c, name + 5, eq + 1, 0, 1, why, sizeof why) != 0) {
+            fmt_err(err, errlen, "-o %s: [cost] \"%s\": %s", assignment, name + 5, why);
+            return -1;
+        }
+        return 0;
+    }
     if (k == NULL) {
         fmt_err(err, errlen, "-o %s: unknown key \"%s\"", assignment, name);
         return -1;
@@ -913,6 +1049,10 @@ int config_finish(struct config *c, const struct config_check *checks, char *err
         snprintf(why, sizeof why, "cannot read %s: %s", c->ca_file, strerror(errno));
         return key_error(c, "api.ca_file", err, errlen, why);
     }
+    /* A cap without prices would make every job invalid_job ("no price"). */
+    if (c->nprices == 0 && (c->budget_daily >= 0 || c->budget_total >= 0))
+        return key_error(c, c->budget_daily >= 0 ? "budget.daily" : "budget.total", err, errlen,
+                         "needs prices: a [cost] section with MODEL-GLOB = PRICE lines");
     return gw_finish(c, err, errlen);
 }
 
@@ -1122,6 +1262,13 @@ static void dump_field(FILE *out, enum key_type t, const void *field)
     }
     case T_FORMAT: fprintf(out, "%s\n", *(const int *)field ? "json" : "text"); break;
     case T_SIZE: fprintf(out, "%lld\n", (long long)*(const int64_t *)field); break;
+    case T_MONEY: {
+        char m[32] = "";
+        if (*(const int64_t *)field >= 0)
+            format_money(*(const int64_t *)field, m, sizeof m);
+        fprintf(out, "%s\n", m);
+        break;
+    }
     }
 }
 
@@ -1137,6 +1284,13 @@ void config_dump(const struct config *c, FILE *out)
         }
         fprintf(out, "%s = ", dot + 1);
         dump_field(out, k->type, (const char *)c + k->offset);
+    }
+    if (c->nprices > 0)
+        fprintf(out, "\n[cost]\n");
+    for (size_t i = 0; i < c->nprices; i++) {
+        char m[32];
+        format_money(c->prices[i].micro, m, sizeof m);
+        fprintf(out, "%s = %s%s\n", c->prices[i].glob, m, c->prices[i].per_second ? "/s" : "");
     }
     /* The gateways after [log]: once config_finish built them, every key
      * with its value (the inherited ones too); before, the keys as read. */

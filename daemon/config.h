@@ -44,6 +44,14 @@ struct gateway_conf {
     size_t nkeys;
 };
 
+/* A line of [cost] (docs/protocol.md §10): MODEL-GLOB = PRICE, first match wins. */
+struct price_rule {
+    char *glob;
+    int64_t micro;   /* the price in millionths of the operator's unit */
+    int per_second;  /* "N/s": per second of the job's length */
+    int line;        /* where it was set (0: -o) */
+};
+
 struct config {
     /* [redis] */
     char *redis_url;
@@ -82,6 +90,13 @@ struct config {
     /* [results] */
     long results_maxlen;
     int64_t batch_ttl_ms;
+    /* [budget], [cost] (docs/protocol.md §10): money in millionths of the
+     * operator's unit; -1 = no cap */
+    int64_t budget_daily;
+    int64_t budget_total;
+    long cost_default_seconds;
+    struct price_rule *prices; /* the other lines of [cost], in file order (-o ones first) */
+    size_t nprices;
     /* [metrics] */
     char *metrics_listen;
     /* [log] */
@@ -181,6 +196,15 @@ int parse_duration_ms(const char *s, int64_t *out);
 int parse_rate(const char *s, double *per_second);
 /* "16MiB", "512KiB", "1GB", bare bytes. */
 int parse_size(const char *s, int64_t *out);
+
+/* Money: "12", "0.35" (at most 6 decimals, below 9e9) in millionths of the
+ * unit. 0, or -1 when it is not such a number. */
+int parse_money(const char *s, int64_t *micro);
+/* "0.35", "12": the shortest exact text of a money amount (buf >= 32). */
+void format_money(int64_t micro, char *buf, size_t size);
+/* The price of a job of `model` lasting `seconds` (0: cost.default_seconds):
+ * 1 and *micro, or 0 when no [cost] line matches. */
+int config_price(const struct config *c, const char *model, long seconds, int64_t *micro);
 
 /* Write every key with its current value as an INI file (for docs/tests). */
 void config_dump(const struct config *c, FILE *out);

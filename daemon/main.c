@@ -100,6 +100,8 @@ static void update_status(struct daemon *d)
         snprintf(state, sizeof state, "gateway unreachable (%.150s)", st.block_msg);
     else if (st.blocked)
         snprintf(state, sizeof state, "API refuses the account (%.150s)", st.block_msg);
+    else if (st.budget_stopped)
+        snprintf(state, sizeof state, "budget exhausted (%.150s)", st.budget_msg);
     else
         snprintf(state, sizeof state, "running");
     /* the gateways that are not running, and keys set aside, in a few words */
@@ -353,6 +355,16 @@ static void fill_metrics(sbuf *out, int *healthy, const char **why, void *ud)
            "Ambiguous submits a lookup found no task for, sent once more (Kling).", in, st.lookup_none);
     metric(out, "vidq_ambiguous_unresolved_total", "counter",
            "Ambiguous submits a lookup could not settle: they stay ambiguous (Kling).", in, st.lookup_unknown);
+    metric(out, "vidq_jobs_canceled_total", "counter", "Jobs vidq cancel reached before they were sent.", in,
+           st.canceled);
+    /* money in the operator's unit: millionths printed as a decimal */
+    char spent[32];
+    format_money((int64_t)st.spent_micro, spent, sizeof spent);
+    sbuf_printf(out, "# HELP vidq_spend_total Money this instance's requests kept spent (submitted or ambiguous), "
+                "in the unit of [cost].\n# TYPE vidq_spend_total counter\nvidq_spend_total{instance=\"%s\"} %s\n",
+                in, spent);
+    metric(out, "vidq_budget_exhausted", "gauge", "1 while the daily or total budget is reached: intake stopped.", in,
+           st.budget_stopped ? 1 : 0);
     metric(out, "vidq_jobs_held", "gauge", "Jobs this instance holds.", in, st.held);
     metric(out, "vidq_requests_in_flight", "gauge", "Submissions in flight.", in, st.in_flight);
     metric(out, "vidq_polls_in_flight", "gauge", "Task polls and downloads in flight.", in,

@@ -150,7 +150,9 @@ static const char *block_message(const worker *w)
 {
     int kind = 0;
     const char *msg = "";
-    return all_blocked(w, &kind, &msg) ? msg : "";
+    if (all_blocked(w, &kind, &msg))
+        return msg;
+    return w->budget_stopped ? w->budget_msg : "";
 }
 
 /* Is this held job already ours in memory (a slot or the backlog)? Each
@@ -261,6 +263,10 @@ void intake_pump(worker *w)
     int stopped = all_blocked(w, NULL, NULL);
     if (stopped && !probe)
         return; /* every gateway stopped: only probes go out, the jobs stay queued */
+    if (w->budget_stopped && w->budget_probe)
+        return; /* a budget is reached: its oldest job asks again (worker.c budget_reached) */
+    if (w->budget_stopped)
+        stopped = 1; /* none held to ask with: one job is taken to ask */
     unsigned limit = w->flow.conc;
     unsigned room = w->nslots < limit ? limit - w->nslots : 0;
     unsigned allowed = flow_allowance(&w->flow, mono_ms(), &wait_ms);
@@ -362,6 +368,8 @@ static const char *state_name(const worker *w)
         return "draining";
     if (all_blocked(w, &kind, &msg))
         return block_name(kind);
+    if (w->budget_stopped)
+        return "budget_exhausted";
     if (w->paused)
         return "paused";
     return "running";
@@ -824,6 +832,14 @@ void worker_drain(worker *w, void (*done)(void *), void *ud)
     for (size_t i = 0; i < n; i++)
         slot_unwait(v[i]);
     free(v);
+    /* Held unsent for a budget: back to the queue, newest first, so the
+     * oldest is taken first again. */
+    v = slots_in(w, S_BUDGET_HOLD, NULL, &n);
+    for (size_t i = 0; i < n; i++) {
+        uv_timer_stop(&v[i]->timer);
+        slot_putback(v[i]);
+    }
+    free(v);
     /* The held backlog stays in the processing list; the next start takes it. */
     uv_timer_start(&w->drain_timer, on_drain_timer, (uint64_t)w->cfg->shutdown_timeout_ms, 0);
     heartbeat(w);
@@ -888,6 +904,8 @@ void worker_get_stats(const worker *w, struct worker_stats *st)
     st->blocked = all_blocked(w, &kind, &msg);
     st->block_kind = st->blocked ? block_name(kind) : NULL;
     st->block_msg = st->blocked ? msg : NULL;
+    st->budget_stopped = w->budget_stopped;
+    st->budget_msg = w->budget_stopped ? w->budget_msg : NULL;
 }
 
 static void worker_closed(uv_handle_t *h)

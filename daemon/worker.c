@@ -37,6 +37,7 @@
 #include <string.h>
 
 static void go(slot *s);
+static void on_send_retry(uv_timer_t *t);
 static void on_probe(uv_timer_t *t);
 static void on_park_retry(uv_timer_t *t);
 static void gateway_slot_freed(worker *w, struct gateway *g);
@@ -68,6 +69,9 @@ void path_configure(worker *w)
             free(v);
         }
     }
+    /* a raised cap may give the budget room: ask now */
+    if (w->budget_probe && w->budget_probe->state == S_BUDGET_HOLD)
+        uv_timer_start(&w->budget_probe->timer, on_send_retry, 0, 0);
     w->unpark_due = 1;
 }
 
@@ -88,6 +92,7 @@ static void clear_outcome(slot *s)
     free(s->task_id);
     s->task_id = NULL;
     s->dedup = 0;
+    s->kept = 0;
     free(s->envelope);
     s->envelope = NULL;
 }
@@ -111,6 +116,8 @@ void slot_release(slot *s)
         VQ_ASSERT(s->gw && s->gw->held_back > 0);
         s->gw->held_back--;
     }
+    if (w->budget_probe == s)
+        w->budget_probe = NULL;
     clear_outcome(s);
     sbuf_free(&s->fbuf);
     job_free(&s->job);
@@ -243,6 +250,24 @@ static void ev_begin(slot *s, const char *event)
         ev_str(s, "key", s->key->fp);
 }
 
+/*
+ * What the job's money came to (docs/protocol.md §10): with `kept`, what
+ * its reservation holds (or its price, if it was reserved by no one), else
+ * 0. The record step reads this field: a cost other than 0 keeps the
+ * reservation spent, 0 releases it (queue.c RECORD_LUA), so the events
+ * and the spend counters cannot disagree. Nothing without prices.
+ */
+static void ev_cost(slot *s, int kept)
+{
+    if (s->price == QPRICE_NONE_SET && s->reserved < 0)
+        return;
+    int64_t amount = !kept ? 0 : s->reserved >= 0 ? s->reserved : s->price > 0 ? s->price : 0;
+    char m[32];
+    format_money(amount, m, sizeof m);
+    ev_str(s, "cost", m);
+    s->kept = amount;
+}
+
 /* The dead-list record: the original job (as JSON when it was JSON) and why. */
 static void make_dead(slot *s, const char *error, const char *message, long http_status)
 {
@@ -279,6 +304,7 @@ static void fail(slot *s, const char *error, const char *message, long http_stat
     ev_num(s, "attempts", s->attempts);
     if (resp)
         ev_add(s, "response", resp, resp_len > RESPONSE_IN_FAILED_EVENT ? RESPONSE_IN_FAILED_EVENT : resp_len);
+    ev_cost(s, s->billable);
     make_dead(s, error, message, http_status);
     s->w->st.failed++;
     slot_record(s);
@@ -338,6 +364,8 @@ static void on_recorded(int err, long long held, void *ud)
         return;
     }
     crash_point(s->envelope ? "after_retry" : "after_record");
+    if (held == 1 && s->kept > 0)
+        s->w->st.spent_micro += (uint64_t)s->kept;
     if (s->envelope) {
         fields_ready(s);
         log_kv(LOG_NOTICE, held == 1 ? "retry scheduled" : "job no longer held: retry dropped", "job_id",
@@ -348,6 +376,20 @@ static void on_recorded(int err, long long held, void *ud)
     slot_done(s);
 }
 
+static void on_kept(int err, long long r, void *ud)
+{
+    slot *s = ud;
+    (void)r;
+    if (s->w->closed)
+        return;
+    if (err) {
+        on_recorded(1, 0, s); /* tried again */
+        return;
+    }
+    s->keep_first = 0;
+    slot_record(s);
+}
+
 /* Write the slot's outcome (an event, or a retry) to Redis. */
 void slot_record(slot *s)
 {
@@ -355,7 +397,11 @@ void slot_record(slot *s)
     int rc;
     s->state = S_RECORDING;
     fields_ready(s);
-    if (s->envelope) {
+    if (s->envelope && s->keep_first) {
+        /* its request may have created a task: its money stays spent
+         * before the retry (which reserves anew) releases anything */
+        rc = queue_keep(w->q, s->token, on_kept, s);
+    } else if (s->envelope) {
         rc = queue_retry(w->q, s->held, s->held_len, s->envelope, s->envelope_len, s->due_ms, s->token,
                          s->job.id_given ? s->job.job_id : NULL, on_recorded, s);
     } else {
@@ -527,6 +573,7 @@ static void retry_later(slot *s, const struct outcome *o)
     sbuf_append(&b, s->job.raw, s->job.raw_len);
     sbuf_putc(&b, '}');
     s->envelope = sbuf_steal(&b, &s->envelope_len);
+    s->keep_first = s->billable && s->reserved > 0;
     w->st.retries++;
     slot_record(s);
 }
@@ -594,6 +641,7 @@ static void submitted(slot *s, struct outcome *o, const struct http_result *res)
     if (s->dreq.route) /* the task's polls need it (Kling's family): the task hash keeps it */
         ev_str(s, "route", s->dreq.route);
     ev_add(s, "response", res->body, res->body_len);
+    ev_cost(s, 1);
     s->dedup = s->job.id_given; /* assigned ids are unique: nothing to block */
     s->w->st.submitted++;
     slot_record(s);
@@ -978,6 +1026,7 @@ static void on_lookup(http_req *req, const struct http_result *res, void *ud)
         log_kv(LOG_NOTICE, "an ambiguous submit has no task by its external_task_id: sent once more", "job_id",
                s->job.job_id, NULL);
         s->resent = 1;
+        s->billable = 0; /* the lookup says nothing was created */
         go(s); /* through the SEND step: still held here (not taken over meanwhile)? */
         return;
     }
@@ -1004,6 +1053,7 @@ static void on_response(http_req *req, const struct http_result *res, void *ud)
     w->in_flight--;
     api_classify_submit(res, &o);
     struct gateway *g = s->gw;
+    /* (below, once the dialect classified it) */
     struct gwkey *k = s->key;
     VQ_ASSERT(g->in_flight > 0 && k && k->in_flight > 0);
     g->in_flight--;
@@ -1011,6 +1061,8 @@ static void on_response(http_req *req, const struct http_result *res, void *ud)
     gateway_slot_freed(w, g);
     if (g->dialect->classify)
         g->dialect->classify(res, &o);
+    /* A definite refusal created nothing: its money is released. */
+    s->billable = o.kind == OUT_SUBMITTED || o.kind == OUT_AMBIGUOUS || o.kind == OUT_BAD_RESPONSE;
     int can_retry = s->attempts < (unsigned)w->cfg->max_attempts;
     if (res->status == 429)
         flow_throttled(&w->flow, mono_ms());
@@ -1032,6 +1084,7 @@ static void on_response(http_req *req, const struct http_result *res, void *ud)
          * first did create the task after all. */
         char msg[700];
         snprintf(msg, sizeof msg, "sent again after the lookup found no task, and that failed too: %s", o.message);
+        s->billable = 1; /* one of the two may have created it */
         if (o.gateway_down)
             block(g, BLOCK_GATEWAY, o.message);
         fail(s, "ambiguous", msg, o.http_status, res->body, res->body_len);
@@ -1096,6 +1149,8 @@ static void duplicate(slot *s, const char *task_id, size_t len)
     ev_begin(s, "duplicate");
     s->task_id = xstrndup(task_id, len);
     ev_str(s, "task_id", s->task_id);
+    if (s->reserved > 0)
+        ev_cost(s, s->billable);
     s->w->st.duplicates++;
     slot_record(s);
 }
@@ -1109,13 +1164,105 @@ static void ambiguous_after_crash(slot *s)
          0, NULL, 0);
 }
 
+/* `vidq cancel` reached it before it was sent (docs/protocol.md §11): one
+ * `canceled` event, counted in its batch, and nothing more. */
+static void canceled(slot *s)
+{
+    ev_begin(s, "canceled");
+    ev_str(s, "where", s->from_retry ? "retry" : "queued");
+    ev_cost(s, s->billable);
+    s->w->st.canceled++;
+    slot_record(s);
+}
+
+/* ---- budgets (docs/protocol.md §10) ---------------------------------------- */
+
+/*
+ * The daily or total budget has no room for this job: nothing was written
+ * (the SEND step checks before it reserves). Intake stops; the job stays
+ * held, unsent, in its place (S_BUDGET_HOLD), and the oldest such job asks
+ * again every BUDGET_PROBE_MS -- a new UTC day, a raised cap (SIGHUP) or a
+ * `vidq budget reset` lets it go, and the others after it, in order.
+ */
+static void budget_probe_next(worker *w)
+{
+    if (!w->budget_stopped || w->budget_probe || w->draining)
+        return;
+    size_t n;
+    slot **v = slots_in(w, S_BUDGET_HOLD, NULL, &n);
+    if (n > 0) {
+        w->budget_probe = v[n - 1]; /* the oldest */
+        uv_timer_start(&w->budget_probe->timer, on_send_retry, BUDGET_PROBE_MS, 0);
+    }
+    free(v);
+    /* none held: intake takes one job to ask with (intake_pump) */
+}
+
+static void budget_reached(slot *s, const struct qsend_reply *r)
+{
+    worker *w = s->w;
+    char spent[32], cap[32], price[32], day[16];
+    format_money(r->spent, spent, sizeof spent);
+    format_money(r->cap, cap, sizeof cap);
+    format_money(s->price, price, sizeof price);
+    int daily = r->len == 5 && memcmp(r->arg, "daily", 5) == 0;
+    utc_day(now_ms(), day);
+    snprintf(w->budget_msg, sizeof w->budget_msg, "%s budget reached: %s of %s reserved or spent%s%s; the next job costs %s",
+             daily ? "daily" : "total", spent, cap, daily ? " on " : "", daily ? day : "", price);
+    if (!w->budget_stopped)
+        log_kv(LOG_WARNING, "budget reached: intake stops until it has room (a new UTC day, a higher cap, a reset)",
+               "message", w->budget_msg, NULL);
+    w->budget_stopped = 1;
+    if (w->draining) {
+        slot_putback(s);
+        return;
+    }
+    s->state = S_BUDGET_HOLD;
+    budget_probe_next(w);
+}
+
+/* The budget has room again: the held jobs go, oldest first, and intake resumes. */
+static void budget_room(worker *w)
+{
+    size_t n;
+    w->budget_stopped = 0;
+    log_kv(LOG_NOTICE, "budget has room again: intake resumes", NULL);
+    slot **v = slots_in(w, S_BUDGET_HOLD, NULL, &n);
+    for (size_t i = n; i-- > 0;) {
+        uv_timer_stop(&v[i]->timer);
+        go(v[i]);
+    }
+    free(v);
+    intake_pump(w);
+}
+
+static void over_budget(slot *s, const struct qsend_reply *r)
+{
+    char msg[300], spent[32], cap[32], price[32];
+    format_money(r->spent, spent, sizeof spent);
+    format_money(r->cap, cap, sizeof cap);
+    format_money(s->price, price, sizeof price);
+    if (r->cap < 0)
+        snprintf(msg, sizeof msg, "batch \"%s\": its budget is not an amount in millionths; not sent", s->job.batch);
+    else
+        snprintf(msg, sizeof msg, "batch \"%s\" is over its budget: %s of %s reserved or spent, this job costs %s; "
+                 "raise it (vidq budget set --batch) and requeue (vidq dead requeue --error over_budget)",
+                 s->job.batch, spent, cap, price);
+    fail(s, "over_budget", msg, 0, NULL, 0);
+}
+
 /* The answer of the SEND step (queue_send): go, wait, or end here. */
-static void on_send(int err, enum queue_verdict v, const char *arg, size_t len, void *ud)
+static void on_send(int err, const struct qsend_reply *r, void *ud)
 {
     slot *s = ud;
     worker *w = s->w;
     if (w->closed)
         return; /* worker_free released it; its memory lasts this turn */
+    enum queue_verdict v = err ? Q_SEND : r->v;
+    if (!err && r->reserved >= 0)
+        s->reserved = r->reserved;
+    if (w->budget_probe == s && (err || v != Q_BUDGET))
+        w->budget_probe = NULL;
     if (s->resent && w->draining && (err || v == Q_WAIT || v == Q_SEND)) {
         /* Sent once already: it never goes back to the queue. */
         lookup_gave_up(s, "none found, not sent again: shutting down");
@@ -1133,15 +1280,18 @@ static void on_send(int err, enum queue_verdict v, const char *arg, size_t len, 
     switch (v) {
     case Q_GONE:
         gone(s);
+        budget_probe_next(w);
         return;
     case Q_DUP:
-        duplicate(s, arg, len);
+        duplicate(s, r->arg, r->len);
+        budget_probe_next(w);
         return;
     case Q_AMBIGUOUS:
         s->attempts++;
         fail(s, "ambiguous",
              "an earlier copy of this job_id ended ambiguous (it may have been billed); not sent again", 0, NULL,
              0);
+        budget_probe_next(w);
         return;
     case Q_WAIT:
         /* Another copy of this job_id may be in flight (here or at `arg`):
@@ -1152,6 +1302,25 @@ static void on_send(int err, enum queue_verdict v, const char *arg, size_t len, 
         }
         uv_timer_start(&s->timer, on_send_retry, WAIT_CLAIM_MS, 0);
         return;
+    case Q_CANCELED:
+        canceled(s);
+        budget_probe_next(w);
+        return;
+    case Q_BUDGET:
+        budget_reached(s, r);
+        return;
+    case Q_OVER_BUDGET:
+        over_budget(s, r);
+        budget_probe_next(w);
+        return;
+    case Q_NOPRICE: {
+        char msg[300];
+        snprintf(msg, sizeof msg, "no price for model \"%s\": a budget is set ([cost] has no matching line)",
+                 s->job.model ? s->job.model : "");
+        fail(s, "invalid_job", msg, 0, NULL, 0);
+        budget_probe_next(w);
+        return;
+    }
     case Q_SEND:
         break;
     }
@@ -1166,6 +1335,8 @@ static void on_send(int err, enum queue_verdict v, const char *arg, size_t len, 
         return;
     }
     s->marked = 1;
+    if (w->budget_stopped && s->asked_new)
+        budget_room(w); /* its price fitted: the budget has room again */
     if (w->draining) {
         slot_putback(s); /* not sent: it goes back as it came, its mark ended */
         return;
@@ -1183,16 +1354,30 @@ static void on_send(int err, enum queue_verdict v, const char *arg, size_t len, 
 static void go(slot *s)
 {
     worker *w = s->w;
-    enum queue_send_mode mode = s->marked ? QS_MARKED : QS_NEW;
+    struct qsend q = {
+        .held = s->held,
+        .len = s->held_len,
+        .job_id = s->job.id_given ? s->job.job_id : NULL,
+        .batch = s->job.batch,
+        .mode = s->marked ? QS_MARKED : QS_NEW,
+        .token = s->token,
+        .retry_ambiguous = w->cfg->retry_ambiguous,
+        .price = s->price,
+        .daily = w->cfg->budget_daily,
+        .total = w->cfg->budget_total,
+    };
+    char day[16];
+    utc_day(now_ms(), day);
+    q.day = day;
     if (s->maybe_sent) {
         s->maybe_sent = 0;
         s->probing = 1;
-        mode = QS_PROBE;
+        q.mode = QS_PROBE;
     }
+    s->asked_new = q.mode == QS_NEW;
     s->state = S_CHECKING;
-    if (queue_send(w->q, s->held, s->held_len, s->job.id_given ? s->job.job_id : NULL, mode, s->token,
-                   w->cfg->retry_ambiguous, on_send, s) != 0)
-        on_send(1, Q_SEND, NULL, 0, s);
+    if (queue_send(w->q, &q, on_send, s) != 0)
+        on_send(1, NULL, s);
 }
 
 static void on_gw_wait(uv_timer_t *t)
@@ -1321,6 +1506,7 @@ static void post(slot *s)
     s->key = k;
     s->attempts++;
     s->state = S_SENDING;
+    s->billable = 1; /* from here the API may create the task */
     s->sent_seq = ++w->send_seq;
     w->in_flight++;
     g->in_flight++;
@@ -1349,6 +1535,8 @@ slot *slot_new(worker *w, const struct qitem *it)
     s->held = xstrndup(it->data, it->len);
     s->held_len = it->len;
     s->maybe_sent = it->token != NULL;
+    s->billable = s->maybe_sent; /* found marked: it may have been billed */
+    s->reserved = -1;
     s->marked = it->token != NULL; /* its mark is in Redis: the outcome's step ends it */
     if (it->token) {
         s->token = xstrdup(it->token);
@@ -1370,6 +1558,8 @@ slot *slot_new(worker *w, const struct qitem *it)
     if (unwrap(s->taken, s->taken_len, &s->attempts, &env_id, &raw, &raw_len) != 0) {
         raw = s->taken;
         raw_len = s->taken_len;
+    } else {
+        s->from_retry = 1;
     }
     job_parse(&s->job, raw, raw_len, w->cfg->default_model, (size_t)w->cfg->max_job_bytes);
     if (env_id && s->job.job_id == NULL)
@@ -1378,6 +1568,10 @@ slot *slot_new(worker *w, const struct qitem *it)
         free(env_id);
     if (s->job.job_id == NULL)
         assign_id(w, &s->job);
+    /* Its price (docs/protocol.md §10), reserved in the SEND step. */
+    s->price = QPRICE_NONE_SET;
+    if (w->cfg->nprices > 0 && !config_price(w->cfg, s->job.model, s->job.seconds, &s->price))
+        s->price = QPRICE_UNKNOWN;
     return s;
 }
 

@@ -28,11 +28,15 @@ struct worker_stats {
      * found, none found (sent once more), the lookup could not tell */
     uint64_t lookup_found, lookup_none, lookup_unknown;
     uint64_t parked;     /* jobs put in their stopped gateway's waiting list */
+    uint64_t canceled;   /* jobs `vidq cancel` reached before they were sent */
     unsigned held;       /* jobs held right now */
     unsigned in_flight;  /* HTTP requests in flight */
     int blocked;         /* account errors or the gateway down: intake stopped */
     const char *block_kind; /* "account_blocked" or "gateway_down" */
     const char *block_msg;
+    int budget_stopped;     /* the daily or total budget is reached: intake stopped */
+    const char *budget_msg;
+    uint64_t spent_micro;   /* money this instance's requests kept spent (millionths) */
 };
 
 worker *worker_new(uv_loop_t *loop, const struct config *cfg, queue *q, http_client *http, gwset *gws);

@@ -30,11 +30,12 @@
 #define TURN_BUDGET_BYTES (1u << 20) /* job bytes started per turn of the loop, beyond the first job */  /* another copy of the job_id may be in flight: look again */
 #define PROBE_MAX_MS 60000
 #define FORBIDDEN_SUSPECTS 3 /* jobs refused with 403, none accepted after: the account */
+#define BUDGET_PROBE_MS 2000 /* a budget reached: ask again this often (a new day, a raised cap, a reset) */
 #define LOOKUP_DELAY_MS 3000 /* before looking an ambiguous submit up: let a creation in progress land */
 enum { BLOCK_NONE, BLOCK_ACCOUNT, BLOCK_GATEWAY };
 #define ENVELOPE_PREFIX "{\"vidq_retry\":{\"attempts\":"
 
-enum sstate { S_CHECKING, S_GW_WAIT, S_SENDING, S_LOOKUP, S_ACCOUNT_HOLD, S_RECORDING, S_RECORD_WAIT, S_PUTBACK };
+enum sstate { S_CHECKING, S_GW_WAIT, S_SENDING, S_LOOKUP, S_ACCOUNT_HOLD, S_BUDGET_HOLD, S_RECORDING, S_RECORD_WAIT, S_PUTBACK };
 
 typedef struct slot slot;
 struct slot {
@@ -67,6 +68,12 @@ struct slot {
     int lookup_form;           /* an ambiguous submit looked up: the form being asked (dialect.h) */
     enum lookup_result lookup_first; /* what the first form said */
     int resent;                /* sent again after the lookup found no task: never a third time */
+    int from_retry;            /* taken as a retry envelope (a cancel says where=retry) */
+    int64_t price;             /* its price in millionths, or QPRICE_* (queue.h) */
+    int64_t reserved;          /* the amount reserved under its mark (the SEND step says), -1: none */
+    int billable;              /* a request went out that may have created a task: its money stays spent */
+    int asked_new;             /* its SEND step was asked to mark and reserve (a budget check) */
+    int keep_first;            /* a retry after such a request: its reservation is kept first (queue_keep) */
     char *ambiguous_msg;       /* why the submit was ambiguous, while it is looked up */
     long long deaths;          /* instances that died holding it */
     int64_t taken_ms;
@@ -83,6 +90,7 @@ struct slot {
     char *dead;
     size_t dead_len;
     int dedup;             /* set the dedup marker with task_id */
+    int64_t kept;          /* the money its event says stays spent */
     char *envelope;        /* a retry: the envelope for the retry set */
     size_t envelope_len;
     int64_t due_ms;
@@ -129,6 +137,11 @@ struct worker {
     uint64_t id_counter;
     uint64_t token_seq; /* mark tokens of this run: run_id.N */
     struct worker_stats st;
+    /* the daily or total budget (docs/protocol.md §10): reached, intake stops;
+     * the oldest job it stopped asks again every BUDGET_PROBE_MS */
+    int budget_stopped;
+    slot *budget_probe;
+    char budget_msg[256];
     /* draining */
     int draining;
     int drain_expired;

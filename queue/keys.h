@@ -34,7 +34,11 @@
     X(TASK, "task", 2)              /* hash per job_id: a tracked task */                          \
     X(WAITING, "waiting", 2)        /* list per gateway: jobs taken while it was stopped (§9) */ \
     X(WAITSET, "waitsets", 0)       /* set: gateways whose waiting list may hold jobs */            \
-    X(GWRATE, "gwrate", 2)          /* string per gateway: GCRA state of its global_rate (§9) */
+    X(GWRATE, "gwrate", 2)          /* string per gateway: GCRA state of its global_rate (§9) */    \
+    X(SPEND_DAY, "spend:day", 2)    /* string per UTC day (YYYY-MM-DD): money reserved or spent (§10) */ \
+    X(SPEND_TOTAL, "spend:total", 0) /* string: money reserved or spent until `vidq budget reset` */ \
+    X(CANCEL_JOB, "cancel:job", 2)  /* string per job_id: canceled by `vidq cancel` (§11) */        \
+    X(CANCEL_BATCH, "cancel:batch", 2) /* string per batch: canceled by `vidq cancel` (§11) */
 
 #define KEY_ENUM_(e, name, per) KEY_##e,
 enum key_kind { VIDQ_KEYS(KEY_ENUM_) KEY_COUNT };
@@ -53,12 +57,12 @@ enum key_kind { VIDQ_KEYS(KEY_ENUM_) KEY_COUNT };
 #define KEY_NO_ID "!"
 
 /*
- * The same names for Lua: KIND.<kind> is the kind's name and
+ * The same names for Lua: KIND['<kind>'] is the kind's name and
  * key(prefix, kind, id) builds a key as key_format() does. For the scripts
  * that derive keys they are not given (another instance's lists, a task's
  * hash); the others receive their keys in KEYS.
  */
-#define KEY_LUA_KIND_(e, name, per) name "='" name "',"
+#define KEY_LUA_KIND_(e, name, per) "['" name "']='" name "',"
 #define KEYS_LUA                                                                              \
     "local KIND = {" VIDQ_KEYS(KEY_LUA_KIND_) "}\n"                                           \
     "local function key(prefix, kind, id)\n"                                                  \

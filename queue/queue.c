@@ -75,7 +75,7 @@
     X(max) X(now) X(interval) X(burst) X(ids) X(job) X(id) X(held) X(mode) X(token) X(retry_ambiguous)     \
     X(raw) X(maxlen) X(dead) X(task_id) X(dedup_ttl) X(batch_field) X(final) X(batch) X(first_poll)        \
     X(track_id) X(claim) X(batch_ttl) X(due) X(envelope) X(ttl) X(name) X(counting) X(self) X(prefix)       \
-    X(run) X(dead_run) X(lease) X(job_id) X(next_poll) X(nhash) X(end)
+    X(run) X(dead_run) X(lease) X(job_id) X(next_poll) X(nhash) X(end) X(price) X(daily) X(total)
 #define ARG_ENUM_(n) A_##n,
 enum arg { SCRIPT_ARGS(ARG_ENUM_) A_COUNT };
 _Static_assert(A_COUNT <= 64, "script_call keeps the listed arguments in a 64-bit set");
@@ -155,12 +155,42 @@ static const char WRAP1_LUA[] = CHECK_LUA WRAP_LUA
  * claim as "ambiguous" for the dedup window, so a second copy is not billed
  * again behind it (`vidq dead requeue` lifts it).
  *
- * UNMARK_LUA ends the mark A_token and its claim K_claim; it is the one
+ * UNMARK_LUA(keep) ends the mark A_token and its claim K_claim, and
+ * settles its reservation (below; keep: a Lua expression); it is the one
  * place that does.
  */
-#define UNMARK_LUA                                                                                   \
+
+/*
+ * Money (docs/protocol.md §10). A job's price is reserved in the SEND step
+ * that marks it, under its mark: the field "$<token>" of K_sending holds
+ * "<amount> <day key> <total key> <batch key>" (millionths of the
+ * operator's unit; the keys it was added to). It moves with the mark (a
+ * takeover moves the whole hash) and is settled in the step that ends the
+ * mark: kept (spent: the request may have created a task) or released
+ * (subtracted again: nothing was created, or a retry will reserve anew).
+ * settle() is the one place that does; the keys it touches are the ones
+ * named in the reservation (the queue's prefix, so one slot in a Cluster).
+ */
+#define SETTLE_LUA                                                                                   \
+    "local function settle(sending, token, keep)\n"                                                   \
+    "  local r = redis.call('HGET', sending, '$' .. token)\n"                                         \
+    "  if not r then return end\n"                                                                    \
+    "  redis.call('HDEL', sending, '$' .. token)\n"                                                   \
+    "  local amount, day, total, batch = string.match(r, '^(%d+) (%S+) (%S+) ?(%S*)$')\n"             \
+    "  if keep or not amount then return end\n"                                                       \
+    "  for _, k in ipairs({day, total}) do\n"                                                         \
+    "    if redis.call('EXISTS', k) == 1 and redis.call('DECRBY', k, amount) < 0 then\n"              \
+    "      redis.call('SET', k, '0', 'KEEPTTL')\n"                                                    \
+    "    end\n"                                                                                       \
+    "  end\n"                                                                                         \
+    "  if batch ~= '' and redis.call('EXISTS', batch) == 1 then redis.call('HINCRBY', batch, 'spent', '-' .. amount) end\n" \
+    "end\n"
+
+/* (A release below 0 means a `vidq budget reset` came between: 0.) */
+#define UNMARK_LUA(keep)                                                                             \
     "if A_token ~= '' then\n"                                                                        \
     "  redis.call('HDEL', K_sending, A_token)\n"                                                     \
+    "  settle(K_sending, A_token, " keep ")\n"                                                       \
     "  if K_claim ~= '' and redis.call('GET', K_claim) == A_token then redis.call('DEL', K_claim) end\n" \
     "end\n"
 
@@ -172,42 +202,102 @@ static const char WRAP1_LUA[] = CHECK_LUA WRAP_LUA
  * SEND: may this held job go out now? One round trip that checks it is
  * still held here (a job taken over while this instance stalled is never
  * sent by both), looks up the dedup marker and the claim of its job_id
- * (K_dedup and K_claim are "" without a job_id: keys.h KEY_NO_ID), and marks it.
- * A_mode "new": claim and mark; "marked": the job already carries the mark
- * A_token (re-sent after an account error, or found marked after a crash
- * with retry_ambiguous): claim only; "probe": write nothing, only look.
- * Reply {"send"} | {"gone"} | {"dup", task_id} | {"wait", holder} |
- * {"ambiguous"}.
+ * (K_dedup and K_claim are "" without a job_id: keys.h KEY_NO_ID), whether
+ * it was canceled (K_cancel_job, K_cancel_batch: docs/protocol.md §11),
+ * whether its price fits the budgets (§10), then marks it and reserves its
+ * price. A canceled job is either seen here or sent: never both.
+ * A_mode "new": claim, mark and reserve; "marked": the job already carries
+ * the mark A_token and its reservation (re-sent after an account error or
+ * a lookup, or found marked after a crash with retry_ambiguous): claim
+ * only; "probe": write nothing, only look.
+ * A_price: "" (no prices configured), "none" (no price for its model) or
+ * the amount; A_daily / A_total: the caps, or "" (none); the batch's cap is
+ * the field `budget` of K_batch. A cap is compared with what is reserved or
+ * spent (K_spend_day, K_spend_total, the batch's `spent`), and this step
+ * is the only one that adds to them, atomically: no number of instances
+ * can go past a cap.
+ * Reply {"send", reserved} | {"gone"} | {"dup", task_id, reserved} |
+ * {"wait", holder} | {"ambiguous"} | {"canceled", reserved} |
+ * {"budget", "daily"|"total", spent, cap} | {"over_budget", spent, cap} |
+ * {"noprice"}. `reserved`: the amount reserved under the mark, or "".
  */
 static const char SEND_LUA[] = CHECK_LUA
     "local mode, token = A_mode, A_token\n"
     "if mode ~= 'new' and mode ~= 'marked' and mode ~= 'probe' then error('vidq: bad mode') end\n"
     "if token == '' or #token > 200 then error('vidq: bad token') end\n"
     "local retry_ambiguous = need_flag(A_retry_ambiguous, 'retry_ambiguous')\n"
+    "local price, daily, total = A_price, A_daily, A_total\n"
+    "if price ~= '' and price ~= 'none' then price = tonumber(need_uint(price, 'price', 0)) end\n"
+    "if daily ~= '' then daily = tonumber(need_uint(daily, 'daily cap', 0)) end\n"
+    "if total ~= '' then total = tonumber(need_uint(total, 'total cap', 0)) end\n"
+    "if price ~= '' and K_spend_day == '' then error('vidq: a price needs its day key') end\n"
+    "local function reserved()\n"
+    "  local r = redis.call('HGET', K_sending, '$' .. token)\n"
+    "  return r and string.match(r, '^%d+') or ''\n"
+    "end\n"
     "if not redis.call('LPOS', K_processing, A_held) then return {'gone'} end\n"
     "local f = redis.sha1hex(A_held)\n"
-    "if mode == 'new' and redis.call('HGET', K_sending, token) == f then return {'send'} end\n"
+    "if mode == 'new' and redis.call('HGET', K_sending, token) == f then return {'send', reserved()} end\n"
     "if K_dedup ~= '' then\n"
     "  local t = redis.call('GET', K_dedup)\n"
-    "  if t then return {'dup', t} end\n"
+    "  if t then return {'dup', t, reserved()} end\n"
     "  local c = redis.call('GET', K_claim)\n"
     "  if c == 'ambiguous' and not retry_ambiguous and mode == 'new' then return {'ambiguous'} end\n"
     "  if c and c ~= 'ambiguous' and c ~= token and mode ~= 'probe' then return {'wait', c} end\n"
-    "  if mode ~= 'probe' then redis.call('SET', K_claim, token) end\n"
     "end\n"
+    "if mode ~= 'probe' and ((K_cancel_job ~= '' and redis.call('EXISTS', K_cancel_job) == 1) or\n"
+    "    (K_cancel_batch ~= '' and redis.call('EXISTS', K_cancel_batch) == 1)) then\n"
+    "  return {'canceled', reserved()}\n"
+    "end\n"
+    "local amount = 0\n"
+    "if mode == 'new' and price ~= '' then\n"
+    "  local bcap = K_batch ~= '' and redis.call('HGET', K_batch, 'budget') or nil\n"
+    "  if bcap and not string.find(bcap, '^%d+$') then return {'over_budget', '0', bcap} end\n"
+    "  if price == 'none' then\n"
+    "    if daily ~= '' or total ~= '' or bcap then return {'noprice'} end\n"
+    "  else\n"
+    "    local spent = tonumber(redis.call('GET', K_spend_day) or '0')\n"
+    "    if daily ~= '' and spent + price > daily then return {'budget', 'daily', string.format('%d', spent), A_daily} end\n"
+    "    spent = tonumber(redis.call('GET', K_spend_total) or '0')\n"
+    "    if total ~= '' and spent + price > total then return {'budget', 'total', string.format('%d', spent), A_total} end\n"
+    "    if bcap then\n"
+    "      spent = tonumber(redis.call('HGET', K_batch, 'spent') or '0')\n"
+    "      if spent + price > tonumber(bcap) then return {'over_budget', string.format('%d', spent), bcap} end\n"
+    "    end\n"
+    "    amount = price\n"
+    "    if amount > 0 then amount = A_price end\n" /* as text from here: Lua would print a number as %.14g */
+    "  end\n"
+    "end\n"
+    "if K_dedup ~= '' and mode ~= 'probe' then redis.call('SET', K_claim, token) end\n"
     "if mode == 'new' then redis.call('HSET', K_sending, token, f) end\n"
-    "return {'send'}\n";
+    "if amount ~= 0 then\n"
+    "  redis.call('INCRBY', K_spend_day, amount)\n"
+    "  redis.call('EXPIRE', K_spend_day, 3456000)\n" /* 40 days: `vidq budget show` looks back a month */
+    "  redis.call('INCRBY', K_spend_total, amount)\n"
+    "  if K_batch ~= '' then redis.call('HINCRBY', K_batch, 'spent', amount) end\n"
+    "  redis.call('HSET', K_sending, '$' .. token, amount .. ' ' .. K_spend_day .. ' ' .. K_spend_total .. ' ' .. K_batch)\n"
+    "  return {'send', amount}\n"
+    "end\n"
+    "return {'send', reserved()}\n";
+
+/* A request that may have created a task ends in a retry (the operator
+ * opted into retrying ambiguous outcomes): its reservation stays spent,
+ * so RETRY finds none to release, and the retry reserves anew. */
+static const char KEEP_LUA[] = CHECK_LUA SETTLE_LUA
+    "if A_token == '' then error('vidq: keep needs a token') end\n"
+    "settle(K_sending, A_token, true)\n"
+    "return 1\n";
 
 /* Return a held job to the intake list, where it is taken next: nothing
  * was sent, or the API said for sure that nothing was created. A_job is
  * the job as it was taken (the held copy without its wrapper); A_token
  * the mark, or "". */
-static const char PUTBACK_LUA[] = CHECK_LUA
+static const char PUTBACK_LUA[] = CHECK_LUA SETTLE_LUA
     "if redis.call('LREM', K_processing, 1, A_held) == 1 then\n"
     "  redis.call('RPUSH', K_jobs, A_job)\n"
     "  " FORGET_DEATHS_LUA("A_held")
     "end\n"
-    UNMARK_LUA
+    UNMARK_LUA("false")
     "return 1\n";
 
 /*
@@ -218,7 +308,7 @@ static const char PUTBACK_LUA[] = CHECK_LUA
  * right, TAKE_WAITING) in the order it was parked. Only a job never sent
  * is parked, so its mark and claim (if any) end here, as for PUTBACK.
  */
-static const char PARK_LUA[] = CHECK_LUA
+static const char PARK_LUA[] = CHECK_LUA SETTLE_LUA
     "if A_end ~= 'new' and A_end ~= 'old' then error('vidq: park end must be new or old') end\n"
     "if A_name == '' then error('vidq: park needs a gateway name') end\n"
     "if redis.call('LREM', K_processing, 1, A_held) == 1 then\n"
@@ -226,7 +316,7 @@ static const char PARK_LUA[] = CHECK_LUA
     "  redis.call('SADD', K_waitsets, A_name)\n"
     "  " FORGET_DEATHS_LUA("A_held")
     "end\n"
-    UNMARK_LUA
+    UNMARK_LUA("false")
     "return 1\n";
 
 /*
@@ -295,7 +385,7 @@ static const char TAKE_WAITING_LUA[] = CHECK_LUA WRAP_LUA
     "  local total = tonumber(redis.call('HGET', bkey, 'total') or '0')\n"                          \
     "  if total and total > 0 and fin >= total and redis.call('HSETNX', bkey, 'done', '1') == 1 then\n" \
     "    local ev = {'event', 'batch_done', 'ts', now, 'batch', name}\n"                            \
-    "    for _, f in ipairs({'total', 'submitted', 'failed', 'duplicate', 'succeeded', 'task_failed'}) do\n" \
+    "    for _, f in ipairs({'total', 'submitted', 'failed', 'duplicate', 'succeeded', 'task_failed', 'canceled'}) do\n" \
     "      ev[#ev + 1] = f\n"                                                                        \
     "      ev[#ev + 1] = redis.call('HGET', bkey, f) or '0'\n"                                       \
     "    end\n"                                                                                      \
@@ -320,7 +410,7 @@ static const char TAKE_WAITING_LUA[] = CHECK_LUA WRAP_LUA
  * the job now will not submit it again. Returns 1 when recorded, 0 when it
  * was not held.
  */
-static const char RECORD_LUA[] = CHECK_LUA BATCH_LUA
+static const char RECORD_LUA[] = CHECK_LUA BATCH_LUA SETTLE_LUA
     "local maxlen = need_uint(A_maxlen, 'maxlen', 1)\n"
     "local ttl = need_uint(A_dedup_ttl, 'dedup ttl', 1)\n"
     "local final = need_flag(A_final, 'final')\n"
@@ -329,12 +419,16 @@ static const char RECORD_LUA[] = CHECK_LUA BATCH_LUA
     "if A_claim ~= '' and A_claim ~= 'del' and A_claim ~= 'ambiguous' then error('vidq: bad claim action') end\n"
     "local batch_ttl = need_uint(A_batch_ttl, 'batch ttl', 1)\n"
     "if #ARGV < NARGS + 2 or (#ARGV - NARGS) % 2 ~= 0 then error('vidq: event fields must come in pairs') end\n"
+    "local spent = false\n" /* the event's cost says what stays spent: none or 0, nothing */
+    "for i = NARGS + 1, #ARGV - 1, 2 do\n"
+    "  if ARGV[i] == 'cost' then spent = ARGV[i + 1] ~= '0' and ARGV[i + 1] ~= '' end\n"
+    "end\n"
     "local held = redis.call('LREM', K_processing, 1, A_raw)\n"
     "if A_task_id ~= '' then redis.call('SET', K_dedup, A_task_id, 'PX', ttl) end\n"
     "if A_claim == 'ambiguous' and A_token ~= '' and redis.call('GET', K_claim) == A_token then\n"
     "  redis.call('SET', K_claim, 'ambiguous', 'PX', ttl)\n"
     "end\n"
-    UNMARK_LUA
+    UNMARK_LUA("spent")
     "if held == 0 then return 0 end\n"
     FORGET_DEATHS_LUA("A_raw")
     "if A_dead ~= '' then redis.call('LPUSH', K_dead, A_dead) end\n"
@@ -354,9 +448,9 @@ static const char RECORD_LUA[] = CHECK_LUA BATCH_LUA
  * (due A_due, as A_envelope), in one step; nothing was created, so its mark
  * and claim end here. Envelopes carry a nonce, so two copies of one job
  * never merge into one member of the set. */
-static const char RETRY_LUA[] = CHECK_LUA
+static const char RETRY_LUA[] = CHECK_LUA SETTLE_LUA
     "need_uint(A_due, 'due', 0)\n"
-    UNMARK_LUA
+    UNMARK_LUA("false")
     "if redis.call('LREM', K_processing, 1, A_held) == 0 then return 0 end\n"
     FORGET_DEATHS_LUA("A_held")
     "redis.call('ZADD', K_retry, A_due, A_envelope)\n"
@@ -401,6 +495,7 @@ static const char HELD_LUA[] = CHECK_LUA WRAP_LUA
     "local marks = {}\n"
     "local m = redis.call('HGETALL', K_sending)\n"
     "for i = 1, #m, 2 do\n"
+    "  if string.sub(m[i], 1, 1) == '$' then m[i + 1] = '' end\n" /* a reservation, not a mark */
     "  local l = marks[m[i + 1]] or {}\n"
     "  l[#l + 1] = m[i]\n"
     "  marks[m[i + 1]] = l\n"
@@ -454,9 +549,9 @@ static const char TAKEOVER_LUA[] = KEYS_LUA
     "    local pkey = key(prefix, KIND.processing, name)\n"
     "    local skey = key(prefix, KIND.sending, name)\n"
     "    local marks = redis.call('HGETALL', skey)\n"
-    "    for i = 1, #marks, 2 do\n"
+    "    for i = 1, #marks, 2 do\n" /* marks, and their reservations ("$" fields: SETTLE_LUA) */
     "      redis.call('HSET', K_sending, marks[i], marks[i + 1])\n"
-    "      marked = marked + 1\n"
+    "      if string.sub(marks[i], 1, 1) ~= '$' then marked = marked + 1 end\n"
     "    end\n"
     "    local seen = {}\n"
     "    while true do\n"
@@ -549,7 +644,7 @@ static const char TRACK_LUA[] = CHECK_LUA BATCH_LUA
 
 enum {
     S_TAKE, S_PUTBACK, S_RECORD, S_RETRY, S_PROMOTE, S_HEARTBEAT, S_HELD, S_TAKEOVER, S_CLAIM, S_TRACK, S_SEND,
-    S_CLAIM_NAME, S_WRAP1, S_PARK, S_TAKE_WAITING, S_UNPARK, S_PACE, S_COUNT
+    S_CLAIM_NAME, S_WRAP1, S_PARK, S_TAKE_WAITING, S_UNPARK, S_PACE, S_KEEP, S_COUNT
 };
 
 #define MAX_SKEYS 10
@@ -592,8 +687,10 @@ static const struct script scripts[S_COUNT] = {
                  AS(A_job_id, A_maxlen, A_mode, A_next_poll, A_nhash, A_batch_field, A_final, A_now, A_batch,
                     A_batch_ttl),
                  1},
-    [S_SEND] = {"send", SEND_LUA, KS(KEY_PROCESSING, KEY_SENDING, KEY_DEDUP, KEY_CLAIM),
-                AS(A_held, A_mode, A_token, A_retry_ambiguous), 0},
+    [S_SEND] = {"send", SEND_LUA,
+                KS(KEY_PROCESSING, KEY_SENDING, KEY_DEDUP, KEY_CLAIM, KEY_CANCEL_JOB, KEY_CANCEL_BATCH, KEY_BATCH,
+                   KEY_SPEND_DAY, KEY_SPEND_TOTAL),
+                AS(A_held, A_mode, A_token, A_retry_ambiguous, A_price, A_daily, A_total), 0},
     [S_CLAIM_NAME] = {"claim_name", CLAIM_NAME_LUA, KS(KEY_INSTANCE), AS(A_run, A_ttl, A_dead_run), 1},
     [S_WRAP1] = {"wrap1", WRAP1_LUA, KS(KEY_PROCESSING), AS(A_job, A_id), 0},
     [S_PARK] = {"park", PARK_LUA, KS(KEY_PROCESSING, KEY_WAITING, KEY_SENDING, KEY_CLAIM, KEY_RECOVERED, KEY_WAITSET),
@@ -602,6 +699,7 @@ static const struct script scripts[S_COUNT] = {
                         AS(A_max, A_ids, A_name), 0},
     [S_UNPARK] = {"unpark", UNPARK_LUA, KS(KEY_WAITING, KEY_JOBS, KEY_WAITSET), AS(A_max, A_name), 0},
     [S_PACE] = {"pace", PACE_LUA, KS(KEY_GWRATE), AS(A_now, A_interval, A_burst), 0},
+    [S_KEEP] = {"keep", KEEP_LUA, KS(KEY_SENDING), AS(A_token), 0},
 };
 
 static int script_nkeys(const struct script *sc)
@@ -624,8 +722,20 @@ static int script_nargs(const struct script *sc)
  * The text Redis runs: a prelude that checks the counts and names KEYS and
  * ARGV (K_<kind>, A_<name>, NARGS), then the body.
  */
+/* A kind's name as a Lua identifier: "spend:day" is K_spend_day. */
+static const char *lua_kind(enum key_kind k, char *buf, size_t size)
+{
+    snprintf(buf, size, "%s", key_kind_name(k));
+    for (char *p = buf; *p; p++) {
+        if (*p == ':')
+            *p = '_';
+    }
+    return buf;
+}
+
 static char *script_text(int i)
 {
+    char kn[64];
     const struct script *sc = &scripts[i];
     int nk = script_nkeys(sc), na = script_nargs(sc);
     sbuf b;
@@ -635,7 +745,7 @@ static char *script_text(int i)
     /* Locals, not tables: a table of names built at every call cost 6 % of
      * Redis's instructions per job (callgrind, tests replayed). */
     for (int k = 0; k < nk; k++)
-        sbuf_printf(&b, "%sK_%s", k ? ", " : "local ", key_kind_name(sc->keys[k]));
+        sbuf_printf(&b, "%sK_%s", k ? ", " : "local ", lua_kind(sc->keys[k], kn, sizeof kn));
     for (int k = 0; k < nk; k++)
         sbuf_printf(&b, "%sKEYS[%d]", k ? ", " : " = ", k + 1);
     sbuf_putc(&b, '\n');
@@ -643,7 +753,7 @@ static char *script_text(int i)
     for (int k = 0; k < nk; k++) {
         if (key_kind_per(sc->keys[k]) == 2)
             sbuf_printf(&b, "if string.sub(K_%s, -1) == '" KEY_NO_ID "' then K_%s = '' end\n",
-                        key_kind_name(sc->keys[k]), key_kind_name(sc->keys[k]));
+                        lua_kind(sc->keys[k], kn, sizeof kn), kn);
     }
     for (int a = 0; a < na; a++)
         sbuf_printf(&b, "%sA_%s", a ? ", " : "local ", arg_names[sc->args[a]]);
@@ -1267,42 +1377,105 @@ int queue_claim_name(queue *q, const char *run, int64_t ttl_ms, const char *dead
 
 /* ---- the job's path: send, retry, put back, record ------------------------ */
 
+static int64_t reply_int(const redisReply *e, int64_t dflt)
+{
+    if (e == NULL || e->type != REDIS_REPLY_STRING || e->len == 0 || e->len > 18)
+        return dflt;
+    int64_t v = 0;
+    for (size_t i = 0; i < e->len; i++) {
+        if (e->str[i] < '0' || e->str[i] > '9')
+            return dflt;
+        v = v * 10 + (e->str[i] - '0');
+    }
+    return v;
+}
+
 static void on_send(redisReply *r, void *ud)
 {
     struct call *c = ud;
-    static const char *const names[] = {"send", "gone", "dup", "wait", "ambiguous"};
+    static const char *const names[] = {"send", "gone", "dup", "wait", "ambiguous", "canceled", "budget",
+                                        "over_budget", "noprice"};
     if (reply_failed(c->q, r) || r->type != REDIS_REPLY_ARRAY || r->elements < 1 ||
         r->element[0]->type != REDIS_REPLY_STRING) {
-        c->send_fn(1, Q_SEND, NULL, 0, c->ud);
+        c->send_fn(1, NULL, c->ud);
         free(c);
         return;
     }
-    for (int v = 0; v < 5; v++) {
-        if (strcmp(r->element[0]->str, names[v]) == 0) {
-            redisReply *a = r->elements > 1 ? r->element[1] : NULL;
-            int has = a && a->type == REDIS_REPLY_STRING;
-            c->send_fn(0, (enum queue_verdict)v, has ? a->str : NULL, has ? a->len : 0, c->ud);
-            free(c);
-            return;
+    for (size_t v = 0; v < sizeof names / sizeof names[0]; v++) {
+        if (strcmp(r->element[0]->str, names[v]) != 0)
+            continue;
+        struct qsend_reply out = {.v = (enum queue_verdict)v, .reserved = -1, .spent = -1, .cap = -1};
+        redisReply *a = r->elements > 1 ? r->element[1] : NULL;
+        if (a && a->type == REDIS_REPLY_STRING) {
+            out.arg = a->str;
+            out.len = a->len;
         }
+        switch (out.v) {
+        case Q_SEND:
+        case Q_CANCELED:
+            out.reserved = reply_int(a, -1);
+            out.arg = NULL;
+            out.len = 0;
+            break;
+        case Q_DUP:
+            out.reserved = reply_int(r->elements > 2 ? r->element[2] : NULL, -1);
+            break;
+        case Q_BUDGET:
+            out.spent = reply_int(r->elements > 2 ? r->element[2] : NULL, -1);
+            out.cap = reply_int(r->elements > 3 ? r->element[3] : NULL, -1);
+            break;
+        case Q_OVER_BUDGET:
+            out.spent = reply_int(a, -1);
+            out.cap = reply_int(r->elements > 2 ? r->element[2] : NULL, -1);
+            out.arg = NULL;
+            out.len = 0;
+            break;
+        default:
+            break;
+        }
+        c->send_fn(0, &out, c->ud);
+        free(c);
+        return;
     }
-    c->send_fn(1, Q_SEND, NULL, 0, c->ud);
+    c->send_fn(1, NULL, c->ud);
     free(c);
 }
 
-int queue_send(queue *q, const char *held, size_t len, const char *job_id, enum queue_send_mode mode,
-               const char *token, int retry_ambiguous, queue_send_fn *fn, void *ud)
+int queue_send(queue *q, const struct qsend *s, queue_send_fn *fn, void *ud)
 {
     static const char *const modes[] = {"new", "marked", "probe"};
     struct sargs a = {0};
-    a.id[KEY_DEDUP] = a.id[KEY_CLAIM] = job_id;
-    sargn(&a, A_held, held, len);
-    sarg(&a, A_mode, modes[mode]);
-    sarg(&a, A_token, token);
-    sarg(&a, A_retry_ambiguous, retry_ambiguous ? "1" : "0");
+    a.id[KEY_DEDUP] = a.id[KEY_CLAIM] = a.id[KEY_CANCEL_JOB] = s->job_id;
+    a.id[KEY_CANCEL_BATCH] = a.id[KEY_BATCH] = s->batch;
+    a.id[KEY_SPEND_DAY] = s->price == QPRICE_NONE_SET ? NULL : s->day;
+    sargn(&a, A_held, s->held, s->len);
+    sarg(&a, A_mode, modes[s->mode]);
+    sarg(&a, A_token, s->token);
+    sarg(&a, A_retry_ambiguous, s->retry_ambiguous ? "1" : "0");
+    if (s->price >= 0)
+        sargi(&a, A_price, s->price);
+    else
+        sarg(&a, A_price, s->price == QPRICE_UNKNOWN ? "none" : "");
+    if (s->daily >= 0)
+        sargi(&a, A_daily, s->daily);
+    else
+        sarg(&a, A_daily, "");
+    if (s->total >= 0)
+        sargi(&a, A_total, s->total);
+    else
+        sarg(&a, A_total, "");
     struct call *c = new_call(q, ud);
     c->send_fn = fn;
     return script_call(q, S_SEND, &a, on_send, c);
+}
+
+int queue_keep(queue *q, const char *token, queue_done_fn *fn, void *ud)
+{
+    struct sargs a = {0};
+    sarg(&a, A_token, token);
+    struct call *c = new_call(q, ud);
+    c->done_fn = fn;
+    return script_call(q, S_KEEP, &a, on_done, c);
 }
 
 int queue_heartbeat(queue *q, const char *const *fields, int nfields, int64_t ttl_ms, queue_done_fn *fn, void *ud)

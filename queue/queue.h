@@ -105,15 +105,38 @@ int queue_heartbeat(queue *q, const char *const *fields, int nfields, int64_t tt
 
 /*
  * May this held job go out now? One round trip: still held here, its
- * job_id's dedup marker and claim, and its sending mark (see queue.c,
- * SEND_LUA). job_id is the producer's (NULL when vidqd assigned one).
+ * job_id's dedup marker and claim, canceled or not, its price against the
+ * budgets, then its sending mark and its reservation (see queue.c,
+ * SEND_LUA).
  */
 enum queue_send_mode { QS_NEW, QS_MARKED, QS_PROBE };
-enum queue_verdict { Q_SEND, Q_GONE, Q_DUP, Q_WAIT, Q_AMBIGUOUS };
-/* arg: the recorded task id (Q_DUP) or the claiming instance (Q_WAIT). */
-typedef void queue_send_fn(int err, enum queue_verdict v, const char *arg, size_t len, void *ud);
-int queue_send(queue *q, const char *held, size_t len, const char *job_id, enum queue_send_mode mode,
-               const char *token, int retry_ambiguous, queue_send_fn *fn, void *ud);
+enum queue_verdict { Q_SEND, Q_GONE, Q_DUP, Q_WAIT, Q_AMBIGUOUS, Q_CANCELED, Q_BUDGET, Q_OVER_BUDGET, Q_NOPRICE };
+#define QPRICE_NONE_SET (-1) /* no prices configured */
+#define QPRICE_UNKNOWN (-2)  /* prices are, but none for this job's model */
+struct qsend {
+    const char *held;
+    size_t len;
+    const char *job_id;  /* the producer's (NULL when vidqd assigned one) */
+    const char *batch;   /* or NULL */
+    enum queue_send_mode mode;
+    const char *token;
+    int retry_ambiguous;
+    int64_t price;       /* millionths, or QPRICE_* */
+    int64_t daily, total; /* caps in millionths, -1: none */
+    const char *day;     /* the UTC day the reservation counts in, YYYY-MM-DD */
+};
+struct qsend_reply {
+    enum queue_verdict v;
+    const char *arg;     /* the recorded task id (Q_DUP), the claiming instance (Q_WAIT), "daily" or "total" (Q_BUDGET) */
+    size_t len;
+    int64_t reserved;    /* the amount reserved under the job's mark, -1: none */
+    int64_t spent, cap;  /* Q_BUDGET, Q_OVER_BUDGET: what the cap was measured against */
+};
+/* err: r is NULL. */
+typedef void queue_send_fn(int err, const struct qsend_reply *r, void *ud);
+int queue_send(queue *q, const struct qsend *s, queue_send_fn *fn, void *ud);
+/* The reservation under mark `token` stays spent (KEEP_LUA). */
+int queue_keep(queue *q, const char *token, queue_done_fn *fn, void *ud);
 /* Move a held job to the retry set, due at `due_ms`, as `envelope`; ends
  * the mark `token` (NULL: none) and its job_id's claim. */
 int queue_retry(queue *q, const char *held, size_t held_len, const char *envelope, size_t env_len, int64_t due_ms,

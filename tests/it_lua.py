@@ -120,7 +120,11 @@ def named_calls():
                    "batch_field": "succeeded", "final": "0", "now": "1000", "batch": "B", "batch_ttl": "60000"},
                   ["status", "RUNNING", "event", "progress"]),
         "send": ({"processing": k("processing:i1"), "sending": k("sending:i1"), "dedup": k("dedup:j1"),
-                  "claim": k("claim:j1")}, {"held": H1, "mode": "new", "token": "run1.1", "retry_ambiguous": "0"}),
+                  "claim": k("claim:j1"), "cancel:job": k("cancel:job:j1"), "cancel:batch": k("cancel:batch:B"),
+                  "batch": k("batch:B"), "spend:day": k("spend:day:2026-11-30"), "spend:total": k("spend:total")},
+                 {"held": H1, "mode": "new", "token": "run1.1", "retry_ambiguous": "0", "price": "1000000",
+                  "daily": "5000000", "total": ""}),
+        "keep": ({"sending": k("sending:i1")}, {"token": "run0.1"}),
         "claim_name": ({"instance": k("instance:i1")}, {"run": "run-1", "ttl": "10000", "dead_run": ""},
                        ["host", "h"]),
     }
@@ -198,16 +202,62 @@ def main(t, env):
     # Two copies of one job_id: the second waits while the first's claim is live.
     seed(r)
     r.execute("LPUSH", k("processing:i1"), H1)
-    t.eq(evalsha(r, shas["send"], keys, args), [b"send"], "send: the first copy may go")
-    t.eq(evalsha(r, shas["send"], keys, args), [b"send"], "send: asked again (its reply was lost), the same copy may go")
-    t.eq(r.execute("HLEN", k("sending:i1")), 2, "send: and it is marked once")
+    t.eq(evalsha(r, shas["send"], keys, args), [b"send", b"1000000"], "send: the first copy may go, its price reserved")
+    t.eq(evalsha(r, shas["send"], keys, args), [b"send", b"1000000"],
+         "send: asked again (its reply was lost), the same copy may go")
+    t.eq(r.execute("HLEN", k("sending:i1")), 3, "send: and it is marked (and reserved) once")
+    t.eq(r.execute("GET", k("spend:day:2026-11-30")), b"1000000", "send: the day counts the reservation once")
+    t.eq(r.execute("GET", k("spend:total")), b"1000000", "send: so does the total")
     args2 = args_with("send", token="run1.2")
     t.eq(evalsha(r, shas["send"], keys, args2), [b"wait", b"run1.1"], "send: the second copy waits for the first")
     r.execute("SET", k("dedup:j1"), "t9")
-    t.eq(evalsha(r, shas["send"], keys, args2), [b"dup", b"t9"], "send: a recorded task id makes it a duplicate")
+    t.eq(evalsha(r, shas["send"], keys, args2), [b"dup", b"t9", b""], "send: a recorded task id makes it a duplicate")
     r.execute("DEL", k("dedup:j1"))
     r.execute("SET", k("claim:j1"), "ambiguous")
     t.eq(evalsha(r, shas["send"], keys, args2), [b"ambiguous"], "send: behind an ambiguous copy it is not sent")
+    # Money: the caps are checked before anything is written.
+    seed(r)
+    r.execute("LPUSH", k("processing:i1"), H1)
+    r.execute("SET", k("spend:day:2026-11-30"), "4500000")
+    before = snapshot(r)
+    got = evalsha(r, shas["send"], keys, args)
+    t.eq(got, [b"budget", b"daily", b"4500000", b"5000000"], "send: a price past the daily cap is refused")
+    t.ok(snapshot(r) == before, "send: and nothing is written (no mark, no claim, no reservation)")
+    r.execute("SET", k("spend:day:2026-11-30"), "0")
+    r.execute("SET", k("spend:total"), "9500000")
+    t.eq(evalsha(r, shas["send"], keys, args_with("send", total="10000000")),
+         [b"budget", b"total", b"9500000", b"10000000"], "send: so is one past the total cap")
+    r.execute("HSET", k("batch:B"), "budget", "500000", "spent", "0")
+    t.eq(evalsha(r, shas["send"], keys, args), [b"over_budget", b"0", b"500000"],
+         "send: a job past its batch's budget is over_budget")
+    t.eq(evalsha(r, shas["send"], keys, args_with("send", price="none", daily="")), [b"noprice"],
+         "send: with a budget, a job without a price is refused")
+    r.execute("HDEL", k("batch:B"), "budget")
+    t.eq(evalsha(r, shas["send"], keys, args_with("send", price="none", daily="")), [b"send", b""],
+         "send: without any budget, a job without a price goes")
+    seed(r)
+    r.execute("LPUSH", k("processing:i1"), H1)
+    r.execute("SET", k("cancel:batch:B"), "1")
+    before = snapshot(r)
+    t.eq(evalsha(r, shas["send"], keys, args), [b"canceled", b""], "send: a job of a canceled batch is canceled")
+    t.ok(snapshot(r) == before, "send: and nothing is written")
+    # A reservation is settled by the step that ends its mark: released by a put-back...
+    seed(r)
+    r.execute("HDEL", k("sending:i1"), "run0.1")  # not marked yet
+    sk, sa = calls()["send"]
+    t.eq(evalsha(r, shas["send"], sk, args_with("send", token="run0.1"))[0], b"send", "send: reserved under run0.1")
+    pk, pa = calls()["putback"]
+    evalsha(r, shas["putback"], pk, pa)
+    t.eq([r.execute("GET", k("spend:day:2026-11-30")), r.execute("GET", k("spend:total")),
+          r.execute("HGET", k("sending:i1"), "$run0.1")], [b"0", b"0", None], "putback: the reservation is released")
+    # ... kept by a record whose event has a cost, released by one whose cost is 0.
+    for cost, want in (("1", b"1000000"), ("0", b"0")):
+        seed(r)
+        r.execute("HDEL", k("sending:i1"), "run0.1")
+        evalsha(r, shas["send"], sk, args_with("send", token="run0.1"))
+        rk, ra = positional("record", *named_calls()["record"][:2], ["event", "submitted", "job_id", "j1", "cost", cost])
+        t.eq(evalsha(r, shas["record"], rk, ra), 1, "record: recorded (cost %s)" % cost)
+        t.eq(r.execute("GET", k("spend:total")), want, "record: cost %s leaves %r spent" % (cost, want))
     # RECORD of a job no longer held: no event, but the dedup marker.
     seed(r)
     r.execute("DEL", k("processing:i1"))

@@ -480,14 +480,14 @@ static void on_done(int err, long long result, void *ud)
     r->result = result;
 }
 
-static void on_send(int err, enum queue_verdict v, const char *arg, size_t len, void *ud)
+static void on_send(int err, const struct qsend_reply *rep, void *ud)
 {
     struct res *r = ud;
     r->calls++;
     r->err = err;
-    r->v = v;
+    r->v = err ? Q_SEND : rep->v;
     free(r->arg);
-    r->arg = arg ? xstrndup(arg, len) : NULL;
+    r->arg = !err && rep->arg ? xstrndup(rep->arg, rep->len) : NULL;
 }
 
 static void on_takeover(int err, long long moved, long long marked, void *ud)
@@ -534,8 +534,10 @@ static enum queue_verdict send_job(struct qh *h, const char *heldjob, const char
                                    const char *token, int retry_ambiguous, struct res *r)
 {
     memset(r, 0, sizeof *r);
-    assert_int_equal(
-        queue_send(h->q, heldjob, strlen(heldjob), job_id, mode, token, retry_ambiguous, on_send, r), 0);
+    struct qsend q = {.held = heldjob, .len = strlen(heldjob), .job_id = job_id, .mode = mode, .token = token,
+                      .retry_ambiguous = retry_ambiguous, .price = QPRICE_NONE_SET, .daily = -1, .total = -1,
+                      .day = "2026-01-01"};
+    assert_int_equal(queue_send(h->q, &q, on_send, r), 0);
     run_until(h->e, &r->calls, 1);
     assert_int_equal(r->err, 0);
     return r->v;
@@ -1457,7 +1459,9 @@ static void all_calls_refused(struct qh *h)
     assert_int_equal(queue_is_up(q), 0);
     assert_int_equal(queue_take(q, 1, 0, on_items, &r), -1);
     assert_int_equal(queue_held(q, 0, on_items, &r), -1);
-    assert_int_equal(queue_send(q, "x", 1, "j", QS_NEW, "t", 0, on_send, &r), -1);
+    struct qsend qs = {.held = "x", .len = 1, .job_id = "j", .token = "t", .price = QPRICE_NONE_SET, .daily = -1,
+                       .total = -1, .day = "2026-01-01"};
+    assert_int_equal(queue_send(q, &qs, on_send, &r), -1);
     assert_int_equal(queue_record(q, &rec, on_done, &r), -1);
     assert_int_equal(queue_retry(q, "x", 1, "y", 1, 0, NULL, NULL, on_done, &r), -1);
     assert_int_equal(queue_putback(q, "x", 1, "y", 1, NULL, NULL, on_done, &r), -1);
