@@ -82,7 +82,7 @@ const char *sb_str(const sbuf *b);
 /* ---- options common to every command ------------------------------------- */
 
 enum { OPT_JSON = 256, OPT_MODEL, OPT_BATCH, OPT_META, OPT_SKIP, OPT_FROM, OPT_COUNT, OPT_ONCE, OPT_ERROR,
-       OPT_LIMIT, OPT_JOB_ID, OPT_YES };
+       OPT_LIMIT, OPT_JOB_ID, OPT_YES, OPT_BUDGET };
 
 #define COMMON_OPTIONS \
     {"config", required_argument, NULL, 'c'}, {"help", no_argument, NULL, 'h'}, {"json", no_argument, NULL, OPT_JSON}
@@ -149,7 +149,10 @@ int cmd_stats(int argc, char **argv);
 int cmd_dead(int argc, char **argv);
 int cmd_pause(int argc, char **argv);
 int cmd_resume(int argc, char **argv);
+int cmd_cancel(int argc, char **argv);
+int cmd_budget(int argc, char **argv);
 
 extern const char HELP_SUBMIT[], HELP_WATCH[], HELP_PROGRESS[], HELP_STATS[], HELP_DEAD[], HELP_PAUSE[];
+extern const char HELP_CANCEL[], HELP_BUDGET[];
 
 #endif

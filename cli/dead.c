@@ -300,13 +300,23 @@ static int dead_job(const struct dead *d, sbuf *out)
  * operator's decision to send again: it lifts the "ambiguous" claim that
  * otherwise keeps later copies of the job_id from being billed again
  * (KEYS[3], vidqd's queue.c SEND_LUA; <prefix>:claim:! when the job has no job_id,
- * keys.h KEY_NO_ID: in the prefix's slot, for Redis Cluster). */
+ * keys.h KEY_NO_ID: in the prefix's slot, for Redis Cluster).
+ * Its batch (KEYS[4], or <prefix>:batch:!) no longer counts it as failed
+ * and final: it is open again, so its counters stay exact and a new
+ * batch_done comes once the requeued jobs are final too. */
 static const char REQUEUE_LUA[] = CLI_LUA_EXPECT
     "expect(KEYS[2], 'list')\n"
+    "local has_batch = string.sub(KEYS[4], -1) ~= '" KEY_NO_ID "' and redis.call('EXISTS', KEYS[4]) == 1\n"
+    "if has_batch then expect(KEYS[4], 'hash') end\n"
     "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end\n"
     "redis.call('LPUSH', KEYS[2], ARGV[2])\n"
     "if string.sub(KEYS[3], -1) ~= '" KEY_NO_ID "' and redis.call('GET', KEYS[3]) == 'ambiguous' then\n"
     "  redis.call('DEL', KEYS[3])\n"
+    "end\n"
+    "if has_batch and tonumber(redis.call('HGET', KEYS[4], 'failed') or '0') > 0 then\n"
+    "  redis.call('HINCRBY', KEYS[4], 'failed', -1)\n"
+    "  redis.call('HINCRBY', KEYS[4], 'final', -1)\n"
+    "  if redis.call('HDEL', KEYS[4], 'done') == 1 then redis.call('PERSIST', KEYS[4]) end\n"
     "end\n"
     "return 1\n";
 
@@ -331,10 +341,14 @@ static int visit_requeue(const struct dead *d, void *ud)
         return VISIT_SKIP;
     }
     char *claim = key(KEY_CLAIM, d->job_id && *d->job_id ? d->job_id : KEY_NO_ID);
-    const char *argv[8] = {"EVAL", REQUEUE_LUA, "3", k.dead, k.jobs, claim, d->raw, job.buf ? job.buf : ""};
-    size_t lens[8] = {4, strlen(REQUEUE_LUA), 1, strlen(k.dead), strlen(k.jobs), strlen(claim), d->len, job.len};
-    redisReply *rep = visit_cmd(8, argv, lens);
+    const char *b = obj_str(cJSON_GetObjectItemCaseSensitive(d->obj, "job"), "batch");
+    char *bk = key(KEY_BATCH, b && id_is_valid(b, strlen(b)) ? b : KEY_NO_ID);
+    const char *argv[9] = {"EVAL", REQUEUE_LUA, "4", k.dead, k.jobs, claim, bk, d->raw, job.buf ? job.buf : ""};
+    size_t lens[9] = {4, strlen(REQUEUE_LUA), 1, strlen(k.dead), strlen(k.jobs), strlen(claim), strlen(bk), d->len,
+                      job.len};
+    redisReply *rep = visit_cmd(9, argv, lens);
     free(claim);
+    free(bk);
     if (rep == NULL) {
         sbuf_free(&job);
         return VISIT_FAIL;

@@ -37,6 +37,8 @@ static const char HELP_MAIN[] =
     "  stats                  queue depth, instances, retry/dead/tracking sizes\n"
     "  dead list|requeue|purge  inspect and recover dead jobs\n"
     "  pause, resume          stop / restart intake on every instance\n"
+    "  cancel                 cancel a batch, or jobs by job_id\n"
+    "  budget show|set|reset  spending against the daily, total and batch budgets\n"
     "  help [COMMAND]         show the help of a command\n"
     "\n"
     "Options (also accepted after the command):\n"
@@ -62,7 +64,8 @@ static const struct command {
     {"submit", cmd_submit, HELP_SUBMIT},     {"watch", cmd_watch, HELP_WATCH},
     {"progress", cmd_progress, HELP_PROGRESS}, {"stats", cmd_stats, HELP_STATS},
     {"dead", cmd_dead, HELP_DEAD},           {"pause", cmd_pause, HELP_PAUSE},
-    {"resume", cmd_resume, HELP_PAUSE},      {"help", cmd_help, HELP_MAIN},
+    {"resume", cmd_resume, HELP_PAUSE},      {"cancel", cmd_cancel, HELP_CANCEL},
+    {"budget", cmd_budget, HELP_BUDGET},     {"help", cmd_help, HELP_MAIN},
 };
 
 static const struct command *find_command(const char *name)

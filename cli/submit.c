@@ -42,6 +42,8 @@ const char HELP_SUBMIT[] =
     "                   \"batch\"); default: a new name like b-20261125-110203-ab12\n"
     "  --meta JSON      set \"meta\" on jobs that have none\n"
     "  --skip-invalid   enqueue the valid lines, report and skip the others\n"
+    "  --budget N       the batch may spend at most N (docs/protocol.md §10): its\n"
+    "                   jobs past that end over_budget; set before any is enqueued\n"
     "  --json           print {\"batch\",\"enqueued\",\"invalid\"}\n"
     "\n"
     "The batch's total is raised by the number of jobs enqueued, atomically\n"
@@ -53,6 +55,7 @@ struct submit {
     const char *model;    /* --model, or NULL */
     const char *meta;     /* --meta, or NULL */
     char *batch;          /* --batch or a generated name */
+    const char *budget;   /* --budget, or NULL */
     int skip_invalid;
     int json;
     const char *name;     /* the input, for messages */
@@ -472,7 +475,8 @@ static const char *submit_options(int argc, char **argv, struct submit *s, const
 {
     static const struct option opts[] = {
         COMMON_OPTIONS, {"model", required_argument, NULL, OPT_MODEL}, {"batch", required_argument, NULL, OPT_BATCH},
-        {"meta", required_argument, NULL, OPT_META}, {"skip-invalid", no_argument, NULL, OPT_SKIP}, {NULL, 0, NULL, 0},
+        {"meta", required_argument, NULL, OPT_META}, {"skip-invalid", no_argument, NULL, OPT_SKIP},
+        {"budget", required_argument, NULL, OPT_BUDGET}, {NULL, 0, NULL, 0},
     };
     int c;
     while ((c = getopt_long(argc, argv, "c:o:h", opts, NULL)) != -1) {
@@ -481,6 +485,7 @@ static const char *submit_options(int argc, char **argv, struct submit *s, const
         case OPT_BATCH: *batch = optarg; break;
         case OPT_META: s->meta = optarg; break;
         case OPT_SKIP: s->skip_invalid = 1; break;
+        case OPT_BUDGET: s->budget = optarg; break;
         case OPT_JSON: s->json = 1; break;
         default: common_option(c, HELP_SUBMIT);
         }
@@ -493,6 +498,9 @@ static const char *submit_options(int argc, char **argv, struct submit *s, const
         die(EX_USAGE, "--batch \"%s\": a batch name is 1-128 characters of [A-Za-z0-9._:-]", *batch);
     if (s->meta && !json_is_strict(s->meta, strlen(s->meta)))
         die(EX_USAGE, "--meta: not valid JSON: %s", s->meta);
+    int64_t micro;
+    if (s->budget && parse_money(s->budget, &micro) != 0)
+        die(EX_USAGE, "--budget \"%s\": expected an amount such as 30 or 12.50 (at most 6 decimals)", s->budget);
     return path;
 }
 
@@ -565,6 +573,14 @@ int cmd_submit(int argc, char **argv)
         free(batch_key);
         die(EX_USAGE, "batch %s is already done (its batch_done event was written); choose another --batch",
             s.batch);
+    }
+    if (s.budget) {
+        /* before the first job: none may be sent without its batch's cap */
+        int64_t micro = 0;
+        char v[32];
+        parse_money(s.budget, &micro);
+        snprintf(v, sizeof v, "%lld", (long long)micro);
+        freeReplyObject(cmd("HSET", batch_key, "budget", v, NULL));
     }
     int64_t t0 = mono_ms();
     enqueue(&s, batch_key);

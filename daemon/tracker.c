@@ -782,6 +782,11 @@ static void start_poll(tracker *t, const struct qtask *q)
     p->dl_resumes = v ? atoi(v) : 0;
     p->dl_url = dup_or_null(field(q, "dl_url"));
     t->in_flight++;
+    if (field(q, "canceled")) {
+        /* `vidq cancel` named it or its batch (docs/protocol.md §11): not polled again */
+        finish(p, "canceled", "where", "tracking", NULL, NULL, NULL, NULL);
+        return;
+    }
     if (p->task_id == NULL) {
         finish(p, "task_failed", "message", "no task id recorded for this job", NULL, NULL, NULL, NULL);
         return;

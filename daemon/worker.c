@@ -1218,7 +1218,10 @@ static void budget_reached(slot *s, const struct qsend_reply *r)
         return;
     }
     s->state = S_BUDGET_HOLD;
-    budget_probe_next(w);
+    if (w->budget_probe == s)
+        uv_timer_start(&s->timer, on_send_retry, BUDGET_PROBE_MS, 0); /* still no room: ask again later */
+    else
+        budget_probe_next(w);
 }
 
 /* The budget has room again: the held jobs go, oldest first, and intake resumes. */

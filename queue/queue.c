@@ -590,7 +590,8 @@ static const char CLAIM_NAME_LUA[] = CHECK_LUA
 /*
  * Tracked tasks due for a poll (up to A_max): each is leased (its score
  * pushed A_lease ms ahead) so no other instance polls it at the same time,
- * and returned with its hash (derived from A_prefix: KEYS_LUA). A crash
+ * and returned with its hash (derived from A_prefix: KEYS_LUA), plus
+ * "canceled" = "1" when `vidq cancel` named it or its batch. A crash
  * leaves the lease to run out: the task is polled again. An id no job
  * could have (empty, or over 128 bytes: planted by hand) is dropped.
  * Reply {id, {hash}, ...}.
@@ -605,6 +606,14 @@ static const char CLAIM_LUA[] = CHECK_LUA KEYS_LUA
     "  if #h == 0 then\n"
     "    redis.call('ZREM', K_track, id)\n"
     "  else\n"
+    /* canceled (vidq cancel): said in the reply, so it is not polled */
+    "    local b = nil\n"
+    "    for i = 1, #h - 1, 2 do if h[i] == 'batch' then b = h[i + 1] end end\n"
+    "    if redis.call('EXISTS', key(A_prefix, KIND['cancel:job'], id)) == 1 or\n"
+    "        (b and redis.call('EXISTS', key(A_prefix, KIND['cancel:batch'], b)) == 1) then\n"
+    "      h[#h + 1] = 'canceled'\n"
+    "      h[#h + 1] = '1'\n"
+    "    end\n"
     "    redis.call('ZADD', K_track, now + lease, id)\n"
     "    out[#out + 1] = id\n"
     "    out[#out + 1] = h\n"
@@ -631,6 +640,21 @@ static const char TRACK_LUA[] = CHECK_LUA BATCH_LUA
     "  error('vidq: hash and event fields must come in pairs')\n"
     "end\n"
     "if redis.call('EXISTS', K_task) == 0 then redis.call('ZREM', K_track, A_job_id) return 0 end\n"
+    /* canceled while this poll was out: its end is `canceled`, whatever the poll said */
+    "if ((K_cancel_job ~= '' and redis.call('EXISTS', K_cancel_job) == 1) or\n"
+    "    (K_cancel_batch ~= '' and redis.call('EXISTS', K_cancel_batch) == 1)) and ARGV[NARGS + nh + 2] ~= 'canceled' then\n"
+    "  local ev = {'event', 'canceled', 'ts', A_now, 'job_id', A_job_id}\n"
+    "  if A_batch ~= '' then ev[#ev + 1] = 'batch'; ev[#ev + 1] = A_batch end\n"
+    "  local meta = redis.call('HGET', K_task, 'meta')\n"
+    "  if meta then ev[#ev + 1] = 'meta'; ev[#ev + 1] = meta end\n"
+    "  ev[#ev + 1] = 'task_id'; ev[#ev + 1] = redis.call('HGET', K_task, 'task_id') or ''\n"
+    "  ev[#ev + 1] = 'where'; ev[#ev + 1] = 'tracking'\n"
+    "  redis.call('ZREM', K_track, A_job_id)\n"
+    "  redis.call('DEL', K_task)\n"
+    "  redis.call('XADD', K_results, 'MAXLEN', '~', maxlen, '*', unpack(ev))\n"
+    "  batch(K_batch, A_batch ~= '' and 'canceled' or '', true, A_now, A_batch, K_results, maxlen, batch_ttl)\n"
+    "  return 1\n"
+    "end\n"
     "if nh > 0 then redis.call('HSET', K_task, unpack(ARGV, NARGS + 1, NARGS + nh)) end\n"
     "if A_mode == 'final' then\n"
     "  redis.call('ZREM', K_track, A_job_id)\n"
@@ -683,7 +707,7 @@ static const struct script scripts[S_COUNT] = {
     [S_TAKEOVER] = {"takeover", TAKEOVER_LUA, KS(KEY_INSTANCES, KEY_PROCESSING, KEY_SENDING, KEY_RECOVERED),
                     AS(A_self, A_prefix), 0},
     [S_CLAIM] = {"claim", CLAIM_LUA, KS(KEY_TRACK), AS(A_now, A_max, A_lease, A_prefix), 0},
-    [S_TRACK] = {"track", TRACK_LUA, KS(KEY_TRACK, KEY_RESULTS, KEY_TASK, KEY_BATCH),
+    [S_TRACK] = {"track", TRACK_LUA, KS(KEY_TRACK, KEY_RESULTS, KEY_TASK, KEY_BATCH, KEY_CANCEL_JOB, KEY_CANCEL_BATCH),
                  AS(A_job_id, A_maxlen, A_mode, A_next_poll, A_nhash, A_batch_field, A_final, A_now, A_batch,
                     A_batch_ttl),
                  1},
@@ -1745,8 +1769,8 @@ int queue_track_claim(queue *q, unsigned max, int64_t lease_ms, queue_tasks_fn *
 int queue_track_update(queue *q, const struct qtrack *t, queue_done_fn *fn, void *ud)
 {
     struct sargs a = {0};
-    a.id[KEY_TASK] = t->job_id;
-    a.id[KEY_BATCH] = t->batch;
+    a.id[KEY_TASK] = a.id[KEY_CANCEL_JOB] = t->job_id;
+    a.id[KEY_BATCH] = a.id[KEY_CANCEL_BATCH] = t->batch;
     sarg(&a, A_job_id, t->job_id);
     sargi(&a, A_maxlen, q->maxlen);
     sarg(&a, A_mode, t->final ? "final" : "again");

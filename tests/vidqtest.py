@@ -62,7 +62,7 @@ VIDQD = os.path.join(BUILDDIR, "vidqd")
 MOCKAPI = os.path.join(BUILDDIR, "tests", "mockapi")
 TOKEN = "it-token-5f1e2d3c"
 PREFIX = "vidq"
-TERMINAL = ("submitted", "failed", "duplicate")
+TERMINAL = ("submitted", "failed", "duplicate", "canceled")
 ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -1290,6 +1290,24 @@ class Vidqd:
 
     def log_grep(self, needle, n=10):
         return [line for line in self.log_lines() if needle in line][-n:]
+
+
+class Cli:
+    """Runs the vidq command line with its own config file ({"section.key": value}, e.g. redis.url)."""
+
+    def __init__(self, env, conf):
+        self.env = env
+        self.conf_path = os.path.join(env.dir, "vidq-%d.conf" % id(self))
+        write_conf(self.conf_path, conf)
+
+    def argv(self, args):
+        return [os.path.join(BUILDDIR, "vidq"), "-c", self.conf_path] + list(args)
+
+    def run(self, *args, stdin=None, timeout=120):
+        """(status, stdout, stderr)"""
+        p = subprocess.run(self.argv(args), input=stdin, capture_output=True, timeout=timeout,
+                           env=daemon_env(token=None))
+        return p.returncode, p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace")
 
 
 def run_vidqd(args, token=TOKEN, timeout=30, env_extra=None, cwd=None):
