@@ -101,9 +101,10 @@ static long long forward_retries(const struct target *t)
         for (size_t i = 0; i + 1 < items->elements; i += 2) {
             const redisReply *m = items->element[i];
             if (retry_matches(t, m->str, m->len)) {
-                const char *argv[] = {"ZADD", k.retry, "XX", "0", m->str};
-                size_t lens[] = {4, strlen(k.retry), 2, 1, m->len};
-                redisReply *z = cmdv(5, argv, lens);
+                /* CH: the reply counts a changed score (a plain XX update counts 0) */
+                const char *argv[] = {"ZADD", k.retry, "XX", "CH", "0", m->str};
+                size_t lens[] = {4, strlen(k.retry), 2, 2, 1, m->len};
+                redisReply *z = cmdv(6, argv, lens);
                 moved += reply_int(z);
                 freeReplyObject(z);
             }

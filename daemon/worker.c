@@ -118,6 +118,10 @@ void slot_release(slot *s)
     }
     if (w->budget_probe == s)
         w->budget_probe = NULL;
+    if (s->rechecking) {
+        VQ_ASSERT(s->gw && s->gw->in_flight > 0);
+        s->gw->in_flight--;
+    }
     clear_outcome(s);
     sbuf_free(&s->fbuf);
     job_free(&s->job);
@@ -1264,6 +1268,17 @@ static void on_send(int err, const struct qsend_reply *r, void *ud)
     enum queue_verdict v = err ? Q_SEND : r->v;
     if (!err && r->reserved >= 0)
         s->reserved = r->reserved;
+    if (s->rechecking) {
+        /* the room its gateway kept for it (post): its request now, or
+         * the next held job's */
+        s->rechecking = 0;
+        VQ_ASSERT(s->gw->in_flight > 0);
+        s->gw->in_flight--;
+        if (err || v != Q_SEND)
+            gateway_slot_freed(w, s->gw);
+        else
+            s->room_held = 1;
+    }
     if (w->budget_probe == s && (err || v != Q_BUDGET))
         w->budget_probe = NULL;
     if (s->resent && w->draining && (err || v == Q_WAIT || v == Q_SEND)) {
@@ -1426,6 +1441,7 @@ static int gateway_holds_back(slot *s)
         if (s->state != S_GW_WAIT)
             g->held_back++;
         s->state = S_GW_WAIT;
+        s->waited = 1;
         return 1;
     }
     if (g->conf->global_rate > 0 && !s->paced) {
@@ -1433,6 +1449,7 @@ static int gateway_holds_back(slot *s)
         if (s->state != S_GW_WAIT)
             g->held_back++;
         s->state = S_GW_WAIT;
+        s->waited = 1;
         if (!s->pacing) {
             s->pacing = 1;
             if (queue_pace(s->w->q, g->name, g->conf->global_rate, on_paced, s) != 0)
@@ -1445,6 +1462,7 @@ static int gateway_holds_back(slot *s)
             if (s->state != S_GW_WAIT)
                 g->held_back++;
             s->state = S_GW_WAIT;
+            s->waited = 1;
             uv_timer_start(&s->timer, on_gw_wait, (uint64_t)(g->next_send_ms - now), 0);
             return 1;
         }
@@ -1477,8 +1495,20 @@ static void post(slot *s)
 {
     worker *w = s->w;
     struct gateway *g = s->gw;
-    if (!w->draining && gateway_holds_back(s))
+    if (!w->draining && !s->room_held && gateway_holds_back(s))
         return;
+    s->room_held = 0;
+    if (s->waited && !w->draining) {
+        /* It waited for its gateway after its SEND step: a `vidq cancel`
+         * may have come meanwhile (docs/protocol.md §11: never sent once
+         * canceled). The SEND step looks again, its gateway room kept
+         * for it (counted in flight) until the answer. */
+        s->waited = 0;
+        s->rechecking = 1;
+        g->in_flight++;
+        go(s);
+        return;
+    }
     s->paced = 0;
     /* A stopped gateway sends only probes, with a key set aside (the
      * oldest probe first); a running one with the key in service that has

@@ -50,6 +50,9 @@ struct slot {
     int park_oldest;             /* parked at the end of the waiting list taken first */
     int pacing;                  /* its gateway's global-rate step is out (queue_pace) */
     int paced;                   /* ... and said go */
+    int waited;                  /* held back by its gateway after its SEND step: asked again before it goes */
+    int rechecking;              /* ... being asked, its gateway room counted in flight */
+    int room_held;               /* ... and may go: the room was kept for it */
     struct dialect_request dreq; /* the job in the gateway's dialect (job_start) */
     char *url;                   /* base_url + dreq.path */
     enum sstate state;

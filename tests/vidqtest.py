@@ -62,7 +62,7 @@ VIDQD = os.path.join(BUILDDIR, "vidqd")
 MOCKAPI = os.path.join(BUILDDIR, "tests", "mockapi")
 TOKEN = "it-token-5f1e2d3c"
 PREFIX = "vidq"
-TERMINAL = ("submitted", "failed", "duplicate", "canceled")
+TERMINAL = ("submitted", "failed", "duplicate")
 ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -569,17 +569,24 @@ def by_job(events):
     return m
 
 
+def is_terminal(e):
+    """A job's one terminal submit event: submitted, failed, duplicate, or canceled before it was
+    sent (a tracked task's `canceled`, where=tracking, comes after its `submitted`)."""
+    ev = e.get("event")
+    return ev in TERMINAL or (ev == "canceled" and e.get("where") != "tracking")
+
+
 def terminal_by_job(events):
     m = {}
     for e in events:
-        if e.get("event") in TERMINAL and "job_id" in e:
+        if is_terminal(e) and "job_id" in e:
             m.setdefault(e["job_id"], []).append(e)
     return m
 
 
 def count_terminal(r, key=None):
     """Number of terminal events on the stream (reads it all)."""
-    return sum(1 for e in read_stream(r, key) if e.get("event") in TERMINAL)
+    return sum(1 for e in read_stream(r, key) if is_terminal(e))
 
 
 # ---------------------------------------------------------------------------
