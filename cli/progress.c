@@ -24,7 +24,8 @@ const char HELP_PROGRESS[] =
 
 struct batch {
     int exists, done, has_total, has_final;
-    long long total, submitted, failed, duplicate, succeeded, task_failed, final, created;
+    long long total, submitted, failed, duplicate, succeeded, task_failed, final, created, canceled;
+    long long budget, spent; /* millionths (docs/protocol.md §10); budget -1: none */
 };
 
 /* The batch's hash: vidqd's counters, and what submit wrote (total, created). */
@@ -32,6 +33,7 @@ static void batch_read(const char *batch_key, struct batch *b)
 {
     redisReply *rep = cmd("HGETALL", batch_key, NULL);
     memset(b, 0, sizeof *b);
+    b->budget = -1;
     const struct {
         const char *name;
         long long *value;
@@ -41,6 +43,8 @@ static void batch_read(const char *batch_key, struct batch *b)
         {"failed", &b->failed, NULL},        {"duplicate", &b->duplicate, NULL},
         {"succeeded", &b->succeeded, NULL},  {"task_failed", &b->task_failed, NULL},
         {"final", &b->final, &b->has_final}, {"created", &b->created, NULL},
+        {"canceled", &b->canceled, NULL},    {"spent", &b->spent, NULL},
+        {"budget", &b->budget, NULL},
     };
     b->exists = rep->elements > 0;
     for (size_t i = 0; i + 1 < rep->elements; i += 2) {
@@ -69,7 +73,7 @@ static long long batch_finished(const struct batch *b)
     if (b->has_final)
         return b->final;
     int tracking = g.cfg.track_enabled || b->succeeded + b->task_failed > 0;
-    return b->failed + b->duplicate + (tracking ? b->succeeded + b->task_failed : b->submitted);
+    return b->failed + b->duplicate + b->canceled + (tracking ? b->succeeded + b->task_failed : b->submitted);
 }
 
 static int batch_status(const struct batch *b)
@@ -137,6 +141,17 @@ static void progress_text(sbuf *o, const char *name, const struct batch *b, long
     sbuf_printf(o, "  failed %lld", b->failed + b->task_failed);
     if (b->duplicate)
         sbuf_printf(o, "  duplicate %lld", b->duplicate);
+    if (b->canceled)
+        sbuf_printf(o, "  canceled %lld", b->canceled);
+    if (b->spent > 0 || b->budget >= 0) {
+        char m[32];
+        format_money(b->spent, m, sizeof m);
+        sbuf_printf(o, "  spent %s", m);
+        if (b->budget >= 0) {
+            format_money(b->budget, m, sizeof m);
+            sbuf_printf(o, " of %s", m);
+        }
+    }
     if (b->done) {
         sbuf_puts(o, "  done");
         return;
@@ -165,6 +180,16 @@ static void progress_json(const char *name, const struct batch *b, long long fin
     jw_int(&w, "duplicate", b->duplicate);
     jw_int(&w, "succeeded", b->succeeded);
     jw_int(&w, "task_failed", b->task_failed);
+    jw_int(&w, "canceled", b->canceled);
+    char m[32];
+    format_money(b->spent, m, sizeof m);
+    jw_raw(&w, "spent", m, strlen(m));
+    if (b->budget >= 0) {
+        format_money(b->budget, m, sizeof m);
+        jw_raw(&w, "budget", m, strlen(m));
+    } else {
+        jw_null(&w, "budget");
+    }
     jw_bool(&w, "done", b->done);
     jw_num(&w, "rate", rate, rate >= 0 && !b->done);
     int eta = !b->done && rate > 0 && b->has_total && b->total > fin;

@@ -72,7 +72,8 @@ static void instance_json(sbuf *out, const char *name, const redisReply *hash, l
     sbuf_free(&w.b);
 }
 
-enum { Q_JOBS, Q_PAUSED, Q_RETRY, Q_DUE, Q_DEAD, Q_TRACK, Q_RESULTS, Q_INSTANCES, Q_WAITSETS, Q_N };
+enum { Q_JOBS, Q_PAUSED, Q_RETRY, Q_DUE, Q_DEAD, Q_TRACK, Q_RESULTS, Q_INSTANCES, Q_WAITSETS, Q_SPEND_DAY,
+       Q_SPEND_TOTAL, Q_N };
 
 /* Everything `stats` shows, read in three pipelined round trips. */
 struct stats {
@@ -91,19 +92,25 @@ static void stats_gather(struct stats *st)
 {
     char now_s[32];
     char *waitsets = key(KEY_WAITSET, NULL);
+    char day[16];
     st->now = now_ms();
+    utc_day(st->now, day);
+    char *spend_day = key(KEY_SPEND_DAY, day), *spend_total = key(KEY_SPEND_TOTAL, NULL);
     snprintf(now_s, sizeof now_s, "%lld", (long long)st->now);
     const char *q[Q_N][4] = {
         [Q_JOBS] = {"LLEN", k.jobs},     [Q_PAUSED] = {"GET", k.paused},
         [Q_RETRY] = {"ZCARD", k.retry},  [Q_DUE] = {"ZCOUNT", k.retry, "-inf", now_s},
         [Q_DEAD] = {"LLEN", k.dead},     [Q_TRACK] = {"ZCARD", k.track},
         [Q_RESULTS] = {"XLEN", k.results}, [Q_INSTANCES] = {"SMEMBERS", k.instances},
-        [Q_WAITSETS] = {"SMEMBERS", waitsets},
+        [Q_WAITSETS] = {"SMEMBERS", waitsets}, [Q_SPEND_DAY] = {"GET", spend_day},
+        [Q_SPEND_TOTAL] = {"GET", spend_total},
     };
     for (int i = 0; i < Q_N; i++)
         append(i == Q_DUE ? 4 : 2, q[i], NULL);
     read_replies(st->rep, Q_N, "stats");
     free(waitsets);
+    free(spend_day);
+    free(spend_total);
     st->paused = st->rep[Q_PAUSED]->type == REDIS_REPLY_STRING ? st->rep[Q_PAUSED]->str : NULL;
 
     st->ninst = st->rep[Q_INSTANCES]->elements;
@@ -160,6 +167,13 @@ static void stats_json(const struct stats *st)
     jw_int(&w, "dead", st->rep[Q_DEAD]->integer);
     jw_int(&w, "tracked", st->rep[Q_TRACK]->integer);
     jw_int(&w, "results", st->rep[Q_RESULTS]->integer);
+    /* money reserved or spent (docs/protocol.md §10), in the unit of [cost] */
+    for (int i = Q_SPEND_DAY; i <= Q_SPEND_TOTAL; i++) {
+        char m[32] = "0";
+        if (st->rep[i]->type == REDIS_REPLY_STRING)
+            format_money(strtoll(st->rep[i]->str, NULL, 10), m, sizeof m);
+        jw_raw(&w, i == Q_SPEND_DAY ? "spent_today" : "spent_total", m, strlen(m));
+    }
     jw_key(&w, "waiting");
     sbuf_putc(&w.b, '{');
     for (size_t i = 0; i < st->nwait; i++) {
@@ -266,6 +280,19 @@ static void stats_text(const struct stats *st)
     printf("  dead           %lld\n", st->rep[Q_DEAD]->integer);
     printf("  tracked tasks  %lld\n", st->rep[Q_TRACK]->integer);
     printf("  results        %lld events\n", st->rep[Q_RESULTS]->integer);
+    for (int i = Q_SPEND_DAY; i <= Q_SPEND_TOTAL; i++) {
+        int64_t cap = i == Q_SPEND_DAY ? g.cfg.budget_daily : g.cfg.budget_total;
+        char m[32], c[32];
+        if (st->rep[i]->type != REDIS_REPLY_STRING && cap < 0)
+            continue; /* no prices in use */
+        format_money(st->rep[i]->type == REDIS_REPLY_STRING ? strtoll(st->rep[i]->str, NULL, 10) : 0, m, sizeof m);
+        printf("  spent %s    %s", i == Q_SPEND_DAY ? "today" : "total", m);
+        if (cap >= 0) {
+            format_money(cap, c, sizeof c);
+            printf(" of %s", c);
+        }
+        printf("\n");
+    }
     for (size_t i = 0; i < st->nwait; i++) {
         sbuf n;
         sbuf_init(&n);

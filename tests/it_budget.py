@@ -170,6 +170,8 @@ def per_batch(t, env, r, mock):
     t.ok((h.get("submitted"), h.get("failed"), h.get("final"), h.get("spent")) == ("100", "0", "100", str(100 * MICRO)),
          "batch: P's counters are exact after the requeue: 100 submitted, 0 failed, 100 spent", h)
     t.eq(r.execute("HGET", "vidq:batch:Q", "spent"), str(20 * MICRO).encode(), "batch: Q spent its 20, unaffected")
+    st, out, err = cli.run("progress", "P", "--once")
+    t.ok("spent 100 of 100" in out, "batch: vidq progress shows spent against the batch's budget", out + err)
     vd.stop()
 
 
@@ -246,6 +248,9 @@ def show_reset(t, env, r, mock):
     rows = [json.loads(x) for x in out.splitlines() if x.strip()]
     tot = next((x for x in rows if x.get("budget") == "total"), {})
     t.eq((tot.get("cap"), tot.get("spent")), (5, 5), "show --json: cap and spent as numbers")
+    st, out, err = cli.run("stats")
+    t.ok(st == 0 and "spent total    5 of 5" in out and "budget_exhausted" in out,
+         "stats: the total spent against its cap, the instance budget_exhausted", out + err)
     t0 = time.monotonic()
     st, out, err = cli.run("budget", "reset")
     t.eq(st, 0, "reset: exit 0")
