@@ -51,7 +51,7 @@ const char HELP_RESULTS[] =
     "  --json      one JSON object per row (JSON Lines)\n"
     "  --failed    only rows whose status is failed or task_failed\n"
     "\n"
-    "Without --csv or --json: a table, prompts cut to 40 characters, and a\n"
+    "Without --csv or --json: a table, prompts cut to 40 columns, and a\n"
     "summary line; with them the summary goes to standard error.\n"
     "\n"
     "Exit status: 0 the batch is done (every job has its row); 1 no such\n"
@@ -303,25 +303,62 @@ static void json_row(const struct row *r)
     jw_print(&w);
 }
 
-/* Append s cut to `max` characters (UTF-8; "..." ends a cut one) with
+/* The columns a code point takes on a terminal: 2 for the East Asian wide
+ * and fullwidth ranges and emoji (what keeps a table of CJK prompts
+ * aligned), else 1; wcwidth() would need the user's locale. */
+static size_t cp_width(unsigned long cp)
+{
+    static const unsigned long wide[][2] = {
+        {0x1100, 0x115f},   {0x2e80, 0x303e},   {0x3041, 0x33ff},   {0x3400, 0x4dbf}, {0x4e00, 0x9fff},
+        {0xa000, 0xa4cf},   {0xac00, 0xd7a3},   {0xf900, 0xfaff},   {0xfe30, 0xfe4f}, {0xff00, 0xff60},
+        {0xffe0, 0xffe6},   {0x1f300, 0x1f64f}, {0x1f900, 0x1f9ff}, {0x20000, 0x3fffd},
+    };
+    for (size_t i = 0; i < sizeof wide / sizeof wide[0]; i++) {
+        if (cp >= wide[i][0] && cp <= wide[i][1])
+            return 2;
+    }
+    return 1;
+}
+
+/* The length of the UTF-8 character at s[0..n) and its code point
+ * (a stray byte is a character of its own). */
+static size_t utf8_next(const char *s, size_t n, unsigned long *cp)
+{
+    unsigned char c = (unsigned char)s[0];
+    size_t len = c < 0x80 ? 1 : c >= 0xf0 ? 4 : c >= 0xe0 ? 3 : c >= 0xc0 ? 2 : 1;
+    if (len > n)
+        len = 1;
+    *cp = len == 1 ? c : c & (0x3f >> (len - 1));
+    for (size_t i = 1; i < len; i++)
+        *cp = (*cp << 6) | ((unsigned char)s[i] & 0x3f);
+    return len;
+}
+
+/* Append s cut to `max` terminal columns ("..." ends a cut one) with
  * control characters as spaces, so a prompt with line breaks stays on its
- * line, then spaces up to `max` characters. */
+ * line, then spaces up to `max` columns. */
 static void put_cut(sbuf *o, const char *s, size_t n, size_t max)
 {
-    size_t chars = 0, i = 0;
-    for (size_t j = 0; j < n; j++)
-        chars += ((unsigned char)s[j] & 0xc0) != 0x80;
-    size_t keep = chars <= max ? chars : max - 3;
-    for (size_t c = 0; c < keep; c++) {
-        size_t len = 1;
-        while (i + len < n && ((unsigned char)s[i + len] & 0xc0) == 0x80)
-            len++;
+    size_t width = 0, i = 0;
+    unsigned long cp;
+    while (i < n) {
+        i += utf8_next(s + i, n - i, &cp);
+        width += cp_width(cp);
+    }
+    size_t room = width <= max ? max : max - 3, used = 0;
+    for (i = 0; i < n;) {
+        size_t len = utf8_next(s + i, n - i, &cp);
+        if (used + cp_width(cp) > room)
+            break;
         put_clean(o, s + i, len);
+        used += cp_width(cp);
         i += len;
     }
-    if (keep < chars)
+    if (i < n) {
         sbuf_puts(o, "...");
-    for (size_t c = chars <= max ? chars : max; c < max; c++)
+        used += 3;
+    }
+    while (used++ < max)
         sbuf_putc(o, ' ');
 }
 
