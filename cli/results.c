@@ -31,7 +31,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define RESULTS_CHUNK "1000" /* stream entries per XRANGE */
+#define RESULTS_CHUNK 1000 /* stream entries per XRANGE */
 #define PROMPT_COLS 40       /* characters of the prompt in the text table */
 
 const char HELP_RESULTS[] =
@@ -613,28 +613,33 @@ static int stream_end(char *out, size_t len)
  * batch handed to on_event(). Returns how many were of the batch. */
 static long long stream_scan(struct results *rs, const char *end)
 {
-    char start[64] = "-";
+    char start[64] = "-", count[16];
     long long seen = 0;
+    size_t blen = strlen(rs->batch);
+    snprintf(count, sizeof count, "%d", RESULTS_CHUNK);
     for (;;) {
-        redisReply *rep = cmd("XRANGE", k.results, start, end, "COUNT", RESULTS_CHUNK, NULL);
+        redisReply *rep = cmd("XRANGE", k.results, start, end, "COUNT", count, NULL);
         size_t got = rep->type == REDIS_REPLY_ARRAY ? rep->elements : 0;
         for (size_t i = 0; i < got; i++) {
             const redisReply *e = rep->element[i];
-            if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 || e->element[0]->type != REDIS_REPLY_STRING ||
-                e->element[1]->type != REDIS_REPLY_ARRAY)
+            if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 || e->element[1]->type != REDIS_REPLY_ARRAY)
                 continue;
-            if (i + 1 == got)
-                next_id(e->element[0]->str, start, sizeof start);
             const redisReply *fields = e->element[1];
             const redisReply *b = field(fields, "batch");
-            if (b == NULL || strcmp(b->str, rs->batch) != 0)
+            if (b == NULL || b->len != blen || memcmp(b->str, rs->batch, blen) != 0)
                 continue;
             seen++;
             on_event(rs, fields);
         }
+        /* The next chunk starts after the last entry of this one. */
+        const redisReply *last = got ? rep->element[got - 1] : NULL;
+        int more = got == RESULTS_CHUNK && last->type == REDIS_REPLY_ARRAY && last->elements == 2 &&
+                   last->element[0]->type == REDIS_REPLY_STRING;
+        if (more)
+            next_id(last->element[0]->str, start, sizeof start);
         freeReplyObject(rep);
         fflush(stdout); /* rows reach a pipe as they are found */
-        if (got < (size_t)atoi(RESULTS_CHUNK))
+        if (!more)
             return seen;
     }
 }
