@@ -9,7 +9,8 @@
   invalid_job (no prompt) and duplicate (a job_id again). Then `vidq results --csv`, read back
   by Python's csv module: one row per job, every value equal to what the stream says (a
   reference built here from the whole stream), prompts byte-equal; --json lines parse and
-  equal the CSV; the table has one line per job; --failed only failed/task_failed.
+  equal the CSV; the table has one line per job; --failed only failed/task_failed. Then the
+  rejected job is requeued (vidq dead requeue) and succeeds: two rows, the failed one first.
 - A batch not done: a job whose task is still running is `tracking`, the job not pushed yet
   is counted as having no event, exit status 3.
 - Usage errors (64), an unknown batch (1), Redis down (69).
@@ -220,6 +221,20 @@ def test_real_batch(t, env, r, mock, vd, cli, ddir):
     return B
 
 
+def test_requeued(t, r, vd, cli, B):
+    """A failed job requeued by hand goes through: its failed row first, its new outcome last."""
+    rc, _, err = cli.run("dead", "requeue", "--job-id", "rej")
+    t.ok(rc == 0, "requeue: vidq dead requeue --job-id rej", err)
+    wait_outcome(t, r, vd, "rej", ("succeeded",))
+    rc, out, err = cli.run("results", "--batch", B, "--csv")
+    rows = parse_csv(out)
+    t.eq(rows, reference_rows(vt.read_stream(r), B, tracking=True, done=True),
+         "requeue: the rows still equal the reference")
+    t.eq([x["status"] for x in rows if x["job_id"] == "rej"], ["failed", "succeeded"],
+         "requeue: the requeued job has its failed row, then its succeeded row")
+    t.ok(rc == 0 and "9 rows for 8 jobs" in err, "requeue: 9 rows for the 8 jobs of the batch", err)
+
+
 def test_not_done(t, r, mock, vd, cli):
     """A job still running (the mock's tasks now take 10 minutes), another not pushed."""
     B = "res-2"
@@ -317,7 +332,8 @@ def main(t, env):
     # The same file as vidqd's would say track.enabled; results reads it to tell tracking from submitted.
     cli = Cli(env, {"redis.url": env.redis_server.url, "track.enabled": "yes"})
     test_usage(t, env, cli)
-    test_real_batch(t, env, r, mock, vd, cli, ddir)
+    batch = test_real_batch(t, env, r, mock, vd, cli, ddir)
+    test_requeued(t, r, vd, cli, batch)
     test_not_done(t, r, mock, vd, cli)
     test_streaming(t, env, r)
     t.ok(not SANITIZED, "no sanitizer reports from vidq", *["vidq %s:\n%s" % x for x in SANITIZED[:2]])
