@@ -32,7 +32,7 @@
 #include <unistd.h>
 
 #define RESULTS_CHUNK 1000 /* stream entries per XRANGE */
-#define PROMPT_COLS 40       /* characters of the prompt in the text table */
+#define PROMPT_COLS 40     /* terminal columns of the prompt in the text table */
 
 const char HELP_RESULTS[] =
     "Usage: vidq results --batch B [--csv|--json] [--failed]\n"
@@ -189,6 +189,11 @@ static struct row *open_take(struct open_table *t, const char *id, size_t n)
 
 enum { OUT_TEXT, OUT_CSV, OUT_JSON };
 
+/* Every status a row can have, in the order the summary counts them. */
+static const char *const STATUS[] = {"succeeded", "task_failed", "failed", "duplicate", "canceled", "submitted",
+                                     "tracking"};
+#define N_STATUS (sizeof STATUS / sizeof STATUS[0])
+
 /* What results was asked for, and what it has seen. */
 struct results {
     const char *batch;
@@ -197,11 +202,8 @@ struct results {
     struct open_table open;
     int done;           /* the batch hash or a batch_done event says every job is final */
     int tracking;       /* tracking is on: config, or tracking events / counters of the batch */
-    long long rows, shown, by_status[7];
+    long long rows, shown, by_status[N_STATUS];
 };
-
-static const char *const STATUS[] = {"succeeded", "task_failed", "failed", "duplicate", "canceled", "submitted",
-                                     "tracking"};
 
 /* RFC 4180: a field with a comma, a quote, CR or LF is quoted and its
  * quotes doubled; nothing else is touched (UTF-8 as is). */
@@ -429,7 +431,7 @@ static void emit(struct results *rs, struct row *r, const char *status)
 {
     row_set(r, C_STATUS, status, strlen(status));
     rs->rows++;
-    for (size_t i = 0; i < sizeof STATUS / sizeof STATUS[0]; i++) {
+    for (size_t i = 0; i < N_STATUS; i++) {
         if (strcmp(status, STATUS[i]) == 0)
             rs->by_status[i]++;
     }
@@ -672,7 +674,7 @@ static void summary(const struct results *rs, long long total, FILE *out)
     if (total >= 0)
         sbuf_printf(&o, " for %lld job%s", total, total == 1 ? "" : "s");
     const char *sep = ": ";
-    for (size_t i = 0; i < sizeof STATUS / sizeof STATUS[0]; i++) {
+    for (size_t i = 0; i < N_STATUS; i++) {
         if (rs->by_status[i] == 0)
             continue;
         sbuf_printf(&o, "%s%lld %s", sep, rs->by_status[i], STATUS[i]);
