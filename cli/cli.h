@@ -3,7 +3,8 @@
  * connection, messages, options, the JSON writer and small helpers.
  *
  * main.c finds the command; each command has its own file (submit.c,
- * watch.c, progress.c, stats.c, dead.c, pause.c) with its help text. A
+ * watch.c, progress.c, results.c, stats.c, dead.c, pause.c) with its help
+ * text. A
  * command reads its options (common_option() handles -c, -o, --help and
  * errors), calls setup() - or load_config() alone while it needs no Redis -
  * and teardown() before it returns its exit status. common.c implements
@@ -82,7 +83,7 @@ const char *sb_str(const sbuf *b);
 /* ---- options common to every command ------------------------------------- */
 
 enum { OPT_JSON = 256, OPT_MODEL, OPT_BATCH, OPT_META, OPT_SKIP, OPT_FROM, OPT_COUNT, OPT_ONCE, OPT_ERROR,
-       OPT_LIMIT, OPT_JOB_ID, OPT_YES, OPT_BUDGET };
+       OPT_LIMIT, OPT_JOB_ID, OPT_YES, OPT_BUDGET, OPT_CSV, OPT_FAILED };
 
 #define COMMON_OPTIONS \
     {"config", required_argument, NULL, 'c'}, {"help", no_argument, NULL, 'h'}, {"json", no_argument, NULL, OPT_JSON}
@@ -151,8 +152,10 @@ int cmd_pause(int argc, char **argv);
 int cmd_resume(int argc, char **argv);
 int cmd_cancel(int argc, char **argv);
 int cmd_budget(int argc, char **argv);
+int cmd_results(int argc, char **argv);
 
-extern const char HELP_SUBMIT[], HELP_WATCH[], HELP_PROGRESS[], HELP_STATS[], HELP_DEAD[], HELP_PAUSE[];
+extern const char HELP_SUBMIT[], HELP_WATCH[], HELP_PROGRESS[], HELP_STATS[], HELP_DEAD[], HELP_PAUSE[],
+    HELP_RESULTS[];
 extern const char HELP_CANCEL[], HELP_BUDGET[];
 
 #endif

@@ -1,6 +1,7 @@
 /*
- * main.c - the command-line tool of vidq: submit, watch, progress, stats,
- * dead list|requeue|purge, pause, resume (docs/protocol.md §8, issue 4). This file
+ * main.c - the command-line tool of vidq: submit, watch, progress, results,
+ * stats, dead list|requeue|purge, pause, resume (docs/protocol.md §8,
+ * issue 4; results: issue 11). This file
  * reads the options before the command and finds the command; each command
  * has its own file, and what they share is in cli.h.
  *
@@ -16,7 +17,7 @@
  *     thing everywhere (see HELP_MAIN and docs/vidq.1).
  *
  * Exit status: 0 ok, 1 not everything succeeded / nothing matched (where a
- * subcommand says so), 3 batch not done yet (progress --once), 64 usage,
+ * subcommand says so), 3 batch not done yet (progress --once, results), 64 usage,
  * 65 bad input data, 66 input file unreadable, 69 Redis unavailable or
  * refusing a command, 78 bad configuration, 130 interrupted (progress).
  */
@@ -34,6 +35,7 @@ static const char HELP_MAIN[] =
     "  submit [FILE|-]        enqueue jobs (JSON lines or one prompt per line)\n"
     "  watch                  follow the results stream\n"
     "  progress BATCH         show a batch's progress until it is done\n"
+    "  results --batch B      one row per job of a batch (table, --csv, --json)\n"
     "  stats                  queue depth, instances, retry/dead/tracking sizes\n"
     "  dead list|requeue|purge  inspect and recover dead jobs\n"
     "  pause, resume          stop / restart intake on every instance\n"
@@ -50,7 +52,7 @@ static const char HELP_MAIN[] =
     "\n"
     "Every command takes --json for output that scripts can rely on.\n"
     "Exit status: 0 ok; 1 not all succeeded or nothing matched (where stated);\n"
-    "3 batch not done (progress --once); 64 usage error; 65 invalid input;\n"
+    "3 batch not done (progress --once, results); 64 usage error; 65 invalid input;\n"
     "66 input file unreadable; 69 Redis unavailable; 78 configuration error.\n"
     "See vidq(1).\n";
 
@@ -62,7 +64,8 @@ static const struct command {
     const char *help;
 } commands[] = {
     {"submit", cmd_submit, HELP_SUBMIT},     {"watch", cmd_watch, HELP_WATCH},
-    {"progress", cmd_progress, HELP_PROGRESS}, {"stats", cmd_stats, HELP_STATS},
+    {"progress", cmd_progress, HELP_PROGRESS}, {"results", cmd_results, HELP_RESULTS},
+    {"stats", cmd_stats, HELP_STATS},
     {"dead", cmd_dead, HELP_DEAD},           {"pause", cmd_pause, HELP_PAUSE},
     {"resume", cmd_resume, HELP_PAUSE},      {"cancel", cmd_cancel, HELP_CANCEL},
     {"budget", cmd_budget, HELP_BUDGET},     {"help", cmd_help, HELP_MAIN},
