@@ -8,7 +8,8 @@
  * the "$<token>" fields of the instances' sending hashes (queue.c
  * SETTLE_LUA); show adds them up, so "spent" is what is no longer in
  * flight. vidqd alone adds to the counters, in its SEND step; this command
- * only sets caps and resets.
+ * only sets caps and resets -- to what is in flight, so the releases that
+ * come later cannot take a counter below what was spent since.
  */
 #include "cli.h"
 
@@ -150,6 +151,46 @@ static void show_batch(int json, const char *name, struct reserved *r)
     free(bk);
 }
 
+/*
+ * A reset: the counter back to what is still in flight (the reservations
+ * under the instances' marks that count in it), in one script, so that a
+ * release after the reset subtracts only what the reset left: the cap
+ * holds across a reset. KEYS[1] the counter (a spend key, or a batch hash:
+ * its `spent`), KEYS[2] the instances; ARGV the prefix, "string" or
+ * "batch", and a TTL in seconds for a day key ("" none).
+ */
+static const char RESET_LUA[] = CLI_LUA_EXPECT KEYS_LUA
+    "local batch = ARGV[2] == 'batch'\n"
+    "expect(KEYS[1], batch and 'hash' or 'string')\n"
+    "expect(KEYS[2], 'set')\n"
+    "local inflight = 0\n"
+    "for _, name in ipairs(redis.call('SMEMBERS', KEYS[2])) do\n"
+    "  local h = redis.call('HGETALL', key(ARGV[1], KIND.sending, name))\n"
+    "  for i = 1, #h - 1, 2 do\n"
+    "    if string.sub(h[i], 1, 1) == '$' then\n"
+    "      local amount, day, total, bk = string.match(h[i + 1], '^(%d+) (%S+) (%S+) ?(%S*)$')\n"
+    "      if amount and ((batch and bk == KEYS[1]) or (not batch and (day == KEYS[1] or total == KEYS[1]))) then\n"
+    "        inflight = inflight + tonumber(amount)\n"
+    "      end\n"
+    "    end\n"
+    "  end\n"
+    "end\n"
+    "local v = string.format('%d', inflight)\n"
+    "if batch then\n"
+    "  if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'spent', v) end\n"
+    "elseif ARGV[3] ~= '' then\n"
+    "  redis.call('SET', KEYS[1], v, 'EX', ARGV[3])\n"
+    "else\n"
+    "  redis.call('SET', KEYS[1], v)\n"
+    "end\n"
+    "return inflight\n";
+
+static void reset_counter(const char *counter, int batch, const char *ttl)
+{
+    const char *argv[] = {"EVAL", RESET_LUA, "2", counter, k.instances, g.cfg.prefix, batch ? "batch" : "string", ttl};
+    freeReplyObject(cmdv(8, argv, NULL));
+}
+
 static int budget_show(int json, const char *batch)
 {
     char day[16];
@@ -253,18 +294,14 @@ int cmd_budget(int argc, char **argv)
         utc_day(now_ms(), day);
         if (batch) {
             char *bk = key(KEY_BATCH, batch);
-            redisReply *ex = cmd("EXISTS", bk, NULL);
-            if (ex->integer == 1)
-                freeReplyObject(cmd("HSET", bk, "spent", "0", NULL));
-            freeReplyObject(ex);
+            reset_counter(bk, 1, "");
             free(bk);
             struct reserved r = {.day_key = xstrdup("")};
             show_batch(json, batch, &r);
             free(r.day_key);
         } else {
-            /* (a release of a reservation made before comes back to 0, never below: queue.c SETTLE_LUA) */
             char *kk = today ? key(KEY_SPEND_DAY, day) : key(KEY_SPEND_TOTAL, NULL);
-            freeReplyObject(today ? cmd("SET", kk, "0", "EX", "3456000", NULL) : cmd("SET", kk, "0", NULL));
+            reset_counter(kk, 0, today ? "3456000" : "");
             free(kk);
             budget_show(json, NULL);
         }

@@ -27,6 +27,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#define CANCEL_TTL_MS (90LL * 86400 * 1000) /* 90 days */
+
 const char HELP_CANCEL[] =
     "Usage: vidq cancel --batch B [--json]\n"
     "       vidq cancel --job-id ID [ID...] [--json]\n"
@@ -37,9 +39,8 @@ const char HELP_CANCEL[] =
     "`canceled` event (where: queued, retry or tracking) instead of its\n"
     "remaining events; a job already final gets nothing. Queued jobs get\n"
     "their event when vidqd's intake reaches them. The batch's counters gain\n"
-    "`canceled`, and batch_done still comes once. A cancel lasts\n"
-    "max(submit.dedup_window, results.batch_ttl) for a batch and\n"
-    "submit.dedup_window for a job_id.\n";
+    "`canceled`, and batch_done still comes once. A cancel lasts 90 days (or\n"
+    "submit.dedup_window / results.batch_ttl when longer).\n";
 
 /* Who canceled, for a person reading the marker. */
 static void who(sbuf *v)
@@ -195,8 +196,12 @@ int cmd_cancel(int argc, char **argv)
     sbuf v;
     sbuf_init(&v);
     who(&v);
-    /* The markers first: from here on no instance sends what they name. */
-    int64_t ttl_ms = g.cfg.dedup_window_ms;
+    /* The markers first: from here on no instance sends what they name.
+     * They must outlive the jobs they name, which may wait long (a pause,
+     * a budget, a stopped gateway): CANCEL_TTL_MS at least. */
+    int64_t ttl_ms = CANCEL_TTL_MS;
+    if (g.cfg.dedup_window_ms > ttl_ms)
+        ttl_ms = g.cfg.dedup_window_ms;
     if (t.batch && g.cfg.batch_ttl_ms > ttl_ms)
         ttl_ms = g.cfg.batch_ttl_ms;
     char ttl[32];

@@ -203,7 +203,7 @@ int parse_money(const char *s, int64_t *micro)
     const char *p = s;
     int64_t whole = 0, frac = 0;
     int nd = 0, nf = 0;
-    while (*p >= '0' && *p <= '9' && nd < 10) {
+    while (*p >= '0' && *p <= '9' && nd < 11) {
         whole = whole * 10 + (*p++ - '0');
         nd++;
     }
@@ -216,7 +216,9 @@ int parse_money(const char *s, int64_t *micro)
         if (nf == 0)
             return -1;
     }
-    if (nd == 0 || *p != '\0' || whole >= 9000000000LL)
+    /* below 1e9 units: 15 digits of millionths, what the Lua scripts take
+     * (queue.c need_uint) and a double holds exactly */
+    if (nd == 0 || *p != '\0' || whole >= 1000000000LL)
         return -1;
     for (int i = nf; i < 6; i++)
         frac *= 10;
@@ -260,6 +262,8 @@ int config_price(const struct config *c, const char *model, long seconds, int64_
         if (fnmatch(r->glob, model, 0) == 0) {
             long secs = seconds > 0 ? seconds : c->cost_default_seconds;
             *micro = r->per_second ? r->micro * secs : r->micro;
+            if (*micro > PRICE_MAX)
+                *micro = PRICE_MAX; /* more than any budget can hold: never sent under one */
             return 1;
         }
     }

@@ -197,8 +197,9 @@ int parse_rate(const char *s, double *per_second);
 /* "16MiB", "512KiB", "1GB", bare bytes. */
 int parse_size(const char *s, int64_t *out);
 
-/* Money: "12", "0.35" (at most 6 decimals, below 9e9) in millionths of the
+/* Money: "12", "0.35" (at most 6 decimals, below 1e9) in millionths of the
  * unit. 0, or -1 when it is not such a number. */
+#define PRICE_MAX 999999999999999LL /* millionths: 15 digits, what the scripts take */
 int parse_money(const char *s, int64_t *micro);
 /* "0.35", "12": the shortest exact text of a money amount (buf >= 32). */
 void format_money(int64_t micro, char *buf, size_t size);

@@ -66,6 +66,11 @@ static char *kling_submit(const struct job *j, struct dialect_request *out)
     while (why == NULL && json_next_member(j->body, j->body_len, &pos, &m)) {
         if (json_member_is(&m, "external_task_id"))
             continue; /* ours: the job_id, below */
+        if (json_member_is(&m, "model_name")) {
+            /* ours too, from "model": two would let Kling bill a model other than the one priced */
+            why = "field \"model_name\": the kling dialect sends the job's \"model\" as model_name; put the model there";
+            break;
+        }
         if (json_member_is(&m, "model")) {
             put_member(&b, &first, "model_name");
             sbuf_append(&b, m.val, m.val_len);

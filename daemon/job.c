@@ -316,20 +316,27 @@ static void check_duration(struct job *j, const cJSON *obj)
     }
 }
 
-/* The length a per-second price counts (docs/protocol.md §10): `duration`,
- * else `seconds` (OpenAI's, often a string), else 0 (the caller's default). */
-static long job_seconds(const cJSON *obj)
+/* The length a per-second price counts (docs/protocol.md §10): `duration`
+ * or `seconds` (OpenAI's, often a string), else 0 (the caller's default). */
+static long member_seconds(const cJSON *v)
 {
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, "duration");
-    if (!cJSON_IsNumber(v))
-        v = cJSON_GetObjectItemCaseSensitive(obj, "seconds");
     double d = 0;
     if (cJSON_IsNumber(v))
         d = v->valuedouble;
     else if (cJSON_IsString(v) && v->valuestring[0] >= '0' && v->valuestring[0] <= '9' &&
              strspn(v->valuestring, "0123456789") == strlen(v->valuestring) && strlen(v->valuestring) < 7)
         d = atof(v->valuestring);
-    return d >= 1 && d <= 86400 && d == floor(d) ? (long)d : 0;
+    return d >= 1 && d <= 86400 ? (long)ceil(d) : 0;
+}
+
+/* The longer of the two when a job has both: a dialect may send either
+ * (OpenAI's channels read `seconds`), and the budget must count what can
+ * be billed. */
+static long job_seconds(const cJSON *obj)
+{
+    long d = member_seconds(cJSON_GetObjectItemCaseSensitive(obj, "duration"));
+    long s = member_seconds(cJSON_GetObjectItemCaseSensitive(obj, "seconds"));
+    return d > s ? d : s;
 }
 
 /*

@@ -644,6 +644,7 @@ static void spool_outcomes(worker *w)
             slot_record(s);
             n++;
         } else if (s->state == S_PUTBACK) {
+            uv_timer_stop(&s->timer); /* its put-back was waiting for Redis (worker.c on_putback) */
             slot_putback(s);
             n++;
         }

@@ -380,20 +380,6 @@ static void on_recorded(int err, long long held, void *ud)
     slot_done(s);
 }
 
-static void on_kept(int err, long long r, void *ud)
-{
-    slot *s = ud;
-    (void)r;
-    if (s->w->closed)
-        return;
-    if (err) {
-        on_recorded(1, 0, s); /* tried again */
-        return;
-    }
-    s->keep_first = 0;
-    slot_record(s);
-}
-
 /* Write the slot's outcome (an event, or a retry) to Redis. */
 void slot_record(slot *s)
 {
@@ -401,13 +387,11 @@ void slot_record(slot *s)
     int rc;
     s->state = S_RECORDING;
     fields_ready(s);
-    if (s->envelope && s->keep_first) {
-        /* its request may have created a task: its money stays spent
-         * before the retry (which reserves anew) releases anything */
-        rc = queue_keep(w->q, s->token, on_kept, s);
-    } else if (s->envelope) {
+    if (s->envelope) {
+        /* keep: its request may have created a task, its money stays spent
+         * (the retry reserves anew) */
         rc = queue_retry(w->q, s->held, s->held_len, s->envelope, s->envelope_len, s->due_ms, s->token,
-                         s->job.id_given ? s->job.job_id : NULL, on_recorded, s);
+                         s->job.id_given ? s->job.job_id : NULL, s->billable && s->reserved > 0, on_recorded, s);
     } else {
         struct qrecord r = {
             .raw = s->held,
@@ -443,17 +427,25 @@ void slot_record(slot *s)
 
 /* ---- putting back ---------------------------------------------------------- */
 
+static void on_putback_retry(uv_timer_t *t)
+{
+    slot_putback(t->data);
+}
+
 static void on_putback(int err, long long result, void *ud)
 {
     slot *s = ud;
     if (s->w->closed)
         return; /* worker_free released it; its memory lasts this turn */
     (void)result;
-    if (!err)
-        crash_point("after_putback");
-    if (err)
-        log_kv(LOG_WARNING, "could not put a job back; it stays in the processing list", "job_id",
-               s->job.job_id, NULL);
+    if (err) {
+        /* Redis is away: the slot stays (S_PUTBACK) and asks again; at
+         * exit the put-back goes to the spool (upkeep.c spool_outcomes),
+         * so a job marked but never sent does not end "maybe billed". */
+        uv_timer_start(&s->timer, on_putback_retry, RECORD_RETRY_MS, 0);
+        return;
+    }
+    crash_point("after_putback");
     slot_done(s);
 }
 
@@ -577,7 +569,6 @@ static void retry_later(slot *s, const struct outcome *o)
     sbuf_append(&b, s->job.raw, s->job.raw_len);
     sbuf_putc(&b, '}');
     s->envelope = sbuf_steal(&b, &s->envelope_len);
-    s->keep_first = s->billable && s->reserved > 0;
     w->st.retries++;
     slot_record(s);
 }
@@ -1210,9 +1201,15 @@ static void budget_reached(slot *s, const struct qsend_reply *r)
     format_money(r->cap, cap, sizeof cap);
     format_money(s->price, price, sizeof price);
     int daily = r->len == 5 && memcmp(r->arg, "daily", 5) == 0;
+    int gate = r->len == 4 && memcmp(r->arg, "gate", 4) == 0;
     utc_day(now_ms(), day);
-    snprintf(w->budget_msg, sizeof w->budget_msg, "%s budget reached: %s of %s reserved or spent%s%s; the next job costs %s",
-             daily ? "daily" : "total", spent, cap, daily ? " on " : "", daily ? day : "", price);
+    if (gate)
+        snprintf(w->budget_msg, sizeof w->budget_msg,
+                 "budget reached: a job taken earlier waits for room, and the jobs behind it wait too");
+    else
+        snprintf(w->budget_msg, sizeof w->budget_msg,
+                 "%s budget reached: %s of %s reserved or spent%s%s; the next job costs %s", daily ? "daily" : "total",
+                 spent, cap, daily ? " on " : "", daily ? day : "", price);
     if (!w->budget_stopped)
         log_kv(LOG_WARNING, "budget reached: intake stops until it has room (a new UTC day, a higher cap, a reset)",
                "message", w->budget_msg, NULL);
@@ -1333,8 +1330,12 @@ static void on_send(int err, const struct qsend_reply *r, void *ud)
         return;
     case Q_NOPRICE: {
         char msg[300];
-        snprintf(msg, sizeof msg, "no price for model \"%s\": a budget is set ([cost] has no matching line)",
-                 s->job.model ? s->job.model : "");
+        if (s->price == QPRICE_NONE_SET)
+            snprintf(msg, sizeof msg, "batch \"%s\" has a budget, but vidqd has no prices ([cost]) to keep it with",
+                     s->job.batch ? s->job.batch : "");
+        else
+            snprintf(msg, sizeof msg, "no price for model \"%s\": a budget is set ([cost] has no matching line)",
+                     s->job.model ? s->job.model : "");
         fail(s, "invalid_job", msg, 0, NULL, 0);
         budget_probe_next(w);
         return;
@@ -1345,11 +1346,20 @@ static void on_send(int err, const struct qsend_reply *r, void *ud)
     if (s->probing) {
         /* Found marked: nothing recorded about it, so it may have been billed. */
         s->probing = 0;
-        if (!w->cfg->retry_ambiguous) {
+        if (!w->cfg->retry_ambiguous || s->attempts + 1 >= (unsigned)w->cfg->max_attempts) {
             ambiguous_after_crash(s);
             return;
         }
-        go(s); /* opted in: send it again (s->marked: claim, keep the mark) */
+        /* Opted in: retried like any ambiguous outcome -- its reservation
+         * kept (it may have been billed), the next attempt reserving anew. */
+        struct outcome o;
+        memset(&o, 0, sizeof o);
+        o.kind = OUT_AMBIGUOUS;
+        o.retry_after_ms = -1;
+        snprintf(o.message, sizeof o.message, "vidqd stopped while this request may have been in flight; retried "
+                 "(submit.retry_ambiguous)");
+        s->attempts++;
+        retry_later(s, &o);
         return;
     }
     s->marked = 1;

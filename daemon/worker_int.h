@@ -76,7 +76,6 @@ struct slot {
     int64_t reserved;          /* the amount reserved under its mark (the SEND step says), -1: none */
     int billable;              /* a request went out that may have created a task: its money stays spent */
     int asked_new;             /* its SEND step was asked to mark and reserve (a budget check) */
-    int keep_first;            /* a retry after such a request: its reservation is kept first (queue_keep) */
     char *ambiguous_msg;       /* why the submit was ambiguous, while it is looked up */
     long long deaths;          /* instances that died holding it */
     int64_t taken_ms;

@@ -38,7 +38,8 @@
     X(SPEND_DAY, "spend:day", 2)    /* string per UTC day (YYYY-MM-DD): money reserved or spent (§10) */ \
     X(SPEND_TOTAL, "spend:total", 0) /* string: money reserved or spent until `vidq budget reset` */ \
     X(CANCEL_JOB, "cancel:job", 2)  /* string per job_id: canceled by `vidq cancel` (§11) */        \
-    X(CANCEL_BATCH, "cancel:batch", 2) /* string per batch: canceled by `vidq cancel` (§11) */
+    X(CANCEL_BATCH, "cancel:batch", 2) /* string per batch: canceled by `vidq cancel` (§11) */    \
+    X(BUDGET_GATE, "budget:gate", 0) /* string: mark token of the job first in line for the budget (§10) */
 
 #define KEY_ENUM_(e, name, per) KEY_##e,
 enum key_kind { VIDQ_KEYS(KEY_ENUM_) KEY_COUNT };

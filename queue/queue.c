@@ -12,6 +12,7 @@
  */
 #include "queue.h"
 #include "keys.h"
+#include "log.h"
 #include "util.h"
 
 #include <stdio.h>
@@ -183,7 +184,9 @@ static const char WRAP1_LUA[] = CHECK_LUA WRAP_LUA
     "      redis.call('SET', k, '0', 'KEEPTTL')\n"                                                    \
     "    end\n"                                                                                       \
     "  end\n"                                                                                         \
-    "  if batch ~= '' and redis.call('EXISTS', batch) == 1 then redis.call('HINCRBY', batch, 'spent', '-' .. amount) end\n" \
+    "  if batch ~= '' and redis.call('EXISTS', batch) == 1 and redis.call('HINCRBY', batch, 'spent', '-' .. amount) < 0 then\n" \
+    "    redis.call('HSET', batch, 'spent', '0')\n"                                                   \
+    "  end\n"                                                                                         \
     "end\n"
 
 /* (A release below 0 means a `vidq budget reset` came between: 0.) */
@@ -218,7 +221,7 @@ static const char WRAP1_LUA[] = CHECK_LUA WRAP_LUA
  * can go past a cap.
  * Reply {"send", reserved} | {"gone"} | {"dup", task_id, reserved} |
  * {"wait", holder} | {"ambiguous"} | {"canceled", reserved} |
- * {"budget", "daily"|"total", spent, cap} | {"over_budget", spent, cap} |
+ * {"budget", "daily"|"total"|"gate", spent, cap} | {"over_budget", spent, cap} |
  * {"noprice"}. `reserved`: the amount reserved under the mark, or "".
  */
 static const char SEND_LUA[] = CHECK_LUA
@@ -250,16 +253,35 @@ static const char SEND_LUA[] = CHECK_LUA
     "  return {'canceled', reserved()}\n"
     "end\n"
     "local amount = 0\n"
+    /* a batch budget where vidqd has no prices: it could not be kept */
+    "if mode == 'new' and price == '' and K_batch ~= '' and redis.call('HEXISTS', K_batch, 'budget') == 1 then\n"
+    "  return {'noprice'}\n"
+    "end\n"
     "if mode == 'new' and price ~= '' then\n"
     "  local bcap = K_batch ~= '' and redis.call('HGET', K_batch, 'budget') or nil\n"
     "  if bcap and not string.find(bcap, '^%d+$') then return {'over_budget', '0', bcap} end\n"
     "  if price == 'none' then\n"
     "    if daily ~= '' or total ~= '' or bcap then return {'noprice'} end\n"
     "  else\n"
+    /* The gate: the first job the daily or total cap stopped holds it, and
+     * no other job goes before it does (no skipping ahead to cheaper jobs,
+     * on any instance). Its asking again every 2 s keeps it; 10 s unasked
+     * (its instance died, it was put back) and it lapses. */
+    "    local capped = daily ~= '' or total ~= ''\n"
+    "    local gate = capped and redis.call('GET', K_budget_gate)\n"
     "    local spent = tonumber(redis.call('GET', K_spend_day) or '0')\n"
-    "    if daily ~= '' and spent + price > daily then return {'budget', 'daily', string.format('%d', spent), A_daily} end\n"
-    "    spent = tonumber(redis.call('GET', K_spend_total) or '0')\n"
-    "    if total ~= '' and spent + price > total then return {'budget', 'total', string.format('%d', spent), A_total} end\n"
+    "    local over, cap = nil, nil\n"
+    "    if daily ~= '' and spent + price > daily then over, cap = 'daily', A_daily\n"
+    "    else\n"
+    "      spent = tonumber(redis.call('GET', K_spend_total) or '0')\n"
+    "      if total ~= '' and spent + price > total then over, cap = 'total', A_total end\n"
+    "    end\n"
+    "    if over then\n"
+    "      if not gate or gate == token then redis.call('SET', K_budget_gate, token, 'PX', 10000) end\n"
+    "      return {'budget', over, string.format('%d', spent), cap}\n"
+    "    end\n"
+    "    if gate and gate ~= token then return {'budget', 'gate', '0', '0'} end\n"
+    "    if gate then redis.call('DEL', K_budget_gate) end\n"
     "    if bcap then\n"
     "      spent = tonumber(redis.call('HGET', K_batch, 'spent') or '0')\n"
     "      if spent + price > tonumber(bcap) then return {'over_budget', string.format('%d', spent), bcap} end\n"
@@ -279,14 +301,6 @@ static const char SEND_LUA[] = CHECK_LUA
     "  return {'send', amount}\n"
     "end\n"
     "return {'send', reserved()}\n";
-
-/* A request that may have created a task ends in a retry (the operator
- * opted into retrying ambiguous outcomes): its reservation stays spent,
- * so RETRY finds none to release, and the retry reserves anew. */
-static const char KEEP_LUA[] = CHECK_LUA SETTLE_LUA
-    "if A_token == '' then error('vidq: keep needs a token') end\n"
-    "settle(K_sending, A_token, true)\n"
-    "return 1\n";
 
 /* Return a held job to the intake list, where it is taken next: nothing
  * was sent, or the API said for sure that nothing was created. A_job is
@@ -448,13 +462,18 @@ static const char RECORD_LUA[] = CHECK_LUA BATCH_LUA SETTLE_LUA
  * (due A_due, as A_envelope), in one step; nothing was created, so its mark
  * and claim end here. Envelopes carry a nonce, so two copies of one job
  * never merge into one member of the set. */
-static const char RETRY_LUA[] = CHECK_LUA SETTLE_LUA
-    "need_uint(A_due, 'due', 0)\n"
-    UNMARK_LUA("false")
-    "if redis.call('LREM', K_processing, 1, A_held) == 0 then return 0 end\n"
-    FORGET_DEATHS_LUA("A_held")
-    "redis.call('ZADD', K_retry, A_due, A_envelope)\n"
-    "return 1\n";
+#define RETRY_BODY_LUA(keep)                                                                       \
+    "need_uint(A_due, 'due', 0)\n"                                                                   \
+    UNMARK_LUA(keep)                                                                                \
+    "if redis.call('LREM', K_processing, 1, A_held) == 0 then return 0 end\n"                       \
+    FORGET_DEATHS_LUA("A_held")                                                                     \
+    "redis.call('ZADD', K_retry, A_due, A_envelope)\n"                                              \
+    "return 1\n"
+static const char RETRY_LUA[] = CHECK_LUA SETTLE_LUA RETRY_BODY_LUA("false");
+/* The same for a request that may have created a task (the operator opted
+ * into retrying ambiguous outcomes): its reservation stays spent, and the
+ * retry reserves anew. One step, so a spool replays it whole. */
+static const char RETRY_KEEP_LUA[] = CHECK_LUA SETTLE_LUA RETRY_BODY_LUA("true");
 
 /* Due retries (up to A_max) go to the taking end of the intake list. */
 static const char PROMOTE_LUA[] = CHECK_LUA
@@ -668,7 +687,7 @@ static const char TRACK_LUA[] = CHECK_LUA BATCH_LUA
 
 enum {
     S_TAKE, S_PUTBACK, S_RECORD, S_RETRY, S_PROMOTE, S_HEARTBEAT, S_HELD, S_TAKEOVER, S_CLAIM, S_TRACK, S_SEND,
-    S_CLAIM_NAME, S_WRAP1, S_PARK, S_TAKE_WAITING, S_UNPARK, S_PACE, S_KEEP, S_COUNT
+    S_CLAIM_NAME, S_WRAP1, S_PARK, S_TAKE_WAITING, S_UNPARK, S_PACE, S_RETRY_KEEP, S_COUNT
 };
 
 #define MAX_SKEYS 10
@@ -713,7 +732,7 @@ static const struct script scripts[S_COUNT] = {
                  1},
     [S_SEND] = {"send", SEND_LUA,
                 KS(KEY_PROCESSING, KEY_SENDING, KEY_DEDUP, KEY_CLAIM, KEY_CANCEL_JOB, KEY_CANCEL_BATCH, KEY_BATCH,
-                   KEY_SPEND_DAY, KEY_SPEND_TOTAL),
+                   KEY_SPEND_DAY, KEY_SPEND_TOTAL, KEY_BUDGET_GATE),
                 AS(A_held, A_mode, A_token, A_retry_ambiguous, A_price, A_daily, A_total), 0},
     [S_CLAIM_NAME] = {"claim_name", CLAIM_NAME_LUA, KS(KEY_INSTANCE), AS(A_run, A_ttl, A_dead_run), 1},
     [S_WRAP1] = {"wrap1", WRAP1_LUA, KS(KEY_PROCESSING), AS(A_job, A_id), 0},
@@ -723,7 +742,8 @@ static const struct script scripts[S_COUNT] = {
                         AS(A_max, A_ids, A_name), 0},
     [S_UNPARK] = {"unpark", UNPARK_LUA, KS(KEY_WAITING, KEY_JOBS, KEY_WAITSET), AS(A_max, A_name), 0},
     [S_PACE] = {"pace", PACE_LUA, KS(KEY_GWRATE), AS(A_now, A_interval, A_burst), 0},
-    [S_KEEP] = {"keep", KEEP_LUA, KS(KEY_SENDING), AS(A_token), 0},
+    [S_RETRY_KEEP] = {"retry_keep", RETRY_KEEP_LUA, KS(KEY_PROCESSING, KEY_RETRY, KEY_SENDING, KEY_RECOVERED, KEY_CLAIM),
+                      AS(A_held, A_due, A_envelope, A_token), 0},
 };
 
 static int script_nkeys(const struct script *sc)
@@ -820,6 +840,7 @@ struct queue {
     int scripts_loaded;
     int up;
     int closed;        /* queue_close() was called: every call returns -1 */
+    int64_t refused_logged_ms; /* the last "refused a script's arguments" log line (mono ms) */
     uv_timer_t anchor; /* never started: its close frees the struct (queue_close) */
     queue_state_fn *state_fn;
     void *ud;
@@ -982,6 +1003,15 @@ static int reply_failed(queue *q, redisReply *r)
             /* Scripts were flushed: reload them; this call fails and is retried. */
             q->up = 0;
             load_scripts(q);
+        } else if (strstr(r->str, "vidq: ") != NULL) {
+            /* A script refused its arguments (CHECK_LUA): a bug, or a value
+             * the configuration let through; the caller retries, so say
+             * why at least once in a while, not silently forever. */
+            int64_t now = mono_ms();
+            if (now - q->refused_logged_ms > 10000) {
+                q->refused_logged_ms = now;
+                log_kv(LOG_ERROR, "Redis refused a script's arguments; the step is retried", "error", r->str, NULL);
+            }
         }
         return 1;
     }
@@ -1493,14 +1523,6 @@ int queue_send(queue *q, const struct qsend *s, queue_send_fn *fn, void *ud)
     return script_call(q, S_SEND, &a, on_send, c);
 }
 
-int queue_keep(queue *q, const char *token, queue_done_fn *fn, void *ud)
-{
-    struct sargs a = {0};
-    sarg(&a, A_token, token);
-    struct call *c = new_call(q, ud);
-    c->done_fn = fn;
-    return script_call(q, S_KEEP, &a, on_done, c);
-}
 
 int queue_heartbeat(queue *q, const char *const *fields, int nfields, int64_t ttl_ms, queue_done_fn *fn, void *ud)
 {
@@ -1515,7 +1537,7 @@ int queue_heartbeat(queue *q, const char *const *fields, int nfields, int64_t tt
 }
 
 int queue_retry(queue *q, const char *held, size_t held_len, const char *envelope, size_t env_len, int64_t due_ms,
-                const char *token, const char *job_id, queue_done_fn *fn, void *ud)
+                const char *token, const char *job_id, int keep, queue_done_fn *fn, void *ud)
 {
     struct sargs a = {0};
     a.id[KEY_CLAIM] = job_id;
@@ -1525,7 +1547,7 @@ int queue_retry(queue *q, const char *held, size_t held_len, const char *envelop
     sarg(&a, A_token, token);
     struct call *c = new_call(q, ud);
     c->done_fn = fn;
-    return script_call(q, S_RETRY, &a, on_done, c);
+    return script_call(q, keep ? S_RETRY_KEEP : S_RETRY, &a, on_done, c);
 }
 
 int queue_promote(queue *q, queue_done_fn *fn, void *ud)

@@ -135,12 +135,12 @@ struct qsend_reply {
 /* err: r is NULL. */
 typedef void queue_send_fn(int err, const struct qsend_reply *r, void *ud);
 int queue_send(queue *q, const struct qsend *s, queue_send_fn *fn, void *ud);
-/* The reservation under mark `token` stays spent (KEEP_LUA). */
-int queue_keep(queue *q, const char *token, queue_done_fn *fn, void *ud);
 /* Move a held job to the retry set, due at `due_ms`, as `envelope`; ends
- * the mark `token` (NULL: none) and its job_id's claim. */
+ * the mark `token` (NULL: none) and its job_id's claim, and releases its
+ * reservation -- or, with `keep`, keeps it spent (its request may have
+ * created a task: docs/protocol.md §10). */
 int queue_retry(queue *q, const char *held, size_t held_len, const char *envelope, size_t env_len, int64_t due_ms,
-                const char *token, const char *job_id, queue_done_fn *fn, void *ud);
+                const char *token, const char *job_id, int keep, queue_done_fn *fn, void *ud);
 /* Move due retries to the intake list. result = number moved. */
 int queue_promote(queue *q, queue_done_fn *fn, void *ud);
 /* Move a held copy back to the intake list as `job` (the text as it was

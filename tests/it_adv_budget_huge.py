@@ -23,15 +23,29 @@ def main(t, env):
     env.redis()
     mock = env.mock()
     r = env.r
+    # Fixed by lining the limits up: amounts below 1e9 units (15 digits of millionths, what the
+    # scripts take) are accepted and work; 1e9 and more is a configuration error that says so.
     for conf in ({"budget.total": "1000000000", "cost.*": "1"}, {"cost.*": "1000000000"}):
+        path = os.path.join(env.dir, "huge.conf")
+        vt.write_conf(path, conf)
+        st, out, err = vt.run_vidqd(["-c", path, "--check-config"])
+        t.ok(st == 78 and "invalid" in err, "%s: refused by --check-config (exit %s)" % (conf, st), err)
+    for conf in ({"budget.total": "999999999.999999", "cost.*": "1"}, {"cost.*": "999999999"},
+                 {"cost.*": "999999999/s", "budget.total": "999999999"}):
         r.execute("FLUSHDB")
-        st, out, err = vt.run_vidqd(["-c", os.devnull, "--check-config"] + sum((["-o", "%s=%s" % kv] for kv in conf.items()), []))
+        mock.reset()
         vd = env.vidqd(instance="h", conf=conf)
         vd.start()
-        vt.push_jobs(r, [vt.job(job_id="h-%d" % i, model="m", prompt="h") for i in range(3)])
+        vt.push_jobs(r, [vt.job(job_id="h-%d" % i, model="m", prompt="h", duration=10) for i in range(3)])
         ok = vt.wait_until(lambda: vt.count_terminal(r) >= 3, timeout=10, unless=vd.dead)
-        t.ok(ok, "%s (accepted by --check-config: exit %s): every job gets its end (%d of 3)" % (
-            conf, st, vt.count_terminal(r)), vd.log_grep("vidq:", 2))
+        capped = "budget.total" in conf and conf.get("cost.*", "").endswith("/s")
+        if capped:
+            # 999,999,999/s x 10 s is more than any cap: the jobs wait, budget_exhausted, none sent.
+            ok = vt.wait_until(lambda: r.execute("HGET", "vidq:instance:h", "state") == b"budget_exhausted",
+                               timeout=10, unless=vd.dead)
+            t.ok(ok and mock.stats()["posts"] == 0, "%s: a price past every cap waits, nothing sent" % conf)
+        else:
+            t.ok(ok, "%s: every job gets its end (%d of 3)" % (conf, vt.count_terminal(r)), vd.log_grep("vidq:", 2))
         vd.stop()
 
 

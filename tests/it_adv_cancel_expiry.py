@@ -29,6 +29,7 @@ def main(t, env):
     vd.start()
     st, out, err = cli.run("pause")
     t.eq(st, 0, "vidq pause")
+    time.sleep(1.5)  # a blocking wait already under way may still take a job (README "vidq:paused")
     vt.push_jobs(r, [vt.job(job_id="x-1", model="m", prompt="x")])
     st, out, err = cli.run("cancel", "--job-id", "x-1")
     t.eq(st, 0, "vidq cancel --job-id x-1 while it is queued (%s)" % out.strip())

@@ -42,7 +42,10 @@ def main(t, env):
     # The body has `model_name` twice (the producer's, then the one written from the default
     # model): which one Kling reads is its parser's choice (the mock's cJSON: the first).
     names = [[v for k, v in json.loads(b, object_pairs_hook=lambda kv: kv) if k == "model_name"] for b in raw]
-    t.eq(names, [["kling-v1"]], "the request names only the model that was priced (kling-v1, cost 1)")
+    # Fixed by refusing the job: its model_name would be a second one beside the priced model.
+    t.eq(names, [], "no request for a job that names model_name itself")
+    t.ok(ev.get("error") == "invalid_job" and "model_name" in ev.get("message", ""),
+         "it ends invalid_job, and the message says model_name comes from model", ev)
     first = [n[0] for n in names if n]
     billed = sum(10 if m == "kling-v2-master" else 1 for m in first)
     t.ok(billed <= 5, "budget.total 5: the mock (first key wins) billed %d for a job reserved at %s" % (

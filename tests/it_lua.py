@@ -122,10 +122,13 @@ def named_calls():
                   ["status", "RUNNING", "event", "progress"]),
         "send": ({"processing": k("processing:i1"), "sending": k("sending:i1"), "dedup": k("dedup:j1"),
                   "claim": k("claim:j1"), "cancel:job": k("cancel:job:j1"), "cancel:batch": k("cancel:batch:B"),
-                  "batch": k("batch:B"), "spend:day": k("spend:day:2026-11-30"), "spend:total": k("spend:total")},
+                  "batch": k("batch:B"), "spend:day": k("spend:day:2026-11-30"), "spend:total": k("spend:total"),
+                  "budget:gate": k("budget:gate")},
                  {"held": H1, "mode": "new", "token": "run1.1", "retry_ambiguous": "0", "price": "1000000",
                   "daily": "5000000", "total": ""}),
-        "keep": ({"sending": k("sending:i1")}, {"token": "run0.1"}),
+        "retry_keep": ({"processing": k("processing:i1"), "retry": k("retry"), "sending": k("sending:i1"),
+                        "recovered": k("recovered"), "claim": k("claim:j1")},
+                       {"held": H1, "due": "5000", "envelope": "E1", "token": "run0.1"}),
         "claim_name": ({"instance": k("instance:i1")}, {"run": "run-1", "ttl": "10000", "dead_run": ""},
                        ["host", "h"]),
     }
@@ -223,7 +226,14 @@ def main(t, env):
     before = snapshot(r)
     got = evalsha(r, shas["send"], keys, args)
     t.eq(got, [b"budget", b"daily", b"4500000", b"5000000"], "send: a price past the daily cap is refused")
+    gate = r.execute("GET", k("budget:gate"))
+    r.execute("DEL", k("budget:gate"))
     t.ok(snapshot(r) == before, "send: and nothing is written (no mark, no claim, no reservation)")
+    t.eq(gate, b"run1.1", "send: but the gate: the refused job is first in line")
+    r.execute("SET", k("budget:gate"), "run7.7")
+    t.eq(evalsha(r, shas["send"], keys, args_with("send", price="100")), [b"budget", b"gate", b"0", b"0"],
+         "send: a cheaper job behind the gate waits (no skipping ahead)")
+    r.execute("DEL", k("budget:gate"))
     r.execute("SET", k("spend:day:2026-11-30"), "0")
     r.execute("SET", k("spend:total"), "9500000")
     t.eq(evalsha(r, shas["send"], keys, args_with("send", total="10000000")),

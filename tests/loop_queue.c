@@ -911,7 +911,7 @@ static void retry_then_promote(void **state)
     memset(&d, 0, sizeof d);
     assert_int_equal(done_call(&h,
                                queue_retry(h.q, r.items[0], r.lens[0], env_due, sizeof env_due - 1, due, "tok-3",
-                                           "job-3", on_done, &d),
+                                           "job-3", 0, on_done, &d),
                                &d),
                      1);
     char *score = cmd_str(e.r, "ZSCORE %s %s", k_retry, env_due);
@@ -925,14 +925,14 @@ static void retry_then_promote(void **state)
     memset(&d, 0, sizeof d);
     assert_int_equal(done_call(&h,
                                queue_retry(h.q, r.items[0], r.lens[0], env_due, sizeof env_due - 1, due, NULL,
-                                           "job-3", on_done, &d),
+                                           "job-3", 0, on_done, &d),
                                &d),
                      0);
     /* One due in a minute. */
     memset(&d, 0, sizeof d);
     assert_int_equal(done_call(&h,
                                queue_retry(h.q, r.items[1], r.lens[1], env_later, sizeof env_later - 1,
-                                           now_ms() + 60000, NULL, NULL, on_done, &d),
+                                           now_ms() + 60000, NULL, NULL, 0, on_done, &d),
                                &d),
                      1);
     assert_int_equal(cmd_int(e.r, "ZCARD %s", k_retry), 2);
@@ -1463,7 +1463,7 @@ static void all_calls_refused(struct qh *h)
                        .total = -1, .day = "2026-01-01"};
     assert_int_equal(queue_send(q, &qs, on_send, &r), -1);
     assert_int_equal(queue_record(q, &rec, on_done, &r), -1);
-    assert_int_equal(queue_retry(q, "x", 1, "y", 1, 0, NULL, NULL, on_done, &r), -1);
+    assert_int_equal(queue_retry(q, "x", 1, "y", 1, 0, NULL, NULL, 0, on_done, &r), -1);
     assert_int_equal(queue_putback(q, "x", 1, "y", 1, NULL, NULL, on_done, &r), -1);
     assert_int_equal(queue_promote(q, on_done, &r), -1);
     assert_int_equal(queue_takeover(q, on_takeover, &r), -1);
