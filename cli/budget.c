@@ -27,8 +27,9 @@ const char HELP_BUDGET[] =
     "(requests in flight) and spent. set: the budget of batch B (none: no\n"
     "cap); jobs it stopped as over_budget go again with\n"
     "`vidq dead requeue --error over_budget`. reset: the total spent back to\n"
-    "0 (default), or today's, or a batch's; an instance stopped by that\n"
-    "budget resumes within seconds. The daily and total caps are set in the\n"
+    "0 (default), or today's, or a batch's -- to what is in flight, so the\n"
+    "cap still holds for it; an instance stopped by that budget resumes\n"
+    "within seconds. The daily and total caps are set in the\n"
     "configuration (budget.daily, budget.total; SIGHUP applies them).\n";
 
 /* The reservations in flight, added up by the key they count in. */
