@@ -66,11 +66,20 @@ void utc_day(int64_t ms, char out[16])
     if (t && atoll(t) > 0)
         day_ms = atoll(t);
 #endif
-    time_t secs = (time_t)((ms / day_ms) * 86400);
-    struct tm tm;
-    gmtime_r(&secs, &tm);
-    snprintf(out, 16, "%04d-%02u-%02u", (tm.tm_year + 1900) % 10000, (unsigned)(tm.tm_mon + 1) % 100u,
-             (unsigned)tm.tm_mday % 100u);
+    /* Asked before every send: the text is made once a day (one thread). */
+    static int64_t cached_idx = -1, cached_len;
+    static char cached[16];
+    int64_t idx = ms / day_ms;
+    if (idx != cached_idx || day_ms != cached_len) {
+        time_t secs = (time_t)(idx * 86400);
+        struct tm tm;
+        gmtime_r(&secs, &tm);
+        snprintf(cached, sizeof cached, "%04d-%02u-%02u", (tm.tm_year + 1900) % 10000, (unsigned)(tm.tm_mon + 1) % 100u,
+                 (unsigned)tm.tm_mday % 100u);
+        cached_idx = idx;
+        cached_len = day_ms;
+    }
+    memcpy(out, cached, 16);
 }
 
 int64_t mono_ms(void)

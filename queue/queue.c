@@ -156,9 +156,8 @@ static const char WRAP1_LUA[] = CHECK_LUA WRAP_LUA
  * claim as "ambiguous" for the dedup window, so a second copy is not billed
  * again behind it (`vidq dead requeue` lifts it).
  *
- * UNMARK_LUA(keep) ends the mark A_token and its claim K_claim, and
- * settles its reservation (below; keep: a Lua expression); it is the one
- * place that does.
+ * UNMARK_LUA(keep, look) ends the mark A_token and its claim K_claim, and
+ * settles its reservation (below); it is the one place that does.
  */
 
 /*
@@ -189,11 +188,12 @@ static const char WRAP1_LUA[] = CHECK_LUA WRAP_LUA
     "  end\n"                                                                                         \
     "end\n"
 
-/* (A release below 0 means a `vidq budget reset` came between: 0.) */
-#define UNMARK_LUA(keep)                                                                             \
+/* `look`: whether a reservation may be there (a Lua expression; RECORD
+ * knows from the event's cost field), `keep` whether it stays spent. */
+#define UNMARK_LUA(keep, look)                                                                       \
     "if A_token ~= '' then\n"                                                                        \
     "  redis.call('HDEL', K_sending, A_token)\n"                                                     \
-    "  settle(K_sending, A_token, " keep ")\n"                                                       \
+    "  if " look " then settle(K_sending, A_token, " keep ") end\n"                                  \
     "  if K_claim ~= '' and redis.call('GET', K_claim) == A_token then redis.call('DEL', K_claim) end\n" \
     "end\n"
 
@@ -248,9 +248,12 @@ static const char SEND_LUA[] = CHECK_LUA
     "  if c == 'ambiguous' and not retry_ambiguous and mode == 'new' then return {'ambiguous'} end\n"
     "  if c and c ~= 'ambiguous' and c ~= token and mode ~= 'probe' then return {'wait', c} end\n"
     "end\n"
-    "if mode ~= 'probe' and ((K_cancel_job ~= '' and redis.call('EXISTS', K_cancel_job) == 1) or\n"
-    "    (K_cancel_batch ~= '' and redis.call('EXISTS', K_cancel_batch) == 1)) then\n"
-    "  return {'canceled', reserved()}\n"
+    "if mode ~= 'probe' and (K_cancel_job ~= '' or K_cancel_batch ~= '') then\n"
+    "  local c\n" /* one call for both markers (the hot path) */
+    "  if K_cancel_job == '' then c = redis.call('EXISTS', K_cancel_batch)\n"
+    "  elseif K_cancel_batch == '' then c = redis.call('EXISTS', K_cancel_job)\n"
+    "  else c = redis.call('EXISTS', K_cancel_job, K_cancel_batch) end\n"
+    "  if c > 0 then return {'canceled', reserved()} end\n"
     "end\n"
     "local amount = 0\n"
     /* a batch budget where vidqd has no prices: it could not be kept */
@@ -300,6 +303,7 @@ static const char SEND_LUA[] = CHECK_LUA
     "  redis.call('HSET', K_sending, '$' .. token, amount .. ' ' .. K_spend_day .. ' ' .. K_spend_total .. ' ' .. K_batch)\n"
     "  return {'send', amount}\n"
     "end\n"
+    "if mode == 'new' then return {'send', ''} end\n" /* a new mark has no reservation but one just made */
     "return {'send', reserved()}\n";
 
 /* Return a held job to the intake list, where it is taken next: nothing
@@ -311,7 +315,7 @@ static const char PUTBACK_LUA[] = CHECK_LUA SETTLE_LUA
     "  redis.call('RPUSH', K_jobs, A_job)\n"
     "  " FORGET_DEATHS_LUA("A_held")
     "end\n"
-    UNMARK_LUA("false")
+    UNMARK_LUA("false", "true")
     "return 1\n";
 
 /*
@@ -330,7 +334,7 @@ static const char PARK_LUA[] = CHECK_LUA SETTLE_LUA
     "  redis.call('SADD', K_waitsets, A_name)\n"
     "  " FORGET_DEATHS_LUA("A_held")
     "end\n"
-    UNMARK_LUA("false")
+    UNMARK_LUA("false", "true")
     "return 1\n";
 
 /*
@@ -433,16 +437,19 @@ static const char RECORD_LUA[] = CHECK_LUA BATCH_LUA SETTLE_LUA
     "if A_claim ~= '' and A_claim ~= 'del' and A_claim ~= 'ambiguous' then error('vidq: bad claim action') end\n"
     "local batch_ttl = need_uint(A_batch_ttl, 'batch ttl', 1)\n"
     "if #ARGV < NARGS + 2 or (#ARGV - NARGS) % 2 ~= 0 then error('vidq: event fields must come in pairs') end\n"
-    "local spent = false\n" /* the event's cost says what stays spent: none or 0, nothing */
+    /* The event's cost says what stays spent: an amount, or 0 (released).
+     * No cost field: no reservation to settle (vidqd puts one on every
+     * event of a job that has one, worker.c ev_cost), so none is looked for. */
+    "local spent, priced = false, false\n"
     "for i = NARGS + 1, #ARGV - 1, 2 do\n"
-    "  if ARGV[i] == 'cost' then spent = ARGV[i + 1] ~= '0' and ARGV[i + 1] ~= '' end\n"
+    "  if ARGV[i] == 'cost' then priced = true; spent = ARGV[i + 1] ~= '0' and ARGV[i + 1] ~= '' end\n"
     "end\n"
     "local held = redis.call('LREM', K_processing, 1, A_raw)\n"
     "if A_task_id ~= '' then redis.call('SET', K_dedup, A_task_id, 'PX', ttl) end\n"
     "if A_claim == 'ambiguous' and A_token ~= '' and redis.call('GET', K_claim) == A_token then\n"
     "  redis.call('SET', K_claim, 'ambiguous', 'PX', ttl)\n"
     "end\n"
-    UNMARK_LUA("spent")
+    UNMARK_LUA("spent", "priced")
     "if held == 0 then return 0 end\n"
     FORGET_DEATHS_LUA("A_raw")
     "if A_dead ~= '' then redis.call('LPUSH', K_dead, A_dead) end\n"
@@ -464,7 +471,7 @@ static const char RECORD_LUA[] = CHECK_LUA BATCH_LUA SETTLE_LUA
  * never merge into one member of the set. */
 #define RETRY_BODY_LUA(keep)                                                                       \
     "need_uint(A_due, 'due', 0)\n"                                                                   \
-    UNMARK_LUA(keep)                                                                                \
+    UNMARK_LUA(keep, "true")                                                                        \
     "if redis.call('LREM', K_processing, 1, A_held) == 0 then return 0 end\n"                       \
     FORGET_DEATHS_LUA("A_held")                                                                     \
     "redis.call('ZADD', K_retry, A_due, A_envelope)\n"                                              \
@@ -829,7 +836,7 @@ struct queue {
     rconn *blk;
     char *prefix;
     char *instance;
-    char *key[KEY_COUNT]; /* the keys of one or of this instance; NULL for the per-id kinds */
+    char *key[KEY_COUNT]; /* the keys of one or of this instance; for the per-id kinds, without an id */
     char *text[S_COUNT];  /* each script as loaded (script_text) */
     long maxlen;
     int64_t batch_ttl_ms;
@@ -928,10 +935,8 @@ queue *queue_new(uv_loop_t *loop, const struct queue_opts *o, queue_state_fn *fn
     q->anchor.data = q;
     q->prefix = xstrdup(o->prefix);
     q->instance = xstrdup(o->instance);
-    for (int k = 0; k < KEY_COUNT; k++) {
-        if (key_kind_per(k) < 2)
-            q->key[k] = key_new(o->prefix, k, o->instance);
-    }
+    for (int k = 0; k < KEY_COUNT; k++) /* a per-id kind: its name without an id (keys.h KEY_NO_ID) */
+        q->key[k] = key_new(o->prefix, k, key_kind_per(k) < 2 ? o->instance : KEY_NO_ID);
     for (int i = 0; i < S_COUNT; i++)
         q->text[i] = script_text(i);
     snprintf(q->run, sizeof q->run, "%.32s.%llx.%x", o->instance, (unsigned long long)now_ms(), (unsigned)rand());
@@ -1245,9 +1250,8 @@ static int script_call(queue *q, int s, const struct sargs *a, rconn_reply_fn *r
     for (; sc->keys[nk] != KEY_COUNT; nk++) {
         enum key_kind k = sc->keys[nk];
         const char *kv = q->key[k];
-        if (key_kind_per(k) == 2) {
-            const char *id = a->id[k] && a->id[k][0] ? a->id[k] : KEY_NO_ID;
-            if (key_format(idkey[nk], KEY_MAX, q->prefix, k, id) < 0) {
+        if (key_kind_per(k) == 2 && a->id[k] && a->id[k][0]) {
+            if (key_format(idkey[nk], KEY_MAX, q->prefix, k, a->id[k]) < 0) {
                 free(c); /* an id no producer could give (they are checked): data planted in Redis */
                 return -1;
             }
