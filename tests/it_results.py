@@ -140,7 +140,12 @@ def push(r, **fields):
 
 def test_real_batch(t, env, r, mock, vd, cli, ddir):
     B = "res-1"
-    r.execute("HSET", "vidq:batch:" + B, "total", 8)
+    r.execute("HSET", "vidq:batch:" + B, "total", 9)
+    # canceled before it is pushed: it ends canceled (where=queued) when intake reaches it
+    rc, _, err = cli.run("cancel", "--job-id", "can")
+    t.ok(rc == 0, "cancel: vidq cancel --job-id can", err)
+    push(r, job_id="can", batch=B, model="kling-v1", prompt="canceled, never sent")
+    wait_outcome(t, r, vd, "can", ("canceled",))
     # One job at a time: the fault injected for a submit hits the job pushed after it.
     mock.inject({"mode": "status", "status": 400, "count": 1, "path": "submit"})
     push(r, job_id="rej", batch=B, model="kling-v1", prompt="rejected, with a comma")
@@ -169,12 +174,17 @@ def test_real_batch(t, env, r, mock, vd, cli, ddir):
     t.eq(rc, 0, "csv: exit 0 for a batch that is done")
     t.ok(out.startswith(",".join(COLUMNS) + "\r\n"), "csv: a header row, CRLF line ends (RFC 4180)")
     rows = parse_csv(out)
-    t.eq(len(rows), 8, "csv: one row per job pushed (8, the duplicate included)")
+    t.eq(len(rows), 9, "csv: one row per job pushed (9, the duplicate included)")
     t.eq(rows, want, "csv: every row equals what the stream says (reference built from the whole stream)")
     by = {(x["job_id"], x["status"]): x for x in rows}
     t.eq(sorted(by), sorted([("rej", "failed"), ("amb", "failed"), ("exh", "failed"), ("inv", "failed"),
                              ("ok1", "succeeded"), ("ok2", "succeeded"), ("tf", "task_failed"),
-                             ("ok1", "duplicate")]), "csv: the outcomes expected of each job")
+                             ("ok1", "duplicate"), ("can", "canceled")]), "csv: the outcomes expected of each job")
+    t.eq({j: by[(j, st)]["cost"] for j, st in (("ok1", "succeeded"), ("amb", "failed"), ("rej", "failed"),
+                                                ("exh", "failed"), ("can", "canceled"))},
+         {"ok1": "0.35", "amb": "0.35", "rej": "0", "exh": "0", "can": "0"},
+         "csv: cost: 0.35 kept for the submitted and the ambiguous, 0 for the refused and the canceled")
+    t.eq(by[("can", "canceled")]["message"], "queued", "csv: the canceled row says where (queued)")
     t.eq({j: by[(j, "failed")]["error"] for j in ("rej", "amb", "exh", "inv")},
          {"rej": "rejected", "amb": "ambiguous", "exh": "attempts_exhausted", "inv": "invalid_job"},
          "csv: the error of each failed job")
@@ -208,9 +218,9 @@ def test_real_batch(t, env, r, mock, vd, cli, ddir):
     rc, out, _ = cli.run("results", "--batch", B)
     lines = out.splitlines()
     t.eq(rc, 0, "text: exit 0")
-    t.eq(len(lines), 8 + 2, "text: a head line, one line per job (line breaks in prompts cleaned), a summary")
+    t.eq(len(lines), 9 + 2, "text: a head line, one line per job (line breaks in prompts cleaned), a summary")
     t.eq([x.split()[0] for x in lines[1:-1]], [x["job_id"] for x in rows], "text: the rows in the CSV's order")
-    t.ok(lines[-1].startswith("batch %s: 8 rows for 8 jobs" % B) and lines[-1].endswith("; done"),
+    t.ok(lines[-1].startswith("batch %s: 9 rows for 9 jobs" % B) and lines[-1].endswith("; done"),
          "text: the summary line", lines[-1])
     t.diag("table:", *lines)
 
@@ -232,7 +242,7 @@ def test_requeued(t, r, vd, cli, B):
          "requeue: the rows still equal the reference")
     t.eq([x["status"] for x in rows if x["job_id"] == "rej"], ["failed", "succeeded"],
          "requeue: the requeued job has its failed row, then its succeeded row")
-    t.ok(rc == 0 and "9 rows for 8 jobs" in err, "requeue: 9 rows for the 8 jobs of the batch", err)
+    t.ok(rc == 0 and "10 rows for 9 jobs" in err, "requeue: 10 rows for the 9 jobs of the batch", err)
 
 
 def test_not_done(t, r, mock, vd, cli):
@@ -327,7 +337,7 @@ def main(t, env):
     ddir = os.path.join(env.dir, "videos")
     os.makedirs(ddir)
     vd = env.vidqd(conf={"submit.concurrency": "1", "submit.max_attempts": "2", "track.enabled": "yes",
-                         "track.poll_interval": "1s", "track.download_dir": ddir})
+                         "track.poll_interval": "1s", "track.download_dir": ddir, "cost.*": "0.35"})
     vd.start()
     # The same file as vidqd's would say track.enabled; results reads it to tell tracking from submitted.
     cli = Cli(env, {"redis.url": env.redis_server.url, "track.enabled": "yes"})
