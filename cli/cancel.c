@@ -20,12 +20,9 @@
 #include "cli.h"
 
 #include <cjson/cJSON.h>
-#include <pwd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#include <unistd.h>
 
 #define CANCEL_TTL_MS (90LL * 86400 * 1000) /* 90 days */
 
@@ -41,21 +38,6 @@ const char HELP_CANCEL[] =
     "their event when vidqd's intake reaches them. The batch's counters gain\n"
     "`canceled`, and batch_done still comes once. A cancel lasts 90 days (or\n"
     "submit.dedup_window / results.batch_ttl when longer).\n";
-
-/* Who canceled, for a person reading the marker. */
-static void who(sbuf *v)
-{
-    char host[256] = "?", when[64];
-    const struct passwd *pw = getpwuid(getuid());
-    const char *user = getenv("USER") ? getenv("USER") : pw ? pw->pw_name : "?";
-    time_t t = time(NULL);
-    struct tm tm;
-    gethostname(host, sizeof host - 1);
-    host[sizeof host - 1] = '\0';
-    gmtime_r(&t, &tm);
-    strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &tm);
-    sbuf_printf(v, "by %s@%s at %s with vidq cancel", user, host, when);
-}
 
 struct target {
     const char *batch;  /* or NULL */
@@ -195,7 +177,7 @@ int cmd_cancel(int argc, char **argv)
     setup();
     sbuf v;
     sbuf_init(&v);
-    who(&v);
+    who_text(&v, "cancel"); /* for a person reading the marker */
     /* The markers first: from here on no instance sends what they name.
      * They must outlive the jobs they name, which may wait long (a pause,
      * a budget, a stopped gateway): CANCEL_TTL_MS at least. */

@@ -110,6 +110,11 @@ void append(int argc, const char **argv, const size_t *lens);
 /* ---- small helpers -------------------------------------------------------- */
 
 void fmt_time(int64_t ms, char *buf, size_t len);
+/* A table line on a terminal of `cols` columns: cut with "..." (never
+ * inside a UTF-8 sequence) when longer. */
+void fit_line(sbuf *o, int tty, int cols);
+/* "by USER@HOST at TIME with vidq CMD": who wrote a marker (pause, cancel). */
+void who_text(sbuf *v, const char *cmd);
 void fmt_duration(int64_t ms, char *buf, size_t len);
 int term_cols(int fd);
 int is_integer(const char *s, size_t n);

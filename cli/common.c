@@ -13,12 +13,14 @@
 
 #include <cjson/cJSON.h>
 #include <errno.h>
+#include <pwd.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <time.h>
+#include <unistd.h>
 
 struct cli g = {.config_path = CONFIG_DEFAULT_PATH};
 struct cli_keys k;
@@ -262,6 +264,32 @@ void append(int argc, const char **argv, const size_t *lens)
 }
 
 /* ---- small helpers -------------------------------------------------------- */
+
+void fit_line(sbuf *o, int tty, int cols)
+{
+    if (!tty || cols < 4 || o->len <= (size_t)cols)
+        return;
+    o->len = (size_t)cols - 3;
+    /* Do not cut a UTF-8 sequence in two. */
+    while (o->len > 0 && ((unsigned char)o->buf[o->len] & 0xc0) == 0x80)
+        o->len--;
+    o->buf[o->len] = '\0';
+    sbuf_puts(o, "...");
+}
+
+void who_text(sbuf *v, const char *what)
+{
+    char host[256] = "?", when[64];
+    const struct passwd *pw = getpwuid(getuid());
+    const char *user = getenv("USER") ? getenv("USER") : pw ? pw->pw_name : "?";
+    time_t t = time(NULL);
+    struct tm tm;
+    gethostname(host, sizeof host - 1);
+    host[sizeof host - 1] = '\0';
+    gmtime_r(&t, &tm);
+    strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    sbuf_printf(v, "by %s@%s at %s with vidq %s", user, host, when, what);
+}
 
 void fmt_time(int64_t ms, char *buf, size_t len)
 {

@@ -269,14 +269,7 @@ static int visit_list(const struct dead *d, void *ud)
         sbuf_putc(&o, ' ');
     sbuf_printf(&o, " %-18s %4s %3.0f  ", d->error ? d->error : "-", http, obj_num(d->obj, "attempts", 0));
     put_clean(&o, d->message ? d->message : "", d->message ? strlen(d->message) : 0);
-    if (c->tty && o.len > (size_t)c->cols) {
-        o.len = (size_t)c->cols - 3;
-        /* Do not cut a UTF-8 sequence in two. */
-        while (o.len > 0 && ((unsigned char)o.buf[o.len] & 0xc0) == 0x80)
-            o.len--;
-        o.buf[o.len] = '\0';
-        sbuf_puts(&o, "...");
-    }
+    fit_line(&o, c->tty, c->cols);
     puts(sb_str(&o));
     sbuf_free(&o);
     return VISIT_KEEP;

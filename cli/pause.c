@@ -4,12 +4,9 @@
  */
 #include "cli.h"
 
-#include <pwd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#include <unistd.h>
 
 const char HELP_PAUSE[] =
     "Usage: vidq pause [--json]\n"
@@ -44,18 +41,9 @@ static int pause_resume(int argc, char **argv, int pause)
 {
     int json = json_only_command(argc, argv, HELP_PAUSE);
     if (pause) {
-        char host[256] = "?", when[64];
-        const struct passwd *pw = getpwuid(getuid());
-        const char *user = getenv("USER") ? getenv("USER") : pw ? pw->pw_name : "?";
-        time_t t = time(NULL);
-        struct tm tm;
-        gethostname(host, sizeof host - 1);
-        host[sizeof host - 1] = '\0';
-        gmtime_r(&t, &tm);
-        strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &tm);
         sbuf v;
         sbuf_init(&v);
-        sbuf_printf(&v, "by %s@%s at %s with vidq pause", user, host, when);
+        who_text(&v, "pause");
         /* NX: pausing twice keeps who paused first. */
         freeReplyObject(cmd("SET", k.paused, v.buf, "NX", NULL));
         sbuf_free(&v);

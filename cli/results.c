@@ -401,14 +401,7 @@ static void text_row(const struct results *rs, const struct row *r)
     put_val(&o, r, C_MESSAGE, "");
     if (o.len == result)
         put_val(&o, r, C_TASK_ID, "task ");
-    if (rs->tty && o.len > (size_t)rs->cols) {
-        o.len = (size_t)rs->cols - 3;
-        /* Do not cut a UTF-8 sequence in two. */
-        while (o.len > 0 && ((unsigned char)o.buf[o.len] & 0xc0) == 0x80)
-            o.len--;
-        o.buf[o.len] = '\0';
-        sbuf_puts(&o, "...");
-    }
+    fit_line(&o, rs->tty, rs->cols);
     puts(sb_str(&o));
     sbuf_free(&o);
 }
