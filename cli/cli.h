@@ -83,13 +83,15 @@ const char *sb_str(const sbuf *b);
 /* ---- options common to every command ------------------------------------- */
 
 enum { OPT_JSON = 256, OPT_MODEL, OPT_BATCH, OPT_META, OPT_SKIP, OPT_FROM, OPT_COUNT, OPT_ONCE, OPT_ERROR,
-       OPT_LIMIT, OPT_JOB_ID, OPT_YES, OPT_BUDGET, OPT_CSV, OPT_FAILED };
+       OPT_LIMIT, OPT_JOB_ID, OPT_YES, OPT_BUDGET, OPT_CSV, OPT_FAILED, OPT_PRIORITY };
 
 #define COMMON_OPTIONS \
     {"config", required_argument, NULL, 'c'}, {"help", no_argument, NULL, 'h'}, {"json", no_argument, NULL, OPT_JSON}
 
 void common_option(int c, const char *help);
 long parse_count(const char *s, const char *opt, long min);
+/* --priority high|normal|low: the lane's key kind (KEY_JOBS is normal); exits 64 otherwise. */
+enum key_kind parse_priority(const char *s);
 void no_more_args(int argc, char **argv);
 int json_only_command(int argc, char **argv, const char *help);
 

@@ -109,6 +109,17 @@ long parse_count(const char *s, const char *opt, long min)
     return v;
 }
 
+enum key_kind parse_priority(const char *s)
+{
+    if (strcmp(s, "high") == 0)
+        return KEY_JOBS_HIGH;
+    if (strcmp(s, "normal") == 0)
+        return KEY_JOBS;
+    if (strcmp(s, "low") == 0)
+        return KEY_JOBS_LOW;
+    die(EX_USAGE, "--priority: expected high, normal or low, got \"%s\"", s);
+}
+
 void no_more_args(int argc, char **argv)
 {
     if (optind < argc)

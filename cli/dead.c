@@ -18,7 +18,7 @@
 
 const char HELP_DEAD[] =
     "Usage: vidq dead list [--error E] [--job-id ID] [--limit N] [--json]\n"
-    "       vidq dead requeue [--error E] [--job-id ID] [--limit N] [--json]\n"
+    "       vidq dead requeue [--error E] [--job-id ID] [--limit N] [--priority P] [--json]\n"
     "       vidq dead purge [--error E] [--job-id ID] [--limit N] [--yes] [--json]\n"
     "\n"
     "Dead jobs, newest first. --error keeps entries with that error\n"
@@ -28,7 +28,9 @@ const char HELP_DEAD[] =
     "  list      job id, error, HTTP status, attempts, time, message;\n"
     "            --json prints each whole entry, one per line\n"
     "  requeue   remove each matching entry and push its original job back\n"
-    "            on the queue (exact bytes; attempts start again at 0).\n"
+    "            on the queue (exact bytes; attempts start again at 0), at\n"
+    "            the end of the normal lane, or of the lane --priority names\n"
+    "            (high, normal or low).\n"
     "            Entries with error \"ambiguous\" are requeued only with\n"
     "            --error ambiguous or --job-id: their request may have reached\n"
     "            the API, and submitting again may create and bill a second\n"
@@ -136,6 +138,7 @@ struct dead_filter {
     long limit;  /* 0 = all */
     int json;
     int yes;
+    enum key_kind lane; /* requeue: the lane jobs go back to (--priority; KEY_JOBS is normal) */
 };
 
 /* One dead entry, parsed. */
@@ -315,6 +318,7 @@ static const char REQUEUE_LUA[] = CLI_LUA_EXPECT
 
 struct requeue_ctx {
     const struct dead_filter *f;
+    const char *lane; /* the key of the lane jobs are pushed to */
     long requeued, ambiguous, broken;
 };
 
@@ -336,8 +340,8 @@ static int visit_requeue(const struct dead *d, void *ud)
     char *claim = key(KEY_CLAIM, d->job_id && *d->job_id ? d->job_id : KEY_NO_ID);
     const char *b = obj_str(cJSON_GetObjectItemCaseSensitive(d->obj, "job"), "batch");
     char *bk = key(KEY_BATCH, b && id_is_valid(b, strlen(b)) ? b : KEY_NO_ID);
-    const char *argv[9] = {"EVAL", REQUEUE_LUA, "4", k.dead, k.jobs, claim, bk, d->raw, job.buf ? job.buf : ""};
-    size_t lens[9] = {4, strlen(REQUEUE_LUA), 1, strlen(k.dead), strlen(k.jobs), strlen(claim), strlen(bk), d->len,
+    const char *argv[9] = {"EVAL", REQUEUE_LUA, "4", k.dead, c->lane, claim, bk, d->raw, job.buf ? job.buf : ""};
+    size_t lens[9] = {4, strlen(REQUEUE_LUA), 1, strlen(k.dead), strlen(c->lane), strlen(claim), strlen(bk), d->len,
                       job.len};
     redisReply *rep = visit_cmd(9, argv, lens);
     free(claim);
@@ -378,20 +382,27 @@ static int visit_count(const struct dead *d, void *ud)
     return VISIT_KEEP;
 }
 
-static void dead_options(int argc, char **argv, struct dead_filter *f, int purge)
+static void dead_options(int argc, char **argv, struct dead_filter *f, int purge, int requeue)
 {
     static const struct option opts[] = {
         COMMON_OPTIONS, {"error", required_argument, NULL, OPT_ERROR}, {"limit", required_argument, NULL, OPT_LIMIT},
-        {"job-id", required_argument, NULL, OPT_JOB_ID}, {"yes", no_argument, NULL, OPT_YES}, {NULL, 0, NULL, 0},
+        {"job-id", required_argument, NULL, OPT_JOB_ID}, {"yes", no_argument, NULL, OPT_YES},
+        {"priority", required_argument, NULL, OPT_PRIORITY}, {NULL, 0, NULL, 0},
     };
     int c;
     memset(f, 0, sizeof *f);
+    f->lane = KEY_JOBS;
     while ((c = getopt_long(argc, argv, "c:o:hy", opts, NULL)) != -1) {
         switch (c) {
         case OPT_ERROR: f->error = optarg; break;
         case OPT_LIMIT: f->limit = parse_count(optarg, "--limit", 1); break;
         case OPT_JOB_ID: f->job_id = optarg; break;
         case OPT_JSON: f->json = 1; break;
+        case OPT_PRIORITY:
+            if (!requeue)
+                die(EX_USAGE, "--priority: only dead requeue takes a lane");
+            f->lane = parse_priority(optarg);
+            break;
         case 'y':
         case OPT_YES:
             if (!purge)
@@ -407,7 +418,7 @@ static void dead_options(int argc, char **argv, struct dead_filter *f, int purge
 static int dead_list(int argc, char **argv)
 {
     struct dead_filter f;
-    dead_options(argc, argv, &f, 0);
+    dead_options(argc, argv, &f, 0, 0);
     setup();
     struct list_ctx c = {.json = f.json, .tty = isatty(1), .cols = term_cols(1)};
     if (!f.json && c.tty)
@@ -420,10 +431,12 @@ static int dead_list(int argc, char **argv)
 static int dead_requeue(int argc, char **argv)
 {
     struct dead_filter f;
-    dead_options(argc, argv, &f, 0);
+    dead_options(argc, argv, &f, 0, 1);
     setup();
-    struct requeue_ctx c = {.f = &f};
+    char *lane = key(f.lane, NULL);
+    struct requeue_ctx c = {.f = &f, .lane = lane};
     dead_scan(&f, visit_requeue, &c);
+    free(lane);
     if (c.broken)
         cli_warn("skipped %ld entr%s without a usable \"job\"", c.broken, c.broken == 1 ? "y" : "ies");
     if (c.ambiguous)
@@ -446,7 +459,7 @@ static int dead_requeue(int argc, char **argv)
 static int dead_purge(int argc, char **argv)
 {
     struct dead_filter f;
-    dead_options(argc, argv, &f, 1);
+    dead_options(argc, argv, &f, 1, 0);
     if (!f.yes && !isatty(0))
         die(EX_USAGE, "dead purge deletes dead jobs for good: add --yes (standard input is not a terminal to ask)");
     setup();

@@ -14,7 +14,8 @@
 const char HELP_STATS[] =
     "Usage: vidq stats [--json]\n"
     "\n"
-    "Show the queue: jobs waiting, whether intake is paused, the retry set\n"
+    "Show the queue: jobs waiting (in all, and in each priority lane), whether\n"
+    "intake is paused, the retry set\n"
     "(and how many retries are due), the dead list, tracked tasks, the results\n"
     "stream length, and every instance with its heartbeat age (\"dead\" when\n"
     "its heartbeat expired), state, jobs held and in flight.\n";
@@ -72,8 +73,8 @@ static void instance_json(sbuf *out, const char *name, const redisReply *hash, l
     sbuf_free(&w.b);
 }
 
-enum { Q_JOBS, Q_PAUSED, Q_RETRY, Q_DUE, Q_DEAD, Q_TRACK, Q_RESULTS, Q_INSTANCES, Q_WAITSETS, Q_SPEND_DAY,
-       Q_SPEND_TOTAL, Q_N };
+enum { Q_JOBS, Q_PAUSED, Q_RETRY, Q_DUE, Q_DEAD, Q_TRACK, Q_RESULTS, Q_INSTANCES, Q_WAITSETS, Q_HIGH, Q_LOW,
+       Q_SPEND_DAY, Q_SPEND_TOTAL, Q_N };
 
 /* Everything `stats` shows, read in three pipelined round trips. */
 struct stats {
@@ -93,6 +94,7 @@ static void stats_gather(struct stats *st)
     char now_s[32];
     char *waitsets = key(KEY_WAITSET, NULL);
     char day[16];
+    char *high = key(KEY_JOBS_HIGH, NULL), *low = key(KEY_JOBS_LOW, NULL);
     st->now = now_ms();
     utc_day(st->now, day);
     char *spend_day = key(KEY_SPEND_DAY, day), *spend_total = key(KEY_SPEND_TOTAL, NULL);
@@ -103,7 +105,8 @@ static void stats_gather(struct stats *st)
         [Q_DEAD] = {"LLEN", k.dead},     [Q_TRACK] = {"ZCARD", k.track},
         [Q_RESULTS] = {"XLEN", k.results}, [Q_INSTANCES] = {"SMEMBERS", k.instances},
         [Q_WAITSETS] = {"SMEMBERS", waitsets}, [Q_SPEND_DAY] = {"GET", spend_day},
-        [Q_SPEND_TOTAL] = {"GET", spend_total},
+        [Q_SPEND_TOTAL] = {"GET", spend_total}, [Q_HIGH] = {"LLEN", high},
+        [Q_LOW] = {"LLEN", low},
     };
     for (int i = 0; i < Q_N; i++)
         append(i == Q_DUE ? 4 : 2, q[i], NULL);
@@ -111,6 +114,8 @@ static void stats_gather(struct stats *st)
     free(waitsets);
     free(spend_day);
     free(spend_total);
+    free(high);
+    free(low);
     st->paused = st->rep[Q_PAUSED]->type == REDIS_REPLY_STRING ? st->rep[Q_PAUSED]->str : NULL;
 
     st->ninst = st->rep[Q_INSTANCES]->elements;
@@ -154,12 +159,22 @@ static void stats_free(struct stats *st)
     free(st->names);
 }
 
+/* Jobs waiting in the three lanes together. */
+static long long waiting(const struct stats *st)
+{
+    return st->rep[Q_HIGH]->integer + st->rep[Q_JOBS]->integer + st->rep[Q_LOW]->integer;
+}
+
 static void stats_json(const struct stats *st)
 {
     struct jw w;
     jw_begin(&w);
     jw_str(&w, "prefix", g.cfg.prefix);
-    jw_int(&w, "jobs", st->rep[Q_JOBS]->integer);
+    /* "jobs": every lane, as before there were lanes; "lanes": each. */
+    jw_int(&w, "jobs", waiting(st));
+    jw_key(&w, "lanes");
+    sbuf_printf(&w.b, "{\"high\":%lld,\"normal\":%lld,\"low\":%lld}", st->rep[Q_HIGH]->integer,
+                st->rep[Q_JOBS]->integer, st->rep[Q_LOW]->integer);
     jw_bool(&w, "paused", st->paused != NULL);
     jw_str(&w, "paused_by", st->paused);
     jw_int(&w, "retry", st->rep[Q_RETRY]->integer);
@@ -266,7 +281,8 @@ static void instance_text(const char *name, const redisReply *h, long long proce
 static void stats_text(const struct stats *st)
 {
     printf("queue %s on %s\n", g.cfg.prefix, rsync_where(g.r));
-    printf("  jobs waiting   %lld\n", st->rep[Q_JOBS]->integer);
+    printf("  jobs waiting   %lld (high %lld, normal %lld, low %lld)\n", waiting(st), st->rep[Q_HIGH]->integer,
+           st->rep[Q_JOBS]->integer, st->rep[Q_LOW]->integer);
     if (st->paused) {
         sbuf p;
         sbuf_init(&p);

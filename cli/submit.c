@@ -28,7 +28,8 @@
 #define WINDOW_BYTES ((size_t)2 << 20)
 
 const char HELP_SUBMIT[] =
-    "Usage: vidq submit [--model M] [--batch B] [--meta JSON] [--skip-invalid] [--json] [FILE|-]\n"
+    "Usage: vidq submit [--model M] [--batch B] [--meta JSON] [--priority P]\n"
+    "                   [--skip-invalid] [--json] [FILE|-]\n"
     "\n"
     "Enqueue jobs read from FILE (standard input when FILE is - or absent).\n"
     "A line whose first non-blank character is '{' is a JSON job; any other\n"
@@ -41,6 +42,8 @@ const char HELP_SUBMIT[] =
     "  --batch B        put every job in batch B (replacing a job's own\n"
     "                   \"batch\"); default: a new name like b-20261125-110203-ab12\n"
     "  --meta JSON      set \"meta\" on jobs that have none\n"
+    "  --priority P     the lane: high, normal (default) or low; vidqd takes\n"
+    "                   from the lanes in the proportion submit.lane_weights\n"
     "  --skip-invalid   enqueue the valid lines, report and skip the others\n"
     "  --budget N       the batch may spend at most N (docs/protocol.md §10): its\n"
     "                   jobs past that end over_budget; set before any is enqueued\n"
@@ -56,6 +59,7 @@ struct submit {
     const char *meta;     /* --meta, or NULL */
     char *batch;          /* --batch or a generated name */
     const char *budget;   /* --budget, or NULL */
+    enum key_kind lane;   /* --priority: the lane's key kind (KEY_JOBS: normal) */
     int skip_invalid;
     int json;
     const char *name;     /* the input, for messages */
@@ -416,7 +420,7 @@ static const char LAST_LUA[] = CLI_LUA_EXPECT
  * submit that failed part-way. Jobs are pushed in file order, so vidqd
  * (which takes from the right) submits them in that order too.
  */
-static void enqueue(struct submit *s, const char *batch_key)
+static void enqueue(struct submit *s, const char *lane, const char *batch_key)
 {
     const char **argv = xmalloc((CHUNK_JOBS + 7) * sizeof *argv);
     size_t *lens = xmalloc((CHUNK_JOBS + 7) * sizeof *lens);
@@ -438,7 +442,7 @@ static void enqueue(struct submit *s, const char *batch_key)
             argv[0] = "EVAL";
             argv[1] = LAST_LUA;
             argv[2] = "2";
-            argv[3] = k.jobs;
+            argv[3] = lane;
             argv[4] = batch_key;
             argv[5] = total;
             argv[6] = created;
@@ -447,9 +451,9 @@ static void enqueue(struct submit *s, const char *batch_key)
             append((int)(7 + n), argv, lens);
         } else {
             argv[5] = "LPUSH";
-            argv[6] = k.jobs;
+            argv[6] = lane;
             lens[5] = 5;
-            lens[6] = strlen(k.jobs);
+            lens[6] = strlen(lane);
             append((int)(2 + n), argv + 5, lens + 5);
         }
         sent[pending++] = (struct sent){i, n};
@@ -477,6 +481,7 @@ static const char *submit_options(int argc, char **argv, struct submit *s, const
         COMMON_OPTIONS, {"model", required_argument, NULL, OPT_MODEL}, {"batch", required_argument, NULL, OPT_BATCH},
         {"meta", required_argument, NULL, OPT_META}, {"skip-invalid", no_argument, NULL, OPT_SKIP},
         {"budget", required_argument, NULL, OPT_BUDGET}, {NULL, 0, NULL, 0},
+        {"priority", required_argument, NULL, OPT_PRIORITY}, {NULL, 0, NULL, 0},
     };
     int c;
     while ((c = getopt_long(argc, argv, "c:o:h", opts, NULL)) != -1) {
@@ -486,6 +491,7 @@ static const char *submit_options(int argc, char **argv, struct submit *s, const
         case OPT_META: s->meta = optarg; break;
         case OPT_SKIP: s->skip_invalid = 1; break;
         case OPT_BUDGET: s->budget = optarg; break;
+        case OPT_PRIORITY: s->lane = parse_priority(optarg); break;
         case OPT_JSON: s->json = 1; break;
         default: common_option(c, HELP_SUBMIT);
         }
@@ -561,6 +567,7 @@ int cmd_submit(int argc, char **argv)
     struct submit s;
     const char *batch = NULL;
     memset(&s, 0, sizeof s);
+    s.lane = KEY_JOBS;
     const char *path = submit_options(argc, argv, &s, &batch);
     load_config();
     s.batch = batch ? xstrdup(batch) : new_batch_name();
@@ -582,9 +589,11 @@ int cmd_submit(int argc, char **argv)
         snprintf(v, sizeof v, "%lld", (long long)micro);
         freeReplyObject(cmd("HSET", batch_key, "budget", v, NULL));
     }
+    char *lane = key(s.lane, NULL);
     int64_t t0 = mono_ms();
-    enqueue(&s, batch_key);
+    enqueue(&s, lane, batch_key);
     submit_report(&s, mono_ms() - t0);
+    free(lane);
     free(batch_key);
     free(s.batch);
     free(s.off);

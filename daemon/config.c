@@ -64,6 +64,8 @@ static const struct key_def keys[] = {
     {"submit.dedup_window", T_DURATION, OFF(dedup_window_ms), "7d", 0, 0, 0},
     {"submit.account_probe_interval", T_DURATION, OFF(account_probe_ms), "30s", 0, 0, 0},
     {"submit.max_job_bytes", T_SIZE, OFF(max_job_bytes), "16MiB", 0, 0, 0},
+    /* Three integers, checked and split into lane_weight[] by config_finish. */
+    {"submit.lane_weights", T_STR, OFF(lane_weights), "6 3 1", 0, 0, 0},
     {"track.enabled", T_BOOL, OFF(track_enabled), "no", 0, 0, CF_RESTART},
     {"track.poll_interval", T_DURATION, OFF(poll_interval_ms), "15s", 0, 0, 0},
     {"track.timeout", T_DURATION, OFF(track_timeout_ms), "24h", 0, 0, 0},
@@ -299,6 +301,29 @@ static int add_price(struct config *c, const char *glob, const char *value, int 
     c->nprices++;
     *r = (struct price_rule){.glob = globs, .micro = micro, .per_second = per_second, .line = line};
     return 0;
+}
+
+/* "H N L": three integers from 1 to 1000, separated by blanks. An empty
+ * value (NULL) is not a default here: the key has one, so it was emptied. */
+int parse_lane_weights(const char *s, long out[3])
+{
+    const char *p = s ? s : "";
+    for (int i = 0; i < 3; i++) {
+        char *end;
+        while (*p == ' ' || *p == '\t')
+            p++;
+        if (!isdigit((unsigned char)*p))
+            return -1;
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (errno != 0 || v < 1 || v > 1000 || (*end != '\0' && *end != ' ' && *end != '\t'))
+            return -1;
+        out[i] = v;
+        p = end;
+    }
+    while (*p == ' ' || *p == '\t')
+        p++;
+    return *p == '\0' ? 0 : -1;
 }
 
 static int parse_bool(const char *s, int *out)
@@ -1039,6 +1064,10 @@ int config_finish(struct config *c, const struct config_check *checks, char *err
         return key_error(c, "submit.account_probe_interval", err, errlen, "must be at least 100ms");
     if (c->max_job_bytes < 1024)
         return key_error(c, "submit.max_job_bytes", err, errlen, "must be at least 1KiB");
+    if (parse_lane_weights(c->lane_weights, c->lane_weight) != 0)
+        return key_error(c, "submit.lane_weights", err, errlen,
+                         "must be three integers from 1 to 1000, the shares of the high, normal and low lanes "
+                         "(e.g. 6 3 1)");
     if (c->state_dir == NULL || c->state_dir[0] != '/')
         return key_error(c, "daemon.state_dir", err, errlen, "must be an absolute path");
     if (c->poll_interval_ms < 1000)

@@ -80,6 +80,8 @@ struct config {
     int64_t dedup_window_ms;
     int64_t account_probe_ms; /* extension: submit.account_probe_interval */
     int64_t max_job_bytes;
+    char *lane_weights;     /* submit.lane_weights as written, "6 3 1" */
+    long lane_weight[3];    /* ... and parsed (config_finish): high, normal, low */
     /* [track] */
     int track_enabled;
     int64_t poll_interval_ms;
@@ -194,6 +196,8 @@ const char *config_token_warning(void);
 int parse_duration_ms(const char *s, int64_t *out);
 /* "10/s", "600/min", "3600/h", a bare number is per second; 0 = unlimited. */
 int parse_rate(const char *s, double *per_second);
+/* submit.lane_weights: "H N L", each 1..1000. 0, or -1 when invalid. */
+int parse_lane_weights(const char *s, long out[3]);
 /* "16MiB", "512KiB", "1GB", bare bytes. */
 int parse_size(const char *s, int64_t *out);
 

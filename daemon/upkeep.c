@@ -863,6 +863,7 @@ worker *worker_new(uv_loop_t *loop, const struct config *cfg, queue *q, http_cli
              w->id_rand);
     spool_load(w);
     flow_init(&w->flow, cfg->rate, (unsigned)cfg->concurrency, mono_ms());
+    queue_lanes(w->q, cfg->lane_weight);
     uv_timer_init(loop, &w->intake_timer);
     uv_timer_init(loop, &w->drain_timer);
     uv_timer_init(loop, &w->upkeep_timer);
@@ -878,6 +879,7 @@ void worker_set_config(worker *w, const struct config *cfg)
 {
     w->cfg = cfg;
     flow_configure(&w->flow, cfg->rate, (unsigned)cfg->concurrency);
+    queue_lanes(w->q, cfg->lane_weight);
     path_configure(w);
 }
 

@@ -514,6 +514,20 @@ static int from_waiting(const slot *s)
     return end && memmem(s->held + n, (size_t)(end - (s->held + n)), ".w", 2) != NULL;
 }
 
+/* The lane a held copy was taken from, as the tag its id ends with (":h"
+ * high, ":l" low, "" normal: queue.c, LANES_LUA). */
+static const char *lane_tag(const slot *s)
+{
+    const char *p = "{\"vidq_held\":\"";
+    size_t n = strlen(p);
+    if (s->held_len <= n || memcmp(s->held, p, n) != 0)
+        return "";
+    const char *end = memchr(s->held + n, '"', s->held_len - n);
+    if (end == NULL || end - (s->held + n) < 2 || end[-2] != ':')
+        return "";
+    return end[-1] == 'h' ? ":h" : end[-1] == 'l' ? ":l" : "";
+}
+
 void slot_putback(slot *s)
 {
     s->state = S_PUTBACK;
@@ -561,9 +575,11 @@ static void retry_later(slot *s, const struct outcome *o)
     s->due_ms = now_ms() + backoff_ms(w, s->attempts, o->retry_after_ms);
     sbuf_init(&b);
     /* The nonce keeps two identical copies retried at the same attempt two
-     * members of the retry set (ZADD would merge them: one job lost). */
-    sbuf_printf(&b, ENVELOPE_PREFIX "%u,\"n\":\"%08x%08x\",\"job_id\":", s->attempts, (unsigned)rand(),
-                (unsigned)++w->id_counter);
+     * members of the retry set (ZADD would merge them: one job lost). Its
+     * end is the job's lane tag, so the retry returns to its lane (queue.c,
+     * LANES_LUA); unwrap() and older vidqd read it as any nonce. */
+    sbuf_printf(&b, ENVELOPE_PREFIX "%u,\"n\":\"%08x%08x%s\",\"job_id\":", s->attempts, (unsigned)rand(),
+                (unsigned)++w->id_counter, lane_tag(s));
     sbuf_json_str(&b, s->job.job_id, strlen(s->job.job_id));
     sbuf_puts(&b, "},\"job\":");
     sbuf_append(&b, s->job.raw, s->job.raw_len);

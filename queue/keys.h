@@ -16,6 +16,8 @@
  * (job_id or batch name). The comment says what the key holds. */
 #define VIDQ_KEYS(X)                                                                                \
     X(JOBS, "jobs", 0)              /* list: producers LPUSH, vidqd takes from the right */         \
+    X(JOBS_HIGH, "jobs:high", 0)    /* list: the high lane (§11); "jobs" is the normal one */        \
+    X(JOBS_LOW, "jobs:low", 0)      /* list: the low lane (§11) */                                  \
     X(PROCESSING, "processing", 1)  /* list: the jobs an instance holds, wrapped */                 \
     X(RESULTS, "results", 0)        /* stream: one event per outcome */                            \
     X(DEAD, "dead", 0)              /* list: dead-job records */                                   \
@@ -61,7 +63,9 @@ enum key_kind { VIDQ_KEYS(KEY_ENUM_) KEY_COUNT };
  * The same names for Lua: KIND['<kind>'] is the kind's name and
  * key(prefix, kind, id) builds a key as key_format() does. For the scripts
  * that derive keys they are not given (another instance's lists, a task's
- * hash); the others receive their keys in KEYS.
+ * hash); the others receive their keys in KEYS. The table is written with
+ * ['...']= keys because a kind may hold a ':' ("jobs:high"); in a script's
+ * prelude its local is K_jobs_high (queue.c script_text).
  */
 #define KEY_LUA_KIND_(e, name, per) "['" name "']='" name "',"
 #define KEYS_LUA                                                                              \

@@ -76,7 +76,8 @@
     X(max) X(now) X(interval) X(burst) X(ids) X(job) X(id) X(held) X(mode) X(token) X(retry_ambiguous)     \
     X(raw) X(maxlen) X(dead) X(task_id) X(dedup_ttl) X(batch_field) X(final) X(batch) X(first_poll)        \
     X(track_id) X(claim) X(batch_ttl) X(due) X(envelope) X(ttl) X(name) X(counting) X(self) X(prefix)       \
-    X(run) X(dead_run) X(lease) X(job_id) X(next_poll) X(nhash) X(end) X(price) X(daily) X(total)
+    X(run) X(dead_run) X(lease) X(job_id) X(next_poll) X(nhash) X(end) X(price) X(daily) X(total) X(weights)   \
+    X(wrr)
 #define ARG_ENUM_(n) A_##n,
 enum arg { SCRIPT_ARGS(ARG_ENUM_) A_COUNT };
 _Static_assert(A_COUNT <= 64, "script_call keeps the listed arguments in a 64-bit set");
@@ -86,8 +87,41 @@ static const char *const arg_names[A_COUNT] = {SCRIPT_ARGS(ARG_NAME_)};
 #undef ARG_NAME_
 
 /*
+ * The priority lanes (docs/protocol.md §11): high, normal, low, in the order
+ * submit.lane_weights names them. The id of a held copy says which lane it
+ * was taken from, by a tag at its end (":h", ":l"; none for normal, so a
+ * copy taken before there were lanes, or by the blocking pop, is normal):
+ * the copy goes verbatim wherever it goes (a takeover, a put-back after a
+ * crash), and whoever ends it up returns it to the head of its own lane. A
+ * retry carries the tag at the end of its envelope's nonce (worker.c), which
+ * an older vidqd reads as a nonce like any other. lane_of(id) is 1, 2 or 3.
+ */
+#define LANES_LUA                                                                                    \
+    "local LANE_TAG = {':h', '', ':l'}\n"                                                            \
+    "local function lane_of(id)\n"                                                                   \
+    "  local t = id and string.sub(id, -2)\n"                                                        \
+    "  if t == ':h' then return 1 elseif t == ':l' then return 3 end\n"                              \
+    "  return 2\n"                                                                                   \
+    "end\n"                                                                                          \
+    "local function held_lane(h) return lane_of(string.match(h, '^{\"vidq_held\":\"([^\"]*)\"')) end\n" \
+    "local function retry_lane(e)\n"                                                                 \
+    "  return lane_of(string.match(e, '^{\"vidq_retry\":{\"attempts\":%d+,\"n\":\"([^\"]*)\"'))\n"     \
+    "end\n"
+
+/*
  * Move up to A_max jobs into the processing list, each wrapped with the
- * id A_ids.<n>; reply {paused, wait_ms, job...}. With a global rate
+ * id A_ids.<n> and its lane's tag; reply {paused, wait_ms, wrr, job...}.
+ *
+ * Which lane each job comes from is a smooth weighted round robin (nginx's
+ * upstream balancing) over the lanes that have jobs, weights A_weights
+ * ("H N L"): every pick adds each such lane's weight to its credit, takes
+ * from the lane with the most (the higher lane on a tie) and charges it the
+ * sum of those weights. So 6 3 1 interleaves (h n h h n h l h n h), rather
+ * than six high jobs in a row, an empty lane's share goes to the others, and
+ * no lane with jobs waits more than a round of sum(weights) picks. The
+ * credits are the instance's (A_wrr, "H N L", kept by queue.c between calls
+ * and answered back as wrr): picks stay in proportion across calls of any
+ * size, down to one job a call at concurrency 1. With a global rate
  * (A_interval = emission interval in ms, > 0) the admissions are paced by
  * GCRA on K_ratelimit: the key holds the theoretical arrival time (TAT,
  * unix ms with decimals); a job may start when TAT - now <= the burst
@@ -96,29 +130,65 @@ static const char *const arg_names[A_COUNT] = {SCRIPT_ARGS(ARG_NAME_)};
  * the caller when the next admission is possible. (string.format keeps the
  * TAT exact: Lua would print it as %.14g.)
  */
-static const char TAKE_LUA[] = CHECK_LUA WRAP_LUA
+static const char TAKE_LUA[] = CHECK_LUA WRAP_LUA LANES_LUA
+    "local function need_three(v, what, min, max)\n"
+    "  local a, b, c = string.match(v, '^(-?%d+) (-?%d+) (-?%d+)$')\n"
+    "  local t = {tonumber(a), tonumber(b), tonumber(c)}\n"
+    "  for l = 1, 3 do\n"
+    "    if t[l] == nil or t[l] < min or t[l] > max then\n"
+    "      error('vidq: ' .. what .. ' must be three integers from ' .. min .. ' to ' .. max .. ': ' .. v)\n"
+    "    end\n"
+    "  end\n"
+    "  return t\n"
+    "end\n"
     "local max = need_int(A_max, 'max', 0)\n"
     "local now = need_num(A_now, 'now')\n"
     "local interval, burst = need_num(A_interval, 'interval'), need_num(A_burst, 'burst')\n"
     "if A_ids == '' then error('vidq: take needs an id base') end\n"
     "if interval < 0 or burst < 0 then error('vidq: negative rate') end\n"
-    "if redis.call('EXISTS', K_paused) == 1 then return {1, 0} end\n"
+    "local weight = need_three(A_weights, 'weights', 1, 1000)\n"
+    "local credit = need_three(A_wrr, 'wrr', -1e6, 1e6)\n"
+    "if redis.call('EXISTS', K_paused) == 1 then return {1, 0, A_wrr} end\n"
     "local tat = now\n"
     "if interval > 0 then\n"
     "  tat = math.max(tonumber(redis.call('GET', K_ratelimit) or 0), now)\n"
     "  local room = math.floor((now + burst - tat) / interval) + 1\n"
     "  if room < max then max = room end\n"
-    "  if max <= 0 then return {0, math.ceil(tat - burst - now)} end\n"
+    "  if max <= 0 then return {0, math.ceil(tat - burst - now), A_wrr} end\n"
     "end\n"
-    "local out = {0, 0}\n"
+    "local lanes = {K_jobs_high, K_jobs, K_jobs_low}\n"
+    "local left = {redis.call('LLEN', K_jobs_high), redis.call('LLEN', K_jobs), redis.call('LLEN', K_jobs_low)}\n"
+    "local function pick()\n"
+    "  local best, sum = 0, 0\n"
+    "  for l = 1, 3 do\n"
+    "    if left[l] > 0 then\n"
+    "      credit[l] = credit[l] + weight[l]\n"
+    "      sum = sum + weight[l]\n"
+    "      if best == 0 or credit[l] > credit[best] then best = l end\n"
+    "    end\n"
+    "  end\n"
+    "  if best > 0 then credit[best] = credit[best] - sum end\n"
+    "  return best\n"
+    "end\n"
+    /* One lane with jobs (the common case): every pick is its own, and its
+     * credit gains and loses its weight, so it is left as it is (the
+     * round robin adds 12 % to this script's Redis CPU per job otherwise,
+     * at 32 jobs a call). */
+    "local busy, only = 0, 0\n"
+    "for l = 1, 3 do if left[l] > 0 then busy = busy + 1; only = l end end\n"
+    "local out = {0, 0, A_wrr}\n"
     "for i = 1, max do\n"
-    "  local j = redis.call('RPOP', K_jobs)\n"
-    "  if not j then break end\n"
-    "  local h = wrap(j, A_ids .. '.' .. i)\n"
+    "  local best = only\n"
+    "  if busy > 1 then best = pick() end\n"
+    "  if best == 0 or left[best] == 0 then break end\n"
+    "  left[best] = left[best] - 1\n"
+    "  local j = redis.call('RPOP', lanes[best])\n"
+    "  local h = wrap(j, A_ids .. '.' .. i .. LANE_TAG[best])\n"
     "  redis.call('LPUSH', K_processing, h)\n"
     "  out[#out + 1] = h\n"
     "end\n"
-    "local n = #out - 2\n"
+    "out[3] = credit[1] .. ' ' .. credit[2] .. ' ' .. credit[3]\n"
+    "local n = #out - 3\n"
     "if interval > 0 and n > 0 then\n"
     "  local t = tat + n * interval\n"
     "  redis.call('SET', K_ratelimit, string.format('%.3f', t), 'PX', math.ceil(t - now) + 1000)\n"
@@ -309,10 +379,18 @@ static const char SEND_LUA[] = CHECK_LUA
 /* Return a held job to the intake list, where it is taken next: nothing
  * was sent, or the API said for sure that nothing was created. A_job is
  * the job as it was taken (the held copy without its wrapper); A_token
- * the mark, or "". */
-static const char PUTBACK_LUA[] = CHECK_LUA SETTLE_LUA
+ * the mark, or "". It goes to the head of the lane it was taken from
+ * (LANES_LUA): that lane's key is derived from K_jobs, whose prefix it
+ * shares (and so its Redis Cluster slot), because a spool names this
+ * script with these keys (see scripts[]). */
+static const char PUTBACK_LUA[] = CHECK_LUA KEYS_LUA LANES_LUA SETTLE_LUA
+    "local function lane_key(lane)\n"
+    "  if lane == 2 then return K_jobs end\n"
+    "  local prefix = string.sub(K_jobs, 1, #K_jobs - #KIND.jobs - #'" KEY_SEP "')\n"
+    "  return key(prefix, lane == 1 and KIND['jobs:high'] or KIND['jobs:low'])\n"
+    "end\n"
     "if redis.call('LREM', K_processing, 1, A_held) == 1 then\n"
-    "  redis.call('RPUSH', K_jobs, A_job)\n"
+    "  redis.call('RPUSH', lane_key(held_lane(A_held)), A_job)\n"
     "  " FORGET_DEATHS_LUA("A_held")
     "end\n"
     UNMARK_LUA("false", "true")
@@ -482,12 +560,14 @@ static const char RETRY_LUA[] = CHECK_LUA SETTLE_LUA RETRY_BODY_LUA("false");
  * retry reserves anew. One step, so a spool replays it whole. */
 static const char RETRY_KEEP_LUA[] = CHECK_LUA SETTLE_LUA RETRY_BODY_LUA("true");
 
-/* Due retries (up to A_max) go to the taking end of the intake list. */
-static const char PROMOTE_LUA[] = CHECK_LUA
+/* Due retries (up to A_max) go to the taking end of their lane (the tag
+ * of the envelope's nonce, LANES_LUA; none: the normal lane). */
+static const char PROMOTE_LUA[] = CHECK_LUA LANES_LUA
     "local due = redis.call('ZRANGEBYSCORE', K_retry, '-inf', need_uint(A_now, 'now', 0), 'LIMIT', 0, need_uint(A_max, 'max', 1))\n"
+    "local lanes = {K_jobs_high, K_jobs, K_jobs_low}\n"
     "for _, m in ipairs(due) do\n"
     "  redis.call('ZREM', K_retry, m)\n"
-    "  redis.call('RPUSH', K_jobs, m)\n"
+    "  redis.call('RPUSH', lanes[retry_lane(m)], m)\n"
     "end\n"
     "return #due\n";
 
@@ -714,8 +794,8 @@ struct script {
  * record/retry/putback's lists as they are, so a spool written by an older
  * vidqd still replays. */
 static const struct script scripts[S_COUNT] = {
-    [S_TAKE] = {"take", TAKE_LUA, KS(KEY_JOBS, KEY_PROCESSING, KEY_PAUSED, KEY_RATELIMIT),
-                AS(A_max, A_now, A_interval, A_burst, A_ids), 0},
+    [S_TAKE] = {"take", TAKE_LUA, KS(KEY_JOBS, KEY_PROCESSING, KEY_PAUSED, KEY_RATELIMIT, KEY_JOBS_HIGH, KEY_JOBS_LOW),
+                AS(A_max, A_now, A_interval, A_burst, A_ids, A_weights, A_wrr), 0},
     [S_PUTBACK] = {"putback", PUTBACK_LUA, KS(KEY_PROCESSING, KEY_JOBS, KEY_SENDING, KEY_CLAIM, KEY_RECOVERED),
                    AS(A_held, A_token, A_job), 0},
     [S_RECORD] = {"record", RECORD_LUA,
@@ -726,7 +806,7 @@ static const struct script scripts[S_COUNT] = {
                   1},
     [S_RETRY] = {"retry", RETRY_LUA, KS(KEY_PROCESSING, KEY_RETRY, KEY_SENDING, KEY_RECOVERED, KEY_CLAIM),
                  AS(A_held, A_due, A_envelope, A_token), 0},
-    [S_PROMOTE] = {"promote", PROMOTE_LUA, KS(KEY_RETRY, KEY_JOBS), AS(A_now, A_max), 0},
+    [S_PROMOTE] = {"promote", PROMOTE_LUA, KS(KEY_RETRY, KEY_JOBS, KEY_JOBS_HIGH, KEY_JOBS_LOW), AS(A_now, A_max), 0},
     [S_HEARTBEAT] = {"heartbeat", HEARTBEAT_LUA, KS(KEY_INSTANCE, KEY_INSTANCES), AS(A_ttl, A_name), 1},
     [S_HELD] = {"held", HELD_LUA, KS(KEY_PROCESSING, KEY_SENDING, KEY_RECOVERED, KEY_CLEAN), AS(A_counting, A_ids),
                 0},
@@ -769,24 +849,21 @@ static int script_nargs(const struct script *sc)
     return n;
 }
 
+/* K_<kind>, the Lua local of a key kind: a kind may hold a ':' ("jobs:high"),
+ * which no Lua name may, so it is written as '_' (K_jobs_high). */
+static void put_key_local(sbuf *b, const char *sep, enum key_kind k)
+{
+    sbuf_printf(b, "%sK_", sep);
+    for (const char *p = key_kind_name(k); *p; p++)
+        sbuf_putc(b, *p == ':' ? '_' : *p);
+}
+
 /*
  * The text Redis runs: a prelude that checks the counts and names KEYS and
  * ARGV (K_<kind>, A_<name>, NARGS), then the body.
  */
-/* A kind's name as a Lua identifier: "spend:day" is K_spend_day. */
-static const char *lua_kind(enum key_kind k, char *buf, size_t size)
-{
-    snprintf(buf, size, "%s", key_kind_name(k));
-    for (char *p = buf; *p; p++) {
-        if (*p == ':')
-            *p = '_';
-    }
-    return buf;
-}
-
 static char *script_text(int i)
 {
-    char kn[64];
     const struct script *sc = &scripts[i];
     int nk = script_nkeys(sc), na = script_nargs(sc);
     sbuf b;
@@ -796,15 +873,18 @@ static char *script_text(int i)
     /* Locals, not tables: a table of names built at every call cost 6 % of
      * Redis's instructions per job (callgrind, tests replayed). */
     for (int k = 0; k < nk; k++)
-        sbuf_printf(&b, "%sK_%s", k ? ", " : "local ", lua_kind(sc->keys[k], kn, sizeof kn));
+        put_key_local(&b, k ? ", " : "local ", sc->keys[k]);
     for (int k = 0; k < nk; k++)
         sbuf_printf(&b, "%sKEYS[%d]", k ? ", " : " = ", k + 1);
     sbuf_putc(&b, '\n');
     /* A per-id key without an id comes as <prefix>:<kind>:! (keys.h KEY_NO_ID): "" from here on. */
     for (int k = 0; k < nk; k++) {
-        if (key_kind_per(sc->keys[k]) == 2)
-            sbuf_printf(&b, "if string.sub(K_%s, -1) == '" KEY_NO_ID "' then K_%s = '' end\n",
-                        lua_kind(sc->keys[k], kn, sizeof kn), kn);
+        if (key_kind_per(sc->keys[k]) == 2) {
+            put_key_local(&b, "if string.sub(", sc->keys[k]);
+            sbuf_puts(&b, ", -1) == '" KEY_NO_ID "' then");
+            put_key_local(&b, " ", sc->keys[k]);
+            sbuf_puts(&b, " = '' end\n");
+        }
     }
     for (int a = 0; a < na; a++)
         sbuf_printf(&b, "%sA_%s", a ? ", " : "local ", arg_names[sc->args[a]]);
@@ -842,6 +922,8 @@ struct queue {
     int64_t batch_ttl_ms;
     sbuf *capture; /* queue_capture: commands are written here instead of sent */
     char run[64];  /* ids of held copies: <run>.<call>.<n>, unique across runs and instances */
+    char weights[48]; /* submit.lane_weights, "H N L" (queue_lanes) */
+    char wrr[64];     /* this instance's lane credits, "H N L", as TAKE answered them last */
     unsigned long long id_seq;
     char sha[S_COUNT][41];
     int scripts_loaded;
@@ -866,6 +948,7 @@ struct call {
     int skip;    /* items_fn: leading elements that are not items */
     int triples; /* items_fn: elements come as {mark token, deaths, item} triples */
     int nil_is_error; /* on_single: a nil reply is an error (the wrap found nothing) */
+    int wrr;          /* on_items: the third element is TAKE's new lane credits */
 };
 
 static void set_up(queue *q, int up, const char *why)
@@ -940,6 +1023,8 @@ queue *queue_new(uv_loop_t *loop, const struct queue_opts *o, queue_state_fn *fn
     for (int i = 0; i < S_COUNT; i++)
         q->text[i] = script_text(i);
     snprintf(q->run, sizeof q->run, "%.32s.%llx.%x", o->instance, (unsigned long long)now_ms(), (unsigned)rand());
+    snprintf(q->weights, sizeof q->weights, "6 3 1"); /* submit.lane_weights' default, until queue_lanes */
+    snprintf(q->wrr, sizeof q->wrr, "0 0 0");
     q->maxlen = o->results_maxlen;
     q->batch_ttl_ms = o->batch_ttl_ms > 0 ? o->batch_ttl_ms : 7 * 86400000LL;
     q->state_fn = fn;
@@ -1038,6 +1123,8 @@ static void on_items(redisReply *r, void *ud)
         info.paused = r->element[0]->integer == 1;
     if (skip >= 2 && r->element[1]->type == REDIS_REPLY_INTEGER)
         info.rate_wait_ms = r->element[1]->integer;
+    if (c->wrr && skip >= 3 && r->element[2]->type == REDIS_REPLY_STRING && r->element[2]->len < sizeof c->q->wrr)
+        memcpy(c->q->wrr, r->element[2]->str, r->element[2]->len + 1);
     struct qitem *items = xcalloc(n - skip + 1, sizeof *items);
     size_t k = 0;
     for (size_t i = skip; i < n; i++) {
@@ -1310,10 +1397,25 @@ int queue_take(queue *q, unsigned max, double global_rate, queue_items_fn *fn, v
     sarg(&a, A_interval, interval);
     sarg(&a, A_burst, burst);
     sarg(&a, A_ids, base);
+    sarg(&a, A_weights, q->weights);
+    sarg(&a, A_wrr, q->wrr);
     struct call *c = new_call(q, ud);
     c->items_fn = fn;
-    c->skip = 2;
+    c->skip = 3;
+    c->wrr = 1;
     return script_call(q, S_TAKE, &a, on_items, c);
+}
+
+void queue_lanes(queue *q, const long weights[3])
+{
+    char w[sizeof q->weights];
+    snprintf(w, sizeof w, "%ld %ld %ld", weights[0], weights[1], weights[2]);
+    if (strcmp(w, q->weights) == 0)
+        return;
+    /* New weights start from even credits: the old ones were earned under
+     * other weights (and stay bounded only under the weights they came with). */
+    memcpy(q->weights, w, sizeof w);
+    snprintf(q->wrr, sizeof q->wrr, "0 0 0");
 }
 
 /* The blocking pop moved a job as it was: wrap it (WRAP1_LUA) before

@@ -60,15 +60,23 @@ void queue_close(queue *q);
  * Held copies are unique: each is {"vidq_held":"<id>","job":<the job as
  * taken>} (see queue.c), so identical jobs are never confused.
  *
- * Move up to `max` jobs from the intake list to this instance's processing
- * list, atomically, in one round trip; nothing when `prefix:paused` exists.
+ * Move up to `max` jobs from the intake lists (the lanes: high, normal, low)
+ * to this instance's processing list, atomically, in one round trip; the
+ * lanes that have jobs are picked by a smooth weighted round robin in the
+ * proportion of queue_lanes' weights; nothing when `prefix:paused` exists.
  * `global_rate` > 0 (jobs/s across all instances) paces admissions with
  * GCRA in the same step. Returns -1 when Redis is not up (fn not called).
  */
 int queue_take(queue *q, unsigned max, double global_rate, queue_items_fn *fn, void *ud);
+/* The lane weights of queue_take (high, normal, low; each 1..1000); the
+ * default is 6 3 1. A change restarts the round robin from even credits. */
+void queue_lanes(queue *q, const long weights[3]);
 /* Up to `max` jobs parked for `gateway` (queue_park), oldest first; items as for queue_take. */
 int queue_take_waiting(queue *q, const char *gateway, unsigned max, queue_items_fn *fn, void *ud);
-/* Block up to `timeout_s` on the blocking connection for one job (BLMOVE). */
+/* Block up to `timeout_s` on the blocking connection for one job (BLMOVE).
+ * It watches the normal lane only (BLMOVE takes one list): a job pushed to
+ * the high or low lane of an idle queue waits for the next queue_take, which
+ * comes when the wait ends, within `timeout_s`. */
 int queue_wait(queue *q, int timeout_s, queue_items_fn *fn, void *ud);
 /*
  * The jobs held in this instance's processing list, oldest first, each with
@@ -141,11 +149,12 @@ int queue_send(queue *q, const struct qsend *s, queue_send_fn *fn, void *ud);
  * created a task: docs/protocol.md §10). */
 int queue_retry(queue *q, const char *held, size_t held_len, const char *envelope, size_t env_len, int64_t due_ms,
                 const char *token, const char *job_id, int keep, queue_done_fn *fn, void *ud);
-/* Move due retries to the intake list. result = number moved. */
+/* Move due retries to the taking end of their lane. result = number moved. */
 int queue_promote(queue *q, queue_done_fn *fn, void *ud);
 /* Move a held copy back to the intake list as `job` (the text as it was
  * taken, without the held wrapper), to be taken next (nothing was created:
- * the mark `token`, if any, and its claim end). */
+ * the mark `token`, if any, and its claim end): to the taking end of the
+ * lane it was taken from. */
 /* A held job never sent, for a stopped gateway: into vidq:waiting:<gateway>
  * (docs/protocol.md §9), its mark and claim ended, in one step. */
 int queue_park(queue *q, const char *gateway, int oldest, const char *held, size_t len, const char *job,

@@ -59,7 +59,8 @@ def positional(name, keys, args, tail=()):
 def seed(r):
     r.execute("FLUSHDB")
     sha = hashlib.sha1(H1.encode()).hexdigest()
-    for cmd in (("RPUSH", k("jobs"), "J1", "J2"), ("RPUSH", k("waiting:gw1"), "W1", "W2"), ("SADD", k("waitsets"), "gw1"), ("LPUSH", k("processing:i1"), H1),
+    for cmd in (("RPUSH", k("jobs"), "J1", "J2"), ("RPUSH", k("jobs:high"), "JH1"), ("RPUSH", k("jobs:low"), "JL1"),
+                ("RPUSH", k("waiting:gw1"), "W1", "W2"), ("SADD", k("waitsets"), "gw1"), ("LPUSH", k("processing:i1"), H1),
                 ("HSET", k("sending:i1"), "run0.1", sha), ("HSET", k("recovered"), sha, "1"),
                 ("HSET", k("batch:B"), "total", "1"), ("ZADD", k("retry"), "1", "R1"),
                 ("ZADD", k("track"), "1", "j2"), ("HSET", k("task:j2"), "task_id", "t2"),
@@ -83,8 +84,9 @@ def named_calls():
     """name -> (keys, args[, tail]) by name: a valid call on the seeded database."""
     return {
         "take": ({"jobs": k("jobs"), "processing": k("processing:i1"), "paused": k("paused"),
-                  "ratelimit": k("ratelimit")},
-                 {"max": "2", "now": "1000", "interval": "0", "burst": "0", "ids": "r.1"}),
+                  "ratelimit": k("ratelimit"), "jobs:high": k("jobs:high"), "jobs:low": k("jobs:low")},
+                 {"max": "2", "now": "1000", "interval": "0", "burst": "0", "ids": "r.1", "weights": "6 3 1",
+                  "wrr": "0 0 0"}),
         "putback": ({"processing": k("processing:i1"), "jobs": k("jobs"), "sending": k("sending:i1"),
                      "claim": k("claim:j1"), "recovered": k("recovered")},
                     {"held": H1, "token": "run0.1", "job": H1}),
@@ -107,7 +109,8 @@ def named_calls():
         "retry": ({"processing": k("processing:i1"), "retry": k("retry"), "sending": k("sending:i1"),
                    "recovered": k("recovered"), "claim": k("claim:j1")},
                   {"held": H1, "due": "5000", "envelope": "E1", "token": "run0.1"}),
-        "promote": ({"retry": k("retry"), "jobs": k("jobs")}, {"now": "5000", "max": "10"}),
+        "promote": ({"retry": k("retry"), "jobs": k("jobs"), "jobs:high": k("jobs:high"), "jobs:low": k("jobs:low")},
+                    {"now": "5000", "max": "10"}),
         "heartbeat": ({"instance": k("instance:i1"), "instances": k("instances")}, {"ttl": "10000", "name": "i1"},
                       ["state", "running"]),
         "held": ({"processing": k("processing:i1"), "sending": k("sending:i1"), "recovered": k("recovered"),
@@ -313,14 +316,73 @@ def main(t, env):
     r.execute("LPUSH", k("jobs"), H1, H1)
     keys, args = calls()["take"]
     got = evalsha(r, shas["take"], keys, args)
-    t.ok(len(got) == 4 and got[2] != got[3] and all(x.startswith(b'{"vidq_held":"r.1.') for x in got[2:]),
+    t.ok(len(got) == 5 and got[3] != got[4] and all(x.startswith(b'{"vidq_held":"r.1.') for x in got[3:]),
          "take: two identical jobs become two different held copies", repr(got))
+    lanes(t, r, shas)
     r.execute("FLUSHDB")
     r.execute("LPUSH", k("processing:i1"), H1, "wrapped?")
     keys, args = calls()["held"]
     got = evalsha(r, shas["held"], keys, args)
     t.ok(all(x.startswith(b'{"vidq_held":"r.3.') for x in got[2::3]) and len(got) == 6,
          "held: copies a blocking pop left unwrapped are wrapped", repr(got))
+
+
+def lanes(t, r, shas):
+    """The priority lanes: TAKE's weighted round robin, and the way back to a job's own lane."""
+    r.execute("FLUSHDB")
+    for lane, tag in (("jobs:high", "h"), ("jobs", "n"), ("jobs:low", "l")):
+        r.execute("LPUSH", k(lane), *["%s%02d" % (tag, i) for i in range(20)])
+    keys, _ = calls()["take"]
+    wrr, picks = "0 0 0", []
+    for _ in range(20):  # one job a call: the credits carry the proportion from call to call
+        got = evalsha(r, shas["take"], keys, args_with("take", max="1", wrr=wrr))
+        wrr = got[2].decode()
+        picks.append(got[3])
+    order = "".join(p.split(b'"job":')[1][0:1].decode() for p in picks)
+    t.eq(order, "hnhhnhlhnh" * 2, "take: 6 3 1 interleaves h n h h n h l h n h, one job a call")
+    ids = [p.split(b'"')[3] for p in picks[:7]]
+    t.eq([i[-2:] for i in ids], [b":h", b".1", b":h", b":h", b".1", b":h", b":l"],
+         "take: a held copy's id ends with its lane's tag (none for normal)")
+    got = evalsha(r, shas["take"], keys, args_with("take", max="10", wrr="0 0 0", weights="1 1 1"))
+    t.eq("".join(p.split(b'"job":')[1][0:1].decode() for p in got[3:]), "hnlhnlhnlh", "take: 1 1 1 alternates")
+    r.execute("DEL", k("jobs:high"), k("jobs"))
+    got = evalsha(r, shas["take"], keys, args_with("take", max="3", wrr="0 0 0"))
+    t.eq(len(got) - 3, 3, "take: a lone lane (low) gets every pick")
+    before = snapshot(r)
+    for bad in ("6 3", "0 1 1", "a b c", "6 3 1001", "6 3 1 1"):
+        try:
+            evalsha(r, shas["take"], keys, args_with("take", weights=bad))
+            t.ok(False, "take: weights %r refused" % bad)
+        except vt.RedisError:
+            pass
+    for bad in ("0 0", "1 2 x", "9999999 0 0"):
+        try:
+            evalsha(r, shas["take"], keys, args_with("take", wrr=bad))
+            t.ok(False, "take: credits %r refused" % bad)
+        except vt.RedisError:
+            pass
+    t.ok(snapshot(r) == before, "take: bad weights or credits are refused before any write")
+    # Put back: a held copy returns to the head (the taking end) of the lane its id names.
+    for tag, lane in ((":h", "jobs:high"), (":l", "jobs:low"), ("", "jobs")):
+        r.execute("FLUSHDB")
+        r.execute("LPUSH", k(lane), "older")
+        held = '{"vidq_held":"r.9.1%s","job":%s}' % (tag, H1)
+        r.execute("LPUSH", k("processing:i1"), held)
+        keys, _ = calls()["putback"]
+        evalsha(r, shas["putback"], keys, args_with("putback", held=held))
+        t.eq(r.execute("LRANGE", k(lane), 0, -1), [b"older", H1.encode()],
+             "putback: a copy tagged %r goes to the head of %s" % (tag, lane))
+    # Promote: a due retry goes to the lane its envelope's nonce names.
+    r.execute("FLUSHDB")
+    env = '{"vidq_retry":{"attempts":1,"n":"0011aabb0000000c%s","job_id":"j%s"},"job":%s}'
+    for tag in (":h", ":l", ""):
+        r.execute("ZADD", k("retry"), "1", env % (tag, tag, H1))
+    r.execute("ZADD", k("retry"), "1", "not an envelope")
+    keys, _ = calls()["promote"]
+    t.eq(evalsha(r, shas["promote"], keys, args_with("promote")), 4, "promote: every due retry moves")
+    t.eq([r.execute("LLEN", k(x)) for x in ("jobs:high", "jobs", "jobs:low")], [1, 2, 1],
+         "promote: each to its lane (untagged and foreign ones to the normal lane)")
+    t.ok(b'c:h"' in r.execute("LINDEX", k("jobs:high"), 0), "promote: the high one is in the high lane")
 
 
 vt.run(main, "lua")

@@ -405,8 +405,12 @@ class Redis:
 # Keys, jobs, events
 
 
-def k_jobs(prefix=PREFIX):
-    return prefix + ":jobs"
+def k_jobs(prefix=PREFIX, lane="normal"):
+    """An intake lane: vidq:jobs is the normal one, vidq:jobs:high and vidq:jobs:low the others."""
+    return prefix + ":jobs" + ("" if lane == "normal" else ":" + lane)
+
+
+LANES = ("high", "normal", "low")
 
 
 def k_processing(instance, prefix=PREFIX):
@@ -469,10 +473,10 @@ def waiting_keys(r, prefix=PREFIX):
 
 def locate(r, instances=(), prefix=PREFIX):
     """job_id -> {"jobs": n, "processing": n, "retry": n}: where jobs still are in Redis ("jobs"
-    counts the intake list and the waiting lists of stopped gateways: both are queued)."""
+    counts the intake lanes and the waiting lists of stopped gateways: all are queued)."""
     where = {}
-    places = [("jobs", r.execute("LRANGE", k_jobs(prefix), 0, -1) or []),
-              ("retry", r.execute("ZRANGE", k_retry(prefix), 0, -1) or [])]
+    places = [("jobs", r.execute("LRANGE", k_jobs(prefix, lane), 0, -1) or []) for lane in LANES]
+    places.append(("retry", r.execute("ZRANGE", k_retry(prefix), 0, -1) or []))
     for wk in waiting_keys(r, prefix):
         places.append(("jobs", r.execute("LRANGE", wk, 0, -1) or []))
     for inst in instances:
@@ -485,8 +489,8 @@ def locate(r, instances=(), prefix=PREFIX):
 
 
 def pending_count(r, instances=(), prefix=PREFIX):
-    """Jobs still in Redis: vidq:jobs + vidq:retry + the processing lists."""
-    n = r.execute("LLEN", k_jobs(prefix)) + r.execute("ZCARD", k_retry(prefix))
+    """Jobs still in Redis: the intake lanes + vidq:retry + the waiting and processing lists."""
+    n = sum(r.execute("LLEN", k_jobs(prefix, lane)) for lane in LANES) + r.execute("ZCARD", k_retry(prefix))
     for wk in waiting_keys(r, prefix):
         n += r.execute("LLEN", wk)
     for inst in instances:
