@@ -28,7 +28,7 @@
 #define WINDOW_BYTES ((size_t)2 << 20)
 
 const char HELP_SUBMIT[] =
-    "Usage: vidq submit [--model M] [--batch B] [--meta JSON] [--priority P]\n"
+    "Usage: vidq submit [--model M] [--batch B] [--meta JSON] [--priority P] [--budget N]\n"
     "                   [--skip-invalid] [--json] [FILE|-]\n"
     "\n"
     "Enqueue jobs read from FILE (standard input when FILE is - or absent).\n"
@@ -480,8 +480,8 @@ static const char *submit_options(int argc, char **argv, struct submit *s, const
     static const struct option opts[] = {
         COMMON_OPTIONS, {"model", required_argument, NULL, OPT_MODEL}, {"batch", required_argument, NULL, OPT_BATCH},
         {"meta", required_argument, NULL, OPT_META}, {"skip-invalid", no_argument, NULL, OPT_SKIP},
-        {"budget", required_argument, NULL, OPT_BUDGET}, {NULL, 0, NULL, 0},
-        {"priority", required_argument, NULL, OPT_PRIORITY}, {NULL, 0, NULL, 0},
+        {"budget", required_argument, NULL, OPT_BUDGET}, {"priority", required_argument, NULL, OPT_PRIORITY},
+        {NULL, 0, NULL, 0},
     };
     int c;
     while ((c = getopt_long(argc, argv, "c:o:h", opts, NULL)) != -1) {
