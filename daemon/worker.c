@@ -510,8 +510,15 @@ static int from_waiting(const slot *s)
     size_t n = strlen(p);
     if (s->held_len <= n || memcmp(s->held, p, n) != 0)
         return 0;
-    const char *end = memchr(s->held + n, '"', s->held_len - n);
-    return end && memmem(s->held + n, (size_t)(end - (s->held + n)), ".w", 2) != NULL;
+    const char *start = s->held + n, *end = memchr(start, '"', s->held_len - n);
+    if (end == NULL)
+        return 0;
+    /* The id ends ".w<n>"; the run before it holds the instance name,
+     * which may itself contain ".w" ("web.west"). */
+    const char *d = end;
+    while (d > start && d[-1] >= '0' && d[-1] <= '9')
+        d--;
+    return d < end && d - start >= 2 && d[-1] == 'w' && d[-2] == '.';
 }
 
 /* The lane a held copy was taken from, as the tag its id ends with (":h"

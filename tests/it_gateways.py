@@ -142,7 +142,8 @@ def stopped(t, env, r):
     pre = "gw-stop"
     ma = vt.Mock(env, name="mock-stop-a", token="ka").start()
     mb = vt.Mock(env, name="mock-stop-b", token="kb").start()
-    vd = env.vidqd(instance="stop", name="vidqd-stop", conf={
+    # ".w" in the name: a held id starts with it, and must not read as "taken from a waiting list"
+    vd = env.vidqd(instance="stop.west", name="vidqd-stop", conf={
         "redis.prefix": pre, "api.base_url": mb.url, "api.token_file": token_file(env, "stop-api", ["kb"]),
         "gateway.a.base_url": ma.url, "gateway.a.token_file": token_file(env, "stop-a", ["ka"]),
         "gateway.a.models": "a-*", "submit.concurrency": "4", "submit.account_probe_interval": "1s",
@@ -160,7 +161,7 @@ def stopped(t, env, r):
                        unless=vd.dead)
     t.ok(ok, "stopped: gateway b's 30 jobs all went while gateway a refuses its only key", vd.dead() or "")
     waiting = r.execute("LLEN", pre + ":waiting:a")
-    held = r.execute("LLEN", pre + ":processing:stop")
+    held = r.execute("LLEN", pre + ":processing:stop.west")
     t.ok(waiting + held == 30 and waiting >= 25, "stopped: a's jobs wait in vidq:waiting:a (%d) or held (%d), "
          "none dead" % (waiting, held))
     t.eq(r.execute("LLEN", pre + ":dead"), 0, "stopped: nothing dead-listed")
@@ -168,7 +169,7 @@ def stopped(t, env, r):
     # what an operator sees
     cconf = os.path.join(env.dir, "stop-cli.conf")
     vt.write_conf(cconf, {"redis.url": env.redis_server.url, "redis.prefix": pre})
-    vt.wait_until(lambda: b"account_blocked" in (r.execute("HGET", pre + ":instance:stop", "gateways") or b""), 10)
+    vt.wait_until(lambda: b"account_blocked" in (r.execute("HGET", pre + ":instance:stop.west", "gateways") or b""), 10)
     p = subprocess.run([os.path.join(vt.BUILDDIR, "vidq"), "-c", cconf, "stats", "--json"], capture_output=True)
     st = json.loads(p.stdout or b"{}")
     inst = (st.get("instances") or [{}])[0]
