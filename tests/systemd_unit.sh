@@ -14,7 +14,7 @@ trap 'rm -rf "$work"' EXIT
 # The unit as installed, pointing at the binary just built.
 sed -e "s|@bindir@|$build|g" -e "s|@sysconfdir@|$work|g" -e '/^Documentation=/d' \
     "$src/systemd/vidqd.service.in" > "$work/vidqd.service"
-echo "1..5"
+echo "1..6"
 if systemd-analyze verify "$work/vidqd.service" > "$work/verify.log" 2>&1; then
     echo "ok 1 - systemd-analyze verify"
 else
@@ -43,3 +43,24 @@ if [ -n "$nofile" ] && [ "$nofile" -ge 4096 ]; then
 else
     echo "not ok 5 - LimitNOFILE=${nofile:-unset} (want >= 4096)"
 fi
+# ExecReload, as systemd runs it ("$$" a literal "$", the word $MAINPID the main pid),
+# with a PATH where no kill binary is (a minimal system has no procps): the target
+# gets its SIGHUP.
+reload=$(sed -n 's/^ExecReload=//p' "$work/vidqd.service" | tail -n 1)
+mkdir "$work/empty"
+sh -c 'trap "echo hup > \"$1\"; exit 0" HUP; while :; do sleep 0.05; done' sh "$work/got" &
+target=$!
+sleep 0.2
+cmd=$(printf '%s' "$reload" | sed -e "s/\$MAINPID/$target/g" -e 's/\$\$/$/g')
+env PATH="$work/empty" /bin/sh -c "exec $cmd" 2>"$work/reload.err"
+i=0
+while [ ! -s "$work/got" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+prog=${reload%% *}
+if [ -s "$work/got" ] && [ "$prog" = /bin/sh ]; then
+    echo "ok 6 - ExecReload runs /bin/sh (essential, in minbase too) and sends SIGHUP without a kill binary"
+else
+    echo "not ok 6 - ExecReload must run /bin/sh and send SIGHUP without a kill binary ($reload)"
+    sed 's/^/# /' "$work/reload.err"
+    kill "$target" 2>/dev/null
+fi
+wait "$target" 2>/dev/null
