@@ -40,11 +40,14 @@ void intake_later(worker *w, uint64_t ms)
 static void start_or_putback(worker *w, const struct qitem *items, size_t n)
 {
     size_t spent = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (w->draining) {
+    if (w->draining) {
+        /* Newest first: each goes to the taking end of its lane, so the
+         * oldest is taken first again (FIFO within a lane). */
+        for (size_t i = n; i-- > 0;)
             slot_putback(slot_new(w, &items[i]));
-            continue;
-        }
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
         if (spent >= TURN_BUDGET_BYTES) {
             /* Big jobs: the rest waits a turn of the loop each, so no batch
              * of them holds everything else (heartbeats, answers) up. They

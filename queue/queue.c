@@ -51,6 +51,23 @@
     "end\n"
 
 /*
+ * The type of a key a script writes a job to: a key of another type (a
+ * producer's SET on a lane's name, a tool sharing the prefix) would fail
+ * the write after the job left where it was -- Redis does not roll a
+ * script back -- and the job would be in no key at all. is_list_or_none
+ * lets a script choose another list first; need_type fails the script
+ * before its first write.
+ */
+#define TYPE_LUA                                                                                   \
+    "local function is_a(key, kind)\n"                                                             \
+    "  local t = redis.call('TYPE', key).ok\n"                                                     \
+    "  return t == kind or t == 'none'\n"                                                          \
+    "end\n"                                                                                        \
+    "local function need_type(key, kind)\n"                                                        \
+    "  if not is_a(key, kind) then error('vidq: ' .. key .. ' holds a ' .. redis.call('TYPE', key).ok .. ', not a ' .. kind) end\n" \
+    "end\n"
+
+/*
  * Every held copy of a job is unique: taking a job wraps it as
  * {"vidq_held":"<id>","job":<the job as taken>} with an id no other copy
  * has, so the steps that find a held job by its text (LPOS, LREM, the sha1
@@ -157,7 +174,9 @@ static const char TAKE_LUA[] = CHECK_LUA WRAP_LUA LANES_LUA
     "  if max <= 0 then return {0, math.ceil(tat - burst - now), A_wrr} end\n"
     "end\n"
     "local lanes = {K_jobs_high, K_jobs, K_jobs_low}\n"
-    "local left = {redis.call('LLEN', K_jobs_high), redis.call('LLEN', K_jobs), redis.call('LLEN', K_jobs_low)}\n"
+    /* a lane whose key holds something else is taken as empty: the others go on */
+    "local function llen(k) local n = redis.pcall('LLEN', k); return type(n) == 'number' and n or 0 end\n"
+    "local left = {llen(K_jobs_high), llen(K_jobs), llen(K_jobs_low)}\n"
     "local function pick()\n"
     "  local best, sum = 0, 0\n"
     "  for l = 1, 3 do\n"
@@ -383,14 +402,18 @@ static const char SEND_LUA[] = CHECK_LUA
  * (LANES_LUA): that lane's key is derived from K_jobs, whose prefix it
  * shares (and so its Redis Cluster slot), because a spool names this
  * script with these keys (see scripts[]). */
-static const char PUTBACK_LUA[] = CHECK_LUA KEYS_LUA LANES_LUA SETTLE_LUA
+static const char PUTBACK_LUA[] = CHECK_LUA KEYS_LUA LANES_LUA SETTLE_LUA TYPE_LUA
     "local function lane_key(lane)\n"
     "  if lane == 2 then return K_jobs end\n"
     "  local prefix = string.sub(K_jobs, 1, #K_jobs - #KIND.jobs - #'" KEY_SEP "')\n"
-    "  return key(prefix, lane == 1 and KIND['jobs:high'] or KIND['jobs:low'])\n"
+    "  local k = key(prefix, lane == 1 and KIND['jobs:high'] or KIND['jobs:low'])\n"
+    "  if is_a(k, 'list') then return k end\n"
+    "  return K_jobs\n" /* its lane's key holds something else: the normal lane, not nowhere */
     "end\n"
+    "need_type(K_jobs, 'list')\n"
+    "local to = lane_key(held_lane(A_held))\n"
     "if redis.call('LREM', K_processing, 1, A_held) == 1 then\n"
-    "  redis.call('RPUSH', lane_key(held_lane(A_held)), A_job)\n"
+    "  redis.call('RPUSH', to, A_job)\n"
     "  " FORGET_DEATHS_LUA("A_held")
     "end\n"
     UNMARK_LUA("false", "true")
@@ -404,9 +427,10 @@ static const char PUTBACK_LUA[] = CHECK_LUA KEYS_LUA LANES_LUA SETTLE_LUA
  * right, TAKE_WAITING) in the order it was parked. Only a job never sent
  * is parked, so its mark and claim (if any) end here, as for PUTBACK.
  */
-static const char PARK_LUA[] = CHECK_LUA SETTLE_LUA
+static const char PARK_LUA[] = CHECK_LUA SETTLE_LUA TYPE_LUA
     "if A_end ~= 'new' and A_end ~= 'old' then error('vidq: park end must be new or old') end\n"
     "if A_name == '' then error('vidq: park needs a gateway name') end\n"
+    "need_type(K_waiting, 'list')\n"
     "if redis.call('LREM', K_processing, 1, A_held) == 1 then\n"
     "  if A_end == 'new' then redis.call('LPUSH', K_waiting, A_job) else redis.call('RPUSH', K_waiting, A_job) end\n"
     "  redis.call('SADD', K_waitsets, A_name)\n"
@@ -421,8 +445,9 @@ static const char PARK_LUA[] = CHECK_LUA SETTLE_LUA
  * taking end of K_jobs (so the oldest ends at the very end); the name leaves
  * K_waitsets once the list is empty. Reply: how many moved.
  */
-static const char UNPARK_LUA[] = CHECK_LUA
+static const char UNPARK_LUA[] = CHECK_LUA TYPE_LUA
     "local max = need_int(A_max, 'max', 1)\n"
+    "need_type(K_jobs, 'list')\n"
     "local n = 0\n"
     "for i = 1, max do\n"
     "  local j = redis.call('LPOP', K_waiting)\n"
@@ -506,7 +531,7 @@ static const char TAKE_WAITING_LUA[] = CHECK_LUA WRAP_LUA
  * the job now will not submit it again. Returns 1 when recorded, 0 when it
  * was not held.
  */
-static const char RECORD_LUA[] = CHECK_LUA BATCH_LUA SETTLE_LUA
+static const char RECORD_LUA[] = CHECK_LUA BATCH_LUA SETTLE_LUA TYPE_LUA
     "local maxlen = need_uint(A_maxlen, 'maxlen', 1)\n"
     "local ttl = need_uint(A_dedup_ttl, 'dedup ttl', 1)\n"
     "local final = need_flag(A_final, 'final')\n"
@@ -522,6 +547,8 @@ static const char RECORD_LUA[] = CHECK_LUA BATCH_LUA SETTLE_LUA
     "for i = NARGS + 1, #ARGV - 1, 2 do\n"
     "  if ARGV[i] == 'cost' then priced = true; spent = ARGV[i + 1] ~= '0' and ARGV[i + 1] ~= '' end\n"
     "end\n"
+    "need_type(K_results, 'stream')\n"
+    "if A_dead ~= '' then need_type(K_dead, 'list') end\n"
     "local held = redis.call('LREM', K_processing, 1, A_raw)\n"
     "if A_task_id ~= '' then redis.call('SET', K_dedup, A_task_id, 'PX', ttl) end\n"
     "if A_claim == 'ambiguous' and A_token ~= '' and redis.call('GET', K_claim) == A_token then\n"
@@ -549,22 +576,26 @@ static const char RECORD_LUA[] = CHECK_LUA BATCH_LUA SETTLE_LUA
  * never merge into one member of the set. */
 #define RETRY_BODY_LUA(keep)                                                                       \
     "need_uint(A_due, 'due', 0)\n"                                                                   \
+    "need_type(K_retry, 'zset')\n"                                                                   \
     UNMARK_LUA(keep, "true")                                                                        \
     "if redis.call('LREM', K_processing, 1, A_held) == 0 then return 0 end\n"                       \
     FORGET_DEATHS_LUA("A_held")                                                                     \
     "redis.call('ZADD', K_retry, A_due, A_envelope)\n"                                              \
     "return 1\n"
-static const char RETRY_LUA[] = CHECK_LUA SETTLE_LUA RETRY_BODY_LUA("false");
+static const char RETRY_LUA[] = CHECK_LUA SETTLE_LUA TYPE_LUA RETRY_BODY_LUA("false");
 /* The same for a request that may have created a task (the operator opted
  * into retrying ambiguous outcomes): its reservation stays spent, and the
  * retry reserves anew. One step, so a spool replays it whole. */
-static const char RETRY_KEEP_LUA[] = CHECK_LUA SETTLE_LUA RETRY_BODY_LUA("true");
+static const char RETRY_KEEP_LUA[] = CHECK_LUA SETTLE_LUA TYPE_LUA RETRY_BODY_LUA("true");
 
 /* Due retries (up to A_max) go to the taking end of their lane (the tag
  * of the envelope's nonce, LANES_LUA; none: the normal lane). */
-static const char PROMOTE_LUA[] = CHECK_LUA LANES_LUA
+static const char PROMOTE_LUA[] = CHECK_LUA LANES_LUA TYPE_LUA
     "local due = redis.call('ZRANGEBYSCORE', K_retry, '-inf', need_uint(A_now, 'now', 0), 'LIMIT', 0, need_uint(A_max, 'max', 1))\n"
-    "local lanes = {K_jobs_high, K_jobs, K_jobs_low}\n"
+    "need_type(K_jobs, 'list')\n"
+    /* a lane whose key holds something else: its retries go to the normal lane, not nowhere */
+    "local lanes = {is_a(K_jobs_high, 'list') and K_jobs_high or K_jobs, K_jobs,\n"
+    "               is_a(K_jobs_low, 'list') and K_jobs_low or K_jobs}\n"
     "for _, m in ipairs(due) do\n"
     "  redis.call('ZREM', K_retry, m)\n"
     "  redis.call('RPUSH', lanes[retry_lane(m)], m)\n"
@@ -924,6 +955,7 @@ struct queue {
     char run[64];  /* ids of held copies: <run>.<call>.<n>, unique across runs and instances */
     char weights[48]; /* submit.lane_weights, "H N L" (queue_lanes) */
     char wrr[64];     /* this instance's lane credits, "H N L", as TAKE answered them last */
+    unsigned wrr_gen; /* raised when the weights change: a take asked before answers with stale credits */
     unsigned long long id_seq;
     char sha[S_COUNT][41];
     int scripts_loaded;
@@ -949,6 +981,7 @@ struct call {
     int triples; /* items_fn: elements come as {mark token, deaths, item} triples */
     int nil_is_error; /* on_single: a nil reply is an error (the wrap found nothing) */
     int wrr;          /* on_items: the third element is TAKE's new lane credits */
+    unsigned wrr_gen; /* ... computed with the weights of this generation */
 };
 
 static void set_up(queue *q, int up, const char *why)
@@ -1123,7 +1156,8 @@ static void on_items(redisReply *r, void *ud)
         info.paused = r->element[0]->integer == 1;
     if (skip >= 2 && r->element[1]->type == REDIS_REPLY_INTEGER)
         info.rate_wait_ms = r->element[1]->integer;
-    if (c->wrr && skip >= 3 && r->element[2]->type == REDIS_REPLY_STRING && r->element[2]->len < sizeof c->q->wrr)
+    if (c->wrr && c->wrr_gen == c->q->wrr_gen && skip >= 3 && r->element[2]->type == REDIS_REPLY_STRING &&
+        r->element[2]->len < sizeof c->q->wrr)
         memcpy(c->q->wrr, r->element[2]->str, r->element[2]->len + 1);
     struct qitem *items = xcalloc(n - skip + 1, sizeof *items);
     size_t k = 0;
@@ -1403,6 +1437,7 @@ int queue_take(queue *q, unsigned max, double global_rate, queue_items_fn *fn, v
     c->items_fn = fn;
     c->skip = 3;
     c->wrr = 1;
+    c->wrr_gen = q->wrr_gen;
     return script_call(q, S_TAKE, &a, on_items, c);
 }
 
@@ -1416,6 +1451,7 @@ void queue_lanes(queue *q, const long weights[3])
      * other weights (and stay bounded only under the weights they came with). */
     memcpy(q->weights, w, sizeof w);
     snprintf(q->wrr, sizeof q->wrr, "0 0 0");
+    q->wrr_gen++; /* a take in flight answers with the old weights' credits: not kept */
 }
 
 /* The blocking pop moved a job as it was: wrap it (WRAP1_LUA) before
