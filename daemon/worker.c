@@ -483,7 +483,7 @@ void slot_park(slot *s, int oldest)
 {
     s->state = S_PUTBACK;
     s->park_oldest = oldest;
-    if (queue_park(s->w->q, s->gw->name, oldest, s->held, s->held_len, s->taken, s->taken_len, s->token,
+    if (queue_park(s->w->q, s->gw->name, oldest, s->held, s->held_len, s->token,
                    s->job.id_given ? s->job.job_id : NULL, on_parked, s) != 0)
         on_parked(1, 0, s);
 }
@@ -513,9 +513,13 @@ static int from_waiting(const slot *s)
     const char *start = s->held + n, *end = memchr(start, '"', s->held_len - n);
     if (end == NULL)
         return 0;
-    /* The id ends ".w<n>"; the run before it holds the instance name,
-     * which may itself contain ".w" ("web.west"). */
+    /* The id ends ".w<n>" and its lane's tag (":h", ":l" or none); the
+     * run before it holds the instance name, which may itself contain
+     * ".w" ("web.west"). */
     const char *d = end;
+    if (end - start > 2 && end[-2] == ':' && (end[-1] == 'h' || end[-1] == 'l'))
+        end -= 2;
+    d = end;
     while (d > start && d[-1] >= '0' && d[-1] <= '9')
         d--;
     return d < end && d - start >= 2 && d[-1] == 'w' && d[-2] == '.';

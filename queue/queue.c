@@ -126,6 +126,18 @@ static const char *const arg_names[A_COUNT] = {SCRIPT_ARGS(ARG_NAME_)};
     "end\n"
 
 /*
+ * An entry of a gateway's waiting list (PARK): the held copy it was, so
+ * the job keeps its lane -- parked(entry) gives the job as taken and its
+ * lane. An entry parked by a vidqd from before is the job itself (normal).
+ */
+#define PARKED_LUA                                                                                   \
+    "local function parked(e)\n"                                                                     \
+    "  local id, job = string.match(e, '^{\"vidq_held\":\"([^\"]*)\",\"job\":(.*)}$')\n"              \
+    "  if id then return job, lane_of(id) end\n"                                                      \
+    "  return e, 2\n"                                                                                 \
+    "end\n"
+
+/*
  * Move up to A_max jobs into the processing list, each wrapped with the
  * id A_ids.<n> and its lane's tag; reply {paused, wait_ms, wrr, job...}.
  *
@@ -431,8 +443,9 @@ static const char PARK_LUA[] = CHECK_LUA SETTLE_LUA TYPE_LUA
     "if A_end ~= 'new' and A_end ~= 'old' then error('vidq: park end must be new or old') end\n"
     "if A_name == '' then error('vidq: park needs a gateway name') end\n"
     "need_type(K_waiting, 'list')\n"
+    /* the held copy itself: its id's lane tag comes back with it (PARKED_LUA) */
     "if redis.call('LREM', K_processing, 1, A_held) == 1 then\n"
-    "  if A_end == 'new' then redis.call('LPUSH', K_waiting, A_job) else redis.call('RPUSH', K_waiting, A_job) end\n"
+    "  if A_end == 'new' then redis.call('LPUSH', K_waiting, A_held) else redis.call('RPUSH', K_waiting, A_held) end\n"
     "  redis.call('SADD', K_waitsets, A_name)\n"
     "  " FORGET_DEATHS_LUA("A_held")
     "end\n"
@@ -445,14 +458,17 @@ static const char PARK_LUA[] = CHECK_LUA SETTLE_LUA TYPE_LUA
  * taking end of K_jobs (so the oldest ends at the very end); the name leaves
  * K_waitsets once the list is empty. Reply: how many moved.
  */
-static const char UNPARK_LUA[] = CHECK_LUA TYPE_LUA
+static const char UNPARK_LUA[] = CHECK_LUA TYPE_LUA LANES_LUA PARKED_LUA
     "local max = need_int(A_max, 'max', 1)\n"
     "need_type(K_jobs, 'list')\n"
+    "local lanes = {is_a(K_jobs_high, 'list') and K_jobs_high or K_jobs, K_jobs,\n"
+    "               is_a(K_jobs_low, 'list') and K_jobs_low or K_jobs}\n"
     "local n = 0\n"
     "for i = 1, max do\n"
     "  local j = redis.call('LPOP', K_waiting)\n"
     "  if not j then break end\n"
-    "  redis.call('RPUSH', K_jobs, j)\n"
+    "  local job, lane = parked(j)\n"
+    "  redis.call('RPUSH', lanes[lane], job)\n"
     "  n = n + 1\n"
     "end\n"
     "if redis.call('LLEN', K_waiting) == 0 then redis.call('SREM', K_waitsets, A_name) end\n"
@@ -476,7 +492,7 @@ static const char PACE_LUA[] = CHECK_LUA
 /* Up to A_max parked jobs of a gateway that is back, oldest first, into the
  * processing list, wrapped as TAKE wraps; reply {paused, 0, job...}. No
  * global rate: each was admitted when it was first taken. */
-static const char TAKE_WAITING_LUA[] = CHECK_LUA WRAP_LUA
+static const char TAKE_WAITING_LUA[] = CHECK_LUA WRAP_LUA LANES_LUA PARKED_LUA
     "local max = need_int(A_max, 'max', 0)\n"
     "if A_ids == '' then error('vidq: take needs an id base') end\n"
     "if redis.call('EXISTS', K_paused) == 1 then return {1, 0} end\n"
@@ -484,7 +500,8 @@ static const char TAKE_WAITING_LUA[] = CHECK_LUA WRAP_LUA
     "for i = 1, max do\n"
     "  local j = redis.call('RPOP', K_waiting)\n"
     "  if not j then break end\n"
-    "  local h = wrap(j, A_ids .. '.w' .. i)\n"
+    "  local job, lane = parked(j)\n"
+    "  local h = wrap(job, A_ids .. '.w' .. i .. LANE_TAG[lane])\n"
     "  redis.call('LPUSH', K_processing, h)\n"
     "  out[#out + 1] = h\n"
     "end\n"
@@ -855,10 +872,11 @@ static const struct script scripts[S_COUNT] = {
     [S_CLAIM_NAME] = {"claim_name", CLAIM_NAME_LUA, KS(KEY_INSTANCE), AS(A_run, A_ttl, A_dead_run), 1},
     [S_WRAP1] = {"wrap1", WRAP1_LUA, KS(KEY_PROCESSING), AS(A_job, A_id), 0},
     [S_PARK] = {"park", PARK_LUA, KS(KEY_PROCESSING, KEY_WAITING, KEY_SENDING, KEY_CLAIM, KEY_RECOVERED, KEY_WAITSET),
-                AS(A_held, A_token, A_job, A_end, A_name), 0},
+                AS(A_held, A_token, A_end, A_name), 0},
     [S_TAKE_WAITING] = {"take_waiting", TAKE_WAITING_LUA, KS(KEY_WAITING, KEY_PROCESSING, KEY_PAUSED, KEY_WAITSET),
                         AS(A_max, A_ids, A_name), 0},
-    [S_UNPARK] = {"unpark", UNPARK_LUA, KS(KEY_WAITING, KEY_JOBS, KEY_WAITSET), AS(A_max, A_name), 0},
+    [S_UNPARK] = {"unpark", UNPARK_LUA, KS(KEY_WAITING, KEY_JOBS, KEY_WAITSET, KEY_JOBS_HIGH, KEY_JOBS_LOW),
+                  AS(A_max, A_name), 0},
     [S_PACE] = {"pace", PACE_LUA, KS(KEY_GWRATE), AS(A_now, A_interval, A_burst), 0},
     [S_RETRY_KEEP] = {"retry_keep", RETRY_KEEP_LUA, KS(KEY_PROCESSING, KEY_RETRY, KEY_SENDING, KEY_RECOVERED, KEY_CLAIM),
                       AS(A_held, A_due, A_envelope, A_token), 0},
@@ -1715,15 +1733,14 @@ int queue_putback(queue *q, const char *held, size_t len, const char *job, size_
     return script_call(q, S_PUTBACK, &a, on_done, c);
 }
 
-int queue_park(queue *q, const char *gateway, int oldest, const char *held, size_t len, const char *job,
-               size_t job_len, const char *token, const char *job_id, queue_done_fn *fn, void *ud)
+int queue_park(queue *q, const char *gateway, int oldest, const char *held, size_t len, const char *token,
+               const char *job_id, queue_done_fn *fn, void *ud)
 {
     struct sargs a = {0};
     a.id[KEY_CLAIM] = job_id;
     a.id[KEY_WAITING] = gateway;
     sargn(&a, A_held, held, len);
     sarg(&a, A_token, token);
-    sargn(&a, A_job, job, job_len);
     sarg(&a, A_end, oldest ? "old" : "new");
     sarg(&a, A_name, gateway);
     struct call *c = new_call(q, ud);

@@ -156,9 +156,10 @@ int queue_promote(queue *q, queue_done_fn *fn, void *ud);
  * the mark `token`, if any, and its claim end): to the taking end of the
  * lane it was taken from. */
 /* A held job never sent, for a stopped gateway: into vidq:waiting:<gateway>
- * (docs/protocol.md §9), its mark and claim ended, in one step. */
-int queue_park(queue *q, const char *gateway, int oldest, const char *held, size_t len, const char *job,
-               size_t job_len, const char *token, const char *job_id, queue_done_fn *fn, void *ud);
+ * (docs/protocol.md §9) as its held copy (so it keeps its lane), its mark
+ * and claim ended, in one step. */
+int queue_park(queue *q, const char *gateway, int oldest, const char *held, size_t len, const char *token,
+               const char *job_id, queue_done_fn *fn, void *ud);
 /* Up to `max` jobs of `gateway`'s waiting list back to the intake list, its
  * oldest taken first (a gateway no longer configured). result = moved. */
 int queue_unpark(queue *q, const char *gateway, unsigned max, queue_done_fn *fn, void *ud);
