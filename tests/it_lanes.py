@@ -287,7 +287,9 @@ def case_putback(t, env, mock):
     t.ok(ok and lanes == {"high": rid, "normal": [], "low": lid},
          "retry: due retries are promoted to their own lanes", repr(lanes))
     r.execute("DEL", p + ":paused")
-    ok = vt.wait_until(lambda: all(j in task_keys(mock, case) for j in rid + lid), 20, 0.05, unless=vd.dead)
+    # their events, not only their tasks at the mock: an event is written after the answer
+    ok = vt.wait_until(lambda: all(j in vt.terminal_by_job(vt.read_stream(r, key=p + ":results")) for j in rid + lid),
+                       20, 0.1, unless=vd.dead)
     term = vt.terminal_by_job(vt.read_stream(r, key=p + ":results"))
     t.ok(ok and all(term.get(j) and term[j][0]["event"] == "submitted" and term[j][0]["attempts"] == "2"
                     for j in rid + lid), "retry: both are submitted at their second attempt",
