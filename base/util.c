@@ -82,6 +82,13 @@ void utc_day(int64_t ms, char out[16])
     memcpy(out, cached, 16);
 }
 
+size_t utf8_floor(const char *s, size_t n)
+{
+    while (n > 0 && ((unsigned char)s[n] & 0xC0) == 0x80)
+        n--;
+    return n;
+}
+
 int64_t mono_ms(void)
 {
     struct timespec ts;

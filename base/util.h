@@ -30,6 +30,9 @@ int64_t mono_ms(void);
  * a day end.
  */
 void utc_day(int64_t ms, char out[16]);
+/* Where to cut UTF-8 text `s` at most `n` bytes long (s[n] must be
+ * readable: the text goes on): n, or less so no character is cut in two. */
+size_t utf8_floor(const char *s, size_t n);
 
 typedef struct sbuf {
     char *buf;   /* always NUL-terminated when non-NULL */

@@ -32,57 +32,6 @@ const char HELP_BUDGET[] =
     "within seconds. The daily and total caps are set in the\n"
     "configuration (budget.daily, budget.total; SIGHUP applies them).\n";
 
-/* The reservations in flight, added up by the key they count in. */
-struct reserved {
-    int64_t day, total;
-    char *day_key;
-    const char *batch_key; /* only this batch's, or NULL: none counted */
-    int64_t batch;
-};
-
-static void add_reserved(struct reserved *r, const char *v, size_t n)
-{
-    char buf[600];
-    if (n >= sizeof buf)
-        return;
-    memcpy(buf, v, n);
-    buf[n] = '\0';
-    char *sp1 = strchr(buf, ' ');
-    if (sp1 == NULL)
-        return;
-    *sp1++ = '\0';
-    int64_t amount = strtoll(buf, NULL, 10);
-    char *sp2 = strchr(sp1, ' ');
-    if (sp2 == NULL)
-        return;
-    *sp2++ = '\0';
-    char *sp3 = strchr(sp2, ' ');
-    const char *bk = sp3 ? sp3 + 1 : "";
-    if (sp3)
-        *sp3 = '\0';
-    if (strcmp(sp1, r->day_key) == 0)
-        r->day += amount;
-    r->total += amount;
-    if (r->batch_key && strcmp(bk, r->batch_key) == 0)
-        r->batch += amount;
-}
-
-static void count_reserved(struct reserved *r)
-{
-    redisReply *inst = cmd("SMEMBERS", k.instances, NULL);
-    for (size_t i = 0; inst->type == REDIS_REPLY_ARRAY && i < inst->elements; i++) {
-        char *sk = key(KEY_SENDING, inst->element[i]->str);
-        redisReply *h = cmd("HGETALL", sk, NULL);
-        for (size_t j = 0; h->type == REDIS_REPLY_ARRAY && j + 1 < h->elements; j += 2) {
-            if (h->element[j]->len > 1 && h->element[j]->str[0] == '$')
-                add_reserved(r, h->element[j + 1]->str, h->element[j + 1]->len);
-        }
-        freeReplyObject(h);
-        free(sk);
-    }
-    freeReplyObject(inst);
-}
-
 static int64_t get_amount(const char *k1, const char *field)
 {
     redisReply *rep = field ? cmd("HGET", k1, field, NULL) : cmd("GET", k1, NULL);
@@ -140,27 +89,16 @@ static void show_line(int json, const char *what, const char *name, int64_t cap,
     sbuf_free(&b);
 }
 
-static void show_batch(int json, const char *name, struct reserved *r)
-{
-    char *bk = key(KEY_BATCH, name);
-    struct reserved one = *r;
-    one.batch_key = bk;
-    one.batch = 0;
-    one.day = one.total = 0;
-    count_reserved(&one);
-    show_line(json, "batch", name, get_amount(bk, "budget"), get_amount(bk, "spent"), one.batch);
-    free(bk);
-}
-
 /*
- * A reset: the counter back to what is still in flight (the reservations
- * under the instances' marks that count in it), in one script, so that a
- * release after the reset subtracts only what the reset left: the cap
- * holds across a reset. KEYS[1] the counter (a spend key, or a batch hash:
- * its `spent`), KEYS[2] the instances; ARGV the prefix, "string" or
- * "batch", and a TTL in seconds for a day key ("" none).
+ * What is in flight for a counter: the reservations under the instances'
+ * marks that count in it (KEYS[1]: a spend key, or a batch hash), added up
+ * in one script. With ARGV[3] "reset" the counter is then set to that, so
+ * that a release after the reset subtracts only what the reset left: the
+ * cap holds across a reset. KEYS[2] the instances; ARGV the prefix,
+ * "string" or "batch", "sum" or "reset", and a TTL in seconds for a day
+ * key ("" none).
  */
-static const char RESET_LUA[] = CLI_LUA_EXPECT KEYS_LUA
+static const char IN_FLIGHT_LUA[] = CLI_LUA_EXPECT KEYS_LUA
     "local batch = ARGV[2] == 'batch'\n"
     "expect(KEYS[1], batch and 'hash' or 'string')\n"
     "expect(KEYS[2], 'set')\n"
@@ -169,41 +107,52 @@ static const char RESET_LUA[] = CLI_LUA_EXPECT KEYS_LUA
     "  local h = redis.call('HGETALL', key(ARGV[1], KIND.sending, name))\n"
     "  for i = 1, #h - 1, 2 do\n"
     "    if string.sub(h[i], 1, 1) == '$' then\n"
-    "      local amount, day, total, bk = string.match(h[i + 1], '^(%d+) (%S+) (%S+) ?(%S*)$')\n"
+    "      local amount, day, total, bk = string.match(h[i + 1], " RESERVATION_LUA_PATTERN ")\n"
     "      if amount and ((batch and bk == KEYS[1]) or (not batch and (day == KEYS[1] or total == KEYS[1]))) then\n"
     "        inflight = inflight + tonumber(amount)\n"
     "      end\n"
     "    end\n"
     "  end\n"
     "end\n"
+    "if ARGV[3] ~= 'reset' then return inflight end\n"
     "local v = string.format('%d', inflight)\n"
     "if batch then\n"
     "  if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'spent', v) end\n"
-    "elseif ARGV[3] ~= '' then\n"
-    "  redis.call('SET', KEYS[1], v, 'EX', ARGV[3])\n"
+    "elseif ARGV[4] ~= '' then\n"
+    "  redis.call('SET', KEYS[1], v, 'EX', ARGV[4])\n"
     "else\n"
     "  redis.call('SET', KEYS[1], v)\n"
     "end\n"
     "return inflight\n";
 
-static void reset_counter(const char *counter, int batch, const char *ttl)
+static int64_t in_flight(const char *counter, int batch, const char *what, const char *ttl)
 {
-    const char *argv[] = {"EVAL", RESET_LUA, "2", counter, k.instances, g.cfg.prefix, batch ? "batch" : "string", ttl};
-    freeReplyObject(cmdv(8, argv, NULL));
+    const char *argv[] = {"EVAL", IN_FLIGHT_LUA, "2", counter, k.instances, g.cfg.prefix,
+                          batch ? "batch" : "string", what, ttl};
+    redisReply *rep = cmdv(9, argv, NULL);
+    int64_t n = reply_int(rep);
+    freeReplyObject(rep);
+    return n;
+}
+
+static void show_batch(int json, const char *name)
+{
+    char *bk = key(KEY_BATCH, name);
+    show_line(json, "batch", name, get_amount(bk, "budget"), get_amount(bk, "spent"), in_flight(bk, 1, "sum", ""));
+    free(bk);
 }
 
 static int budget_show(int json, const char *batch)
 {
     char day[16];
     utc_day(now_ms(), day);
-    struct reserved r = {.day_key = key(KEY_SPEND_DAY, day)};
-    char *tk = key(KEY_SPEND_TOTAL, NULL);
-    count_reserved(&r);
-    show_line(json, "today", day, g.cfg.budget_daily, get_amount(r.day_key, NULL), r.day);
-    show_line(json, "total", NULL, g.cfg.budget_total, get_amount(tk, NULL), r.total);
+    char *dk = key(KEY_SPEND_DAY, day), *tk = key(KEY_SPEND_TOTAL, NULL);
+    show_line(json, "today", day, g.cfg.budget_daily, get_amount(dk, NULL), in_flight(dk, 0, "sum", ""));
+    show_line(json, "total", NULL, g.cfg.budget_total, get_amount(tk, NULL), in_flight(tk, 0, "sum", ""));
+    free(dk);
     free(tk);
     if (batch) {
-        show_batch(json, batch, &r);
+        show_batch(json, batch);
     } else {
         /* the batches that have a budget or spent something */
         char *pattern = key(KEY_BATCH, "*");
@@ -217,13 +166,12 @@ static int budget_show(int json, const char *batch)
             for (size_t i = 0; i < rep->element[1]->elements; i++) {
                 const char *bk = rep->element[1]->element[i]->str;
                 if (get_amount(bk, "budget") >= 0 || get_amount(bk, "spent") > 0)
-                    show_batch(json, bk + plen, &r);
+                    show_batch(json, bk + plen);
             }
             freeReplyObject(rep);
         } while (strcmp(cursor, "0") != 0);
         free(pattern);
     }
-    free(r.day_key);
     return 0;
 }
 
@@ -283,9 +231,7 @@ int cmd_budget(int argc, char **argv)
         snprintf(v, sizeof v, "%lld", (long long)micro);
         freeReplyObject(micro >= 0 ? cmd("HSET", bk, "budget", v, NULL) : cmd("HDEL", bk, "budget", NULL));
         free(bk);
-        struct reserved r = {.day_key = xstrdup("")};
-        show_batch(json, batch, &r);
-        free(r.day_key);
+        show_batch(json, batch);
     } else if (strcmp(sub, "reset") == 0) {
         no_more_args(argc, argv);
         if (total + today + (batch != NULL) > 1)
@@ -295,14 +241,12 @@ int cmd_budget(int argc, char **argv)
         utc_day(now_ms(), day);
         if (batch) {
             char *bk = key(KEY_BATCH, batch);
-            reset_counter(bk, 1, "");
+            in_flight(bk, 1, "reset", "");
             free(bk);
-            struct reserved r = {.day_key = xstrdup("")};
-            show_batch(json, batch, &r);
-            free(r.day_key);
+            show_batch(json, batch);
         } else {
             char *kk = today ? key(KEY_SPEND_DAY, day) : key(KEY_SPEND_TOTAL, NULL);
-            reset_counter(kk, 0, today ? "3456000" : "");
+            in_flight(kk, 0, "reset", today ? "3456000" : "");
             free(kk);
             budget_show(json, NULL);
         }

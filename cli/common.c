@@ -280,10 +280,7 @@ void fit_line(sbuf *o, int tty, int cols)
 {
     if (!tty || cols < 4 || o->len <= (size_t)cols)
         return;
-    o->len = (size_t)cols - 3;
-    /* Do not cut a UTF-8 sequence in two. */
-    while (o->len > 0 && ((unsigned char)o->buf[o->len] & 0xc0) == 0x80)
-        o->len--;
+    o->len = utf8_floor(o->buf, (size_t)cols - 3);
     o->buf[o->len] = '\0';
     sbuf_puts(o, "...");
 }

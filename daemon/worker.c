@@ -240,12 +240,7 @@ static void ev_begin(slot *s, const char *event)
         ev_str(s, "model", s->job.model ? s->job.model : "");
         if (s->job.prompt) {
             size_t n = strlen(s->job.prompt);
-            if (n > PROMPT_IN_EVENT) {
-                n = PROMPT_IN_EVENT;
-                while (n > 0 && ((unsigned char)s->job.prompt[n] & 0xC0) == 0x80)
-                    n--; /* not inside a UTF-8 character */
-            }
-            ev_add(s, "prompt", s->job.prompt, n);
+            ev_add(s, "prompt", s->job.prompt, n > PROMPT_IN_EVENT ? utf8_floor(s->job.prompt, PROMPT_IN_EVENT) : n);
         }
     }
     if (s->gw && (about_submit || strcmp(event, "duplicate") == 0))
@@ -503,40 +498,41 @@ void park_held(struct gateway *g)
     free(v);
 }
 
-/* The held id of a job taken from a waiting list carries ".w" (TAKE_WAITING). */
-static int from_waiting(const slot *s)
+/* The id of a held copy {"vidq_held":"<id>",...} (queue.h): 0 and [*id, *end), or -1. */
+static int held_id(const slot *s, const char **id, const char **end)
 {
     const char *p = "{\"vidq_held\":\"";
     size_t n = strlen(p);
     if (s->held_len <= n || memcmp(s->held, p, n) != 0)
-        return 0;
-    const char *start = s->held + n, *end = memchr(start, '"', s->held_len - n);
-    if (end == NULL)
-        return 0;
-    /* The id ends ".w<n>" and its lane's tag (":h", ":l" or none); the
-     * run before it holds the instance name, which may itself contain
-     * ".w" ("web.west"). */
-    const char *d = end;
-    if (end - start > 2 && end[-2] == ':' && (end[-1] == 'h' || end[-1] == 'l'))
-        end -= 2;
-    d = end;
-    while (d > start && d[-1] >= '0' && d[-1] <= '9')
-        d--;
-    return d < end && d - start >= 2 && d[-1] == 'w' && d[-2] == '.';
+        return -1;
+    *id = s->held + n;
+    *end = memchr(*id, '"', s->held_len - n);
+    return *end ? 0 : -1;
 }
 
 /* The lane a held copy was taken from, as the tag its id ends with (":h"
  * high, ":l" low, "" normal: queue.c, LANES_LUA). */
 static const char *lane_tag(const slot *s)
 {
-    const char *p = "{\"vidq_held\":\"";
-    size_t n = strlen(p);
-    if (s->held_len <= n || memcmp(s->held, p, n) != 0)
-        return "";
-    const char *end = memchr(s->held + n, '"', s->held_len - n);
-    if (end == NULL || end - (s->held + n) < 2 || end[-2] != ':')
+    const char *id, *end;
+    if (held_id(s, &id, &end) != 0 || end - id < 2 || end[-2] != ':')
         return "";
     return end[-1] == 'h' ? ":h" : end[-1] == 'l' ? ":l" : "";
+}
+
+/* Taken from a waiting list: the id ends ".w<n>" and its lane's tag
+ * (TAKE_WAITING); the run before it holds the instance name, which may
+ * itself contain ".w" ("web.west"). */
+static int from_waiting(const slot *s)
+{
+    const char *id, *end;
+    if (held_id(s, &id, &end) != 0)
+        return 0;
+    end -= strlen(lane_tag(s));
+    const char *d = end;
+    while (d > id && d[-1] >= '0' && d[-1] <= '9')
+        d--;
+    return d < end && d - id >= 2 && d[-1] == 'w' && d[-2] == '.';
 }
 
 void slot_putback(slot *s)
@@ -1075,7 +1071,6 @@ static void on_response(http_req *req, const struct http_result *res, void *ud)
     w->in_flight--;
     api_classify_submit(res, &o);
     struct gateway *g = s->gw;
-    /* (below, once the dialect classified it) */
     struct gwkey *k = s->key;
     VQ_ASSERT(g->in_flight > 0 && k && k->in_flight > 0);
     g->in_flight--;

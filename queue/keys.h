@@ -47,6 +47,15 @@
 enum key_kind { VIDQ_KEYS(KEY_ENUM_) KEY_COUNT };
 #undef KEY_ENUM_
 
+/*
+ * A job's reservation (docs/protocol.md §10): the field "$<mark token>" of
+ * <prefix>:sending:<instance>, "<amount> <day key> <total key> <batch key>"
+ * (millionths; the batch key empty without a batch). Written by vidqd's
+ * SEND step; read by its settle step and by `vidq budget` with this Lua
+ * pattern (string.match gives the four parts).
+ */
+#define RESERVATION_LUA_PATTERN "'^(%d+) (%S+) (%S+) ?(%S*)$'"
+
 /* The separator between prefix, kind and id. */
 #define KEY_SEP ":"
 

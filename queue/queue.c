@@ -277,7 +277,7 @@ static const char WRAP1_LUA[] = CHECK_LUA WRAP_LUA
     "  local r = redis.call('HGET', sending, '$' .. token)\n"                                         \
     "  if not r then return end\n"                                                                    \
     "  redis.call('HDEL', sending, '$' .. token)\n"                                                   \
-    "  local amount, day, total, batch = string.match(r, '^(%d+) (%S+) (%S+) ?(%S*)$')\n"             \
+    "  local amount, day, total, batch = string.match(r, " RESERVATION_LUA_PATTERN ")\n"               \
     "  if keep or not amount then return end\n"                                                       \
     "  for _, k in ipairs({day, total}) do\n"                                                         \
     "    if redis.call('EXISTS', k) == 1 and redis.call('DECRBY', k, amount) < 0 then\n"              \
