@@ -22,6 +22,8 @@ Cases:
    a job whose model has no price is invalid_job ("no price for model") while a budget is set.
 7. vidq budget show says what is reserved and spent; vidq budget reset lets a stopped
    instance resume within seconds.
+8. SIGTERM while jobs are held for the budget: they go back to the head of the queue, oldest
+   first, unmarked and unreserved; after a restart with room, each is sent once.
 """
 
 import json
@@ -260,6 +262,27 @@ def show_reset(t, env, r, mock):
     vd.stop()
 
 
+def drain_held(t, env, r, mock):
+    env.r.execute("FLUSHDB")
+    mock.reset()
+    vd = env.vidqd(instance="t", conf={"submit.concurrency": "8", "budget.total": "2", "cost.*": "1"})
+    vd.start()
+    ids = ["t-%d" % i for i in range(8)]
+    vt.push_jobs(r, [vt.job(job_id=j, model="m", prompt="t") for j in ids])
+    vt.wait_for(lambda: r.execute("HGET", "vidq:instance:t", "state") == b"budget_exhausted", "budget_exhausted",
+                timeout=30, unless=vd.dead)
+    t.eq(vd.stop(), 0, "drain: SIGTERM while jobs are held for the budget exits 0")
+    sent = {x["key"] for x in mock.tasks()}
+    queued = [vt.job_id_of(x) for x in reversed(r.execute("LRANGE", "vidq:jobs", 0, -1) or [])]
+    t.eq(queued, [j for j in ids if j not in sent], "drain: the held jobs are back in the queue, oldest first")
+    t.eq((r.execute("HLEN", "vidq:sending:t"), len(sent)), (0, 2), "drain: no mark or reservation left; 2 sent")
+    vd.conf["budget.total"] = "100"
+    vd.start()
+    vt.wait_for(lambda: vt.count_terminal(r) >= 8, "all 8 after the restart", timeout=30, unless=vd.dead)
+    t.eq(sorted(x["key"] for x in mock.tasks()), sorted(ids), "drain: after a restart with room, each sent once")
+    vd.stop()
+
+
 def main(t, env):
     env.redis()
     mock = env.mock(latency_ms=50)
@@ -270,6 +293,7 @@ def main(t, env):
     refunds(t, env, r, mock)
     config_errors(t, env, r, mock)
     show_reset(t, env, r, mock)
+    drain_held(t, env, r, mock)
 
 
 if __name__ == "__main__":
