@@ -3,8 +3,8 @@
  * connection, messages, options, the JSON writer and small helpers.
  *
  * main.c finds the command; each command has its own file (submit.c,
- * watch.c, progress.c, results.c, stats.c, dead.c, pause.c) with its help
- * text. A
+ * watch.c, progress.c, results.c, stats.c, dead.c, pause.c, web.c) with its
+ * help text. A
  * command reads its options (common_option() handles -c, -o, --help and
  * errors), calls setup() - or load_config() alone while it needs no Redis -
  * and teardown() before it returns its exit status. common.c implements
@@ -161,6 +161,7 @@ int cmd_resume(int argc, char **argv);
 int cmd_cancel(int argc, char **argv);
 int cmd_budget(int argc, char **argv);
 int cmd_results(int argc, char **argv);
+int cmd_web(int argc, char **argv);
 
 /* ---- what the web view (web.c) reads and does: the commands' own code ------- */
 
@@ -175,6 +176,6 @@ void cancel_batch(const char *batch, long long *retries, long long *tracked); /*
 
 extern const char HELP_SUBMIT[], HELP_WATCH[], HELP_PROGRESS[], HELP_STATS[], HELP_DEAD[], HELP_PAUSE[],
     HELP_RESULTS[];
-extern const char HELP_CANCEL[], HELP_BUDGET[];
+extern const char HELP_CANCEL[], HELP_BUDGET[], HELP_WEB[];
 
 #endif
