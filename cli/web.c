@@ -166,7 +166,7 @@ static const char APP_CSS[] =
     "th{font-size:.85em;color:#5b6270;font-weight:600;background:#fafbfc}\n"
     "td.num{text-align:right;font-variant-numeric:tabular-nums}\n"
     "progress{width:180px;height:14px;vertical-align:middle}\n"
-    ".frac{margin-left:8px;font-variant-numeric:tabular-nums}\n"
+    ".frac{margin:0 16px 0 8px;font-variant-numeric:tabular-nums}\n"
     ".state{padding:2px 8px;border-radius:10px;font-size:.85em;background:#e4e6eb}\n"
     ".s-running,.s-succeeded,.s-in_service{background:#d7f2dd;color:#17602a}\n"
     ".s-paused,.s-tracking,.s-submitted,.s-draining{background:#fff1c9;color:#7a5a00}\n"
