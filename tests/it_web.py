@@ -49,15 +49,20 @@ class Web:
     """A running `vidq web`: its process and the port it printed."""
 
     def __init__(self, cli, *args):
-        self.proc = subprocess.Popen(cli.argv(["web"] + list(args)), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=vt.daemon_env(token=None),
-                                     start_new_session=True)
+        # stderr to a log that the harness scans for sanitizer reports at the end
+        env = cli.env
+        self.log = os.path.join(env.dir, "vidq-web-%d.log" % len(env.tap.logs))
+        env.tap.logs.append(("vidq web", self.log))
+        with open(self.log, "ab") as err:
+            self.proc = subprocess.Popen(cli.argv(["web"] + list(args)), stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.PIPE, stderr=err, env=vt.daemon_env(token=None),
+                                         start_new_session=True)
         vt._procs.append(self.proc)
         line = self.proc.stdout.readline().decode()
         m = re.match(r"listening on http://([^/]+)/$", line.strip())
         if not m:
-            err = self.proc.stderr.read().decode() if self.proc.poll() is not None else ""
-            raise vt.TestError("vidq web printed %r (stderr %r)" % (line, err))
+            self.proc.wait(30)
+            raise vt.TestError("vidq web printed %r (%s)" % (line, " | ".join(vt.tail(self.log, 3))))
         self.hostport = m.group(1)
         self.port = int(self.hostport.rsplit(":", 1)[1])
 

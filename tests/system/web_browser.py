@@ -8,7 +8,8 @@ batch of four jobs (one prompt is hostile markup: an <img onerror=alert>, quotes
 
 - the overview: the batch's <progress> has value = finished and max = total, as vidq progress says;
 - the batch page: its bar too; the hostile prompt's cell has textContent equal to the raw prompt,
-  both as served and after app.js redrew the rows (its 2 s poll), no <img> and no extra <script>
+  both as served (loaded with script execution off, so app.js cannot mend it) and after app.js
+  redrew the rows (its 2 s poll), no <img> and no extra <script>
   in the document, and no JavaScript dialog was ever opened (Page.javascriptDialogOpening);
 - a <video> element actually plays (not paused, currentTime > 0, readyState >= 2). The mock's
   videos are pattern bytes, not a video, so the test makes a real one first: Chromium itself
@@ -174,10 +175,13 @@ RECORD_JS = r"""
 """
 
 
-def start_web(cli):
-    p = subprocess.Popen(cli.argv(["web", "--listen", "127.0.0.1:0"]), stdin=subprocess.DEVNULL,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=vt.daemon_env(token=None),
-                         start_new_session=True)
+def start_web(env, cli):
+    log = os.path.join(env.dir, "vidq-web.log")
+    env.tap.logs.append(("vidq web", log))  # scanned for sanitizer reports at the end
+    with open(log, "ab") as err:
+        p = subprocess.Popen(cli.argv(["web", "--listen", "127.0.0.1:0"]), stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=err, env=vt.daemon_env(token=None),
+                             start_new_session=True)
     vt._procs.append(p)
     line = p.stdout.readline().decode().strip()
     m = re.match(r"listening on (http://[^/]+)/$", line)
@@ -228,7 +232,7 @@ def main(t, env):
     rc, out, _ = cli.run("progress", batch, "--once", "--json")
     prog = json.loads(out)
 
-    web, origin = start_web(cli)
+    web, origin = start_web(env, cli)
     chrome, page = start_chromium(env)
     page.call("Page.enable")
     page.call("Runtime.enable")
@@ -259,7 +263,8 @@ def main(t, env):
     with open(os.path.join(art, "vidq-web-overview.png"), "wb") as f:
         f.write(shot)
 
-    # the batch page
+    # the batch page as served: app.js kept from running, so that it cannot mend the DOM first
+    page.call("Emulation.setScriptExecutionDisabled", value=True)
     page.goto(origin + "/batch?id=" + batch)
     bar = page.eval("(() => { const p = document.getElementById('bar'); return [p.value, p.max]; })()")
     t.eq(bar, [prog["finished"], prog["total"]], "batch page: the progress bar is finished/total")
@@ -271,6 +276,8 @@ def main(t, env):
             " [...document.scripts].every((s) => s.getAttribute('src') === '/app.js'); })()" % json.dumps(HOSTILE))
     t.ok(hostile_ok(), "as served: the hostile prompt is text (textContent equals the raw prompt), no <img>, "
          "no other <script>")
+    page.call("Emulation.setScriptExecutionDisabled", value=False)
+    page.goto(origin + "/batch?id=" + batch)
     page.wait("document.getElementById('updated').textContent.startsWith('updated')", "app.js to refresh the page")
     page.wait("document.getElementById('updated').textContent.startsWith('updated')", "a second refresh")
     t.ok(hostile_ok(), "after app.js redrew the rows: still text, no <img>, no other <script>")
