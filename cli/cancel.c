@@ -142,6 +142,45 @@ static long long forward_tracked(const struct target *t)
     return moved;
 }
 
+/* The markers, then the retries and tracked tasks brought forward. */
+static void cancel_run(const struct target *t, long long *retries, long long *tracked)
+{
+    sbuf v;
+    sbuf_init(&v);
+    who_text(&v, "cancel"); /* for a person reading the marker */
+    /* The markers first: from here on no instance sends what they name.
+     * They must outlive the jobs they name, which may wait long (a pause,
+     * a budget, a stopped gateway): CANCEL_TTL_MS at least. */
+    int64_t ttl_ms = CANCEL_TTL_MS;
+    if (g.cfg.dedup_window_ms > ttl_ms)
+        ttl_ms = g.cfg.dedup_window_ms;
+    if (t->batch && g.cfg.batch_ttl_ms > ttl_ms)
+        ttl_ms = g.cfg.batch_ttl_ms;
+    char ttl[32];
+    snprintf(ttl, sizeof ttl, "%lld", (long long)(ttl_ms > 1000 ? ttl_ms : 1000));
+    if (t->batch) {
+        char *ck = key(KEY_CANCEL_BATCH, t->batch);
+        freeReplyObject(cmd("SET", ck, v.buf, "PX", ttl, NULL));
+        free(ck);
+    } else {
+        for (int i = 0; i < t->nids; i++) {
+            char *ck = key(KEY_CANCEL_JOB, t->ids[i]);
+            freeReplyObject(cmd("SET", ck, v.buf, "PX", ttl, NULL));
+            free(ck);
+        }
+    }
+    sbuf_free(&v);
+    *retries = forward_retries(t);
+    *tracked = forward_tracked(t);
+}
+
+/* The web view's cancel (web.c): vidq cancel --batch B. */
+void cancel_batch(const char *batch, long long *retries, long long *tracked)
+{
+    struct target t = {.batch = batch};
+    cancel_run(&t, retries, tracked);
+}
+
 int cmd_cancel(int argc, char **argv)
 {
     static const struct option opts[] = {
@@ -175,33 +214,8 @@ int cmd_cancel(int argc, char **argv)
         }
     }
     setup();
-    sbuf v;
-    sbuf_init(&v);
-    who_text(&v, "cancel"); /* for a person reading the marker */
-    /* The markers first: from here on no instance sends what they name.
-     * They must outlive the jobs they name, which may wait long (a pause,
-     * a budget, a stopped gateway): CANCEL_TTL_MS at least. */
-    int64_t ttl_ms = CANCEL_TTL_MS;
-    if (g.cfg.dedup_window_ms > ttl_ms)
-        ttl_ms = g.cfg.dedup_window_ms;
-    if (t.batch && g.cfg.batch_ttl_ms > ttl_ms)
-        ttl_ms = g.cfg.batch_ttl_ms;
-    char ttl[32];
-    snprintf(ttl, sizeof ttl, "%lld", (long long)(ttl_ms > 1000 ? ttl_ms : 1000));
-    if (t.batch) {
-        char *ck = key(KEY_CANCEL_BATCH, t.batch);
-        freeReplyObject(cmd("SET", ck, v.buf, "PX", ttl, NULL));
-        free(ck);
-    } else {
-        for (int i = 0; i < t.nids; i++) {
-            char *ck = key(KEY_CANCEL_JOB, t.ids[i]);
-            freeReplyObject(cmd("SET", ck, v.buf, "PX", ttl, NULL));
-            free(ck);
-        }
-    }
-    sbuf_free(&v);
-    long long retries = forward_retries(&t);
-    long long tracked = forward_tracked(&t);
+    long long retries, tracked;
+    cancel_run(&t, &retries, &tracked);
     if (json) {
         struct jw w;
         jw_begin(&w);

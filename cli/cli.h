@@ -3,8 +3,8 @@
  * connection, messages, options, the JSON writer and small helpers.
  *
  * main.c finds the command; each command has its own file (submit.c,
- * watch.c, progress.c, results.c, stats.c, dead.c, pause.c) with its help
- * text. A
+ * watch.c, progress.c, results.c, stats.c, dead.c, pause.c, web.c) with its
+ * help text. A
  * command reads its options (common_option() handles -c, -o, --help and
  * errors), calls setup() - or load_config() alone while it needs no Redis -
  * and teardown() before it returns its exit status. common.c implements
@@ -142,6 +142,7 @@ void jw_null(struct jw *w, const char *name);
 void jw_raw(struct jw *w, const char *name, const char *raw, size_t n);
 void jw_close(struct jw *w);
 void jw_print(struct jw *w);
+void jw_end(struct jw *w, sbuf *out);
 
 /* ---- raw JSON ---------------------------------------------------------------- */
 
@@ -160,9 +161,21 @@ int cmd_resume(int argc, char **argv);
 int cmd_cancel(int argc, char **argv);
 int cmd_budget(int argc, char **argv);
 int cmd_results(int argc, char **argv);
+int cmd_web(int argc, char **argv);
+
+/* ---- what the web view (web.c) reads and does: the commands' own code ------- */
+
+void batches_json(sbuf *out, size_t max);               /* progress.c */
+int batch_progress_json(sbuf *out, const char *name);   /* progress.c */
+int results_json(sbuf *out, const char *batch, int *done); /* results.c */
+void dead_list_json(sbuf *out, long limit);              /* dead.c */
+long dead_requeue_id(const char *job_id);                /* dead.c */
+void stats_to_json(sbuf *out);                           /* stats.c */
+void pause_set(int pause);                               /* pause.c */
+void cancel_batch(const char *batch, long long *retries, long long *tracked); /* cancel.c */
 
 extern const char HELP_SUBMIT[], HELP_WATCH[], HELP_PROGRESS[], HELP_STATS[], HELP_DEAD[], HELP_PAUSE[],
     HELP_RESULTS[];
-extern const char HELP_CANCEL[], HELP_BUDGET[];
+extern const char HELP_CANCEL[], HELP_BUDGET[], HELP_WEB[];
 
 #endif

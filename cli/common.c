@@ -447,6 +447,15 @@ void jw_close(struct jw *w)
     sbuf_putc(&w->b, '}');
 }
 
+/* Close the object and append it to `out` (the web view's JSON, and the
+ * commands' before they print it). */
+void jw_end(struct jw *w, sbuf *out)
+{
+    sbuf_putc(&w->b, '}');
+    sbuf_append(out, w->b.buf, w->b.len);
+    sbuf_free(&w->b);
+}
+
 void jw_print(struct jw *w)
 {
     sbuf_puts(&w->b, "}\n");

@@ -11,6 +11,7 @@
 
 #include <cjson/cJSON.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -244,12 +245,20 @@ static long dead_scan(const struct dead_filter *f, dead_visit *fn, void *ud)
 
 struct list_ctx {
     int json, tty, cols;
+    sbuf *sink; /* the web view: the entries as a JSON array here */
+    long n;
 };
 
 static int visit_list(const struct dead *d, void *ud)
 {
     struct list_ctx *c = ud;
     sbuf o;
+    if (c->sink) {
+        if (c->n++)
+            sbuf_putc(c->sink, ',');
+        json_oneline(c->sink, d->raw, d->len);
+        return VISIT_KEEP;
+    }
     sbuf_init(&o);
     if (c->json) {
         json_oneline(&o, d->raw, d->len);
@@ -413,6 +422,29 @@ static void dead_options(int argc, char **argv, struct dead_filter *f, int purge
         }
     }
     no_more_args(argc, argv);
+}
+
+/* The web view's dead list (web.c): the newest `limit` entries as a JSON
+ * array of the entries dead list --json prints. */
+void dead_list_json(sbuf *out, long limit)
+{
+    struct dead_filter f = {.limit = limit, .lane = KEY_JOBS};
+    struct list_ctx c = {.sink = out};
+    sbuf_putc(out, '[');
+    dead_scan(&f, visit_list, &c);
+    sbuf_putc(out, ']');
+}
+
+/* The web view's requeue (web.c): what dead requeue --job-id ID does, to
+ * the normal lane. Returns how many entries were requeued. */
+long dead_requeue_id(const char *job_id)
+{
+    struct dead_filter f = {.job_id = job_id, .lane = KEY_JOBS};
+    char *lane = key(KEY_JOBS, NULL);
+    struct requeue_ctx c = {.f = &f, .lane = lane};
+    dead_scan(&f, visit_requeue, &c);
+    free(lane);
+    return c.requeued;
 }
 
 static int dead_list(int argc, char **argv)

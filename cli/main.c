@@ -41,6 +41,7 @@ static const char HELP_MAIN[] =
     "  pause, resume          stop / restart intake on every instance\n"
     "  cancel                 cancel a batch, or jobs by job_id\n"
     "  budget show|set|reset  spending against the daily, total and batch budgets\n"
+    "  web                    serve a web view of batches, jobs, videos, dead list\n"
     "  help [COMMAND]         show the help of a command\n"
     "\n"
     "Options (also accepted after the command):\n"
@@ -69,6 +70,7 @@ static const struct command {
     {"dead", cmd_dead, HELP_DEAD},           {"pause", cmd_pause, HELP_PAUSE},
     {"resume", cmd_resume, HELP_PAUSE},      {"cancel", cmd_cancel, HELP_CANCEL},
     {"budget", cmd_budget, HELP_BUDGET},     {"help", cmd_help, HELP_MAIN},
+    {"web", cmd_web, HELP_WEB},
 };
 
 static const struct command *find_command(const char *name)

@@ -37,9 +37,9 @@ static void print_state(int json, const char *paused)
     sbuf_free(&b);
 }
 
-static int pause_resume(int argc, char **argv, int pause)
+/* Set (pause) or delete (resume) the paused key; the web view's too. */
+void pause_set(int pause)
 {
-    int json = json_only_command(argc, argv, HELP_PAUSE);
     if (pause) {
         sbuf v;
         sbuf_init(&v);
@@ -50,6 +50,12 @@ static int pause_resume(int argc, char **argv, int pause)
     } else {
         freeReplyObject(cmd("DEL", k.paused, NULL));
     }
+}
+
+static int pause_resume(int argc, char **argv, int pause)
+{
+    int json = json_only_command(argc, argv, HELP_PAUSE);
+    pause_set(pause);
     redisReply *rep = cmd("GET", k.paused, NULL);
     print_state(json, rep->type == REDIS_REPLY_STRING ? rep->str : NULL);
     freeReplyObject(rep);

@@ -6,6 +6,7 @@
 #include "cli.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -165,7 +166,8 @@ static void progress_text(sbuf *o, const char *name, const struct batch *b, long
     }
 }
 
-static void progress_json(const char *name, const struct batch *b, long long fin, double rate)
+/* The JSON object of one report (progress --json; the web view's batches). */
+static void progress_json(sbuf *out, const char *name, const struct batch *b, long long fin, double rate)
 {
     struct jw w;
     jw_begin(&w);
@@ -194,7 +196,7 @@ static void progress_json(const char *name, const struct batch *b, long long fin
     jw_num(&w, "rate", rate, rate >= 0 && !b->done);
     int eta = !b->done && rate > 0 && b->has_total && b->total > fin;
     jw_num(&w, "eta_s", eta ? (double)(b->total - fin) / rate : 0, eta);
-    jw_print(&w);
+    jw_end(&w, out);
 }
 
 /* The options of progress, checked. Returns the batch's name. */
@@ -222,7 +224,11 @@ static const char *progress_options(int argc, char **argv, int *once, int *json)
 static void progress_show(const char *name, const struct batch *b, long long fin, double rate, int json, int tty)
 {
     if (json) {
-        progress_json(name, b, fin, rate);
+        sbuf o;
+        sbuf_init(&o);
+        progress_json(&o, name, b, fin, rate);
+        printf("%s\n", sb_str(&o));
+        sbuf_free(&o);
     } else {
         sbuf o;
         sbuf_init(&o);
@@ -283,4 +289,104 @@ int cmd_progress(int argc, char **argv)
     if (!b.done)
         return EX_NOTDONE;
     return batch_status(&b);
+}
+
+/* ---- every batch, for the web view (web.c) ----------------------------------- */
+
+struct named_batch {
+    char *name;
+    struct batch b;
+};
+
+static int newest_first(const void *x, const void *y)
+{
+    const struct named_batch *a = x, *b = y;
+    if (a->b.created != b->b.created)
+        return a->b.created < b->b.created ? 1 : -1;
+    return strcmp(a->name, b->name);
+}
+
+/* Append a glob pattern matching `s` literally (the prefix may hold * ? [ \). */
+static void glob_literal(sbuf *o, const char *s)
+{
+    for (; *s; s++) {
+        if (strchr("*?[]\\", *s))
+            sbuf_putc(o, '\\');
+        sbuf_putc(o, *s);
+    }
+}
+
+/*
+ * The batches whose hash exists, newest first (by `created`), at most
+ * `max`, as a JSON array of the objects progress --json prints (the rate:
+ * the average since the batch was created). The hashes are found with
+ * SCAN, so Redis stays free meanwhile; O(keys of the database).
+ */
+void batches_json(sbuf *out, size_t max)
+{
+    char *one = key(KEY_BATCH, "x");
+    sbuf pat;
+    sbuf_init(&pat);
+    glob_literal(&pat, one);
+    pat.len--; /* the "x" */
+    sbuf_puts(&pat, "*");
+    size_t skip = strlen(one) - 1, n = 0, cap = 0;
+    free(one);
+    struct named_batch *v = NULL;
+    char cursor[32] = "0";
+    do {
+        redisReply *rep = cmd("SCAN", cursor, "MATCH", pat.buf, "COUNT", "1000", NULL);
+        if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 2)
+            die(EX_UNAVAILABLE, "unexpected reply to SCAN");
+        snprintf(cursor, sizeof cursor, "%s", rep->element[0]->str);
+        for (size_t i = 0; i < rep->element[1]->elements; i++) {
+            const redisReply *kr = rep->element[1]->element[i];
+            if (kr->len <= skip || !id_is_valid(kr->str + skip, kr->len - skip))
+                continue; /* not a batch name: another key below the prefix */
+            if (n == cap) {
+                cap = cap ? cap * 2 : 64;
+                v = xrealloc(v, cap * sizeof *v);
+            }
+            v[n].name = xstrndup(kr->str + skip, kr->len - skip);
+            batch_read(kr->str, &v[n].b);
+            if (v[n].b.exists)
+                n++;
+            else
+                free(v[n].name);
+        }
+        freeReplyObject(rep);
+    } while (strcmp(cursor, "0") != 0);
+    sbuf_free(&pat);
+    if (n)
+        qsort(v, n, sizeof *v, newest_first);
+    sbuf_putc(out, '[');
+    for (size_t i = 0; i < n; i++) {
+        if (i < max) {
+            struct rate r;
+            memset(&r, 0, sizeof r);
+            long long fin = batch_finished(&v[i].b);
+            if (i)
+                sbuf_putc(out, ',');
+            progress_json(out, v[i].name, &v[i].b, fin, rate_get(&r, &v[i].b, fin, mono_ms()));
+        }
+        free(v[i].name);
+    }
+    sbuf_putc(out, ']');
+    free(v);
+}
+
+/* One batch's object for the web view's batch page; 0 when it has no hash. */
+int batch_progress_json(sbuf *out, const char *name)
+{
+    char *bk = key(KEY_BATCH, name);
+    struct batch b;
+    struct rate r;
+    batch_read(bk, &b);
+    free(bk);
+    if (!b.exists)
+        return 0;
+    memset(&r, 0, sizeof r);
+    long long fin = batch_finished(&b);
+    progress_json(out, name, &b, fin, rate_get(&r, &b, fin, mono_ms()));
+    return 1;
 }

@@ -203,6 +203,7 @@ struct results {
     int done;           /* the batch hash or a batch_done event says every job is final */
     int tracking;       /* tracking is on: config, or tracking events / counters of the batch */
     long long rows, shown, by_status[N_STATUS];
+    sbuf *sink;         /* the web view: rows as a JSON array here, not printed */
 };
 
 /* RFC 4180: a field with a comma, a quote, CR or LF is quoted and its
@@ -284,7 +285,7 @@ static int is_json_number(const char *s, size_t n)
 
 /* Every column; null when absent, attempts and cost as numbers, meta as
  * the JSON the producer gave. */
-static void json_row(const struct row *r)
+static void json_row(sbuf *out, const struct row *r)
 {
     struct jw w;
     jw_begin(&w);
@@ -302,7 +303,7 @@ static void json_row(const struct row *r)
         else
             jw_strn(&w, COLUMN[i], v, n);
     }
-    jw_print(&w);
+    jw_end(&w, out);
 }
 
 /* The columns a code point takes on a terminal: 2 for the East Asian wide
@@ -429,15 +430,24 @@ static void emit(struct results *rs, struct row *r, const char *status)
             rs->by_status[i]++;
     }
     int failed = strcmp(status, "failed") == 0 || strcmp(status, "task_failed") == 0;
-    if (!rs->failed_only || failed) {
+    if (rs->sink) {
+        if (rs->rows > 1)
+            sbuf_putc(rs->sink, ',');
+        json_row(rs->sink, r);
+    } else if (!rs->failed_only || failed) {
         rs->shown++;
         header(rs);
-        if (rs->format == OUT_CSV)
+        if (rs->format == OUT_CSV) {
             csv_row(r);
-        else if (rs->format == OUT_JSON)
-            json_row(r);
-        else
+        } else if (rs->format == OUT_JSON) {
+            sbuf o;
+            sbuf_init(&o);
+            json_row(&o, r);
+            printf("%s\n", sb_str(&o));
+            sbuf_free(&o);
+        } else {
             text_row(rs, r);
+        }
     }
     row_free(r);
 }
@@ -716,22 +726,51 @@ static void results_options(int argc, char **argv, struct results *rs)
     rs->format = csv ? OUT_CSV : json ? OUT_JSON : OUT_TEXT;
 }
 
+/* Every row of the batch: the hash, then the stream up to its end now.
+ * Returns how many events of the batch the stream held; *exists: the hash. */
+static long long results_read(struct results *rs, long long *total, int *exists)
+{
+    char end[64];
+    rs->tracking = g.cfg.track_enabled;
+    /* The hash first: when it says done, every final event is in the
+     * stream read after it. */
+    *exists = batch_read(rs, total);
+    int has_stream = stream_end(end, sizeof end);
+    return has_stream ? stream_scan(rs, end) : 0;
+}
+
+/*
+ * The web view's jobs of a batch (web.c): the rows of results --json as a
+ * JSON array appended to `out`, jobs still in progress last. Returns 0 when
+ * there is no such batch (no hash, no event); *done: every job is final.
+ */
+int results_json(sbuf *out, const char *batch, int *done)
+{
+    struct results rs;
+    long long total;
+    int exists;
+    memset(&rs, 0, sizeof rs);
+    rs.batch = batch;
+    rs.sink = out;
+    sbuf_putc(out, '[');
+    long long events = results_read(&rs, &total, &exists);
+    flush_open(&rs);
+    sbuf_putc(out, ']');
+    *done = rs.done;
+    return exists || events > 0;
+}
+
 int cmd_results(int argc, char **argv)
 {
     struct results rs;
     long long total;
-    char end[64];
+    int exists;
     memset(&rs, 0, sizeof rs);
     results_options(argc, argv, &rs);
     setup();
     rs.tty = isatty(1);
     rs.cols = term_cols(1);
-    rs.tracking = g.cfg.track_enabled;
-    /* The hash first: when it says done, every final event is in the
-     * stream read after it. */
-    int exists = batch_read(&rs, &total);
-    int has_stream = stream_end(end, sizeof end);
-    long long events = has_stream ? stream_scan(&rs, end) : 0;
+    long long events = results_read(&rs, &total, &exists);
     if (!exists && events == 0) {
         teardown();
         die(EX_NOTALL, "batch %s not found (no hash, no event in the stream)", rs.batch);

@@ -165,7 +165,7 @@ static long long waiting(const struct stats *st)
     return st->rep[Q_HIGH]->integer + st->rep[Q_JOBS]->integer + st->rep[Q_LOW]->integer;
 }
 
-static void stats_json(const struct stats *st)
+static void stats_json(sbuf *out, const struct stats *st)
 {
     struct jw w;
     jw_begin(&w);
@@ -206,7 +206,7 @@ static void stats_json(const struct stats *st)
         instance_json(&w.b, st->names[i], st->inst[2 * i], st->inst[2 * i + 1]->integer, st->now);
     }
     sbuf_putc(&w.b, ']');
-    jw_print(&w);
+    jw_end(&w, out);
 }
 
 /* Under an instance: each gateway's state and its keys (fingerprints). */
@@ -332,11 +332,26 @@ int cmd_stats(int argc, char **argv)
     struct stats st;
     memset(&st, 0, sizeof st);
     stats_gather(&st);
-    if (json)
-        stats_json(&st);
-    else
+    if (json) {
+        sbuf o;
+        sbuf_init(&o);
+        stats_json(&o, &st);
+        printf("%s\n", sb_str(&o));
+        sbuf_free(&o);
+    } else {
         stats_text(&st);
+    }
     stats_free(&st);
     teardown();
     return 0;
+}
+
+/* The web view's state of the queue (web.c): what stats --json prints. */
+void stats_to_json(sbuf *out)
+{
+    struct stats st;
+    memset(&st, 0, sizeof st);
+    stats_gather(&st);
+    stats_json(out, &st);
+    stats_free(&st);
 }
