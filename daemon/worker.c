@@ -1075,6 +1075,9 @@ static void on_response(http_req *req, const struct http_result *res, void *ud)
     VQ_ASSERT(g->in_flight > 0 && k && k->in_flight > 0);
     g->in_flight--;
     k->in_flight--;
+    /* Time to an outcome, timeouts included; not a request that never went out. */
+    if (res->outcome != HTTP_NOT_SENT && res->outcome != HTTP_CANCELED)
+        histo_observe(&g->submit_lat, res->elapsed_us);
     gateway_slot_freed(w, g);
     if (g->dialect->classify)
         g->dialect->classify(res, &o);

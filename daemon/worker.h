@@ -37,6 +37,7 @@ struct worker_stats {
     int budget_stopped;     /* the daily or total budget is reached: intake stopped */
     const char *budget_msg;
     uint64_t spent_micro;   /* money this instance's requests kept spent (millionths) */
+    uint64_t queued;        /* jobs waiting in the three lanes, as the last heartbeat read them */
 };
 
 worker *worker_new(uv_loop_t *loop, const struct config *cfg, queue *q, http_client *http, gwset *gws);
