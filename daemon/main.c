@@ -380,6 +380,13 @@ static void fill_metrics(sbuf *out, int *healthy, const char **why, void *ud)
     metric(out, "vidq_jobs_taken_total", "counter", "Jobs taken from the queue.", in, st.taken);
     metric(out, "vidq_jobs_submitted_total", "counter", "Jobs the API accepted.", in, st.submitted);
     metric(out, "vidq_jobs_failed_total", "counter", "Jobs that ended failed (dead list).", in, st.failed);
+    /* every reason, 0 included, so that rate() has a series from the start */
+    static const char *const reasons[NFAIL_REASONS] = FAIL_REASONS;
+    sbuf_puts(out, "# HELP vidq_jobs_failed_by_reason_total Jobs that ended failed, by the error of their failed "
+                   "event.\n# TYPE vidq_jobs_failed_by_reason_total counter\n");
+    for (size_t r = 0; r < NFAIL_REASONS; r++)
+        sbuf_printf(out, "vidq_jobs_failed_by_reason_total{instance=\"%s\",reason=\"%s\"} %llu\n", in, reasons[r],
+                    (unsigned long long)st.failed_by[r]);
     metric(out, "vidq_jobs_duplicate_total", "counter", "Jobs already submitted (dedup).", in, st.duplicates);
     metric(out, "vidq_retries_total", "counter", "Submissions put in the retry set.", in, st.retries);
     metric(out, "vidq_ambiguous_found_total", "counter",

@@ -306,6 +306,11 @@ static void fail(slot *s, const char *error, const char *message, long http_stat
     ev_cost(s, s->billable);
     make_dead(s, error, message, http_status);
     s->w->st.failed++;
+    static const char *const reasons[NFAIL_REASONS] = FAIL_REASONS;
+    size_t r = 0;
+    while (r < NFAIL_REASONS - 1 && strcmp(reasons[r], error) != 0)
+        r++;
+    s->w->st.failed_by[r]++;
     slot_record(s);
 }
 

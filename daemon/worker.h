@@ -18,10 +18,17 @@
 
 typedef struct worker worker;
 
+/* The `error` of a failed event (docs/protocol.md), in the order of
+ * worker_stats.failed_by; "other" takes any error not listed. */
+#define FAIL_REASONS                                                                                              \
+    {"invalid_job", "rejected", "attempts_exhausted", "ambiguous", "bad_response", "poison", "over_budget", "other"}
+#define NFAIL_REASONS 8
+
 struct worker_stats {
     uint64_t taken;
     uint64_t submitted;
     uint64_t failed;
+    uint64_t failed_by[NFAIL_REASONS]; /* the same by reason (FAIL_REASONS) */
     uint64_t duplicates;
     uint64_t retries;
     /* ambiguous submits looked up (dialects that can, Kling): the task

@@ -6,7 +6,8 @@
    stays silent in another); prometheus.yml passes `promtool check config`.
 2. A vidqd (tracking on) submits jobs to the mock, which answers each submit
    after 60 ms, and polls their tasks to the end: its /metrics passes
-   `promtool check metrics` (format and lint), and the histograms
+   `promtool check metrics` (format and lint); two invalid jobs count under
+   vidq_jobs_failed_by_reason_total{reason="invalid_job"}; the histograms
    vidq_submit_duration_seconds / vidq_poll_duration_seconds hold exactly the
    submits and polls the mock received (+Inf = _count), cumulative buckets,
    no submit under 50 ms, a _sum of at least 60 ms per submit.
@@ -168,6 +169,7 @@ def check_dashboard(t, families):
     t.ok(not unknown, "grafana: every metric in the queries is one vidqd exports (%d names: %s)"
          % (len(used), ", ".join(sorted(used))), *unknown)
     for want in ("vidq_submit_duration_seconds", "vidq_poll_duration_seconds", "vidq_spend_total",
+                 "vidq_jobs_failed_by_reason_total",
                  "vidq_redis_up", "vidq_queue_length", "vidq_budget_exhausted", "vidq_account_blocked",
                  "vidq_key_in_service", "vidq_jobs_failed_total"):
         t.ok(want in used, "grafana: a panel shows %s" % want)
@@ -215,12 +217,13 @@ def main(t, env):
                                           "track.poll_interval": "1s", "submit.concurrency": "4"})
     vd.start()
     n = 12
-    vt.push_jobs(rs.r, [vt.job(job_id="p-%d" % i, model="m", prompt="p") for i in range(n)])
+    bad = [b"not json", vt.job(job_id="p-bad", model="m")]  # invalid_job: no prompt
+    vt.push_jobs(rs.r, [vt.job(job_id="p-%d" % i, model="m", prompt="p") for i in range(n)] + bad)
 
     def finals():
-        return sum(1 for e in vt.read_stream(rs.r) if e.get("event") in ("succeeded", "task_failed"))
-    ok = vt.wait_until(lambda: finals() >= n, timeout=90, interval=0.25, unless=vd.dead)
-    t.ok(ok, "the %d jobs submitted and followed to their end" % n, *vd.log_lines()[-5:])
+        return sum(1 for e in vt.read_stream(rs.r) if e.get("event") in ("succeeded", "task_failed", "failed"))
+    ok = vt.wait_until(lambda: finals() >= n + len(bad), timeout=90, interval=0.25, unless=vd.dead)
+    t.ok(ok, "the %d jobs submitted and followed to their end, %d failed" % (n, len(bad)), *vd.log_lines()[-5:])
     vt.wait_until(lambda: samples(get(port, "/metrics")).get(("vidq_polls_in_flight", frozenset(
         {("instance", "prom")}))) == 0, timeout=30, unless=vd.dead)
     text = get(port, "/metrics")
@@ -232,6 +235,14 @@ def main(t, env):
     fams = types(text)
     t.eq(fams.get("vidq_submit_duration_seconds"), "histogram", "vidq_submit_duration_seconds is a histogram")
     t.eq(fams.get("vidq_poll_duration_seconds"), "histogram", "vidq_poll_duration_seconds is a histogram")
+    inst = ("instance", "prom")
+    by_reason = {dict(lb)["reason"]: v for (nm, lb), v in smp.items() if nm == "vidq_jobs_failed_by_reason_total"}
+    t.eq(sorted(by_reason), sorted(["invalid_job", "rejected", "attempts_exhausted", "ambiguous", "bad_response",
+                                    "poison", "over_budget", "other"]),
+         "vidq_jobs_failed_by_reason_total: every reason of docs/protocol.md, and other")
+    t.eq(by_reason.get("invalid_job"), float(len(bad)), "vidq_jobs_failed_by_reason_total{reason=\"invalid_job\"}")
+    t.eq(sum(by_reason.values()), smp.get(("vidq_jobs_failed_total", frozenset({inst}))),
+         "the reasons add up to vidq_jobs_failed_total")
     gw = "api"  # the gateway of an [api] configuration
     for name, want in (("vidq_submit_duration_seconds", stats["posts"]),
                        ("vidq_poll_duration_seconds", stats["gets"])):
