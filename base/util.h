@@ -23,6 +23,8 @@ char *xstrndup(const char *s, size_t n);
 int64_t now_ms(void);
 /* Monotonic milliseconds (for latencies and deadlines). */
 int64_t mono_ms(void);
+/* Monotonic microseconds (the latency histograms of /metrics). */
+int64_t mono_us(void);
 /*
  * The UTC day of unix time `ms` as YYYY-MM-DD (daily budgets, docs/protocol.md
  * §10). Builds with crash points honour VIDQ_TEST_DAY_MS: a "day" that

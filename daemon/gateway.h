@@ -17,6 +17,7 @@
 
 #include "config.h"
 #include "dialect.h"
+#include "histo.h"
 #include "http.h"
 
 typedef struct gwset gwset;
@@ -65,6 +66,9 @@ struct gateway {
     unsigned held_back;     /* jobs waiting for one of its slots or its pace (S_GW_WAIT) */
     int64_t next_send_ms;   /* mono ms: the rate's next send */
     void *owner;            /* the worker */
+    /* Answer times for /metrics: its submissions (worker.c) and task polls
+     * (tracker.c), from the request's start to its outcome. */
+    struct histo submit_lat, poll_lat;
 };
 
 gwset *gwset_new(uv_loop_t *loop);

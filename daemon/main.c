@@ -300,6 +300,40 @@ static void gateway_metrics(sbuf *out, const gwset *gws, const char *in)
     }
 }
 
+/*
+ * The latency histograms (histo.h) of every gateway in service, in the
+ * Prometheus format: cumulative _bucket{le} counts ending with +Inf (= _count),
+ * _sum in seconds.
+ */
+static void gateway_histograms(sbuf *out, const gwset *gws, const char *in)
+{
+    static const char *const le[HISTO_BOUNDS] = HISTO_LE_TEXT;
+    static const struct {
+        const char *name, *help;
+    } m[] = {
+        {"vidq_submit_duration_seconds", "Submissions to the gateway, from the request's start to its outcome."},
+        {"vidq_poll_duration_seconds", "Task polls to the gateway, from the request's start to its outcome."},
+    };
+    for (size_t i = 0; i < sizeof m / sizeof m[0]; i++) {
+        sbuf_printf(out, "# HELP %s %s\n# TYPE %s histogram\n", m[i].name, m[i].help, m[i].name);
+        for (size_t j = 0; j < gwset_count(gws); j++) {
+            const struct gateway *g = gwset_at(gws, j);
+            if (g->retired)
+                continue;
+            const struct histo *h = i == 0 ? &g->submit_lat : &g->poll_lat;
+            unsigned long long n = 0;
+            for (size_t b = 0; b <= HISTO_BOUNDS; b++) {
+                n += h->n[b];
+                sbuf_printf(out, "%s_bucket{instance=\"%s\",gateway=\"%s\",le=\"%s\"} %llu\n", m[i].name, in,
+                            g->name, b < HISTO_BOUNDS ? le[b] : "+Inf", n);
+            }
+            sbuf_printf(out, "%s_sum{instance=\"%s\",gateway=\"%s\"} %llu.%06llu\n", m[i].name, in, g->name,
+                        (unsigned long long)(h->sum_us / 1000000), (unsigned long long)(h->sum_us % 1000000));
+            sbuf_printf(out, "%s_count{instance=\"%s\",gateway=\"%s\"} %llu\n", m[i].name, in, g->name, n);
+        }
+    }
+}
+
 static void metric(sbuf *out, const char *name, const char *type, const char *help, const char *instance,
                    unsigned long long v)
 {
@@ -346,6 +380,13 @@ static void fill_metrics(sbuf *out, int *healthy, const char **why, void *ud)
     metric(out, "vidq_jobs_taken_total", "counter", "Jobs taken from the queue.", in, st.taken);
     metric(out, "vidq_jobs_submitted_total", "counter", "Jobs the API accepted.", in, st.submitted);
     metric(out, "vidq_jobs_failed_total", "counter", "Jobs that ended failed (dead list).", in, st.failed);
+    /* every reason, 0 included, so that rate() has a series from the start */
+    static const char *const reasons[NFAIL_REASONS] = FAIL_REASONS;
+    sbuf_puts(out, "# HELP vidq_jobs_failed_by_reason_total Jobs that ended failed, by the error of their failed "
+                   "event.\n# TYPE vidq_jobs_failed_by_reason_total counter\n");
+    for (size_t r = 0; r < NFAIL_REASONS; r++)
+        sbuf_printf(out, "vidq_jobs_failed_by_reason_total{instance=\"%s\",reason=\"%s\"} %llu\n", in, reasons[r],
+                    (unsigned long long)st.failed_by[r]);
     metric(out, "vidq_jobs_duplicate_total", "counter", "Jobs already submitted (dedup).", in, st.duplicates);
     metric(out, "vidq_retries_total", "counter", "Submissions put in the retry set.", in, st.retries);
     metric(out, "vidq_ambiguous_found_total", "counter",
@@ -370,10 +411,16 @@ static void fill_metrics(sbuf *out, int *healthy, const char **why, void *ud)
     metric(out, "vidq_polls_in_flight", "gauge", "Task polls and downloads in flight.", in,
            d->tr ? tracker_in_flight(d->tr) : 0);
     metric(out, "vidq_redis_up", "gauge", "1 when Redis answers.", in, queue_is_up(d->q) ? 1 : 0);
-    metric(out, "vidq_loop_stall_max_microseconds", "gauge",
-           "The longest time the event loop spent in callbacks without polling, since start.", in, d->stall_max_us);
+    metric(out, "vidq_queue_length", "gauge",
+           "Jobs waiting in the queue (its three lanes), as this instance's last heartbeat read them.", in, st.queued);
+    /* seconds, the base unit Prometheus wants (promtool check metrics) */
+    sbuf_printf(out, "# HELP vidq_loop_stall_max_seconds The longest time the event loop spent in callbacks "
+                "without polling, since start.\n# TYPE vidq_loop_stall_max_seconds gauge\n"
+                "vidq_loop_stall_max_seconds{instance=\"%s\"} %llu.%06llu\n",
+                in, (unsigned long long)(d->stall_max_us / 1000000), (unsigned long long)(d->stall_max_us % 1000000));
     int gw_down = st.blocked && strcmp(st.block_kind, "gateway_down") == 0;
     gateway_metrics(out, d->gws, in);
+    gateway_histograms(out, d->gws, in);
     *healthy = queue_is_up(d->q) && !st.blocked && !d->stopping;
     *why = !queue_is_up(d->q) ? "Redis unreachable"
            : gw_down          ? "the gateway is unreachable"

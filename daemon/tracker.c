@@ -689,6 +689,8 @@ static void on_polled(http_req *req, const struct http_result *res, void *ud)
     (void)req;
     if (cancelled(p, res))
         return;
+    if (res->outcome != HTTP_NOT_SENT)
+        histo_observe(&p->g->poll_lat, res->elapsed_us);
     if (res->outcome == HTTP_OK && p->g->dialect->not_found(res)) {
         if (++p->not_found >= NOT_FOUND_LIMIT) {
             finish(p, "task_failed", "message", "the API does not know this task (task_not_exist)", NULL, NULL, NULL,

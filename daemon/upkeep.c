@@ -325,12 +325,14 @@ static void on_upkeep_done(worker *w, int which, int err)
     (void)err; /* the next tick tries again */
 }
 
-static void on_heartbeat(int err, long long r, void *ud)
+static void on_heartbeat(int err, long long queued, void *ud)
 {
-    (void)r;
-    if (((worker *)ud)->closed)
+    worker *w = ud;
+    if (w->closed)
         return;
-    on_upkeep_done(ud, UP_HEARTBEAT, err);
+    on_upkeep_done(w, UP_HEARTBEAT, err);
+    if (!err && queued >= 0)
+        w->st.queued = (uint64_t)queued;
 }
 
 static void on_takeover(int err, long long moved, long long marked, void *ud)

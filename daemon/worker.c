@@ -306,6 +306,11 @@ static void fail(slot *s, const char *error, const char *message, long http_stat
     ev_cost(s, s->billable);
     make_dead(s, error, message, http_status);
     s->w->st.failed++;
+    static const char *const reasons[NFAIL_REASONS] = FAIL_REASONS;
+    size_t r = 0;
+    while (r < NFAIL_REASONS - 1 && strcmp(reasons[r], error) != 0)
+        r++;
+    s->w->st.failed_by[r]++;
     slot_record(s);
 }
 
@@ -1075,6 +1080,9 @@ static void on_response(http_req *req, const struct http_result *res, void *ud)
     VQ_ASSERT(g->in_flight > 0 && k && k->in_flight > 0);
     g->in_flight--;
     k->in_flight--;
+    /* Time to an outcome, timeouts included; not a request that never went out. */
+    if (res->outcome != HTTP_NOT_SENT && res->outcome != HTTP_CANCELED)
+        histo_observe(&g->submit_lat, res->elapsed_us);
     gateway_slot_freed(w, g);
     if (g->dialect->classify)
         g->dialect->classify(res, &o);

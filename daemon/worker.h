@@ -18,10 +18,17 @@
 
 typedef struct worker worker;
 
+/* The `error` of a failed event (docs/protocol.md), in the order of
+ * worker_stats.failed_by; "other" takes any error not listed. */
+#define FAIL_REASONS                                                                                              \
+    {"invalid_job", "rejected", "attempts_exhausted", "ambiguous", "bad_response", "poison", "over_budget", "other"}
+#define NFAIL_REASONS 8
+
 struct worker_stats {
     uint64_t taken;
     uint64_t submitted;
     uint64_t failed;
+    uint64_t failed_by[NFAIL_REASONS]; /* the same by reason (FAIL_REASONS) */
     uint64_t duplicates;
     uint64_t retries;
     /* ambiguous submits looked up (dialects that can, Kling): the task
@@ -37,6 +44,7 @@ struct worker_stats {
     int budget_stopped;     /* the daily or total budget is reached: intake stopped */
     const char *budget_msg;
     uint64_t spent_micro;   /* money this instance's requests kept spent (millionths) */
+    uint64_t queued;        /* jobs waiting in the three lanes, as the last heartbeat read them */
 };
 
 worker *worker_new(uv_loop_t *loop, const struct config *cfg, queue *q, http_client *http, gwset *gws);

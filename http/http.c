@@ -82,7 +82,7 @@ struct http_req {
     int write_errno;
     int too_large;
     int64_t retry_after_ms;
-    int64_t started;
+    int64_t started;      /* mono_us() when the request was set up */
     int sent_h2;          /* the last request went out on an HTTP/2 connection */
     int refused;          /* curl wanted to rewind after a refused stream */
     int resend_stopped;   /* post_prereq_cb refused curl's own second attempt */
@@ -500,7 +500,7 @@ static http_req *req_get(http_client *c)
     r->max_bytes = 0;
     r->retry_after_ms = -1;
     r->errbuf[0] = '\0';
-    r->started = mono_ms();
+    r->started = mono_us();
     r->sent_h2 = r->refused = r->resend_stopped = 0;
     r->chunked = r->has_length = r->blocked = r->allow_private = 0;
     r->trusted_origin = NULL;
@@ -705,7 +705,8 @@ static void complete(http_req *r, CURLcode rc, const char *why)
     }
     res.length_unknown = length_unknown(r, rc);
     res.retry_after_ms = r->retry_after_ms;
-    res.elapsed_ms = mono_ms() - r->started;
+    res.elapsed_us = mono_us() - r->started;
+    res.elapsed_ms = res.elapsed_us / 1000;
     res.bytes = r->written;
     res.write_errno = r->write_errno;
     res.offset = r->offset;

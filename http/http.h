@@ -64,6 +64,7 @@ struct http_result {
     int sent;                /* the whole request went out: the server may have it */
     int64_t retry_after_ms;  /* Retry-After / retry-after-ms, -1 when absent */
     int64_t elapsed_ms;
+    int64_t elapsed_us;      /* the same in microseconds (latency histograms) */
     /* downloads (http_download) */
     const char *content_type;   /* or NULL */
     int64_t content_length;     /* -1 when the server sent none */

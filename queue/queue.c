@@ -620,7 +620,10 @@ static const char PROMOTE_LUA[] = CHECK_LUA LANES_LUA TYPE_LUA
     "return #due\n";
 
 /* This instance (A_name) is alive: its hash, the field/value pairs after
- * the named arguments, kept A_ttl ms, and its name in the set. */
+ * the named arguments, kept A_ttl ms, and its name in the set. Reply: the
+ * jobs waiting in the three lanes (vidq_queue_length in /metrics: read
+ * here, every beat, so that a scrape costs no round trip; a lane holding
+ * something else than a list counts as empty, as in take). */
 static const char HEARTBEAT_LUA[] = CHECK_LUA
     "need_uint(A_ttl, 'ttl', 1)\n"
     "if #ARGV < NARGS + 2 or (#ARGV - NARGS) % 2 ~= 0 then error('vidq: heartbeat fields must come in pairs') end\n"
@@ -628,7 +631,8 @@ static const char HEARTBEAT_LUA[] = CHECK_LUA
     "redis.call('HSET', K_instance, unpack(ARGV, NARGS + 1))\n"
     "redis.call('PEXPIRE', K_instance, A_ttl)\n"
     "redis.call('SADD', K_instances, A_name)\n"
-    "return 1\n";
+    "local function llen(k) local n = redis.pcall('LLEN', k); return type(n) == 'number' and n or 0 end\n"
+    "return llen(K_jobs_high) + llen(K_jobs) + llen(K_jobs_low)\n";
 
 /*
  * The jobs this instance holds, oldest first, as triples {mark token or "",
@@ -855,7 +859,8 @@ static const struct script scripts[S_COUNT] = {
     [S_RETRY] = {"retry", RETRY_LUA, KS(KEY_PROCESSING, KEY_RETRY, KEY_SENDING, KEY_RECOVERED, KEY_CLAIM),
                  AS(A_held, A_due, A_envelope, A_token), 0},
     [S_PROMOTE] = {"promote", PROMOTE_LUA, KS(KEY_RETRY, KEY_JOBS, KEY_JOBS_HIGH, KEY_JOBS_LOW), AS(A_now, A_max), 0},
-    [S_HEARTBEAT] = {"heartbeat", HEARTBEAT_LUA, KS(KEY_INSTANCE, KEY_INSTANCES), AS(A_ttl, A_name), 1},
+    [S_HEARTBEAT] = {"heartbeat", HEARTBEAT_LUA, KS(KEY_INSTANCE, KEY_INSTANCES, KEY_JOBS_HIGH, KEY_JOBS, KEY_JOBS_LOW),
+                     AS(A_ttl, A_name), 1},
     [S_HELD] = {"held", HELD_LUA, KS(KEY_PROCESSING, KEY_SENDING, KEY_RECOVERED, KEY_CLEAN), AS(A_counting, A_ids),
                 0},
     [S_TAKEOVER] = {"takeover", TAKEOVER_LUA, KS(KEY_INSTANCES, KEY_PROCESSING, KEY_SENDING, KEY_RECOVERED),

@@ -108,7 +108,8 @@ int queue_claim_name(queue *q, const char *run, int64_t ttl_ms, const char *dead
 int queue_pace(queue *q, const char *gateway, double rate, queue_done_fn *fn, void *ud);
 /* The gateways whose waiting list may hold jobs (vidq:waitsets). */
 int queue_waitsets(queue *q, queue_fields_fn *fn, void *ud);
-/* Publish this instance's heartbeat: field/value pairs, kept for ttl_ms. */
+/* Publish this instance's heartbeat: field/value pairs, kept for ttl_ms.
+ * `fn` gets the number of jobs waiting in the three lanes. */
 int queue_heartbeat(queue *q, const char *const *fields, int nfields, int64_t ttl_ms, queue_done_fn *fn, void *ud);
 
 /*

@@ -8,7 +8,7 @@ prompt full of escapes, meta 1e999 -- pushed together with ordinary jobs. Checks
 ones are submitted exactly once (the over-large one is refused by the mock's own 16 MiB
 body limit, as a real gateway would, and ends rejected -- never sent twice), the invalid
 ones end invalid_job with a message that says what is wrong, meta is echoed as written, and
-the ordinary jobs all go through. vidqd's /metrics gives vidq_loop_stall_max_microseconds,
+the ordinary jobs all go through. vidqd's /metrics gives vidq_loop_stall_max_seconds,
 the longest time its loop ran callbacks without polling: printed, with ms per MiB of input.
 """
 import json
@@ -79,8 +79,8 @@ def main(t, env):
     t.eq({k: v for k, v in created.items() if v > 1}, {}, "nothing created twice upstream")
     t.eq([j for j in plain if outcome(j)[0] != "submitted"], [], "the ordinary jobs all go through")
     body = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=10).read().decode()
-    stall_us = [int(float(line.split()[-1])) for line in body.splitlines()
-                if line.startswith("vidq_loop_stall_max_microseconds")]
+    stall_us = [float(line.split()[-1]) * 1e6 for line in body.splitlines()
+                if line.startswith("vidq_loop_stall_max_seconds")]
     t.ok(len(stall_us) == 1, "/metrics gives the longest loop stall")
     if stall_us:
         t.diag("longest loop stall while %.1f MiB of hostile jobs passed: %.1f ms (%.2f ms per MiB; the "
