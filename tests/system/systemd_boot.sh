@@ -59,19 +59,31 @@ make_root() {
         bookworm "$1" "$mirror" > "$work/debootstrap.log" 2>&1
 }
 
-# vidq as a package would lay it out: /usr/bin, /etc, the unit in
-# /lib/systemd/system. A build of its own with those paths, installed with
-# DESTDIR (the .deb of debian/, once it lands, replaces this function).
+# vidq into the root: the Debian package (tests/system/lib.sh's build_deb, from
+# the committed state of a git checkout, installed with apt-get; the unit stays
+# disabled, dh_installsystemd --no-enable) when there is one; otherwise a build
+# with the package's paths (/usr/bin, /etc, /lib/systemd/system) installed with
+# DESTDIR. Prints which.
 install_vidq() {
-    mkdir -p "$work/build" &&
-        (cd "$work/build" &&
-            "$src/configure" -q --prefix=/usr --sysconfdir=/etc --localstatedir=/var \
-                --with-systemdsystemunitdir=/lib/systemd/system &&
-            make -s -j"$(nproc)" all && make -s install DESTDIR="$1") > "$work/install.log" 2>&1
+    if [ -f "$src/tests/system/lib.sh" ] && grep -q '^build_deb()' "$src/tests/system/lib.sh" &&
+        git -C "$src" rev-parse --verify -q HEAD >/dev/null 2>&1; then
+        VIDQ_SRCDIR=$src
+        . "$src/tests/system/lib.sh"
+        deb=$(build_deb "$work/deb" 2>>"$work/install.log") && cp "$deb" "$1/tmp/" &&
+            chroot "$1" apt-get install -y -q "/tmp/${deb##*/}" >> "$work/install.log" 2>&1 &&
+            echo "the package ${deb##*/}"
+    else
+        mkdir -p "$work/build" &&
+            (cd "$work/build" &&
+                "$src/configure" -q --prefix=/usr --sysconfdir=/etc --localstatedir=/var \
+                    --with-systemdsystemunitdir=/lib/systemd/system &&
+                make -s -j"$(nproc)" all && make -s install DESTDIR="$1") > "$work/install.log" 2>&1 &&
+            echo "make install DESTDIR (no debian/ package here)"
+    fi
 }
 
 make_root "$root" || skip "debootstrap failed (no Debian mirror at $mirror?): $(tail -n 1 "$work/debootstrap.log")"
-if ! install_vidq "$root"; then
+if ! how=$(install_vidq "$root"); then
     echo "1..1"
     echo "not ok 1 - vidq builds and installs into the fresh root"
     tail -n 20 "$work/install.log" | sed 's/^/# /'
@@ -124,7 +136,7 @@ manager_up() {
     kill -0 "$nspawn" 2>/dev/null || return 2
     cpid=$(pgrep -P "$nspawn" -x systemd | head -n 1)
     [ -n "$cpid" ] || return 1
-    case $(nsenter -t "$cpid" -a systemctl is-system-running 2>/dev/null) in
+    case $(timeout -k 5 10 nsenter -t "$cpid" -a systemctl is-system-running 2>/dev/null < /dev/null) in
     starting | running | degraded) return 0 ;;
     *) return 1 ;;
     esac
@@ -142,8 +154,12 @@ if ! manager_up; then
     skip "systemd-nspawn --boot does not boot here: ${err:-no output}"
 fi
 
-inside() { nsenter -t "$cpid" -a "$@"; }
-net() { nsenter -t "$cpid" -n "$@"; } # host tools in the container's network
+# Every command in the container is bounded in time and reads no terminal: a
+# hung one would hold the test (sh runs its traps only once the command in the
+# foreground returns), and a stopped nsenter would keep its child's zombie in
+# the container, so that the container's shutdown could not finish.
+inside() { timeout -k 5 120 nsenter -t "$cpid" -a "$@" < /dev/null; }
+net() { timeout -k 5 60 nsenter -t "$cpid" -n "$@" < /dev/null; } # host tools in the container's network
 show() { inside systemctl show -p "$1" --value vidqd; }
 mock() { net curl -s --max-time 10 "http://127.0.0.1:8080$1"; }
 mock_post() { net curl -s --max-time 10 -X POST -d "$2" "http://127.0.0.1:8080$1"; }
@@ -173,6 +189,7 @@ push() { inside redis-cli LPUSH vidq:jobs "{\"job_id\":\"$1\",\"model\":\"kling-
 diag() { "$@" 2>&1 | sed 's/^/# /'; }
 
 echo "1..8"
+echo "# vidq installed by $how; systemd $(chroot "$root" systemctl --version | sed -n '1s/systemd \([0-9]*\).*/\1/p')"
 
 # 1. Started by the boot (enabled), running, but no READY=1 yet: Redis is down,
 # vidqd sends READY=1 only once Redis answers. Two looks, seconds apart.
@@ -201,7 +218,8 @@ else
 fi
 
 # 3. The STATUS= line.
-if wait_for 30 sh -c "nsenter -t $cpid -a systemctl status vidqd --no-pager | grep -q 'Status: \"running; held '"; then
+status_line() { inside systemctl status vidqd --no-pager | grep -q 'Status: "running; held '; }
+if wait_for 30 status_line; then
     echo "ok 3 - systemctl status shows vidqd's status line"
     inside systemctl status vidqd --no-pager | grep 'Status:' | sed 's/^ */# /'
 else
