@@ -57,7 +57,7 @@ vidq --help >/tmp/help 2>&1 && grep -qi usage /tmp/help; ok $? "5 - vidq --help"
     [ "$(stat -c '%a %U %G' /etc/vidq/vidqd.conf)" = "644 root root" ] &&
     cmp -s /etc/vidq/vidqd.conf /usr/share/vidq/vidqd.conf
 ok $? "6 - /etc/vidq 0755 and the example /etc/vidq/vidqd.conf 0644, root's"
-[ -f /lib/systemd/system/vidqd.service ] && grep -q '^ExecStart=/usr/bin/vidqd -c /etc/vidq/vidqd.conf$' /lib/systemd/system/vidqd.service &&
+[ -f /lib/systemd/system/vidqd.service ] && grep -q '^ExecStart=/usr/bin/vidqd -c /etc/vidq/vidqd.conf -o api.token_file=/run/vidq/api-token$' /lib/systemd/system/vidqd.service &&
     [ ! -e /etc/systemd/system/multi-user.target.wants/vidqd.service ]
 ok $? "7 - the unit is in /lib/systemd/system, not enabled"
 [ -f /usr/share/man/man8/vidqd.8.gz ] && [ -f /usr/share/man/man1/vidq.1.gz ] && [ -f /usr/share/doc/vidq/README.md ] &&
@@ -76,8 +76,8 @@ echo "# without a token: exit $rc: $msg"
 [ "$rc" -eq 78 ] && case $msg in *"no API token"*) true ;; *) false ;; esac
 ok $? "10 - --check-config without a token: exit 78, says no API token"
 (umask 077 && echo "sk-fresh-debian-test-key" >/etc/vidq/api-token)
-msg=$(CREDENTIALS_DIRECTORY=/etc/vidq vidqd --check-config 2>&1); rc=$?
-echo "# with /etc/vidq/api-token as the unit's credential: exit $rc: $msg"
+msg=$(vidqd --check-config -o api.token_file=/etc/vidq/api-token 2>&1); rc=$?
+echo "# with /etc/vidq/api-token, as the unit passes it (-o api.token_file): exit $rc: $msg"
 ok "$rc" "11 - the shipped configuration passes --check-config with the token as the unit passes it"
 echo "# an operator's edit" >>/etc/vidq/vidqd.conf
 chmod 0640 /etc/vidq/vidqd.conf
