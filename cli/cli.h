@@ -47,6 +47,12 @@
     "  end\n"                                                                                     \
     "end\n"
 
+/* A member of a JSON object: its string (NULL when absent or not a string),
+ * its number (dflt when absent or not a number). */
+struct cJSON;
+const char *json_str(const struct cJSON *o, const char *name);
+double json_num(const struct cJSON *o, const char *name, double dflt);
+
 #define CONNECT_TIMEOUT_MS 5000
 #define COMMAND_TIMEOUT_MS 30000
 

@@ -150,18 +150,6 @@ struct dead {
     const char *job_id, *error, *message;
 };
 
-static const char *obj_str(const cJSON *obj, const char *name)
-{
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, name);
-    return cJSON_IsString(v) ? v->valuestring : NULL;
-}
-
-static double obj_num(const cJSON *obj, const char *name, double dflt)
-{
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, name);
-    return cJSON_IsNumber(v) ? v->valuedouble : dflt;
-}
-
 /*
  * What a visitor did with an entry: skipped it (does not count towards
  * --limit), kept it, or removed it from the list (the scan then reads the
@@ -210,9 +198,9 @@ static long dead_scan(const struct dead_filter *f, dead_visit *fn, void *ud)
                 cJSON_Delete(d.obj);
                 continue;
             }
-            d.job_id = obj_str(d.obj, "job_id");
-            d.error = obj_str(d.obj, "error");
-            d.message = obj_str(d.obj, "message");
+            d.job_id = json_str(d.obj, "job_id");
+            d.error = json_str(d.obj, "error");
+            d.message = json_str(d.obj, "message");
             int match = (f->error == NULL || (d.error && strcmp(d.error, f->error) == 0)) &&
                         (f->job_id == NULL || (d.job_id && strcmp(d.job_id, f->job_id) == 0));
             if (match) {
@@ -268,8 +256,8 @@ static int visit_list(const struct dead *d, void *ud)
         return VISIT_KEEP;
     }
     char when[32], http[16];
-    double st = obj_num(d->obj, "http_status", 0);
-    fmt_time((int64_t)obj_num(d->obj, "failed_at", 0), when, sizeof when);
+    double st = json_num(d->obj, "http_status", 0);
+    fmt_time((int64_t)json_num(d->obj, "failed_at", 0), when, sizeof when);
     if (st > 0)
         snprintf(http, sizeof http, "%.0f", st);
     else
@@ -279,7 +267,7 @@ static int visit_list(const struct dead *d, void *ud)
     put_clean(&o, d->job_id ? d->job_id : "-", strlen(d->job_id ? d->job_id : "-"));
     while (o.len < mark + 28)
         sbuf_putc(&o, ' ');
-    sbuf_printf(&o, " %-18s %4s %3.0f  ", d->error ? d->error : "-", http, obj_num(d->obj, "attempts", 0));
+    sbuf_printf(&o, " %-18s %4s %3.0f  ", d->error ? d->error : "-", http, json_num(d->obj, "attempts", 0));
     put_clean(&o, d->message ? d->message : "", d->message ? strlen(d->message) : 0);
     fit_line(&o, c->tty, c->cols);
     puts(sb_str(&o));
@@ -347,7 +335,7 @@ static int visit_requeue(const struct dead *d, void *ud)
         return VISIT_SKIP;
     }
     char *claim = key(KEY_CLAIM, d->job_id && *d->job_id ? d->job_id : KEY_NO_ID);
-    const char *b = obj_str(cJSON_GetObjectItemCaseSensitive(d->obj, "job"), "batch");
+    const char *b = json_str(cJSON_GetObjectItemCaseSensitive(d->obj, "job"), "batch");
     char *bk = key(KEY_BATCH, b && id_is_valid(b, strlen(b)) ? b : KEY_NO_ID);
     const char *argv[9] = {"EVAL", REQUEUE_LUA, "4", k.dead, c->lane, claim, bk, d->raw, job.buf ? job.buf : ""};
     size_t lens[9] = {4, strlen(REQUEUE_LUA), 1, strlen(k.dead), strlen(c->lane), strlen(claim), strlen(bk), d->len,

@@ -115,18 +115,6 @@ static void url_put(sbuf *o, const char *s)
     }
 }
 
-static const char *jstr(const cJSON *o, const char *name)
-{
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, name);
-    return cJSON_IsString(v) ? v->valuestring : NULL;
-}
-
-static double jnum(const cJSON *o, const char *name, double dflt)
-{
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, name);
-    return cJSON_IsNumber(v) ? v->valuedouble : dflt;
-}
-
 static int jtrue(const cJSON *o, const char *name)
 {
     return cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, name));
@@ -458,7 +446,7 @@ static void state_put(sbuf *o, const char *s)
 static void progress_put(sbuf *o, const cJSON *b, const char *id)
 {
     const cJSON *total = cJSON_GetObjectItemCaseSensitive(b, "total");
-    double fin = jnum(b, "finished", 0);
+    double fin = json_num(b, "finished", 0);
     sbuf_printf(o, "<progress%s%s%s", id ? " id=\"" : "", id ? id : "", id ? "\"" : "");
     if (cJSON_IsNumber(total))
         sbuf_printf(o, " max=\"%.0f\" value=\"%.0f\"", total->valuedouble > 0 ? total->valuedouble : 1, fin);
@@ -507,7 +495,7 @@ static void batches_html(sbuf *o, const cJSON *batches)
     int n = 0;
     cJSON_ArrayForEach(b, batches)
     {
-        const char *name = jstr(b, "batch");
+        const char *name = json_str(b, "batch");
         if (name == NULL)
             continue;
         n++;
@@ -520,10 +508,10 @@ static void batches_html(sbuf *o, const cJSON *batches)
         sbuf_puts(o, "</a></td><td>");
         progress_put(o, b, NULL);
         sbuf_puts(o, "</td>");
-        cell_num(o, jnum(b, "submitted", 0));
-        cell_num(o, jnum(b, "succeeded", 0));
-        cell_num(o, jnum(b, "failed", 0) + jnum(b, "task_failed", 0));
-        cell_num(o, jnum(b, "canceled", 0));
+        cell_num(o, json_num(b, "submitted", 0));
+        cell_num(o, json_num(b, "succeeded", 0));
+        cell_num(o, json_num(b, "failed", 0) + json_num(b, "task_failed", 0));
+        cell_num(o, json_num(b, "canceled", 0));
         sbuf_puts(o, "<td class=\"num\">");
         spent_put(o, b);
         sbuf_puts(o, "</td><td>");
@@ -549,10 +537,10 @@ static void instances_html(sbuf *o, const cJSON *st)
     {
         const cJSON *age = cJSON_GetObjectItemCaseSensitive(i, "heartbeat_age_ms");
         const cJSON *fl = cJSON_GetObjectItemCaseSensitive(i, "in_flight");
-        const char *state = jstr(i, "state");
+        const char *state = json_str(i, "state");
         n++;
         sbuf_puts(o, "<div class=\"inst\"><strong>");
-        html_put(o, jstr(i, "name"));
+        html_put(o, json_str(i, "name"));
         sbuf_puts(o, "</strong> ");
         state_put(o, state ? state : "?");
         if (cJSON_IsNumber(fl))
@@ -562,7 +550,7 @@ static void instances_html(sbuf *o, const cJSON *st)
         if (cJSON_IsNumber(age))
             sbuf_printf(o, " heartbeat %.1f s ago", age->valuedouble / 1000);
         sbuf_puts(o, "</span> <span>");
-        html_put(o, jstr(i, "message"));
+        html_put(o, json_str(i, "message"));
         sbuf_puts(o, "</span>");
         const cJSON *gw;
         cJSON_ArrayForEach(gw, cJSON_GetObjectItemCaseSensitive(i, "gateways"))
@@ -572,26 +560,26 @@ static void instances_html(sbuf *o, const cJSON *st)
             cJSON_ArrayForEach(kk, keys)
             {
                 all++;
-                const char *ks = jstr(kk, "state");
+                const char *ks = json_str(kk, "state");
                 aside += ks && strcmp(ks, "aside") == 0;
             }
-            const char *gs = jstr(gw, "state");
+            const char *gs = json_str(gw, "state");
             sbuf_puts(o, "<div class=\"gw\">gateway <strong>");
             html_put(o, gw->string);
             sbuf_puts(o, "</strong> ");
             state_put(o, gs ? gs : "?");
             sbuf_printf(o, " keys %d of %d in service <span class=\"muted\">", all - aside, all);
-            html_put(o, jstr(gw, "message"));
+            html_put(o, json_str(gw, "message"));
             sbuf_puts(o, "</span>");
             cJSON_ArrayForEach(kk, keys)
             {
-                const char *ks = jstr(kk, "state");
+                const char *ks = json_str(kk, "state");
                 if (!ks || strcmp(ks, "aside") != 0)
                     continue;
                 sbuf_puts(o, "<div class=\"gw\">key ");
                 html_put(o, kk->string);
                 sbuf_puts(o, " set aside: ");
-                html_put(o, jstr(kk, "message"));
+                html_put(o, json_str(kk, "message"));
                 sbuf_puts(o, "</div>");
             }
             sbuf_puts(o, "</div>");
@@ -609,7 +597,7 @@ static void dead_html(sbuf *o, const cJSON *dead)
     cJSON_ArrayForEach(d, dead)
     {
         char when[40] = "-";
-        double at = jnum(d, "failed_at", 0), http = jnum(d, "http_status", 0);
+        double at = json_num(d, "failed_at", 0), http = json_num(d, "http_status", 0);
         const cJSON *att = cJSON_GetObjectItemCaseSensitive(d, "attempts");
         if (at > 0) {
             time_t t = (time_t)(at / 1000);
@@ -617,7 +605,7 @@ static void dead_html(sbuf *o, const cJSON *dead)
             gmtime_r(&t, &tm);
             strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S", &tm);
         }
-        const char *id = jstr(d, "job_id"), *err = jstr(d, "error");
+        const char *id = json_str(d, "job_id"), *err = json_str(d, "error");
         n++;
         sbuf_puts(o, "<tr>");
         cell(o, NULL, when);
@@ -631,7 +619,7 @@ static void dead_html(sbuf *o, const cJSON *dead)
             cell_num(o, att->valuedouble);
         else
             cell(o, "num", "-");
-        cell(o, "error", jstr(d, "message"));
+        cell(o, "error", json_str(d, "message"));
         if (W.allow_actions) {
             sbuf_puts(o, "<td>");
             if (id)
@@ -671,7 +659,7 @@ static enum MHD_Result page_overview(struct MHD_Connection *c)
     sbuf_puts(&o, "><header><h1>vidq <span class=\"muted\">");
     html_put(&o, g.cfg.prefix);
     sbuf_puts(&o, "</span></h1><span id=\"paused\">");
-    const char *paused_by = jstr(st, "paused_by");
+    const char *paused_by = json_str(st, "paused_by");
     state_put(&o, jtrue(st, "paused") ? "paused" : "running");
     if (jtrue(st, "paused") && paused_by) {
         sbuf_puts(&o, "<span class=\"muted\"> ");
@@ -688,8 +676,8 @@ static enum MHD_Result page_overview(struct MHD_Connection *c)
         sbuf_puts(&o, "</span>");
     }
     sbuf_puts(&o, "<span id=\"msg\"></span></header>\n<p id=\"queue-counts\" class=\"muted\">");
-    sbuf_printf(&o, "%.0f waiting, %.0f to retry, %.0f tracked, %.0f dead; spent today ", jnum(st, "jobs", 0),
-                jnum(st, "retry", 0), jnum(st, "tracked", 0), jnum(st, "dead", 0));
+    sbuf_printf(&o, "%.0f waiting, %.0f to retry, %.0f tracked, %.0f dead; spent today ", json_num(st, "jobs", 0),
+                json_num(st, "retry", 0), json_num(st, "tracked", 0), json_num(st, "dead", 0));
     money_put(&o, cJSON_GetObjectItemCaseSensitive(st, "spent_today"));
     sbuf_puts(&o, ", in all ");
     money_put(&o, cJSON_GetObjectItemCaseSensitive(st, "spent_total"));
@@ -718,8 +706,8 @@ static enum MHD_Result page_overview(struct MHD_Connection *c)
 
 static void job_row_html(sbuf *o, const cJSON *r, const char *batch, int n)
 {
-    const char *id = jstr(r, "job_id"), *status = jstr(r, "status"), *file = jstr(r, "file");
-    const char *err = jstr(r, "error"), *msg = jstr(r, "message");
+    const char *id = json_str(r, "job_id"), *status = json_str(r, "status"), *file = json_str(r, "file");
+    const char *err = json_str(r, "error"), *msg = json_str(r, "message");
     sbuf_puts(o, "<tr data-key=\"");
     html_put(o, id);
     sbuf_printf(o, "#%d\">", n);
@@ -727,7 +715,7 @@ static void job_row_html(sbuf *o, const cJSON *r, const char *batch, int n)
     sbuf_puts(o, "<td class=\"status\">");
     state_put(o, status ? status : "?");
     sbuf_puts(o, "</td>");
-    cell(o, "prompt", jstr(r, "prompt"));
+    cell(o, "prompt", json_str(r, "prompt"));
     sbuf_puts(o, "<td class=\"error\">");
     html_put(o, err);
     if (err && msg)
@@ -784,8 +772,8 @@ static enum MHD_Result page_batch(struct MHD_Connection *c, const char *batch)
     sbuf_puts(&o, "<span id=\"msg\"></span></header>\n<p id=\"summary\">");
     progress_put(&o, b, "bar");
     sbuf_puts(&o, " <span id=\"counts\">");
-    sbuf_printf(&o, "submitted %.0f, succeeded %.0f, failed %.0f, canceled %.0f, spent ", jnum(b, "submitted", 0),
-                jnum(b, "succeeded", 0), jnum(b, "failed", 0) + jnum(b, "task_failed", 0), jnum(b, "canceled", 0));
+    sbuf_printf(&o, "submitted %.0f, succeeded %.0f, failed %.0f, canceled %.0f, spent ", json_num(b, "submitted", 0),
+                json_num(b, "succeeded", 0), json_num(b, "failed", 0) + json_num(b, "task_failed", 0), json_num(b, "canceled", 0));
     spent_put(&o, b);
     sbuf_puts(&o, " - ");
     batch_state_put(&o, b);
@@ -796,14 +784,14 @@ static enum MHD_Result page_batch(struct MHD_Connection *c, const char *batch)
     int nrows = 0;
     cJSON_ArrayForEach(r, rows)
     {
-        const char *id = jstr(r, "job_id");
+        const char *id = json_str(r, "job_id");
         int n = 0;
         const cJSON *p;
         cJSON_ArrayForEach(p, rows)
         {
             if (p == r)
                 break;
-            const char *pid = jstr(p, "job_id");
+            const char *pid = json_str(p, "job_id");
             n += id && pid && strcmp(id, pid) == 0;
         }
         if (id) {
@@ -887,7 +875,7 @@ static char *video_name(const char *batch, const char *job)
     const cJSON *r;
     cJSON_ArrayForEach(r, rows)
     {
-        const char *id = jstr(r, "job_id"), *st = jstr(r, "status"), *file = jstr(r, "file");
+        const char *id = json_str(r, "job_id"), *st = json_str(r, "status"), *file = json_str(r, "file");
         if (!id || strcmp(id, job) != 0 || !st || strcmp(st, "succeeded") != 0 || !file)
             continue;
         const char *base = strrchr(file, '/');
