@@ -16,7 +16,9 @@ B. `{"job_id":"evil-2","error":"x"},{"job_id":"forged",...}` - a second, forged 
    and on the page, which the list does not hold;
 C. a raw TAB inside a string - /api/dead is not JSON for a browser (JSON.parse refuses it);
 D. an entry 1000 levels deep (cJSON's own limit, so it parses alone) - one level deeper inside the
-   array, so the overview's cJSON parse of the whole list fails and the table says "no dead job".
+   array, so the overview's cJSON parse of the whole list fails and the table says "no dead job";
+E. bytes that are not UTF-8 inside a string - copied as they are: /api/dead is not JSON (RFC 8259
+   8.1: UTF-8), a script that reads the API (Python's json) cannot decode it.
 
 Any client of the Redis can LPUSH to vidq:dead. Expected (fails on current code): /api/dead is
 valid JSON whatever the list holds, with one entry per list entry that is a JSON object (a
@@ -64,7 +66,7 @@ class Web:
 def dead_api(web):
     st, body = web.get("/api/dead")
     try:
-        return st, json.loads(body)["dead"], body
+        return st, json.loads(body.decode("utf-8"))["dead"], body
     except (ValueError, RecursionError):
         return st, None, body
 
@@ -92,6 +94,7 @@ def main(t, env):
         "B a second object after the entry": '{"job_id":"evil-2","error":"x"},{"job_id":"forged","error":"forged"}',
         "C a raw TAB inside a string": '{"job_id":"evil-3","error":"x","message":"a\tb"}',
         "D an entry 1000 levels deep": '{"job_id":"evil-4","error":"x","deep":' + "[" * 999 + "]" * 999 + "}",
+        "E bytes that are not UTF-8 in a string": b'{"job_id":"evil-5","error":"x","message":"\xc0\xbc\xff"}',
     }
     for what, entry in hostile.items():
         r.execute("DEL", "vidq:dead")
