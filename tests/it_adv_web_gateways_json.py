@@ -14,9 +14,9 @@ B. gateways = `{}},]` - /api/state is no longer JSON (the overview's refresh sto
    refresh"), and the overview page itself, which parses the same text with cJSON, shows "no
    instance" and 0 waiting jobs (the queue holds 3).
 
-Any client of the Redis can HSET an instance hash. Expected (fails on current code): the value is
-embedded only when it is exactly one JSON object (cJSON_ParseWithLengthOpts with the end checked,
-as json_is_strict does), otherwise left out; /api/state stays valid JSON naming the instance i1.
+Any client of the Redis can HSET an instance hash. Expected (failed before commit 88dcaf4, which
+checks the value with json_is_strict too): the value is embedded only when it is exactly one JSON
+object, otherwise left out; /api/state stays valid JSON naming the instance i1.
 """
 import http.client
 import json
