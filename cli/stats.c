@@ -65,7 +65,7 @@ static void instance_json(sbuf *out, const char *name, const redisReply *hash, l
     /* Its gateways and keys (vidqd's own JSON, checked before it is passed on). */
     const char *gws = hget(hash, "gateways");
     cJSON *parsed = gws ? cJSON_Parse(gws) : NULL;
-    if (cJSON_IsObject(parsed))
+    if (cJSON_IsObject(parsed) && json_is_strict(gws, strlen(gws))) /* cJSON_Parse ignores what follows the object */
         jw_raw(&w, "gateways", gws, strlen(gws));
     cJSON_Delete(parsed);
     jw_close(&w);

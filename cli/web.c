@@ -599,7 +599,7 @@ static void dead_html(sbuf *o, const cJSON *dead)
         char when[40] = "-";
         double at = json_num(d, "failed_at", 0), http = json_num(d, "http_status", 0);
         const cJSON *att = cJSON_GetObjectItemCaseSensitive(d, "attempts");
-        if (at > 0) {
+        if (at > 0 && at < 253402300800000.0) { /* before 10000-01-01: the cast and gmtime_r cannot fail */
             time_t t = (time_t)(at / 1000);
             struct tm tm;
             gmtime_r(&t, &tm);
