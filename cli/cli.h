@@ -111,6 +111,7 @@ void die_lost(const char *what) __attribute__((noreturn));
 redisReply *checked(redisReply *rep, const char *what);
 redisReply *cmdv(int argc, const char **argv, const size_t *lens);
 redisReply *cmd(const char *a0, ...);
+redisReply *hgetall_hash(const char *key_name);
 long long reply_int(const redisReply *rep);
 void read_replies(redisReply **out, int n, const char *what);
 void append(int argc, const char **argv, const size_t *lens);
@@ -153,6 +154,10 @@ void jw_end(struct jw *w, sbuf *out);
 /* ---- raw JSON ---------------------------------------------------------------- */
 
 void json_oneline(sbuf *b, const char *s, size_t n);
+/* True when s[0..n) is one JSON value that can be embedded in our output as
+ * it is: RFC 8259's rules on control bytes (cJSON is more lenient), nothing
+ * after it, valid UTF-8, at most JOB_MAX_DEPTH levels (what vidqd accepts;
+ * deeper would pass cJSON's own limit once wrapped, and fail a reader's). */
 int json_is_strict(const char *s, size_t n);
 
 /* ---- the commands: each returns the exit status ----------------------------- */

@@ -10,6 +10,7 @@
  * pipelining where volume matters (submit).
  */
 #include "cli.h"
+#include "job.h" /* JOB_MAX_DEPTH: what vidqd accepts is what the CLI embeds */
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -247,6 +248,21 @@ redisReply *cmd(const char *a0, ...)
         argv[argc++] = a;
     va_end(ap);
     return cmdv(argc, argv, NULL);
+}
+
+/* HGETALL of a key that should hold a hash: NULL (with a warning) when it holds
+ * another type - a stray key below the prefix is not a batch, and must not
+ * end vidq web or a listing - or the reply. Any other error ends the command. */
+redisReply *hgetall_hash(const char *key_name)
+{
+    const char *argv[2] = {"HGETALL", key_name};
+    redisReply *rep = rsync_command(g.r, 2, argv, NULL);
+    if (rep && rep->type == REDIS_REPLY_ERROR && strncmp(rep->str, "WRONGTYPE", 9) == 0) {
+        cli_warn("%s is not a hash: skipped", key_name);
+        freeReplyObject(rep);
+        return NULL;
+    }
+    return checked(rep, "HGETALL");
 }
 
 long long reply_int(const redisReply *rep)
@@ -489,8 +505,7 @@ void json_oneline(sbuf *b, const char *s, size_t n)
     }
 }
 
-/* True when s[0..n) is one JSON value by RFC 8259's rules on control bytes
- * (cJSON is more lenient), so it can be embedded in our output as is. */
+/* (See cli.h.) */
 int json_is_strict(const char *s, size_t n)
 {
     const char *end = NULL;
@@ -504,7 +519,9 @@ int json_is_strict(const char *s, size_t n)
         if (*p != ' ' && *p != '\t' && *p != '\n' && *p != '\r')
             return 0;
     }
-    int in_string = 0;
+    if (utf8_invalid_at(s, n) >= 0)
+        return 0;
+    int in_string = 0, depth = 0;
     for (size_t i = 0; i < n; i++) {
         unsigned char c = (unsigned char)s[i];
         if (in_string) {
@@ -516,6 +533,11 @@ int json_is_strict(const char *s, size_t n)
                 return 0;
         } else if (c == '"') {
             in_string = 1;
+        } else if (c == '[' || c == '{') {
+            if (++depth > JOB_MAX_DEPTH)
+                return 0;
+        } else if (c == ']' || c == '}') {
+            depth--;
         } else if (c < 0x20 && c != ' ' && c != '\t' && c != '\n' && c != '\r') {
             return 0;
         }

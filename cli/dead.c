@@ -192,7 +192,10 @@ static long dead_scan(const struct dead_filter *f, dead_visit *fn, void *ud)
         for (size_t i = 0; i < rep->elements && !stop; i++) {
             const redisReply *e = rep->element[i];
             struct dead d = {.raw = e->str, .len = e->len};
-            d.obj = cJSON_ParseWithLength(e->str, e->len);
+            /* Strict: an entry is embedded as it is in --json and the web view's
+             * /api/dead, where trailing bytes or a raw control byte would forge
+             * or break the array (cJSON alone accepts both). */
+            d.obj = json_is_strict(e->str, e->len) ? cJSON_ParseWithLength(e->str, e->len) : NULL;
             if (!cJSON_IsObject(d.obj)) {
                 unparsable++;
                 cJSON_Delete(d.obj);

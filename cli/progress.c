@@ -32,9 +32,11 @@ struct batch {
 /* The batch's hash: vidqd's counters, and what submit wrote (total, created). */
 static void batch_read(const char *batch_key, struct batch *b)
 {
-    redisReply *rep = cmd("HGETALL", batch_key, NULL);
+    redisReply *rep = hgetall_hash(batch_key);
     memset(b, 0, sizeof *b);
     b->budget = -1;
+    if (rep == NULL)
+        return; /* not a hash: no batch */
     const struct {
         const char *name;
         long long *value;

@@ -583,9 +583,9 @@ static void next_id(const char *id, char *out, size_t len)
 static int batch_read(struct results *rs, long long *total)
 {
     char *bkey = key(KEY_BATCH, rs->batch);
-    redisReply *rep = cmd("HGETALL", bkey, NULL);
+    redisReply *rep = hgetall_hash(bkey);
     free(bkey);
-    int exists = rep->type == REDIS_REPLY_ARRAY && rep->elements > 0;
+    int exists = rep && rep->type == REDIS_REPLY_ARRAY && rep->elements > 0;
     *total = -1;
     for (size_t i = 0; exists && i + 1 < rep->elements; i += 2) {
         const char *f = rep->element[i]->str;

@@ -182,6 +182,9 @@ static const char APP_JS[] =
     "    return e;\n"
     "  }\n"
     "  function td(text, cls) { return el('td', cls, text); }\n"
+    "  // Data from Redis is not trusted to have its shape: one odd value must not stop the refresh.\n"
+    "  function obj(x) { return x !== null && typeof x === 'object' ? x : {}; }\n"
+    "  function when(ms) { const t = new Date(Number(ms)); return ms && !isNaN(t) ? t.toISOString().replace('T', ' ').slice(0, 19) : '-'; }\n"
     "  function state(s) { return el('span', 'state s-' + String(s).replace(/[^a-z_]/g, ''), s); }\n"
     "  function button(action, label, data) {\n"
     "    const b = el('button', null, label);\n"
@@ -238,8 +241,8 @@ static const char APP_JS[] =
     "      const age = i.heartbeat_age_ms === null ? '' : ' heartbeat ' + (i.heartbeat_age_ms / 1000).toFixed(1) + ' s ago';\n"
     "      d.append(el('strong', null, i.name), ' ', state(i.state || '?'),\n"
     "               el('span', 'muted', ' in flight ' + (i.in_flight ?? '-') + age), ' ', el('span', null, i.message || ''));\n"
-    "      for (const [g, gw] of Object.entries(i.gateways || {})) {\n"
-    "        const keys = Object.entries(gw.keys || {});\n"
+    "      for (const [g, gw0] of Object.entries(obj(i.gateways))) {\n"
+    "        const gw = obj(gw0), keys = Object.entries(obj(gw.keys)).map(([fp, k]) => [fp, obj(k)]);\n"
     "        const line = el('div', 'gw');\n"
     "        line.append('gateway ', el('strong', null, g), ' ', state(gw.state || '?'),\n"
     "                    ' keys ' + keys.filter(([, k]) => k.state !== 'aside').length + ' of ' + keys.length + ' in service ',\n"
@@ -256,8 +259,7 @@ static const char APP_JS[] =
     "  }\n"
     "  function deadRow(d) {\n"
     "    const tr = el('tr');\n"
-    "    const when = d.failed_at ? new Date(d.failed_at).toISOString().replace('T', ' ').slice(0, 19) : '-';\n"
-    "    tr.append(td(when), td(d.job_id || '-'), td(d.error || '-'), td(d.http_status || '-', 'num'),\n"
+    "    tr.append(td(when(d.failed_at)), td(d.job_id || '-'), td(d.error || '-'), td(d.http_status || '-', 'num'),\n"
     "              td(d.attempts ?? '-', 'num'), td(d.message || '', 'error'));\n"
     "    if (token) { const c = td(); if (d.job_id) c.append(button('requeue', 'Requeue', {job: d.job_id})); tr.append(c); }\n"
     "    return tr;\n"
@@ -735,6 +737,26 @@ static void job_row_html(sbuf *o, const cJSON *r, const char *batch, int n)
     sbuf_puts(o, "</td></tr>\n");
 }
 
+struct row_key {
+    const cJSON *row;
+    const char *id; /* NULL: a row without a job id (not shown) */
+    int pos, n;
+};
+
+static int row_key_by_id(const void *a, const void *b)
+{
+    const struct row_key *x = a, *y = b;
+    int c = (x->id == NULL) - (y->id == NULL);
+    if (c == 0 && x->id)
+        c = strcmp(x->id, y->id);
+    return c ? c : x->pos - y->pos;
+}
+
+static int row_key_by_pos(const void *a, const void *b)
+{
+    return ((const struct row_key *)a)->pos - ((const struct row_key *)b)->pos;
+}
+
 static enum MHD_Result page_batch(struct MHD_Connection *c, const char *batch)
 {
     sbuf j, o;
@@ -779,26 +801,33 @@ static enum MHD_Result page_batch(struct MHD_Connection *c, const char *batch)
     batch_state_put(&o, b);
     sbuf_puts(&o, "</span></p>\n<table id=\"jobs\"><thead><tr><th>Job</th><th>Status</th><th>Prompt</th>"
                   "<th>Error</th><th>Video</th></tr></thead><tbody>\n");
-    /* the key of a row: its job id and how many rows of that id came before (a duplicate, a requeue) */
+    /* The key of a row: its job id and how many rows of that id came before
+     * (a duplicate, a requeue), found by sorting the rows by (id, position):
+     * linear in the rows after the sort, where a look back at every earlier
+     * row took 27 s for a batch of 40,000 and held the one thread meanwhile. */
+    int nrows = cJSON_GetArraySize(rows);
+    struct row_key *keys = xcalloc((size_t)nrows + 1, sizeof *keys);
     const cJSON *r;
-    int nrows = 0;
+    int nk = 0;
     cJSON_ArrayForEach(r, rows)
     {
-        const char *id = json_str(r, "job_id");
-        int n = 0;
-        const cJSON *p;
-        cJSON_ArrayForEach(p, rows)
-        {
-            if (p == r)
-                break;
-            const char *pid = json_str(p, "job_id");
-            n += id && pid && strcmp(id, pid) == 0;
-        }
-        if (id) {
-            job_row_html(&o, r, batch, n);
+        keys[nk].row = r;
+        keys[nk].id = json_str(r, "job_id");
+        keys[nk].pos = nk;
+        nk++;
+    }
+    qsort(keys, (size_t)nk, sizeof *keys, row_key_by_id);
+    for (int i = 0; i < nk; i++)
+        keys[i].n = i > 0 && keys[i].id && keys[i - 1].id && strcmp(keys[i].id, keys[i - 1].id) == 0 ? keys[i - 1].n + 1 : 0;
+    qsort(keys, (size_t)nk, sizeof *keys, row_key_by_pos);
+    nrows = 0;
+    for (int i = 0; i < nk; i++) {
+        if (keys[i].id) {
+            job_row_html(&o, keys[i].row, batch, keys[i].n);
             nrows++;
         }
     }
+    free(keys);
     if (nrows == 0)
         sbuf_puts(&o, "<tr><td class=\"muted\" colspan=\"5\">no job has an event yet</td></tr>\n");
     sbuf_puts(&o, "</tbody></table>\n");
