@@ -1082,7 +1082,12 @@ static void heartbeat_and_takeover(void **state)
     char *k_sending_b = key(KEY_SENDING, "beta");
 
     memset(&d, 0, sizeof d);
+    /* the heartbeat answers the jobs waiting in the lanes (vidq_queue_length) */
+    push(e.r, "{\"prompt\":\"waiting\"}");
     assert_int_equal(done_call(&a, queue_heartbeat(a.q, hb, 4, 60000, on_done, &d), &d), 1);
+    char *k_jobs = key(KEY_JOBS, NULL);
+    assert_int_equal(cmd_int(e.r, "DEL %s", k_jobs), 1);
+    free(k_jobs);
     expect_str(e.r, "4242", "HGET %s pid", k_inst_a);
     long long pttl = cmd_int(e.r, "PTTL %s", k_inst_a);
     assert_true(pttl > 0 && pttl <= 60000);
