@@ -16,11 +16,7 @@ Expected (fails on current code): the page is served within the generous deadlin
 150,000 rows. Suggested fix: count the ids seen so far in a hash table (results.c has one) or let
 results_json() give each row its ordinal.
 """
-import http.client
 import os
-import re
-import socket
-import subprocess
 import sys
 
 sys.dont_write_bytecode = True
@@ -30,32 +26,6 @@ import vidqtest as vt  # noqa: E402
 VIDQ = os.path.join(vt.BUILDDIR, "vidq")
 JOBS = 150000
 DEADLINE = 120
-
-
-class Web:
-    def __init__(self, env, cli):
-        self.log = os.path.join(env.dir, "vidq-web.log")
-        env.tap.logs.append(("vidq web", self.log))
-        with open(self.log, "ab") as err:
-            self.proc = subprocess.Popen(cli.argv(["web", "--listen", "127.0.0.1:0"]), stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.PIPE, stderr=err, env=vt.daemon_env(token=None),
-                                         start_new_session=True)
-        vt._procs.append(self.proc)
-        m = re.match(r"listening on http://([^/]+)/$", self.proc.stdout.readline().decode().strip())
-        if not m:
-            raise vt.TestError("vidq web did not start: %s" % " | ".join(vt.tail(self.log, 3)))
-        self.hostport = m.group(1)
-
-    def get(self, path, timeout):
-        try:
-            c = http.client.HTTPConnection(*self.hostport.rsplit(":", 1), timeout=timeout)
-            c.request("GET", path)
-            r = c.getresponse()
-            body = r.read()
-            c.close()
-            return r.status, body
-        except (socket.timeout, TimeoutError):
-            return None, b"no answer within %d s" % timeout
 
 
 def main(t, env):
@@ -71,10 +41,10 @@ def main(t, env):
         r.pipeline(cmds[i:i + 5000])
     r.execute("HSET", "vidq:batch:big", "total", str(JOBS), "submitted", "0", "failed", str(JOBS), "final", str(JOBS),
               "done", "1", "created", "1764529200000")
-    web = Web(env, cli)
-    st, body = web.get("/api/batch?id=big", DEADLINE)
+    web = vt.Web(cli)
+    st, _, body = web.get("/api/batch?id=big", timeout=DEADLINE)
     t.ok(st == 200 and body.count(b'"job_id"') == JOBS, "control: /api/batch lists the %d jobs" % JOBS, st)
-    st, body = web.get("/batch?id=big", DEADLINE)
+    st, _, body = web.get("/batch?id=big", timeout=DEADLINE)
     t.ok(st == 200 and body.count(b"<tr data-key=") == JOBS,
          "GET /batch?id=big (%d jobs) is answered within %d s, with every row" % (JOBS, DEADLINE), st, body[:100])
 

@@ -25,11 +25,9 @@ valid JSON whatever the list holds, with one entry per list entry that is a JSON
 malformed entry skipped, as `vidq dead list` already does for what cJSON refuses, or re-encoded);
 the page still lists real-1 and never a job that is not in the list.
 """
-import http.client
 import json
 import os
 import re
-import subprocess
 import sys
 
 sys.dont_write_bytecode = True
@@ -40,31 +38,8 @@ VIDQ = os.path.join(vt.BUILDDIR, "vidq")
 sys.setrecursionlimit(10000)  # case D: Python's json recurses once per level
 
 
-class Web:
-    def __init__(self, env, cli):
-        self.log = os.path.join(env.dir, "vidq-web.log")
-        env.tap.logs.append(("vidq web", self.log))
-        with open(self.log, "ab") as err:
-            self.proc = subprocess.Popen(cli.argv(["web", "--listen", "127.0.0.1:0"]), stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.PIPE, stderr=err, env=vt.daemon_env(token=None),
-                                         start_new_session=True)
-        vt._procs.append(self.proc)
-        m = re.match(r"listening on http://([^/]+)/$", self.proc.stdout.readline().decode().strip())
-        if not m:
-            raise vt.TestError("vidq web did not start: %s" % " | ".join(vt.tail(self.log, 3)))
-        self.hostport = m.group(1)
-
-    def get(self, path):
-        c = http.client.HTTPConnection(*self.hostport.rsplit(":", 1), timeout=60)
-        c.request("GET", path)
-        r = c.getresponse()
-        body = r.read()
-        c.close()
-        return r.status, body
-
-
 def dead_api(web):
-    st, body = web.get("/api/dead")
+    st, _, body = web.get("/api/dead")
     try:
         return st, json.loads(body.decode("utf-8"))["dead"], body
     except (ValueError, RecursionError):
@@ -73,7 +48,7 @@ def dead_api(web):
 
 def page_rows(web):
     """The job ids of the overview's dead table as served (no script)."""
-    st, body = web.get("/")
+    st, _, body = web.get("/")
     table = body.decode("utf-8", "replace").split('<table id="dead">', 1)[-1]
     return re.findall(r"<tr><td>[^<]*</td><td>([^<]*)</td>", table)
 
@@ -84,7 +59,7 @@ def main(t, env):
     env.redis()
     r = env.r
     cli = vt.Cli(env, {"redis.url": env.redis_server.url})
-    web = Web(env, cli)
+    web = vt.Web(cli)
     # what vidqd writes (daemon/: job_id, error, message, http_status, attempts, failed_at, job)
     real = json.dumps({"job_id": "real-1", "error": "invalid_job", "message": "prompt: not a string",
                        "http_status": 0, "attempts": 0, "failed_at": 1764529200000,

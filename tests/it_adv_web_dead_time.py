@@ -11,11 +11,8 @@ then shows a failure time that is not the entry's.
 Any client of the Redis can LPUSH such an entry. Expected (fails on current code): the cell says
 "-" (as for a missing failed_at) or a real date of years 1970-9999, never another row's date.
 """
-import http.client
-import json
 import os
 import re
-import subprocess
 import sys
 
 sys.dont_write_bytecode = True
@@ -25,40 +22,17 @@ import vidqtest as vt  # noqa: E402
 VIDQ = os.path.join(vt.BUILDDIR, "vidq")
 
 
-class Web:
-    def __init__(self, env, cli):
-        self.log = os.path.join(env.dir, "vidq-web.log")
-        env.tap.logs.append(("vidq web", self.log))
-        with open(self.log, "ab") as err:
-            self.proc = subprocess.Popen(cli.argv(["web", "--listen", "127.0.0.1:0"]), stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.PIPE, stderr=err, env=vt.daemon_env(token=None),
-                                         start_new_session=True)
-        vt._procs.append(self.proc)
-        m = re.match(r"listening on http://([^/]+)/$", self.proc.stdout.readline().decode().strip())
-        if not m:
-            raise vt.TestError("vidq web did not start: %s" % " | ".join(vt.tail(self.log, 3)))
-        self.hostport = m.group(1)
-
-    def get(self, path):
-        c = http.client.HTTPConnection(*self.hostport.rsplit(":", 1), timeout=60)
-        c.request("GET", path)
-        r = c.getresponse()
-        body = r.read()
-        c.close()
-        return r.status, body
-
-
 def main(t, env):
     if not os.access(VIDQ, os.X_OK):
         t.skip_all("vidq not built at %s" % VIDQ)
     env.redis()
     r = env.r
     cli = vt.Cli(env, {"redis.url": env.redis_server.url})
-    web = Web(env, cli)
+    web = vt.Web(cli)
     # oldest first: the page lists the newest first, so each odd entry comes right after a real one
     for job, at in (("real-1", "1764529200000"), ("far-1", "1e20"), ("real-2", "1700000000000"), ("far-2", "1e300")):
         r.execute("LPUSH", "vidq:dead", '{"job_id":"%s","error":"invalid_job","failed_at":%s}' % (job, at))
-    st, body = web.get("/")
+    st, _, body = web.get("/")
     rows = dict((job, when) for when, job in re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td>", body.decode()))
     t.eq((rows.get("real-1"), rows.get("real-2")), ("2025-11-30 19:00:00", "2023-11-14 22:13:20"),
          "control: the real entries' times")

@@ -17,10 +17,8 @@ while /api/batch (parsed by the browser, which has no such limit) still lists bo
 Expected (fails on current code): the other job's row and video are unaffected (the deep meta is
 passed on as a string, or the rows are not re-parsed as one document).
 """
-import http.client
 import os
 import re
-import subprocess
 import sys
 
 sys.dont_write_bytecode = True
@@ -28,29 +26,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import vidqtest as vt  # noqa: E402
 
 VIDQ = os.path.join(vt.BUILDDIR, "vidq")
-
-
-class Web:
-    def __init__(self, env, cli):
-        self.log = os.path.join(env.dir, "vidq-web.log")
-        env.tap.logs.append(("vidq web", self.log))
-        with open(self.log, "ab") as err:
-            self.proc = subprocess.Popen(cli.argv(["web", "--listen", "127.0.0.1:0"]), stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.PIPE, stderr=err, env=vt.daemon_env(token=None),
-                                         start_new_session=True)
-        vt._procs.append(self.proc)
-        m = re.match(r"listening on http://([^/]+)/$", self.proc.stdout.readline().decode().strip())
-        if not m:
-            raise vt.TestError("vidq web did not start: %s" % " | ".join(vt.tail(self.log, 3)))
-        self.hostport = m.group(1)
-
-    def get(self, path):
-        c = http.client.HTTPConnection(*self.hostport.rsplit(":", 1), timeout=60)
-        c.request("GET", path)
-        r = c.getresponse()
-        body = r.read()
-        c.close()
-        return r.status, body
 
 
 def succeeded(r, ddir, job, meta=None):
@@ -76,16 +51,16 @@ def main(t, env):
     r.execute("HSET", "vidq:batch:b1", "total", "2", "submitted", "2", "succeeded", "2", "final", "2", "done", "1",
               "created", "1764529200000")
     succeeded(r, ddir, "ok-1", meta='{"shot":1}')
-    web = Web(env, cli)
-    st, body = web.get("/batch?id=b1")
+    web = vt.Web(cli)
+    st, _, body = web.get("/batch?id=b1")
     t.ok(st == 200 and b'<video src="/video/b1/ok-1"' in body, "before: the batch page has ok-1's video")
 
     succeeded(r, ddir, "deep-1", meta="[" * 1000 + "]" * 1000)
-    st, body = web.get("/batch?id=b1")
+    st, _, body = web.get("/batch?id=b1")
     t.ok(st == 200 and b">ok-1</td>" in body, "after the deep event: the batch page still lists ok-1", st,
          re.findall(rb"<tbody>.*?</tbody>", body, re.S)[:1])
     t.ok(b'<video src="/video/b1/ok-1"' in body, "and still plays its video")
-    st, body = web.get("/video/b1/ok-1")
+    st, _, body = web.get("/video/b1/ok-1")
     with open(os.path.join(ddir, "ok-1.mp4"), "rb") as f:
         t.ok(st == 200 and body == f.read(), "GET /video/b1/ok-1: the file", st, body[:80])
     t.eq(web.proc.poll(), None, "vidq web is still running")

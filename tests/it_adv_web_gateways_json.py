@@ -18,11 +18,9 @@ Any client of the Redis can HSET an instance hash. Expected (failed before commi
 checks the value with json_is_strict too): the value is embedded only when it is exactly one JSON
 object, otherwise left out; /api/state stays valid JSON naming the instance i1.
 """
-import http.client
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 
@@ -33,36 +31,13 @@ import vidqtest as vt  # noqa: E402
 VIDQ = os.path.join(vt.BUILDDIR, "vidq")
 
 
-class Web:
-    def __init__(self, env, cli):
-        self.log = os.path.join(env.dir, "vidq-web.log")
-        env.tap.logs.append(("vidq web", self.log))
-        with open(self.log, "ab") as err:
-            self.proc = subprocess.Popen(cli.argv(["web", "--listen", "127.0.0.1:0"]), stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.PIPE, stderr=err, env=vt.daemon_env(token=None),
-                                         start_new_session=True)
-        vt._procs.append(self.proc)
-        m = re.match(r"listening on http://([^/]+)/$", self.proc.stdout.readline().decode().strip())
-        if not m:
-            raise vt.TestError("vidq web did not start: %s" % " | ".join(vt.tail(self.log, 3)))
-        self.hostport = m.group(1)
-
-    def get(self, path):
-        c = http.client.HTTPConnection(*self.hostport.rsplit(":", 1), timeout=60)
-        c.request("GET", path)
-        r = c.getresponse()
-        body = r.read()
-        c.close()
-        return r.status, body
-
-
 def main(t, env):
     if not os.access(VIDQ, os.X_OK):
         t.skip_all("vidq not built at %s" % VIDQ)
     env.redis()
     r = env.r
     cli = vt.Cli(env, {"redis.url": env.redis_server.url})
-    web = Web(env, cli)
+    web = vt.Web(cli)
     r.execute("SADD", "vidq:instances", "i1")
     r.execute("LPUSH", "vidq:jobs", "{}", "{}", "{}")  # 3 waiting: the page's counts
     cases = {
@@ -73,7 +48,7 @@ def main(t, env):
     for what, gws in cases.items():
         r.execute("HSET", "vidq:instance:i1", "state", "running", "heartbeat", str(int(time.time() * 1000)),
                   "gateways", gws)
-        st, body = web.get("/api/state")
+        st, _, body = web.get("/api/state")
         try:
             state = json.loads(body)
         except ValueError:
@@ -81,7 +56,7 @@ def main(t, env):
         t.ok(st == 200 and state is not None, "%s: /api/state is JSON" % what, st, body[:400])
         names = [(i.get("name"), i.get("alive")) for i in (state or {}).get("instances", [])]
         t.eq(names, [("i1", True)], "%s: /api/state has the one instance, i1, alive" % what)
-        st, body = web.get("/")
+        st, _, body = web.get("/")
         page = body.decode("utf-8", "replace")
         t.ok("<strong>i1</strong>" in page and "forged" not in page and "3 waiting" in page,
              "%s: the overview shows instance i1 and 3 waiting jobs" % what,

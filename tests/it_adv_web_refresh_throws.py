@@ -19,10 +19,8 @@ browser would do the same (tests/system/web_browser.py runs the page in chromium
 Expected (fails on current code): the refresh ends with "updated ..." in both cases (the odd value
 shown as "-" or skipped), as it does without them.
 """
-import http.client
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -74,26 +72,11 @@ globalThis.fetch = (u, o) => realFetch(base + u, o);
 """
 
 
-class Web:
-    def __init__(self, env, cli):
-        self.log = os.path.join(env.dir, "vidq-web.log")
-        env.tap.logs.append(("vidq web", self.log))
-        with open(self.log, "ab") as err:
-            self.proc = subprocess.Popen(cli.argv(["web", "--listen", "127.0.0.1:0"]), stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.PIPE, stderr=err, env=vt.daemon_env(token=None),
-                                         start_new_session=True)
-        vt._procs.append(self.proc)
-        m = re.match(r"listening on http://([^/]+)/$", self.proc.stdout.readline().decode().strip())
-        if not m:
-            raise vt.TestError("vidq web did not start: %s" % " | ".join(vt.tail(self.log, 3)))
-        self.hostport = m.group(1)
-
-
 def refresh(env, node, web):
     path = os.path.join(env.dir, "harness.js")
     with open(path, "w") as f:
         f.write(HARNESS)
-    p = subprocess.run([node, path, "http://" + web.hostport], capture_output=True, timeout=120)
+    p = subprocess.run([node, path, web.url], capture_output=True, timeout=120)
     try:
         return json.loads(p.stdout.decode().strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -109,7 +92,7 @@ def main(t, env):
     env.redis()
     r = env.r
     cli = vt.Cli(env, {"redis.url": env.redis_server.url})
-    web = Web(env, cli)
+    web = vt.Web(cli)
     now = str(int(time.time() * 1000))
     r.execute("HSET", "vidq:batch:b1", "total", "4", "submitted", "2", "created", now)
     r.execute("SADD", "vidq:instances", "i1")

@@ -14,10 +14,7 @@ about that very key.
 Expected (fails on current code): GET / is 200 and lists the real batch; the stray key is skipped
 (or shown as an error); vidq web keeps running.
 """
-import http.client
 import os
-import re
-import subprocess
 import sys
 
 sys.dont_write_bytecode = True
@@ -25,32 +22,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import vidqtest as vt  # noqa: E402
 
 VIDQ = os.path.join(vt.BUILDDIR, "vidq")
-
-
-class Web:
-    def __init__(self, env, cli):
-        self.log = os.path.join(env.dir, "vidq-web-%d.log" % len(env.tap.logs))
-        env.tap.logs.append(("vidq web", self.log))
-        with open(self.log, "ab") as err:
-            self.proc = subprocess.Popen(cli.argv(["web", "--listen", "127.0.0.1:0"]), stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.PIPE, stderr=err, env=vt.daemon_env(token=None),
-                                         start_new_session=True)
-        vt._procs.append(self.proc)
-        m = re.match(r"listening on http://([^/]+)/$", self.proc.stdout.readline().decode().strip())
-        if not m:
-            raise vt.TestError("vidq web did not start: %s" % " | ".join(vt.tail(self.log, 3)))
-        self.hostport = m.group(1)
-
-    def get(self, path):
-        try:
-            c = http.client.HTTPConnection(*self.hostport.rsplit(":", 1), timeout=60)
-            c.request("GET", path)
-            r = c.getresponse()
-            body = r.read()
-            c.close()
-            return r.status, body
-        except (OSError, http.client.HTTPException) as e:
-            return None, str(e).encode()
 
 
 def main(t, env):
@@ -61,16 +32,16 @@ def main(t, env):
     cli = vt.Cli(env, {"redis.url": env.redis_server.url})
     r.execute("HSET", "vidq:batch:real-1", "total", "2", "submitted", "1", "created", "1764529200000")
     r.execute("SET", "vidq:batch:stray", "not a hash")
-    web = Web(env, cli)
-    st, body = web.get("/")
+    web = vt.Web(cli)
+    st, _, body = web.get("/")
     t.ok(st == 200 and b"real-1" in body, "GET / with a stray string key under vidq:batch: is 200 and lists real-1",
          st, body[:200], " | ".join(vt.tail(web.log, 3)))
-    st, body = web.get("/app.css")
+    st, _, body = web.get("/app.css")
     t.eq(st, 200, "vidq web still answers afterwards")
-    web = Web(env, cli)  # a fresh one: a page's GET of that batch (the link from another origin)
-    st, body = web.get("/batch?id=stray")
+    web = vt.Web(cli)  # a fresh one: a page's GET of that batch (the link from another origin)
+    st, _, body = web.get("/batch?id=stray")
     t.ok(st is not None and st < 500, "GET /batch?id=stray gets an answer", st, body[:200])
-    st, body = web.get("/app.css")
+    st, _, body = web.get("/app.css")
     t.eq(st, 200, "and vidq web still answers afterwards")
 
 

@@ -27,14 +27,11 @@ the mock fails) and a dead job; then `vidq web --listen 127.0.0.1:0`:
   and a wildcard address gets a warning about the missing authentication.
 """
 
-import http.client
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import vidqtest as vt  # noqa: E402
@@ -43,54 +40,6 @@ VIDQ = os.path.join(vt.BUILDDIR, "vidq")
 HOSTILE = "<img src=x onerror=alert(1)>\"'& </script><script>alert(2)</script>"
 HOSTILE_ESCAPED = ("&lt;img src=x onerror=alert(1)&gt;&quot;&#39;&amp; &lt;/script&gt;&lt;script&gt;alert(2)"
                    "&lt;/script&gt;")
-
-
-class Web:
-    """A running `vidq web`: its process and the port it printed."""
-
-    def __init__(self, cli, *args):
-        # stderr to a log that the harness scans for sanitizer reports at the end
-        env = cli.env
-        self.log = os.path.join(env.dir, "vidq-web-%d.log" % len(env.tap.logs))
-        env.tap.logs.append(("vidq web", self.log))
-        with open(self.log, "ab") as err:
-            self.proc = subprocess.Popen(cli.argv(["web"] + list(args)), stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.PIPE, stderr=err, env=vt.daemon_env(token=None),
-                                         start_new_session=True)
-        vt._procs.append(self.proc)
-        line = self.proc.stdout.readline().decode()
-        m = re.match(r"listening on http://([^/]+)/$", line.strip())
-        if not m:
-            self.proc.wait(30)
-            raise vt.TestError("vidq web printed %r (%s)" % (line, " | ".join(vt.tail(self.log, 3))))
-        self.hostport = m.group(1)
-        self.port = int(self.hostport.rsplit(":", 1)[1])
-
-    def request(self, method, path, headers=None, body=None, host=None):
-        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        c.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
-        c.putheader("Host", host or self.hostport)
-        for k, v in (headers or {}).items():
-            c.putheader(k, v)
-        if body is not None:
-            c.putheader("Content-Length", str(len(body)))
-        c.endheaders(body)
-        r = c.getresponse()
-        data = r.read()
-        c.close()
-        return r.status, {k.lower(): v for k, v in r.getheaders()}, data
-
-    def get(self, path, **kw):
-        return self.request("GET", path, **kw)
-
-    def json(self, path):
-        st, _, body = self.get(path)
-        if st != 200:
-            raise vt.TestError("GET %s: %s %r" % (path, st, body[:200]))
-        return json.loads(body)
-
-    def stop(self):
-        return vt.stop_process(self.proc)
 
 
 def check_pages(t, web, batch, ids):
@@ -199,13 +148,13 @@ def paused(r):
 
 
 def check_actions(t, env, cli, r, batch, dead_id):
-    web = Web(cli, "--listen", "127.0.0.1:0")
+    web = vt.Web(cli)
     for a in ("pause", "resume", "cancel?batch=" + batch, "requeue?job=" + dead_id):
         st, _, _ = web.request("POST", "/action/" + a, headers={"Origin": "http://" + web.hostport})
         t.eq(st, 403, "without --allow-actions: POST /action/%s is 403" % a)
     web.stop()
 
-    web = Web(cli, "--listen", "127.0.0.1:0", "--allow-actions")
+    web = vt.Web(cli, "--allow-actions")
     st, _, body = web.get("/")
     m = re.search(r'<meta name="vidq-token" content="([0-9a-f]{64})">', body.decode())
     t.ok(m is not None and "data-action=\"pause\"" in body.decode(), "with --allow-actions: a token and buttons")
@@ -278,7 +227,7 @@ def check_actions(t, env, cli, r, batch, dead_id):
 def check_bind(t, cli):
     # the default address: only when 8750 is free on this shared machine
     try:
-        web = Web(cli)
+        web = vt.Web(cli, listen=None)
     except vt.TestError as e:
         t.skip("vidq web without --listen binds 127.0.0.1:8750", "could not start: %s" % e)
         web = None
@@ -303,13 +252,8 @@ def check_bind(t, cli):
 def main(t, env):
     if not os.access(VIDQ, os.X_OK):
         t.skip_all("vidq not built at %s" % VIDQ)
-    env.redis()
-    env.mock(args=["--task-seconds", "1"])
-    ddir = os.path.join(env.dir, "videos")
-    vd = env.vidqd(conf={"track.enabled": "yes", "track.poll_interval": "1s", "track.download_dir": ddir})
-    vd.start()
+    vd, cli, ddir = vt.web_stack(env)
     r = env.r
-    cli = vt.Cli(env, {"redis.url": env.redis_server.url, "track.enabled": "yes", "track.download_dir": ddir})
 
     batch = "web-1"
     ids = ["plain-1", "hostile-1", "plain-2", "fail-1"]
@@ -321,7 +265,7 @@ def main(t, env):
     vt.wait_for(lambda: r.execute("HGET", "vidq:batch:" + batch, "done") == b"1" and r.execute("LLEN", "vidq:dead") == 1,
                 "the batch done and the dead job dead", timeout=120, unless=vd.dead)
 
-    web = Web(cli, "--listen", "127.0.0.1:0")
+    web = vt.Web(cli)
     t.ok(web.hostport.startswith("127.0.0.1:") and web.port > 0, "--listen 127.0.0.1:0 prints the port it got")
     check_pages(t, web, batch, ids)
     check_api(t, web, cli, batch)

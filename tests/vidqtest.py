@@ -14,6 +14,8 @@ What it gives a test script:
   with a test CA and a certificate for 127.0.0.1 made by the openssl CLI
   (`make_ca`, `issue`; `nginx_missing()` says why it cannot run);
 - a minimal RESP2 client (`Redis`): commands, pipelines, all reply types;
+- the vidq command line (`Cli`), a running `vidq web` with an HTTP client
+  for it (`Web`) and the servers of the web tests that show videos (`web_stack`);
 - helpers: compact JSON jobs, bulk LPUSH, reading the whole results stream,
   the dead list, `wait_until`.
 
@@ -40,6 +42,7 @@ Usage in a test script:
 """
 
 import atexit
+import http.client
 import json
 import os
 import re
@@ -1319,6 +1322,84 @@ class Cli:
         p = subprocess.run(self.argv(args), input=stdin, capture_output=True, timeout=timeout,
                            env=daemon_env(token=None))
         return p.returncode, p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace")
+
+
+class Web:
+    """A running `vidq web` of a Cli: its process, the address it printed, and an HTTP client.
+
+    Web(cli) starts `vidq web --listen 127.0.0.1:0` (listen=None: no --listen, the default
+    address) with any further options (--allow-actions, ...). vidq web prints "listening on
+    http://HOST:PORT/" on stdout once it listens; hostport, port and url come from that line.
+    """
+
+    def __init__(self, cli, *args, listen="127.0.0.1:0"):
+        env = cli.env
+        # stderr to a log of its own (a test may start several) that the harness scans for
+        # sanitizer reports at the end
+        self.log = os.path.join(env.dir, "vidq-web-%d.log" % len(env.tap.logs))
+        env.tap.logs.append(("vidq web", self.log))
+        argv = ["web"] + (["--listen", listen] if listen is not None else []) + list(args)
+        with open(self.log, "ab") as err:
+            self.proc = subprocess.Popen(cli.argv(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         stderr=err, env=daemon_env(token=None), start_new_session=True)
+        _procs.append(self.proc)
+        line = self.proc.stdout.readline().decode("utf-8", "replace")
+        m = re.match(r"listening on http://([^/]+)/$", line.strip())
+        if not m:
+            stop_process(self.proc)  # so that its log is complete
+            raise TestError("vidq web printed %r (%s)" % (line, " | ".join(tail(self.log, 3))))
+        self.hostport = m.group(1)
+        self.port = int(self.hostport.rsplit(":", 1)[1])
+        self.url = "http://" + self.hostport
+
+    def request(self, method, path, headers=None, body=None, host=None, timeout=60):
+        """(status, {lower-case header: value}, body). Host is the printed address unless host
+        says otherwise. No answer (refused, reset, timeout) is status None with the reason as
+        body, so that a check fails with it rather than the script ending there."""
+        try:
+            c = http.client.HTTPConnection(HOST, self.port, timeout=timeout)
+            c.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+            c.putheader("Host", host or self.hostport)
+            for k, v in (headers or {}).items():
+                c.putheader(k, v)
+            if body is not None:
+                c.putheader("Content-Length", str(len(body)))
+            c.endheaders(body)
+            r = c.getresponse()
+            data = r.read()
+            c.close()
+            return r.status, {k.lower(): v for k, v in r.getheaders()}, data
+        except (socket.timeout, TimeoutError):
+            return None, {}, b"no answer within %d s" % timeout
+        except (OSError, http.client.HTTPException) as e:
+            return None, {}, str(e).encode()
+
+    def get(self, path, **kw):
+        return self.request("GET", path, **kw)
+
+    def json(self, path):
+        st, _, body = self.get(path)
+        if st != 200:
+            raise TestError("GET %s: %s %r" % (path, st, body[:200]))
+        return json.loads(body)
+
+    def stop(self):
+        """SIGTERM; its exit status."""
+        return stop_process(self.proc)
+
+
+def web_stack(env):
+    """The servers of the vidq web tests that show videos: redis-server, the mock (a task done
+    after 1 s), a started vidqd that tracks every 1 s and downloads into <temp dir>/videos, and
+    a Cli with the same tracking settings (vidq web finds the videos through them).
+    Returns (vidqd, cli, download dir)."""
+    env.redis()
+    env.mock(args=["--task-seconds", "1"])
+    ddir = os.path.join(env.dir, "videos")
+    vd = env.vidqd(conf={"track.enabled": "yes", "track.poll_interval": "1s", "track.download_dir": ddir})
+    vd.start()
+    cli = Cli(env, {"redis.url": env.redis_server.url, "track.enabled": "yes", "track.download_dir": ddir})
+    return vd, cli, ddir
 
 
 def run_vidqd(args, token=TOKEN, timeout=30, env_extra=None, cwd=None):

@@ -27,10 +27,8 @@ import re
 import shutil
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -175,21 +173,6 @@ RECORD_JS = r"""
 """
 
 
-def start_web(env, cli):
-    log = os.path.join(env.dir, "vidq-web.log")
-    env.tap.logs.append(("vidq web", log))  # scanned for sanitizer reports at the end
-    with open(log, "ab") as err:
-        p = subprocess.Popen(cli.argv(["web", "--listen", "127.0.0.1:0"]), stdin=subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=err, env=vt.daemon_env(token=None),
-                             start_new_session=True)
-    vt._procs.append(p)
-    line = p.stdout.readline().decode().strip()
-    m = re.match(r"listening on (http://[^/]+)/$", line)
-    if not m:
-        raise vt.TestError("vidq web printed %r" % line)
-    return p, m.group(1)
-
-
 def start_chromium(env):
     profile = tempfile.mkdtemp(prefix="vidq-chromium-", dir=env.dir)
     log = os.path.join(env.dir, "chromium.log")
@@ -214,13 +197,8 @@ def main(t, env):
         t.skip_all("no chromium (apt-get install chromium; or set CHROMIUM)")
     if not os.access(VIDQ, os.X_OK):
         t.skip_all("vidq not built at %s" % VIDQ)
-    env.redis()
-    env.mock(args=["--task-seconds", "1"])
-    ddir = os.path.join(env.dir, "videos")
-    vd = env.vidqd(conf={"track.enabled": "yes", "track.poll_interval": "1s", "track.download_dir": ddir})
-    vd.start()
+    vd, cli, ddir = vt.web_stack(env)
     r = env.r
-    cli = vt.Cli(env, {"redis.url": env.redis_server.url, "track.enabled": "yes", "track.download_dir": ddir})
     batch = "browser-1"
     jobs = [("sunrise-1", "a sunrise over the sea, slow pan"), ("hostile-1", HOSTILE),
             ("city-1", "a neon city at night, rain"), ("fail-1", "this one fails [fail]")]
@@ -232,7 +210,8 @@ def main(t, env):
     rc, out, _ = cli.run("progress", batch, "--once", "--json")
     prog = json.loads(out)
 
-    web, origin = start_web(env, cli)
+    web = vt.Web(cli)
+    origin = web.url
     chrome, page = start_chromium(env)
     page.call("Page.enable")
     page.call("Runtime.enable")
@@ -308,7 +287,7 @@ def main(t, env):
     t.ok(shot[:8] == b"\x89PNG\r\n\x1a\n", "screenshot of the batch page kept: %s" % path)
     page.ws.sock.close()
     vt.stop_process(chrome)
-    t.eq(vt.stop_process(web), 0, "vidq web exits 0 on SIGTERM")
+    t.eq(web.stop(), 0, "vidq web exits 0 on SIGTERM")
 
 
 vt.run(main, "web-browser")
