@@ -153,7 +153,9 @@ def case_priority(t, env, mock):
 
 # ---- 2. proportions ------------------------------------------------------------
 
-def case_proportions(t, env, mock, conc, weights=None, n=600, first=500, expect=(6, 3, 1), case=None):
+# n = 400 a lane keeps all three full for the first 500 picks at 6:3:1 (300 high at most)
+# and leaves normal 200 (150 needed) for the 200 picks after high empties (case_interleave).
+def case_proportions(t, env, mock, conc, weights=None, n=400, first=500, expect=(6, 3, 1), case=None):
     r = env.r
     case = case or "pro%d" % conc
     p = "ln-" + case
@@ -190,7 +192,7 @@ def case_interleave(t, order):
         run = run + 1 if x == "high" else 0
         best = max(best, run)
     t.ok(best <= 2, "proportions: the picks interleave (at most 2 high in a row with 6 3 1)", "longest run %d" % best)
-    # once high is empty (600 high jobs taken), normal and low share 3:1
+    # once high is empty (400 high jobs taken), normal and low share 3:1
     last_high = max(i for i, x in enumerate(order) if x == "high")
     tail = order[last_high + 1:last_high + 201]
     nn, nl = tail.count("normal"), tail.count("low")
